@@ -1,0 +1,129 @@
+"""How a stage owns its folder in the run dir.
+
+A stage works in `run_dir/.<name>.partial/` and, once everything is written, records a manifest
+(`moetune_stage.json`: the fingerprint of its inputs, what it produced) and renames the folder to `run_dir/<name>/`.
+So a folder named after a stage is always complete. A re-run with the same inputs skips the stage; a re-run with
+different inputs refuses, naming what changed, unless `--force`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "moetune_stage.json"
+
+
+class StageError(RuntimeError):
+    """A stage cannot start or finish; the message says which folder and what to do."""
+
+
+def fingerprint(value: Any) -> str:
+    """A stable hash of JSON-able inputs (recipe sections, upstream fingerprints, file hashes)."""
+    text = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+@dataclass
+class Stage:
+    """One stage's output folder. Use `begin()`, write into `.work`, then `commit()`."""
+
+    run_dir: Path
+    name: str
+    inputs: dict[str, Any]
+
+    @property
+    def final(self) -> Path:
+        return Path(self.run_dir) / self.name
+
+    @property
+    def work(self) -> Path:
+        return Path(self.run_dir) / f".{self.name}.partial"
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.inputs)
+
+    def begin(self, force: bool = False) -> bool:
+        """Prepare the work folder. Returns False when a complete output with the same inputs already exists."""
+        manifest = read_manifest(self.final)
+        if manifest is not None and not force:
+            if manifest.get("fingerprint") == self.fingerprint:
+                print(f"[{self.name}] complete in {self.final} (same inputs): skipping. Use --force to redo it.")
+                return False
+            changed = changed_keys(manifest.get("inputs", {}), self.inputs)
+            raise StageError(
+                f"[{self.name}] {self.final} was made from different inputs (changed: {', '.join(changed) or 'unknown'}). "
+                f"Run again with --force to redo this stage, or point run_dir at a new folder."
+            )
+        if self.final.exists() and manifest is None and any(self.final.iterdir()):
+            raise StageError(
+                f"[{self.name}] {self.final} exists but is not a moetune stage output; moetune will not overwrite it. "
+                f"Move it away or choose another run_dir."
+            )
+        self.work.mkdir(parents=True, exist_ok=True)
+        return True
+
+    def commit(self, outputs: dict[str, Any] | None = None) -> Path:
+        """Write the manifest, then atomically move the work folder into place."""
+        manifest = {
+            "stage": self.name,
+            "fingerprint": self.fingerprint,
+            "inputs": self.inputs,
+            "outputs": outputs or {},
+            "completed_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        write_json_atomic(self.work / MANIFEST, manifest)
+        if self.final.exists():
+            # Only a previous complete output of this stage (checked in begin) is replaced, and only with --force.
+            shutil.rmtree(self.final)
+        os.replace(self.work, self.final)
+        return self.final
+
+
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested mappings."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return [prefix] if old != new else []
+    keys = sorted(set(old) | set(new))
+    out = []
+    for key in keys:
+        out.extend(changed_keys(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write JSON to a temporary name, fsync, rename: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        json.dump(value, handle, indent=2, sort_keys=True, default=str)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def require_complete(run_dir: Path, name: str, needed_by: str) -> dict[str, Any]:
+    """The manifest of an earlier stage, or an error telling the user which stage to run first."""
+    manifest = read_manifest(Path(run_dir) / name)
+    if manifest is None:
+        raise StageError(
+            f"[{needed_by}] needs the {name} stage's output in {Path(run_dir) / name}, which is missing or incomplete. "
+            f"Run `moetune {name} RECIPE` first (or `moetune run RECIPE`)."
+        )
+    return manifest
