@@ -1,0 +1,125 @@
+"""The eval stage: every model answers the questions, a judge grades the answers, and a report compares them.
+
+run_dir/eval/ ends up holding, in FastChat's layout, model_answer/<model>.jsonl and
+model_judgment/<judge>_{single,pair}.jsonl, plus scores.json, scores.md and (single mode) radar.png.
+Answers and judgments are appended as they are made in run_dir/.eval.partial/, so a re-run after a crash or
+after failed judge calls only does what is missing. While any judge call has failed the stage is not committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from eval.answer import answer_questions, unanswered
+from eval.config import check_eval_config
+from eval.grading import load_judge_prompts
+from eval.judges import LocalJudge, OpenAICompatibleJudge
+from eval.judging import JudgingContext, judge_pairwise, judge_programmatic, judge_single
+from eval.questions import load_questions, load_reference_answers, reference_turns
+from eval.records import file_safe, read_jsonl
+from eval.report import markdown_table, pairwise_rows, pairwise_scores, radar_plot, single_rows, single_scores
+from finetune.stage import Stage, read_manifest, write_json_atomic
+
+RUN_STAGES = ("base", "sft", "dpo")
+
+
+def load_model(recipe: Any, name: str) -> tuple[Any, Any]:
+    from finetune.models import load_for_inference  # imported here: loading pulls in the training stack
+
+    return load_for_inference(recipe, name)
+
+
+def question_source(recipe: Any) -> str:
+    return recipe.eval.question_file or str(recipe.run_path / "data" / "questions.jsonl")
+
+
+def source_fingerprint(source: str) -> str:
+    """A local file's content hash (the same file elsewhere is the same input), else the hub id itself."""
+    path = Path(source)
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else source
+
+
+def stage_inputs(recipe: Any) -> dict[str, Any]:
+    """What the eval depends on: the section, the seed, the questions and each model's producing stage."""
+    models = {}
+    for name in recipe.eval.models:
+        manifest = read_manifest(recipe.run_path / name) if name in RUN_STAGES else None
+        models[name] = manifest["fingerprint"] if manifest else name
+    return {"eval": recipe.section_dict("eval"), "seed": recipe.seed, "models": models,
+            "questions": source_fingerprint(question_source(recipe))}
+
+
+def run(recipe: Any, force: bool = False) -> Path:
+    """Run the eval stage; returns run_dir/eval, or the work folder while some judge calls have failed."""
+    config = recipe.eval
+    check_eval_config(config)
+    stage = Stage(recipe.run_path, "eval", inputs=stage_inputs(recipe))
+    if not stage.begin(force):
+        return stage.final
+    questions = load_questions(question_source(recipe), config.question_split)
+    answers = {name: answer_model(recipe, name, questions, stage.work) for name in config.models}
+    errors, scores_file = judge_and_report(recipe, questions, answers, stage.work)
+    if errors:
+        print(f"[eval] {errors} judge calls failed (see {stage.work / 'judge_errors.jsonl'}); the stage stays "
+              f"unfinished in {stage.work}. Run it again to retry only those judgments.")
+        return stage.work
+    return stage.commit({"scores": scores_file.name})
+
+
+def answer_model(recipe: Any, name: str, questions: list[dict[str, Any]], work: Path) -> dict[Any, list[str]]:
+    """The model's answers by question_id, generating only the missing ones (the model loads only if needed)."""
+    config = recipe.eval
+    answer_file = work / "model_answer" / f"{file_safe(name)}.jsonl"
+    pending = unanswered(questions, answer_file)
+    if pending:
+        model, tokenizer = load_model(recipe, name)
+        answer_questions(model, tokenizer, name, pending, answer_file, temperatures=config.temperatures,
+                         max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, seed=recipe.seed)
+    return {record["question_id"]: record["choices"][0]["turns"] for record in read_jsonl(answer_file)}
+
+
+def make_judge(recipe: Any) -> Any:
+    judge = recipe.eval.judge
+    if judge.type == "openai":
+        return OpenAICompatibleJudge(judge)
+    return LocalJudge(lambda: load_model(recipe, judge.model), judge.max_tokens, recipe.eval.batch_size)
+
+
+def judge_and_report(recipe: Any, questions: list[dict[str, Any]], answers: dict, work: Path) -> tuple[int, Path]:
+    """Make the missing judgments, then write and print the report. Returns (failed judge calls, scores file)."""
+    config = recipe.eval
+    judge = config.judge
+    judge_name = "programmatic" if judge.type == "programmatic" else file_safe(judge.model)
+    mode_suffix = "pair" if judge.mode == "pairwise" else "single"
+    reference_answers = load_reference_answers(judge.reference_answer_file)
+    context = JudgingContext(
+        questions=questions,
+        answers=answers,
+        references={q["question_id"]: reference_turns(q, reference_answers) for q in questions},
+        reference_categories=judge.reference_categories,
+        prompts=load_judge_prompts(judge.prompt_file) if judge.prompt_file else {},
+        judge_name=judge_name,
+        judgment_file=work / "model_judgment" / f"{judge_name}_{mode_suffix}.jsonl",
+        error_file=work / "judge_errors.jsonl",
+    )
+    if judge.type == "programmatic":
+        errors = judge_programmatic(context, config.models)
+    elif judge.mode == "pairwise":
+        errors = judge_pairwise(make_judge(recipe), context, config.models, judge.baseline)
+    else:
+        errors = judge_single(make_judge(recipe), context, config.models)
+    judgments = read_jsonl(context.judgment_file)
+    if judge.mode == "pairwise":
+        scores = pairwise_scores(judgments, config.models, judge.baseline, errors)
+        table = markdown_table(f"vs {judge.baseline}", list(scores), pairwise_rows(scores))
+    else:
+        scores = single_scores(judgments, questions, config.models, errors)
+        table = markdown_table("score", list(scores), single_rows(scores))
+        radar_plot(scores, work / "radar.png")
+    scores_file = work / "scores.json"
+    write_json_atomic(scores_file, {"mode": judge.mode, "judge": judge_name, "models": scores})
+    (work / "scores.md").write_text(f"# MT-Bench-style scores (judge: {judge_name}, {judge.mode})\n\n{table}\n")
+    print(table, flush=True)
+    return sum(errors.values()), scores_file
