@@ -122,6 +122,8 @@ def check_config(data: DataConfig, recipe_file: str) -> None:
             raise DataError(f"{where}: set exactly one of path (a local file) or dataset (a hub id).")
         if not 0 < source.weight <= 1:
             raise DataError(f"{where}.weight must be in (0, 1], got {source.weight}; use max_rows to cap a source.")
+        if source.format == "onpolicy" and "model" not in source.options:
+            raise DataError(f"{where}.options.model is required: the model to sample completions from.")
         if source.options.get("pairing", PAIRINGS[0]) not in PAIRINGS:
             raise DataError(f"{where}.options.pairing must be one of {', '.join(PAIRINGS)}.")
 
