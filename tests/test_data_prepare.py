@@ -1,0 +1,163 @@
+"""The prep stage end to end: outputs, determinism, skipping, broken inputs in fail and skip modes, filters."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from data_prep.prepare import run
+from data_prep.records import DataError
+from finetune.recipe import load_recipe, parse_recipe
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_file(relative: str) -> Path:
+    path = SHARED_DATA / relative
+    if not path.is_file():
+        pytest.skip(f"real data {path} is absent (expected the shared data folder at ../shared/data)")
+    return path
+
+
+def make_recipe(tmp_path, sources, **data):
+    raw = {"run_dir": str(tmp_path / "run"), "model": {"init": {}}, "data": {"sources": sources, **data}}
+    return parse_recipe(raw, str(tmp_path / "recipe.yaml"))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+SYNTHETIC = {"format": "synthetic", "options": {"sft": 300, "pairs": 200, "questions": 20}}
+
+
+def test_synthetic_source_writes_the_contract_files(tmp_path, capsys):
+    out = run(make_recipe(tmp_path, [SYNTHETIC], test_size=0.1))
+    assert out == tmp_path / "run" / "data"
+    sft = read_jsonl(out / "sft/train.jsonl") + read_jsonl(out / "sft/test.jsonl")
+    pairs = read_jsonl(out / "preference/train.jsonl") + read_jsonl(out / "preference/test.jsonl")
+    report = json.loads((out / "report.json").read_text())
+    source = report["sources"][0]
+    assert len(sft) == source["kept"]["sft"] and len(pairs) == source["kept"]["preference"]
+    assert len(sft) + source["dropped"].get("duplicate", 0) + source["dropped"].get("duplicate_prompt", 0) >= 300
+    assert set(pairs[0]) == {"prompt", "chosen", "rejected"} and set(sft[0]) == {"messages"}
+    assert 0 < report["splits"]["preference"]["test"] < 0.25 * len(pairs)
+    assert len(read_jsonl(out / "questions.jsonl")) == 20
+    assert "[data] prepared" in capsys.readouterr().out
+
+
+def test_same_recipe_gives_identical_files_and_reruns_skip(tmp_path, capsys):
+    first = run(make_recipe(tmp_path / "a", [SYNTHETIC]))
+    second = run(make_recipe(tmp_path / "b", [SYNTHETIC]))
+    for name in ("sft/train.jsonl", "sft/test.jsonl", "preference/train.jsonl", "questions.jsonl", "report.json"):
+        assert (first / name).read_bytes() == (second / name).read_bytes()
+    capsys.readouterr()
+    run(make_recipe(tmp_path / "a", [SYNTHETIC]))
+    assert "skipping" in capsys.readouterr().out
+
+
+def test_a_prompt_never_lands_in_both_splits(tmp_path):
+    oasst = {"format": "oasst", "path": str(shared_file("oasst1/oasst1_en_validation_messages.jsonl"))}
+    out = run(make_recipe(tmp_path, [oasst], dedup="exact", test_size=0.3))
+    train = {json.dumps(r["prompt"]) for r in read_jsonl(out / "preference/train.jsonl")}
+    test = {json.dumps(r["prompt"]) for r in read_jsonl(out / "preference/test.jsonl")}
+    assert train and test and not train & test
+
+
+BROKEN_ROWS = [
+    b'{"prompt": "Q1?", "chosen": "good", "rejected": "bad"}',
+    b'{"prompt": "Q2?", "chosen": "good", "rej',  # truncated
+    b'{"prompt": "Q3?", "chosen": "good"}',  # missing field
+    b'{"prompt": "Q4?", "chosen": "", "rejected": "bad"}',  # empty chosen
+    b'{"prompt": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "Q5?"}], "chosen": "a", "rejected": "b"}',
+    b'\xff\xfe\x00garbage\x81',  # binary
+    b'{"prompt": "Q7?", "chosen": "good", "rejected": "bad"}',
+]
+EXPECTED_PROBLEMS = [
+    (2, "not valid JSON"),
+    (3, "missing field 'rejected'"),
+    (4, "'chosen' message 1 (assistant) has empty text"),
+    (5, "'prompt' message 1 is assistant where user was expected"),
+    (6, "not UTF-8 text"),
+]
+
+
+def broken_file(tmp_path) -> Path:
+    path = tmp_path / "broken.jsonl"
+    path.write_bytes(b"\n".join(BROKEN_ROWS) + b"\n")
+    return path
+
+
+def test_fail_mode_names_the_first_bad_line_and_counts_the_rest(tmp_path):
+    path = broken_file(tmp_path)
+    with pytest.raises(DataError) as error:
+        run(make_recipe(tmp_path, [{"format": "preference", "path": str(path)}]))
+    message = str(error.value)
+    assert message.startswith(f"{path}:2: not valid JSON")
+    assert "4 more malformed rows" in message and "on_error: skip" in message
+    assert not (tmp_path / "run" / "data").exists()
+
+
+def test_skip_mode_drops_and_reports_every_bad_line(tmp_path):
+    path = broken_file(tmp_path)
+    out = run(make_recipe(tmp_path, [{"format": "preference", "path": str(path)}], on_error="skip", test_size=0))
+    source = json.loads((out / "report.json").read_text())["sources"][0]
+    assert source["read"] == 7 and source["kept"] == {"preference": 2} and source["dropped"] == {"malformed": 5}
+    reported = [(e["location"], e["reason"]) for e in source["errors"]]
+    assert len(reported) == len(EXPECTED_PROBLEMS)
+    for (location, reason), (line, expected) in zip(reported, EXPECTED_PROBLEMS):
+        assert location == f"{path}:{line}" and reason.startswith(expected)
+    assert [r["prompt"][0]["content"] for r in read_jsonl(out / "preference/train.jsonl")] in (["Q1?", "Q7?"], ["Q7?", "Q1?"])
+
+
+def test_identical_pairs_and_duplicates_are_dropped_by_reason(tmp_path):
+    rows = [{"prompt": "Hello there?", "chosen": "a", "rejected": "b"},
+            {"prompt": "Hello there?", "chosen": "a", "rejected": "b"},  # exact duplicate
+            {"prompt": "hello,  THERE", "chosen": "c", "rejected": "d"},  # same normalized prompt
+            {"prompt": "Other?", "chosen": "same", "rejected": "same"}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = run(make_recipe(tmp_path, [{"format": "preference", "path": str(path)}]))
+    dropped = json.loads((out / "report.json").read_text())["sources"][0]["dropped"]
+    assert dropped == {"duplicate": 1, "duplicate_prompt": 1, "chosen_equals_rejected": 1}
+
+
+def test_mt_bench_contamination_is_dropped(tmp_path):
+    questions = shared_file("mt_bench/question.jsonl")
+    first_turn = read_jsonl(questions)[0]["turns"][0]
+    rows = [{"prompt": f"Please help. {first_turn}", "chosen": "a", "rejected": "b"},
+            {"prompt": "Compose a haiku about travel in Hawaii.", "chosen": "a", "rejected": "b"}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = run(make_recipe(tmp_path, [{"format": "preference", "path": str(path)}], test_size=0,
+                          decontamination={"question_files": [str(questions)], "ngram": 8, "threshold": 0.5}))
+    assert json.loads((out / "report.json").read_text())["sources"][0]["dropped"] == {"contaminated": 1}
+    assert read_jsonl(out / "preference/train.jsonl")[0]["prompt"][0]["content"].startswith("Compose a haiku")
+
+
+def test_hh_rlhf_slice_with_weights_caps_and_sft_from_chosen(tmp_path):
+    online = {"format": "hh_rlhf", "path": str(shared_file("hh_rlhf/helpful_online_test.jsonl")), "max_rows": 100,
+              "sft_from_chosen": True}
+    harmless = {"format": "hh_rlhf", "path": str(shared_file("hh_rlhf/harmless_base_test.jsonl")), "weight": 0.5,
+                "max_rows": 50}
+    out = run(make_recipe(tmp_path, [online, harmless], on_error="skip"))
+    first, second = json.loads((out / "report.json").read_text())["sources"]
+    assert first["kept"]["preference"] + sum(first["dropped"].values()) - first["dropped"].get("duplicate", 0) >= 100
+    assert first["kept"]["sft"] > 0
+    assert second["dropped"]["not_sampled"] > 20 and second["read"] < 200
+
+
+def test_unknown_format_and_missing_path_are_config_errors(tmp_path):
+    with pytest.raises(DataError, match=r"data.sources\[0\].format is 'hh'"):
+        run(make_recipe(tmp_path, [{"format": "hh", "path": "x.jsonl"}]))
+    with pytest.raises(DataError, match="set exactly one of path"):
+        run(make_recipe(tmp_path, [{"format": "hh_rlhf"}]))
+
+
+def test_real_data_recipe_parses():
+    recipe = load_recipe(REPO / "recipes" / "hh-rlhf-mixtral.yaml")
+    assert recipe.model.name_or_path == "mistralai/Mixtral-8x7B-v0.1"
+    assert recipe.model.lora.targets == ["attention", "experts"]
+    assert {source.format for source in recipe.data.sources} == {"hh_rlhf"}
+    assert recipe.data.decontamination is not None
