@@ -1,0 +1,290 @@
+"""The eval stage end to end: a real OpenAI-compatible HTTP judge on loopback, and the programmatic demo path."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import threading
+import time
+import types
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+import eval.stage
+from eval.records import read_jsonl
+from finetune.recipe import parse_recipe
+from test_eval_support import tiny_chat_model
+
+API_KEY = "sk-test-secret-0123456789"
+MARKER = re.compile(r"<<(\w+)>>")
+
+
+class FakeJudgeServer(ThreadingHTTPServer):
+    """Speaks OpenAI's /chat/completions. The judged answers carry markers such as <<7>> that script the reply:
+    a number is the rating, bad gives no rating, fb6 uses the [6] fallback, slow times out once, busy gets one
+    429, down gets 500 while `down` is set; pairwise, the higher number wins, pos always says A, garble no verdict."""
+
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), JudgeHandler)
+        self.requests: list[dict] = []
+        self.attempts: Counter = Counter()
+        self.down = True
+        self.lock = threading.Lock()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class JudgeHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        system, user = body["messages"][0]["content"], body["messages"][1]["content"]
+        markers = MARKER.findall(user)
+        with self.server.lock:
+            self.server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+            last = markers[-1]
+            self.server.attempts[last] += 1
+            attempt = self.server.attempts[last]
+        if last == "slow" and attempt == 1:
+            time.sleep(0.6)  # longer than the client's timeout
+        elif last == "busy" and attempt == 1:
+            return self.send_error(429)
+        elif last == "down" and self.server.down:
+            return self.send_error(500)
+        pairwise = "two AI assistants" in system
+        content = verdict(markers) if pairwise else rating(last)
+        reply = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}).encode()
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up on the slow request
+
+
+def rating(marker: str) -> str:
+    scripted = {"bad": "A fine answer, but I will not give a number.", "fb6": "Rating: [6]",
+                "slow": "Rating: [[5]]", "busy": "Rating: [[3]]", "down": "Rating: [[9]]"}
+    return scripted.get(marker, f"The answer is judged. Rating: [[{marker}]]")
+
+
+def verdict(markers: list[str]) -> str:
+    """Compares A's and B's last answers: the marker before the midpoint and the last one."""
+    a, b = markers[len(markers) // 2 - 1], markers[-1]
+    if "garble" in (a, b):
+        return "Both are answers."
+    if "pos" in (a, b):
+        return "[[A]]"
+    return "[[A]]" if int(a) > int(b) else "[[B]]" if int(b) > int(a) else "[[C]]"
+
+
+@pytest.fixture
+def judge_server():
+    server = FakeJudgeServer()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    stopper = threading.Timer(60, server.shutdown)  # stops by itself even if a test hangs
+    stopper.daemon = True
+    stopper.start()
+    yield server
+    stopper.cancel()
+    server.shutdown()
+    server.server_close()
+
+
+QUESTIONS = [
+    {"question_id": 1, "category": "writing", "turns": ["Write a poem.", "Make it shorter."]},
+    {"question_id": 2, "category": "math", "turns": ["What is 2+2?", "And 3+3?"], "reference": ["R1 four", "R2 six"]},
+    {"question_id": 3, "category": "extraction", "turns": ["Extract the names."]},
+]
+
+
+def write_questions_and_answers(run_dir: Path, answers: dict[str, dict[int, list[str]]]) -> Path:
+    """Questions, plus answers already saved in the work folder, as a crashed earlier run would have left them."""
+    question_file = run_dir / "questions.jsonl"
+    question_file.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    for model, by_question in answers.items():
+        lines = [{"question_id": qid, "answer_id": f"{model}-{qid}", "model_id": model,
+                  "choices": [{"index": 0, "turns": turns}], "tstamp": 0.0} for qid, turns in by_question.items()]
+        answer_file = run_dir / ".eval.partial" / "model_answer" / f"{model}.jsonl"
+        answer_file.parent.mkdir(parents=True, exist_ok=True)
+        answer_file.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return question_file
+
+
+def openai_recipe(run_dir: Path, server: FakeJudgeServer, question_file: Path, prompt_file: Path, **judge):
+    return parse_recipe({
+        "run_dir": str(run_dir),
+        "model": {"init": {}},
+        "eval": {
+            "models": ["a", "b"],
+            "question_file": str(question_file),
+            "judge": {"type": "openai", "model": "gpt-4", "base_url": server.base_url, "api_key_env": "TEST_JUDGE_KEY",
+                      "prompt_file": str(prompt_file), "timeout_seconds": 0.3, "max_retries": 2,
+                      "backoff_seconds": 0.01, "max_concurrency": 4, **judge},
+        },
+    }, "test")
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Answers are already saved: loading a model would be a bug."""
+    def refuse(recipe, name):
+        raise AssertionError(f"model {name} loaded although its answers were saved")
+    monkeypatch.setattr(eval.stage, "load_model", refuse)
+
+
+def test_single_judge_over_http_retries_records_failures_and_resumes(tmp_path, judge_server, monkeypatch, capsys, no_model_loading):
+    from test_eval_support import mt_bench_file
+
+    monkeypatch.setenv("TEST_JUDGE_KEY", API_KEY)
+    question_file = write_questions_and_answers(tmp_path, {
+        "a": {1: ["<<8>>", "<<6>>"], 2: ["<<bad>>", "<<4>>"], 3: ["<<fb6>>"]},
+        "b": {1: ["<<slow>>", "<<busy>>"], 2: ["<<10>>", "<<down>>"], 3: ["<<2>>"]},
+    })
+    recipe = openai_recipe(tmp_path, judge_server, question_file, mt_bench_file("judge_prompts.jsonl"))
+
+    # First run: b's second math turn keeps failing (HTTP 500): recorded, not fatal, stage left unfinished.
+    assert eval.stage.run(recipe) == tmp_path / ".eval.partial"
+    assert not (tmp_path / "eval").exists()
+    attempts = judge_server.attempts
+    assert [attempts["slow"], attempts["busy"], attempts["down"]] == [2, 2, 3]  # timeout, 429 retried; 500 twice
+    assert len(judge_server.requests) == 5 + 5 + 1 + 1 + 2
+    errors = read_jsonl(tmp_path / ".eval.partial" / "judge_errors.jsonl")
+    assert [(e["model"], e["question_id"], e["turn"]) for e in errors] == [("b", 2, 2)]
+    first = json.loads((tmp_path / ".eval.partial" / "scores.json").read_text())["models"]
+    assert first["b"]["errors"] == 1 and first["b"]["judged"] == 4
+    assert first["b"]["turn2"] == 3.0 and first["b"]["overall"] == pytest.approx((5 + 10 + 2 + 3) / 4)
+
+    # Second run, judge healthy again: only the missing judgment is asked for, then the stage commits.
+    judge_server.down = False
+    requests_before = len(judge_server.requests)
+    assert eval.stage.run(recipe) == tmp_path / "eval"
+    assert len(judge_server.requests) == requests_before + 1
+
+    scores = json.loads((tmp_path / "eval" / "scores.json").read_text())["models"]
+    # a: 8, [bad] -1, fallback 6 on turn 1; 6, 4 on turn 2. The -1 is counted and left out of every mean.
+    assert scores["a"] == {
+        "turn1": 7.0, "turn2": 5.0, "overall": 6.0, "judged": 4, "failed": 1, "errors": 0,
+        "categories": {"writing": 7.0, "math": 4.0, "extraction": 6.0},
+    }
+    # b: 5 (after a timeout), 10, 2 on turn 1; 3 (after a 429), 9 (after the outage) on turn 2.
+    assert scores["b"] == {
+        "turn1": pytest.approx(17 / 3), "turn2": 6.0, "overall": pytest.approx(29 / 5), "judged": 5, "failed": 0,
+        "errors": 0, "categories": {"writing": 4.0, "math": 9.5, "extraction": 2.0},
+    }
+
+    # Every request: temperature 0, the judge model, the key from the named environment variable.
+    bodies = [r["body"] for r in judge_server.requests]
+    assert {(b["model"], b["temperature"], b["max_tokens"]) for b in bodies} == {("gpt-4", 0, 2048)}
+    assert {(r["path"], r["auth"]) for r in judge_server.requests} == {("/v1/chat/completions", f"Bearer {API_KEY}")}
+    # The math question is judged with the reference-guided prompts and the question's own reference.
+    judgments = read_jsonl(tmp_path / "eval" / "model_judgment" / "gpt-4_single.jsonl")
+    math_b = {j["turn"]: j for j in judgments if j["model"] == "b" and j["question_id"] == 2}
+    assert math_b[1]["judge"] == ["gpt-4", "single-math-v1"] and math_b[2]["judge"] == ["gpt-4", "single-math-v1-multi-turn"]
+    assert "[The Start of Reference Answer]\nR1 four\n[The End of Reference Answer]" in math_b[1]["user_prompt"]
+    assert set(judgments[0]) == {"question_id", "model", "judge", "user_prompt", "judgment", "score", "turn", "tstamp"}
+    # The key is never written anywhere, nor printed.
+    assert all(API_KEY not in path.read_bytes().decode("latin-1") for path in tmp_path.rglob("*") if path.is_file())
+    out = capsys.readouterr().out
+    assert API_KEY not in out and "| score | a | b |" in out
+    assert (tmp_path / "eval" / "radar.png").stat().st_size > 0
+    assert "| overall | 6.00 | 5.80 |" in (tmp_path / "eval" / "scores.md").read_text()
+
+
+def test_pairwise_against_baseline_counts_inconsistent_verdicts_as_ties(tmp_path, judge_server, no_model_loading):
+    from test_eval_support import mt_bench_file
+
+    question_file = write_questions_and_answers(tmp_path, {
+        "a": {1: ["<<3>>", "<<5>>"], 2: ["<<4>>", "<<7>>"], 3: ["<<1>>"]},
+        "b": {1: ["<<9>>", "<<2>>"], 2: ["<<pos>>", "<<7>>"], 3: ["<<garble>>"]},
+    })
+    recipe = openai_recipe(tmp_path, judge_server, question_file, mt_bench_file("judge_prompts.jsonl"),
+                           mode="pairwise", baseline="a")
+    judge_server.down = False
+    assert eval.stage.run(recipe) == tmp_path / "eval"
+
+    assert len(judge_server.requests) == 5 * 2  # five comparisons, both orders each
+    # win (q1 t1), loss (q1 t2), tie by inconsistency (q2 t1), tie by [[C]] (q2 t2), unreadable verdict (q3).
+    scores = json.loads((tmp_path / "eval" / "scores.json").read_text())["models"]
+    assert scores == {"b": {"win": 1, "loss": 1, "tie": 2, "win_rate": 0.25, "loss_rate": 0.25,
+                            "win_rate_adjusted": 0.5, "failed": 1, "errors": 0}}
+    records = {(r["question_id"], r["turn"]): r for r in read_jsonl(tmp_path / "eval" / "model_judgment" / "gpt-4_pair.jsonl")}
+    assert (records[(1, 1)]["g1_winner"], records[(1, 1)]["g2_winner"]) == ("model_1", "model_1")
+    assert (records[(2, 1)]["g1_winner"], records[(2, 1)]["g2_winner"]) == ("model_1", "model_2")
+    assert records[(2, 2)]["judge"] == ["gpt-4", "pair-math-v1-multi-turn"]
+    assert (records[(1, 1)]["model_1"], records[(1, 1)]["model_2"]) == ("b", "a")
+
+
+def synthetic_recipe(run_dir: Path, **eval_section):
+    from data_prep.synthetic import questions
+
+    (run_dir / "data").mkdir(parents=True, exist_ok=True)
+    (run_dir / "data" / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions(12, seed=3)))
+    return parse_recipe({"run_dir": str(run_dir), "model": {"init": {}},
+                         "eval": {"max_new_tokens": 6, "batch_size": 5, **eval_section}}, "test")
+
+
+@pytest.fixture
+def tiny_models(monkeypatch):
+    """finetune.models.load_for_inference stand-in: a tiny random MoE per name; counts loads."""
+    loads = Counter()
+
+    def load_for_inference(recipe, name):
+        loads[name] += 1
+        return tiny_chat_model(seed=len(name))
+
+    monkeypatch.setitem(sys.modules, "finetune.models", types.SimpleNamespace(load_for_inference=load_for_inference))
+    return loads
+
+
+def test_programmatic_stage_answers_judges_reports_and_resumes(tmp_path, tiny_models, capsys):
+    recipe = synthetic_recipe(tmp_path)
+    assert eval.stage.run(recipe) == tmp_path / "eval"
+    assert tiny_models == {"base": 1, "sft": 1, "dpo": 1}
+
+    answers = read_jsonl(tmp_path / "eval" / "model_answer" / "sft.jsonl")
+    assert len(answers) == 12 and all(len(a["choices"][0]["turns"]) == 2 for a in answers)
+    assert set(answers[0]) == {"question_id", "answer_id", "model_id", "choices", "tstamp"}
+    judgments = read_jsonl(tmp_path / "eval" / "model_judgment" / "programmatic_single.jsonl")
+    assert len(judgments) == 3 * 12 * 2
+    scores = json.loads((tmp_path / "eval" / "scores.json").read_text())["models"]
+    base = [j["score"] for j in judgments if j["model"] == "base"]
+    assert scores["base"]["overall"] == pytest.approx(sum(base) / len(base))
+    assert scores["base"]["judged"] == 24 and set(scores) == {"base", "sft", "dpo"}
+    assert "| score | base | sft | dpo |" in capsys.readouterr().out
+
+    # Same inputs: skipped, nothing loaded.
+    assert eval.stage.run(recipe) == tmp_path / "eval"
+    assert sum(tiny_models.values()) == 3
+
+
+def test_rerun_after_crash_reuses_saved_answers_and_judgments(tmp_path, tiny_models):
+    recipe = synthetic_recipe(tmp_path, models=["base", "sft"])
+    work = tmp_path / ".eval.partial"
+    eval.stage.run(recipe)
+    # Make it look like a crash: the work folder is back, with sft's answers and all judgments for sft gone.
+    (tmp_path / "eval").rename(work)
+    (work / "moetune_stage.json").unlink()
+    (work / "model_answer" / "sft.jsonl").unlink()
+    judgment_file = work / "model_judgment" / "programmatic_single.jsonl"
+    kept = [j for j in read_jsonl(judgment_file) if j["model"] == "base"]
+    judgment_file.write_text("".join(json.dumps(j) + "\n" for j in kept))
+
+    eval.stage.run(recipe)
+    assert tiny_models == {"base": 1, "sft": 2}  # base was not loaded again
+    after = read_jsonl(tmp_path / "eval" / "model_judgment" / "programmatic_single.jsonl")
+    assert [j["tstamp"] for j in after if j["model"] == "base"] == [j["tstamp"] for j in kept]
+    assert len(after) == 2 * 12 * 2
