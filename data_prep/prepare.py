@@ -67,11 +67,12 @@ def keep(example: Example, quality: QualityFilter, writers: dict, questions: lis
     if example.kind == "question":
         questions.append(example.row)
     else:
-        reason = quality.drop_reason(example)
+        prompt_key = normalized_text(prompt_of(example))  # used by prompt dedup and by the split
+        reason = quality.drop_reason(example, prompt_key)
         if reason is not None:
             stats.dropped[reason] += 1
             return
-        writers[example.kind].add(example.row, split_key=normalized_text(prompt_of(example)))
+        writers[example.kind].add(example.row, split_key=prompt_key)
     stats.kept[example.kind] += 1
 
 

@@ -133,14 +133,16 @@ class QualityFilter:
             self.decontaminator = Decontaminator(files, decontamination.ngram)
         self.lengths = TokenLengths(tokenizer) if tokenizer is not None else None
 
-    def drop_reason(self, example: Example) -> str | None:
-        """Why this example is dropped, or None to keep it (its lengths are then recorded)."""
+    def drop_reason(self, example: Example, prompt_key: str) -> str | None:
+        """Why this example is dropped, or None to keep it (its lengths are then recorded).
+
+        `prompt_key` is the example's normalized prompt (normalized_text of prompt_of)."""
         row = example.row
         if example.kind == "preference" and row["chosen"] == row["rejected"]:
             return "chosen_equals_rejected"
         if self.config.dedup != "none" and self.seen_before("exact", example, json.dumps(row, sort_keys=True)):
             return "duplicate"
-        if self.config.dedup == "prompt" and self.seen_before("prompt", example, normalized_text(prompt_of(example))):
+        if self.config.dedup == "prompt" and self.seen_before("prompt", example, prompt_key):
             return "duplicate_prompt"
         if self.decontaminator is not None and self.decontaminator.overlap(user_text(example)) >= self.config.decontamination.threshold:
             return "contaminated"
