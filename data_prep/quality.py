@@ -88,8 +88,9 @@ class TokenLengths:
         self.counts: dict[str, Counter] = defaultdict(Counter)
 
     def count(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> int:
-        ids = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
-        return len(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        # transformers 5 returns a BatchEncoding here (input_ids, attention_mask), not a list of ids.
+        encoded = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+        return len(encoded["input_ids"])
 
     def measure(self, example: Example) -> dict[str, int]:
         """Lengths of the parts and `total`, the longest templated sequence the example makes."""

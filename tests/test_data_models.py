@@ -5,9 +5,9 @@ import string
 
 import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
+from transformers import MixtralConfig, MixtralForCausalLM, MixtralForSequenceClassification, PreTrainedTokenizerFast
 
-from data_prep.onpolicy import best_vs_worst, programmatic_judge
+from data_prep.onpolicy import best_vs_worst, programmatic_judge, reward_model_judge
 from data_prep.prepare import run
 from data_prep.synthetic import preference_pairs
 from finetune.recipe import parse_recipe
@@ -66,27 +66,40 @@ def test_programmatic_judge_scores_synthetic_answers():
     assert programmatic_judge(prompt, "9 7 8") == 2
 
 
-@pytest.fixture(scope="module")
-def tiny_policy(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("policy")
+def save_tiny(model_class, folder, **extra):
     tokenizer = char_tokenizer()
     config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                           max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=1)
-    MixtralForCausalLM(config).save_pretrained(folder)
+                           max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=1, **extra)
+    model_class(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
 
-def test_on_policy_source_samples_judges_and_pairs(tmp_path, tiny_policy):
-    source = {"format": "onpolicy", "options": {"model": str(tiny_policy), "synthetic": 4, "k": 4, "max_new_tokens": 8}}
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """A random policy, and a random reward model whose scores differ between completions."""
+    policy = save_tiny(MixtralForCausalLM, tmp_path_factory.mktemp("policy"))
+    reward = save_tiny(MixtralForSequenceClassification, tmp_path_factory.mktemp("reward"), num_labels=1)
+    return policy, reward
+
+
+def test_on_policy_source_samples_judges_and_pairs(tmp_path, tiny_models):
+    policy, reward = tiny_models
+    options = {"model": str(policy), "judge": str(reward), "synthetic": 3, "k": 3, "max_new_tokens": 8}
+    source = {"format": "onpolicy", "options": options}
     out = run(make_recipe(tmp_path, [source], test_size=0))
-    report = json.loads((out / "report.json").read_text())["sources"][0]
     pairs = [json.loads(line) for line in (out / "preference/train.jsonl").read_text().splitlines()]
-    assert report["kept"].get("preference", 0) + sum(report["dropped"].values()) == 4
-    assert set(report["dropped"]) <= {"tie", "duplicate_prompt", "duplicate"}
+    assert len(pairs) == 3
+    judge = reward_model_judge(str(reward))
     for pair in pairs:
-        score = lambda side: programmatic_judge(pair["prompt"], pair[side][0]["content"])
-        assert score("chosen") > score("rejected")
+        assert judge(pair["prompt"], pair["chosen"][0]["content"]) > judge(pair["prompt"], pair["rejected"][0]["content"])
     again = run(make_recipe(tmp_path / "again", [source], test_size=0))
     assert (again / "preference/train.jsonl").read_bytes() == (out / "preference/train.jsonl").read_bytes()
+
+
+def test_programmatic_judge_drops_ties_of_a_random_policy(tmp_path, tiny_models):
+    source = {"format": "onpolicy", "options": {"model": str(tiny_models[0]), "synthetic": 2, "k": 2, "max_new_tokens": 4}}
+    report = json.loads((run(make_recipe(tmp_path, [source])) / "report.json").read_text())["sources"][0]
+    # Random characters are never a correct answer: every completion scores 1 or 2, so most prompts tie.
+    assert report["kept"].get("preference", 0) + report["dropped"].get("tie", 0) == 2
