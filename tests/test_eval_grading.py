@@ -21,6 +21,17 @@ SINGLE_INSTRUCTION = (
 )
 
 
+def reference_block(q1: str, q2: str, r1: str, r2: str) -> str:
+    return (f"<|The Start of Reference Answer|>\n\n### User:\n{q1}\n\n### Reference answer:\n{r1}\n\n### User:\n{q2}\n\n"
+            f"### Reference answer:\n{r2}\n\n<|The End of Reference Answer|>")
+
+
+def conversation(assistant: str, q1: str, q2: str, a1: str, a2: str) -> str:
+    return (f"<|The Start of Assistant {assistant}'s Conversation with User|>\n\n### User:\n{q1}\n\n"
+            f"### Assistant {assistant}:\n{a1}\n\n### User:\n{q2}\n\n### Assistant {assistant}:\n{a2}\n\n"
+            f"<|The End of Assistant {assistant}'s Conversation with User|>")
+
+
 @pytest.fixture(scope="module")
 def mt_bench():
     questions = {q["question_id"]: q for q in load_questions(mt_bench_file("question.jsonl"))}
@@ -55,10 +66,7 @@ def test_general_question_turn_2_exact_prompt(mt_bench):
     q1, q2 = question["turns"]
     assert prompt.template == "single-v1-multi-turn"
     assert prompt.system.startswith("Please act as an impartial judge") and prompt.system.endswith("\"Rating: [[5]]\".\n\n")
-    assert prompt.user == (
-        f"<|The Start of Assistant A's Conversation with User|>\n\n### User:\n{q1}\n\n### Assistant A:\nFIRST ANSWER"
-        f"\n\n### User:\n{q2}\n\n### Assistant A:\nSECOND ANSWER\n\n<|The End of Assistant A's Conversation with User|>"
-    )
+    assert prompt.user == conversation("A", q1, q2, *ANSWER)
 
 
 def test_math_question_turn_1_uses_reference_file_answer(mt_bench):
@@ -77,12 +85,7 @@ def test_reasoning_question_turn_2_exact_reference_guided_prompt(mt_bench):
     question, references, prompt = single(mt_bench, 101, 2)
     (q1, q2), (r1, r2) = question["turns"], references[101]
     assert prompt.template == "single-math-v1-multi-turn"
-    assert prompt.user == (
-        f"<|The Start of Reference Answer|>\n\n### User:\n{q1}\n\n### Reference answer:\n{r1}\n\n### User:\n{q2}\n\n"
-        f"### Reference answer:\n{r2}\n\n<|The End of Reference Answer|>\n\n\n"
-        f"<|The Start of Assistant A's Conversation with User|>\n\n### User:\n{q1}\n\n### Assistant A:\nFIRST ANSWER"
-        f"\n\n### User:\n{q2}\n\n### Assistant A:\nSECOND ANSWER\n\n<|The End of Assistant A's Conversation with User|>"
-    )
+    assert prompt.user == reference_block(q1, q2, r1, r2) + "\n\n\n" + conversation("A", q1, q2, *ANSWER)
 
 
 def test_reference_outside_reference_categories_is_not_used(mt_bench):
@@ -108,14 +111,8 @@ def test_pairwise_coding_turn_2_exact_reference_guided_prompt(mt_bench):
     prompt = pair_prompt(prompts, question, ANSWER, OTHER, 2, reference)
     (q1, q2), (r1, r2) = question["turns"], references[121]
     assert prompt.template == "pair-math-v1-multi-turn"
-    assert prompt.user == (
-        f"<|The Start of Reference Answer|>\n\n### User:\n{q1}\n\n### Reference answer:\n{r1}\n\n### User:\n{q2}\n\n"
-        f"### Reference answer:\n{r2}\n\n<|The End of Reference Answer|>\n\n\n"
-        f"<|The Start of Assistant A's Conversation with User|>\n\n### User:\n{q1}\n\n### Assistant A:\nFIRST ANSWER"
-        f"\n\n### User:\n{q2}\n\n### Assistant A:\nSECOND ANSWER\n\n<|The End of Assistant A's Conversation with User|>\n\n\n"
-        f"<|The Start of Assistant B's Conversation with User|>\n\n### User:\n{q1}\n\n### Assistant B:\nOTHER FIRST"
-        f"\n\n### User:\n{q2}\n\n### Assistant B:\nOTHER SECOND\n\n<|The End of Assistant B's Conversation with User|>"
-    )
+    assert prompt.user == "\n\n\n".join([reference_block(q1, q2, r1, r2), conversation("A", q1, q2, *ANSWER),
+                                         conversation("B", q1, q2, *OTHER)])
 
 
 def test_missing_prompt_names_what_the_file_has(mt_bench):

@@ -232,9 +232,9 @@ def synthetic_recipe(run_dir: Path, **eval_section):
     from data_prep.synthetic import questions
 
     (run_dir / "data").mkdir(parents=True, exist_ok=True)
-    (run_dir / "data" / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions(12, seed=3)))
+    (run_dir / "data" / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions(6, seed=3)))
     return parse_recipe({"run_dir": str(run_dir), "model": {"init": {}},
-                         "eval": {"max_new_tokens": 6, "batch_size": 5, **eval_section}}, "test")
+                         "eval": {"max_new_tokens": 4, "batch_size": 4, **eval_section}}, "test")
 
 
 @pytest.fixture
@@ -256,14 +256,14 @@ def test_programmatic_stage_answers_judges_reports_and_resumes(tmp_path, tiny_mo
     assert tiny_models == {"base": 1, "sft": 1, "dpo": 1}
 
     answers = read_jsonl(tmp_path / "eval" / "model_answer" / "sft.jsonl")
-    assert len(answers) == 12 and all(len(a["choices"][0]["turns"]) == 2 for a in answers)
+    assert len(answers) == 6 and all(len(a["choices"][0]["turns"]) == 2 for a in answers)
     assert set(answers[0]) == {"question_id", "answer_id", "model_id", "choices", "tstamp"}
     judgments = read_jsonl(tmp_path / "eval" / "model_judgment" / "programmatic_single.jsonl")
-    assert len(judgments) == 3 * 12 * 2
+    assert len(judgments) == 3 * 6 * 2
     scores = json.loads((tmp_path / "eval" / "scores.json").read_text())["models"]
     base = [j["score"] for j in judgments if j["model"] == "base"]
     assert scores["base"]["overall"] == pytest.approx(sum(base) / len(base))
-    assert scores["base"]["judged"] == 24 and set(scores) == {"base", "sft", "dpo"}
+    assert scores["base"]["judged"] == 12 and set(scores) == {"base", "sft", "dpo"}
     assert "| score | base | sft | dpo |" in capsys.readouterr().out
 
     # Same inputs: skipped, nothing loaded.
@@ -287,4 +287,4 @@ def test_rerun_after_crash_reuses_saved_answers_and_judgments(tmp_path, tiny_mod
     assert tiny_models == {"base": 1, "sft": 2}  # base was not loaded again
     after = read_jsonl(tmp_path / "eval" / "model_judgment" / "programmatic_single.jsonl")
     assert [j["tstamp"] for j in after if j["model"] == "base"] == [j["tstamp"] for j in kept]
-    assert len(after) == 2 * 12 * 2
+    assert len(after) == 2 * 6 * 2
