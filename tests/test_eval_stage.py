@@ -288,3 +288,18 @@ def test_rerun_after_crash_reuses_saved_answers_and_judgments(tmp_path, tiny_mod
     after = read_jsonl(tmp_path / "eval" / "model_judgment" / "programmatic_single.jsonl")
     assert [j["tstamp"] for j in after if j["model"] == "base"] == [j["tstamp"] for j in kept]
     assert len(after) == 2 * 6 * 2
+
+
+def test_local_judge_model_grades_with_the_same_prompts(tmp_path, tiny_models):
+    from test_eval_support import mt_bench_file
+
+    recipe = synthetic_recipe(tmp_path, models=["base"], judge={
+        "type": "local", "model": "judge", "prompt_file": str(mt_bench_file("judge_prompts.jsonl")), "max_tokens": 4})
+    assert eval.stage.run(recipe) == tmp_path / "eval"
+    assert tiny_models == {"base": 1, "judge": 1}
+    judgments = read_jsonl(tmp_path / "eval" / "model_judgment" / "judge_single.jsonl")
+    assert len(judgments) == 6 * 2
+    assert {tuple(j["judge"]) for j in judgments} == {("judge", "single-v1"), ("judge", "single-v1-multi-turn")}
+    scores = json.loads((tmp_path / "eval" / "scores.json").read_text())["models"]
+    # A random judge model writes no rating: every judgment is counted as failed, none is averaged.
+    assert (scores["base"]["judged"], scores["base"]["failed"], scores["base"]["overall"]) == (0, 12, None)
