@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from data_prep.config import DataConfig
-from eval.config import EvalConfig
+from eval.config import EvalConfig, check_eval_config
 from finetune.fields import help_field
 
 
@@ -56,6 +56,10 @@ class LoraConfig:
     r: int = help_field(16, help="LoRA rank (shared across the experts of one fused parameter).")
     alpha: int = help_field(32, help="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = help_field(0.0, help="LoRA dropout; forced to 0 on expert targets, which refuse dropout.")
+    stages: list[str] = help_field(
+        factory=lambda: ["sft", "dpo"],
+        help="Stages that train adapters; the others fine-tune all weights (e.g. [dpo] after a full SFT).",
+    )
 
 
 @dataclass
@@ -75,6 +79,10 @@ class ModelConfig:
         "auto", help="Expert kernel: auto (grouped_mm), eager, grouped_mm, batched_mm (never on CPU: 30x slower)."
     )
     lora: LoraConfig | None = help_field(None, help="LoRA adapters; null means full fine-tuning.")
+
+    def lora_for(self, stage: str) -> LoraConfig | None:
+        """The adapter settings a training stage uses, or None for full fine-tuning."""
+        return self.lora if self.lora is not None and stage in self.lora.stages else None
 
 
 @dataclass
@@ -131,6 +139,10 @@ def parse_recipe(raw: dict[str, Any], source: str) -> Recipe:
     validate_trainer_section(recipe.sft, "sft", source)
     validate_trainer_section(recipe.dpo, "dpo", source)
     validate_model(recipe.model, source)
+    try:
+        check_eval_config(recipe.eval)
+    except ValueError as error:
+        raise RecipeError(f"{source}: {error}") from None
     return recipe
 
 
@@ -290,6 +302,8 @@ def validate_model(model: ModelConfig, source: str) -> None:
             raise RecipeError(f"{source}: model.lora.targets is empty; list roles ({', '.join(LORA_ROLES)}) or set lora: null.")
         for role in model.lora.targets:
             check_choice(role, LORA_ROLES, source, "model.lora.targets")
+        for stage in model.lora.stages:
+            check_choice(stage, ("sft", "dpo"), source, "model.lora.stages")
 
 
 def check_choice(value: str, choices: tuple[str, ...], source: str, path: str) -> None:

@@ -118,12 +118,17 @@ def write_json_atomic(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
+# The command that writes each run-dir folder, where it is not named after it.
+PRODUCED_BY = {"data": "prep", "base": "sft"}
+
+
 def require_complete(run_dir: Path, name: str, needed_by: str) -> dict[str, Any]:
     """The manifest of an earlier stage, or an error telling the user which stage to run first."""
     manifest = read_manifest(Path(run_dir) / name)
+    command = PRODUCED_BY.get(name, name)
     if manifest is None:
         raise StageError(
             f"[{needed_by}] needs the {name} stage's output in {Path(run_dir) / name}, which is missing or incomplete. "
-            f"Run `moetune {name} RECIPE` first (or `moetune run RECIPE`)."
+            f"Run `moetune {command} RECIPE` first (or `moetune run RECIPE`)."
         )
     return manifest

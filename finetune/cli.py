@@ -1,0 +1,134 @@
+"""The command line: `moetune <stage> RECIPE [key=value ...]`. The only module that knows about argv."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+import textwrap
+import time
+
+from finetune.recipe import Recipe, RecipeError, describe_fields, load_recipe, trainer_config_class
+from finetune.stage import StageError
+
+# Stage name -> (module with run(recipe, force), recipe sections it reads, one-line description).
+STAGES = {
+    "prep": ("data_prep.prepare", ("data",), "Build SFT conversations and preference pairs into run_dir/data."),
+    "sft": ("finetune.sft", ("model", "sft"), "Supervised fine-tuning with TRL's SFTTrainer into run_dir/sft."),
+    "dpo": ("finetune.dpo", ("model", "dpo"), "DPO from the SFT result with TRL's DPOTrainer into run_dir/dpo."),
+    "eval": ("eval.stage", ("eval",), "Answer held-out questions with each model, judge, report into run_dir/eval."),
+}
+TRAINER_SECTIONS = ("sft", "dpo")
+
+
+def section_help(sections: tuple[str, ...]) -> str:
+    """Every recipe key a stage reads, with its help text, for the stage's --help."""
+    hints = {f.name: f for f in dataclasses.fields(Recipe)}
+    lines = ["recipe keys (set in the YAML file or as dotted key=value overrides):",
+             f"  {'run_dir':<34} {hints['run_dir'].metadata['help']}",
+             f"  {'seed':<34} {hints['seed'].metadata['help']}"]
+    for section in sections:
+        if section in TRAINER_SECTIONS:
+            name = trainer_config_class(section).__name__
+            lines.append(f"  {section + '.*':<34} Any field of TRL's {name}; list them with "
+                         f"`moetune {section} --trl-fields`. moetune's defaults: fp32 and use_cpu on CPU, bf16 on "
+                         f"GPUs that support it, activation checkpointing on GPU only, report_to none, logging_steps 10.")
+            continue
+        section_type = Recipe.__dataclass_fields__[section].default_factory
+        for key, text in describe_fields(section_type, section + "."):
+            wrapped = textwrap.fill(text, 80, subsequent_indent=" " * 37)
+            lines.append(f"  {key:<34} {wrapped}")
+    return "\n".join(lines)
+
+
+def trl_fields_help(section: str) -> str:
+    config_class = trainer_config_class(section)
+    rows = []
+    for f in dataclasses.fields(config_class):
+        if f.init and f.name not in ("output_dir", "seed"):
+            text = " ".join(str(f.metadata.get("help", "")).split())
+            rows.append(f"  {section}.{f.name} (default {f.default!r}): {text}")
+    return "\n".join(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moetune",
+        description="Preference fine-tuning (SFT then DPO) for Mixture-of-Experts models, driven by YAML recipes.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  moetune run recipes/tiny-moe.yaml\n"
+               "  moetune sft recipes/tiny-moe.yaml sft.learning_rate=5e-4 sft.max_steps=50\n"
+               "  moetune dpo --help",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser("run", help="Run the recipe's stages in order: prep, sft, dpo, eval.",
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog=section_help(("data", "model", "sft", "dpo", "eval")))
+    add_recipe_arguments(run)
+    run.add_argument("--stages", default=",".join(STAGES),
+                     help="Comma-separated stages to run, in pipeline order (default: %(default)s).")
+    for name, (_, sections, description) in STAGES.items():
+        stage = commands.add_parser(name, help=description, description=description,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                                    epilog=section_help(sections))
+        add_recipe_arguments(stage)
+        if name in TRAINER_SECTIONS:
+            stage.add_argument("--trl-fields", action="store_true",
+                               help=f"List every TRL field the {name}: section accepts, with its help, and exit.")
+    return parser
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", nargs="?", help="Path to a YAML recipe, e.g. recipes/tiny-moe.yaml.")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="Dotted overrides of recipe keys, e.g. sft.max_steps=50 model.lora.r=8.")
+    parser.add_argument("--force", action="store_true",
+                        help="Redo stages whose outputs are already complete (replaces those outputs).")
+
+
+def run_stage(name: str, recipe: Recipe, force: bool) -> None:
+    module = importlib.import_module(STAGES[name][0])
+    started = time.time()
+    print(f"== {name}: {STAGES[name][2]}", flush=True)
+    output = module.run(recipe, force=force)
+    if output.name.endswith(".partial"):
+        # eval keeps a stage open while judge calls failed; a re-run retries only those.
+        raise StageError(f"[{name}] unfinished: some work failed and is kept in {output}. Run the same command again to retry it.")
+    print(f"== {name} finished in {time.time() - started:.0f}s", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may also follow flags (`moetune sft r.yaml --force sft.max_steps=5`); argparse leaves those over.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [arg for arg in extra if arg.startswith("-") or "=" not in arg]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = (getattr(args, "overrides", None) or []) + extra
+    if getattr(args, "trl_fields", False):
+        print(trl_fields_help(args.command))
+        return 0
+    if args.recipe is None:
+        parser.parse_args([args.command, "--help"])
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        stages = parse_stages(args.stages) if args.command == "run" else [args.command]
+        for name in stages:
+            run_stage(name, recipe, args.force)
+    except (RecipeError, StageError, ValueError) as error:
+        print(f"moetune: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def parse_stages(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in STAGES]
+    if unknown:
+        raise RecipeError(f"--stages: unknown stage {unknown[0]!r}; stages are {', '.join(STAGES)}.")
+    return [name for name in STAGES if name in names]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

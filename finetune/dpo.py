@@ -1,0 +1,49 @@
+"""The DPO stage: preference optimisation with TRL's DPOTrainer, starting from the SFT result.
+
+The reference policy is the SFT model. With LoRA, the SFT model is the base the adapter sits on, and TRL's
+reference forward simply disables the adapter: no second copy of the model is loaded. Full fine-tuning needs a
+frozen second copy, loaded here explicitly (TRL would otherwise reload `config._name_or_path`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trl import DPOTrainer
+
+from finetune import adapters
+from finetune.models import load_stage_model, load_tokenizer, seed_everything
+from finetune.recipe import Recipe
+from finetune.stage import Stage, require_complete
+from finetune.training import expert_load_callbacks, load_split, save_stage, trainer_config
+
+
+def run(recipe: Recipe, force: bool = False) -> Path:
+    data = require_complete(recipe.run_path, "data", needed_by="dpo")
+    sft = require_complete(recipe.run_path, "sft", needed_by="dpo")
+    stage = Stage(recipe.run_path, "dpo", inputs={
+        "model": recipe.section_dict("model"), "dpo": recipe.dpo, "seed": recipe.seed,
+        "data": data["fingerprint"], "sft": sft["fingerprint"],
+    })
+    if not stage.begin(force):
+        return stage.final
+
+    seed_everything(recipe.seed)
+    tokenizer = load_tokenizer(recipe)
+    model = load_stage_model(recipe, "sft")
+    train = load_split(recipe, "preference", "train")
+    if train is None:
+        raise ValueError(f"[dpo] {recipe.run_path}/data/preference/train.jsonl is empty: the recipe's data has no pairs.")
+    lora = recipe.model.lora_for("dpo")
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=None if lora else load_stage_model(recipe, "sft").eval(),
+        args=trainer_config("dpo", recipe, stage.work),
+        train_dataset=train,
+        eval_dataset=load_split(recipe, "preference", "test"),
+        processing_class=tokenizer,
+        peft_config=adapters.peft_config(model, lora) if lora else None,
+        callbacks=expert_load_callbacks(model, stage),
+    )
+    trainer.train()
+    return save_stage(trainer, tokenizer, recipe, stage, parent="sft")

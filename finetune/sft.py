@@ -1,0 +1,43 @@
+"""The SFT stage: supervised fine-tuning on conversations with TRL's SFTTrainer (loss on assistant turns only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trl import SFTTrainer
+
+from finetune import adapters
+from finetune.models import build_base, load_stage_model, load_tokenizer, seed_everything
+from finetune.recipe import Recipe
+from finetune.stage import Stage, require_complete
+from finetune.training import expert_load_callbacks, load_split, save_stage, trainer_config
+
+
+def run(recipe: Recipe, force: bool = False) -> Path:
+    data = require_complete(recipe.run_path, "data", needed_by="sft")
+    if recipe.model.init is not None:
+        build_base(recipe)
+    stage = Stage(recipe.run_path, "sft", inputs={
+        "model": recipe.section_dict("model"), "sft": recipe.sft, "seed": recipe.seed, "data": data["fingerprint"],
+    })
+    if not stage.begin(force):
+        return stage.final
+
+    seed_everything(recipe.seed)
+    tokenizer = load_tokenizer(recipe)
+    model = load_stage_model(recipe, "base")
+    train = load_split(recipe, "sft", "train")
+    if train is None:
+        raise ValueError(f"[sft] {recipe.run_path}/data/sft/train.jsonl is empty: the recipe's data has no SFT rows.")
+    lora = recipe.model.lora_for("sft")
+    trainer = SFTTrainer(
+        model=model,
+        args=trainer_config("sft", recipe, stage.work),
+        train_dataset=train,
+        eval_dataset=load_split(recipe, "sft", "test"),
+        processing_class=tokenizer,
+        peft_config=adapters.peft_config(model, lora) if lora else None,
+        callbacks=expert_load_callbacks(model, stage),
+    )
+    trainer.train()
+    return save_stage(trainer, tokenizer, recipe, stage, parent="base")

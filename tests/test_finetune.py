@@ -1,0 +1,122 @@
+"""MoE-aware adapters, router/aux-loss handling, expert-load tracking and adapter round trips on tiny models."""
+
+import peft
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from data_prep import synthetic
+from finetune import adapters, moe
+from finetune.models import init_config, train_tokenizer
+from finetune.recipe import LoraConfig, ModelInit
+
+ARCHITECTURES = ["mixtral", "qwen3_moe", "olmoe"]
+
+
+def tiny_model(architecture="mixtral", seed=0):
+    texts = [m["content"] for row in synthetic.sft_conversations(200, 0) for m in row["messages"]]
+    tokenizer = train_tokenizer(texts, vocab_size=280)
+    init = ModelInit(architecture=architecture, hidden_size=32, intermediate_size=32, num_layers=2, num_heads=4,
+                     num_kv_heads=2, num_experts=4, experts_per_token=2)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(init_config(init, tokenizer)), tokenizer
+
+
+def batch(tokenizer):
+    rows = [row["messages"] for row in synthetic.sft_conversations(4, 1)]
+    texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in rows]
+    return tokenizer(texts, return_tensors="pt", padding=True)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_lora_roles_adapt_attention_and_experts_and_keep_router_frozen(architecture):
+    model, tokenizer = tiny_model(architecture)
+    router_before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")}
+    peft_model = peft.get_peft_model(model, adapters.peft_config(model, LoraConfig(targets=["attention", "experts"])))
+    trainable = adapters.trainable_parameter_names(peft_model)
+    assert trainable and all("lora_" in name for name in trainable)
+    assert any("self_attn.q_proj.lora_A" in name for name in trainable)
+    assert any("mlp.experts" in name for name in trainable)
+    assert not any("mlp.gate" in name for name in trainable)
+
+    # one optimizer step: gradients reach only adapters, the router and base weights do not move
+    peft_model.train()
+    inputs = batch(tokenizer)
+    optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=1.0)
+    peft_model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    with_grad = [n for n, p in peft_model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert with_grad and all("lora_" in name for name in with_grad)
+    assert any("experts" in name for name in with_grad)
+    optimizer.step()
+    for name, param in peft_model.named_parameters():
+        short = name.split("base_model.model.", 1)[-1]
+        if short in router_before:
+            assert torch.equal(param, router_before[short])
+
+
+def test_router_is_trained_only_when_listed():
+    model, _ = tiny_model()
+    peft_model = peft.get_peft_model(model, adapters.peft_config(model, LoraConfig(targets=["all"])))
+    assert any("mlp.gate" in name for name in adapters.trainable_parameter_names(peft_model))
+
+
+def test_dropout_is_forced_to_zero_on_expert_targets():
+    model, _ = tiny_model()
+    with pytest.warns(UserWarning, match="dropout"):
+        config = adapters.peft_config(model, LoraConfig(targets=["experts"], dropout=0.1))
+    assert config.lora_dropout == 0.0
+    assert adapters.peft_config(model, LoraConfig(targets=["attention"], dropout=0.1)).lora_dropout == 0.1
+
+
+def test_aux_loss_is_part_of_the_loss_when_router_logits_are_on():
+    model, tokenizer = tiny_model()
+    inputs = batch(tokenizer)
+    out = model(**inputs, labels=inputs["input_ids"], output_router_logits=True)
+    plain = model(**inputs, labels=inputs["input_ids"], output_router_logits=False)
+    coef = model.config.router_aux_loss_coef
+    assert coef == pytest.approx(0.01) and out.aux_loss > 0
+    assert out.loss.item() == pytest.approx(plain.loss.item() + coef * out.aux_loss.item(), rel=1e-5)
+
+
+def test_expert_load_counts_every_real_token_once_per_chosen_expert():
+    model, tokenizer = tiny_model()
+    inputs = batch(tokenizer)
+    tracker = moe.ExpertLoadTracker(model)
+    model(**inputs)
+    real_tokens = int(inputs["attention_mask"].sum())
+    assert real_tokens < inputs["attention_mask"].numel()  # the batch has padding, which must not count
+    counts = {name: int(c.sum()) for name, c in tracker.counts.items()}
+    assert len(counts) == 2 and all(total == real_tokens * 2 for total in counts.values())
+    shares = tracker.take()
+    assert all(abs(sum(s) - 1) < 1e-4 for s in shares.values())
+    with torch.no_grad():  # reference/eval forwards are not training load
+        model(**inputs)
+    assert all(int(c.sum()) == 0 for c in tracker.counts.values())
+    tracker.remove()
+
+
+def test_coefficient_of_variation():
+    assert moe.coefficient_of_variation([0.25] * 4) == 0
+    assert moe.coefficient_of_variation([1, 0, 0, 0]) == pytest.approx(3 ** 0.5)
+
+
+def test_adapter_saves_and_loads_back_with_identical_logits(tmp_path):
+    model, tokenizer = tiny_model()
+    peft_model = peft.get_peft_model(model, adapters.peft_config(model, LoraConfig(targets=["attention", "experts"])))
+    with torch.no_grad():  # make the adapter non-trivial (B starts at zero)
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    inputs = batch(tokenizer)
+    peft_model.eval()
+    expected = peft_model(**inputs).logits
+    peft_model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+
+    fresh, _ = tiny_model()  # same seed: the same base weights
+    loaded = peft.PeftModel.from_pretrained(fresh, tmp_path).eval()
+    assert torch.equal(loaded(**inputs).logits, expected)
+    with loaded.disable_adapter():
+        assert not torch.allclose(loaded(**inputs).logits, expected)
+    merged = loaded.merge_and_unload()
+    assert torch.allclose(merged(**inputs).logits, expected, atol=1e-5)

@@ -1,0 +1,79 @@
+"""Recipe parsing, validation messages, overrides, and the stage-dir protocol."""
+
+import pytest
+
+from finetune.recipe import RecipeError, load_recipe, parse_recipe
+from finetune.stage import Stage, StageError
+
+TINY = {"run_dir": "runs/x", "model": {"init": {}}}
+
+
+def write(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_demo_recipe_parses():
+    recipe = load_recipe("recipes/tiny-moe.yaml")
+    assert recipe.model.init.architecture == "mixtral"
+    assert recipe.model.lora_for("sft") is None and recipe.model.lora_for("dpo").r == 16
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({**TINY, "modle": {}}, "unknown key 'modle'. Did you mean 'model'?"),
+    ({**TINY, "model": {"init": {"hiden_size": 3}}}, "unknown key 'model.init.hiden_size'. Did you mean 'hidden_size'?"),
+    ({**TINY, "sft": {"learnig_rate": 1}}, "unknown key 'sft.learnig_rate'. Did you mean 'learning_rate'?"),
+    ({**TINY, "dpo": {"bta": 0.1}}, "unknown key 'dpo.bta'. Did you mean 'beta'?"),
+    ({**TINY, "sft": {"output_dir": "x"}}, "sft.output_dir is set by moetune"),
+    ({**TINY, "model": {"init": {"num_layers": "two"}}}, "model.init.num_layers must be an integer, got 'two'"),
+    ({**TINY, "model": {"init": {}, "lora": {"targets": ["experts", "routr"]}}}, "Did you mean 'router'?"),
+    ({"run_dir": "x", "model": {}}, "set exactly one of model.name_or_path"),
+    ({"model": {"init": {}}}, "run_dir is required"),
+])
+def test_bad_recipes_name_the_file_key_and_fix(raw, message):
+    with pytest.raises(RecipeError) as error:
+        parse_recipe(raw, "recipes/mine.yaml")
+    assert message in str(error.value)
+    assert str(error.value).startswith("recipes/mine.yaml:")
+
+
+def test_overrides_are_typed_and_validated(tmp_path):
+    path = write(tmp_path, "run_dir: a\nmodel: {init: {}}\nsft: {learning_rate: 1.0e-3}\n")
+    recipe = load_recipe(path, ["sft.learning_rate=5e-4", "sft.max_steps=50", "model.lora.r=4", "run_dir=b"])
+    assert recipe.sft == {"learning_rate": 5e-4, "max_steps": 50}
+    assert recipe.model.lora.r == 4 and recipe.run_dir == "b"
+    with pytest.raises(RecipeError, match="Did you mean 'max_steps'"):
+        load_recipe(path, ["sft.max_step=5"])
+    with pytest.raises(RecipeError, match="dotted.key=value"):
+        load_recipe(path, ["sft.max_steps"])
+
+
+def test_missing_or_broken_file(tmp_path):
+    with pytest.raises(RecipeError, match="no such recipe file"):
+        load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(write(tmp_path, "model: [unclosed"))
+
+
+def test_stage_commits_atomically_skips_and_refuses_changes(tmp_path, capsys):
+    stage = Stage(tmp_path, "sft", inputs={"lr": 1})
+    assert stage.begin()
+    (stage.work / "weights").write_text("w")
+    assert not (tmp_path / "sft").exists()  # nothing named after the stage until it is complete
+    stage.commit({"kind": "full"})
+    assert (tmp_path / "sft" / "weights").read_text() == "w" and not stage.work.exists()
+
+    assert not Stage(tmp_path, "sft", inputs={"lr": 1}).begin()
+    assert "skipping" in capsys.readouterr().out
+    with pytest.raises(StageError, match=r"changed: lr\).*--force"):
+        Stage(tmp_path, "sft", inputs={"lr": 2}).begin()
+    assert Stage(tmp_path, "sft", inputs={"lr": 2}).begin(force=True)
+
+
+def test_stage_never_overwrites_a_users_folder(tmp_path):
+    (tmp_path / "dpo").mkdir()
+    (tmp_path / "dpo" / "notes.txt").write_text("mine")
+    with pytest.raises(StageError, match="not a moetune stage output"):
+        Stage(tmp_path, "dpo", inputs={}).begin(force=True)
+    assert (tmp_path / "dpo" / "notes.txt").read_text() == "mine"
