@@ -1,0 +1,5 @@
+"""`make bench`: every benchmark, side by side measurements printed as they finish."""
+
+from benchmarks import prep_bench
+
+prep_bench.main()
