@@ -15,14 +15,14 @@ from finetune import adapters
 from finetune.models import load_stage_model, load_tokenizer, seed_everything
 from finetune.recipe import Recipe
 from finetune.stage import Stage, require_complete
-from finetune.training import expert_load_callbacks, load_split, save_stage, trainer_config
+from finetune.training import expert_load_callbacks, load_split, require_train_split, save_stage, trainer_config
 
 
 def run(recipe: Recipe, force: bool = False) -> Path:
     data = require_complete(recipe.run_path, "data", needed_by="dpo")
     sft = require_complete(recipe.run_path, "sft", needed_by="dpo")
     stage = Stage(recipe.run_path, "dpo", inputs={
-        "model": recipe.section_dict("model"), "dpo": recipe.dpo, "seed": recipe.seed,
+        "model": recipe.model_inputs("dpo"), "dpo": recipe.dpo, "seed": recipe.seed,
         "data": data["fingerprint"], "sft": sft["fingerprint"],
     })
     if not stage.begin(force):
@@ -31,15 +31,12 @@ def run(recipe: Recipe, force: bool = False) -> Path:
     seed_everything(recipe.seed)
     tokenizer = load_tokenizer(recipe)
     model = load_stage_model(recipe, "sft")
-    train = load_split(recipe, "preference", "train")
-    if train is None:
-        raise ValueError(f"[dpo] {recipe.run_path}/data/preference/train.jsonl is empty: the recipe's data has no pairs.")
     lora = recipe.model.lora_for("dpo")
     trainer = DPOTrainer(
         model=model,
         ref_model=None if lora else load_stage_model(recipe, "sft").eval(),
         args=trainer_config("dpo", recipe, stage.work),
-        train_dataset=train,
+        train_dataset=require_train_split(recipe, "preference", "dpo"),
         eval_dataset=load_split(recipe, "preference", "test"),
         processing_class=tokenizer,
         peft_config=adapters.peft_config(model, lora) if lora else None,

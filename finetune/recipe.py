@@ -112,6 +112,10 @@ class Recipe:
     def section_dict(self, name: str) -> dict[str, Any]:
         return to_dict(getattr(self, name))
 
+    def model_inputs(self, stage: str) -> dict[str, Any]:
+        """The model settings a training stage depends on (its own adapter settings, not the other stage's)."""
+        return {**self.section_dict("model"), "lora": to_dict(self.model.lora_for(stage))}
+
 
 # TRL fields that moetune sets itself from the recipe; setting them in sft:/dpo: would be silently overridden.
 MANAGED_TRAINER_KEYS = {"output_dir": "run_dir", "seed": "seed"}

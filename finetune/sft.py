@@ -10,7 +10,7 @@ from finetune import adapters
 from finetune.models import build_base, load_stage_model, load_tokenizer, seed_everything
 from finetune.recipe import Recipe
 from finetune.stage import Stage, require_complete
-from finetune.training import expert_load_callbacks, load_split, save_stage, trainer_config
+from finetune.training import expert_load_callbacks, load_split, require_train_split, save_stage, trainer_config
 
 
 def run(recipe: Recipe, force: bool = False) -> Path:
@@ -18,7 +18,7 @@ def run(recipe: Recipe, force: bool = False) -> Path:
     if recipe.model.init is not None:
         build_base(recipe)
     stage = Stage(recipe.run_path, "sft", inputs={
-        "model": recipe.section_dict("model"), "sft": recipe.sft, "seed": recipe.seed, "data": data["fingerprint"],
+        "model": recipe.model_inputs("sft"), "sft": recipe.sft, "seed": recipe.seed, "data": data["fingerprint"],
     })
     if not stage.begin(force):
         return stage.final
@@ -26,14 +26,11 @@ def run(recipe: Recipe, force: bool = False) -> Path:
     seed_everything(recipe.seed)
     tokenizer = load_tokenizer(recipe)
     model = load_stage_model(recipe, "base")
-    train = load_split(recipe, "sft", "train")
-    if train is None:
-        raise ValueError(f"[sft] {recipe.run_path}/data/sft/train.jsonl is empty: the recipe's data has no SFT rows.")
     lora = recipe.model.lora_for("sft")
     trainer = SFTTrainer(
         model=model,
         args=trainer_config("sft", recipe, stage.work),
-        train_dataset=train,
+        train_dataset=require_train_split(recipe, "sft", "sft"),
         eval_dataset=load_split(recipe, "sft", "test"),
         processing_class=tokenizer,
         peft_config=adapters.peft_config(model, lora) if lora else None,

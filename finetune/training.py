@@ -52,6 +52,14 @@ def load_split(recipe: Recipe, kind: str, split: str):
     return load_dataset("json", data_files=str(path), split="train")
 
 
+def require_train_split(recipe: Recipe, kind: str, stage: str):
+    train = load_split(recipe, kind, "train")
+    if train is None:
+        raise ValueError(f"[{stage}] {recipe.run_path}/data/{kind}/train.jsonl is empty: the recipe's data has no "
+                         f"{'SFT conversations' if kind == 'sft' else 'preference pairs'}. Add a source that makes them.")
+    return train
+
+
 def expert_load_callbacks(model, stage: Stage) -> list:
     return [ExpertLoadCallback(model, stage.work / "expert_load.json")] if is_moe_model(model) else []
 

@@ -70,6 +70,7 @@ def test_rerun_skips_changed_recipe_refuses_and_force_redoes(finished_run, capsy
     assert "skipping" in capsys.readouterr().out
     assert main(["sft", str(recipe), "sft.learning_rate=5e-4"]) == 2
     assert "changed: sft.learning_rate" in capsys.readouterr().err
+    assert main(["sft", str(recipe), "model.lora.r=8"]) == 0  # DPO-only adapter settings do not touch SFT
     assert main(["dpo", str(recipe), "--force", "dpo.max_steps=2"]) == 0
     assert json.loads((run / "dpo" / "moetune_stage.json").read_text())["outputs"]["steps"] == 2
 
