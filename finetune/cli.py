@@ -20,6 +20,7 @@ STAGES = {
     "eval": ("eval.stage", ("eval",), "Answer held-out questions with each model, judge, report into run_dir/eval."),
 }
 TRAINER_SECTIONS = ("sft", "dpo")
+HUB_COMMANDS = ("merge", "push")
 
 
 def section_help(sections: tuple[str, ...]) -> str:
@@ -76,7 +77,33 @@ def build_parser() -> argparse.ArgumentParser:
         if name in TRAINER_SECTIONS:
             stage.add_argument("--trl-fields", action="store_true",
                                help=f"List every TRL field the {name}: section accepts, with its help, and exit.")
+    add_hub_commands(commands)
     return parser
+
+
+def add_hub_commands(commands) -> None:
+    merge = commands.add_parser("merge", help="Merge an adapter into its full-precision base and save plain weights.",
+                                description="Merge an adapter (a moetune stage folder or any PEFT adapter folder) into "
+                                            "its full-precision base model; save the weights and tokenizer to --out.")
+    merge.add_argument("adapter_dir", help="Adapter folder, e.g. runs/tiny/dpo.")
+    merge.add_argument("--out", required=True, help="New (or empty) folder for the merged model.")
+    push = commands.add_parser("push", help="Upload a stage's output with a model card to the Hugging Face Hub.",
+                               description="Upload a stage folder (weights or adapter, tokenizer, recipe.yaml, "
+                                           "README.md model card). The token comes from HF_TOKEN or `hf auth login`.")
+    push.add_argument("stage_dir", help="Stage folder, e.g. runs/tiny/dpo.")
+    push.add_argument("--repo-id", required=True, help="Hub repository, e.g. my-org/mixtral-dpo-lora.")
+    push.add_argument("--private", action="store_true", help="Create the repository as private.")
+    push.add_argument("--revision", help="Branch to upload to (created when missing).")
+    push.add_argument("--dry-run", metavar="FOLDER", help="Only write the upload into FOLDER; upload nothing.")
+
+
+def run_hub_command(args) -> None:
+    from finetune import hub
+
+    if args.command == "merge":
+        hub.merge(args.adapter_dir, args.out)
+    else:
+        hub.push(args.stage_dir, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run)
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may also follow flags (`moetune sft r.yaml --force sft.max_steps=5`); argparse leaves those over.
     args, extra = parser.parse_known_args(argv)
+    if args.command in HUB_COMMANDS:
+        # These take no recipe: parse strictly, and report Hub/file errors (OSError) without a traceback too.
+        args = parser.parse_args(argv)
+        return report_errors(lambda: run_hub_command(args), (OSError,))
     unknown = [arg for arg in extra if arg.startswith("-") or "=" not in arg]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -111,12 +142,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.recipe is None:
         parser.parse_args([args.command, "--help"])
+    return report_errors(lambda: run_stages(args))
+
+
+def run_stages(args) -> None:
+    recipe = load_recipe(args.recipe, args.overrides)
+    stages = parse_stages(args.stages) if args.command == "run" else [args.command]
+    for name in stages:
+        run_stage(name, recipe, args.force)
+
+
+def report_errors(command, also: tuple = ()) -> int:
+    """Run a command; expected failures print one `moetune: error:` line and exit 2 instead of a traceback."""
     try:
-        recipe = load_recipe(args.recipe, args.overrides)
-        stages = parse_stages(args.stages) if args.command == "run" else [args.command]
-        for name in stages:
-            run_stage(name, recipe, args.force)
-    except (RecipeError, StageError, ValueError) as error:
+        command()
+    except (RecipeError, StageError, ValueError, *also) as error:
         print(f"moetune: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from datasets import load_dataset
 
+from finetune.hub import push_stage_if_configured
 from finetune.models import resolve_dtype
 from finetune.moe import ExpertLoadCallback, is_moe_model
 from finetune.recipe import Recipe, dump_recipe, trainer_config_class
@@ -83,6 +84,7 @@ def save_stage(trainer, tokenizer, recipe: Recipe, stage: Stage, parent: str) ->
     }
     final = stage.commit(summary)
     print_summary(stage.name, summary, final, history)
+    push_stage_if_configured(recipe, final)
     return final
 
 
