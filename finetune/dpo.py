@@ -15,7 +15,8 @@ from finetune import adapters
 from finetune.models import load_stage_model, load_tokenizer, seed_everything
 from finetune.recipe import Recipe
 from finetune.stage import Stage, require_complete
-from finetune.training import expert_load_callbacks, load_split, require_train_split, save_stage, trainer_config
+from finetune.training import (expert_load_callbacks, load_split, require_train_split, save_stage, trainer_config,
+                               train_resuming)
 
 
 def run(recipe: Recipe, force: bool = False) -> Path:
@@ -42,5 +43,5 @@ def run(recipe: Recipe, force: bool = False) -> Path:
         peft_config=adapters.peft_config(model, lora) if lora else None,
         callbacks=expert_load_callbacks(model, stage),
     )
-    trainer.train()
+    train_resuming(trainer, stage)
     return save_stage(trainer, tokenizer, recipe, stage, parent="sft")

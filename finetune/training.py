@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import load_dataset
+from transformers import TrainerCallback
 
 from finetune.hub import push_stage_if_configured
 from finetune.models import resolve_dtype
 from finetune.moe import ExpertLoadCallback, is_moe_model
 from finetune.recipe import Recipe, dump_recipe, trainer_config_class
-from finetune.stage import Stage
+from finetune.stage import Stage, StageError
 
 
 def device_defaults(recipe: Recipe) -> dict[str, Any]:
@@ -65,8 +69,91 @@ def expert_load_callbacks(model, stage: Stage) -> list:
     return [ExpertLoadCallback(model, stage.work / "expert_load.json")] if is_moe_model(model) else []
 
 
+# Trainer names its checkpoints `checkpoint-<global step>` inside output_dir (the stage's work folder).
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "pytorch_model.bin",
+           "adapter_model.bin")
+
+
+def checkpoints(work: Path) -> list[tuple[int, Path]]:
+    """The Trainer checkpoints in a work folder, newest (highest step) first."""
+    found = [(int(match.group(1)), path) for path in work.iterdir()
+             if path.is_dir() and (match := CHECKPOINT.fullmatch(path.name))]
+    return sorted(found, reverse=True)
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """Trainer writes weights, optimizer and trainer_state.json in turn; a kill in between leaves a partial one."""
+    has_weights = any((checkpoint / name).is_file() for name in WEIGHTS)
+    return has_weights and (checkpoint / "optimizer.pt").is_file() and (checkpoint / "trainer_state.json").is_file()
+
+
+def newest_complete_checkpoint(stage: Stage) -> tuple[int, Path] | None:
+    for step, path in checkpoints(stage.work):
+        if is_complete(path):
+            return step, path
+        print(f"[{stage.name}] {path} is incomplete (interrupted while saving): falling back to the previous checkpoint.")
+    return None
+
+
+class StopOnSignal(TrainerCallback):
+    """On SIGTERM/Ctrl-C, finish the current step, save a checkpoint and stop, so a re-run can resume from it."""
+
+    def __init__(self):
+        self.requested = False
+
+    def request(self, signum, frame) -> None:
+        self.requested = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def train_resuming(trainer, stage: Stage) -> None:
+    """Train from the newest complete checkpoint in the work folder, if any; stop cleanly on SIGTERM or Ctrl-C."""
+    newest = newest_complete_checkpoint(stage)
+    if newest is not None:
+        print(f"[{stage.name}] resuming from {newest[1]} (step {newest[0]})")
+        restore_full_weights(trainer, newest[1])
+    stopper = StopOnSignal()
+    trainer.add_callback(stopper)
+    previous = {signum: signal.signal(signum, stopper.request) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        trainer.train(resume_from_checkpoint=str(newest[1]) if newest else None)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        trainer.remove_callback(stopper)
+    if stopper.requested:
+        raise StageError(f"[{stage.name}] interrupted at step {trainer.state.global_step}; checkpoint saved in "
+                         f"{stage.work}. Run the same command again to resume from it.")
+
+
+def restore_full_weights(trainer, checkpoint: Path) -> None:
+    """Load a full-model checkpoint's weights through from_pretrained before Trainer resumes.
+
+    transformers saves MoE experts in the per-expert layout of the Hub checkpoints, but Trainer's resume loads the
+    file as a raw, non-strict state dict: the fused expert and router weights would silently keep their start values.
+    from_pretrained converts the layout. Adapter checkpoints are loaded by PEFT and need none of this.
+    """
+    if (checkpoint / "adapter_config.json").is_file():
+        return
+    saved = type(trainer.model).from_pretrained(str(checkpoint), dtype=trainer.model.dtype)
+    trainer.model.load_state_dict(saved.state_dict())
+
+
+def remove_checkpoints(stage: Stage) -> None:
+    """The committed output holds the final weights; checkpoints (with optimizer state) were only for resuming."""
+    for _, path in checkpoints(stage.work):
+        shutil.rmtree(path)
+
+
 def save_stage(trainer, tokenizer, recipe: Recipe, stage: Stage, parent: str) -> Path:
     """Write weights or adapter, tokenizer, resolved recipe and metrics; then commit the stage."""
+    remove_checkpoints(stage)
     trainer.save_model(str(stage.work))
     tokenizer.save_pretrained(str(stage.work))
     (stage.work / "recipe.yaml").write_text(dump_recipe(recipe))
