@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "moetune_stage.json"
+WORK_INPUTS = "moetune_work_inputs.json"  # in the .partial folder: what the unfinished work was made from
 
 
 class StageError(RuntimeError):
@@ -74,8 +75,25 @@ class Stage:
                 f"[{self.name}] {self.final} exists but is not a moetune stage output; moetune will not overwrite it. "
                 f"Move it away or choose another run_dir."
             )
-        self.work.mkdir(parents=True, exist_ok=True)
+        self.claim_work_folder(force)
         return True
+
+    def claim_work_folder(self, force: bool) -> None:
+        """Reuse an interrupted run's work (checkpoints, answers) only when it was made from the same inputs."""
+        marker = self.work / WORK_INPUTS
+        if marker.is_file():  # work from before markers existed is kept as it is
+            previous = json.loads(marker.read_text())
+            if previous.get("fingerprint") != self.fingerprint:
+                if not force:
+                    changed = changed_keys(previous.get("inputs", {}), self.inputs)
+                    raise StageError(
+                        f"[{self.name}] {self.work} holds an interrupted run made from different inputs "
+                        f"(changed: {', '.join(changed) or 'unknown'}); resuming it would be wrong. Restore the recipe "
+                        f"to resume, or run again with --force to start this stage over."
+                    )
+                shutil.rmtree(self.work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(marker, {"fingerprint": self.fingerprint, "inputs": self.inputs})
 
     def commit(self, outputs: dict[str, Any] | None = None) -> Path:
         """Write the manifest, then atomically move the work folder into place."""
@@ -86,6 +104,7 @@ class Stage:
             "outputs": outputs or {},
             "completed_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
+        (self.work / WORK_INPUTS).unlink(missing_ok=True)  # the manifest records the inputs from here on
         write_json_atomic(self.work / MANIFEST, manifest)
         if self.final.exists():
             # Only a previous complete output of this stage (checked in begin) is replaced, and only with --force.

@@ -77,3 +77,14 @@ def test_stage_never_overwrites_a_users_folder(tmp_path):
     with pytest.raises(StageError, match="not a moetune stage output"):
         Stage(tmp_path, "dpo", inputs={}).begin(force=True)
     assert (tmp_path / "dpo" / "notes.txt").read_text() == "mine"
+
+
+def test_interrupted_work_is_resumed_only_with_the_same_inputs(tmp_path):
+    assert Stage(tmp_path, "sft", inputs={"lr": 1}).begin()
+    (tmp_path / ".sft.partial" / "checkpoint-2").mkdir()
+    assert Stage(tmp_path, "sft", inputs={"lr": 1}).begin()  # same inputs: the checkpoint is kept for resuming
+    assert (tmp_path / ".sft.partial" / "checkpoint-2").is_dir()
+    with pytest.raises(StageError, match=r"interrupted run made from different inputs \(changed: lr\).*--force"):
+        Stage(tmp_path, "sft", inputs={"lr": 2}).begin()
+    assert Stage(tmp_path, "sft", inputs={"lr": 2}).begin(force=True)
+    assert not (tmp_path / ".sft.partial" / "checkpoint-2").exists()
