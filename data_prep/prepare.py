@@ -26,7 +26,7 @@ KINDS = ("sft", "preference")
 
 def run(recipe: Any, force: bool = False, tokenizer: Any = None) -> Path:
     """Run the prep stage; returns run_dir/data. `tokenizer` overrides the model's (tests)."""
-    base_dir = Path(recipe.source).resolve().parent
+    base_dir = recipe.base_dir
     check_config(recipe.data, recipe.source)
     stage = Stage(recipe.run_path, "data", inputs=stage_inputs(recipe, base_dir))
     if not stage.begin(force):

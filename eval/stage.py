@@ -32,7 +32,17 @@ def load_model(recipe: Any, name: str) -> tuple[Any, Any]:
 
 
 def question_source(recipe: Any) -> str:
-    return recipe.eval.question_file or str(recipe.run_path / "data" / "questions.jsonl")
+    """The question file (relative to the recipe's folder), a hub dataset id, or the prep stage's questions."""
+    name = recipe.eval.question_file
+    if name is None:
+        return str(recipe.run_path / "data" / "questions.jsonl")
+    local = recipe.base_dir / name
+    return str(local) if local.exists() or local.suffix in (".jsonl", ".json") else name
+
+
+def recipe_file(recipe: Any, name: str | None) -> Path | None:
+    """A file named in `eval:`, relative to the recipe's folder like the paths in `data:`."""
+    return None if name is None else recipe.base_dir / name
 
 
 def source_fingerprint(source: str) -> str:
@@ -93,13 +103,13 @@ def judge_and_report(recipe: Any, questions: list[dict[str, Any]], answers: dict
     judge = config.judge
     judge_name = "programmatic" if judge.type == "programmatic" else file_safe(judge.model)
     mode_suffix = "pair" if judge.mode == "pairwise" else "single"
-    reference_answers = load_reference_answers(judge.reference_answer_file)
+    reference_answers = load_reference_answers(recipe_file(recipe, judge.reference_answer_file))
     context = JudgingContext(
         questions=questions,
         answers=answers,
         references={q["question_id"]: reference_turns(q, reference_answers) for q in questions},
         reference_categories=judge.reference_categories,
-        prompts=load_judge_prompts(judge.prompt_file) if judge.prompt_file else {},
+        prompts=load_judge_prompts(recipe_file(recipe, judge.prompt_file)) if judge.prompt_file else {},
         judge_name=judge_name,
         judgment_file=work / "model_judgment" / f"{judge_name}_{mode_suffix}.jsonl",
         error_file=work / "judge_errors.jsonl",

@@ -7,14 +7,13 @@ end up in a file, a log line or an error message of ours.
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from finetune.models import load_stage_model
+from finetune.models import load_adapter_base
 from finetune.recipe import Recipe, dump_recipe, load_recipe
 from finetune.stage import read_manifest
 
@@ -45,21 +44,6 @@ def merge(adapter_dir: str | Path, out: str | Path) -> Path:
     tokenizer.save_pretrained(out)
     print(f"[merge] merged {adapter_dir} into its base; saved to {out}")
     return out
-
-
-def load_adapter_base(adapter_dir: Path):
-    """(base model, tokenizer) an adapter sits on: a moetune stage's parent stage, else adapter_config's base."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    manifest = read_manifest(adapter_dir)
-    if manifest is not None:
-        recipe = load_recipe(adapter_dir / "recipe.yaml")
-        return load_stage_model(recipe, manifest["outputs"]["parent"]), AutoTokenizer.from_pretrained(adapter_dir)
-    base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-    # dtype "auto" keeps the checkpoint's own precision instead of upcasting a large model to fp32.
-    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
-    has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
-    return model, AutoTokenizer.from_pretrained(adapter_dir if has_tokenizer else base)
 
 
 def require_empty(folder: Path, option: str) -> None:
@@ -147,11 +131,12 @@ def push(stage_dir: str | Path, repo_id: str, private: bool = False, revision: s
 def push_stage_if_configured(recipe: Recipe, stage_dir: Path) -> None:
     """`hub.push: true`: upload a stage right after it is committed. A failed upload keeps the saved stage."""
     hub = recipe.hub
-    if not (hub.push and hub.repo_id):
+    if not (hub.push and stage_dir.name in hub.stages):
         return
+    repo_id = hub.repo_for(stage_dir.name)
     try:
-        push(stage_dir, hub.repo_id, private=hub.private)
+        push(stage_dir, repo_id, private=hub.private)
     except Exception as error:  # noqa: BLE001 - any upload failure (network, auth, quota) must not fail training
-        retry = f"moetune push {stage_dir} --repo-id {hub.repo_id}" + (" --private" if hub.private else "")
-        print(f"[push] uploading {stage_dir} to {hub.repo_id} failed ({type(error).__name__}: {error}). "
+        retry = f"moetune push {stage_dir} --repo-id {repo_id}" + (" --private" if hub.private else "")
+        print(f"[push] uploading {stage_dir} to {repo_id} failed ({type(error).__name__}: {error}). "
               f"The stage is saved; retry with `{retry}`.", file=sys.stderr)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from finetune.recipe import ModelConfig, ModelInit, Recipe
+from finetune.recipe import ModelConfig, ModelInit, Recipe, load_recipe
 from finetune.stage import Stage, read_manifest, require_complete
 
 SPECIAL_TOKENS = {"pad_token": "<|pad|>", "eos_token": "<|end|>", "unk_token": "<|unk|>"}
@@ -189,16 +189,34 @@ def load_for_inference(recipe: Recipe, name: str):
 
 
 def load_external(recipe: Recipe, location: str):
-    path = Path(location)
-    if (path / "adapter_config.json").is_file():
-        from peft import AutoPeftModelForCausalLM
+    """(model, tokenizer) from a path or hub id that is not a stage of this run; an adapter is merged into its base."""
+    adapter_dir = Path(location)
+    trust = recipe.model.trust_remote_code
+    if (adapter_dir / "adapter_config.json").is_file():
+        from peft import PeftModel
 
-        model = AutoPeftModelForCausalLM.from_pretrained(
-            location, dtype=resolve_dtype(recipe.model.dtype), trust_remote_code=recipe.model.trust_remote_code
-        ).merge_and_unload()
+        base, tokenizer = load_adapter_base(adapter_dir, resolve_dtype(recipe.model.dtype), trust)
+        model = PeftModel.from_pretrained(base, location).merge_and_unload()
     else:
         model = load_pretrained(recipe, location)
-    tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=recipe.model.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def load_adapter_base(adapter_dir: Path, dtype: torch.dtype | str = "auto", trust_remote_code: bool = False):
+    """(base model, tokenizer) an adapter folder sits on.
+
+    A moetune stage's base is its parent stage in the same run dir (the folder it lies in, wherever that is now),
+    loaded through the whole chain base -> sft -> dpo. Any other adapter names its base in adapter_config.json.
+    """
+    manifest = read_manifest(adapter_dir)
+    if manifest is not None:
+        recipe = load_recipe(adapter_dir / "recipe.yaml", [f"run_dir={adapter_dir.resolve().parent}"])
+        return load_stage_model(recipe, manifest["outputs"]["parent"]), AutoTokenizer.from_pretrained(adapter_dir)
+    base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    # dtype "auto" keeps the checkpoint's own precision instead of upcasting a large model to fp32.
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code)
+    has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
+    return model, AutoTokenizer.from_pretrained(adapter_dir if has_tokenizer else base, trust_remote_code=trust_remote_code)

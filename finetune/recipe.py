@@ -87,9 +87,15 @@ class ModelConfig:
 
 @dataclass
 class HubConfig:
-    push: bool = help_field(False, help="Push each training stage's output to the Hub when it completes.")
-    repo_id: str | None = help_field(None, help="Hub repository, e.g. my-org/mixtral-dpo-lora.")
+    push: bool = help_field(False, help="Push each of `stages` to the Hub as soon as it completes.")
+    repo_id: str | None = help_field(
+        None, help="Hub repository, e.g. my-org/mixtral-hh-{stage}-lora; {stage} becomes the stage name, so "
+        "that each stage gets its own repository (needed when more than one stage is pushed).")
+    stages: list[str] = help_field(factory=lambda: ["sft", "dpo"], help="Training stages pushed when push is true.")
     private: bool = help_field(True, help="Create the repository as private.")
+
+    def repo_for(self, stage: str) -> str:
+        return self.repo_id.replace("{stage}", stage)
 
 
 @dataclass
@@ -108,6 +114,11 @@ class Recipe:
     @property
     def run_path(self) -> Path:
         return Path(self.run_dir)
+
+    @property
+    def base_dir(self) -> Path:
+        """The recipe file's folder: relative paths in `data:` and `eval:` start here, wherever moetune runs from."""
+        return Path(self.source).resolve().parent
 
     def section_dict(self, name: str) -> dict[str, Any]:
         return to_dict(getattr(self, name))
@@ -143,6 +154,7 @@ def parse_recipe(raw: dict[str, Any], source: str) -> Recipe:
     validate_trainer_section(recipe.sft, "sft", source)
     validate_trainer_section(recipe.dpo, "dpo", source)
     validate_model(recipe.model, source)
+    validate_hub(recipe.hub, source)
     try:
         check_eval_config(recipe.eval)
     except ValueError as error:
@@ -290,6 +302,7 @@ ARCHITECTURES = ("mixtral", "qwen3_moe", "olmoe")
 LORA_ROLES = ("attention", "experts", "router", "all")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 EXPERT_KERNELS = ("auto", "eager", "grouped_mm", "batched_mm")
+TRAINING_STAGES = ("sft", "dpo")
 
 
 def validate_model(model: ModelConfig, source: str) -> None:
@@ -307,7 +320,22 @@ def validate_model(model: ModelConfig, source: str) -> None:
         for role in model.lora.targets:
             check_choice(role, LORA_ROLES, source, "model.lora.targets")
         for stage in model.lora.stages:
-            check_choice(stage, ("sft", "dpo"), source, "model.lora.stages")
+            check_choice(stage, TRAINING_STAGES, source, "model.lora.stages")
+
+
+def validate_hub(hub: HubConfig, source: str) -> None:
+    for stage in hub.stages:
+        check_choice(stage, TRAINING_STAGES, source, "hub.stages")
+    if not hub.push:
+        return
+    if not hub.repo_id:
+        raise RecipeError(f"{source}: hub.push is true but hub.repo_id is not set; name the repository, "
+                          f"e.g. hub.repo_id=my-org/my-model-{{stage}}.")
+    if len(hub.stages) > 1 and "{stage}" not in hub.repo_id:
+        # One repository would hold only the last stage pushed: dpo's upload replaces sft's files.
+        raise RecipeError(f"{source}: hub.push uploads {' and '.join(hub.stages)} to one repository "
+                          f"{hub.repo_id}, where each replaces the other. Put {{stage}} in hub.repo_id (e.g. "
+                          f"{hub.repo_id}-{{stage}}) or push a single stage (hub.stages: [dpo]).")
 
 
 def check_choice(value: str, choices: tuple[str, ...], source: str, path: str) -> None:

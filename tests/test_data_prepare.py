@@ -161,3 +161,27 @@ def test_real_data_recipe_parses():
     assert recipe.model.lora.targets == ["attention", "experts"]
     assert {source.format for source in recipe.data.sources} == {"hh_rlhf"}
     assert recipe.data.decontamination is not None
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "csv"])
+def test_parquet_and_csv_sources_give_the_same_pairs_as_jsonl(tmp_path, suffix):
+    from datasets import Dataset
+
+    rows = [{"question": f"What is {n} + {n}?", "chosen": f"It is {2 * n}.", "rejected": f"{2 * n + 1}"} for n in range(40)]
+    with open(tmp_path / "pairs.jsonl", "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    table = Dataset.from_list(rows)
+    getattr(table, f"to_{suffix}")(str(tmp_path / f"pairs.{suffix}"))
+    outputs = {}
+    for name in ("jsonl", suffix):
+        source = {"format": "preference", "path": str(tmp_path / f"pairs.{name}"), "columns": {"prompt": "question"}}
+        recipe = make_recipe(tmp_path / name, [source], test_size=0)
+        outputs[name] = read_jsonl(run(recipe) / "preference" / "train.jsonl")
+    assert len(outputs[suffix]) == 40 and outputs[suffix] == outputs["jsonl"]
+
+
+def test_a_bad_csv_record_is_reported_with_its_line(tmp_path):
+    (tmp_path / "pairs.csv").write_text('prompt,chosen,rejected\nHi?,"Hello,\nfriend.",Go.\nBye?,,Stay.\n')
+    recipe = make_recipe(tmp_path, [{"format": "preference", "path": "pairs.csv"}], test_size=0)
+    with pytest.raises(DataError, match=r"pairs.csv:4: .*chosen"):
+        run(recipe)

@@ -1,6 +1,7 @@
 """merge and push on a tiny run: merged logits match the adapter's, the upload folder and card, no token leaks."""
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from huggingface_hub import ModelCard
 
 from finetune import hub
 from finetune.cli import main
-from finetune.models import load_stage_model
+from finetune.models import load_for_inference, load_stage_model
 from finetune.recipe import load_recipe
 from finetune.stage import read_manifest
 from test_cli import write_recipe  # the tiny recipe of the end-to-end CLI test
@@ -48,6 +49,16 @@ def test_merge_reproduces_the_adapter_model(run, tmp_path):
     merged_logits = logits(AutoModelForCausalLM.from_pretrained(out), ids)
     assert torch.allclose(merged_logits, adapter_logits, atol=1e-5)
     assert not torch.allclose(merged_logits, sft_logits, atol=1e-5)  # the adapter did change the model
+
+
+def test_evaluating_a_stage_of_a_moved_run_loads_its_whole_chain(run, tmp_path):
+    moved = tmp_path / "moved-run"
+    shutil.copytree(run, moved)
+    other_run = load_recipe(run / "dpo" / "recipe.yaml", [f"run_dir={tmp_path / 'other'}"])
+    model, _ = load_for_inference(other_run, str(moved / "dpo"))
+    expected = load_stage_model(load_recipe(run / "dpo" / "recipe.yaml"), "dpo")
+    ids = torch.arange(3, 19).reshape(2, 8)
+    assert torch.allclose(logits(model, ids), logits(expected, ids), atol=1e-5)
 
 
 def test_merge_refuses_non_empty_out_and_folders_without_adapter(run, tmp_path, capsys):
@@ -124,8 +135,22 @@ def test_configured_push_failure_keeps_the_stage_and_says_how_to_retry(run, monk
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr("huggingface_hub.HfApi.create_repo", broken)
-    recipe = load_recipe(run / "dpo" / "recipe.yaml", ["hub.push=true", "hub.repo_id=me/tiny"])
+    recipe = load_recipe(run / "dpo" / "recipe.yaml", ["hub.push=true", "hub.repo_id=me/tiny-{stage}"])
     hub.push_stage_if_configured(recipe, run / "dpo")
     err = capsys.readouterr().err
-    assert "no network" in err and f"moetune push {run / 'dpo'} --repo-id me/tiny --private" in err
+    assert "no network" in err and f"moetune push {run / 'dpo'} --repo-id me/tiny-dpo --private" in err
     assert (run / "dpo" / "adapter_model.safetensors").is_file()
+
+
+def test_configured_push_sends_each_listed_stage_to_its_own_repository(run, fake_api, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    recipe = load_recipe(run / "dpo" / "recipe.yaml", ["hub.push=true", "hub.repo_id=me/tiny-{stage}"])
+    for stage in ("sft", "dpo"):
+        hub.push_stage_if_configured(recipe, run / stage)
+    assert [kwargs["repo_id"] for method, _, kwargs in fake_api if method == "upload_folder"] == ["me/tiny-sft", "me/tiny-dpo"]
+
+    fake_api.clear()
+    only_dpo = load_recipe(run / "dpo" / "recipe.yaml", ["hub.push=true", "hub.repo_id=me/tiny", "hub.stages=[dpo]"])
+    for stage in ("sft", "dpo"):
+        hub.push_stage_if_configured(only_dpo, run / stage)
+    assert [kwargs["repo_id"] for method, _, kwargs in fake_api if method == "upload_folder"] == ["me/tiny"]

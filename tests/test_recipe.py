@@ -30,6 +30,9 @@ def test_shipped_demo_recipe_parses():
     ({**TINY, "model": {"init": {}, "lora": {"targets": ["experts", "routr"]}}}, "Did you mean 'router'?"),
     ({"run_dir": "x", "model": {}}, "set exactly one of model.name_or_path"),
     ({"model": {"init": {}}}, "run_dir is required"),
+    ({**TINY, "hub": {"push": True}}, "hub.push is true but hub.repo_id is not set"),
+    ({**TINY, "hub": {"push": True, "repo_id": "me/x"}}, "Put {stage} in hub.repo_id (e.g. me/x-{stage})"),
+    ({**TINY, "hub": {"stages": ["sfr"]}}, "Did you mean 'sft'?"),
 ])
 def test_bad_recipes_name_the_file_key_and_fix(raw, message):
     with pytest.raises(RecipeError) as error:
@@ -88,3 +91,16 @@ def test_interrupted_work_is_resumed_only_with_the_same_inputs(tmp_path):
         Stage(tmp_path, "sft", inputs={"lr": 2}).begin()
     assert Stage(tmp_path, "sft", inputs={"lr": 2}).begin(force=True)
     assert not (tmp_path / ".sft.partial" / "checkpoint-2").exists()
+
+
+def test_relative_eval_files_start_at_the_recipe_folder(tmp_path, monkeypatch):
+    from eval.stage import question_source, recipe_file
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "recipes"
+    recipe = parse_recipe({**TINY, "eval": {"question_file": "q/questions.jsonl", "judge": {"prompt_file": "p.jsonl"}}},
+                          str(folder / "mine.yaml"))
+    assert question_source(recipe) == str(folder / "q" / "questions.jsonl")
+    assert recipe_file(recipe, recipe.eval.judge.prompt_file) == folder / "p.jsonl"
+    hub_questions = parse_recipe({**TINY, "eval": {"question_file": "HuggingFaceH4/mt_bench_prompts"}}, str(folder / "mine.yaml"))
+    assert question_source(hub_questions) == "HuggingFaceH4/mt_bench_prompts"
