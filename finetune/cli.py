@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 
+from finetune.disk_errors import raise_disk_error
 from finetune.recipe import Recipe, RecipeError, describe_fields, load_recipe, trainer_config_class
 from finetune.stage import StageError
 
@@ -118,7 +119,11 @@ def run_stage(name: str, recipe: Recipe, force: bool) -> None:
     module = importlib.import_module(STAGES[name][0])
     started = time.time()
     print(f"== {name}: {STAGES[name][2]}", flush=True)
-    output = module.run(recipe, force=force)
+    try:
+        output = module.run(recipe, force=force)
+    except Exception as error:  # a full disk surfaces as OSError, or as safetensors' or torch's own errors
+        raise_disk_error(name, error, recipe.run_path)
+        raise
     if output.name.endswith(".partial"):
         # eval keeps a stage open while judge calls failed; a re-run retries only those.
         raise StageError(f"[{name}] unfinished: some work failed and is kept in {output}. Run the same command again to retry it.")
