@@ -61,6 +61,7 @@ def test_full_disk_while_saving_a_checkpoint(tmp_path, capsys):
 
         subprocess.run(["mount", "-o", f"remount,size={room + (8 << 20)}", str(run)], check=True)
         assert main(["sft", recipe, *overrides]) == 0  # room again: the same command finishes
+        assert "checkpoint-2 is unusable: it was never completed" in capsys.readouterr().out
         assert json.loads((run / "sft" / "moetune_stage.json").read_text())["outputs"]["steps"] == 4
 
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import finetune.checkpoints
-from finetune.checkpoints import SEAL, checkpoint_problem, checkpoints
+from finetune.checkpoints import checkpoint_problem, checkpoints
 from finetune.cli import main
 from tests.test_cli import write_recipe
 
