@@ -4,6 +4,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,8 +50,8 @@ def kill_at_random_step(stage, recipe, overrides, log_file, first=5, last=9):
     return step
 
 
-def losses(run, stage):
-    history = json.loads((run / stage / "metrics.json").read_text())
+def losses(stage_folder):
+    history = json.loads((stage_folder / "metrics.json").read_text())
     return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
 
 
@@ -74,11 +75,15 @@ def damage_newest_checkpoint(work, file_name):
     return newest
 
 
-def test_killed_sft_resumes_to_the_same_weights(tmp_path, capsys):
-    reference_recipe, reference = prepared_recipe(tmp_path / "reference")
-    assert main(["sft", reference_recipe, *SFT]) == 0
+def uninterrupted(stage, recipe, run, overrides, folder):
+    """Run a stage to the end, then move its output to `folder`, so the same run dir can run it again."""
+    assert main([stage, recipe, *overrides]) == 0
+    return shutil.move(run / stage, folder)
 
-    recipe, run = prepared_recipe(tmp_path / "killed")
+
+def test_killed_sft_resumes_to_the_same_weights(tmp_path, capsys):
+    recipe, run = prepared_recipe(tmp_path / "run")
+    reference = uninterrupted("sft", recipe, run, SFT, tmp_path / "reference")
     kill_at_random_step("sft", recipe, SFT, tmp_path / "sft.log")
     work = run / ".sft.partial"
     sealed = [path for _, path in checkpoints(work) if checkpoint_problem(path) is None]
@@ -94,16 +99,14 @@ def test_killed_sft_resumes_to_the_same_weights(tmp_path, capsys):
     assert 0 < step < int(damaged.name.split("-")[1])
     # Same seed, CPU, and the resume restores weights, optimizer, scheduler, RNG state and data order: bit-identical.
     # (Exact equality also guards the MoE expert weights, which Trainer alone would not restore.)
-    assert_same_tensors(reference / "sft" / "model.safetensors", run / "sft" / "model.safetensors")
-    assert losses(run, "sft") == losses(reference, "sft") and len(losses(run, "sft")) == 12
+    assert_same_tensors(reference / "model.safetensors", run / "sft" / "model.safetensors")
+    assert losses(run / "sft") == losses(reference) and len(losses(reference)) == 12
     assert not list((run / "sft").glob("checkpoint-*"))  # the committed output carries no optimizer state
 
 
 def test_killed_dpo_with_adapters_resumes_to_the_same_adapter(tmp_path, capsys):
-    reference_recipe, reference = prepared_recipe(tmp_path / "reference", stages=("prep", "sft"))
-    assert main(["dpo", reference_recipe, *DPO]) == 0
-
-    recipe, run = prepared_recipe(tmp_path / "killed", stages=("prep", "sft"))
+    recipe, run = prepared_recipe(tmp_path / "run", stages=("prep", "sft"))
+    reference = uninterrupted("dpo", recipe, run, DPO, tmp_path / "reference")
     kill_at_random_step("dpo", recipe, DPO, tmp_path / "dpo.log")
     work = run / ".dpo.partial"
     capsys.readouterr()
@@ -120,8 +123,8 @@ def test_killed_dpo_with_adapters_resumes_to_the_same_adapter(tmp_path, capsys):
     assert f"checkpoint {damaged} is unusable: trainer_state.json is" in out and "falling back" in out
     assert 0 < resumed_step(out) < int(damaged.name.split("-")[1])
     # The adapter (LoRA on attention and the fused experts) and every logged loss match the uninterrupted run.
-    assert_same_tensors(reference / "dpo" / "adapter_model.safetensors", run / "dpo" / "adapter_model.safetensors")
-    assert losses(run, "dpo") == losses(reference, "dpo") and len(losses(run, "dpo")) == 12
+    assert_same_tensors(reference / "adapter_model.safetensors", run / "dpo" / "adapter_model.safetensors")
+    assert losses(run / "dpo") == losses(reference) and len(losses(reference)) == 12
 
 
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
