@@ -41,13 +41,22 @@ def saved_files(folder: Path) -> list[Path]:
 
 
 def seal(folder: Path) -> None:
-    """Make a checkpoint's files durable, then record them: from here on it counts as complete."""
+    """Make a checkpoint's files and their folder entries durable, then record them: from here on it counts as
+    complete, even after a power loss."""
     files = saved_files(folder)
-    for path in files:
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
+    for path in [*files, *(path for path in folder.rglob("*") if path.is_dir()), folder]:
+        fsync(path)
     sizes = {str(path.relative_to(folder)): path.stat().st_size for path in files}
     write_json_atomic(folder / SEAL, {"files": sizes})
+    fsync(folder)
+
+
+def fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)  # works for folders too (their entries), on Linux and macOS
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def checkpoint_problem(folder: Path) -> str | None:
