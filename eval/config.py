@@ -60,7 +60,8 @@ class JudgeConfig:
     max_concurrency: int = help_field(8, help="openai: judge requests in flight at once.")
     timeout_seconds: float = help_field(120.0, help="openai: seconds to wait for one response.")
     max_retries: int = help_field(5, help="openai: retries after a timeout, HTTP 429 or 5xx before a judgment counts as an error.")
-    backoff_seconds: float = help_field(2.0, help="openai: first retry delay; it doubles on every retry.")
+    backoff_seconds: float = help_field(
+        2.0, help="openai: first retry delay; it doubles on every retry. A Retry-After header (429, 503) wins.")
 
 
 @dataclass

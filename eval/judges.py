@@ -7,6 +7,7 @@ The programmatic judge scores the synthetic demo task's answers directly and nee
 
 from __future__ import annotations
 
+import email.utils
 import json
 import os
 import time
@@ -28,7 +29,24 @@ class JudgeCallError(RuntimeError):
 
 
 class RetryableError(RuntimeError):
-    """A timeout, HTTP 429 or 5xx: worth asking again after a pause."""
+    """A timeout, HTTP 429 or 5xx: worth asking again after a pause (the server's Retry-After, when it sent one)."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """A Retry-After header in seconds: either delay-seconds or an HTTP date (RFC 9110); None if absent or bad."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def chat_messages(prompt: JudgePrompt) -> list[dict[str, str]]:
@@ -63,7 +81,8 @@ class OpenAICompatibleJudge:
             except RetryableError as error:
                 if attempt == self.config.max_retries:
                     raise JudgeCallError(f"gave up after {attempt + 1} attempts; last: {error}") from None
-                time.sleep(self.config.backoff_seconds * 2**attempt)
+                backoff = self.config.backoff_seconds * 2**attempt
+                time.sleep(backoff if error.retry_after is None else error.retry_after)
                 attempt += 1
 
     def post(self, body: bytes) -> str:
@@ -73,7 +92,8 @@ class OpenAICompatibleJudge:
                 reply = json.load(response)
         except urllib.error.HTTPError as error:
             if error.code == 429 or error.code >= 500:
-                raise RetryableError(f"HTTP {error.code}") from None
+                wait = retry_after_seconds(error.headers.get("Retry-After"))
+                raise RetryableError(f"HTTP {error.code}", retry_after=wait) from None
             raise JudgeCallError(f"HTTP {error.code} from {self.url}") from None
         except (TimeoutError, ConnectionError, urllib.error.URLError) as error:
             raise RetryableError(f"{type(error).__name__}: {getattr(error, 'reason', error)}") from None

@@ -31,11 +31,22 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 def append_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    torn = ends_mid_line(path)
     with open(path, "a", encoding="utf-8") as handle:
+        if torn:  # a crash cut the last record short: end that line, or the next record would be glued to it
+            handle.write("\n")
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def ends_mid_line(path: Path) -> bool:
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) != b"\n"
 
 
 def file_safe(name: str) -> str:

@@ -9,14 +9,15 @@ import sys
 import textwrap
 import time
 
+from finetune.disk_errors import raise_disk_error
 from finetune.recipe import Recipe, RecipeError, describe_fields, load_recipe, trainer_config_class
 from finetune.stage import StageError
 
 # Stage name -> (module with run(recipe, force), recipe sections it reads, one-line description).
 STAGES = {
     "prep": ("data_prep.prepare", ("data",), "Build SFT conversations and preference pairs into run_dir/data."),
-    "sft": ("finetune.sft", ("model", "sft"), "Supervised fine-tuning with TRL's SFTTrainer into run_dir/sft."),
-    "dpo": ("finetune.dpo", ("model", "dpo"), "DPO from the SFT result with TRL's DPOTrainer into run_dir/dpo."),
+    "sft": ("finetune.sft", ("model", "sft", "checkpoints"), "Supervised fine-tuning with TRL's SFTTrainer into run_dir/sft."),
+    "dpo": ("finetune.dpo", ("model", "dpo", "checkpoints"), "DPO from the SFT result with TRL's DPOTrainer into run_dir/dpo."),
     "eval": ("eval.stage", ("eval",), "Answer held-out questions with each model, judge, report into run_dir/eval."),
 }
 TRAINER_SECTIONS = ("sft", "dpo")
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("run", help="Run the recipe's stages in order: prep, sft, dpo, eval.",
                               formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=section_help(("data", "model", "sft", "dpo", "eval")))
+                              epilog=section_help(("data", "model", "sft", "dpo", "checkpoints", "eval")))
     add_recipe_arguments(run)
     run.add_argument("--stages", default=",".join(STAGES),
                      help="Comma-separated stages to run, in pipeline order (default: %(default)s).")
@@ -118,7 +119,11 @@ def run_stage(name: str, recipe: Recipe, force: bool) -> None:
     module = importlib.import_module(STAGES[name][0])
     started = time.time()
     print(f"== {name}: {STAGES[name][2]}", flush=True)
-    output = module.run(recipe, force=force)
+    try:
+        output = module.run(recipe, force=force)
+    except Exception as error:  # a full disk surfaces as OSError, or as safetensors' or torch's own errors
+        raise_disk_error(name, error, recipe.run_path)
+        raise
     if output.name.endswith(".partial"):
         # eval keeps a stage open while judge calls failed; a re-run retries only those.
         raise StageError(f"[{name}] unfinished: some work failed and is kept in {output}. Run the same command again to retry it.")

@@ -99,6 +99,17 @@ class HubConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """When SFT and DPO save checkpoints to resume from, on top of TRL's save_strategy/save_steps."""
+
+    every_minutes: float | None = help_field(
+        None, help="Also save a checkpoint whenever this many minutes have passed since the last one (preemptible "
+        "machines). Steps come from sft:/dpo: save_strategy and save_steps; their save_total_limit keeps the last N "
+        "checkpoints of either kind. Not an input of the result: change it freely between interruption and resume.",
+    )
+
+
+@dataclass
 class Recipe:
     run_dir: str = help_field(help="Folder where every stage writes: run_dir/{data,base,sft,dpo,eval}.")
     model: ModelConfig = help_field(factory=ModelConfig, help="The base model.")
@@ -107,6 +118,7 @@ class Recipe:
     dpo: dict[str, Any] = help_field(factory=dict, help="Any field of TRL's DPOConfig.")
     eval: EvalConfig = help_field(factory=EvalConfig, help="Evaluation (the eval stage).")
     hub: HubConfig = help_field(factory=HubConfig, help="Pushing results to the Hugging Face Hub.")
+    checkpoints: CheckpointConfig = help_field(factory=CheckpointConfig, help="Checkpoint schedule of SFT and DPO.")
     seed: int = help_field(42, help="Seed for data mixing, splits, initialisation and training.")
     # Where the recipe came from, for error messages and resolving relative paths; not a YAML key.
     source: str = field(default="<recipe>", metadata={"internal": True})

@@ -37,5 +37,5 @@ def run(recipe: Recipe, force: bool = False) -> Path:
         peft_config=adapters.peft_config(model, lora) if lora else None,
         callbacks=expert_load_callbacks(model, stage),
     )
-    train_resuming(trainer, stage)
+    train_resuming(trainer, stage, recipe.checkpoints)
     return save_stage(trainer, tokenizer, recipe, stage, parent="base")

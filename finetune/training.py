@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import signal
 from pathlib import Path
@@ -13,10 +12,11 @@ import torch
 from datasets import load_dataset
 from transformers import TrainerCallback
 
+from finetune.checkpoints import SaveEveryMinutes, SealCheckpoints, checkpoints, newest_usable_checkpoint
 from finetune.hub import push_stage_if_configured
 from finetune.models import resolve_dtype
 from finetune.moe import ExpertLoadCallback, is_moe_model
-from finetune.recipe import Recipe, dump_recipe, trainer_config_class
+from finetune.recipe import CheckpointConfig, Recipe, dump_recipe, trainer_config_class
 from finetune.stage import Stage, StageError
 
 
@@ -69,33 +69,6 @@ def expert_load_callbacks(model, stage: Stage) -> list:
     return [ExpertLoadCallback(model, stage.work / "expert_load.json")] if is_moe_model(model) else []
 
 
-# Trainer names its checkpoints `checkpoint-<global step>` inside output_dir (the stage's work folder).
-CHECKPOINT = re.compile(r"checkpoint-(\d+)")
-WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "pytorch_model.bin",
-           "adapter_model.bin")
-
-
-def checkpoints(work: Path) -> list[tuple[int, Path]]:
-    """The Trainer checkpoints in a work folder, newest (highest step) first."""
-    found = [(int(match.group(1)), path) for path in work.iterdir()
-             if path.is_dir() and (match := CHECKPOINT.fullmatch(path.name))]
-    return sorted(found, reverse=True)
-
-
-def is_complete(checkpoint: Path) -> bool:
-    """Trainer writes weights, optimizer and trainer_state.json in turn; a kill in between leaves a partial one."""
-    has_weights = any((checkpoint / name).is_file() for name in WEIGHTS)
-    return has_weights and (checkpoint / "optimizer.pt").is_file() and (checkpoint / "trainer_state.json").is_file()
-
-
-def newest_complete_checkpoint(stage: Stage) -> tuple[int, Path] | None:
-    for step, path in checkpoints(stage.work):
-        if is_complete(path):
-            return step, path
-        print(f"[{stage.name}] {path} is incomplete (interrupted while saving): falling back to the previous checkpoint.")
-    return None
-
-
 class StopOnSignal(TrainerCallback):
     """On SIGTERM/Ctrl-C, finish the current step, save a checkpoint and stop, so a re-run can resume from it."""
 
@@ -112,21 +85,29 @@ class StopOnSignal(TrainerCallback):
         return control
 
 
-def train_resuming(trainer, stage: Stage) -> None:
-    """Train from the newest complete checkpoint in the work folder, if any; stop cleanly on SIGTERM or Ctrl-C."""
-    newest = newest_complete_checkpoint(stage)
+def train_resuming(trainer, stage: Stage, schedule: CheckpointConfig) -> None:
+    """Train from the newest usable checkpoint in the work folder, if any, saving checkpoints on the recipe's
+    schedule; stop cleanly on SIGTERM or Ctrl-C."""
+    newest = newest_usable_checkpoint(stage.work, stage.name, remove_unusable=trainer.is_world_process_zero())
     if newest is not None:
         print(f"[{stage.name}] resuming from {newest[1]} (step {newest[0]})")
         restore_full_weights(trainer, newest[1])
     stopper = StopOnSignal()
-    trainer.add_callback(stopper)
+    # moetune keeps the last save_total_limit checkpoints itself, once the new one is sealed (see checkpoints.py).
+    keep, trainer.args.save_total_limit = trainer.args.save_total_limit, None
+    callbacks = [SealCheckpoints(stage.work, keep), stopper]
+    if schedule.every_minutes:
+        callbacks.append(SaveEveryMinutes(schedule.every_minutes))
+    for callback in callbacks:
+        trainer.add_callback(callback)
     previous = {signum: signal.signal(signum, stopper.request) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         trainer.train(resume_from_checkpoint=str(newest[1]) if newest else None)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        trainer.remove_callback(stopper)
+        for callback in callbacks:
+            trainer.remove_callback(callback)
     if stopper.requested:
         raise StageError(f"[{stage.name}] interrupted at step {trainer.state.global_step}; checkpoint saved in "
                          f"{stage.work}. Run the same command again to resume from it.")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -13,9 +15,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import yaml
 
 import eval.stage
+from eval.config import JudgeConfig
+from eval.grading import JudgePrompt
+from eval.judges import OpenAICompatibleJudge, retry_after_seconds
 from eval.records import read_jsonl
+from finetune.cli import main
 from finetune.recipe import parse_recipe
 from test_eval_support import tiny_chat_model
 
@@ -26,7 +33,8 @@ MARKER = re.compile(r"<<(\w+)>>")
 class FakeJudgeServer(ThreadingHTTPServer):
     """Speaks OpenAI's /chat/completions. The judged answers carry markers such as <<7>> that script the reply:
     a number is the rating, bad gives no rating, fb6 uses the [6] fallback, slow times out once, busy gets one
-    429, down gets 500 while `down` is set; pairwise, the higher number wins, pos always says A, garble no verdict."""
+    429, limited gets one 429 with `Retry-After: 1`, down gets 500 while `down` is set; pairwise, the higher number
+    wins, pos always says A, garble no verdict. Every reply waits `delay` seconds."""
 
     daemon_threads = True
 
@@ -35,6 +43,7 @@ class FakeJudgeServer(ThreadingHTTPServer):
         self.requests: list[dict] = []
         self.attempts: Counter = Counter()
         self.down = True
+        self.delay = 0.0
         self.lock = threading.Lock()
 
     @property
@@ -51,7 +60,8 @@ class JudgeHandler(BaseHTTPRequestHandler):
         system, user = body["messages"][0]["content"], body["messages"][1]["content"]
         markers = MARKER.findall(user)
         with self.server.lock:
-            self.server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+            self.server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body,
+                                         "time": time.monotonic()})
             last = markers[-1]
             self.server.attempts[last] += 1
             attempt = self.server.attempts[last]
@@ -59,8 +69,14 @@ class JudgeHandler(BaseHTTPRequestHandler):
             time.sleep(0.6)  # longer than the client's timeout
         elif last == "busy" and attempt == 1:
             return self.send_error(429)
+        elif last == "limited" and attempt == 1:
+            self.send_response(429)
+            self.send_header("Retry-After", "1")
+            self.send_header("Content-Length", "0")
+            return self.end_headers()
         elif last == "down" and self.server.down:
             return self.send_error(500)
+        time.sleep(self.server.delay)
         pairwise = "two AI assistants" in system
         content = verdict(markers) if pairwise else rating(last)
         reply = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}).encode()
@@ -76,7 +92,7 @@ class JudgeHandler(BaseHTTPRequestHandler):
 
 def rating(marker: str) -> str:
     scripted = {"bad": "A fine answer, but I will not give a number.", "fb6": "Rating: [6]",
-                "slow": "Rating: [[5]]", "busy": "Rating: [[3]]", "down": "Rating: [[9]]"}
+                "slow": "Rating: [[5]]", "busy": "Rating: [[3]]", "limited": "Rating: [[4]]", "down": "Rating: [[9]]"}
     return scripted.get(marker, f"The answer is judged. Rating: [[{marker}]]")
 
 
@@ -111,10 +127,10 @@ QUESTIONS = [
 ]
 
 
-def write_questions_and_answers(run_dir: Path, answers: dict[str, dict[int, list[str]]]) -> Path:
+def write_questions_and_answers(run_dir: Path, answers: dict[str, dict[int, list[str]]], questions=QUESTIONS) -> Path:
     """Questions, plus answers already saved in the work folder, as a crashed earlier run would have left them."""
     question_file = run_dir / "questions.jsonl"
-    question_file.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    question_file.write_text("".join(json.dumps(q) + "\n" for q in questions))
     for model, by_question in answers.items():
         lines = [{"question_id": qid, "answer_id": f"{model}-{qid}", "model_id": model,
                   "choices": [{"index": 0, "turns": turns}], "tstamp": 0.0} for qid, turns in by_question.items()]
@@ -226,6 +242,68 @@ def test_pairwise_against_baseline_counts_inconsistent_verdicts_as_ties(tmp_path
     assert (records[(2, 1)]["g1_winner"], records[(2, 1)]["g2_winner"]) == ("model_1", "model_2")
     assert records[(2, 2)]["judge"] == ["gpt-4", "pair-math-v1-multi-turn"]
     assert (records[(1, 1)]["model_1"], records[(1, 1)]["model_2"]) == ("b", "a")
+
+
+def test_judge_waits_as_long_as_retry_after_says(judge_server):
+    judge = OpenAICompatibleJudge(JudgeConfig(type="openai", model="gpt-4", base_url=judge_server.base_url,
+                                              api_key_env=None, backoff_seconds=0.01))
+    assert judge.complete(JudgePrompt("single-v1", "You judge.", "Rate this: <<limited>>")) == "Rating: [[4]]"
+    first, second = (request["time"] for request in judge_server.requests)
+    assert second - first >= 1.0  # the 429's `Retry-After: 1`, not the 0.01 s backoff
+    # The other form is an HTTP date; a date in the past means now, and a garbled header falls back to the backoff.
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:05 GMT", now=1445412480.0) == 5.0
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:05 GMT", now=1445412490.0) == 0.0
+    assert retry_after_seconds("soon") is None and retry_after_seconds(None) is None
+
+
+def test_eval_killed_while_judging_resumes_without_asking_twice(tmp_path, judge_server):
+    """kill -9 in the middle of judging, then the same command: finished judgments are never asked for again,
+    and the scores equal those of an uninterrupted run."""
+    from test_eval_support import mt_bench_file
+
+    questions = [{"question_id": qid, "category": "writing", "turns": [f"Write {qid}.", f"Shorten {qid}."]}
+                 for qid in range(1, 13)]
+    answers = {model: {qid: [f"<<{(qid + shift) % 10 + 1}>>", f"<<{qid * shift % 10 + 1}>>"] for qid in range(1, 13)}
+               for model, shift in (("a", 1), ("b", 7))}
+
+    def recipe_in(folder: Path) -> str:
+        folder.mkdir()
+        question_file = write_questions_and_answers(folder, answers, questions)
+        judge = {"type": "openai", "model": "gpt-4", "base_url": judge_server.base_url, "api_key_env": None,
+                 "prompt_file": str(mt_bench_file("judge_prompts.jsonl")), "max_concurrency": 2}
+        recipe = folder / "recipe.yaml"
+        recipe.write_text(yaml.safe_dump({"run_dir": str(folder), "model": {"init": {}},
+                                          "eval": {"models": ["a", "b"], "question_file": str(question_file),
+                                                   "judge": judge}}))
+        return str(recipe)
+
+    judge_server.delay = 0.02
+    reference = recipe_in(tmp_path / "reference")
+    assert main(["eval", reference]) == 0
+    total = 12 * 2 * 2
+
+    killed = recipe_in(tmp_path / "killed")
+    judgment_file = tmp_path / "killed" / ".eval.partial" / "model_judgment" / "gpt-4_single.jsonl"
+    with open(tmp_path / "eval.log", "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "finetune", "eval", killed], stdout=log, stderr=log)
+        while len(read_jsonl(judgment_file)) < 10:
+            assert process.poll() is None, (tmp_path / "eval.log").read_text()
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finished = {record["user_prompt"] for record in read_jsonl(judgment_file)}
+    assert 10 <= len(finished) < total  # killed in the middle of judging
+    with open(judgment_file, "a") as handle:  # and, as after a power cut, the last record was only half written
+        handle.write('{"question_id": 1, "model": "a", "jud')
+
+    before = len(judge_server.requests)
+    assert main(["eval", killed]) == 0
+    asked = [request["body"]["messages"][1]["content"] for request in judge_server.requests[before:]]
+    assert not finished & set(asked)  # nothing finished was asked for again ...
+    assert len(asked) == len(set(asked)) == total - len(finished)  # ... and everything else exactly once
+    assert len(read_jsonl(tmp_path / "killed" / "eval" / "model_judgment" / "gpt-4_single.jsonl")) == total
+    scores = json.loads((tmp_path / "killed" / "eval" / "scores.json").read_text())
+    assert scores == json.loads((tmp_path / "reference" / "eval" / "scores.json").read_text())
 
 
 def synthetic_recipe(run_dir: Path, **eval_section):

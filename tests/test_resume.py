@@ -1,84 +1,163 @@
-"""An interrupted SFT run resumes from its newest complete checkpoint and ends where an uninterrupted run ends."""
+"""Interrupted SFT and DPO runs resume from their newest usable checkpoint and end where an uninterrupted run ends."""
 
 import json
 import os
+import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import torch
 from safetensors.torch import load_file
 
+import finetune.checkpoints
+from finetune.checkpoints import checkpoint_problem, checkpoints
 from finetune.cli import main
 from tests.test_cli import write_recipe
 
-OVERRIDES = ["sft.max_steps=8", "sft.save_strategy=steps", "sft.save_steps=2", "sft.logging_steps=1"]
+SCHEDULE = ["save_strategy=steps", "save_steps=2", "save_total_limit=2", "logging_steps=1"]
+SFT = ["sft.max_steps=12", *(f"sft.{setting}" for setting in SCHEDULE)]
+DPO = ["dpo.max_steps=12", *(f"dpo.{setting}" for setting in SCHEDULE)]
 
 
-def prepared_recipe(folder):
-    """A tiny recipe in its own folder (so its own run dir), with the data stage done."""
+def prepared_recipe(folder, stages=("prep",)):
+    """A tiny recipe in its own folder (so its own run dir), with the given stages done."""
     folder.mkdir()
     recipe = str(write_recipe(folder))
-    assert main(["prep", recipe]) == 0
+    for stage in stages:
+        assert main([stage, recipe]) == 0
     return recipe, folder / "run"
 
 
-def start_sft(recipe, overrides):
-    command = [sys.executable, "-m", "finetune", "sft", recipe, *overrides]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def kill_at_random_step(stage, recipe, overrides, log_file, first=5, last=9):
+    """Run `python -m finetune <stage>` and SIGKILL it once it has logged a randomly drawn step (seeded) after the
+    first checkpoints. Returns the step it was killed at (or just after: the kill lands while it runs on)."""
+    step = random.Random(8).randint(first, last)
+    command = [sys.executable, "-m", "finetune", stage, recipe, *overrides]
+    with open(log_file, "w") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        logged = 0
+        for line in process.stdout:  # logging_steps=1: one "{'loss': ...}" line per step
+            logged += line.startswith("{'loss'")
+            if logged == step:
+                process.send_signal(signal.SIGKILL)
+                break
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, f"{stage} ended before step {step}; see {log_file}"
+    return step
 
 
-def wait_for(path, process, timeout=120):
-    deadline = time.time() + timeout
-    while not path.is_file():
-        assert process.poll() is None, f"sft exited early: {process.communicate()}"
-        assert time.time() < deadline, f"no {path} after {timeout}s"
-        time.sleep(0.05)
+def losses(stage_folder):
+    history = json.loads((stage_folder / "metrics.json").read_text())
+    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
 
 
-def losses_after(run, step):
-    history = json.loads((run / "sft" / "metrics.json").read_text())
-    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry and entry["step"] > step}
+def resumed_step(out):
+    return int(re.search(r"resuming from \S+checkpoint-(\d+) \(step (\d+)\)", out).group(2))
+
+
+def assert_same_tensors(expected_file, actual_file):
+    expected, actual = load_file(expected_file), load_file(actual_file)
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+
+
+def damage_newest_checkpoint(work, file_name):
+    """Truncate a file of the newest sealed checkpoint, as a disk fault or a copy cut short would."""
+    newest = checkpoints(work)[0][1]
+    if checkpoint_problem(newest) is not None:  # killed while saving: the newest is already unusable
+        newest = checkpoints(work)[1][1]
+    path = newest / file_name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return newest
+
+
+def uninterrupted(stage, recipe, run, overrides, folder):
+    """Run a stage to the end, then move its output to `folder`, so the same run dir can run it again."""
+    assert main([stage, recipe, *overrides]) == 0
+    return shutil.move(run / stage, folder)
 
 
 def test_killed_sft_resumes_to_the_same_weights(tmp_path, capsys):
-    reference_recipe, reference = prepared_recipe(tmp_path / "reference")
-    assert main(["sft", reference_recipe, *OVERRIDES]) == 0
-
-    recipe, run = prepared_recipe(tmp_path / "killed")
-    process = start_sft(recipe, OVERRIDES)
-    wait_for(run / ".sft.partial" / "checkpoint-4" / "trainer_state.json", process)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    # Simulate a kill in the middle of writing the newest checkpoint: its weights are missing.
-    newest = max((run / ".sft.partial").glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
-    (newest / "model.safetensors").unlink()
+    recipe, run = prepared_recipe(tmp_path / "run")
+    reference = uninterrupted("sft", recipe, run, SFT, tmp_path / "reference")
+    kill_at_random_step("sft", recipe, SFT, tmp_path / "sft.log")
+    work = run / ".sft.partial"
+    sealed = [path for _, path in checkpoints(work) if checkpoint_problem(path) is None]
+    assert 1 <= len(sealed) <= 2  # save_total_limit: 2
+    damaged = damage_newest_checkpoint(work, "model.safetensors")
     capsys.readouterr()
 
-    assert main(["sft", recipe, *OVERRIDES]) == 0
+    assert main(["sft", recipe, *SFT]) == 0
     out = capsys.readouterr().out
-    assert f"{newest} is incomplete" in out and "falling back to the previous checkpoint" in out
-    step = int(re.search(r"resuming from \S+checkpoint-(\d+) \(step (\d+)\)", out).group(2))
-    assert step < int(newest.name.split("-")[1])
+    assert f"checkpoint {damaged} is unusable: model.safetensors is" in out
+    assert "(truncated or damaged). Removing it and falling back to the previous checkpoint." in out
+    step = resumed_step(out)
+    assert 0 < step < int(damaged.name.split("-")[1])
     # Same seed, CPU, and the resume restores weights, optimizer, scheduler, RNG state and data order: bit-identical.
     # (Exact equality also guards the MoE expert weights, which Trainer alone would not restore.)
-    expected, actual = load_file(reference / "sft" / "model.safetensors"), load_file(run / "sft" / "model.safetensors")
-    assert expected.keys() == actual.keys()
-    assert all(torch.equal(expected[name], actual[name]) for name in expected)
-    assert losses_after(run, step) == losses_after(reference, step) and losses_after(run, step)
+    assert_same_tensors(reference / "model.safetensors", run / "sft" / "model.safetensors")
+    assert losses(run / "sft") == losses(reference) and len(losses(reference)) == 12
     assert not list((run / "sft").glob("checkpoint-*"))  # the committed output carries no optimizer state
+
+
+def test_killed_dpo_with_adapters_resumes_to_the_same_adapter(tmp_path, capsys):
+    recipe, run = prepared_recipe(tmp_path / "run", stages=("prep", "sft"))
+    reference = uninterrupted("dpo", recipe, run, DPO, tmp_path / "reference")
+    kill_at_random_step("dpo", recipe, DPO, tmp_path / "dpo.log")
+    work = run / ".dpo.partial"
+    capsys.readouterr()
+
+    # A different adapter shape cannot continue these checkpoints: refused, naming the key, the folder and --force.
+    assert main(["dpo", recipe, *DPO, "model.lora.r=8"]) == 2
+    err = capsys.readouterr().err
+    assert f"{work} holds an interrupted run made from different inputs (changed: model.lora.r)" in err
+    assert "--force" in err and checkpoints(work)
+
+    damaged = damage_newest_checkpoint(work, "trainer_state.json")
+    assert main(["dpo", recipe, *DPO]) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint {damaged} is unusable: trainer_state.json is" in out and "falling back" in out
+    assert 0 < resumed_step(out) < int(damaged.name.split("-")[1])
+    # The adapter (LoRA on attention and the fused experts) and every logged loss match the uninterrupted run.
+    assert_same_tensors(reference / "adapter_model.safetensors", run / "dpo" / "adapter_model.safetensors")
+    assert losses(run / "dpo") == losses(reference) and len(losses(reference)) == 12
 
 
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     recipe, run = prepared_recipe(tmp_path / "terminated")
-    process = start_sft(recipe, [*OVERRIDES, "sft.max_steps=1000"])
-    wait_for(run / ".sft.partial" / "checkpoint-2" / "trainer_state.json", process)
-    process.send_signal(signal.SIGTERM)
+    command = [sys.executable, "-m", "finetune", "sft", recipe, *SFT, "sft.max_steps=1000"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in process.stdout:
+        if line.startswith("{'loss'"):
+            process.send_signal(signal.SIGTERM)
+            break
     _, err = process.communicate(timeout=120)
     assert process.returncode == 2
     stopped = int(re.search(r"interrupted at step (\d+)", err).group(1))
     assert "Run the same command again to resume" in err
-    assert (run / ".sft.partial" / f"checkpoint-{stopped}" / "optimizer.pt").is_file()
+    assert checkpoint_problem(run / ".sft.partial" / f"checkpoint-{stopped}") is None  # complete and sealed
     assert not (run / "sft").exists()  # not committed
+
+
+def test_checkpoints_every_few_minutes_keep_the_newest(tmp_path, monkeypatch):
+    """checkpoints.every_minutes saves on a clock, here a fake one that advances 20 seconds whenever it is read
+    (once per step, at the start and at each save), so a minute passes every three steps."""
+    recipe, run = prepared_recipe(tmp_path / "timed")
+    now = iter(range(0, 10_000, 20))
+    monkeypatch.setattr(finetune.checkpoints, "clock", lambda: next(now))
+    kept = []
+    keep_newest = finetune.checkpoints.keep_newest
+
+    def record(work, keep):
+        keep_newest(work, keep)
+        kept.append({step: checkpoint_problem(path) for step, path in checkpoints(work)})
+    monkeypatch.setattr(finetune.checkpoints, "keep_newest", record)
+
+    assert main(["sft", recipe, "sft.max_steps=10", "sft.save_total_limit=2", "checkpoints.every_minutes=1"]) == 0
+    assert kept == [{3: None}, {6: None, 3: None}, {9: None, 6: None}]  # sealed, and only the newest two kept
+    assert not list((run / "sft").glob("checkpoint-*")) and (run / "sft" / "model.safetensors").is_file()
