@@ -161,6 +161,25 @@ def load_pretrained(recipe: Recipe, location: str):
     )
 
 
+def load_quantized(recipe: Recipe, name: str):
+    """A full-weights stage (`base`, or a full SFT) loaded for QLoRA: Linears through bitsandbytes, experts in NF4.
+
+    It loads on the CPU and quantizes there, expert by expert, so the accelerator only ever holds the 4-bit model.
+    """
+    from finetune import expert_quant
+
+    location = base_location(recipe) if name == "base" else str(recipe.run_path / name)
+    quantization = recipe.model.quantization
+    dtype = resolve_dtype(recipe.model.dtype)
+    compute_dtype = dtype if quantization.compute_dtype == "auto" else resolve_dtype(quantization.compute_dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        location, dtype=dtype, device_map="cpu", **hub_kwargs(recipe, location),
+        quantization_config=expert_quant.bitsandbytes_config(quantization.bits, quantization.double_quant, compute_dtype),
+    )
+    expert_quant.quantize_experts(model, quantization.double_quant, compute_dtype)
+    return model.to("cuda") if torch.cuda.is_available() else model
+
+
 def load_stage_model(recipe: Recipe, name: str):
     """The model a stage produced, adapters merged in: `base`, `sft`, `dpo`."""
     if name == "base":
