@@ -219,9 +219,19 @@ def load_adapter(model: nn.Module, adapter_dir: str, trainable: bool):
     return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable, config=config)
 
 
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a weight occupies, with the scales bitsandbytes keeps on its quantized Linear weights (not as buffers)."""
+    extra = []
+    state = getattr(tensor, "quant_state", None)  # Params4bit: block scales, and their own scales (double quant)
+    if state is not None:
+        extra += [state.absmax, state.offset] + ([state.state2.absmax] if state.state2 is not None else [])
+    extra.append(getattr(tensor, "SCB", None))  # Int8Params: one scale per row
+    return sum(t.numel() * t.element_size() for t in [tensor, *extra] if isinstance(t, torch.Tensor))
+
+
 def model_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer (what the model itself occupies)."""
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    """Bytes of every parameter and buffer: what the model itself occupies."""
+    return sum(tensor_bytes(t) for t in [*model.parameters(), *model.buffers()])
 
 
 def bitsandbytes_config(bits: int, double_quant: bool, compute_dtype: torch.dtype):

@@ -177,7 +177,14 @@ def load_quantized(recipe: Recipe, name: str):
         quantization_config=expert_quant.bitsandbytes_config(quantization.bits, quantization.double_quant, compute_dtype),
     )
     expert_quant.quantize_experts(model, quantization.double_quant, compute_dtype)
-    return model.to("cuda") if torch.cuda.is_available() else model
+    if torch.cuda.is_available():
+        return model.to("cuda")
+    # On the CPU the remaining weights still view the memory-mapped checkpoint, which keeps the whole file resident
+    # (the replaced full-precision experts included) while any of them lives. Owning copies let the file go.
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.clone()
+    return model
 
 
 def load_stage_model(recipe: Recipe, name: str):
