@@ -57,7 +57,7 @@ def quantize_experts(model: nn.Module, double_quant: bool, compute_dtype: torch.
         if moe.is_experts(module):
             for name in moe.EXPERT_PARAMETERS:
                 quantize_parameter(module, name, double_quant, compute_dtype)
-            module.lora_factors = {}  # filled by QuantizedExpertsLora during its forward
+            module.active_lora = {}  # parameter name -> LoRA factors, set by QuantizedExpertsLora around its forward
             found = True
     if not found:
         raise ValueError("model.quantization: this model has no fused experts (mlp.experts.gate_up_proj/down_proj) "
@@ -93,10 +93,6 @@ def is_quantized_experts(module: nn.Module) -> bool:
     return hasattr(module, "nf4_layouts")
 
 
-def has_quantized_experts(model: nn.Module) -> bool:
-    return any(is_quantized_experts(module) for module in model.modules())
-
-
 def expert_quant_state(experts: nn.Module, name: str, expert: int) -> bnb_functional.QuantState:
     """bitsandbytes' description of one expert's quantized matrix, built from the stacked buffers."""
     layout = experts.nf4_layouts[name]
@@ -126,7 +122,7 @@ def expert_linear(experts: nn.Module, name: str, expert: int, x: torch.Tensor) -
     # matmul_4bit's backward dequantizes again rather than saving W_e for it; it takes the packed weight transposed.
     out = bnb.matmul_4bit(x.to(layout.compute_dtype), packed.t(), quant_state=expert_quant_state(experts, name, expert))
     out = out.to(x.dtype)
-    factors = experts.lora_factors.get(name)
+    factors = experts.active_lora.get(name)
     if factors is not None:
         lora_b, lora_a, scaling = factors  # (E, out, r), (E, r, in)
         out = out + scaling * nn.functional.linear(nn.functional.linear(x, lora_a[expert].to(x.dtype)),
@@ -170,7 +166,7 @@ class QuantizedExpertsLora(ParamWrapper):
         self._param_ndim = 3
         return out_features, in_features  # ParamWrapper swaps them for the (E, out, in) layout of transformers 5
 
-    def lora_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def expert_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(B (E, out, r), A (E, r, in), scaling): the layout ParamWrapper.get_delta_factors reads."""
         weight_a = self.lora_A[adapter].weight
         weight_b = self.lora_B[adapter].weight
@@ -187,11 +183,11 @@ class QuantizedExpertsLora(ParamWrapper):
         if len(adapters) > 1:
             raise ValueError(f"LoRA on NF4 experts supports one active adapter at a time, not {adapters}.")
         experts = self.get_base_layer()
-        experts.lora_factors[self.parameter_name] = self.lora_factors(adapters[0])
+        experts.active_lora[self.parameter_name] = self.expert_factors(adapters[0])
         try:
             yield
         finally:
-            del experts.lora_factors[self.parameter_name]
+            del experts.active_lora[self.parameter_name]
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise ValueError("an adapter cannot be merged into NF4 experts (it would be rounded away); merge it into the "

@@ -113,12 +113,13 @@ def test_lora_on_nf4_experts_is_pefts_lora_on_the_rounded_weights(tmp_path):
         peft_model.merge_and_unload()
 
 
-def test_gradients_reach_only_adapters_and_match_with_activation_checkpointing(tmp_path):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gradients_reach_only_adapters_and_match_with_activation_checkpointing(tmp_path, bits):
     model, tokenizer = tiny_model()
     model.save_pretrained(tmp_path / "base")
     recipe = parse_recipe({"run_dir": str(tmp_path / "run"), "model": {
         "name_or_path": str(tmp_path / "base"), "lora": {"targets": ["attention", "experts"]},
-        "quantization": {"bits": 4}}}, "<test>")
+        "quantization": {"bits": bits}}}, "<test>")
     inputs = batch(tokenizer)
     gradients = []
     for checkpointing in (False, True):
