@@ -164,7 +164,8 @@ def load_pretrained(recipe: Recipe, location: str):
 def load_quantized(recipe: Recipe, name: str):
     """A full-weights stage (`base`, or a full SFT) loaded for QLoRA: Linears through bitsandbytes, experts in NF4.
 
-    It loads on the CPU and quantizes there, expert by expert, so the accelerator only ever holds the 4-bit model.
+    It loads on the CPU (memory-mapped) and quantizes expert by expert onto the GPU when there is one, so the GPU
+    only ever holds the 4-bit model.
     """
     from finetune import expert_quant
 
@@ -176,8 +177,9 @@ def load_quantized(recipe: Recipe, name: str):
         location, dtype=dtype, device_map="cpu", **hub_kwargs(recipe, location),
         quantization_config=expert_quant.bitsandbytes_config(quantization.bits, quantization.double_quant, compute_dtype),
     )
-    expert_quant.quantize_experts(model, quantization.double_quant, compute_dtype)
-    if torch.cuda.is_available():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    expert_quant.quantize_experts(model, quantization.double_quant, compute_dtype, device)
+    if device == "cuda":
         return model.to("cuda")
     # On the CPU the remaining weights still view the memory-mapped checkpoint, which keeps the whole file resident
     # (the replaced full-precision experts included) while any of them lives. Owning copies let the file go.
