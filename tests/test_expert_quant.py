@@ -177,6 +177,10 @@ def test_sft_then_dpo_train_adapters_on_the_quantized_base(qlora_run):
     # DPO continued the SFT adapter (never merged into the 4-bit base): its adapter sits on the base directly
     assert manifest["outputs"]["parent"] == "base"
     assert not (run / "dpo" / "ref").exists()  # TRL's frozen reference copy is not part of the output
+    # The reference is the SFT adapter: at the first step policy and reference agree (up to TRL's bf16 cast of the
+    # trained copy), where the base (adapter disabled) would differ by the whole SFT update.
+    first = next(entry for entry in json.loads((run / "dpo" / "metrics.json").read_text()) if "loss" in entry)
+    assert abs(first["rewards/chosen"]) < 0.01 and abs(first["rewards/rejected"]) < 0.01
 
 
 def test_adapter_trained_on_nf4_loads_on_the_full_precision_base_and_merges(qlora_run, tmp_path):
