@@ -5,23 +5,33 @@ The model is a Mixtral built from a config (40M parameters, 94% of them in the e
 moetune's default dtype for the machine (fp32 on CPU, bf16 on GPUs that support it). Each variant loads it, adds the
 same LoRA (attention and experts, r=16) and takes one training step (AdamW, activation checkpointing) in its own
 process, so the peak memory is that variant's alone. Reported, medians of several runs: model memory (the base
-weights with their quantization scales; the adapters apart), the process's peak memory during the training step
-(on CPU the resident set, whose peak is reset after loading; on CUDA, peak allocated), and the peak while loading.
-Then Mixtral-8x7B's model memory, from its parameter counts (its config on the meta device) and the bits per weight
-measured here.
+weights with their quantization scales; the adapters apart), the peak memory during the training step (on CPU the
+process's resident set, whose peak is reset after loading; on CUDA, peak allocated) and the resident peak while
+loading. Then Mixtral-8x7B's memory, from its parameter counts (its config on the meta device) and the bits per
+weight measured here.
 
-Run: python -m benchmarks.qlora_bench [--runs 3]   (about 2 minutes on a 2-core CPU)
+Run: python -m benchmarks.qlora_bench [--runs 3]   (about 5 minutes on a busy 2-core CPU)
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import peft
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, MixtralConfig
+
+from finetune import adapters, expert_quant, moe
+from finetune.models import load_quantized, resolve_dtype
+from finetune.recipe import LoraConfig, parse_recipe
 
 VARIANTS = {
     "expert_nf4": "(a) QLoRA, experts in NF4 (moetune)",
@@ -31,47 +41,32 @@ VARIANTS = {
 BENCH_MODEL = dict(vocab_size=1024, hidden_size=512, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=8,
                    num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False)
 BATCH, SEQUENCE = 4, 128
+LORA = LoraConfig(targets=["attention", "experts"], r=16)
+ON_GPU = torch.cuda.is_available()
 
 
 # ---------------------------------------------------------------- in the child process
 
-def bytes_by_part(model) -> dict[str, int]:
-    """Bytes of the base weights by part (experts, the rest), and of the adapters; bitsandbytes' scales included."""
-    from finetune import expert_quant
-
-    parts = {"experts": 0, "rest": 0, "adapters": 0}
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        part = "adapters" if "lora_" in name else "experts" if ".experts." in name else "rest"
-        parts[part] += expert_quant.tensor_bytes(tensor)
-    return parts
-
-
-def expert_weight_count(model) -> int:
-    from finetune import moe
-
-    return sum(module.num_experts * module.nf4_layouts[name].shape[0] * module.nf4_layouts[name].shape[1]
-               if hasattr(module, "nf4_layouts") else getattr(module, name).numel()
-               for module in model.modules() if moe.is_experts(module) for name in moe.EXPERT_PARAMETERS)
-
-
 def load_variant(variant: str, folder: str):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from finetune import expert_quant
-    from finetune.models import load_quantized, resolve_dtype
-    from finetune.recipe import parse_recipe
-
     if variant == "expert_nf4":
         recipe = parse_recipe({"run_dir": folder, "model": {"name_or_path": folder, "lora": {},
                                                             "quantization": {"bits": 4}}}, "<bench>")
         return load_quantized(recipe, "base")
-    device, dtype = "cuda" if torch.cuda.is_available() else "cpu", resolve_dtype("auto")
+    device, dtype = "cuda" if ON_GPU else "cpu", resolve_dtype("auto")
     if variant == "full_precision":
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device)
     return AutoModelForCausalLM.from_pretrained(
         folder, dtype=dtype, device_map=device,
         quantization_config=expert_quant.bitsandbytes_config(4, double_quant=True, compute_dtype=dtype))
+
+
+def bytes_by_part(model) -> dict[str, int]:
+    """Bytes of the base weights by part (experts, the rest), and of the adapters; bitsandbytes' scales included."""
+    parts = {"experts": 0, "rest": 0, "adapters": 0}
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        part = "adapters" if "lora_" in name else "experts" if ".experts." in name else "rest"
+        parts[part] += expert_quant.tensor_bytes(tensor)
+    return parts
 
 
 def status_mib(field: str) -> float:
@@ -82,92 +77,68 @@ def status_mib(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def current_memory_mib() -> float:
-    import torch
+def reset_peak() -> float:
+    """Start measuring the peak afresh; returns the memory in use now.
 
-    return torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else status_mib("VmRSS")
-
-
-def peak_memory_mib() -> float:
-    import torch
-
-    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else status_mib("VmHWM")
-
-
-def reset_peak() -> None:
-    """Start measuring the peak afresh: hand memory freed while loading back to the system (glibc keeps it otherwise),
-    then reset the peak resident set size (VmHWM) to the current one (Linux: write 5 to clear_refs)."""
-    import ctypes
-
-    import torch
-
+    On the CPU: hand memory freed while loading back to the system (glibc keeps it otherwise), then reset the peak
+    resident set (VmHWM) to the current one (Linux: write 5 to /proc/self/clear_refs)."""
+    if ON_GPU:
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    return status_mib("VmRSS")
+
+
+def peak_mib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**20 if ON_GPU else status_mib("VmHWM")
 
 
 def measure(variant: str, folder: str) -> dict:
     """Load one variant, add LoRA, take one training step; return its memory figures."""
-    import time
-
-    import peft
-    import torch
-
-    from finetune import adapters
-    from finetune.recipe import LoraConfig
-
     imports = status_mib("VmHWM")
     model = load_variant(variant, folder)
     load_peak = status_mib("VmHWM")
-    model = peft.get_peft_model(model, adapters.peft_config(model, LoraConfig(targets=["attention", "experts"], r=16)))
+    model = peft.get_peft_model(model, adapters.peft_config(model, LORA))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model.train()
     parts = bytes_by_part(model)
-    device = next(p for p in model.parameters() if p.requires_grad).device
     ids = torch.randint(0, BENCH_MODEL["vocab_size"], (BATCH, SEQUENCE), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(device)
+    ids = ids.to("cuda" if ON_GPU else "cpu")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    reset_peak()
-    step_start = current_memory_mib()
+    step_start = reset_peak()
     start = time.perf_counter()
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
     seconds = time.perf_counter() - start
-    step_peak = peak_memory_mib()
-    return {"variant": variant, "parts": parts, "model_mib": (parts["experts"] + parts["rest"]) / 2**20,
-            "adapters_mib": parts["adapters"] / 2**20, "expert_weights": expert_weight_count(model), "step_s": seconds,
-            "imports_mib": imports, "load_peak_mib": load_peak, "step_peak_mib": step_peak,
-            "step_growth_mib": step_peak - step_start}
+    step_peak = peak_mib()
+    return {"parts": parts, "model_mib": (parts["experts"] + parts["rest"]) / 2**20,
+            "adapters_mib": parts["adapters"] / 2**20, "step_s": seconds, "imports_mib": imports,
+            "load_peak_mib": load_peak, "step_peak_mib": step_peak, "step_growth_mib": step_peak - step_start}
 
 
 # ---------------------------------------------------------------- in the parent process
 
-def build_model(folder: Path) -> dict:
-    """Save the benchmark model (in the machine's default dtype); return its parameter counts."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from finetune import moe
-    from finetune.models import resolve_dtype
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("mixtral", **BENCH_MODEL), dtype=resolve_dtype("auto"))
-    model.save_pretrained(folder)
-    return parameter_counts(model, moe)
-
-
-def parameter_counts(model, moe) -> dict:
+def parameter_counts(model) -> dict:
+    """Parameters by part: fused experts, the other Linears (attention), the rest (embeddings, lm_head, routers...)."""
     experts = sum(getattr(m, name).numel() for m in model.modules() if moe.is_experts(m) for name in moe.EXPERT_PARAMETERS)
     total = sum(p.numel() for p in model.parameters())
     linear = sum(m.weight.numel() for name, m in model.named_modules()
-                 if type(m).__name__ == "Linear" and not name.endswith("lm_head"))
+                 if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"))
     return {"total": total, "experts": experts, "linear": linear, "rest": total - experts - linear}
 
 
+def build_model(folder: Path) -> dict:
+    """Save the benchmark model (in the machine's default dtype); return its parameter counts."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("mixtral", **BENCH_MODEL), dtype=resolve_dtype("auto"))
+    model.save_pretrained(folder)
+    return parameter_counts(model)
+
+
 def run_child(variant: str, folder: Path) -> dict:
-    code = "import json, sys; from benchmarks.qlora_bench import measure; print(json.dumps(measure(sys.argv[1], sys.argv[2])))"
+    code = "import json, sys; from benchmarks.qlora_bench import measure; print(json.dumps(measure(*sys.argv[1:])))"
     result = subprocess.run([sys.executable, "-c", code, variant, str(folder)], capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"{variant} failed:\n{result.stderr[-3000:]}")
@@ -179,26 +150,18 @@ def median_of(runs: list[dict], key: str) -> float:
 
 
 def mixtral_8x7b_counts() -> dict:
-    """Mixtral-8x7B's parameter counts by part, and its LoRA's (r=16, attention and experts): its config,
-    instantiated on the meta device (nothing is downloaded or allocated)."""
-    import peft
-    import torch
-    from transformers import AutoModelForCausalLM, MixtralConfig
-
-    from finetune import adapters, moe
-    from finetune.recipe import LoraConfig
-
+    """Mixtral-8x7B's parameter counts by part, and its LoRA's: its config instantiated on the meta device
+    (nothing is downloaded or allocated)."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(MixtralConfig())  # the defaults are Mixtral-8x7B's
-    counts = parameter_counts(model, moe)
-    lora = peft.get_peft_model(model, adapters.peft_config(model, LoraConfig(targets=["attention", "experts"], r=16)))
+    counts = parameter_counts(model)
+    lora = peft.get_peft_model(model, adapters.peft_config(model, LORA))
     counts["lora"] = sum(p.numel() for p in lora.parameters() if p.requires_grad)
     return counts
 
 
-def print_mixtral_projection(nf4: dict) -> None:
-    """Mixtral-8x7B's memory with the bits per weight measured on the benchmark model."""
-    nf4_bits = 8 * nf4["parts"]["experts"] / nf4["expert_weights"]  # bitsandbytes' NF4 Linears store the same
+def print_mixtral_projection(nf4_bits: float) -> None:
+    """Mixtral-8x7B's memory at the measured bits per NF4 weight (bitsandbytes' NF4 Linears store the same)."""
     mixtral = mixtral_8x7b_counts()
     gib = 2**30
     bf16 = mixtral["total"] * 2 / gib
@@ -207,28 +170,14 @@ def print_mixtral_projection(nf4: dict) -> None:
     lora_training = mixtral["lora"] * 16 / gib  # fp32 weights, gradients and AdamW's two moments
     print(f"\nMixtral-8x7B: {mixtral['total'] / 1e9:.2f}B parameters ({mixtral['experts'] / 1e9:.2f}B in experts, "
           f"{mixtral['linear'] / 1e9:.2f}B in attention Linears, {mixtral['rest'] / 1e9:.2f}B embeddings, lm_head, "
-          f"router, norms); model memory at {nf4_bits:.2f} bits per NF4 weight, the rest in bf16:")
-    print(f"  bf16 {bf16:.1f} GiB | stock bitsandbytes 4-bit {stock:.1f} GiB | experts in NF4 {ours:.1f} GiB")
-    print(f"  LoRA r=16 on attention and experts: {mixtral['lora'] / 1e6:.0f}M parameters, {lora_training:.1f} GiB "
+          f"routers, norms); model memory at {nf4_bits:.2f} bits per NF4 weight, the rest in bf16:")
+    print(f"  bf16 {bf16:.1f} GiB | stock bitsandbytes 4-bit {stock:.1f} GiB | experts in NF4 {ours:.1f} GiB "
+          f"({ours / bf16:.2f}x of bf16)")
+    print(f"  LoRA r={LORA.r} on attention and experts: {mixtral['lora'] / 1e6:.0f}M parameters, {lora_training:.1f} GiB "
           f"with gradients and AdamW state; activations come on top (batch and sequence length)")
 
 
-def main(argv: list[str] | None = None) -> None:
-    import torch
-
-    from finetune.models import resolve_dtype
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3, help="Processes per variant (medians are reported).")
-    args = parser.parse_args(argv)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    with tempfile.TemporaryDirectory() as folder:
-        counts = build_model(Path(folder))
-        print(f"QLoRA benchmark on {device}: Mixtral-style model in {str(resolve_dtype('auto')).split('.')[-1]}, "
-              f"{counts['total'] / 1e6:.1f}M parameters, {100 * counts['experts'] / counts['total']:.1f}% in experts; "
-              f"LoRA r=16 on attention and experts; one AdamW step on {BATCH}x{SEQUENCE} tokens with activation "
-              f"checkpointing; medians of {args.runs} runs, each variant in its own process")
-        results = {variant: [run_child(variant, Path(folder)) for _ in range(args.runs)] for variant in VARIANTS}
+def print_results(results: dict[str, list[dict]]) -> None:
     baseline = {key: median_of(results["full_precision"], key) for key in ("model_mib", "step_peak_mib")}
     for variant, label in VARIANTS.items():
         runs = results[variant]
@@ -236,18 +185,33 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{label:<38} model {model_mib:6.1f} MiB ({model_mib / baseline['model_mib']:.2f}x) + adapters "
               f"{median_of(runs, 'adapters_mib'):.1f} MiB | peak in a training step {step_peak:4.0f} MiB "
               f"({step_peak / baseline['step_peak_mib']:.2f}x), {median_of(runs, 'step_growth_mib'):3.0f} MiB above "
-              f"its start | peak while loading {median_of(runs, 'load_peak_mib'):4.0f} MiB | "
+              f"its start | resident peak while loading {median_of(runs, 'load_peak_mib'):4.0f} MiB | "
               f"step {median_of(runs, 'step_s'):.1f} s")
-    if torch.cuda.is_available():
-        print("(peak: torch.cuda.max_memory_allocated; loading: the process's resident set)")
+    if ON_GPU:
+        print("(peak in a step: torch.cuda.max_memory_allocated)")
     else:
-        print(f"(peak: the process's resident set, {median_of(results['full_precision'], 'imports_mib'):.0f} MiB "
-              f"of it the imported libraries, the same in every variant)")
-    nf4 = results["expert_nf4"][0]
-    print(f"NF4 experts: {8 * nf4['parts']['experts'] / nf4['expert_weights']:.2f} bits per expert weight")
+        print(f"(peak in a step: the process's resident set, {median_of(results['full_precision'], 'imports_mib'):.0f} "
+              f"MiB of it the imported libraries, the same in every variant)")
     ratio = median_of(results["expert_nf4"], "model_mib") / baseline["model_mib"]
     print(f"target: (a) at most 0.35x of (b)'s model memory: {'met' if ratio <= 0.35 else 'NOT met'} ({ratio:.2f}x)")
-    print_mixtral_projection(nf4)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, help="Processes per variant (medians are reported).")
+    args = parser.parse_args(argv)
+    device = torch.cuda.get_device_name() if ON_GPU else "CPU"
+    with tempfile.TemporaryDirectory() as folder:
+        counts = build_model(Path(folder))
+        print(f"QLoRA benchmark on {device}: Mixtral-style model in {str(resolve_dtype('auto')).split('.')[-1]}, "
+              f"{counts['total'] / 1e6:.1f}M parameters, {100 * counts['experts'] / counts['total']:.1f}% in experts; "
+              f"LoRA r={LORA.r} on attention and experts; one AdamW step on {BATCH}x{SEQUENCE} tokens with activation "
+              f"checkpointing; medians of {args.runs} runs, each variant in its own process", flush=True)
+        results = {variant: [run_child(variant, Path(folder)) for _ in range(args.runs)] for variant in VARIANTS}
+    print_results(results)
+    nf4_bits = 8 * results["expert_nf4"][0]["parts"]["experts"] / counts["experts"]
+    print(f"NF4 experts: {nf4_bits:.2f} bits per expert weight")
+    print_mixtral_projection(nf4_bits)
 
 
 if __name__ == "__main__":
