@@ -180,7 +180,10 @@ def load_quantized(recipe: Recipe, name: str):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     expert_quant.quantize_experts(model, quantization.double_quant, compute_dtype, device)
     if device == "cuda":
-        return model.to("cuda")
+        model = model.to("cuda")
+        # accelerate refuses to train a quantized model whose recorded placement is not the training device
+        model.hf_device_map = {"": torch.cuda.current_device()}
+        return model
     # On the CPU the remaining weights still view the memory-mapped checkpoint, which keeps the whole file resident
     # (the replaced full-precision experts included) while any of them lives. Owning copies let the file go.
     for tensor in [*model.parameters(), *model.buffers()]:

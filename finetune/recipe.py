@@ -93,7 +93,8 @@ class ModelConfig:
         "auto", help="Weights dtype: auto (fp32 on CPU, bf16 on GPUs that support it, else fp16), float32, bfloat16."
     )
     experts_implementation: str = help_field(
-        "auto", help="Expert kernel: auto (grouped_mm), eager, grouped_mm, batched_mm (never on CPU: 30x slower)."
+        "auto", help="Expert kernel: auto (grouped_mm), eager, grouped_mm, batched_mm (never on CPU: 30x slower). "
+        "Quantized experts (model.quantization) use moetune's NF4 kernel instead."
     )
     lora: LoraConfig | None = help_field(None, help="LoRA adapters; null means full fine-tuning.")
     quantization: QuantizationConfig | None = help_field(
