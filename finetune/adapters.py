@@ -12,7 +12,7 @@ import warnings
 import peft
 from torch import nn
 
-from finetune import moe
+from finetune import expert_quant, moe
 from finetune.recipe import LoraConfig
 
 ALL_ROLES = ("attention", "experts", "router")
@@ -37,7 +37,7 @@ def peft_config(model: nn.Module, lora: LoraConfig) -> peft.LoraConfig:
         # peft's parameter wrappers refuse dropout; silently ignoring it would hide a setting the user chose.
         warnings.warn(f"model.lora.dropout={dropout} is set to 0: LoRA on expert/router parameters does not support dropout.")
         dropout = 0.0
-    return peft.LoraConfig(
+    config = peft.LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=dropout,
@@ -45,6 +45,7 @@ def peft_config(model: nn.Module, lora: LoraConfig) -> peft.LoraConfig:
         target_parameters=target_parameters or None,
         task_type="CAUSAL_LM",
     )
+    return expert_quant.use_quantized_expert_lora(config, model)
 
 
 def trainable_parameter_names(model: nn.Module) -> list[str]:

@@ -2,7 +2,8 @@
 
 The reference policy is the SFT model. With LoRA, the SFT model is the base the adapter sits on, and TRL's
 reference forward simply disables the adapter: no second copy of the model is loaded. Full fine-tuning needs a
-frozen second copy, loaded here explicitly (TRL would otherwise reload `config._name_or_path`).
+frozen second copy, loaded here explicitly (TRL would otherwise reload `config._name_or_path`). On a quantized base
+(QLoRA) the SFT adapter is never merged: DPO continues training it, and TRL's reference is a frozen copy of it.
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ from pathlib import Path
 
 from trl import DPOTrainer
 
-from finetune import adapters
 from finetune.models import load_stage_model, load_tokenizer, seed_everything
 from finetune.recipe import Recipe
 from finetune.stage import Stage, require_complete
-from finetune.training import (expert_load_callbacks, load_split, require_train_split, save_stage, trainer_config,
-                               train_resuming)
+from finetune.training import (expert_load_callbacks, load_split, load_training_model, require_train_split, save_stage,
+                               trainer_config, train_resuming)
 
 
 def run(recipe: Recipe, force: bool = False) -> Path:
@@ -31,7 +31,7 @@ def run(recipe: Recipe, force: bool = False) -> Path:
 
     seed_everything(recipe.seed)
     tokenizer = load_tokenizer(recipe)
-    model = load_stage_model(recipe, "sft")
+    model, peft_config, parent = load_training_model(recipe, "dpo", start="sft")
     lora = recipe.model.lora_for("dpo")
     trainer = DPOTrainer(
         model=model,
@@ -40,8 +40,10 @@ def run(recipe: Recipe, force: bool = False) -> Path:
         train_dataset=require_train_split(recipe, "preference", "dpo"),
         eval_dataset=load_split(recipe, "preference", "test"),
         processing_class=tokenizer,
-        peft_config=adapters.peft_config(model, lora) if lora else None,
+        peft_config=peft_config,
         callbacks=expert_load_callbacks(model, stage),
     )
     train_resuming(trainer, stage, recipe.checkpoints)
-    return save_stage(trainer, tokenizer, recipe, stage, parent="sft")
+    if "ref" in getattr(trainer.model, "peft_config", {}):
+        trainer.model.delete_adapter("ref")  # TRL's frozen copy of the SFT adapter (the reference); not an output
+    return save_stage(trainer, tokenizer, recipe, stage, parent=parent)

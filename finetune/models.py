@@ -161,6 +161,37 @@ def load_pretrained(recipe: Recipe, location: str):
     )
 
 
+def load_quantized(recipe: Recipe, name: str):
+    """A full-weights stage (`base`, or a full SFT) loaded for QLoRA: Linears through bitsandbytes, experts in NF4.
+
+    It loads on the CPU (memory-mapped) and quantizes expert by expert onto the GPU when there is one, so the GPU
+    only ever holds the 4-bit model.
+    """
+    from finetune import expert_quant
+
+    location = base_location(recipe) if name == "base" else str(recipe.run_path / name)
+    quantization = recipe.model.quantization
+    dtype = resolve_dtype(recipe.model.dtype)
+    compute_dtype = dtype if quantization.compute_dtype == "auto" else resolve_dtype(quantization.compute_dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        location, dtype=dtype, device_map="cpu", **hub_kwargs(recipe, location),
+        quantization_config=expert_quant.bitsandbytes_config(quantization.bits, quantization.double_quant, compute_dtype),
+    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    expert_quant.quantize_experts(model, quantization.double_quant, compute_dtype, device)
+    if device == "cuda":
+        model = model.to("cuda")
+        # accelerate refuses to train a quantized model whose recorded placement is not the training device
+        model.hf_device_map = {"": torch.cuda.current_device()}
+        return model
+    # On the CPU the remaining weights still view the memory-mapped checkpoint, which keeps the whole file resident
+    # (the replaced full-precision experts included) while any of them lives. Owning copies let the file go.
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.clone()
+    return model
+
+
 def load_stage_model(recipe: Recipe, name: str):
     """The model a stage produced, adapters merged in: `base`, `sft`, `dpo`."""
     if name == "base":

@@ -63,6 +63,23 @@ class LoraConfig:
 
 
 @dataclass
+class QuantizationConfig:
+    """QLoRA: the frozen base of adapter-training stages in 4 (or 8) bits, the fused experts included."""
+
+    bits: int = help_field(
+        4, help="Linear layers (attention) through bitsandbytes: 4 (NF4) or 8 (LLM.int8). The fused expert weights "
+        "are stored in NF4 by moetune in both cases; the router and lm_head stay in full precision.",
+    )
+    double_quant: bool = help_field(
+        True, help="Quantize the 4-bit block scales again (about 0.4 bits per weight less), experts included.",
+    )
+    compute_dtype: str = help_field(
+        "auto", help="dtype 4-bit weights are dequantized to for each matmul: auto (the model's dtype), float32, "
+        "bfloat16, float16.",
+    )
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str | None = help_field(None, help="Hub id or local path of the base model.")
     revision: str | None = help_field(None, help="Hub revision (branch, tag or commit) of the base model.")
@@ -76,9 +93,14 @@ class ModelConfig:
         "auto", help="Weights dtype: auto (fp32 on CPU, bf16 on GPUs that support it, else fp16), float32, bfloat16."
     )
     experts_implementation: str = help_field(
-        "auto", help="Expert kernel: auto (grouped_mm), eager, grouped_mm, batched_mm (never on CPU: 30x slower)."
+        "auto", help="Expert kernel: auto (grouped_mm), eager, grouped_mm, batched_mm (never on CPU: 30x slower). "
+        "Quantized experts (model.quantization) use moetune's NF4 kernel instead."
     )
     lora: LoraConfig | None = help_field(None, help="LoRA adapters; null means full fine-tuning.")
+    quantization: QuantizationConfig | None = help_field(
+        None, help="Load the base of the stages that train adapters quantized (QLoRA), experts included; "
+        "null keeps full precision. Needs model.lora.",
+    )
 
     def lora_for(self, stage: str) -> LoraConfig | None:
         """The adapter settings a training stage uses, or None for full fine-tuning."""
@@ -326,6 +348,8 @@ def validate_model(model: ModelConfig, source: str) -> None:
         check_choice(model.init.architecture, ARCHITECTURES, source, "model.init.architecture")
         if model.init.experts_per_token > model.init.num_experts:
             raise RecipeError(f"{source}: model.init.experts_per_token must be <= model.init.num_experts.")
+    if model.quantization is not None:
+        validate_quantization(model, source)
     if model.lora is not None:
         if not model.lora.targets:
             raise RecipeError(f"{source}: model.lora.targets is empty; list roles ({', '.join(LORA_ROLES)}) or set lora: null.")
@@ -348,6 +372,15 @@ def validate_hub(hub: HubConfig, source: str) -> None:
         raise RecipeError(f"{source}: hub.push uploads {' and '.join(hub.stages)} to one repository "
                           f"{hub.repo_id}, where each replaces the other. Put {{stage}} in hub.repo_id (e.g. "
                           f"{hub.repo_id}-{{stage}}) or push a single stage (hub.stages: [dpo]).")
+
+
+def validate_quantization(model: ModelConfig, source: str) -> None:
+    if model.quantization.bits not in (4, 8):
+        raise RecipeError(f"{source}: model.quantization.bits is {model.quantization.bits}; choose 4 or 8.")
+    check_choice(model.quantization.compute_dtype, DTYPES, source, "model.quantization.compute_dtype")
+    if model.lora is None:
+        raise RecipeError(f"{source}: model.quantization needs model.lora: a quantized base can only train adapters. "
+                          f"Add a lora: section or set quantization: null.")
 
 
 def check_choice(value: str, choices: tuple[str, ...], source: str, path: str) -> None:

@@ -6,12 +6,11 @@ from pathlib import Path
 
 from trl import SFTTrainer
 
-from finetune import adapters
-from finetune.models import build_base, load_stage_model, load_tokenizer, seed_everything
+from finetune.models import build_base, load_tokenizer, seed_everything
 from finetune.recipe import Recipe
 from finetune.stage import Stage, require_complete
-from finetune.training import (expert_load_callbacks, load_split, require_train_split, save_stage, trainer_config,
-                               train_resuming)
+from finetune.training import (expert_load_callbacks, load_split, load_training_model, require_train_split, save_stage,
+                               trainer_config, train_resuming)
 
 
 def run(recipe: Recipe, force: bool = False) -> Path:
@@ -26,16 +25,15 @@ def run(recipe: Recipe, force: bool = False) -> Path:
 
     seed_everything(recipe.seed)
     tokenizer = load_tokenizer(recipe)
-    model = load_stage_model(recipe, "base")
-    lora = recipe.model.lora_for("sft")
+    model, peft_config, parent = load_training_model(recipe, "sft", start="base")
     trainer = SFTTrainer(
         model=model,
         args=trainer_config("sft", recipe, stage.work),
         train_dataset=require_train_split(recipe, "sft", "sft"),
         eval_dataset=load_split(recipe, "sft", "test"),
         processing_class=tokenizer,
-        peft_config=adapters.peft_config(model, lora) if lora else None,
+        peft_config=peft_config,
         callbacks=expert_load_callbacks(model, stage),
     )
     train_resuming(trainer, stage, recipe.checkpoints)
-    return save_stage(trainer, tokenizer, recipe, stage, parent="base")
+    return save_stage(trainer, tokenizer, recipe, stage, parent=parent)

@@ -12,12 +12,13 @@ import torch
 from datasets import load_dataset
 from transformers import TrainerCallback
 
+from finetune import adapters, expert_quant
 from finetune.checkpoints import SaveEveryMinutes, SealCheckpoints, checkpoints, newest_usable_checkpoint
 from finetune.hub import push_stage_if_configured
-from finetune.models import resolve_dtype
+from finetune.models import load_quantized, load_stage_model, resolve_dtype
 from finetune.moe import ExpertLoadCallback, is_moe_model
 from finetune.recipe import CheckpointConfig, Recipe, dump_recipe, trainer_config_class
-from finetune.stage import Stage, StageError
+from finetune.stage import Stage, StageError, require_complete
 
 
 def device_defaults(recipe: Recipe) -> dict[str, Any]:
@@ -47,6 +48,27 @@ def trainer_config(stage: str, recipe: Recipe, output_dir: Path):
     values.update(getattr(recipe, stage))
     values.update(output_dir=str(output_dir), seed=recipe.seed)
     return trainer_config_class(stage)(**values)
+
+
+def load_training_model(recipe: Recipe, stage: str, start: str):
+    """(model, peft_config, parent): what a stage trains, the adapter to add (None: it trains all weights, or
+    continues an adapter), and the stage its output sits on.
+
+    In full precision a stage starts from `start` with its adapters merged in and adds a fresh adapter. A quantized
+    base (QLoRA) is never merged into: when `start` is an adapter, training continues it on its quantized base (for
+    DPO, TRL keeps a frozen copy of it as the reference policy) and the new adapter sits on that base too.
+    """
+    lora = recipe.model.lora_for(stage)
+    if lora is None or recipe.model.quantization is None:
+        model = load_stage_model(recipe, start)
+        return model, adapters.peft_config(model, lora) if lora else None, start
+    outputs = require_complete(recipe.run_path, start, needed_by=stage)["outputs"] if start != "base" else {}
+    if outputs.get("kind") != "adapter":
+        model = load_quantized(recipe, start)
+        return model, adapters.peft_config(model, lora), start
+    parent = outputs["parent"]
+    base = load_quantized(recipe, parent)
+    return expert_quant.load_adapter(base, str(recipe.run_path / start), trainable=True), None, parent
 
 
 def load_split(recipe: Recipe, kind: str, split: str):

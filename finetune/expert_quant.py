@@ -1,0 +1,246 @@
+"""QLoRA that reaches the experts: NF4 storage of the fused expert weights, a forward that dequantizes one expert at a
+time, and LoRA on those experts that saves as a standard PEFT adapter.
+
+bitsandbytes quantizes `nn.Linear` layers only. In transformers 5 the experts of Mixtral, Qwen3-MoE and OLMoE are
+fused 3-D Parameters, `gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I), about 95% of the weights, so a stock
+4-bit load leaves them in full precision. Here every expert's matrix is quantized with bitsandbytes'
+`quantize_4bit` (NF4, blocks of 64, optionally double quantization of the block scales). The packed bytes replace
+the Parameter under its own name, so PEFT's `target_parameters` still finds it; the scales are buffers beside it.
+
+The forward is registered with transformers' experts interface as "moetune_nf4". For each expert that received
+tokens, `bitsandbytes.matmul_4bit` dequantizes that expert's matrix, multiplies and drops it; its backward
+dequantizes again instead of keeping the matrix for later, so training never holds a layer's experts in full
+precision.
+
+LoRA: PEFT's ParamWrapper (what `target_parameters` creates) adds its delta by re-parametrizing the whole parameter
+as W + B A, which needs W in full precision. `QuantizedExpertsLora` is a ParamWrapper that hands its factors to the
+forward instead, which adds scaling * (x A_e^T) B_e^T for each expert e. Its weights, their names and the config are
+PEFT's own, so the saved adapter is a standard PEFT adapter that `PeftModel.from_pretrained` loads onto the
+full-precision base (and `moetune merge` merges there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnb_functional
+import torch
+from peft.tuners.lora import LoraConfig as PeftLoraConfig
+from peft.tuners.lora.layer import ParamWrapper
+from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from finetune import moe
+
+EXPERTS_IMPLEMENTATION = "moetune_nf4"
+BLOCKSIZE = 64  # bitsandbytes' default for NF4: one scale per 64 weights
+NESTED_BLOCKSIZE = 256  # double quantization: the 8-bit scales get one fp32 scale per 256
+
+
+@dataclass(frozen=True)
+class NF4Layout:
+    """How one fused expert parameter is stored: each expert's (out, in) matrix quantized on its own."""
+
+    shape: tuple[int, int]
+    double_quant: bool
+    compute_dtype: torch.dtype
+
+
+# ---------------------------------------------------------------- quantizing at load time
+
+def quantize_experts(model: nn.Module, double_quant: bool, compute_dtype: torch.dtype,
+                     device: torch.device | str | None = None) -> None:
+    """Replace every fused expert weight of `model` by its NF4 form and switch the experts to the NF4 forward.
+
+    `device`: where to quantize and keep the NF4 experts (default: where the weights are). Quantizing on a GPU takes
+    milliseconds per matrix; bitsandbytes' CPU kernel takes seconds for one of Mixtral-8x7B's.
+    """
+    found = False
+    for module in model.modules():
+        if moe.is_experts(module):
+            for name in moe.EXPERT_PARAMETERS:
+                quantize_parameter(module, name, double_quant, compute_dtype, device)
+            module.active_lora = {}  # parameter name -> LoRA factors, set by QuantizedExpertsLora around its forward
+            found = True
+    if not found:
+        raise ValueError("model.quantization: this model has no fused experts (mlp.experts.gate_up_proj/down_proj) "
+                         "to quantize; it is not a transformers-5 MoE model.")
+    model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+
+
+def quantize_parameter(experts: nn.Module, name: str, double_quant: bool, compute_dtype: torch.dtype,
+                       device: torch.device | str | None) -> None:
+    weight = getattr(experts, name).detach()
+    packed, scales, nested_scales, offsets = [], [], [], []
+    for matrix in weight:  # one expert at a time: the transient full-precision copy is a single matrix
+        data, state = bnb_functional.quantize_4bit(matrix.to(device).contiguous(), blocksize=BLOCKSIZE,
+                                                   compress_statistics=double_quant, quant_type="nf4")
+        packed.append(data.reshape(-1))
+        scales.append(state.absmax)
+        if double_quant:
+            nested_scales.append(state.state2.absmax)
+            offsets.append(state.offset)
+    # The packed bytes keep the parameter's name (PEFT finds LoRA targets among named_parameters); uint8 cannot train.
+    setattr(experts, name, nn.Parameter(torch.stack(packed), requires_grad=False))
+    experts.register_buffer(f"{name}_absmax", torch.stack(scales))
+    experts.register_buffer("nf4_code", state.code)
+    if double_quant:
+        experts.register_buffer(f"{name}_nested_absmax", torch.stack(nested_scales))
+        experts.register_buffer(f"{name}_offset", torch.stack(offsets))
+        experts.register_buffer("nf4_nested_code", state.state2.code)
+    layouts = getattr(experts, "nf4_layouts", {})
+    layouts[name] = NF4Layout(tuple(weight.shape[1:]), double_quant, compute_dtype)
+    experts.nf4_layouts = layouts
+
+
+def is_quantized_experts(module: nn.Module) -> bool:
+    return hasattr(module, "nf4_layouts")
+
+
+def expert_quant_state(experts: nn.Module, name: str, expert: int) -> bnb_functional.QuantState:
+    """bitsandbytes' description of one expert's quantized matrix, built from the stacked buffers."""
+    layout = experts.nf4_layouts[name]
+    nested, offset = None, None
+    if layout.double_quant:
+        nested = bnb_functional.QuantState(absmax=getattr(experts, f"{name}_nested_absmax")[expert],
+                                           code=experts.nf4_nested_code, blocksize=NESTED_BLOCKSIZE,
+                                           dtype=torch.float32)
+        offset = getattr(experts, f"{name}_offset")[expert]
+    return bnb_functional.QuantState(absmax=getattr(experts, f"{name}_absmax")[expert], shape=torch.Size(layout.shape),
+                                     code=experts.nf4_code, blocksize=BLOCKSIZE, quant_type="nf4",
+                                     dtype=layout.compute_dtype, offset=offset, state2=nested)
+
+
+def dequantize_expert(experts: nn.Module, name: str, expert: int) -> torch.Tensor:
+    """One expert's (out, in) matrix in the compute dtype."""
+    packed = getattr(experts, name)[expert].reshape(-1, 1)
+    return bnb_functional.dequantize_4bit(packed, expert_quant_state(experts, name, expert))
+
+
+# ---------------------------------------------------------------- the forward
+
+def expert_linear(experts: nn.Module, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """x @ W_e^T with W_e dequantized on the fly, plus the LoRA update of expert e when an adapter is active."""
+    layout = experts.nf4_layouts[name]
+    packed = getattr(experts, name)[expert].reshape(-1, 1)
+    # matmul_4bit's backward dequantizes again rather than saving W_e for it; it takes the packed weight transposed.
+    out = bnb.matmul_4bit(x.to(layout.compute_dtype), packed.t(), quant_state=expert_quant_state(experts, name, expert))
+    out = out.to(x.dtype)
+    factors = experts.active_lora.get(name)
+    if factors is not None:
+        lora_b, lora_a, scaling = factors  # (E, out, r), (E, r, in)
+        out = out + scaling * nn.functional.linear(nn.functional.linear(x, lora_a[expert].to(x.dtype)),
+                                                   lora_b[expert].to(x.dtype))
+    return out
+
+
+def nf4_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                        top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' eager experts loop, over quantized experts: only experts that received tokens are touched."""
+    final_hidden_states = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        expert_mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
+        experts_hit = expert_mask.sum(dim=(-1, -2)).nonzero().flatten().tolist()
+    for expert in experts_hit:
+        top_k_pos, token_idx = torch.where(expert_mask[expert])
+        gate_up = expert_linear(self, "gate_up_proj", expert, hidden_states[token_idx])
+        current = expert_linear(self, "down_proj", expert, self._apply_gate(gate_up))
+        current = current * top_k_weights[token_idx, top_k_pos, None]
+        final_hidden_states.index_add_(0, token_idx, current.to(final_hidden_states.dtype))
+    return final_hidden_states
+
+
+ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, nf4_experts_forward)
+
+
+# ---------------------------------------------------------------- LoRA on quantized experts
+
+class QuantizedExpertsLora(ParamWrapper):
+    """PEFT's LoRA wrapper of a fused expert parameter, for experts stored in NF4.
+
+    Same weights and names as ParamWrapper (so the adapter saves and loads like any PEFT adapter), but instead of
+    re-parametrizing the whole parameter to W + B A (impossible without W in full precision) the factors are handed
+    to the NF4 forward, which applies them per expert.
+    """
+
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        # The stored parameter holds packed bytes; the logical shape is (E, out, in), as ParamWrapper expects.
+        out_features, in_features = module.nf4_layouts[self.parameter_name].shape
+        self.num_experts = module.num_experts
+        self._param_ndim = 3
+        return out_features, in_features  # ParamWrapper swaps them for the (E, out, in) layout of transformers 5
+
+    def expert_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(B (E, out, r), A (E, r, in), scaling): the layout ParamWrapper.get_delta_factors reads."""
+        weight_a = self.lora_A[adapter].weight
+        weight_b = self.lora_B[adapter].weight
+        lora_a = weight_a.reshape(self.num_experts, -1, weight_a.shape[-1])
+        lora_b = weight_b.reshape(weight_b.shape[0], -1, self.num_experts).permute(2, 0, 1)
+        return lora_b, lora_a, self.scaling[adapter]
+
+    @contextlib.contextmanager
+    def _activate_lora(self, active_adapters: list[str]):
+        adapters = [adapter for adapter in active_adapters if adapter in self.lora_A]
+        if not adapters:
+            yield
+            return
+        if len(adapters) > 1:
+            raise ValueError(f"LoRA on NF4 experts supports one active adapter at a time, not {adapters}.")
+        experts = self.get_base_layer()
+        experts.active_lora[self.parameter_name] = self.expert_factors(adapters[0])
+        try:
+            yield
+        finally:
+            del experts.active_lora[self.parameter_name]
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise ValueError("an adapter cannot be merged into NF4 experts (it would be rounded away); merge it into the "
+                         "full-precision base: `moetune merge ADAPTER_DIR --out DIR`.")
+
+
+# peft recognises parameter wrappers by class name (tuners_utils._inject_parameters) when it nests the second expert
+# parameter's wrapper or adds another adapter (TRL's DPO reference copy); ours must answer to that name.
+QuantizedExpertsLora.__name__ = QuantizedExpertsLora.__qualname__ = "ParamWrapper"
+
+
+def use_quantized_expert_lora(config: PeftLoraConfig, model: nn.Module) -> PeftLoraConfig:
+    """Make PEFT wrap `model`'s NF4 experts with QuantizedExpertsLora (PEFT's custom-module dispatch)."""
+    classes = {type(module) for module in model.modules() if is_quantized_experts(module)}
+    if classes:
+        config._register_custom_module({cls: QuantizedExpertsLora for cls in classes})
+    return config
+
+
+def load_adapter(model: nn.Module, adapter_dir: str, trainable: bool):
+    """A saved PEFT adapter on a model with NF4 experts (PeftModel.from_pretrained with our expert wrapper)."""
+    from peft import PeftConfig, PeftModel
+
+    config = use_quantized_expert_lora(PeftConfig.from_pretrained(adapter_dir), model)
+    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable, config=config)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a weight occupies, with the scales bitsandbytes keeps on its quantized Linear weights (not as buffers)."""
+    extra = []
+    state = getattr(tensor, "quant_state", None)  # Params4bit: block scales, and their own scales (double quant)
+    if state is not None:
+        extra += [state.absmax, state.offset] + ([state.state2.absmax] if state.state2 is not None else [])
+    extra.append(getattr(tensor, "SCB", None))  # Int8Params: one scale per row
+    return sum(t.numel() * t.element_size() for t in [tensor, *extra] if isinstance(t, torch.Tensor))
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer: what the model itself occupies."""
+    return sum(tensor_bytes(t) for t in [*model.parameters(), *model.buffers()])
+
+
+def bitsandbytes_config(bits: int, double_quant: bool, compute_dtype: torch.dtype):
+    """The stock bitsandbytes quantization of the Linear layers, which quantize_experts completes."""
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=compute_dtype)

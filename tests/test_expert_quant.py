@@ -1,0 +1,203 @@
+"""QLoRA on the experts: NF4 expert storage and forward, LoRA over it as a standard PEFT adapter, SFT then DPO."""
+
+import copy
+import json
+
+import peft
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from finetune import adapters, expert_quant, moe
+from finetune.cli import main
+from finetune.models import load_quantized, load_stage_model
+from finetune.recipe import LoraConfig, RecipeError, load_recipe, parse_recipe
+from test_cli import write_recipe
+from test_finetune import ARCHITECTURES, batch, tiny_model
+
+QLORA = ["model.lora.stages=[sft,dpo]", "model.quantization.bits=4", "sft.gradient_checkpointing=true",
+         "dpo.gradient_checkpointing=true", "sft.learning_rate=1.0e-2", "dpo.learning_rate=1.0e-2"]
+
+
+def quantized_copy(model, double_quant=True):
+    quantized = copy.deepcopy(model)
+    expert_quant.quantize_experts(quantized, double_quant=double_quant, compute_dtype=torch.float32)
+    return quantized
+
+
+def experts_modules(model):
+    return [module for module in model.modules() if expert_quant.is_quantized_experts(module) or moe.is_experts(module)]
+
+
+def dequantized_copy(model, quantized):
+    """The full-precision model with its experts replaced by the NF4 round trip of their weights."""
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for target, source in zip(experts_modules(rounded), experts_modules(quantized)):
+            for name in moe.EXPERT_PARAMETERS:
+                getattr(target, name).copy_(torch.stack(
+                    [expert_quant.dequantize_expert(source, name, e) for e in range(source.num_experts)]))
+    return rounded
+
+
+def relative_error(actual, expected):
+    return float((actual - expected).norm() / expected.norm())
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_nf4_experts_match_full_precision_within_nf4_error(architecture):
+    model, tokenizer = tiny_model(architecture)
+    quantized = quantized_copy(model)
+    for full, nf4 in zip(experts_modules(model), experts_modules(quantized)):
+        for name in moe.EXPERT_PARAMETERS:
+            weights = getattr(full, name)
+            rounded = torch.stack([expert_quant.dequantize_expert(nf4, name, e) for e in range(nf4.num_experts)])
+            # NF4 with one scale per 64 weights: ~9% relative error on Gaussian weights; never exact.
+            assert 0.02 < relative_error(rounded, weights) < 0.12
+        hidden = torch.randn(10, full.gate_up_proj.shape[-1])
+        top_k_index = torch.randint(0, full.num_experts, (10, 2))
+        top_k_weights = torch.rand(10, 2)
+        with torch.no_grad():  # two NF4 matrices in series: about sqrt(2) times one matrix's error
+            assert relative_error(nf4(hidden, top_k_index, top_k_weights), full(hidden, top_k_index, top_k_weights)) < 0.2
+    inputs = batch(tokenizer)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        assert relative_error(quantized(**inputs).logits, expected) < 0.1
+        # the forward is exactly the full-precision one on the rounded weights: no other approximation
+        assert torch.allclose(quantized(**inputs).logits, dequantized_copy(model, quantized)(**inputs).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("double_quant, most_bits", [(True, 4.2), (False, 4.6)])
+def test_expert_weights_take_about_four_bits(double_quant, most_bits):
+    config = AutoConfig.for_model("mixtral", vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+    model = AutoModelForCausalLM.from_config(config)
+    expert_weights = sum(getattr(m, n).numel() for m in experts_modules(model) for n in moe.EXPERT_PARAMETERS)
+    stored = sum(expert_quant.model_bytes(m) for m in experts_modules(quantized_copy(model, double_quant)))
+    # 4 bits per weight, plus one scale per 64 weights (fp32, or 8-bit with one fp32 per 256 scales)
+    assert 4.0 < 8 * stored / expert_weights < most_bits
+
+
+def random_lora_on(model, seed=1):
+    """A PEFT adapter on attention and experts with seeded random weights (B non-zero, so it changes the model)."""
+    peft_model = peft.get_peft_model(model, adapters.peft_config(model, LoraConfig(targets=["attention", "experts"])))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return peft_model.eval()
+
+
+def test_lora_on_nf4_experts_is_pefts_lora_on_the_rounded_weights(tmp_path):
+    model, tokenizer = tiny_model()
+    quantized = quantized_copy(model)
+    rounded = dequantized_copy(model, quantized)
+    inputs = batch(tokenizer)
+    with torch.no_grad():
+        base_logits = quantized(**inputs).logits
+    peft_model = random_lora_on(quantized)
+    experts = peft_model.base_model.model.model.layers[0].mlp.experts
+    assert isinstance(experts, expert_quant.QuantizedExpertsLora)
+    peft_model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        logits = peft_model(**inputs).logits
+        # PEFT's own ParamWrapper on full-precision weights equal to the NF4 ones gives the same model: same layout
+        reference = peft.PeftModel.from_pretrained(rounded, tmp_path).eval()
+        assert type(reference.base_model.model.model.layers[0].mlp.experts) is peft.tuners.lora.layer.ParamWrapper
+        assert torch.allclose(logits, reference(**inputs).logits, atol=1e-5)
+        assert not torch.allclose(logits, base_logits, atol=1e-3)
+        with peft_model.disable_adapter():
+            assert torch.equal(peft_model(**inputs).logits, base_logits)
+    with pytest.raises(ValueError, match="moetune merge"):
+        peft_model.merge_and_unload()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gradients_reach_only_adapters_and_match_with_activation_checkpointing(tmp_path, bits):
+    model, tokenizer = tiny_model()
+    model.save_pretrained(tmp_path / "base")
+    recipe = parse_recipe({"run_dir": str(tmp_path / "run"), "model": {
+        "name_or_path": str(tmp_path / "base"), "lora": {"targets": ["attention", "experts"]},
+        "quantization": {"bits": bits}}}, "<test>")
+    inputs = batch(tokenizer)
+    gradients = []
+    for checkpointing in (False, True):
+        base = load_quantized(recipe, "base")
+        peft_model = random_lora_on(base).train()
+        if checkpointing:
+            peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            peft_model.enable_input_require_grads()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.shape, t.dtype)) or t, lambda t: t):
+            loss = peft_model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        with_grad = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None}
+        assert with_grad and all("lora_" in name for name in with_grad)
+        assert {n for n, p in peft_model.named_parameters() if p.requires_grad} == set(with_grad)
+        assert sum("mlp.experts" in name for name in with_grad) == 2 * 2 * 2  # 2 layers x 2 parameters x (A, B)
+        assert not any("mlp.gate" in name for name in with_grad)  # the router stays frozen
+        # backward dequantizes experts again: autograd never keeps an expert matrix in full precision
+        expert_shapes = {tuple(getattr(m, "nf4_layouts")[n].shape) for m in experts_modules(base)
+                         if expert_quant.is_quantized_experts(m) for n in moe.EXPERT_PARAMETERS}
+        assert not [s for s, dtype in saved if tuple(s) in expert_shapes and dtype.is_floating_point]
+        gradients.append(with_grad)
+    assert gradients[0].keys() == gradients[1].keys()
+    for name in gradients[0]:
+        assert torch.allclose(gradients[0][name], gradients[1][name], atol=1e-5), name
+
+
+def test_quantization_needs_lora_and_four_or_eight_bits(tmp_path):
+    raw = {"run_dir": "r", "model": {"init": {}, "quantization": {"bits": 4}}}
+    with pytest.raises(RecipeError, match="model.quantization needs model.lora"):
+        parse_recipe(raw, "r.yaml")
+    raw["model"].update(lora={}, quantization={"bits": 3})
+    with pytest.raises(RecipeError, match="bits is 3; choose 4 or 8"):
+        parse_recipe(raw, "r.yaml")
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("qlora")
+    recipe = write_recipe(tmp_path)
+    assert main(["run", str(recipe), "--stages", "prep,sft,dpo", *QLORA]) == 0
+    return load_recipe(recipe, QLORA), tmp_path / "run"
+
+
+def losses(stage_dir):
+    return [entry["loss"] for entry in json.loads((stage_dir / "metrics.json").read_text()) if "loss" in entry]
+
+
+def test_sft_then_dpo_train_adapters_on_the_quantized_base(qlora_run):
+    _, run = qlora_run
+    for stage in ("sft", "dpo"):
+        assert (run / stage / "adapter_model.safetensors").is_file()
+        assert losses(run / stage)[-1] < losses(run / stage)[0]
+    manifest = json.loads((run / "dpo" / "moetune_stage.json").read_text())
+    # DPO continued the SFT adapter (never merged into the 4-bit base): its adapter sits on the base directly
+    assert manifest["outputs"]["parent"] == "base"
+    assert not (run / "dpo" / "ref").exists()  # TRL's frozen reference copy is not part of the output
+    # The reference is the SFT adapter: at the first step policy and reference agree (up to TRL's bf16 cast of the
+    # trained copy), where the base (adapter disabled) would differ by the whole SFT update.
+    first = next(entry for entry in json.loads((run / "dpo" / "metrics.json").read_text()) if "loss" in entry)
+    assert abs(first["rewards/chosen"]) < 0.01 and abs(first["rewards/rejected"]) < 0.01
+
+
+def test_adapter_trained_on_nf4_loads_on_the_full_precision_base_and_merges(qlora_run, tmp_path):
+    recipe, run = qlora_run
+    tokenizer = AutoTokenizer.from_pretrained(run / "base")
+    inputs = batch(tokenizer)
+    with torch.no_grad():
+        quantized = expert_quant.load_adapter(load_quantized(recipe, "base"), str(run / "dpo"), trainable=False)
+        quantized_logits = quantized.eval()(**inputs).logits
+        full = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "base"), run / "dpo").eval()
+        full_logits = full(**inputs).logits
+        with full.disable_adapter():
+            base_logits = full(**inputs).logits
+        # NF4 rounding of the base moves the logits far less than the trained adapter does
+        assert (quantized_logits - full_logits).abs().max() < 0.5 * (full_logits - base_logits).abs().max()
+        assert torch.allclose(load_stage_model(recipe, "dpo")(**inputs).logits, full_logits, atol=1e-4)
+    assert main(["merge", str(run / "dpo"), "--out", str(tmp_path / "merged")]) == 0
+    with torch.no_grad():
+        merged_logits = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(**inputs).logits
+    assert torch.allclose(merged_logits, full_logits, atol=1e-4)
