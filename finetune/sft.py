@@ -6,7 +6,7 @@ from pathlib import Path
 
 from trl import SFTTrainer
 
-from finetune import adapters
+from finetune import adapters, distributed
 from finetune.models import build_base, load_stage_model, load_tokenizer, seed_everything
 from finetune.recipe import Recipe
 from finetune.stage import Stage, require_complete
@@ -25,12 +25,15 @@ def run(recipe: Recipe, force: bool = False) -> Path:
         return stage.final
 
     seed_everything(recipe.seed)
+    # The config first: under DeepSpeed ZeRO-3 it makes from_pretrained load each process's shard only.
+    args = trainer_config("sft", recipe, stage.work)
     tokenizer = load_tokenizer(recipe)
     model = load_stage_model(recipe, "base")
+    distributed.mark_moe_blocks_as_zero3_leaves(model)
     lora = recipe.model.lora_for("sft")
     trainer = SFTTrainer(
         model=model,
-        args=trainer_config("sft", recipe, stage.work),
+        args=args,
         train_dataset=require_train_split(recipe, "sft", "sft"),
         eval_dataset=load_split(recipe, "sft", "test"),
         processing_class=tokenizer,

@@ -13,6 +13,7 @@ import torch
 from datasets import load_dataset
 from transformers import TrainerCallback
 
+from finetune import distributed
 from finetune.hub import push_stage_if_configured
 from finetune.models import resolve_dtype
 from finetune.moe import ExpertLoadCallback, is_moe_model
@@ -118,6 +119,8 @@ def train_resuming(trainer, stage: Stage) -> None:
     if newest is not None:
         print(f"[{stage.name}] resuming from {newest[1]} (step {newest[0]})")
         restore_full_weights(trainer, newest[1])
+    if distributed.is_main_process():
+        print(f"[{stage.name}] {describe_global_batch(trainer.args)}", flush=True)
     stopper = StopOnSignal()
     trainer.add_callback(stopper)
     previous = {signum: signal.signal(signum, stopper.request) for signum in (signal.SIGTERM, signal.SIGINT)}
@@ -152,27 +155,52 @@ def remove_checkpoints(stage: Stage) -> None:
 
 
 def save_stage(trainer, tokenizer, recipe: Recipe, stage: Stage, parent: str) -> Path:
-    """Write weights or adapter, tokenizer, resolved recipe and metrics; then commit the stage."""
-    remove_checkpoints(stage)
+    """Write weights or adapter, tokenizer, resolved recipe and metrics; then commit the stage.
+
+    Every process calls this: saving gathers ZeRO-3/FSDP shards from all of them, and Trainer writes the weights
+    from the main process only. The other files, the summary and the push are the main process's alone.
+    """
+    distributed.check_replicas_agree(trainer.model, stage.name)
+    main = distributed.is_main_process()
+    if main:
+        remove_checkpoints(stage)
     trainer.save_model(str(stage.work))
+    summary = write_stage_files(trainer, tokenizer, recipe, stage, parent) if main else {}
+    final = stage.commit(summary)
+    if main:
+        print_summary(stage.name, summary, final, trainer.state.log_history)
+        push_stage_if_configured(recipe, final)
+    return final
+
+
+def write_stage_files(trainer, tokenizer, recipe: Recipe, stage: Stage, parent: str) -> dict:
+    """Tokenizer, resolved recipe and metrics next to the weights; returns the manifest's summary."""
     tokenizer.save_pretrained(str(stage.work))
     (stage.work / "recipe.yaml").write_text(dump_recipe(recipe))
     history = trainer.state.log_history
     (stage.work / "metrics.json").write_text(json.dumps(history, indent=1))
-    kind = "adapter" if (stage.work / "adapter_config.json").is_file() else "full"
     losses = [entry["loss"] for entry in history if "loss" in entry]
-    summary = {
-        "kind": kind,
+    return {
+        "kind": "adapter" if (stage.work / "adapter_config.json").is_file() else "full",
         "parent": parent,
         "steps": trainer.state.global_step,
+        "processes": trainer.args.world_size,
+        "global_batch": global_batch(trainer.args),
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "runtime_s": next((e["train_runtime"] for e in history if "train_runtime" in e), None),
     }
-    final = stage.commit(summary)
-    print_summary(stage.name, summary, final, history)
-    push_stage_if_configured(recipe, final)
-    return final
+
+
+def global_batch(args) -> int:
+    """Sequences (SFT) or preference pairs (DPO) per optimizer step, over every process."""
+    return args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+
+
+def describe_global_batch(args) -> str:
+    return (f"global batch {global_batch(args)} = {args.per_device_train_batch_size} per device x "
+            f"{args.world_size} process{'es' if args.world_size > 1 else ''} x "
+            f"{args.gradient_accumulation_steps} accumulation step{'s' if args.gradient_accumulation_steps > 1 else ''}")
 
 
 def print_summary(name: str, summary: dict, folder: Path, history: list[dict]) -> None:
