@@ -86,6 +86,14 @@ def check_replicas_agree(model: nn.Module, stage: str) -> None:
         print(f"[{stage}] weights identical on all {world_size()} processes (sha256 {digests[0]})", flush=True)
 
 
+def warn_if_fsdp_without_gpus() -> None:
+    """accelerate runs an FSDP launch on CPUs as plain DDP, without a word: whole weights on every process."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not torch.cuda.is_available() \
+            and is_main_process():
+        print("[fsdp] no GPUs: accelerate runs FSDP launches on CPUs as plain DDP (every process holds all the "
+              "weights). Use zero3 (DeepSpeed runs on CPUs) or GPUs to shard.", flush=True)
+
+
 def zero3_enabled() -> bool:
     from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -93,11 +101,13 @@ def zero3_enabled() -> bool:
 
 
 def mark_moe_blocks_as_zero3_leaves(model: nn.Module) -> None:
-    """Under DeepSpeed ZeRO-3, gather each sparse MoE block's weights as one unit.
+    """Under DeepSpeed ZeRO-3, gather each sparse MoE block's weights (router and all experts) as one unit.
 
-    ZeRO-3 fetches a module's weights when its forward starts and prefetches what ran last step. A MoE block runs
-    only the experts its tokens were routed to, which differs between processes, so the processes ask for
-    different weights and wait on each other forever (axolotl#1534, trl#1268). A leaf module is gathered whole.
+    ZeRO-3 fetches a module's weights when its forward starts. Where each expert is its own module (transformers 4,
+    remote-code models), experts that no token on a process was routed to never run there, so the processes ask for
+    different weights and wait on each other forever (axolotl#1534, trl#1268). transformers 5 fuses the experts
+    into one module that always runs (a 2-process ZeRO-3 run on the tiny model trains without this), but a leaf
+    block is still one gather instead of several, and stays safe for per-expert layouts.
     The block class differs per architecture (MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock, OlmoeSparseMoeBlock),
     so it is found in the model rather than listed in the launch config (accelerate refuses names it cannot find).
     """

@@ -121,6 +121,7 @@ def train_resuming(trainer, stage: Stage) -> None:
         restore_full_weights(trainer, newest[1])
     if distributed.is_main_process():
         print(f"[{stage.name}] {describe_global_batch(trainer.args)}", flush=True)
+    distributed.warn_if_fsdp_without_gpus()
     stopper = StopOnSignal()
     trainer.add_callback(stopper)
     previous = {signum: signal.signal(signum, stopper.request) for signum in (signal.SIGTERM, signal.SIGINT)}

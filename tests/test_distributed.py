@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -120,6 +119,18 @@ def test_halved_per_device_batch_equals_one_process(two_processes, tmp_path_fact
     one = one_process_run(tmp_path_factory, "doubled",
                           "sft.per_device_train_batch_size=16", "dpo.per_device_train_batch_size=8")
     assert_same_weights(run, one, HALVED_BATCH_TOL)
+
+
+def test_zero3_on_two_processes_trains_like_ddp(two_processes, tmp_path_factory):
+    """DeepSpeed ZeRO-3 runs on CPUs too (gloo): sharded weights, MoE blocks as leaves, same result as DDP."""
+    pytest.importorskip("deepspeed", reason="deepspeed is an optional extra: pip install -e '.[deepspeed]'")
+    recipe = recipe_in(tmp_path_factory, "zero3")
+    out = run_subprocess([sys.executable, "-m", "finetune", "run", str(recipe), "--stages", "prep,sft,dpo",
+                          "--accelerate", "zero3", "--num-processes", "2", "--main-process-port", "0", *NO_AUX_LOSS])
+    # once per training stage (printed by the main process only)
+    assert out.count("[zero3] MoE blocks gathered whole (ZeRO-3 leaf modules): MixtralSparseMoeBlock") == 2
+    # ZeRO-3 reduce-scatters the gradients where DDP all-reduces them: another summation order.
+    assert_same_weights(two_processes[0], recipe.parent / "run", SAME_MICRO_BATCHES_TOL)
 
 
 def test_prep_and_eval_refuse_to_run_once_per_process(tmp_path, monkeypatch, capsys):
