@@ -77,6 +77,10 @@ def check_replicas_agree(model: nn.Module, stage: str) -> None:
     """
     if world_size() == 1 or os.environ.get(CHECK_REPLICAS) != "1":
         return
+    if zero3_enabled() or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        if is_main_process():
+            print(f"[{stage}] {CHECK_REPLICAS}: the weights are sharded (ZeRO-3/FSDP); no replicas to compare.")
+        return
     digests = [None] * world_size()
     torch.distributed.all_gather_object(digests, weights_digest(model))
     if len(set(digests)) != 1:
