@@ -5,6 +5,7 @@ compared with 1-process runs, and the shipped launch configs checked through acc
 moetune's use_cpu default gives two real gloo processes.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -31,6 +32,8 @@ SAME_MICRO_BATCHES_TOL = 1e-6
 # One process multiplying batches of 16 where two multiply batches of 8 sums inside the matmuls in another order
 # (measured: max difference 3e-7 after 6 SFT + 3 DPO steps).
 HALVED_BATCH_TOL = 1e-5
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="deepspeed is an optional extra: pip install -e '.[deepspeed]'")
 
 
 def recipe_in(tmp_path_factory, name):
@@ -121,9 +124,9 @@ def test_halved_per_device_batch_equals_one_process(two_processes, tmp_path_fact
     assert_same_weights(run, one, HALVED_BATCH_TOL)
 
 
+@needs_deepspeed
 def test_zero3_on_two_processes_trains_like_ddp(two_processes, tmp_path_factory):
     """DeepSpeed ZeRO-3 runs on CPUs too (gloo): sharded weights, MoE blocks as leaves, same result as DDP."""
-    pytest.importorskip("deepspeed", reason="deepspeed is an optional extra: pip install -e '.[deepspeed]'")
     recipe = recipe_in(tmp_path_factory, "zero3")
     out = run_subprocess([sys.executable, "-m", "finetune", "run", str(recipe), "--stages", "prep,sft,dpo",
                           "--accelerate", "zero3", "--num-processes", "2", "--main-process-port", "0", *NO_AUX_LOSS])
@@ -217,9 +220,10 @@ def test_fsdp2_wraps_each_decoder_layer(architecture, monkeypatch):
                for cls in moe.moe_block_classes(model))
 
 
+@needs_deepspeed
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_zero3_makes_each_sparse_moe_block_a_leaf(architecture, monkeypatch):
-    deepspeed_utils = pytest.importorskip("deepspeed.utils", reason="deepspeed is an optional extra (GPU machines)")
+    import deepspeed.utils as deepspeed_utils
     from accelerate.utils import DeepSpeedPlugin
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
