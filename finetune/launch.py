@@ -65,9 +65,22 @@ def launch_training(stages: list[str], args) -> None:
                          f"messages above say why.")
 
 
+def machine_count(options: list[str]) -> int:
+    """The --num-machines (or --num_machines) given to accelerate; the shipped configs say 1."""
+    for index, option in enumerate(options):
+        name, _, value = option.partition("=")
+        if name.replace("_", "-") == "--num-machines":
+            return int(value or options[index + 1])
+    return 1
+
+
 def run_with_accelerate(stages: list[str], args, run_here) -> None:
     """Prep here, the training stages in one accelerate launch, eval here: in pipeline order."""
     training = [name for name in stages if name in TRAINING_STAGES]
+    single = [name for name in stages if name in SINGLE_PROCESS_STAGES]
+    if single and machine_count(args.accelerate_options) > 1:
+        raise StageError(f"{', '.join(single)} would run once on every node: run `moetune prep RECIPE` once before "
+                         f"and `moetune eval RECIPE` once after, and `--stages sft,dpo` on the nodes.")
     for name in stages:
         if name not in TRAINING_STAGES:
             run_here(name)

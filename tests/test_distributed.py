@@ -157,6 +157,14 @@ def test_shorthand_passes_accelerate_options_and_overrides_apart():
     assert command[10:] == ["-m", "finetune", "run", "r.yaml", "--stages", "sft,dpo", *overrides, "--force"]
     with pytest.raises(StageError, match="ddp, fsdp2, zero2, zero3"):
         launch.config_path("zero4")
+    assert launch.machine_count(["--num_machines=2"]) == launch.machine_count(["--num-machines", "2"]) == 2
+
+
+def test_run_on_several_nodes_leaves_prep_and_eval_to_one_process(tmp_path, capsys):
+    recipe = write_recipe(tmp_path)
+    assert main(["run", str(recipe), "--accelerate", "zero3", "--num-machines", "2", "--machine-rank", "1"]) == 2
+    assert "prep, eval would run once on every node" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------- the launch configs, as accelerate reads them
