@@ -126,3 +126,23 @@ def mark_moe_blocks_as_zero3_leaves(model: nn.Module) -> None:
         set_z3_leaf_modules(model, classes)
         if is_main_process():
             print(f"[zero3] MoE blocks gathered whole (ZeRO-3 leaf modules): {', '.join(c.__name__ for c in classes)}")
+
+
+def merge_and_unload(peft_model: nn.Module) -> nn.Module:
+    """peft's merge_and_unload, also for a base that ZeRO-3 loaded partitioned (each process holds a shard).
+
+    Merging adds the adapter's update to the full base weight, so under ZeRO-3 each adapted module's weights are
+    gathered whole while it merges (one module at a time: a Mixtral layer's experts, 2.8 GB in bf16, not the model).
+    """
+    if not zero3_enabled():
+        return peft_model.merge_and_unload()
+    import deepspeed
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    # Every tuner merges its own tensor, nested ones too (the two fused expert tensors of one module are wrapped
+    # one inside the other); unload() then removes the wrappers, like merge_and_unload.
+    for module in peft_model.modules():
+        if isinstance(module, BaseTunerLayer):
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+                module.merge()
+    return peft_model.unload()

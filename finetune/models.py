@@ -179,7 +179,7 @@ def load_stage_model(recipe: Recipe, name: str):
     from peft import PeftModel
 
     parent = load_stage_model(recipe, outputs["parent"])
-    return PeftModel.from_pretrained(parent, str(folder)).merge_and_unload()
+    return distributed.merge_and_unload(PeftModel.from_pretrained(parent, str(folder)))
 
 
 def load_for_inference(recipe: Recipe, name: str):

@@ -32,6 +32,9 @@ SAME_MICRO_BATCHES_TOL = 1e-6
 # One process multiplying batches of 16 where two multiply batches of 8 sums inside the matmuls in another order
 # (measured: max difference 3e-7 after 6 SFT + 3 DPO steps).
 HALVED_BATCH_TOL = 1e-5
+# ZeRO-3 also merges the SFT adapter into gathered shards, and Adam's first steps divide by the root of tiny second
+# moments, which magnifies rounding differences (measured 1.3e-6; merging the adapter wrongly gives 4e-3).
+ZERO3_TOL = 1e-5
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                      reason="deepspeed is an optional extra: pip install -e '.[deepspeed]'")
 
@@ -63,14 +66,9 @@ def one_process_run(tmp_path_factory, name, *overrides):
     return recipe.parent / "run"
 
 
-def weights(run, stage):
-    name = "model.safetensors" if stage == "sft" else "adapter_model.safetensors"
-    return load_file(str(run / stage / name))
-
-
-def assert_same_weights(run_a, run_b, tolerance):
-    for stage in ("sft", "dpo"):
-        a, b = weights(run_a, stage), weights(run_b, stage)
+def assert_same_weights(run_a, run_b, tolerance, sft_weights="model.safetensors"):
+    for stage, name in (("sft", sft_weights), ("dpo", "adapter_model.safetensors")):
+        a, b = load_file(str(run_a / stage / name)), load_file(str(run_b / stage / name))
         assert a.keys() == b.keys()
         worst = max((a[k] - b[k]).abs().max().item() for k in a)
         assert worst <= tolerance, f"{stage}: max weight difference {worst} > {tolerance}"
@@ -125,15 +123,19 @@ def test_halved_per_device_batch_equals_one_process(two_processes, tmp_path_fact
 
 
 @needs_deepspeed
-def test_zero3_on_two_processes_trains_like_ddp(two_processes, tmp_path_factory):
-    """DeepSpeed ZeRO-3 runs on CPUs too (gloo): sharded weights, MoE blocks as leaves, same result as DDP."""
+def test_zero3_on_two_processes_trains_like_one_process(tmp_path_factory):
+    """DeepSpeed ZeRO-3 runs on CPUs too (gloo): sharded weights, MoE blocks as leaves. LoRA in both stages, so DPO
+    starts by merging the SFT adapter into a base that ZeRO-3 loaded in shards."""
+    adapters_in_both = ["model.lora.stages=[sft,dpo]", *NO_AUX_LOSS]
     recipe = recipe_in(tmp_path_factory, "zero3")
     out = run_subprocess([sys.executable, "-m", "finetune", "run", str(recipe), "--stages", "prep,sft,dpo",
-                          "--accelerate", "zero3", "--num-processes", "2", "--main-process-port", "0", *NO_AUX_LOSS])
+                          "--accelerate", "zero3", "--num-processes", "2", "--main-process-port", "0",
+                          *adapters_in_both])
     # once per training stage (printed by the main process only)
     assert out.count("[zero3] MoE blocks gathered whole (ZeRO-3 leaf modules): MixtralSparseMoeBlock") == 2
-    # ZeRO-3 reduce-scatters the gradients where DDP all-reduces them: another summation order.
-    assert_same_weights(two_processes[0], recipe.parent / "run", SAME_MICRO_BATCHES_TOL)
+    one = one_process_run(tmp_path_factory, "zero3-reference", *adapters_in_both,
+                          "sft.gradient_accumulation_steps=2", "dpo.gradient_accumulation_steps=2")
+    assert_same_weights(recipe.parent / "run", one, ZERO3_TOL, sft_weights="adapter_model.safetensors")
 
 
 def test_prep_and_eval_refuse_to_run_once_per_process(tmp_path, monkeypatch, capsys):
