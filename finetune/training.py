@@ -84,16 +84,22 @@ def checkpoints(work: Path) -> list[tuple[int, Path]]:
 
 
 def is_complete(checkpoint: Path) -> bool:
-    """Trainer writes weights, optimizer and trainer_state.json in turn; a kill in between leaves a partial one."""
+    """Trainer writes weights, optimizer and trainer_state.json in turn; a kill in between leaves a partial one.
+
+    DeepSpeed saves the optimizer in its own folder (global_step<N>/) and writes the file `latest` when done.
+    """
     has_weights = any((checkpoint / name).is_file() for name in WEIGHTS)
-    return has_weights and (checkpoint / "optimizer.pt").is_file() and (checkpoint / "trainer_state.json").is_file()
+    has_optimizer = (checkpoint / "optimizer.pt").is_file() or (checkpoint / "latest").is_file()
+    return has_weights and has_optimizer and (checkpoint / "trainer_state.json").is_file()
 
 
 def newest_complete_checkpoint(stage: Stage) -> tuple[int, Path] | None:
     for step, path in checkpoints(stage.work):
         if is_complete(path):
             return step, path
-        print(f"[{stage.name}] {path} is incomplete (interrupted while saving): falling back to the previous checkpoint.")
+        if distributed.is_main_process():
+            print(f"[{stage.name}] {path} is incomplete (interrupted while saving): falling back to the previous "
+                  f"checkpoint.")
     return None
 
 
@@ -117,7 +123,8 @@ def train_resuming(trainer, stage: Stage) -> None:
     """Train from the newest complete checkpoint in the work folder, if any; stop cleanly on SIGTERM or Ctrl-C."""
     newest = newest_complete_checkpoint(stage)
     if newest is not None:
-        print(f"[{stage.name}] resuming from {newest[1]} (step {newest[0]})")
+        if distributed.is_main_process():
+            print(f"[{stage.name}] resuming from {newest[1]} (step {newest[0]})")
         restore_full_weights(trainer, newest[1])
     if distributed.is_main_process():
         print(f"[{stage.name}] {describe_global_batch(trainer.args)}", flush=True)
@@ -143,8 +150,8 @@ def restore_full_weights(trainer, checkpoint: Path) -> None:
     file as a raw, non-strict state dict: the fused expert and router weights would silently keep their start values.
     from_pretrained converts the layout. Adapter checkpoints are loaded by PEFT and need none of this.
     """
-    if (checkpoint / "adapter_config.json").is_file():
-        return
+    if (checkpoint / "adapter_config.json").is_file() or trainer.is_deepspeed_enabled:
+        return  # DeepSpeed restores the weights from its own files (global_step<N>/), in the model's layout
     saved = type(trainer.model).from_pretrained(str(checkpoint), dtype=trainer.model.dtype)
     trainer.model.load_state_dict(saved.state_dict())
 
