@@ -91,16 +91,16 @@ def unreadable_file(folder: Path, names) -> str | None:
     return None
 
 
-def newest_usable_checkpoint(work: Path, stage_name: str, remove_unusable: bool) -> tuple[int, Path] | None:
-    """The newest checkpoint that passes checkpoint_problem; unusable newer ones are reported (and removed, so
-    that Trainer does not later write into a folder that still holds stale files)."""
+def newest_usable_checkpoint(work: Path, stage_name: str, main_process: bool = True) -> tuple[int, Path] | None:
+    """The newest checkpoint that passes checkpoint_problem. The main process reports unusable newer ones and
+    removes them, so that Trainer does not later write into a folder that still holds stale files."""
     for step, path in checkpoints(work):
         problem = checkpoint_problem(path)
         if problem is None:
             return step, path
-        print(f"[{stage_name}] checkpoint {path} is unusable: {problem}. "
-              f"{'Removing it and falling' if remove_unusable else 'Falling'} back to the previous checkpoint.")
-        if remove_unusable:
+        if main_process:
+            print(f"[{stage_name}] checkpoint {path} is unusable: {problem}. Removing it and falling back to the "
+                  f"previous checkpoint.")
             shutil.rmtree(path)
     return None
 

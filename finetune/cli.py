@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 
+from finetune import distributed, launch
 from finetune.disk_errors import raise_disk_error
 from finetune.recipe import Recipe, RecipeError, describe_fields, load_recipe, trainer_config_class
 from finetune.stage import StageError
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_recipe_arguments(run)
     run.add_argument("--stages", default=",".join(STAGES),
                      help="Comma-separated stages to run, in pipeline order (default: %(default)s).")
+    add_accelerate_argument(run)
     for name, (_, sections, description) in STAGES.items():
         stage = commands.add_parser(name, help=description, description=description,
                                     formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -78,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name in TRAINER_SECTIONS:
             stage.add_argument("--trl-fields", action="store_true",
                                help=f"List every TRL field the {name}: section accepts, with its help, and exit.")
+            add_accelerate_argument(stage)
     add_hub_commands(commands)
     return parser
 
@@ -115,10 +118,20 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Redo stages whose outputs are already complete (replaces those outputs).")
 
 
+def add_accelerate_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--accelerate", metavar="CONFIG",
+                        help="Run the training stages on several GPUs under `accelerate launch` with this config: "
+                             "ddp, zero2, zero3, fsdp2 (recipes/accelerate/) or a path. Options after it go to "
+                             "accelerate, e.g. --num-processes 8, --num-machines 2 --machine-rank 0 "
+                             "--main-process-ip HOST. `run` keeps prep and eval in one process.")
+
+
 def run_stage(name: str, recipe: Recipe, force: bool) -> None:
     module = importlib.import_module(STAGES[name][0])
     started = time.time()
-    print(f"== {name}: {STAGES[name][2]}", flush=True)
+    main_process = distributed.is_main_process()  # in a multi-process run, one progress line per stage
+    if main_process:
+        print(f"== {name}: {STAGES[name][2]}", flush=True)
     try:
         output = module.run(recipe, force=force)
     except Exception as error:  # a full disk surfaces as OSError, or as safetensors' or torch's own errors
@@ -127,7 +140,8 @@ def run_stage(name: str, recipe: Recipe, force: bool) -> None:
     if output.name.endswith(".partial"):
         # eval keeps a stage open while judge calls failed; a re-run retries only those.
         raise StageError(f"[{name}] unfinished: some work failed and is kept in {output}. Run the same command again to retry it.")
-    print(f"== {name} finished in {time.time() - started:.0f}s", flush=True)
+    if main_process:
+        print(f"== {name} finished in {time.time() - started:.0f}s", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         # These take no recipe: parse strictly, and report Hub/file errors (OSError) without a traceback too.
         args = parser.parse_args(argv)
         return report_errors(lambda: run_hub_command(args), (OSError,))
+    args.accelerate_options = []
+    if getattr(args, "accelerate", None):
+        args.accelerate_options, extra = launch.split_options(extra)
     unknown = [arg for arg in extra if arg.startswith("-") or "=" not in arg]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -153,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
 def run_stages(args) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
     stages = parse_stages(args.stages) if args.command == "run" else [args.command]
+    if getattr(args, "accelerate", None):
+        launch.run_with_accelerate(stages, args, lambda name: run_stage(name, recipe, args.force))
+        return
+    launch.refuse_single_process_stages(stages)
     for name in stages:
         run_stage(name, recipe, args.force)
 

@@ -2,8 +2,10 @@
 
 The reference policy is the SFT model. With LoRA, the SFT model is the base the adapter sits on, and TRL's
 reference forward simply disables the adapter: no second copy of the model is loaded. Full fine-tuning needs a
-frozen second copy, loaded here explicitly (TRL would otherwise reload `config._name_or_path`). On a quantized base
-(QLoRA) the SFT adapter is never merged: DPO continues training it, and TRL's reference is a frozen copy of it.
+frozen second copy, loaded here explicitly (TRL would otherwise reload `config._name_or_path`); under ZeRO-3
+DPOTrainer shards that copy across the processes too (ZeRO-2 and DDP keep a whole copy on every GPU). On a
+quantized base (QLoRA) the SFT adapter is never merged: DPO continues training it, and TRL's reference is a frozen
+copy of it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 from trl import DPOTrainer
 
+from finetune import distributed
 from finetune.models import load_stage_model, load_tokenizer, seed_everything
 from finetune.recipe import Recipe
 from finetune.stage import Stage, require_complete
@@ -30,13 +33,16 @@ def run(recipe: Recipe, force: bool = False) -> Path:
         return stage.final
 
     seed_everything(recipe.seed)
+    # The config first: under DeepSpeed ZeRO-3 it makes from_pretrained load each process's shard only.
+    args = trainer_config("dpo", recipe, stage.work)
     tokenizer = load_tokenizer(recipe)
     model, peft_config, parent = load_training_model(recipe, "dpo", start="sft")
+    distributed.mark_moe_blocks_as_zero3_leaves(model)
     lora = recipe.model.lora_for("dpo")
     trainer = DPOTrainer(
         model=model,
-        ref_model=None if lora else load_stage_model(recipe, "sft").eval(),
-        args=trainer_config("dpo", recipe, stage.work),
+        ref_model=None if lora else load_reference(recipe),
+        args=args,
         train_dataset=require_train_split(recipe, "preference", "dpo"),
         eval_dataset=load_split(recipe, "preference", "test"),
         processing_class=tokenizer,
@@ -47,3 +53,10 @@ def run(recipe: Recipe, force: bool = False) -> Path:
     if "ref" in getattr(trainer.model, "peft_config", {}):
         trainer.model.delete_adapter("ref")  # TRL's frozen copy of the SFT adapter (the reference); not an output
     return save_stage(trainer, tokenizer, recipe, stage, parent=parent)
+
+
+def load_reference(recipe: Recipe):
+    """The frozen SFT model for full fine-tuning. DPOTrainer shards it like the policy under ZeRO-3 and FSDP."""
+    reference = load_stage_model(recipe, "sft").eval()
+    distributed.mark_moe_blocks_as_zero3_leaves(reference)
+    return reference

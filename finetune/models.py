@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from finetune import distributed
 from finetune.recipe import ModelConfig, ModelInit, Recipe, load_recipe
 from finetune.stage import Stage, read_manifest, require_complete
 
@@ -101,20 +102,26 @@ def training_texts(data_dir: Path):
 
 def build_base(recipe: Recipe, force: bool = False) -> Path:
     """The `base` stage for `model.init` recipes: train a tokenizer on the prepared data, build and save the model."""
-    init = recipe.model.init
     data = require_complete(recipe.run_path, "data", needed_by="base")
     stage = Stage(recipe.run_path, "base", inputs={"init": recipe.section_dict("model")["init"],
                                                      "seed": recipe.seed, "data": data["fingerprint"]})
     if not stage.begin(force):
         return stage.final
+    # One process builds and saves the model; in a multi-process run the others wait in commit, then load it.
+    outputs = write_base_model(recipe, stage.work) if distributed.is_main_process() else {}
+    return stage.commit(outputs)
+
+
+def write_base_model(recipe: Recipe, folder: Path) -> dict:
+    init = recipe.model.init
     tokenizer = train_tokenizer(training_texts(recipe.run_path / "data"), init.vocab_size)
     seed_everything(recipe.seed)
     model = AutoModelForCausalLM.from_config(init_config(init, tokenizer), dtype=torch.float32)
-    model.save_pretrained(stage.work)
-    tokenizer.save_pretrained(stage.work)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[base] built a {init.architecture} model with {n_params:,} parameters and a {len(tokenizer)}-token tokenizer.")
-    return stage.commit({"kind": "full", "parameters": n_params})
+    return {"kind": "full", "parameters": n_params}
 
 
 def seed_everything(seed: int) -> None:
@@ -203,7 +210,7 @@ def load_stage_model(recipe: Recipe, name: str):
     from peft import PeftModel
 
     parent = load_stage_model(recipe, outputs["parent"])
-    return PeftModel.from_pretrained(parent, str(folder)).merge_and_unload()
+    return distributed.merge_and_unload(PeftModel.from_pretrained(parent, str(folder)))
 
 
 def load_for_inference(recipe: Recipe, name: str):

@@ -14,12 +14,17 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from finetune import distributed
+
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
 
 
 def is_router(module: nn.Module) -> bool:
-    return hasattr(module, "top_k") and isinstance(getattr(module, "weight", None), nn.Parameter) \
-        and module.weight.dim() == 2 and hasattr(module, "num_experts")
+    weight = getattr(module, "weight", None)
+    # Under DeepSpeed ZeRO-3 a parameter is an empty shard outside forward; ds_shape keeps its real shape.
+    shape = getattr(weight, "ds_shape", getattr(weight, "shape", ()))
+    return hasattr(module, "top_k") and isinstance(weight, nn.Parameter) and len(shape) == 2 \
+        and hasattr(module, "num_experts")
 
 
 def is_experts(module: nn.Module) -> bool:
@@ -33,6 +38,16 @@ def routers(model: nn.Module) -> dict[str, nn.Module]:
 
 def is_moe_model(model: nn.Module) -> bool:
     return bool(routers(model))
+
+
+def moe_block_classes(model: nn.Module) -> list[type]:
+    """Classes of the sparse MoE blocks (a router and its experts side by side), e.g. [MixtralSparseMoeBlock]."""
+    found = []
+    for module in model.modules():
+        children = list(module.children())
+        if any(is_router(c) for c in children) and any(is_experts(c) for c in children) and type(module) not in found:
+            found.append(type(module))
+    return found
 
 
 def expert_parameter_targets(model: nn.Module) -> list[str]:
@@ -91,12 +106,16 @@ class ExpertLoadTracker:
         return hook
 
     def take(self) -> dict[str, list[float]]:
-        """Each layer's share of routed tokens per expert since the last call; resets the counts."""
+        """Each layer's share of routed tokens per expert since the last call, over all processes; resets the counts.
+
+        In a multi-process run every process must call this at the same step (Trainer logs on every process).
+        """
         shares = {}
-        for name, counts in self.counts.items():
+        for name, local_counts in self.counts.items():
+            counts = distributed.sum_across_processes(local_counts.clone())
+            local_counts.zero_()
             total = int(counts.sum())
             shares[name] = [round(int(c) / total, 6) for c in counts] if total else [0.0] * len(counts)
-            counts.zero_()
         return shares
 
     def remove(self) -> None:

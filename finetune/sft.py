@@ -6,6 +6,7 @@ from pathlib import Path
 
 from trl import SFTTrainer
 
+from finetune import distributed
 from finetune.models import build_base, load_tokenizer, seed_everything
 from finetune.recipe import Recipe
 from finetune.stage import Stage, require_complete
@@ -24,11 +25,14 @@ def run(recipe: Recipe, force: bool = False) -> Path:
         return stage.final
 
     seed_everything(recipe.seed)
+    # The config first: under DeepSpeed ZeRO-3 it makes from_pretrained load each process's shard only.
+    args = trainer_config("sft", recipe, stage.work)
     tokenizer = load_tokenizer(recipe)
     model, peft_config, parent = load_training_model(recipe, "sft", start="base")
+    distributed.mark_moe_blocks_as_zero3_leaves(model)
     trainer = SFTTrainer(
         model=model,
-        args=trainer_config("sft", recipe, stage.work),
+        args=args,
         train_dataset=require_train_split(recipe, "sft", "sft"),
         eval_dataset=load_split(recipe, "sft", "test"),
         processing_class=tokenizer,

@@ -3,7 +3,8 @@
 A stage works in `run_dir/.<name>.partial/` and, once everything is written, records a manifest
 (`moetune_stage.json`: the fingerprint of its inputs, what it produced) and renames the folder to `run_dir/<name>/`.
 So a folder named after a stage is always complete. A re-run with the same inputs skips the stage; a re-run with
-different inputs refuses, naming what changed, unless `--force`.
+different inputs refuses, naming what changed, unless `--force`. In a multi-process run only the main process
+changes the folders; the others check what it prepared and wait for its commit.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from finetune import distributed
 
 MANIFEST = "moetune_stage.json"
 WORK_INPUTS = "moetune_work_inputs.json"  # in the .partial folder: what the unfinished work was made from
@@ -60,10 +63,15 @@ class Stage:
 
     def begin(self, force: bool = False) -> bool:
         """Prepare the work folder. Returns False when a complete output with the same inputs already exists."""
+        with distributed.main_process_first():  # every process decides the same from what the main one prepared
+            return self.begin_here(force)
+
+    def begin_here(self, force: bool) -> bool:
         manifest = read_manifest(self.final)
         if manifest is not None and not force:
             if manifest.get("fingerprint") == self.fingerprint:
-                print(f"[{self.name}] complete in {self.final} (same inputs): skipping. Use --force to redo it.")
+                if distributed.is_main_process():
+                    print(f"[{self.name}] complete in {self.final} (same inputs): skipping. Use --force to redo it.")
                 return False
             changed = changed_keys(manifest.get("inputs", {}), self.inputs)
             raise StageError(
@@ -92,11 +100,18 @@ class Stage:
                         f"to resume, or run again with --force to start this stage over."
                     )
                 shutil.rmtree(self.work)
-        self.work.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(marker, {"fingerprint": self.fingerprint, "inputs": self.inputs})
+        if distributed.is_main_process():  # the other processes find the marker it wrote (same fingerprint)
+            self.work.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(marker, {"fingerprint": self.fingerprint, "inputs": self.inputs})
 
     def commit(self, outputs: dict[str, Any] | None = None) -> Path:
-        """Write the manifest, then atomically move the work folder into place."""
+        """Write the manifest, then atomically move the work folder into place (the main process; all wait)."""
+        if distributed.is_main_process():
+            self.commit_here(outputs)
+        distributed.barrier()  # the other processes go on only once the stage is in place
+        return self.final
+
+    def commit_here(self, outputs: dict[str, Any] | None) -> None:
         manifest = {
             "stage": self.name,
             "fingerprint": self.fingerprint,
@@ -110,7 +125,6 @@ class Stage:
             # Only a previous complete output of this stage (checked in begin) is replaced, and only with --force.
             shutil.rmtree(self.final)
         os.replace(self.work, self.final)
-        return self.final
 
 
 def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -12,7 +12,7 @@ import torch
 from datasets import load_dataset
 from transformers import TrainerCallback
 
-from finetune import adapters, expert_quant
+from finetune import adapters, distributed, expert_quant
 from finetune.checkpoints import SaveEveryMinutes, SealCheckpoints, checkpoints, newest_usable_checkpoint
 from finetune.hub import push_stage_if_configured
 from finetune.models import load_quantized, load_stage_model, resolve_dtype
@@ -110,10 +110,15 @@ class StopOnSignal(TrainerCallback):
 def train_resuming(trainer, stage: Stage, schedule: CheckpointConfig) -> None:
     """Train from the newest usable checkpoint in the work folder, if any, saving checkpoints on the recipe's
     schedule; stop cleanly on SIGTERM or Ctrl-C."""
-    newest = newest_usable_checkpoint(stage.work, stage.name, remove_unusable=trainer.is_world_process_zero())
+    with distributed.main_process_first():  # the main process removes unusable checkpoints before the others look
+        newest = newest_usable_checkpoint(stage.work, stage.name, main_process=distributed.is_main_process())
     if newest is not None:
-        print(f"[{stage.name}] resuming from {newest[1]} (step {newest[0]})")
+        if distributed.is_main_process():
+            print(f"[{stage.name}] resuming from {newest[1]} (step {newest[0]})")
         restore_full_weights(trainer, newest[1])
+    if distributed.is_main_process():
+        print(f"[{stage.name}] {describe_global_batch(trainer.args)}", flush=True)
+    distributed.warn_if_fsdp_without_gpus()
     stopper = StopOnSignal()
     # moetune keeps the last save_total_limit checkpoints itself, once the new one is sealed (see checkpoints.py).
     keep, trainer.args.save_total_limit = trainer.args.save_total_limit, None
@@ -142,8 +147,8 @@ def restore_full_weights(trainer, checkpoint: Path) -> None:
     file as a raw, non-strict state dict: the fused expert and router weights would silently keep their start values.
     from_pretrained converts the layout. Adapter checkpoints are loaded by PEFT and need none of this.
     """
-    if (checkpoint / "adapter_config.json").is_file():
-        return
+    if (checkpoint / "adapter_config.json").is_file() or trainer.is_deepspeed_enabled:
+        return  # DeepSpeed restores the weights from its own files (global_step<N>/), in the model's layout
     saved = type(trainer.model).from_pretrained(str(checkpoint), dtype=trainer.model.dtype)
     trainer.model.load_state_dict(saved.state_dict())
 
@@ -155,27 +160,52 @@ def remove_checkpoints(stage: Stage) -> None:
 
 
 def save_stage(trainer, tokenizer, recipe: Recipe, stage: Stage, parent: str) -> Path:
-    """Write weights or adapter, tokenizer, resolved recipe and metrics; then commit the stage."""
-    remove_checkpoints(stage)
+    """Write weights or adapter, tokenizer, resolved recipe and metrics; then commit the stage.
+
+    Every process calls this: saving gathers ZeRO-3/FSDP shards from all of them, and Trainer writes the weights
+    from the main process only. The other files, the summary and the push are the main process's alone.
+    """
+    distributed.check_replicas_agree(trainer.model, stage.name)
+    main = distributed.is_main_process()
+    if main:
+        remove_checkpoints(stage)
     trainer.save_model(str(stage.work))
+    summary = write_stage_files(trainer, tokenizer, recipe, stage, parent) if main else {}
+    final = stage.commit(summary)
+    if main:
+        print_summary(stage.name, summary, final, trainer.state.log_history)
+        push_stage_if_configured(recipe, final)
+    return final
+
+
+def write_stage_files(trainer, tokenizer, recipe: Recipe, stage: Stage, parent: str) -> dict:
+    """Tokenizer, resolved recipe and metrics next to the weights; returns the manifest's summary."""
     tokenizer.save_pretrained(str(stage.work))
     (stage.work / "recipe.yaml").write_text(dump_recipe(recipe))
     history = trainer.state.log_history
     (stage.work / "metrics.json").write_text(json.dumps(history, indent=1))
-    kind = "adapter" if (stage.work / "adapter_config.json").is_file() else "full"
     losses = [entry["loss"] for entry in history if "loss" in entry]
-    summary = {
-        "kind": kind,
+    return {
+        "kind": "adapter" if (stage.work / "adapter_config.json").is_file() else "full",
         "parent": parent,
         "steps": trainer.state.global_step,
+        "processes": trainer.args.world_size,
+        "global_batch": global_batch(trainer.args),
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "runtime_s": next((e["train_runtime"] for e in history if "train_runtime" in e), None),
     }
-    final = stage.commit(summary)
-    print_summary(stage.name, summary, final, history)
-    push_stage_if_configured(recipe, final)
-    return final
+
+
+def global_batch(args) -> int:
+    """Sequences (SFT) or preference pairs (DPO) per optimizer step, over every process."""
+    return args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+
+
+def describe_global_batch(args) -> str:
+    return (f"global batch {global_batch(args)} = {args.per_device_train_batch_size} per device x "
+            f"{args.world_size} process{'es' if args.world_size > 1 else ''} x "
+            f"{args.gradient_accumulation_steps} accumulation step{'s' if args.gradient_accumulation_steps > 1 else ''}")
 
 
 def print_summary(name: str, summary: dict, folder: Path, history: list[dict]) -> None:

@@ -1,0 +1,148 @@
+"""Several processes (`accelerate launch`, `torchrun`): who writes, waiting for each other, sums over ranks.
+
+Every process runs the same stage code. Only the main process writes run-dir files, prints summaries and pushes;
+the others wait at barriers, so nobody reads a folder while it is being written. A launcher that sees one process
+fail stops the others, so a barrier never waits on a process that died. A single process skips all of this.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+# Environment variable that turns on the end-of-training check that every process holds the same weights.
+CHECK_REPLICAS = "MOETUNE_CHECK_REPLICAS"
+
+
+def world_size() -> int:
+    """Processes in this run: torchrun and accelerate launch set WORLD_SIZE (and RANK) for each one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def process_state():
+    """accelerate's process state; the first call joins the process group (gloo on CPU, NCCL on GPUs)."""
+    from accelerate import PartialState
+
+    # Without cpu=True accelerate only starts a group when it finds GPUs; on a CPU it would silently stay alone.
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        process_state().wait_for_everyone()
+
+
+@contextmanager
+def main_process_first():
+    """The main process runs the block first; the others run it once it is done (and see what it wrote)."""
+    if not is_main_process():
+        barrier()
+    yield
+    if is_main_process():
+        barrier()
+
+
+def sum_across_processes(counts: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum of a CPU tensor over every process (every process must call this at the same point)."""
+    if world_size() == 1:
+        return counts
+    state = process_state()
+    total = counts.to(state.device)  # NCCL reduces GPU tensors only
+    torch.distributed.all_reduce(total)
+    return total.cpu()
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of every parameter and buffer, in name order: equal digests mean bit-identical weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_replicas_agree(model: nn.Module, stage: str) -> None:
+    """With MOETUNE_CHECK_REPLICAS=1: fail unless every data-parallel process ends with bit-identical weights.
+
+    A debugging aid for DDP runs (ZeRO-3 and FSDP shard the weights, so each process holds different pieces).
+    Hashing reads every weight once: seconds for small models, minutes for a 47B one.
+    """
+    if world_size() == 1 or os.environ.get(CHECK_REPLICAS) != "1":
+        return
+    if zero3_enabled() or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        if is_main_process():
+            print(f"[{stage}] {CHECK_REPLICAS}: the weights are sharded (ZeRO-3/FSDP); no replicas to compare.")
+        return
+    digests = [None] * world_size()
+    torch.distributed.all_gather_object(digests, weights_digest(model))
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"[{stage}] processes ended with different weights: " +
+                           ", ".join(f"rank {rank}: {digest[:12]}" for rank, digest in enumerate(digests)))
+    if is_main_process():
+        print(f"[{stage}] weights identical on all {world_size()} processes (sha256 {digests[0]})", flush=True)
+
+
+def warn_if_fsdp_without_gpus() -> None:
+    """accelerate runs an FSDP launch on CPUs as plain DDP, without a word: whole weights on every process."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not torch.cuda.is_available() \
+            and is_main_process():
+        print("[fsdp] no GPUs: accelerate runs FSDP launches on CPUs as plain DDP (every process holds all the "
+              "weights). Use zero3 (DeepSpeed runs on CPUs) or GPUs to shard.", flush=True)
+
+
+def zero3_enabled() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+def mark_moe_blocks_as_zero3_leaves(model: nn.Module) -> None:
+    """Under DeepSpeed ZeRO-3, gather each sparse MoE block's weights (router and all experts) as one unit.
+
+    ZeRO-3 fetches a module's weights when its forward starts. Where each expert is its own module (transformers 4,
+    remote-code models), experts that no token on a process was routed to never run there, so the processes ask for
+    different weights and wait on each other forever (axolotl#1534, trl#1268). transformers 5 fuses the experts
+    into one module that always runs (a 2-process ZeRO-3 run on the tiny model trains without this), but a leaf
+    block is still one gather instead of several, and stays safe for per-expert layouts.
+    The block class differs per architecture (MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock, OlmoeSparseMoeBlock),
+    so it is found in the model rather than listed in the launch config (accelerate refuses names it cannot find).
+    """
+    if not zero3_enabled():
+        return
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from finetune import moe  # moe imports this module for its sums over processes
+
+    classes = moe.moe_block_classes(model)
+    if classes:
+        set_z3_leaf_modules(model, classes)
+        if is_main_process():
+            print(f"[zero3] MoE blocks gathered whole (ZeRO-3 leaf modules): {', '.join(c.__name__ for c in classes)}")
+
+
+def merge_and_unload(peft_model: nn.Module) -> nn.Module:
+    """peft's merge_and_unload, also for a base that ZeRO-3 loaded partitioned (each process holds a shard).
+
+    Merging adds the adapter's update to the full base weight, so under ZeRO-3 each adapted module's weights are
+    gathered whole while it merges (one module at a time: a Mixtral layer's experts, 2.8 GB in bf16, not the model).
+    """
+    if not zero3_enabled():
+        return peft_model.merge_and_unload()
+    import deepspeed
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    # Every tuner merges its own tensor, nested ones too (the two fused expert tensors of one module are wrapped
+    # one inside the other); unload() then removes the wrappers, like merge_and_unload.
+    for module in peft_model.modules():
+        if isinstance(module, BaseTunerLayer):
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+                module.merge()
+    return peft_model.unload()
