@@ -8,11 +8,9 @@ Each measurement runs in its own process, so ru_maxrss is that run's peak reside
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

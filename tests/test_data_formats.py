@@ -91,7 +91,6 @@ def test_oasst_pairs_rank_the_better_reply_as_chosen():
 
 def test_oasst_sft_follows_the_best_ranked_path():
     path = shared_file("oasst1/oasst1_en_validation_messages.jsonl")
-    messages = [json.loads(line) for line in path.read_text().splitlines()]
     conversations = [e.row["messages"] for e in convert_file("oasst", path) if e.kind == "sft"]
     assert len(conversations) > 100
     for conversation in conversations:
