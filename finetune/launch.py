@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 from finetune import distributed
+from finetune.recipe import TRAINING_STAGES
 from finetune.stage import StageError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "recipes" / "accelerate"
-TRAINING_STAGES = ("sft", "dpo")
 SINGLE_PROCESS_STAGES = ("prep", "eval")
 
 
