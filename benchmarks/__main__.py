@@ -1,5 +1,8 @@
 """`make bench`: every benchmark, side by side measurements printed as they finish."""
 
-from benchmarks import prep_bench
+import sys
+
+from benchmarks import dpo_bench, prep_bench
 
 prep_bench.main()
+dpo_bench.main(quick="--quick" in sys.argv)

@@ -1,18 +1,18 @@
 """The DPO stage: preference optimisation with TRL's DPOTrainer, starting from the SFT result.
 
 The reference policy is the SFT model. With LoRA, the SFT model is the base the adapter sits on, and TRL's
-reference forward simply disables the adapter: no second copy of the model is loaded. Full fine-tuning needs a
-frozen second copy, loaded here explicitly (TRL would otherwise reload `config._name_or_path`).
+reference forward simply disables the adapter: no second copy of the model is loaded. Full fine-tuning with
+reference log-probs computed every step needs a frozen second copy, loaded here explicitly (TRL would otherwise
+reload `config._name_or_path`). The recipe's `speed:` section picks packed batches (finetune/packed_dpo.py).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from trl import DPOTrainer
-
 from finetune import adapters
 from finetune.models import load_stage_model, load_tokenizer, seed_everything
+from finetune.packed_dpo import dpo_trainer
 from finetune.recipe import Recipe
 from finetune.stage import Stage, require_complete
 from finetune.training import (expert_load_callbacks, load_split, require_train_split, save_stage, trainer_config,
@@ -33,10 +33,14 @@ def run(recipe: Recipe, force: bool = False) -> Path:
     tokenizer = load_tokenizer(recipe)
     model = load_stage_model(recipe, "sft")
     lora = recipe.model.lora_for("dpo")
-    trainer = DPOTrainer(
+    config = trainer_config("dpo", recipe, stage.work)
+    # Precomputed reference log-probs need no reference copy: TRL computes them with the model before training.
+    needs_copy = not lora and not config.precompute_ref_log_probs
+    trainer = dpo_trainer(
+        recipe.speed,
         model=model,
-        ref_model=None if lora else load_stage_model(recipe, "sft").eval(),
-        args=trainer_config("dpo", recipe, stage.work),
+        ref_model=load_stage_model(recipe, "sft").eval() if needs_copy else None,
+        args=config,
         train_dataset=require_train_split(recipe, "preference", "dpo"),
         eval_dataset=load_split(recipe, "preference", "test"),
         processing_class=tokenizer,

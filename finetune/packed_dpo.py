@@ -42,3 +42,10 @@ class PackedDPOTrainer(DPOTrainer):
         # TRL runs this inside its own __init__, before our __init__ can patch the model.
         self.install_packed_forward()
         return super()._precompute_ref_logps(dataset, name, batch_size)
+
+
+def dpo_trainer(speed, **kwargs) -> DPOTrainer:
+    """The DPO trainer the recipe's `speed:` section asks for (same loss either way)."""
+    if speed.padding_free:
+        return PackedDPOTrainer(share_prompt=speed.share_prompt, **kwargs)
+    return DPOTrainer(**kwargs)

@@ -29,45 +29,68 @@ BLOCK_ATTENTION = "moetune_blocks"
 LOGPROB_CHUNK = 4096  # tokens per LM-head tile: bounds the (tokens, vocab) logits held at once
 
 
-def sequence_blocks(cu_seq_lens: torch.Tensor) -> list[tuple[int, int, int, int]]:
-    """Blocks of a padding-free SFT row from TRL's sequence boundaries (`cu_seq_lens_q`)."""
-    bounds = cu_seq_lens.tolist()
+def row_blocks(query, key, attention_mask, kwargs) -> list[tuple[int, int, int, int]] | None:
+    """The blocks of an unpadded row: given (packed preference batches), TRL's padding-free sequence boundaries
+    (`cu_seq_lens_q`), or where the position ids restart at 0. None for padded batches and cached decoding."""
+    if kwargs.get("packed_blocks") is not None:
+        return kwargs["packed_blocks"]
+    if attention_mask is not None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        return None
+    if kwargs.get("cu_seq_lens_q") is not None:
+        bounds = kwargs["cu_seq_lens_q"].tolist()
+    elif kwargs.get("position_ids") is not None:
+        bounds = (kwargs["position_ids"][0] == 0).nonzero().flatten().tolist() + [query.shape[2]]
+        bounds = bounds if bounds[0] == 0 else [0] + bounds
+    else:
+        bounds = [0, query.shape[2]]
     return [(start, end, end, end) for start, end in zip(bounds, bounds[1:]) if end > start]
 
 
-def block_attention(module, query, key, value, attention_mask, packed_blocks=None, **kwargs):
-    """sdpa within each block of a packed row; plain sdpa (with the usual mask) for ordinary batches."""
-    if packed_blocks is None and kwargs.get("cu_seq_lens_q") is not None and query.shape[0] == 1:
-        packed_blocks = sequence_blocks(kwargs["cu_seq_lens_q"])
-    if packed_blocks is None:
+def block_attention(module, query, key, value, attention_mask, **kwargs):
+    """sdpa within each block of an unpadded row; plain sdpa (with the usual mask) for padded batches."""
+    blocks = row_blocks(query, key, attention_mask, kwargs)
+    kwargs.pop("packed_blocks", None)
+    if blocks is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs.pop("is_causal", None)
+    # torch.split, not slicing: a slice's backward writes a zero tensor the size of the whole row, per block.
+    sizes = [size for start, _, split, end in blocks for size in (split - start, end - split)]
+    queries, keys, values = (tensor.split(sizes, dim=2) for tensor in (query, key, value))
     outputs = []
-    for start, prompt_end, split, end in packed_blocks:
-        part = slice(start, split)
-        out, _ = sdpa_attention_forward(module, query[:, :, part], key[:, :, part], value[:, :, part], None,
-                                        is_causal=True, **kwargs)
+    for index, (start, prompt_end, split, end) in enumerate(blocks):
+        first, second = 2 * index, 2 * index + 1
+        out, _ = sdpa_attention_forward(module, queries[first], keys[first], values[first], None, is_causal=True,
+                                        **kwargs)
         outputs.append(out)
         if end > split:  # rejected: sees the prompt and itself, causally, not chosen
-            keys = torch.cat([key[:, :, start:prompt_end], key[:, :, split:end]], dim=2)
-            values = torch.cat([value[:, :, start:prompt_end], value[:, :, split:end]], dim=2)
-            prompt_length = prompt_end - start
-            mask = torch.ones(end - split, prompt_length + end - split, dtype=torch.bool, device=query.device)
-            out, _ = sdpa_attention_forward(module, query[:, :, split:end], keys, values,
-                                            mask.tril(diagonal=prompt_length)[None, None], is_causal=False, **kwargs)
+            prompt = prompt_end - start
+            mask = torch.ones(end - split, prompt + end - split, dtype=torch.bool, device=query.device)
+            out, _ = sdpa_attention_forward(
+                module, queries[second], torch.cat([keys[first][:, :, :prompt], keys[second]], dim=2),
+                torch.cat([values[first][:, :, :prompt], values[second]], dim=2),
+                mask.tril(diagonal=prompt)[None, None], is_causal=False, **kwargs)
             outputs.append(out)
     return torch.cat(outputs, dim=1), None
 
 
+def block_mask(*args, attention_mask=None, **kwargs):
+    """sdpa's mask for padded batches; none for unpadded rows, whose blocks block_attention finds itself (a
+    dense mask over a packed row would cost the square of its length to build and to apply)."""
+    return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
 AttentionInterface.register(BLOCK_ATTENTION, block_attention)
-AttentionMaskInterface.register(BLOCK_ATTENTION, sdpa_mask)  # ordinary batches get sdpa's masks
+AttentionMaskInterface.register(BLOCK_ATTENTION, block_mask)
 
 
 def use_block_attention(model) -> None:
     """sdpa that also runs packed rows block by block; the setting is not saved with the model."""
-    if model.config._attn_implementation not in ("sdpa", BLOCK_ATTENTION):
-        raise ValueError(f"speed.padding_free needs sdpa attention; this model uses {model.config._attn_implementation}. "
+    config = model.config.get_text_config()
+    if config._attn_implementation not in ("sdpa", BLOCK_ATTENTION):
+        raise ValueError(f"speed.padding_free needs sdpa attention; this model uses {config._attn_implementation}. "
                          "Set speed.padding_free: false.")
+    if getattr(config, "use_sliding_window", True) and getattr(config, "sliding_window", None):
+        raise ValueError("speed.padding_free does not implement sliding-window attention; set speed.padding_free: false.")
     model.set_attn_implementation(BLOCK_ATTENTION)
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trl import SFTTrainer
-
 from finetune import adapters
 from finetune.models import build_base, load_stage_model, load_tokenizer, seed_everything
+from finetune.packed_sft import sft_trainer
 from finetune.recipe import Recipe
 from finetune.stage import Stage, require_complete
 from finetune.training import (expert_load_callbacks, load_split, require_train_split, save_stage, trainer_config,
@@ -28,7 +27,8 @@ def run(recipe: Recipe, force: bool = False) -> Path:
     tokenizer = load_tokenizer(recipe)
     model = load_stage_model(recipe, "base")
     lora = recipe.model.lora_for("sft")
-    trainer = SFTTrainer(
+    trainer = sft_trainer(
+        recipe.speed,
         model=model,
         args=trainer_config("sft", recipe, stage.work),
         train_dataset=require_train_split(recipe, "sft", "sft"),
