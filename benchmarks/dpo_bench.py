@@ -8,7 +8,7 @@ with LoRA on attention and experts, fp32 on the CPU. Every variant trains one ep
 conversations) in the same order, in its own process (so peak memory is its own), variants interleaved, repeated;
 medians are reported. Throughput counts real tokens: the non-padding tokens of prompt+chosen and prompt+rejected
 (what TRL logs as num_tokens), or of each conversation for SFT, over the wall time of the trainer's construction
-(tokenizing, the reference pass when precomputed) and training. MFU is model FLOPs (per real token: 6N for DPO,
+(tokenizing, the reference pass when precomputed) and training; loading the model and data is not timed. MFU is model FLOPs (per real token: 6N for DPO,
 the policy's forward and backward to activations plus the reference forward; 4N for LoRA SFT; N the parameters a
 token uses, LM head included) over the fp32 matmul ceiling measured in the same run.
 """
@@ -60,37 +60,42 @@ def bench_recipe(run_dir: Path, sizes: dict) -> dict:
 
 # ---------------------------------------------------------------- one variant, in a child process
 
-def trainer_for(variant: str, recipe, output_dir: Path, examples: int, callbacks: list):
-    """The trainer of a variant, on the first `examples` rows of the prepared split."""
-    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
-
+def trainer_inputs(variant: str, recipe, examples: int, callbacks: list) -> dict:
+    """Model, tokenizer, the first `examples` rows of the prepared split and the LoRA config (loaded untimed)."""
     from finetune import adapters
     from finetune.models import load_stage_model, load_tokenizer
+    from finetune.training import load_split
+
+    kind = "preference" if VARIANTS[variant][0] == "dpo" else "sft"
+    model = load_stage_model(recipe, "base")
+    return dict(model=model, train_dataset=load_split(recipe, kind, "train").select(range(examples)),
+                processing_class=load_tokenizer(recipe), peft_config=adapters.peft_config(model, recipe.model.lora),
+                callbacks=callbacks)
+
+
+def trainer_for(variant: str, recipe, output_dir: Path, inputs: dict):
+    """The trainer of a variant: TRL's as configured for it, or what moetune's stage builds."""
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
     from finetune.packed_dpo import dpo_trainer
     from finetune.packed_sft import sft_trainer
-    from finetune.training import load_split, trainer_config
+    from finetune.training import trainer_config
 
-    stage = VARIANTS[variant][0]
-    kind = "preference" if stage == "dpo" else "sft"
-    model, tokenizer = load_stage_model(recipe, "base"), load_tokenizer(recipe)
-    common = dict(model=model, train_dataset=load_split(recipe, kind, "train").select(range(examples)),
-                  processing_class=tokenizer, peft_config=adapters.peft_config(model, recipe.model.lora),
-                  callbacks=callbacks)
     trl_defaults = dict(output_dir=str(output_dir), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
                         per_device_train_batch_size=recipe.dpo["per_device_train_batch_size"], seed=recipe.seed,
                         num_train_epochs=1, disable_tqdm=True)
     if variant == "trl_dpo":
-        return DPOTrainer(args=DPOConfig(**trl_defaults), **common)
+        return DPOTrainer(args=DPOConfig(**trl_defaults), **inputs)
     if variant == "trl_dpo_best":
         return DPOTrainer(args=DPOConfig(**trl_defaults, precompute_ref_log_probs=True,
-                                         gradient_checkpointing=False), **common)
+                                         gradient_checkpointing=False), **inputs)
     if variant == "trl_sft":
-        return SFTTrainer(args=SFTConfig(**trl_defaults), **common)
+        return SFTTrainer(args=SFTConfig(**trl_defaults), **inputs)
     if variant == "trl_sft_packing":
-        return SFTTrainer(args=SFTConfig(**trl_defaults, packing=True, gradient_checkpointing=False), **common)
-    config = trainer_config(stage, recipe, output_dir)
+        return SFTTrainer(args=SFTConfig(**trl_defaults, packing=True, gradient_checkpointing=False), **inputs)
+    stage = VARIANTS[variant][0]
     make = dpo_trainer if stage == "dpo" else sft_trainer
-    return make(recipe.speed, args=config, **common)
+    return make(recipe.speed, args=trainer_config(stage, recipe, output_dir), **inputs)
 
 
 def real_tokens(trainer, stage: str) -> int:
@@ -122,9 +127,10 @@ def run_variant(spec: dict) -> dict:
     stage = VARIANTS[spec["variant"]][0]
     seed_everything(0)
     timer = StepTimer()
+    inputs = trainer_inputs(spec["variant"], recipe, spec["examples"], [timer])
     with tempfile.TemporaryDirectory() as output_dir:
         start = time.perf_counter()
-        trainer = trainer_for(spec["variant"], recipe, Path(output_dir), spec["examples"], [timer])
+        trainer = trainer_for(spec["variant"], recipe, Path(output_dir), inputs)
         trainer.train()
         seconds = time.perf_counter() - start
     return {"variant": spec["variant"], "seconds": seconds, "tokens": real_tokens(trainer, stage),
@@ -321,7 +327,7 @@ def render(rows, ceilings, config, sizes, loss_diff, grad_diff, seconds) -> str:
         "",
         "Real tokens: the non-padding tokens of prompt+chosen and prompt+rejected (TRL's num_tokens) or of each "
         "conversation, over the wall time of building the trainer (tokenizing; the reference pass where "
-        "precomputed) and training. MFU: 6N FLOPs per real DPO token, 4N per SFT token (N: parameters a token "
+        "precomputed) and training (loading model and data not timed). MFU: 6N FLOPs per real DPO token, 4N per SFT token (N: parameters a token "
         "uses, LM head included) over the matmul ceiling. Reproduce: `make bench` or `python -m benchmarks.dpo_bench`.",
         "",
     ])
