@@ -33,7 +33,7 @@ RESULTS = Path(__file__).resolve().parent / "results.md"
 
 FULL = {"model": dict(hidden_size=256, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2,
                       num_experts=8, experts_per_token=2, vocab_size=8000, max_position_embeddings=2048),
-        "batch": 8, "dpo_steps": 2, "sft_steps": 2, "repeats": 3}
+        "batch": 8, "dpo_steps": 2, "sft_steps": 6, "repeats": 3}
 QUICK = {"model": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                        num_experts=8, experts_per_token=2, vocab_size=1000, max_position_embeddings=2048),
          "batch": 4, "dpo_steps": 1, "sft_steps": 1, "repeats": 1}
@@ -231,29 +231,44 @@ def prepare(folder: Path, sizes: dict) -> dict:
     return raw
 
 
+BASELINES = {"dpo": ("trl_dpo", "trl_dpo_best"), "sft": ("trl_sft", "trl_sft_packing")}
+
+
 def summarize(results: dict[str, list[dict]], ceilings: list[float], flops: float) -> list[dict]:
+    """Medians per variant; speed-ups are medians of each round's ratio (variants of a round ran minutes apart,
+    rounds may differ more: other jobs on the machine come and go)."""
     ceiling = statistics.median(ceilings)
+    throughput = {variant: [r["tokens"] / r["seconds"] for r in runs] for variant, runs in results.items()}
     rows = []
     for variant, runs in results.items():
         stage = VARIANTS[variant][0]
-        tokens_per_s = statistics.median(r["tokens"] / r["seconds"] for r in runs)
         model_flops = flops * (3 if stage == "dpo" else 2)  # forward 2N (flops); DPO 6N, LoRA SFT 4N
-        rows.append({"variant": variant, "stage": stage, "tokens_per_s": tokens_per_s,
-                     "step_s": statistics.median(r["step_s"] for r in runs), "steps": runs[0]["steps"],
-                     "tokens": runs[0]["tokens"], "peak_mib": statistics.median(r["peak_mib"] for r in runs),
-                     "mfu": tokens_per_s * model_flops / (ceiling * 1e9)})
+        speedups = [statistics.median(a / b for a, b in zip(throughput[variant], throughput[baseline]))
+                    for baseline in BASELINES[stage]]
+        rows.append({"variant": variant, "stage": stage, "tokens_per_s": statistics.median(throughput[variant]),
+                     "speedups": speedups, "step_s": statistics.median(r["step_s"] for r in runs),
+                     "steps": runs[0]["steps"], "tokens": runs[0]["tokens"],
+                     "peak_mib": statistics.median(r["peak_mib"] for r in runs),
+                     "mfu": statistics.median(throughput[variant]) * model_flops / (ceiling * 1e9)})
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    baseline = {row["stage"]: row["tokens_per_s"] for row in rows if row["variant"] in ("trl_dpo", "trl_sft")}
-    best = {row["stage"]: row["tokens_per_s"] for row in rows if row["variant"] in ("trl_dpo_best", "trl_sft_packing")}
     lines = ["| variant | real tokens/s | x TRL defaults | x TRL best | step time (s) | steps | peak RSS (MiB) | MFU |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {VARIANTS[row['variant']][1]} | {row['tokens_per_s']:,.0f} | "
-                     f"{row['tokens_per_s'] / baseline[row['stage']]:.2f} | {row['tokens_per_s'] / best[row['stage']]:.2f} | "
-                     f"{row['step_s']:.2f} | {row['steps']} | {row['peak_mib']:,.0f} | {100 * row['mfu']:.1f}% |")
+        lines.append(f"| {VARIANTS[row['variant']][1]} | {row['tokens_per_s']:,.0f} | {row['speedups'][0]:.2f} | "
+                     f"{row['speedups'][1]:.2f} | {row['step_s']:.2f} | {row['steps']} | {row['peak_mib']:,.0f} | "
+                     f"{100 * row['mfu']:.1f}% |")
+    return "\n".join(lines)
+
+
+def rounds(results: dict[str, list[dict]]) -> str:
+    """Every run's tokens/s, round by round, so the noise is visible."""
+    lines = ["| variant | " + " | ".join(f"round {i + 1}" for i in range(len(next(iter(results.values()))))) + " |",
+             "|---|" + "---|" * len(next(iter(results.values())))]
+    for variant, runs in results.items():
+        lines.append(f"| {variant} | " + " | ".join(f"{r['tokens'] / r['seconds']:,.0f}" for r in runs) + " |")
     return "\n".join(lines)
 
 
@@ -295,20 +310,20 @@ def main(quick: bool) -> None:
 
         loss_diff, grad_diff = same_math_check(parse_recipe(copy.deepcopy(raw), "<bench>"), sizes["batch"])
     rows = summarize(results, ceilings, flops_per_token(config))
-    report = render(rows, ceilings, config, sizes, loss_diff, grad_diff, time.perf_counter() - started)
+    report = render(rows, results, ceilings, config, sizes, loss_diff, grad_diff, time.perf_counter() - started)
     print(report)
     if not quick:
         RESULTS.write_text(report)
         print(f"written to {RESULTS}")
 
 
-def render(rows, ceilings, config, sizes, loss_diff, grad_diff, seconds) -> str:
+def render(rows, results, ceilings, config, sizes, loss_diff, grad_diff, seconds) -> str:
     ok = "equal" if loss_diff < 1e-4 and grad_diff < 1e-4 else "NOT EQUAL"
     return "\n".join([
         "# DPO and SFT throughput: TRL vs moetune",
         "",
         f"Machine: {machine()}. Shared with three other jobs while measured: timings are noisy; variants ran "
-        f"interleaved, {sizes['repeats']} times each, medians shown. Total benchmark time {seconds / 60:.1f} min.",
+        f"interleaved (rounds rotate the order), {sizes['repeats']} times each, medians shown. Total benchmark time {seconds / 60:.1f} min.",
         f"fp32 matmul ceiling (2048^3, measured before each round): median {statistics.median(ceilings):.0f} GFLOP/s "
         f"({', '.join(f'{c:.0f}' for c in ceilings)}).",
         "",
@@ -320,6 +335,10 @@ def render(rows, ceilings, config, sizes, loss_diff, grad_diff, seconds) -> str:
         "the same examples in the same order for every variant.",
         "",
         table(rows),
+        "",
+        "Speed-ups are medians of the per-round ratios. Every run's real tokens/s:",
+        "",
+        rounds(results),
         "",
         f"Same math: on one batch of {sizes['batch']} real pairs, moetune's DPO loss differs from TRL's by "
         f"{loss_diff:.1e} (relative) and its worst adapter gradient by {grad_diff:.1e} (relative to that gradient's "

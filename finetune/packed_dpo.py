@@ -18,8 +18,6 @@ from finetune.preference_packing import PackedPreferenceCollator
 class PackedDPOTrainer(DPOTrainer):
     def __init__(self, *args, share_prompt: bool = True, **kwargs):
         config, tokenizer = kwargs["args"], kwargs["processing_class"]
-        if config.ld_alpha is not None and share_prompt:
-            raise ValueError("dpo.ld_alpha weighs each token by its place in the padded batch; set speed.share_prompt: false.")
         kwargs["data_collator"] = PackedPreferenceCollator(
             pad_token_id=tokenizer.pad_token_id, max_length=config.max_length,
             truncation_mode=config.truncation_mode, share_prompt=share_prompt,
