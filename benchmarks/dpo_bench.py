@@ -324,6 +324,7 @@ def render(rows, results, ceilings, config, sizes, loss_diff, grad_diff, seconds
         "",
         f"Machine: {machine()}. Shared with three other jobs while measured: timings are noisy; variants ran "
         f"interleaved (rounds rotate the order), {sizes['repeats']} times each, medians shown. Total benchmark time {seconds / 60:.1f} min.",
+        "No GPU was lent to the session that ran this; the GPU run is still to do.",
         f"fp32 matmul ceiling (2048^3, measured before each round): median {statistics.median(ceilings):.0f} GFLOP/s "
         f"({', '.join(f'{c:.0f}' for c in ceilings)}).",
         "",
@@ -347,7 +348,9 @@ def render(rows, results, ceilings, config, sizes, loss_diff, grad_diff, seconds
         "Real tokens: the non-padding tokens of prompt+chosen and prompt+rejected (TRL's num_tokens) or of each "
         "conversation, over the wall time of building the trainer (tokenizing; the reference pass where "
         "precomputed) and training (loading model and data not timed). MFU: 6N FLOPs per real DPO token, 4N per SFT token (N: parameters a token "
-        "uses, LM head included) over the matmul ceiling. Reproduce: `make bench` or `python -m benchmarks.dpo_bench`.",
+        "uses, LM head included) over the matmul ceiling. The FLOPs are those of the DPO math on TRL's real tokens, so "
+        "moetune's figure includes the work it avoids (each prompt once, the LM head on completion tokens only): an "
+        "effective MFU. Reproduce: `make bench` or `python -m benchmarks.dpo_bench`.",
         "",
     ])
 
