@@ -15,8 +15,10 @@ from finetune.stage import StageError
 # Stage name -> (module with run(recipe, force), recipe sections it reads, one-line description).
 STAGES = {
     "prep": ("data_prep.prepare", ("data",), "Build SFT conversations and preference pairs into run_dir/data."),
-    "sft": ("finetune.sft", ("model", "sft", "speed"), "Supervised fine-tuning with TRL's SFTTrainer into run_dir/sft."),
-    "dpo": ("finetune.dpo", ("model", "dpo", "speed"), "DPO from the SFT result with TRL's DPOTrainer into run_dir/dpo."),
+    "sft": ("finetune.sft", ("model", "sft", "speed"),
+            "Supervised fine-tuning with TRL's SFTTrainer into run_dir/sft."),
+    "dpo": ("finetune.dpo", ("model", "dpo", "speed"),
+            "DPO from the SFT result with TRL's DPOTrainer into run_dir/dpo."),
     "eval": ("eval.stage", ("eval",), "Answer held-out questions with each model, judge, report into run_dir/eval."),
 }
 TRAINER_SECTIONS = ("sft", "dpo")
