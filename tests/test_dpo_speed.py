@@ -1,7 +1,9 @@
-"""DPO speed levers (padding-free batches, prompt sharing, precomputed reference log-probs) keep TRL's math.
+"""Speed levers (padding-free batches, prompt sharing, precomputed reference log-probs) keep TRL's math.
 
-Each lever is compared, on one batch of a tiny Mixtral, against TRL's DPOTrainer on the padded batch: the loss
-(DPO terms plus the router's load-balancing loss), the per-sequence log-probs and every adapter gradient agree.
+Each lever is compared, on one batch of a tiny Mixtral, against TRL's DPOTrainer (or SFTTrainer) on the padded
+batch: the loss (with the router's load-balancing loss), the per-sequence log-probs and every gradient agree. The
+reference cache is reused and invalidated as it should be, and a tiny DPO stage logs the same losses with the levers
+on and off.
 """
 
 import copy
@@ -10,18 +12,19 @@ import json
 import pytest
 import torch
 from datasets import Dataset, load_dataset
+from transformers import AutoModelForCausalLM
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
+from benchmarks.dpo_bench import loss_and_gradients, relative_differences
 from data_prep import synthetic
 from finetune import adapters
+from finetune.cli import main
 from finetune.models import init_config, train_tokenizer
 from finetune.packed_dpo import PackedDPOTrainer
 from finetune.packed_sft import PaddingFreeSFTTrainer
 from finetune.preference_packing import pack_pairs
-from finetune.cli import main
 from finetune.recipe import LoraConfig, ModelInit
 from tests.test_cli import write_recipe
-from benchmarks.dpo_bench import loss_and_gradients, relative_differences
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +36,6 @@ def tiny():
     init = ModelInit(hidden_size=32, intermediate_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                      num_experts=4, experts_per_token=2, router_aux_loss_coef=0.05)
     torch.manual_seed(0)
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_config(init_config(init, tokenizer))
     return model, tokenizer, Dataset.from_list(pairs)
 
