@@ -1,6 +1,9 @@
 """`make bench`: every benchmark, side by side measurements printed as they finish."""
 
-from benchmarks import prep_bench, qlora_bench
+import sys
+
+from benchmarks import dpo_bench, prep_bench, qlora_bench
 
 prep_bench.main()
 qlora_bench.main([])
+dpo_bench.main(quick="--quick" in sys.argv)

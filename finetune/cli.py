@@ -17,8 +17,10 @@ from finetune.stage import StageError
 # Stage name -> (module with run(recipe, force), recipe sections it reads, one-line description).
 STAGES = {
     "prep": ("data_prep.prepare", ("data",), "Build SFT conversations and preference pairs into run_dir/data."),
-    "sft": ("finetune.sft", ("model", "sft", "checkpoints"), "Supervised fine-tuning with TRL's SFTTrainer into run_dir/sft."),
-    "dpo": ("finetune.dpo", ("model", "dpo", "checkpoints"), "DPO from the SFT result with TRL's DPOTrainer into run_dir/dpo."),
+    "sft": ("finetune.sft", ("model", "sft", "speed", "checkpoints"),
+            "Supervised fine-tuning with TRL's SFTTrainer into run_dir/sft."),
+    "dpo": ("finetune.dpo", ("model", "dpo", "speed", "checkpoints"),
+            "DPO from the SFT result with TRL's DPOTrainer into run_dir/dpo."),
     "eval": ("eval.stage", ("eval",), "Answer held-out questions with each model, judge, report into run_dir/eval."),
 }
 TRAINER_SECTIONS = ("sft", "dpo")
@@ -67,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("run", help="Run the recipe's stages in order: prep, sft, dpo, eval.",
                               formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=section_help(("data", "model", "sft", "dpo", "checkpoints", "eval")))
+                              epilog=section_help(("data", "model", "sft", "dpo", "speed", "checkpoints", "eval")))
     add_recipe_arguments(run)
     run.add_argument("--stages", default=",".join(STAGES),
                      help="Comma-separated stages to run, in pipeline order (default: %(default)s).")

@@ -1,21 +1,21 @@
 """The DPO stage: preference optimisation with TRL's DPOTrainer, starting from the SFT result.
 
 The reference policy is the SFT model. With LoRA, the SFT model is the base the adapter sits on, and TRL's
-reference forward simply disables the adapter: no second copy of the model is loaded. Full fine-tuning needs a
-frozen second copy, loaded here explicitly (TRL would otherwise reload `config._name_or_path`); under ZeRO-3
-DPOTrainer shards that copy across the processes too (ZeRO-2 and DDP keep a whole copy on every GPU). On a
-quantized base (QLoRA) the SFT adapter is never merged: DPO continues training it, and TRL's reference is a frozen
-copy of it.
+reference forward simply disables the adapter: no second copy of the model is loaded. Full fine-tuning with
+reference log-probs computed every step needs a frozen second copy, loaded here explicitly (TRL would otherwise
+reload `config._name_or_path`); under ZeRO-3 DPOTrainer shards that copy across the processes too (ZeRO-2 and DDP
+keep a whole copy on every GPU). On a quantized base (QLoRA) the SFT adapter is never merged: DPO continues
+training it, and TRL's reference is a frozen copy of it. The recipe's `speed:` section picks packed batches
+(finetune/packed_dpo.py).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from trl import DPOTrainer
-
 from finetune import distributed
 from finetune.models import load_stage_model, load_tokenizer, seed_everything
+from finetune.packed_dpo import dpo_trainer
 from finetune.recipe import Recipe
 from finetune.stage import Stage, require_complete
 from finetune.training import (expert_load_callbacks, load_split, load_training_model, require_train_split, save_stage,
@@ -39,9 +39,12 @@ def run(recipe: Recipe, force: bool = False) -> Path:
     model, peft_config, parent = load_training_model(recipe, "dpo", start="sft")
     distributed.mark_moe_blocks_as_zero3_leaves(model)
     lora = recipe.model.lora_for("dpo")
-    trainer = DPOTrainer(
+    # Precomputed reference log-probs need no reference copy: TRL computes them with the model before training.
+    needs_copy = not lora and not args.precompute_ref_log_probs
+    trainer = dpo_trainer(
+        recipe.speed,
         model=model,
-        ref_model=None if lora else load_reference(recipe),
+        ref_model=load_reference(recipe) if needs_copy else None,
         args=args,
         train_dataset=require_train_split(recipe, "preference", "dpo"),
         eval_dataset=load_split(recipe, "preference", "test"),

@@ -108,6 +108,20 @@ class ModelConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """Levers that make training faster without changing its math (tests compare each with TRL; see `make bench`)."""
+
+    padding_free: bool = help_field(
+        True, help="SFT and DPO: batches without padding, sequences end to end in one row, attention within each.")
+    share_prompt: bool = help_field(
+        True, help="DPO with padding_free: each pair's prompt computed once, then chosen, then rejected "
+        "(which attends to the prompt, not to chosen).")
+    reference_cache: bool = help_field(
+        True, help="DPO: reference log-probs computed once before training and cached by model and data "
+        "(TRL's precompute_ref_log_probs, which dpo: can still set); full fine-tuning then loads no reference copy.")
+
+
+@dataclass
 class HubConfig:
     push: bool = help_field(False, help="Push each of `stages` to the Hub as soon as it completes.")
     repo_id: str | None = help_field(
@@ -140,6 +154,7 @@ class Recipe:
     dpo: dict[str, Any] = help_field(factory=dict, help="Any field of TRL's DPOConfig.")
     eval: EvalConfig = help_field(factory=EvalConfig, help="Evaluation (the eval stage).")
     hub: HubConfig = help_field(factory=HubConfig, help="Pushing results to the Hugging Face Hub.")
+    speed: SpeedConfig = help_field(factory=SpeedConfig, help="Training speed levers (math unchanged).")
     checkpoints: CheckpointConfig = help_field(factory=CheckpointConfig, help="Checkpoint schedule of SFT and DPO.")
     seed: int = help_field(42, help="Seed for data mixing, splits, initialisation and training.")
     # Where the recipe came from, for error messages and resolving relative paths; not a YAML key.

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trl import SFTTrainer
-
 from finetune import distributed
 from finetune.models import build_base, load_tokenizer, seed_everything
+from finetune.packed_sft import sft_trainer
 from finetune.recipe import Recipe
 from finetune.stage import Stage, require_complete
 from finetune.training import (expert_load_callbacks, load_split, load_training_model, require_train_split, save_stage,
@@ -30,7 +29,8 @@ def run(recipe: Recipe, force: bool = False) -> Path:
     tokenizer = load_tokenizer(recipe)
     model, peft_config, parent = load_training_model(recipe, "sft", start="base")
     distributed.mark_moe_blocks_as_zero3_leaves(model)
-    trainer = SFTTrainer(
+    trainer = sft_trainer(
+        recipe.speed,
         model=model,
         args=args,
         train_dataset=require_train_split(recipe, "sft", "sft"),

@@ -45,6 +45,8 @@ def trainer_config(stage: str, recipe: Recipe, output_dir: Path):
     }
     if stage == "sft":
         values["assistant_only_loss"] = True
+    if stage == "dpo":
+        values["precompute_ref_log_probs"] = recipe.speed.reference_cache
     values.update(getattr(recipe, stage))
     values.update(output_dir=str(output_dir), seed=recipe.seed)
     return trainer_config_class(stage)(**values)

@@ -1,0 +1,366 @@
+"""DPO and SFT throughput on an MoE model: TRL as users run it, TRL at its best, and moetune, side by side.
+
+Run: python -m benchmarks.dpo_bench [--quick]   (about 12 minutes on a 2-core CPU; --quick: a smoke test)
+Needs ../shared/data (the hh-rlhf pairs). Writes benchmarks/results.md (not with --quick).
+
+The model is a Mixtral built from a config (8 experts, top-2) with a byte-level BPE tokenizer trained on the data,
+with LoRA on attention and experts, fp32 on the CPU. Every variant trains one epoch over the same pairs (or
+conversations) in the same order, in its own process (so peak memory is its own), variants interleaved, repeated;
+medians are reported. Throughput counts real tokens: the non-padding tokens of prompt+chosen and prompt+rejected
+(what TRL logs as num_tokens), or of each conversation for SFT, over the wall time of the trainer's construction
+(tokenizing, the reference pass when precomputed) and training; loading the model and data is not timed. MFU is model FLOPs (per real token: 6N for DPO,
+the policy's forward and backward to activations plus the reference forward; 4N for LoRA SFT; N the parameters a
+token uses, LM head included) over the fp32 matmul ceiling measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+HH_FILES = ("helpful_base_test", "helpful_online_test", "helpful_rejection_sampled_test", "harmless_base_test")
+RESULTS = Path(__file__).resolve().parent / "results.md"
+
+FULL = {"model": dict(hidden_size=256, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2,
+                      num_experts=8, experts_per_token=2, vocab_size=8000, max_position_embeddings=2048),
+        "batch": 8, "dpo_steps": 2, "sft_steps": 6, "repeats": 3}
+QUICK = {"model": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                       num_experts=8, experts_per_token=2, vocab_size=1000, max_position_embeddings=2048),
+         "batch": 4, "dpo_steps": 1, "sft_steps": 1, "repeats": 1}
+
+# name: (stage, what it is)
+VARIANTS = {
+    "trl_dpo": ("dpo", "TRL DPOTrainer as users run it (defaults; fp32, use_cpu)"),
+    "trl_dpo_best": ("dpo", "TRL DPOTrainer at its best (+ precompute_ref_log_probs, activation checkpointing off)"),
+    "moetune_dpo": ("dpo", "moetune DPO (padding-free, prompt-shared, reference log-probs precomputed)"),
+    "trl_sft": ("sft", "TRL SFTTrainer as users run it (defaults; fp32, use_cpu)"),
+    "trl_sft_packing": ("sft", "TRL SFTTrainer with packing (+ activation checkpointing off)"),
+    "moetune_sft": ("sft", "moetune SFT (padding-free, same batches as TRL's defaults)"),
+}
+
+
+def bench_recipe(run_dir: Path, sizes: dict) -> dict:
+    return {"run_dir": str(run_dir), "seed": 0,
+            "model": {"init": {"architecture": "mixtral", "router_aux_loss_coef": 0.02, **sizes["model"]},
+                      "lora": {"targets": ["attention", "experts"], "r": 16, "alpha": 32, "stages": ["sft", "dpo"]}},
+            "data": {"on_error": "skip", "test_size": 0.01, "sources": [
+                {"format": "hh_rlhf", "path": str(SHARED_DATA / "hh_rlhf" / f"{name}.jsonl"), "sft_from_chosen": True}
+                for name in HH_FILES]}}
+
+
+# ---------------------------------------------------------------- one variant, in a child process
+
+def trainer_inputs(variant: str, recipe, examples: int, callbacks: list) -> dict:
+    """Model, tokenizer, the first `examples` rows of the prepared split and the LoRA config (loaded untimed)."""
+    from finetune import adapters
+    from finetune.models import load_stage_model, load_tokenizer
+    from finetune.training import load_split
+
+    kind = "preference" if VARIANTS[variant][0] == "dpo" else "sft"
+    model = load_stage_model(recipe, "base")
+    return dict(model=model, train_dataset=load_split(recipe, kind, "train").select(range(examples)),
+                processing_class=load_tokenizer(recipe), peft_config=adapters.peft_config(model, recipe.model.lora),
+                callbacks=callbacks)
+
+
+def trainer_for(variant: str, recipe, output_dir: Path, inputs: dict):
+    """The trainer of a variant: TRL's as configured for it, or what moetune's stage builds."""
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    from finetune.packed_dpo import dpo_trainer
+    from finetune.packed_sft import sft_trainer
+    from finetune.training import trainer_config
+
+    trl_defaults = dict(output_dir=str(output_dir), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
+                        per_device_train_batch_size=recipe.dpo["per_device_train_batch_size"], seed=recipe.seed,
+                        num_train_epochs=1, disable_tqdm=True)
+    if variant == "trl_dpo":
+        return DPOTrainer(args=DPOConfig(**trl_defaults), **inputs)
+    if variant == "trl_dpo_best":
+        return DPOTrainer(args=DPOConfig(**trl_defaults, precompute_ref_log_probs=True,
+                                         gradient_checkpointing=False), **inputs)
+    if variant == "trl_sft":
+        return SFTTrainer(args=SFTConfig(**trl_defaults), **inputs)
+    if variant == "trl_sft_packing":
+        return SFTTrainer(args=SFTConfig(**trl_defaults, packing=True, gradient_checkpointing=False), **inputs)
+    stage = VARIANTS[variant][0]
+    make = dpo_trainer if stage == "dpo" else sft_trainer
+    return make(recipe.speed, args=trainer_config(stage, recipe, output_dir), **inputs)
+
+
+def real_tokens(trainer, stage: str) -> int:
+    """Non-padding tokens of the trained examples, after TRL's truncation to max_length."""
+    data, limit = trainer.train_dataset, trainer.args.max_length or 10**9
+    if stage == "sft":
+        return sum(len(ids) for ids in data["input_ids"])
+    return sum(min(len(p) + len(c), limit) + min(len(p) + len(r), limit)
+               for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"]))
+
+
+def run_variant(spec: dict) -> dict:
+    from transformers import TrainerCallback
+
+    from finetune.models import seed_everything
+    from finetune.recipe import parse_recipe
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self.start = [], 0.0
+
+        def on_step_begin(self, *args, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            self.times.append(time.perf_counter() - self.start)
+
+    recipe = parse_recipe(spec["recipe"], "<bench>")
+    stage = VARIANTS[spec["variant"]][0]
+    seed_everything(0)
+    timer = StepTimer()
+    inputs = trainer_inputs(spec["variant"], recipe, spec["examples"], [timer])
+    with tempfile.TemporaryDirectory() as output_dir:
+        start = time.perf_counter()
+        trainer = trainer_for(spec["variant"], recipe, Path(output_dir), inputs)
+        trainer.train()
+        seconds = time.perf_counter() - start
+    return {"variant": spec["variant"], "seconds": seconds, "tokens": real_tokens(trainer, stage),
+            "step_s": statistics.median(timer.times), "steps": len(timer.times),
+            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def measure_in_child(spec: dict) -> dict:
+    result = subprocess.run([sys.executable, "-m", "benchmarks.dpo_bench", "--child", json.dumps(spec)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{spec['variant']} failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- the parent: setup, interleaved runs, report
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """fp32 matmul throughput through torch on this machine's threads: the ceiling MFU is quoted against."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e9
+
+
+def flops_per_token(config) -> float:
+    """N: the parameters one token uses (attention, router, top-k experts, LM head), times 2 for a forward."""
+    hidden, heads, kv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+    head_dim = hidden // heads
+    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv * head_dim
+    experts = config.num_experts_per_tok * 3 * hidden * config.intermediate_size + hidden * config.num_local_experts
+    return 2 * (config.num_hidden_layers * (attention + experts) + config.vocab_size * hidden)
+
+
+def loss_and_gradients(trainer, examples: list[dict]):
+    """The training loss on one batch and the gradient of every trainable parameter."""
+    batch = trainer.data_collator(examples)
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch))
+    loss.backward()
+    grads = {name: param.grad.clone() for name, param in trainer.model.named_parameters() if param.requires_grad}
+    return loss.detach(), grads
+
+
+def relative_differences(reference, candidate) -> tuple[float, float]:
+    """(loss, worst gradient) differences relative to the reference's loss and each gradient's largest entry."""
+    (loss_a, grads_a), (loss_b, grads_b) = reference, candidate
+    worst = max(((grads_a[n] - grads_b[n]).abs().max() / grads_a[n].abs().max().clamp(min=1e-12)).item()
+                for n in grads_a)
+    return abs(loss_a.item() - loss_b.item()) / abs(loss_a.item()), worst
+
+
+def same_math_check(recipe, batch_size: int) -> tuple[float, float]:
+    """moetune's DPO loss and gradients against TRL's on the same batch of real pairs (LoRA moved off zero)."""
+    import torch
+    from trl import DPOTrainer
+
+    from finetune import adapters
+    from finetune.models import load_stage_model, load_tokenizer
+    from finetune.packed_dpo import dpo_trainer
+    from finetune.training import load_split, trainer_config
+
+    base, tokenizer = load_stage_model(recipe, "base"), load_tokenizer(recipe)
+    pairs = load_split(recipe, "preference", "train").select(range(batch_size))
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        config = trainer_config("dpo", recipe, Path(folder))
+        config.precompute_ref_log_probs = False
+        for make in (lambda **kw: DPOTrainer(**kw), lambda **kw: dpo_trainer(recipe.speed, **kw)):
+            model = copy.deepcopy(base)
+            trainer = make(model=model, args=config, train_dataset=pairs, processing_class=tokenizer,
+                           peft_config=adapters.peft_config(model, recipe.model.lora))
+            torch.manual_seed(1)
+            for name, param in trainer.model.named_parameters():
+                if "lora_B" in name:
+                    param.data.normal_(0, 0.02)
+            results.append(loss_and_gradients(trainer, [trainer.train_dataset[i] for i in range(batch_size)]))
+    return relative_differences(*results)
+
+
+def prepare(folder: Path, sizes: dict) -> dict:
+    from data_prep.prepare import run as prep
+    from finetune.models import build_base
+    from finetune.recipe import parse_recipe
+
+    raw = bench_recipe(folder / "run", sizes)
+    raw["dpo"] = raw["sft"] = {"per_device_train_batch_size": sizes["batch"], "num_train_epochs": 1,
+                               "disable_tqdm": True}
+    recipe = parse_recipe(copy.deepcopy(raw), "<bench>")
+    prep(recipe)
+    build_base(recipe)
+    return raw
+
+
+BASELINES = {"dpo": ("trl_dpo", "trl_dpo_best"), "sft": ("trl_sft", "trl_sft_packing")}
+
+
+def summarize(results: dict[str, list[dict]], ceilings: list[float], flops: float) -> list[dict]:
+    """Medians per variant; speed-ups are medians of each round's ratio (variants of a round ran minutes apart,
+    rounds may differ more: other jobs on the machine come and go)."""
+    ceiling = statistics.median(ceilings)
+    throughput = {variant: [r["tokens"] / r["seconds"] for r in runs] for variant, runs in results.items()}
+    rows = []
+    for variant, runs in results.items():
+        stage = VARIANTS[variant][0]
+        model_flops = flops * (3 if stage == "dpo" else 2)  # forward 2N (flops); DPO 6N, LoRA SFT 4N
+        speedups = [statistics.median(a / b for a, b in zip(throughput[variant], throughput[baseline]))
+                    for baseline in BASELINES[stage]]
+        rows.append({"variant": variant, "stage": stage, "tokens_per_s": statistics.median(throughput[variant]),
+                     "speedups": speedups, "step_s": statistics.median(r["step_s"] for r in runs),
+                     "steps": runs[0]["steps"], "tokens": runs[0]["tokens"],
+                     "peak_mib": statistics.median(r["peak_mib"] for r in runs),
+                     "mfu": statistics.median(throughput[variant]) * model_flops / (ceiling * 1e9)})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| variant | real tokens/s | x TRL defaults | x TRL best | step time (s) | steps | peak RSS (MiB) | MFU |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {VARIANTS[row['variant']][1]} | {row['tokens_per_s']:,.0f} | {row['speedups'][0]:.2f} | "
+                     f"{row['speedups'][1]:.2f} | {row['step_s']:.2f} | {row['steps']} | {row['peak_mib']:,.0f} | "
+                     f"{100 * row['mfu']:.1f}% |")
+    return "\n".join(lines)
+
+
+def rounds(results: dict[str, list[dict]]) -> str:
+    """Every run's tokens/s, round by round, so the noise is visible."""
+    lines = ["| variant | " + " | ".join(f"round {i + 1}" for i in range(len(next(iter(results.values()))))) + " |",
+             "|---|" + "---|" * len(next(iter(results.values())))]
+    for variant, runs in results.items():
+        lines.append(f"| {variant} | " + " | ".join(f"{r['tokens'] / r['seconds']:,.0f}" for r in runs) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    import os
+
+    import torch
+    import transformers
+    import trl
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"transformers {transformers.__version__}, trl {trl.__version__}")
+
+
+def main(quick: bool) -> None:
+    if not (SHARED_DATA / "hh_rlhf").is_dir():
+        sys.exit(f"{SHARED_DATA}/hh_rlhf is missing: the benchmark reads the shared hh-rlhf files.")
+    from transformers import AutoConfig
+
+    sizes = QUICK if quick else FULL
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        raw = prepare(Path(folder), sizes)
+        config = AutoConfig.from_pretrained(Path(raw["run_dir"]) / "base")
+        results = {variant: [] for variant in VARIANTS}
+        ceilings = []
+        for repeat in range(sizes["repeats"]):
+            ceilings.append(matmul_gflops())
+            order = list(VARIANTS)[repeat % 3:] + list(VARIANTS)[:repeat % 3]  # rotate: no variant always first
+            for variant in order:
+                steps = sizes["dpo_steps" if VARIANTS[variant][0] == "dpo" else "sft_steps"]
+                result = measure_in_child({"variant": variant, "recipe": raw, "examples": steps * sizes["batch"]})
+                results[variant].append(result)
+                print(f"[{repeat + 1}/{sizes['repeats']}] {variant}: {result['tokens'] / result['seconds']:,.0f} "
+                      f"tokens/s, step {result['step_s']:.2f}s, peak {result['peak_mib']:,.0f} MiB", flush=True)
+        from finetune.recipe import parse_recipe
+
+        loss_diff, grad_diff = same_math_check(parse_recipe(copy.deepcopy(raw), "<bench>"), sizes["batch"])
+    rows = summarize(results, ceilings, flops_per_token(config))
+    report = render(rows, results, ceilings, config, sizes, loss_diff, grad_diff, time.perf_counter() - started)
+    print(report)
+    if not quick:
+        RESULTS.write_text(report)
+        print(f"written to {RESULTS}")
+
+
+def render(rows, results, ceilings, config, sizes, loss_diff, grad_diff, seconds) -> str:
+    ok = "equal" if loss_diff < 1e-4 and grad_diff < 1e-4 else "NOT EQUAL"
+    return "\n".join([
+        "# DPO and SFT throughput: TRL vs moetune",
+        "",
+        f"Machine: {machine()}. Shared with three other jobs while measured: timings are noisy; variants ran "
+        f"interleaved (rounds rotate the order), {sizes['repeats']} times each, medians shown. Total benchmark time {seconds / 60:.1f} min.",
+        "No GPU was lent to the session that ran this; the GPU run is still to do.",
+        f"fp32 matmul ceiling (2048^3, measured before each round): median {statistics.median(ceilings):.0f} GFLOP/s "
+        f"({', '.join(f'{c:.0f}' for c in ceilings)}).",
+        "",
+        f"Model: Mixtral from a config, hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
+        f"{config.num_local_experts} experts top-{config.num_experts_per_tok}, expert FFN {config.intermediate_size}, "
+        f"vocabulary {config.vocab_size} (byte-level BPE trained on the data); LoRA r=16 on attention and experts; "
+        f"fp32. Data: the hh-rlhf pairs of ../shared/data (chosen conversations for SFT), chat-templated, "
+        f"max length 1024, batches of {sizes['batch']}, {sizes['dpo_steps']} DPO and {sizes['sft_steps']} SFT steps of "
+        "the same examples in the same order for every variant.",
+        "",
+        table(rows),
+        "",
+        "Speed-ups are medians of the per-round ratios. Every run's real tokens/s:",
+        "",
+        rounds(results),
+        "",
+        f"Same math: on one batch of {sizes['batch']} real pairs, moetune's DPO loss differs from TRL's by "
+        f"{loss_diff:.1e} (relative) and its worst adapter gradient by {grad_diff:.1e} (relative to that gradient's "
+        f"largest entry): {ok} at 1e-4.",
+        "",
+        "Real tokens: the non-padding tokens of prompt+chosen and prompt+rejected (TRL's num_tokens) or of each "
+        "conversation, over the wall time of building the trainer (tokenizing; the reference pass where "
+        "precomputed) and training (loading model and data not timed). MFU: 6N FLOPs per real DPO token, 4N per SFT token (N: parameters a token "
+        "uses, LM head included) over the matmul ceiling. The FLOPs are those of the DPO math on TRL's real tokens, so "
+        "moetune's figure includes the work it avoids (each prompt once, the LM head on completion tokens only): an "
+        "effective MFU. Reproduce: `make bench` or `python -m benchmarks.dpo_bench`.",
+        "",
+    ])
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, one step, one round: a smoke test")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+    if arguments.child:
+        print(json.dumps(run_variant(json.loads(arguments.child))))
+    else:
+        main(arguments.quick)

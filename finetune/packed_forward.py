@@ -1,0 +1,144 @@
+"""The model side of packed preference batches (finetune/preference_packing.py).
+
+`install_packed_forward(model)` lets `model(..., packed_input_ids=..., ...)` run the packed row and answer in the
+layout of TRL's fused LM head on the padded batch (`FusedCausalLMOutput`, shape (2 * pairs, padded length - 1)),
+so TRL's DPO loss, reference pass and metrics run unchanged on it. Without packed keys the forward is TRL's.
+
+Attention runs block by block (one sdpa call per sequence, two per prompt-shared pair; also for TRL's
+padding-free SFT rows): a dense mask over the whole packed row would cost attention quadratic in the batch's total
+length. Only the completion tokens' hidden states go through the LM head (TRL scores every position on CPU), at
+temperature 1 and without logit scaling, as DPO and the Mixtral, Qwen3-MoE and OLMoE heads use. The
+load-balancing loss weighs each token as the padded batch does: a shared prompt counts twice, padding not at all.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+from trl.kernels import ChunkedLogProbFunction
+from trl.trainer.utils import FusedCausalLMOutput
+
+from finetune.preference_packing import PACKED_KEYS
+
+BLOCK_ATTENTION = "moetune_blocks"
+LOGPROB_CHUNK = 4096  # tokens per LM-head tile: bounds the (tokens, vocab) logits held at once
+
+
+def row_blocks(query, key, attention_mask, kwargs) -> list[tuple[int, int, int, int]] | None:
+    """The blocks of an unpadded row: given (packed preference batches), TRL's padding-free sequence boundaries
+    (`cu_seq_lens_q`), or where the position ids restart at 0. None for padded batches and cached decoding."""
+    if kwargs.get("packed_blocks") is not None:
+        return kwargs["packed_blocks"]
+    if attention_mask is not None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        return None
+    if kwargs.get("cu_seq_lens_q") is not None:
+        bounds = kwargs["cu_seq_lens_q"].tolist()
+    elif kwargs.get("position_ids") is not None:
+        bounds = (kwargs["position_ids"][0] == 0).nonzero().flatten().tolist() + [query.shape[2]]
+        bounds = bounds if bounds[0] == 0 else [0] + bounds
+    else:
+        bounds = [0, query.shape[2]]
+    return [(start, end, end, end) for start, end in zip(bounds, bounds[1:]) if end > start]
+
+
+def block_attention(module, query, key, value, attention_mask, **kwargs):
+    """sdpa within each block of an unpadded row; plain sdpa (with the usual mask) for padded batches."""
+    blocks = row_blocks(query, key, attention_mask, kwargs)
+    kwargs.pop("packed_blocks", None)
+    if blocks is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    kwargs.pop("is_causal", None)
+    # torch.split, not slicing: a slice's backward writes a zero tensor the size of the whole row, per block.
+    sizes = [size for start, _, split, end in blocks for size in (split - start, end - split)]
+    queries, keys, values = (tensor.split(sizes, dim=2) for tensor in (query, key, value))
+    outputs = []
+    for index, (start, prompt_end, split, end) in enumerate(blocks):
+        first, second = 2 * index, 2 * index + 1
+        out, _ = sdpa_attention_forward(module, queries[first], keys[first], values[first], None, is_causal=True,
+                                        **kwargs)
+        outputs.append(out)
+        if end > split:  # rejected: sees the prompt and itself, causally, not chosen
+            prompt = prompt_end - start
+            mask = torch.ones(end - split, prompt + end - split, dtype=torch.bool, device=query.device)
+            out, _ = sdpa_attention_forward(
+                module, queries[second], torch.cat([keys[first][:, :, :prompt], keys[second]], dim=2),
+                torch.cat([values[first][:, :, :prompt], values[second]], dim=2),
+                mask.tril(diagonal=prompt)[None, None], is_causal=False, **kwargs)
+            outputs.append(out)
+    return torch.cat(outputs, dim=1), None
+
+
+def block_mask(*args, attention_mask=None, **kwargs):
+    """sdpa's mask for padded batches; none for unpadded rows, whose blocks block_attention finds itself (a
+    dense mask over a packed row would cost the square of its length to build and to apply)."""
+    return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+AttentionInterface.register(BLOCK_ATTENTION, block_attention)
+AttentionMaskInterface.register(BLOCK_ATTENTION, block_mask)
+
+
+def use_block_attention(model) -> None:
+    """sdpa that also runs packed rows block by block; the setting is not saved with the model."""
+    config = model.config.get_text_config()
+    if config._attn_implementation not in ("sdpa", BLOCK_ATTENTION):
+        raise ValueError(f"speed.padding_free needs sdpa attention; this model uses {config._attn_implementation}. "
+                         "Set speed.padding_free: false.")
+    if getattr(config, "use_sliding_window", True) and getattr(config, "sliding_window", None):
+        raise ValueError("speed.padding_free does not implement sliding-window attention; set speed.padding_free: false.")
+    model.set_attn_implementation(BLOCK_ATTENTION)
+
+
+def install_packed_forward(model, fields: tuple[str, ...] = ("log_probs",)) -> None:
+    """Patch `model` (a *ForCausalLM, after TRL added its fused LM head) to understand packed preference batches.
+
+    `fields` are the per-token outputs computed, as in TRL's `add_fused_lm_head`.
+    """
+    use_block_attention(model)
+    previous = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, **kwargs):
+        if kwargs.get("packed_input_ids") is None:
+            return previous(*args, **{k: v for k, v in kwargs.items() if k not in PACKED_KEYS})
+        return packed_forward(self, kwargs, fields)
+
+    model.forward = types.MethodType(forward, model)
+
+
+def packed_forward(model, batch: dict, fields: tuple[str, ...]) -> FusedCausalLMOutput:
+    config = model.config.get_text_config()
+    router_logits = bool(batch.get("output_router_logits"))
+    hidden = model.base_model(
+        input_ids=batch["packed_input_ids"], position_ids=batch["packed_position_ids"],
+        packed_blocks=[tuple(block) for block in batch["packed_blocks"].tolist()],
+        output_router_logits=router_logits, use_cache=False,
+    )
+    lm_head = model.get_output_embeddings()
+    sources = hidden.last_hidden_state[0].index_select(0, batch["packed_score_source"])
+    per_token = ChunkedLogProbFunction.apply(
+        sources, lm_head.weight, lm_head.bias, batch["packed_score_token"], 1.0, LOGPROB_CHUNK,
+        getattr(config, "final_logit_softcapping", None), 1.0, fields,
+    )
+    rows, length = batch["input_ids"].shape
+    where = (batch["packed_score_row"], batch["packed_score_col"])
+    log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (
+        None if values is None else values.new_zeros(rows, length - 1).index_put(where, values)
+        for values in per_token
+    )
+    aux_loss = None
+    if router_logits:
+        aux_loss = load_balancing_loss_func(hidden.router_logits, config.num_experts, config.num_experts_per_tok,
+                                            batch["packed_router_weights"])
+    return FusedCausalLMOutput(
+        loss=None, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq_probs,
+        mean_logits=mean_logits, is_top1=is_top1, aux_loss=aux_loss,
+        label_mask=torch.zeros(rows, length - 1, dtype=torch.bool, device=log_probs.device).index_put(
+            where, torch.ones_like(where[0], dtype=torch.bool)),
+    )

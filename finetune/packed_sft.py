@@ -1,0 +1,32 @@
+"""TRL's SFTTrainer on padding-free batches: the same examples per step and the same loss, without padding.
+
+TRL's `padding_free` lays a batch's sequences end to end in one row with restarting position ids, but refuses it
+without packing while `max_length` is set. Here TRL prepares (truncates, filters) the dataset exactly as for padded
+batches, then its collator is switched to padding-free: the batches are the padded ones minus the padding.
+
+With sdpa, transformers builds a dense mask over the whole padding-free row, so attention would cost the square of
+the batch's total length; block attention (finetune/packed_forward.py) runs it sequence by sequence instead.
+"""
+
+from __future__ import annotations
+
+from peft import PeftModel
+from trl import SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from finetune.packed_forward import use_block_attention
+
+
+class PaddingFreeSFTTrainer(SFTTrainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.data_collator, DataCollatorForLanguageModeling):
+            raise ValueError("speed.padding_free works with TRL's own SFT collator (text conversations); "
+                             "set speed.padding_free: false.")
+        self.padding_free = self.data_collator.padding_free = True
+        use_block_attention(self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model)
+
+
+def sft_trainer(speed, **kwargs) -> SFTTrainer:
+    """The SFT trainer the recipe's `speed:` section asks for (same loss either way)."""
+    return PaddingFreeSFTTrainer(**kwargs) if speed.padding_free else SFTTrainer(**kwargs)

@@ -1,0 +1,187 @@
+"""Speed levers (padding-free batches, prompt sharing, precomputed reference log-probs) keep TRL's math.
+
+Each lever is compared, on one batch of a tiny Mixtral, against TRL's DPOTrainer (or SFTTrainer) on the padded
+batch: the loss (with the router's load-balancing loss), the per-sequence log-probs and every gradient agree. The
+reference cache is reused and invalidated as it should be, and a tiny DPO stage logs the same losses with the levers
+on and off.
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+from datasets import Dataset, load_dataset
+from transformers import AutoModelForCausalLM
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+from benchmarks.dpo_bench import loss_and_gradients, relative_differences
+from data_prep import synthetic
+from finetune import adapters
+from finetune.cli import main
+from finetune.models import init_config, train_tokenizer
+from finetune.packed_dpo import PackedDPOTrainer
+from finetune.packed_sft import PaddingFreeSFTTrainer
+from finetune.preference_packing import pack_pairs
+from finetune.recipe import LoraConfig, ModelInit
+from tests.test_cli import write_recipe
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny Mixtral (with its router's aux loss on), its tokenizer and 8 preference pairs of varied lengths."""
+    pairs = list(synthetic.preference_pairs(8, 3))
+    texts = [m["content"] for row in pairs for key in ("prompt", "chosen", "rejected") for m in row[key]]
+    tokenizer = train_tokenizer(texts, vocab_size=200)
+    init = ModelInit(hidden_size=32, intermediate_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                     num_experts=4, experts_per_token=2, router_aux_loss_coef=0.05)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(init_config(init, tokenizer))
+    return model, tokenizer, Dataset.from_list(pairs)
+
+
+def dpo_config(tmp_path, **overrides):
+    values = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", per_device_train_batch_size=8,
+                  max_length=90, beta=0.5, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], seed=0)
+    return DPOConfig(**{**values, **overrides})
+
+
+def build(tiny, tmp_path, trainer_class=DPOTrainer, lora=True, trainer_options=None, **config):
+    model, tokenizer, pairs = tiny
+    model = copy.deepcopy(model)
+    lora_config = adapters.peft_config(model, LoraConfig(targets=["attention", "experts"])) if lora else None
+    trainer = trainer_class(model=model, ref_model=None if lora else copy.deepcopy(model).eval(),
+                            args=dpo_config(tmp_path, **config), train_dataset=pairs, processing_class=tokenizer,
+                            peft_config=lora_config, **(trainer_options or {}))
+    if lora:  # LoRA B starts at zero, which would make the policy equal the reference: move it off
+        torch.manual_seed(1)
+        for name, param in trainer.model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(0, 0.05)
+    return trainer
+
+
+def whole_dataset(trainer):
+    return [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+
+
+def reference_log_probs(trainer):
+    """Each sequence's summed completion log-probs under the reference (chosen then rejected), on one batch."""
+    batch = trainer._prepare_inputs(trainer.data_collator(whole_dataset(trainer)))
+    with torch.no_grad():
+        return torch.cat(trainer.compute_ref_log_probs(trainer.model, batch))
+
+
+@pytest.fixture(scope="module")
+def trl_lora(tiny, tmp_path_factory):
+    """TRL's DPOTrainer with LoRA on the padded batch: its loss, gradients and per-sequence log-probs."""
+    trainer = build(tiny, tmp_path_factory.mktemp("trl"))
+    return loss_and_gradients(trainer, whole_dataset(trainer)), reference_log_probs(trainer)
+
+
+def same_math(reference, candidate):
+    """The candidate trainer's loss and every gradient equal the reference's (on the whole dataset as one batch)."""
+    result = loss_and_gradients(candidate, whole_dataset(candidate))
+    assert reference[1].keys() == result[1].keys()
+    loss_difference, gradient_difference = relative_differences(reference, result)
+    assert loss_difference < 1e-5 and gradient_difference < 1e-4
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_packed_batches_give_trl_log_probs_loss_and_gradients(tiny, trl_lora, tmp_path, share_prompt):
+    reference, log_probs = trl_lora
+    packed = build(tiny, tmp_path, PackedDPOTrainer, trainer_options={"share_prompt": share_prompt})
+    packed_log_probs = reference_log_probs(packed)
+    assert log_probs.numel() >= 10 and log_probs.abs().min() > 1  # 5+ pairs, real sums
+    torch.testing.assert_close(packed_log_probs, log_probs, rtol=1e-5, atol=1e-4)
+    same_math(reference, packed)
+
+
+def test_precomputed_reference_gives_the_per_step_loss_and_gradients(tiny, trl_lora, tmp_path):
+    precomputed = build(tiny, tmp_path, PackedDPOTrainer, precompute_ref_log_probs=True)
+    assert "ref_chosen_logps" in precomputed.train_dataset.column_names
+    same_math(trl_lora[0], precomputed)
+
+
+def test_full_fine_tuning_with_a_reference_copy_gives_trl_loss_and_gradients(tiny, tmp_path):
+    trl = build(tiny, tmp_path, lora=False)
+    same_math(loss_and_gradients(trl, whole_dataset(trl)), build(tiny, tmp_path, PackedDPOTrainer, lora=False))
+
+
+def test_padding_free_sft_gives_trl_loss_and_gradients(tiny, tmp_path):
+    model, tokenizer, _ = tiny
+    conversations = Dataset.from_list(list(synthetic.sft_conversations(8, 4)))
+    trainers = []
+    for trainer_class in (SFTTrainer, PaddingFreeSFTTrainer):
+        config = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_length=30,
+                           per_device_train_batch_size=8, assistant_only_loss=True, seed=0)
+        trainers.append(trainer_class(model=copy.deepcopy(model), args=config, train_dataset=conversations,
+                                      processing_class=tokenizer))
+    assert len(trainers[1].train_dataset) > 1  # several sequences in the padding-free row
+    same_math(loss_and_gradients(trainers[0], whole_dataset(trainers[0])), trainers[1])
+
+
+def test_layouts_place_every_token_where_trl_scores_it():
+    examples = [{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6]},
+                {"prompt_ids": [7, 8], "chosen_ids": [9], "rejected_ids": [10, 11]}]
+    shared = pack_pairs(examples, max_length=4, truncation_mode="keep_start", share_prompt=True)
+    # pair 0: prompt 1 2 3, chosen cut to 4 (max_length 4), rejected 6; pair 1: 7 8 | 9 | 10 11
+    assert shared["packed_input_ids"].tolist() == [[1, 2, 3, 4, 6, 7, 8, 9, 10, 11]]
+    assert shared["packed_position_ids"].tolist() == [[0, 1, 2, 3, 3, 0, 1, 2, 2, 3]]
+    assert shared["packed_blocks"].tolist() == [[0, 3, 4, 5], [5, 7, 8, 10]]
+    assert shared["packed_router_weights"].tolist() == [[2, 2, 2, 1, 1, 2, 2, 1, 1, 1]]
+    scored = list(zip(*(shared[f"packed_score_{k}"].tolist() for k in ("source", "token", "row", "col"))))
+    # (hidden state that predicts it, token, padded row, column in TRL's shifted layout)
+    assert scored == [(2, 4, 0, 2), (2, 6, 2, 2), (6, 9, 1, 1), (6, 10, 3, 1), (8, 11, 3, 2)]
+    padding_free = pack_pairs(examples, max_length=4, truncation_mode="keep_start", share_prompt=False)
+    assert padding_free["packed_input_ids"].tolist() == [[1, 2, 3, 4, 1, 2, 3, 6, 7, 8, 9, 7, 8, 10, 11]]
+    assert padding_free["packed_blocks"].tolist() == [[0, 4, 4, 4], [4, 8, 8, 8], [8, 11, 11, 11], [11, 15, 15, 15]]
+
+
+def test_reference_log_probs_are_cached_by_model_and_data(tiny, tmp_path, monkeypatch):
+    """The reference pass runs on the first run only; a changed model or changed data run it again."""
+    model, tokenizer, pairs = tiny
+    calls = []
+    original = PackedDPOTrainer.compute_ref_log_probs
+    monkeypatch.setattr(PackedDPOTrainer, "compute_ref_log_probs",
+                        lambda self, *args: calls.append(1) or original(self, *args))
+
+    def write(name, rows):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return path
+
+    def reference_passes(base, data_file):
+        dataset = load_dataset("json", data_files=str(data_file), split="train", cache_dir=str(tmp_path / "cache"))
+        calls.clear()
+        torch.manual_seed(0)  # the same adapter initialisation every run
+        trainer = PackedDPOTrainer(model=copy.deepcopy(base), args=dpo_config(tmp_path, precompute_ref_log_probs=True),
+                                   train_dataset=dataset, processing_class=tokenizer,
+                                   peft_config=adapters.peft_config(base, LoraConfig(targets=["experts"])))
+        return len(calls), trainer.train_dataset["ref_chosen_logps"]
+
+    rows = pairs.to_list()
+    data = write("pairs.jsonl", rows)
+    first, logps = reference_passes(model, data)
+    again, cached = reference_passes(model, data)
+    assert first > 0 and again == 0 and cached == logps
+    changed_model = copy.deepcopy(model)
+    with torch.no_grad():
+        changed_model.lm_head.weight.mul_(1.01)
+    assert reference_passes(changed_model, data)[0] > 0
+    changed = write("changed.jsonl", [{**rows[0], "chosen": [{"role": "assistant", "content": "Something else."}]}]
+                    + rows[1:])
+    assert reference_passes(model, changed)[0] > 0
+
+
+def test_tiny_dpo_stage_with_levers_on_matches_levers_off(tmp_path):
+    """End to end through the CLI: the DPO stage's logged losses are the same with every lever on and off."""
+    recipe = str(write_recipe(tmp_path))
+    assert main(["run", recipe, "--stages", "prep,sft,dpo"]) == 0
+    losses = {}
+    for levers in ("true", "false"):
+        overrides = [f"speed.{name}={levers}" for name in ("padding_free", "share_prompt", "reference_cache")]
+        assert main(["dpo", recipe, "--force", *overrides]) == 0
+        history = json.loads((tmp_path / "run" / "dpo" / "metrics.json").read_text())
+        losses[levers] = [entry["loss"] for entry in history if "loss" in entry]
+    assert len(losses["true"]) == 3 and losses["true"] == pytest.approx(losses["false"], rel=1e-3)
