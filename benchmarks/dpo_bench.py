@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import platform
 import resource
@@ -43,10 +44,17 @@ VARIANTS = {
     "trl_dpo": ("dpo", "TRL DPOTrainer as users run it (defaults; fp32, use_cpu)"),
     "trl_dpo_best": ("dpo", "TRL DPOTrainer at its best (+ precompute_ref_log_probs, activation checkpointing off)"),
     "moetune_dpo": ("dpo", "moetune DPO (padding-free, prompt-shared, reference log-probs precomputed)"),
+    "moetune_dpo_no_share": ("dpo", "moetune DPO, speed.share_prompt off"),
+    "moetune_dpo_padded": ("dpo", "moetune DPO, speed.padding_free off"),
+    "moetune_dpo_no_cache": ("dpo", "moetune DPO, speed.reference_cache off"),
     "trl_sft": ("sft", "TRL SFTTrainer as users run it (defaults; fp32, use_cpu)"),
     "trl_sft_packing": ("sft", "TRL SFTTrainer with packing (+ activation checkpointing off)"),
     "moetune_sft": ("sft", "moetune SFT (padding-free, same batches as TRL's defaults)"),
 }
+
+# The ablations: moetune's DPO with one lever off each, so the table shows what every lever adds.
+LEVERS_OFF = {"moetune_dpo_no_share": {"share_prompt": False}, "moetune_dpo_padded": {"padding_free": False},
+              "moetune_dpo_no_cache": {"reference_cache": False}}
 
 
 def bench_recipe(run_dir: Path, sizes: dict) -> dict:
@@ -95,6 +103,7 @@ def trainer_for(variant: str, recipe, output_dir: Path, inputs: dict):
         return SFTTrainer(args=SFTConfig(**trl_defaults, packing=True, gradient_checkpointing=False), **inputs)
     stage = VARIANTS[variant][0]
     make = dpo_trainer if stage == "dpo" else sft_trainer
+    recipe.speed = dataclasses.replace(recipe.speed, **LEVERS_OFF.get(variant, {}))
     return make(recipe.speed, args=trainer_config(stage, recipe, output_dir), **inputs)
 
 
@@ -337,7 +346,8 @@ def render(rows, results, ceilings, config, sizes, loss_diff, grad_diff, seconds
         "",
         table(rows),
         "",
-        "Speed-ups are medians of the per-round ratios. Every run's real tokens/s:",
+        "Speed-ups are medians of the per-round ratios. The rows with one speed lever off each show what that lever "
+        "adds to moetune's DPO. Every run's real tokens/s:",
         "",
         rounds(results),
         "",
