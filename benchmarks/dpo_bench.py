@@ -331,7 +331,7 @@ def render(rows, results, ceilings, config, sizes, loss_diff, grad_diff, seconds
     return "\n".join([
         "# DPO and SFT throughput: TRL vs moetune",
         "",
-        f"Machine: {machine()}. Shared with three other jobs while measured: timings are noisy; variants ran "
+        f"Machine: {machine()}. This machine is shared and noisy; variants ran "
         f"interleaved (rounds rotate the order), {sizes['repeats']} times each, medians shown. Total benchmark time {seconds / 60:.1f} min.",
         "No GPU was lent to the session that ran this; the GPU run is still to do.",
         f"fp32 matmul ceiling (2048^3, measured before each round): median {statistics.median(ceilings):.0f} GFLOP/s "
