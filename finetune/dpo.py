@@ -37,7 +37,6 @@ def run(recipe: Recipe, force: bool = False) -> Path:
     args = trainer_config("dpo", recipe, stage.work)
     tokenizer = load_tokenizer(recipe)
     model, peft_config, parent = load_training_model(recipe, "dpo", start="sft")
-    distributed.mark_moe_blocks_as_zero3_leaves(model)
     lora = recipe.model.lora_for("dpo")
     # Precomputed reference log-probs need no reference copy: TRL computes them with the model before training.
     needs_copy = not lora and not args.precompute_ref_log_probs

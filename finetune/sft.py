@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune import distributed
 from finetune.models import build_base, load_tokenizer, seed_everything
 from finetune.packed_sft import sft_trainer
 from finetune.recipe import Recipe
@@ -28,7 +27,6 @@ def run(recipe: Recipe, force: bool = False) -> Path:
     args = trainer_config("sft", recipe, stage.work)
     tokenizer = load_tokenizer(recipe)
     model, peft_config, parent = load_training_model(recipe, "sft", start="base")
-    distributed.mark_moe_blocks_as_zero3_leaves(model)
     trainer = sft_trainer(
         recipe.speed,
         model=model,

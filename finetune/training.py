@@ -58,8 +58,15 @@ def load_training_model(recipe: Recipe, stage: str, start: str):
 
     In full precision a stage starts from `start` with its adapters merged in and adds a fresh adapter. A quantized
     base (QLoRA) is never merged into: when `start` is an adapter, training continues it on its quantized base (for
-    DPO, TRL keeps a frozen copy of it as the reference policy) and the new adapter sits on that base too.
+    DPO, TRL keeps a frozen copy of it as the reference policy) and the new adapter sits on that base too. Under
+    ZeRO-3 the MoE blocks are marked as leaf modules.
     """
+    model, peft_config, parent = load_model_and_adapter(recipe, stage, start)
+    distributed.mark_moe_blocks_as_zero3_leaves(model)
+    return model, peft_config, parent
+
+
+def load_model_and_adapter(recipe: Recipe, stage: str, start: str):
     lora = recipe.model.lora_for(stage)
     if lora is None or recipe.model.quantization is None:
         model = load_stage_model(recipe, start)
