@@ -19,6 +19,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
 import platform
 import resource
 import statistics
@@ -32,7 +33,7 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HH_FILES = ("helpful_base_test", "helpful_online_test", "helpful_rejection_sampled_test", "harmless_base_test")
 RESULTS = Path(__file__).resolve().parent / "results.md"
 
-FULL = {"model": dict(hidden_size=256, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2,
+FULL = {"model": dict(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4, num_kv_heads=2,
                       num_experts=8, experts_per_token=2, vocab_size=8000, max_position_embeddings=2048),
         "batch": 8, "dpo_steps": 2, "sft_steps": 6, "repeats": 3}
 QUICK = {"model": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -47,6 +48,9 @@ VARIANTS = {
     "moetune_dpo_no_share": ("dpo", "moetune DPO, speed.share_prompt off"),
     "moetune_dpo_padded": ("dpo", "moetune DPO, speed.padding_free off"),
     "moetune_dpo_no_cache": ("dpo", "moetune DPO, speed.reference_cache off"),
+    "moetune_dpo_second_run": ("dpo", "moetune DPO, a second run (another beta) reusing the first's reference pass"),
+    "moetune_dpo_2_epochs": ("dpo", "moetune DPO, 2 epochs"),
+    "moetune_dpo_2_epochs_no_cache": ("dpo", "moetune DPO, 2 epochs, speed.reference_cache off"),
     "trl_sft": ("sft", "TRL SFTTrainer as users run it (defaults; fp32, use_cpu)"),
     "trl_sft_packing": ("sft", "TRL SFTTrainer with packing (+ activation checkpointing off)"),
     "moetune_sft": ("sft", "moetune SFT (padding-free, same batches as TRL's defaults)"),
@@ -54,7 +58,12 @@ VARIANTS = {
 
 # The ablations: moetune's DPO with one lever off each, so the table shows what every lever adds.
 LEVERS_OFF = {"moetune_dpo_no_share": {"share_prompt": False}, "moetune_dpo_padded": {"padding_free": False},
-              "moetune_dpo_no_cache": {"reference_cache": False}}
+              "moetune_dpo_no_cache": {"reference_cache": False}, "moetune_dpo_2_epochs_no_cache": {"reference_cache": False}}
+EPOCHS = {"moetune_dpo_2_epochs": 2, "moetune_dpo_2_epochs_no_cache": 2}
+# The reference cache pays where the same reference pass comes back: (with cache, without), each against each.
+CACHE_GAINS = {"one epoch": ("moetune_dpo", "moetune_dpo_no_cache"),
+               "second run (a sweep over beta, a re-run)": ("moetune_dpo_second_run", "moetune_dpo_no_cache"),
+               "two epochs": ("moetune_dpo_2_epochs", "moetune_dpo_2_epochs_no_cache")}
 
 
 def bench_recipe(run_dir: Path, sizes: dict) -> dict:
@@ -108,12 +117,14 @@ def trainer_for(variant: str, recipe, output_dir: Path, inputs: dict):
 
 
 def real_tokens(trainer, stage: str) -> int:
-    """Non-padding tokens of the trained examples, after TRL's truncation to max_length."""
+    """Non-padding tokens of the trained examples (every epoch), after TRL's truncation to max_length."""
     data, limit = trainer.train_dataset, trainer.args.max_length or 10**9
     if stage == "sft":
-        return sum(len(ids) for ids in data["input_ids"])
-    return sum(min(len(p) + len(c), limit) + min(len(p) + len(r), limit)
-               for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"]))
+        per_epoch = sum(len(ids) for ids in data["input_ids"])
+    else:
+        per_epoch = sum(min(len(p) + len(c), limit) + min(len(p) + len(r), limit)
+                        for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"]))
+    return per_epoch * int(trainer.args.num_train_epochs)
 
 
 def run_variant(spec: dict) -> dict:
@@ -133,6 +144,7 @@ def run_variant(spec: dict) -> dict:
             self.times.append(time.perf_counter() - self.start)
 
     recipe = parse_recipe(spec["recipe"], "<bench>")
+    recipe.dpo["num_train_epochs"] = EPOCHS.get(spec["variant"], 1)
     stage = VARIANTS[spec["variant"]][0]
     seed_everything(0)
     timer = StepTimer()
@@ -140,6 +152,8 @@ def run_variant(spec: dict) -> dict:
     with tempfile.TemporaryDirectory() as output_dir:
         start = time.perf_counter()
         trainer = trainer_for(spec["variant"], recipe, Path(output_dir), inputs)
+        if spec.get("first_run"):  # only what the second run reuses: the reference pass
+            return {}
         trainer.train()
         seconds = time.perf_counter() - start
     return {"variant": spec["variant"], "seconds": seconds, "tokens": real_tokens(trainer, stage),
@@ -147,9 +161,20 @@ def run_variant(spec: dict) -> dict:
             "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def measure_in_child(spec: dict) -> dict:
+def measure(spec: dict) -> dict:
+    """One variant in fresh processes, with a datasets cache of its own: nothing one run tokenized or cached reaches
+    another, except the first run of `moetune_dpo_second_run` (same data and model, another beta), untimed."""
+    with tempfile.TemporaryDirectory() as cache:
+        if spec["variant"] == "moetune_dpo_second_run":
+            first = copy.deepcopy(spec)
+            first["recipe"]["dpo"] = {**first["recipe"]["dpo"], "beta": 0.3}
+            in_child({**first, "first_run": True}, cache)
+        return in_child(spec, cache)
+
+
+def in_child(spec: dict, datasets_cache: str) -> dict:
     result = subprocess.run([sys.executable, "-m", "benchmarks.dpo_bench", "--child", json.dumps(spec)],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, env={**os.environ, "HF_DATASETS_CACHE": datasets_cache})
     if result.returncode != 0:
         sys.exit(f"{spec['variant']} failed:\n{result.stderr[-4000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -252,8 +277,7 @@ def summarize(results: dict[str, list[dict]], ceilings: list[float], flops: floa
     for variant, runs in results.items():
         stage = VARIANTS[variant][0]
         model_flops = flops * (3 if stage == "dpo" else 2)  # forward 2N (flops); DPO 6N, LoRA SFT 4N
-        speedups = [statistics.median(a / b for a, b in zip(throughput[variant], throughput[baseline]))
-                    for baseline in BASELINES[stage]]
+        speedups = [median_ratio(throughput[variant], throughput[baseline]) for baseline in BASELINES[stage]]
         rows.append({"variant": variant, "stage": stage, "tokens_per_s": statistics.median(throughput[variant]),
                      "speedups": speedups, "step_s": statistics.median(r["step_s"] for r in runs),
                      "steps": runs[0]["steps"], "tokens": runs[0]["tokens"],
@@ -262,13 +286,30 @@ def summarize(results: dict[str, list[dict]], ceilings: list[float], flops: floa
     return rows
 
 
+def median_ratio(runs: list[float], baseline_runs: list[float]) -> float:
+    return statistics.median(a / b for a, b in zip(runs, baseline_runs))
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| variant | real tokens/s | x TRL defaults | x TRL best | step time (s) | steps | peak RSS (MiB) | MFU |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {VARIANTS[row['variant']][1]} | {row['tokens_per_s']:,.0f} | {row['speedups'][0]:.2f} | "
-                     f"{row['speedups'][1]:.2f} | {row['step_s']:.2f} | {row['steps']} | {row['peak_mib']:,.0f} | "
-                     f"{100 * row['mfu']:.1f}% |")
+        # TRL's rows are one-epoch first runs: only those of moetune compare with them.
+        alike = row["variant"] not in EPOCHS and row["variant"] != "moetune_dpo_second_run"
+        speedups = " | ".join(f"{x:.2f}" if alike else "-" for x in row["speedups"])
+        lines.append(f"| {VARIANTS[row['variant']][1]} | {row['tokens_per_s']:,.0f} | {speedups} | "
+                     f"{row['step_s']:.2f} | {row['steps']} | {row['peak_mib']:,.0f} | {100 * row['mfu']:.1f}% |")
+    return "\n".join(lines)
+
+
+def cache_gains(results: dict[str, list[dict]]) -> str:
+    """What speed.reference_cache adds where the reference pass is needed again, and where it is not."""
+    throughput = {variant: [r["tokens"] / r["seconds"] for r in runs] for variant, runs in results.items()}
+    lines = ["| the same reference pass needed | tokens/s, cache on | cache off | x |", "|---|---|---|---|"]
+    for case, (cached, uncached) in CACHE_GAINS.items():
+        lines.append(f"| {case} | {statistics.median(throughput[cached]):,.0f} | "
+                     f"{statistics.median(throughput[uncached]):,.0f} | "
+                     f"{median_ratio(throughput[cached], throughput[uncached]):.2f} |")
     return "\n".join(lines)
 
 
@@ -281,9 +322,15 @@ def rounds(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    import os
+def parameters(config) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
 
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config).num_parameters()
+
+
+def machine() -> str:
     import torch
     import transformers
     import trl
@@ -311,7 +358,7 @@ def main(quick: bool) -> None:
             order = list(VARIANTS)[repeat % 3:] + list(VARIANTS)[:repeat % 3]  # rotate: no variant always first
             for variant in order:
                 steps = sizes["dpo_steps" if VARIANTS[variant][0] == "dpo" else "sft_steps"]
-                result = measure_in_child({"variant": variant, "recipe": raw, "examples": steps * sizes["batch"]})
+                result = measure({"variant": variant, "recipe": raw, "examples": steps * sizes["batch"]})
                 results[variant].append(result)
                 print(f"[{repeat + 1}/{sizes['repeats']}] {variant}: {result['tokens'] / result['seconds']:,.0f} "
                       f"tokens/s, step {result['step_s']:.2f}s, peak {result['peak_mib']:,.0f} MiB", flush=True)
@@ -337,7 +384,7 @@ def render(rows, results, ceilings, config, sizes, loss_diff, grad_diff, seconds
         f"fp32 matmul ceiling (2048^3, measured before each round): median {statistics.median(ceilings):.0f} GFLOP/s "
         f"({', '.join(f'{c:.0f}' for c in ceilings)}).",
         "",
-        f"Model: Mixtral from a config, hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
+        f"Model: Mixtral from a config, {parameters(config) / 1e6:.1f}M parameters, hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
         f"{config.num_local_experts} experts top-{config.num_experts_per_tok}, expert FFN {config.intermediate_size}, "
         f"vocabulary {config.vocab_size} (byte-level BPE trained on the data); LoRA r=16 on attention and experts; "
         f"fp32. Data: the hh-rlhf pairs of ../shared/data (chosen conversations for SFT), chat-templated, "
@@ -347,7 +394,16 @@ def render(rows, results, ceilings, config, sizes, loss_diff, grad_diff, seconds
         table(rows),
         "",
         "Speed-ups are medians of the per-round ratios. The rows with one speed lever off each show what that lever "
-        "adds to moetune's DPO. Every run's real tokens/s:",
+        "adds to moetune's DPO.",
+        "",
+        "The reference cache (speed.reference_cache) computes the reference log-probs in one inference pass before "
+        "training, which costs about what the reference forwards inside one epoch's steps cost. It pays where the "
+        "same pass is needed again: a second epoch, or a second run on the same model and data (a sweep over beta or "
+        "the learning rate, a re-run, a run resumed after a crash), which finds the pass cached:",
+        "",
+        cache_gains(results),
+        "",
+        "Every run's real tokens/s:",
         "",
         rounds(results),
         "",

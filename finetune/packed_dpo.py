@@ -3,7 +3,7 @@
 The batches come from `PackedPreferenceCollator` (padding-free, optionally prompt-shared) and the model is patched
 by `install_packed_forward` to run them and answer in TRL's padded layout. Everything else is TRL's, including
 `precompute_ref_log_probs` (the reference log-probs computed once in an inference pass, on packed batches too,
-and cached by TRL by model hash and dataset fingerprint).
+and cached as finetune/reference_cache.py keys them).
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from trl import DPOTrainer
 
 from finetune.packed_forward import install_packed_forward
 from finetune.preference_packing import PackedPreferenceCollator
+from finetune.reference_cache import ReferenceCachedDPOTrainer
 
 
-class PackedDPOTrainer(DPOTrainer):
+class PackedDPOTrainer(ReferenceCachedDPOTrainer):
     def __init__(self, *args, share_prompt: bool = True, **kwargs):
         config, tokenizer = kwargs["args"], kwargs["processing_class"]
         kwargs["data_collator"] = PackedPreferenceCollator(
@@ -46,4 +47,4 @@ def dpo_trainer(speed, **kwargs) -> DPOTrainer:
     """The DPO trainer the recipe's `speed:` section asks for (same loss either way)."""
     if speed.padding_free:
         return PackedDPOTrainer(share_prompt=speed.share_prompt, **kwargs)
-    return DPOTrainer(**kwargs)
+    return ReferenceCachedDPOTrainer(**kwargs)

@@ -139,7 +139,8 @@ def test_layouts_place_every_token_where_trl_scores_it():
 
 
 def test_reference_log_probs_are_cached_by_model_and_data(tiny, tmp_path, monkeypatch):
-    """The reference pass runs on the first run only; a changed model or changed data run it again."""
+    """The reference pass runs on the first run only, and again only when what it computes changes: the model, the
+    data or the batch layout. A new output dir, beta or learning rate (a re-run, a sweep) reuses it."""
     model, tokenizer, pairs = tiny
     calls = []
     original = PackedDPOTrainer.compute_ref_log_probs
@@ -151,12 +152,13 @@ def test_reference_log_probs_are_cached_by_model_and_data(tiny, tmp_path, monkey
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
         return path
 
-    def reference_passes(base, data_file):
+    def reference_passes(base, data_file, output="out", **config):
         dataset = load_dataset("json", data_files=str(data_file), split="train", cache_dir=str(tmp_path / "cache"))
         calls.clear()
         torch.manual_seed(0)  # the same adapter initialisation every run
-        trainer = PackedDPOTrainer(model=copy.deepcopy(base), args=dpo_config(tmp_path, precompute_ref_log_probs=True),
-                                   train_dataset=dataset, processing_class=tokenizer,
+        args = dpo_config(tmp_path / output, precompute_ref_log_probs=True, **config)
+        trainer = PackedDPOTrainer(model=copy.deepcopy(base), args=args, train_dataset=dataset,
+                                   processing_class=tokenizer,
                                    peft_config=adapters.peft_config(base, LoraConfig(targets=["experts"])))
         return len(calls), trainer.train_dataset["ref_chosen_logps"]
 
@@ -165,6 +167,8 @@ def test_reference_log_probs_are_cached_by_model_and_data(tiny, tmp_path, monkey
     first, logps = reference_passes(model, data)
     again, cached = reference_passes(model, data)
     assert first > 0 and again == 0 and cached == logps
+    assert reference_passes(model, data, output="sweep", beta=0.1, learning_rate=1e-5)[0] == 0
+    assert reference_passes(model, data, max_length=60)[0] > 0
     changed_model = copy.deepcopy(model)
     with torch.no_grad():
         changed_model.lm_head.weight.mul_(1.01)
@@ -174,10 +178,19 @@ def test_reference_log_probs_are_cached_by_model_and_data(tiny, tmp_path, monkey
     assert reference_passes(model, changed)[0] > 0
 
 
-def test_tiny_dpo_stage_with_levers_on_matches_levers_off(tmp_path):
-    """End to end through the CLI: the DPO stage's logged losses are the same with every lever on and off."""
+def test_tiny_dpo_stage_with_levers_on_matches_levers_off(tmp_path, monkeypatch):
+    """End to end through the CLI: the DPO stage's logged losses are the same with every lever on and off, and a
+    second run with another beta reuses the first run's reference pass."""
+    reference_batches = []
+    original = PackedDPOTrainer.compute_ref_log_probs
+    monkeypatch.setattr(PackedDPOTrainer, "compute_ref_log_probs",
+                        lambda self, *args: reference_batches.append(1) or original(self, *args))
     recipe = str(write_recipe(tmp_path))
     assert main(["run", recipe, "--stages", "prep,sft,dpo"]) == 0
+    assert reference_batches
+    reference_batches.clear()
+    assert main(["dpo", recipe, "--force", "dpo.beta=0.3"]) == 0
+    assert reference_batches == []
     losses = {}
     for levers in ("true", "false"):
         overrides = [f"speed.{name}={levers}" for name in ("padding_free", "share_prompt", "reference_cache")]
