@@ -1,16 +1,19 @@
 """DPO and SFT throughput on an MoE model: TRL as users run it, TRL at its best, and moetune, side by side.
 
-Run: python -m benchmarks.dpo_bench [--quick]   (about 12 minutes on a 2-core CPU; --quick: a smoke test)
+Run: python -m benchmarks.dpo_bench [--quick]   (about 20 minutes on a 2-core CPU; --quick: a smoke test)
 Needs ../shared/data (the hh-rlhf pairs). Writes benchmarks/results.md (not with --quick).
 
-The model is a Mixtral built from a config (8 experts, top-2) with a byte-level BPE tokenizer trained on the data,
-with LoRA on attention and experts, fp32 on the CPU. Every variant trains one epoch over the same pairs (or
-conversations) in the same order, in its own process (so peak memory is its own), variants interleaved, repeated;
-medians are reported. Throughput counts real tokens: the non-padding tokens of prompt+chosen and prompt+rejected
+The model is a 30M-parameter Mixtral built from a config (8 experts, top-2) with a byte-level BPE tokenizer trained
+on the data, with LoRA on attention and experts, fp32 on the CPU. Every variant trains one epoch over the same pairs
+(or conversations) in the same order, in its own process (so peak memory is its own) with a datasets cache of its
+own (so nothing one run tokenized or cached speeds up another), variants interleaved, repeated; medians are
+reported. Two variants show where the reference cache pays: two epochs, and a second run after a first one with
+another beta. Throughput counts real tokens: the non-padding tokens of prompt+chosen and prompt+rejected
 (what TRL logs as num_tokens), or of each conversation for SFT, over the wall time of the trainer's construction
-(tokenizing, the reference pass when precomputed) and training; loading the model and data is not timed. MFU is model FLOPs (per real token: 6N for DPO,
-the policy's forward and backward to activations plus the reference forward; 4N for LoRA SFT; N the parameters a
-token uses, LM head included) over the fp32 matmul ceiling measured in the same run.
+(tokenizing, the reference pass when precomputed) and training; loading the model and data is not timed. MFU is
+model FLOPs (per real token: 6N for DPO, the policy's forward and backward to activations plus the reference
+forward; 4N for LoRA SFT; N the parameters a token uses, LM head included) over the fp32 matmul ceiling measured in
+the same run.
 """
 
 from __future__ import annotations

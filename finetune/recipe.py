@@ -117,8 +117,9 @@ class SpeedConfig:
         True, help="DPO with padding_free: each pair's prompt computed once, then chosen, then rejected "
         "(which attends to the prompt, not to chosen).")
     reference_cache: bool = help_field(
-        True, help="DPO: reference log-probs computed once before training and cached by model and data "
-        "(TRL's precompute_ref_log_probs, which dpo: can still set); full fine-tuning then loads no reference copy.")
+        True, help="DPO: reference log-probs computed in one pass before training (TRL's precompute_ref_log_probs, "
+        "which dpo: can still set) and cached by model, tokens and batch layout, so a second epoch, a re-run, a "
+        "resumed run or a sweep over beta reuses them; full fine-tuning then loads no reference copy.")
 
 
 @dataclass
