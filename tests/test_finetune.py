@@ -7,8 +7,8 @@ from transformers import AutoModelForCausalLM
 
 from data_prep import synthetic
 from finetune import adapters, moe
-from finetune.models import init_config, train_tokenizer
-from finetune.recipe import LoraConfig, ModelInit
+from finetune.models import experts_kernel, init_config, train_tokenizer
+from finetune.recipe import LoraConfig, ModelConfig, ModelInit
 
 ARCHITECTURES = ["mixtral", "qwen3_moe", "olmoe"]
 
@@ -93,6 +93,13 @@ def test_expert_load_counts_every_real_token_once_per_chosen_expert():
         model(**inputs)
     assert all(int(c.sum()) == 0 for c in tracker.counts.values())
     tracker.remove()
+
+
+def test_experts_kernel_defaults_to_grouped_mm_and_warns_on_batched_mm_without_a_gpu(recwarn):
+    assert experts_kernel(ModelConfig(name_or_path="x")) == "grouped_mm" and not recwarn
+    if not torch.cuda.is_available():
+        with pytest.warns(UserWarning, match="batched_mm runs 30-40x slower"):
+            assert experts_kernel(ModelConfig(name_or_path="x", experts_implementation="batched_mm")) == "batched_mm"
 
 
 def test_coefficient_of_variation():
