@@ -170,14 +170,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_stages(args) -> None:
+    from finetune import hub
+
     recipe = load_recipe(args.recipe, args.overrides)
     stages = parse_stages(args.stages) if args.command == "run" else [args.command]
-    if getattr(args, "accelerate", None):
-        launch.run_with_accelerate(stages, args, lambda name: run_stage(name, recipe, args.force))
-        return
-    launch.refuse_single_process_stages(stages)
-    for name in stages:
-        run_stage(name, recipe, args.force)
+    try:
+        if getattr(args, "accelerate", None):
+            launch.run_with_accelerate(stages, args, lambda name: run_stage(name, recipe, args.force))
+            return
+        launch.refuse_single_process_stages(stages)
+        for name in stages:
+            run_stage(name, recipe, args.force)
+    finally:
+        hub.wait_for_uploads()  # `hub.push` uploads run beside the later stages; a failed stage keeps them too
 
 
 def report_errors(command, also: tuple = ()) -> int:

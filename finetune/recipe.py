@@ -124,7 +124,8 @@ class SpeedConfig:
 
 @dataclass
 class HubConfig:
-    push: bool = help_field(False, help="Push each of `stages` to the Hub as soon as it completes.")
+    push: bool = help_field(False, help="Push each of `stages` to the Hub as soon as it completes (the upload runs "
+                            "while the next stages train; the command ends once it is done).")
     repo_id: str | None = help_field(
         None, help="Hub repository, e.g. my-org/mixtral-hh-{stage}-lora; {stage} becomes the stage name, so "
         "that each stage gets its own repository (needed when more than one stage is pushed).")

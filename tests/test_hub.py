@@ -2,8 +2,10 @@
 
 import dataclasses
 import shutil
+import threading
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 from huggingface_hub import ModelCard
@@ -137,6 +139,7 @@ def test_configured_push_failure_keeps_the_stage_and_says_how_to_retry(run, monk
     monkeypatch.setattr("huggingface_hub.HfApi.create_repo", broken)
     recipe = load_recipe(run / "dpo" / "recipe.yaml", ["hub.push=true", "hub.repo_id=me/tiny-{stage}"])
     hub.push_stage_if_configured(recipe, run / "dpo")
+    hub.wait_for_uploads()
     err = capsys.readouterr().err
     assert "no network" in err and f"moetune push {run / 'dpo'} --repo-id me/tiny-dpo --private" in err
     assert (run / "dpo" / "adapter_model.safetensors").is_file()
@@ -147,10 +150,36 @@ def test_configured_push_sends_each_listed_stage_to_its_own_repository(run, fake
     recipe = load_recipe(run / "dpo" / "recipe.yaml", ["hub.push=true", "hub.repo_id=me/tiny-{stage}"])
     for stage in ("sft", "dpo"):
         hub.push_stage_if_configured(recipe, run / stage)
+    hub.wait_for_uploads()
     assert [kwargs["repo_id"] for method, _, kwargs in fake_api if method == "upload_folder"] == ["me/tiny-sft", "me/tiny-dpo"]
 
     fake_api.clear()
     only_dpo = load_recipe(run / "dpo" / "recipe.yaml", ["hub.push=true", "hub.repo_id=me/tiny", "hub.stages=[dpo]"])
     for stage in ("sft", "dpo"):
         hub.push_stage_if_configured(only_dpo, run / stage)
+    hub.wait_for_uploads()
     assert [kwargs["repo_id"] for method, _, kwargs in fake_api if method == "upload_folder"] == ["me/tiny"]
+
+
+def test_configured_push_uploads_beside_the_next_stages_and_the_command_waits_for_it(run, fake_api, monkeypatch):
+    """A stage's upload does not hold up what follows (in a multi-process run the other processes would wait for it
+    at their next collective and could time out); the moetune command returns only once the upload is done."""
+    monkeypatch.delenv("RANK", raising=False)
+    release = threading.Event()
+    record_upload = huggingface_hub.HfApi.upload_folder  # fake_api's recorder
+
+    def slow_upload(self, *args, **kwargs):
+        assert release.wait(timeout=60)
+        record_upload(self, *args, **kwargs)
+
+    monkeypatch.setattr("huggingface_hub.HfApi.upload_folder", slow_upload)
+    recipe = load_recipe(run / "dpo" / "recipe.yaml", ["hub.push=true", "hub.repo_id=me/tiny-{stage}"])
+    hub.push_stage_if_configured(recipe, run / "sft")
+
+    def uploads():
+        return [kwargs["repo_id"] for method, _, kwargs in fake_api if method == "upload_folder"]
+
+    assert uploads() == []  # returned while the upload is under way
+    threading.Timer(0.5, release.set).start()
+    assert main(["prep", str(run.parent / "tiny.yaml")]) == 0  # the next command's stage (complete: skipped)
+    assert uploads() == ["me/tiny-sft"]
