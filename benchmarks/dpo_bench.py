@@ -344,12 +344,12 @@ def machine() -> str:
             f"transformers {transformers.__version__}, trl {trl.__version__}")
 
 
-def main(quick: bool) -> None:
+def main(quick: bool, rounds: int | None = None) -> None:
     if not (SHARED_DATA / "hh_rlhf").is_dir():
         sys.exit(f"{SHARED_DATA}/hh_rlhf is missing: the benchmark reads the shared hh-rlhf files.")
     from transformers import AutoConfig
 
-    sizes = QUICK if quick else FULL
+    sizes = {**(QUICK if quick else FULL), **({"repeats": rounds} if rounds else {})}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         raw = prepare(Path(folder), sizes)
@@ -358,7 +358,8 @@ def main(quick: bool) -> None:
         ceilings = []
         for repeat in range(sizes["repeats"]):
             ceilings.append(matmul_gflops())
-            order = list(VARIANTS)[repeat % 3:] + list(VARIANTS)[:repeat % 3]  # rotate: no variant always first
+            shift = repeat % len(VARIANTS)
+            order = list(VARIANTS)[shift:] + list(VARIANTS)[:shift]  # rotate: no variant always first
             for variant in order:
                 steps = sizes["dpo_steps" if VARIANTS[variant][0] == "dpo" else "sft_steps"]
                 result = measure({"variant": variant, "recipe": raw, "examples": steps * sizes["batch"]})
@@ -427,9 +428,11 @@ def render(rows, results, ceilings, config, sizes, loss_diff, grad_diff, seconds
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, one step, one round: a smoke test")
+    parser.add_argument("--rounds", type=int, help="rounds of every variant (default 3; 1 with --quick): more rounds, "
+                        "steadier medians on a noisy machine, about 7 minutes each")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.child:
         print(json.dumps(run_variant(json.loads(arguments.child))))
     else:
-        main(arguments.quick)
+        main(arguments.quick, arguments.rounds)
