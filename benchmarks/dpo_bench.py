@@ -63,6 +63,8 @@ VARIANTS = {
 LEVERS_OFF = {"moetune_dpo_no_share": {"share_prompt": False}, "moetune_dpo_padded": {"padding_free": False},
               "moetune_dpo_no_cache": {"reference_cache": False}, "moetune_dpo_2_epochs_no_cache": {"reference_cache": False}}
 EPOCHS = {"moetune_dpo_2_epochs": 2, "moetune_dpo_2_epochs_no_cache": 2}
+# Variants timed as the second run of a sweep: an untimed first run with these dpo: settings precedes them.
+FIRST_RUN_DPO = {"moetune_dpo_second_run": {"beta": 0.3}}
 # The reference cache pays where the same reference pass comes back: (with cache, without), each against each.
 CACHE_GAINS = {"one epoch": ("moetune_dpo", "moetune_dpo_no_cache"),
                "second run (a sweep over beta, a re-run)": ("moetune_dpo_second_run", "moetune_dpo_no_cache"),
@@ -166,11 +168,11 @@ def run_variant(spec: dict) -> dict:
 
 def measure(spec: dict) -> dict:
     """One variant in fresh processes, with a datasets cache of its own: nothing one run tokenized or cached reaches
-    another, except the first run of `moetune_dpo_second_run` (same data and model, another beta), untimed."""
+    another, except the untimed first run of a FIRST_RUN_DPO variant (same data and model, other dpo: settings)."""
     with tempfile.TemporaryDirectory() as cache:
-        if spec["variant"] == "moetune_dpo_second_run":
+        if spec["variant"] in FIRST_RUN_DPO:
             first = copy.deepcopy(spec)
-            first["recipe"]["dpo"] = {**first["recipe"]["dpo"], "beta": 0.3}
+            first["recipe"]["dpo"] = {**first["recipe"]["dpo"], **FIRST_RUN_DPO[spec["variant"]]}
             in_child({**first, "first_run": True}, cache)
         return in_child(spec, cache)
 
@@ -298,7 +300,7 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         # TRL's rows are one-epoch first runs: only those of moetune compare with them.
-        alike = row["variant"] not in EPOCHS and row["variant"] != "moetune_dpo_second_run"
+        alike = row["variant"] not in EPOCHS and row["variant"] not in FIRST_RUN_DPO
         speedups = " | ".join(f"{x:.2f}" if alike else "-" for x in row["speedups"])
         lines.append(f"| {VARIANTS[row['variant']][1]} | {row['tokens_per_s']:,.0f} | {speedups} | "
                      f"{row['step_s']:.2f} | {row['steps']} | {row['peak_mib']:,.0f} | {100 * row['mfu']:.1f}% |")
