@@ -20,14 +20,12 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
-from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
-from trl.kernels import ChunkedLogProbFunction
 from trl.trainer.utils import FusedCausalLMOutput
 
 from finetune.preference_packing import PACKED_KEYS
+from finetune.scored_lm_head import plain_lm_head, router_loss, scored_log_probs
 
 BLOCK_ATTENTION = "moetune_blocks"
-LOGPROB_CHUNK = 4096  # tokens per LM-head tile: bounds the (tokens, vocab) logits held at once
 
 
 def row_blocks(query, key, attention_mask, kwargs) -> list[tuple[int, int, int, int]] | None:
@@ -100,6 +98,9 @@ def install_packed_forward(model, fields: tuple[str, ...] = ("log_probs",)) -> N
 
     `fields` are the per-token outputs computed, as in TRL's `add_fused_lm_head`.
     """
+    if not plain_lm_head(model):
+        raise ValueError("speed.padding_free for DPO needs an LM head without logit scaling or soft-capping; "
+                         "set speed.padding_free: false.")
     use_block_attention(model)
     previous = model.forward
 
@@ -113,19 +114,14 @@ def install_packed_forward(model, fields: tuple[str, ...] = ("log_probs",)) -> N
 
 
 def packed_forward(model, batch: dict, fields: tuple[str, ...]) -> FusedCausalLMOutput:
-    config = model.config.get_text_config()
     router_logits = bool(batch.get("output_router_logits"))
     hidden = model.base_model(
         input_ids=batch["packed_input_ids"], position_ids=batch["packed_position_ids"],
         packed_blocks=[tuple(block) for block in batch["packed_blocks"].tolist()],
         output_router_logits=router_logits, use_cache=False,
     )
-    lm_head = model.get_output_embeddings()
     sources = hidden.last_hidden_state[0].index_select(0, batch["packed_score_source"])
-    per_token = ChunkedLogProbFunction.apply(
-        sources, lm_head.weight, lm_head.bias, batch["packed_score_token"], 1.0, LOGPROB_CHUNK,
-        getattr(config, "final_logit_softcapping", None), 1.0, fields,
-    )
+    per_token = scored_log_probs(model, sources, batch["packed_score_token"], fields)
     rows, length = batch["input_ids"].shape
     where = (batch["packed_score_row"], batch["packed_score_col"])
     log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (
@@ -134,8 +130,7 @@ def packed_forward(model, batch: dict, fields: tuple[str, ...]) -> FusedCausalLM
     )
     aux_loss = None
     if router_logits:
-        aux_loss = load_balancing_loss_func(hidden.router_logits, config.num_experts, config.num_experts_per_tok,
-                                            batch["packed_router_weights"])
+        aux_loss = router_loss(model, hidden.router_logits, batch["packed_router_weights"])
     return FusedCausalLMOutput(
         loss=None, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq_probs,
         mean_logits=mean_logits, is_top1=is_top1, aux_loss=aux_loss,

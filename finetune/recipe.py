@@ -116,6 +116,9 @@ class SpeedConfig:
     share_prompt: bool = help_field(
         True, help="DPO with padding_free: each pair's prompt computed once, then chosen, then rejected "
         "(which attends to the prompt, not to chosen).")
+    scored_lm_head: bool = help_field(
+        True, help="SFT: the LM head only on the tokens the loss scores (the assistant turns), in small vocabulary "
+        "tiles; TRL's on a CPU runs it on every position. DPO's padding-free batches always do.")
     reference_cache: bool = help_field(
         True, help="DPO: reference log-probs computed in one pass before training (TRL's precompute_ref_log_probs, "
         "which dpo: can still set) and cached by model, tokens and batch layout, so a second epoch, a re-run, a "
