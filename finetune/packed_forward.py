@@ -49,27 +49,36 @@ def block_attention(module, query, key, value, attention_mask, **kwargs):
     """sdpa within each block of an unpadded row; plain sdpa (with the usual mask) for padded batches."""
     blocks = row_blocks(query, key, attention_mask, kwargs)
     kwargs.pop("packed_blocks", None)
+    masks = kwargs.pop("packed_masks", None)
     if blocks is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs.pop("is_causal", None)
+    masks = masks or rejected_masks(blocks, query.device)
     # torch.split, not slicing: a slice's backward writes a zero tensor the size of the whole row, per block.
     sizes = [size for start, _, split, end in blocks for size in (split - start, end - split)]
     queries, keys, values = (tensor.split(sizes, dim=2) for tensor in (query, key, value))
     outputs = []
-    for index, (start, prompt_end, split, end) in enumerate(blocks):
+    for index, ((start, prompt_end, split, end), mask) in enumerate(zip(blocks, masks)):
         first, second = 2 * index, 2 * index + 1
         out, _ = sdpa_attention_forward(module, queries[first], keys[first], values[first], None, is_causal=True,
                                         **kwargs)
         outputs.append(out)
-        if end > split:  # rejected: sees the prompt and itself, causally, not chosen
+        if mask is not None:  # rejected: sees the prompt and itself, causally, not chosen
             prompt = prompt_end - start
-            mask = torch.ones(end - split, prompt + end - split, dtype=torch.bool, device=query.device)
             out, _ = sdpa_attention_forward(
                 module, queries[second], torch.cat([keys[first][:, :, :prompt], keys[second]], dim=2),
-                torch.cat([values[first][:, :, :prompt], values[second]], dim=2),
-                mask.tril(diagonal=prompt)[None, None], is_causal=False, **kwargs)
+                torch.cat([values[first][:, :, :prompt], values[second]], dim=2), mask[None, None], is_causal=False,
+                **kwargs)
             outputs.append(out)
     return torch.cat(outputs, dim=1), None
+
+
+def rejected_masks(blocks, device) -> list[torch.Tensor | None]:
+    """Per block, the mask of its rejected completion over [prompt, rejected] (the prompt, then itself causally);
+    None where the block has no rejected part. Built once per forward and shared by the layers."""
+    return [torch.ones(end - split, prompt_end - start + end - split, dtype=torch.bool, device=device)
+            .tril(diagonal=prompt_end - start) if end > split else None
+            for start, prompt_end, split, end in blocks]
 
 
 def block_mask(*args, attention_mask=None, **kwargs):
@@ -115,10 +124,11 @@ def install_packed_forward(model, fields: tuple[str, ...] = ("log_probs",)) -> N
 
 def packed_forward(model, batch: dict, fields: tuple[str, ...]) -> FusedCausalLMOutput:
     router_logits = bool(batch.get("output_router_logits"))
+    blocks = [tuple(block) for block in batch["packed_blocks"].tolist()]
     hidden = model.base_model(
-        input_ids=batch["packed_input_ids"], position_ids=batch["packed_position_ids"],
-        packed_blocks=[tuple(block) for block in batch["packed_blocks"].tolist()],
-        output_router_logits=router_logits, use_cache=False,
+        input_ids=batch["packed_input_ids"], position_ids=batch["packed_position_ids"], packed_blocks=blocks,
+        packed_masks=rejected_masks(blocks, batch["packed_input_ids"].device), output_router_logits=router_logits,
+        use_cache=False,
     )
     sources = hidden.last_hidden_state[0].index_select(0, batch["packed_score_source"])
     per_token = scored_log_probs(model, sources, batch["packed_score_token"], fields)
