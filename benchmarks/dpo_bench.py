@@ -63,11 +63,11 @@ QUICK = {
 # Long sequences at the fine shape: pairs whose prompt is a long conversation (earlier hh-rlhf transcripts put
 # before the pair's own), one per step, cut at max_length; then the memory of one SFT step on one 8k-token
 # conversation. Quick mode: short versions of both.
-LONG = {"max_length": 4096, "history_chars": 15_000, "batch": 1, "dpo_steps": 1, "sft_steps": 1, "repeats": 1,
+LONG = {"max_length": 4096, "history_chars": 11_000, "batch": 1, "dpo_steps": 1, "sft_steps": 1, "repeats": 1,
         "variants": ("trl_dpo", "trl_dpo_best", "moetune_dpo", "trl_sft", "trl_sft_packing", "moetune_sft")}
 MEMORY = {"max_length": 8192, "history_chars": 40_000, "batch": 1, "dpo_steps": 1, "sft_steps": 1, "repeats": 1,
           "variants": ("trl_sft", "moetune_sft", "moetune_sft_full_head")}
-QUICK_LONG = {**LONG, "max_length": 512, "history_chars": 2_000, "variants": ("trl_dpo", "moetune_dpo", "trl_sft", "moetune_sft")}
+QUICK_LONG = {**LONG, "max_length": 512, "history_chars": 600, "variants": ("trl_dpo", "moetune_dpo", "trl_sft", "moetune_sft")}
 QUICK_MEMORY = {**MEMORY, "max_length": 1024, "history_chars": 4_500}
 
 # name: (stage, what it is)
@@ -115,15 +115,17 @@ def hh_files() -> list[Path]:
 
 def long_pairs(path: Path, history_chars: int, count: int = 12) -> Path:
     """hh-rlhf pairs whose prompt is a long conversation: earlier transcripts (prompt and chosen answer) of the
-    same file, then the pair's own prompt, so every pair runs to about `history_chars` characters before its answers."""
+    same file, then the pair's own (short) prompt, so every pair runs to about `history_chars` characters before its
+    answers. The whole prompt must fit in max_length: TRL drops pairs whose answers are cut off entirely."""
     rows = [json.loads(line) for line in (SHARED_DATA / "hh_rlhf" / "helpful_base_test.jsonl").open()][:2000]
-    out = []
-    for index in range(count):
-        history, source = "", index + count
+    pairs = [row for row in rows if len(row["prompt"]) < 300][:count]
+    out, source = [], 0
+    for pair in pairs:
+        history = ""
         while len(history) < history_chars:
             history += rows[source]["prompt"] + rows[source]["chosen"]
             source += 1
-        out.append({**rows[index], "prompt": history + rows[index]["prompt"]})
+        out.append({**pair, "prompt": history + pair["prompt"]})
     path.write_text("".join(json.dumps(row) + "\n" for row in out))
     return path
 
