@@ -258,7 +258,7 @@ def same_math_check(recipe, batch_size: int) -> tuple[float, float]:
 
 def prepare(folder: Path, sizes: dict) -> dict:
     from data_prep.prepare import run as prep
-    from finetune.models import build_base
+    from finetune import base
     from finetune.recipe import parse_recipe
 
     raw = bench_recipe(folder / "run", sizes)
@@ -266,7 +266,7 @@ def prepare(folder: Path, sizes: dict) -> dict:
                                "disable_tqdm": True}
     recipe = parse_recipe(copy.deepcopy(raw), "<bench>")
     prep(recipe)
-    build_base(recipe)
+    base.run(recipe)
     return raw
 
 

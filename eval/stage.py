@@ -20,9 +20,8 @@ from eval.judging import JudgingContext, judge_pairwise, judge_programmatic, jud
 from eval.questions import load_questions, load_reference_answers, reference_turns
 from eval.records import file_safe, read_jsonl
 from eval.report import markdown_table, pairwise_rows, pairwise_scores, radar_plot, single_rows, single_scores
+from finetune.recipe import MODEL_STAGES
 from finetune.stage import Stage, read_manifest, write_json_atomic
-
-RUN_STAGES = ("base", "sft", "dpo")
 
 
 def load_model(recipe: Any, name: str) -> tuple[Any, Any]:
@@ -55,7 +54,7 @@ def stage_inputs(recipe: Any) -> dict[str, Any]:
     """What the eval depends on: the section, the seed, the questions and each model's producing stage."""
     models = {}
     for name in recipe.eval.models:
-        manifest = read_manifest(recipe.run_path / name) if name in RUN_STAGES else None
+        manifest = read_manifest(recipe.run_path / name) if name in MODEL_STAGES else None
         models[name] = manifest["fingerprint"] if manifest else name
     return {"eval": recipe.section_dict("eval"), "seed": recipe.seed, "models": models,
             "questions": source_fingerprint(question_source(recipe))}

@@ -16,8 +16,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from finetune import distributed
-from finetune.recipe import ModelConfig, ModelInit, Recipe, load_recipe
-from finetune.stage import Stage, read_manifest, require_complete
+from finetune.recipe import MODEL_STAGES, ModelConfig, ModelInit, Recipe, load_recipe
+from finetune.stage import read_manifest, require_complete
 
 SPECIAL_TOKENS = {"pad_token": "<|pad|>", "eos_token": "<|end|>", "unk_token": "<|unk|>"}
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -89,44 +89,6 @@ def init_config(init: ModelInit, tokenizer) -> AutoConfig:
         "olmoe": dict(num_experts=init.num_experts, intermediate_size=init.intermediate_size),
     }
     return AutoConfig.for_model(init.architecture, **common, **per_architecture[init.architecture])
-
-
-def training_texts(data_dir: Path):
-    """Every message text of the prepared training files: what the tiny model's tokenizer learns from."""
-    for name in ("sft/train.jsonl", "preference/train.jsonl"):
-        path = Path(data_dir) / name
-        if not path.is_file():
-            continue
-        with open(path) as handle:
-            for line in handle:
-                row = json.loads(line)
-                for key in ("messages", "prompt", "chosen", "rejected"):
-                    for message in row.get(key) or []:
-                        yield message["content"]
-
-
-def build_base(recipe: Recipe, force: bool = False) -> Path:
-    """The `base` stage for `model.init` recipes: train a tokenizer on the prepared data, build and save the model."""
-    data = require_complete(recipe.run_path, "data", needed_by="base")
-    stage = Stage(recipe.run_path, "base", inputs={"init": recipe.section_dict("model")["init"],
-                                                     "seed": recipe.seed, "data": data["fingerprint"]})
-    if not stage.begin(force):
-        return stage.final
-    # One process builds and saves the model; in a multi-process run the others wait in commit, then load it.
-    outputs = write_base_model(recipe, stage.work) if distributed.is_main_process() else {}
-    return stage.commit(outputs)
-
-
-def write_base_model(recipe: Recipe, folder: Path) -> dict:
-    init = recipe.model.init
-    tokenizer = train_tokenizer(training_texts(recipe.run_path / "data"), init.vocab_size)
-    seed_everything(recipe.seed)
-    model = AutoModelForCausalLM.from_config(init_config(init, tokenizer), dtype=torch.float32)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"[base] built a {init.architecture} model with {n_params:,} parameters and a {len(tokenizer)}-token tokenizer.")
-    return {"kind": "full", "parameters": n_params}
 
 
 def seed_everything(seed: int) -> None:
@@ -220,7 +182,7 @@ def load_stage_model(recipe: Recipe, name: str):
 
 def load_for_inference(recipe: Recipe, name: str):
     """(model, tokenizer) ready for generation: a stage of this run, or any local path or hub id (adapters too)."""
-    if name in ("base", "sft", "dpo"):
+    if name in MODEL_STAGES:
         model = load_stage_model(recipe, name)
         tokenizer = load_tokenizer(recipe)
     else:

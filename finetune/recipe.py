@@ -147,13 +147,18 @@ class CheckpointConfig:
     )
 
 
+def trainer_field(config_name: str) -> Any:
+    """A section of any fields of a TRL trainer config: the section of the training stage of the same name."""
+    return field(default_factory=dict, metadata={"help": f"Any field of TRL's {config_name}.", "trl_config": config_name})
+
+
 @dataclass
 class Recipe:
     run_dir: str = help_field(help="Folder where every stage writes: run_dir/{data,base,sft,dpo,eval}.")
     model: ModelConfig = help_field(factory=ModelConfig, help="The base model.")
     data: DataConfig = help_field(factory=DataConfig, help="Training data sources (the prep stage).")
-    sft: dict[str, Any] = help_field(factory=dict, help="Any field of TRL's SFTConfig.")
-    dpo: dict[str, Any] = help_field(factory=dict, help="Any field of TRL's DPOConfig.")
+    sft: dict[str, Any] = trainer_field("SFTConfig")
+    dpo: dict[str, Any] = trainer_field("DPOConfig")
     eval: EvalConfig = help_field(factory=EvalConfig, help="Evaluation (the eval stage).")
     hub: HubConfig = help_field(factory=HubConfig, help="Pushing results to the Hugging Face Hub.")
     speed: SpeedConfig = help_field(factory=SpeedConfig, help="Training speed levers (math unchanged).")
@@ -314,13 +319,9 @@ TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: 
 
 
 def trainer_config_class(stage: str) -> type:
-    if stage == "sft":
-        from trl import SFTConfig
+    import trl  # imported only when a trainer section is read: it pulls in the training stack
 
-        return SFTConfig
-    from trl import DPOConfig
-
-    return DPOConfig
+    return getattr(trl, Recipe.__dataclass_fields__[stage].metadata["trl_config"])
 
 
 def validate_trainer_section(section: dict[str, Any], stage: str, source: str) -> None:
@@ -353,7 +354,10 @@ ARCHITECTURES = ("mixtral", "qwen3_moe", "olmoe")
 LORA_ROLES = ("attention", "experts", "router", "all")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 EXPERT_KERNELS = ("auto", "eager", "grouped_mm", "batched_mm")
-TRAINING_STAGES = ("sft", "dpo")
+# The training stages are the recipe's trainer sections (sft:, dpo:); the stage registry runs them.
+TRAINING_STAGES = tuple(f.name for f in dataclasses.fields(Recipe) if "trl_config" in f.metadata)
+# The stages whose folders hold a model (the model.init base, then the training stages): eval.models may name them.
+MODEL_STAGES = ("base", *TRAINING_STAGES)
 
 
 def validate_model(model: ModelConfig, source: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.models import build_base, load_tokenizer, seed_everything
+from finetune.models import load_tokenizer, seed_everything
 from finetune.packed_sft import sft_trainer
 from finetune.recipe import Recipe
 from finetune.stage import Stage, require_complete
@@ -14,8 +14,6 @@ from finetune.training import (expert_load_callbacks, load_split, load_training_
 
 def run(recipe: Recipe, force: bool = False) -> Path:
     data = require_complete(recipe.run_path, "data", needed_by="sft")
-    if recipe.model.init is not None:
-        build_base(recipe)
     stage = Stage(recipe.run_path, "sft", inputs={
         "model": recipe.model_inputs("sft"), "sft": recipe.sft, "seed": recipe.seed, "data": data["fingerprint"],
     })
