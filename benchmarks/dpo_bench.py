@@ -136,7 +136,7 @@ def run_variant(spec: dict) -> dict:
     from transformers import TrainerCallback
 
     from finetune.models import seed_everything
-    from finetune.recipe import parse_recipe
+    from finetune.recipe_parsing import parse_recipe
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -259,7 +259,7 @@ def same_math_check(recipe, batch_size: int) -> tuple[float, float]:
 def prepare(folder: Path, sizes: dict) -> dict:
     from data_prep.prepare import run as prep
     from finetune import base
-    from finetune.recipe import parse_recipe
+    from finetune.recipe_parsing import parse_recipe
 
     raw = bench_recipe(folder / "run", sizes)
     raw["dpo"] = raw["sft"] = {"per_device_train_batch_size": sizes["batch"], "num_train_epochs": 1,
@@ -368,7 +368,7 @@ def main(quick: bool, rounds: int | None = None) -> None:
                 results[variant].append(result)
                 print(f"[{repeat + 1}/{sizes['repeats']}] {variant}: {result['tokens'] / result['seconds']:,.0f} "
                       f"tokens/s, step {result['step_s']:.2f}s, peak {result['peak_mib']:,.0f} MiB", flush=True)
-        from finetune.recipe import parse_recipe
+        from finetune.recipe_parsing import parse_recipe
 
         loss_diff, grad_diff = same_math_check(parse_recipe(copy.deepcopy(raw), "<bench>"), sizes["batch"])
     rows = summarize(results, ceilings, flops_per_token(config))

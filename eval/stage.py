@@ -21,7 +21,7 @@ from eval.questions import load_questions, load_reference_answers, reference_tur
 from eval.records import file_safe, read_jsonl
 from eval.report import markdown_table, pairwise_rows, pairwise_scores, radar_plot, single_rows, single_scores
 from finetune.recipe import MODEL_STAGES
-from finetune.stage import Stage, read_manifest, write_json_atomic
+from finetune.rundir import Stage, read_manifest, write_json_atomic
 
 
 def load_model(recipe: Any, name: str) -> tuple[Any, Any]:

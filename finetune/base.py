@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from finetune import distributed
 from finetune.models import init_config, seed_everything, train_tokenizer
 from finetune.recipe import Recipe
-from finetune.stage import Stage, require_complete
+from finetune.rundir import Stage, require_complete
 
 
 def run(recipe: Recipe, force: bool = False) -> Path:

@@ -7,11 +7,13 @@ import dataclasses
 import sys
 import textwrap
 
-from finetune import launch
+from finetune import hub, launch
 from finetune.pipeline import run_stage
-from finetune.recipe import TRAINING_STAGES, Recipe, RecipeError, describe_fields, load_recipe, trainer_config_class
+from finetune.fields import describe_fields
+from finetune.recipe import TRAINING_STAGES, Recipe, RecipeError
+from finetune.recipe_parsing import load_recipe, trainer_config_class
 from finetune.registry import BY_NAME, COMMANDS, STAGES, command_writing
-from finetune.stage import MissingStageOutput, StageError
+from finetune.rundir import MissingStageOutput, StageError
 
 HUB_COMMANDS = ("merge", "push")
 
@@ -94,8 +96,6 @@ def add_hub_commands(commands) -> None:
 
 
 def run_hub_command(args) -> None:
-    from finetune import hub
-
     if args.command == "merge":
         hub.merge(args.adapter_dir, args.out)
     else:
@@ -142,8 +142,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_stages(args) -> None:
-    from finetune import hub
-
     recipe = load_recipe(args.recipe, args.overrides)
     stages = parse_stages(args.stages) if args.command == "run" else [args.command]
     try:

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune import distributed
+from finetune import moe
 from finetune.models import load_stage_model, load_tokenizer, seed_everything
 from finetune.packed_dpo import dpo_trainer
 from finetune.recipe import Recipe
-from finetune.stage import Stage, require_complete
+from finetune.rundir import Stage, require_complete
 from finetune.training import (expert_load_callbacks, load_split, load_training_model, require_train_split, save_stage,
                                trainer_config, train_resuming)
 
@@ -60,5 +60,5 @@ def run(recipe: Recipe, force: bool = False) -> Path:
 def load_reference(recipe: Recipe):
     """The frozen SFT model for full fine-tuning. DPOTrainer shards it like the policy under ZeRO-3 and FSDP."""
     reference = load_stage_model(recipe, "sft").eval()
-    distributed.mark_moe_blocks_as_zero3_leaves(reference)
+    moe.mark_moe_blocks_as_zero3_leaves(reference)
     return reference

@@ -14,9 +14,11 @@ import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from finetune import adapters
 from finetune.models import load_adapter_base
-from finetune.recipe import Recipe, dump_recipe, load_recipe
-from finetune.stage import read_manifest
+from finetune.recipe import Recipe
+from finetune.recipe_parsing import dump_recipe, load_recipe
+from finetune.rundir import read_manifest
 
 # What a stage folder shares: weights, configs, tokenizer, the resolved recipe. Not the run's bookkeeping
 # (manifest, metrics, expert load, trainer state), which holds local paths and means nothing on the Hub.
@@ -33,14 +35,12 @@ def merge(adapter_dir: str | Path, out: str | Path) -> Path:
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ValueError(f"{adapter_dir} holds no adapter (no adapter_config.json); only adapters can be merged.")
     require_empty(out, "--out")
-    from peft import PeftModel
-
     base, tokenizer = load_adapter_base(adapter_dir)
     if getattr(base.config, "quantization_config", None) is not None:
         # Merging rounds the adapter into quantized weights and the result cannot be saved as plain weights.
         raise ValueError(f"the base of {adapter_dir} loads quantized; merge needs its full-precision weights. "
                          f"Point the adapter at an unquantized copy of the base model.")
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged = adapters.merge_adapter(base, adapter_dir)
     merged.save_pretrained(out)  # transformers 5 always writes safetensors
     tokenizer.save_pretrained(out)
     print(f"[merge] merged {adapter_dir} into its base; saved to {out}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from finetune import distributed
 from finetune.registry import STAGES
-from finetune.stage import StageError
+from finetune.rundir import StageError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "recipes" / "accelerate"
 EVERY_PROCESS_STAGES = tuple(spec.name for spec in STAGES if spec.every_process)  # training: one launch runs them

@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from finetune import distributed
-from finetune.recipe import MODEL_STAGES, ModelConfig, ModelInit, Recipe, load_recipe
-from finetune.stage import read_manifest, require_complete
+from finetune import adapters, expert_quant
+from finetune.recipe import MODEL_STAGES, ModelConfig, ModelInit, Recipe
+from finetune.recipe_parsing import load_recipe
+from finetune.rundir import read_manifest, require_complete
 
 SPECIAL_TOKENS = {"pad_token": "<|pad|>", "eos_token": "<|end|>", "unk_token": "<|unk|>"}
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -141,8 +142,6 @@ def load_quantized(recipe: Recipe, name: str):
     It loads on the CPU (memory-mapped) and quantizes expert by expert onto the GPU when there is one, so the GPU
     only ever holds the 4-bit model.
     """
-    from finetune import expert_quant
-
     location = base_location(recipe) if name == "base" else str(recipe.run_path / name)
     quantization = recipe.model.quantization
     dtype = resolve_dtype(recipe.model.dtype)
@@ -174,10 +173,7 @@ def load_stage_model(recipe: Recipe, name: str):
     outputs = require_complete(recipe.run_path, name, needed_by="model loading")["outputs"]
     if outputs["kind"] == "full":
         return load_pretrained(recipe, str(folder))
-    from peft import PeftModel
-
-    parent = load_stage_model(recipe, outputs["parent"])
-    return distributed.merge_and_unload(PeftModel.from_pretrained(parent, str(folder)))
+    return adapters.merge_adapter(load_stage_model(recipe, outputs["parent"]), folder)
 
 
 def load_for_inference(recipe: Recipe, name: str):
@@ -198,10 +194,8 @@ def load_external(recipe: Recipe, location: str):
     adapter_dir = Path(location)
     trust = recipe.model.trust_remote_code
     if (adapter_dir / "adapter_config.json").is_file():
-        from peft import PeftModel
-
         base, tokenizer = load_adapter_base(adapter_dir, resolve_dtype(recipe.model.dtype), trust)
-        model = PeftModel.from_pretrained(base, location).merge_and_unload()
+        model = adapters.merge_adapter(base, adapter_dir)
     else:
         model = load_pretrained(recipe, location)
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust)

@@ -11,7 +11,7 @@ from finetune import distributed
 from finetune.disk_errors import raise_disk_error
 from finetune.recipe import Recipe
 from finetune.registry import BY_NAME, StageSpec, hidden_needs
-from finetune.stage import StageError
+from finetune.rundir import StageError
 
 
 def run_stage(name: str, recipe: Recipe, force: bool) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from finetune.models import load_tokenizer, seed_everything
 from finetune.packed_sft import sft_trainer
 from finetune.recipe import Recipe
-from finetune.stage import Stage, require_complete
+from finetune.rundir import Stage, require_complete
 from finetune.training import (expert_load_callbacks, load_split, load_training_model, require_train_split, save_stage,
                                trainer_config, train_resuming)
 

@@ -16,9 +16,10 @@ from finetune import adapters, distributed, expert_quant
 from finetune.checkpoints import SaveEveryMinutes, SealCheckpoints, checkpoints, newest_usable_checkpoint
 from finetune.hub import push_stage_if_configured
 from finetune.models import load_quantized, load_stage_model, resolve_dtype
-from finetune.moe import ExpertLoadCallback, is_moe_model
-from finetune.recipe import CheckpointConfig, Recipe, dump_recipe, trainer_config_class
-from finetune.stage import Stage, StageError, require_complete
+from finetune.moe import ExpertLoadCallback, is_moe_model, mark_moe_blocks_as_zero3_leaves
+from finetune.recipe import CheckpointConfig, Recipe
+from finetune.recipe_parsing import dump_recipe, trainer_config_class
+from finetune.rundir import Stage, StageError, require_complete
 
 
 def device_defaults(recipe: Recipe) -> dict[str, Any]:
@@ -62,7 +63,7 @@ def load_training_model(recipe: Recipe, stage: str, start: str):
     ZeRO-3 the MoE blocks are marked as leaf modules.
     """
     model, peft_config, parent = load_model_and_adapter(recipe, stage, start)
-    distributed.mark_moe_blocks_as_zero3_leaves(model)
+    mark_moe_blocks_as_zero3_leaves(model)
     return model, peft_config, parent
 
 

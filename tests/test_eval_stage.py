@@ -23,7 +23,7 @@ from eval.grading import JudgePrompt
 from eval.judges import OpenAICompatibleJudge, retry_after_seconds
 from eval.records import read_jsonl
 from finetune.cli import main
-from finetune.recipe import parse_recipe
+from finetune.recipe_parsing import parse_recipe
 from test_eval_support import tiny_chat_model
 
 API_KEY = "sk-test-secret-0123456789"

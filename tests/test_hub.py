@@ -13,8 +13,8 @@ from huggingface_hub import ModelCard
 from finetune import hub
 from finetune.cli import main
 from finetune.models import load_for_inference, load_stage_model
-from finetune.recipe import load_recipe
-from finetune.stage import read_manifest
+from finetune.recipe_parsing import load_recipe
+from finetune.rundir import read_manifest
 from test_cli import write_recipe  # the tiny recipe of the end-to-end CLI test
 
 SCORES = "| model | overall |\n|---|---|\n| dpo | 7.5 |\n"

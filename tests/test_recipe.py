@@ -2,8 +2,9 @@
 
 import pytest
 
-from finetune.recipe import RecipeError, load_recipe, parse_recipe
-from finetune.stage import Stage, StageError
+from finetune.recipe import RecipeError
+from finetune.recipe_parsing import load_recipe, parse_recipe
+from finetune.rundir import Stage, StageError
 
 TINY = {"run_dir": "runs/x", "model": {"init": {}}}
 

@@ -1,4 +1,4 @@
-"""How a stage owns its folder in the run dir.
+"""The run-dir protocol: how a stage owns its folder in the run dir, and writing files atomically.
 
 A stage works in `run_dir/.<name>.partial/` and, once everything is written, records a manifest
 (`moetune_stage.json`: the fingerprint of its inputs, what it produced) and renames the folder to `run_dir/<name>/`.
