@@ -86,7 +86,7 @@ def trainer_inputs(variant: str, recipe, examples: int, callbacks: list) -> dict
     """Model, tokenizer, the first `examples` rows of the prepared split and the LoRA config (loaded untimed)."""
     from finetune import adapters
     from finetune.models import load_stage_model, load_tokenizer
-    from finetune.training import load_split
+    from finetune.splits import load_split
 
     kind = "preference" if VARIANTS[variant][0] == "dpo" else "sft"
     model = load_stage_model(recipe, "base")
@@ -101,7 +101,7 @@ def trainer_for(variant: str, recipe, output_dir: Path, inputs: dict):
 
     from finetune.packed_dpo import dpo_trainer
     from finetune.packed_sft import sft_trainer
-    from finetune.training import trainer_config
+    from finetune.trainer_config import trainer_config
 
     trl_defaults = dict(output_dir=str(output_dir), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
                         per_device_train_batch_size=recipe.dpo["per_device_train_batch_size"], seed=recipe.seed,
@@ -236,7 +236,8 @@ def same_math_check(recipe, batch_size: int) -> tuple[float, float]:
     from finetune import adapters
     from finetune.models import load_stage_model, load_tokenizer
     from finetune.packed_dpo import dpo_trainer
-    from finetune.training import load_split, trainer_config
+    from finetune.splits import load_split
+    from finetune.trainer_config import trainer_config
 
     base, tokenizer = load_stage_model(recipe, "base"), load_tokenizer(recipe)
     pairs = load_split(recipe, "preference", "train").select(range(batch_size))

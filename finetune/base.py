@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from finetune import distributed
-from finetune.models import init_config, seed_everything, train_tokenizer
+from finetune.models import seed_everything
+from finetune.tiny import init_config, train_tokenizer
 from finetune.recipe import Recipe
 from finetune.rundir import Stage, require_complete
 

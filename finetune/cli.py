@@ -8,7 +8,7 @@ import sys
 import textwrap
 
 from finetune import hub, launch
-from finetune.pipeline import run_stage
+from finetune.pipeline import run_stage, wait_for_uploads
 from finetune.fields import describe_fields
 from finetune.recipe import TRAINING_STAGES, Recipe, RecipeError
 from finetune.recipe_parsing import load_recipe, trainer_config_class
@@ -152,7 +152,7 @@ def run_stages(args) -> None:
         for name in stages:
             run_stage(name, recipe, args.force)
     finally:
-        hub.wait_for_uploads()  # `hub.push` uploads run beside the later stages; a failed stage keeps them too
+        wait_for_uploads()  # `hub.push` uploads run beside the later stages; a failed stage keeps them too
 
 
 def report_errors(command, also: tuple = ()) -> int:

@@ -1,4 +1,4 @@
-"""Loading models and tokenizers: hub/local checkpoints, tiny models built from a config, and stage outputs.
+"""Loading models and tokenizers: hub/local checkpoints, quantized bases, stage outputs, and what a stage trains.
 
 Every stage output is a folder `from_pretrained` understands. Its manifest says whether it holds full weights
 or an adapter, and on top of which earlier stage ("parent"), so a chain base -> sft -> dpo loads by walking
@@ -13,26 +13,13 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from finetune import adapters, expert_quant
-from finetune.recipe import MODEL_STAGES, ModelConfig, ModelInit, Recipe
+from finetune import adapters, expert_quant, moe
+from finetune.recipe import MODEL_STAGES, ModelConfig, Recipe
 from finetune.recipe_parsing import load_recipe
 from finetune.rundir import read_manifest, require_complete
-
-SPECIAL_TOKENS = {"pad_token": "<|pad|>", "eos_token": "<|end|>", "unk_token": "<|unk|>"}
-ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
-# A compact chat template with {% generation %} markers, so TRL's assistant-only loss can find the answers.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "<|assistant|>{% generation %}{{ message['content'] }}<|end|>{% endgeneration %}"
-    "{%- else -%}"
-    "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
-)
+from finetune.tiny import train_tokenizer
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -50,46 +37,6 @@ def experts_kernel(model_config: ModelConfig) -> str:
         warnings.warn("model.experts_implementation=batched_mm runs 30-40x slower than grouped_mm on a CPU: "
                       "set it to auto.")
     return kernel
-
-
-# ---------------------------------------------------------------- tiny models built from a config
-
-def train_tokenizer(texts, vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on `texts`, with role tokens and the chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    specials = list(SPECIAL_TOKENS.values()) + ROLE_TOKENS
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS, additional_special_tokens=ROLE_TOKENS)
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
-
-
-def init_config(init: ModelInit, tokenizer) -> AutoConfig:
-    """A config of the named MoE architecture; the three share most names but not the expert-count ones."""
-    common = dict(
-        vocab_size=len(tokenizer), hidden_size=init.hidden_size, num_hidden_layers=init.num_layers,
-        num_attention_heads=init.num_heads, num_key_value_heads=init.num_kv_heads,
-        num_experts_per_tok=init.experts_per_token, router_aux_loss_coef=init.router_aux_loss_coef,
-        output_router_logits=True, max_position_embeddings=init.max_position_embeddings,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-        tie_word_embeddings=False,
-    )
-    per_architecture = {
-        "mixtral": dict(num_local_experts=init.num_experts, intermediate_size=init.intermediate_size),
-        "qwen3_moe": dict(num_experts=init.num_experts, moe_intermediate_size=init.intermediate_size,
-                          intermediate_size=init.intermediate_size, decoder_sparse_step=1,
-                          head_dim=init.hidden_size // init.num_heads),
-        "olmoe": dict(num_experts=init.num_experts, intermediate_size=init.intermediate_size),
-    }
-    return AutoConfig.for_model(init.architecture, **common, **per_architecture[init.architecture])
 
 
 def seed_everything(seed: int) -> None:
@@ -219,3 +166,33 @@ def load_adapter_base(adapter_dir: Path, dtype: torch.dtype | str = "auto", trus
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code)
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
     return model, AutoTokenizer.from_pretrained(adapter_dir if has_tokenizer else base, trust_remote_code=trust_remote_code)
+
+
+# ---------------------------------------------------------------- what a training stage trains
+
+def load_training_model(recipe: Recipe, stage: str, start: str):
+    """(model, peft_config, parent): what a stage trains, the adapter to add (None: it trains all weights, or
+    continues an adapter), and the stage its output sits on.
+
+    In full precision a stage starts from `start` with its adapters merged in and adds a fresh adapter. A quantized
+    base (QLoRA) is never merged into: when `start` is an adapter, training continues it on its quantized base (for
+    DPO, TRL keeps a frozen copy of it as the reference policy) and the new adapter sits on that base too. Under
+    ZeRO-3 the MoE blocks are marked as leaf modules.
+    """
+    model, peft_config, parent = load_model_and_adapter(recipe, stage, start)
+    moe.mark_moe_blocks_as_zero3_leaves(model)
+    return model, peft_config, parent
+
+
+def load_model_and_adapter(recipe: Recipe, stage: str, start: str):
+    lora = recipe.model.lora_for(stage)
+    if lora is None or recipe.model.quantization is None:
+        model = load_stage_model(recipe, start)
+        return model, adapters.peft_config(model, lora) if lora else None, start
+    outputs = require_complete(recipe.run_path, start, needed_by=stage)["outputs"] if start != "base" else {}
+    if outputs.get("kind") != "adapter":
+        model = load_quantized(recipe, start)
+        return model, adapters.peft_config(model, lora), start
+    parent = outputs["parent"]
+    base = load_quantized(recipe, parent)
+    return expert_quant.load_adapter(base, str(recipe.run_path / start), trainable=True), None, parent

@@ -171,3 +171,8 @@ class ExpertLoadCallback(TrainerCallback):
         self.tracker.remove()
         if state.is_world_process_zero:
             self.output_file.write_text(json.dumps({"layers": self.tracker.layers, "history": self.history}, indent=1))
+
+
+def expert_load_callbacks(model: nn.Module, folder: Path) -> list:
+    """Expert-load tracking into folder/expert_load.json, for MoE models (none for a dense model)."""
+    return [ExpertLoadCallback(model, folder / "expert_load.json")] if is_moe_model(model) else []

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from data_prep import prepare
-from eval import stage as eval_stage
+from eval import evaluate
 from finetune import base, dpo, sft
 from finetune.recipe import Recipe
 
@@ -49,7 +49,7 @@ STAGES = (
     StageSpec("dpo", dpo.run, ("model", "dpo", "speed", "checkpoints"), "dpo", ("prep", "sft"), every_process=True,
               description="DPO from the SFT result with TRL's DPOTrainer into run_dir/dpo."),
     # eval reads the folders of the stages named in eval.models, and the prep stage's questions by default.
-    StageSpec("eval", eval_stage.run, ("eval",), "eval", (), every_process=False,
+    StageSpec("eval", evaluate.run, ("eval",), "eval", (), every_process=False,
               description="Answer held-out questions with each model, judge, report into run_dir/eval."),
 )
 BY_NAME = {spec.name: spec for spec in STAGES}

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import pytest
 
 import data_prep.writer
-import eval.records
+import eval.jsonl
 from finetune.checkpoints import checkpoint_problem, checkpoints
 from finetune.cli import main
 from tests.test_cli import write_recipe
@@ -112,7 +112,7 @@ def test_full_disk_while_saving_eval_judgments(tmp_path, monkeypatch, capsys):
                                for q in questions(3, seed=3)))
     recipe = tmp_path / "eval.yaml"
     recipe.write_text(f"run_dir: {run}\nmodel: {{init: {{}}}}\neval: {{models: [a], question_file: {question_file}}}\n")
-    monkeypatch.setattr(eval.records, "open", failing_open(lambda path: "model_judgment" in path), raising=False)
+    monkeypatch.setattr(eval.jsonl, "open", failing_open(lambda path: "model_judgment" in path), raising=False)
     assert main(["eval", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert f"[eval] no space left on the disk holding {run} (writing {run}/.eval.partial/model_judgment/" in err

@@ -95,7 +95,7 @@ def test_interrupted_work_is_resumed_only_with_the_same_inputs(tmp_path):
 
 
 def test_relative_eval_files_start_at_the_recipe_folder(tmp_path, monkeypatch):
-    from eval.stage import question_source, recipe_file
+    from eval.evaluate import question_source, recipe_file
 
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "recipes"
