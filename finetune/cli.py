@@ -8,8 +8,8 @@ import sys
 import textwrap
 
 from finetune import hub, launch
-from finetune.pipeline import run_stage, wait_for_uploads
 from finetune.fields import describe_fields
+from finetune.pipeline import run_stage, wait_for_uploads
 from finetune.recipe import TRAINING_STAGES, Recipe, RecipeError
 from finetune.recipe_parsing import load_recipe, trainer_config_class
 from finetune.registry import BY_NAME, COMMANDS, STAGES, command_writing

@@ -17,7 +17,7 @@ from finetune.disk_errors import raise_disk_error
 from finetune.hub import push
 from finetune.recipe import Recipe
 from finetune.registry import BY_NAME, StageSpec, hidden_needs
-from finetune.rundir import StageError, read_manifest
+from finetune.rundir import MANIFEST, StageError
 
 
 def run_stage(name: str, recipe: Recipe, force: bool) -> None:
@@ -29,7 +29,7 @@ def run_stage(name: str, recipe: Recipe, force: bool) -> None:
 
 def run_one(spec: StageSpec, recipe: Recipe, force: bool) -> None:
     started = time.time()
-    before = read_manifest(recipe.run_path / spec.folder)
+    before = commit_stamp(recipe.run_path / spec.folder)
     main_process = distributed.is_main_process()  # in a multi-process run, one progress line per stage
     if main_process:
         print(f"== {spec.name}: {spec.description}", flush=True)
@@ -41,10 +41,19 @@ def run_one(spec: StageSpec, recipe: Recipe, force: bool) -> None:
     if output.name.endswith(".partial"):
         # eval keeps a stage open while judge calls failed; a re-run retries only those.
         raise StageError(f"[{spec.name}] unfinished: some work failed and is kept in {output}. Run the same command again to retry it.")
-    if main_process and read_manifest(output) != before:  # committed by this run, not skipped as complete
+    if main_process and commit_stamp(output) != before:  # committed by this run, not skipped as complete
         push_stage_if_configured(recipe, output)
     if main_process:
         print(f"== {spec.name} finished in {time.time() - started:.0f}s", flush=True)
+
+
+def commit_stamp(folder: Path) -> tuple[int, int] | None:
+    """Differs after every commit of the folder, even within a second: each commit writes a new manifest file."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return None
+    stat = manifest.stat()
+    return stat.st_ino, stat.st_mtime_ns
 
 
 # `hub.push` uploads run one after another on a thread of their own while the next stages train: in a multi-process
