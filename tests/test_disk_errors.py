@@ -72,9 +72,10 @@ def test_read_only_run_dir(tmp_path, capsys):
         capsys.readouterr()
         assert main(["sft", recipe]) == 2
         err = capsys.readouterr().err
-        assert f"[sft] cannot write {run}/" in err and f"the run dir {run} is read-only" in err
+        # A model.init recipe: the base stage runs first (under its own name) and is the first to write.
+        assert f"[base] cannot write {run}/" in err and f"the run dir {run} is read-only" in err
         assert "Make it writable, or set run_dir to a writable folder" in err and "Traceback" not in err
-    assert not (run / "sft").exists() and not (run / ".sft.partial").exists()
+    assert not (run / "base").exists() and not (run / "sft").exists() and not (run / ".sft.partial").exists()
 
 
 def failing_open(fail_when):
