@@ -136,7 +136,7 @@ def trainer_inputs(variant: str, recipe, examples: int, callbacks: list) -> dict
     """Model, tokenizer, the first `examples` rows of the prepared split and the LoRA config (loaded untimed)."""
     from finetune import adapters
     from finetune.models import load_stage_model, load_tokenizer
-    from finetune.training import load_split
+    from finetune.splits import load_split
 
     kind = "preference" if VARIANTS[variant][0] == "dpo" else "sft"
     model = load_stage_model(recipe, "base")
@@ -151,7 +151,7 @@ def trainer_for(variant: str, recipe, output_dir: Path, inputs: dict):
 
     from finetune.packed_dpo import dpo_trainer
     from finetune.packed_sft import sft_trainer
-    from finetune.training import trainer_config
+    from finetune.trainer_config import trainer_config
 
     trl_defaults = dict(output_dir=str(output_dir), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
                         per_device_train_batch_size=recipe.dpo["per_device_train_batch_size"], seed=recipe.seed,
@@ -212,7 +212,7 @@ def run_variant(spec: dict) -> dict:
     from transformers import TrainerCallback
 
     from finetune.models import seed_everything
-    from finetune.recipe import parse_recipe
+    from finetune.recipe_parsing import parse_recipe
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -328,7 +328,8 @@ def same_math_check(recipe, batch_size: int) -> tuple[float, float]:
     from finetune import adapters
     from finetune.models import load_stage_model, load_tokenizer
     from finetune.packed_dpo import dpo_trainer
-    from finetune.training import load_split, trainer_config
+    from finetune.splits import load_split
+    from finetune.trainer_config import trainer_config
 
     base, tokenizer = load_stage_model(recipe, "base"), load_tokenizer(recipe)
     pairs = load_split(recipe, "preference", "train").select(range(batch_size))
@@ -352,19 +353,20 @@ def prepare(folder: Path, sizes: dict, data_files: list[Path]) -> dict:
     """The prepared data and the base model of a shape (its embedding and LM head padded to `embedding_rows`, as
     Qwen3 pads its 151,669 tokens to 151,936 rows: a real vocabulary's LM-head cost on a tokenizer trained here)."""
     from data_prep.prepare import run as prep
-    from finetune.models import build_base, load_stage_model
-    from finetune.recipe import parse_recipe
+    from finetune import base
+    from finetune.models import load_stage_model
+    from finetune.recipe_parsing import parse_recipe
 
     raw = bench_recipe(folder / "run", sizes, data_files)
     raw["dpo"] = raw["sft"] = {"per_device_train_batch_size": sizes["batch"], "num_train_epochs": 1,
                                "disable_tqdm": True, "max_length": sizes["max_length"]}
     recipe = parse_recipe(copy.deepcopy(raw), "<bench>")
     prep(recipe)
-    base = build_base(recipe)
+    base_folder = base.run(recipe)
     if sizes.get("embedding_rows"):
         model = load_stage_model(recipe, "base")
         model.resize_token_embeddings(sizes["embedding_rows"], mean_resizing=False)
-        model.save_pretrained(base)
+        model.save_pretrained(base_folder)
     return raw
 
 
@@ -460,7 +462,7 @@ def main(quick: bool, rounds: int | None = None, shapes: tuple[str, ...] = tuple
 def bench_shape(shape: str, quick: bool, rounds: int | None) -> str:
     from transformers import AutoConfig
 
-    from finetune.recipe import parse_recipe
+    from finetune.recipe_parsing import parse_recipe
 
     sizes = {**(QUICK if quick else SHAPES)[shape], **({"repeats": rounds} if rounds else {})}
     started = time.perf_counter()
