@@ -51,12 +51,15 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data"
 H200_BF16_DENSE_TFLOPS = 989  # NVIDIA's H200 SXM datasheet (the H100's), without sparsity
 BF16_PEAKS = {"H200": H200_BF16_DENSE_TFLOPS, "H100": H200_BF16_DENSE_TFLOPS, "A100": 312}
 # The comparisons of benchmarks/dpo_bench.py this check runs (the second-run and two-epoch variants are left out:
-# they measure reuse of the reference cache, not the GPU).
+# they measure reuse of the reference cache, not the GPU). The CPU mode leaves out the levers too: same code, fewer
+# processes.
 SPEED_VARIANTS = ["trl_dpo", "trl_dpo_best", "moetune_dpo", "moetune_dpo_no_share", "moetune_dpo_padded",
                   "moetune_dpo_no_cache", "trl_sft", "trl_sft_packing", "moetune_sft"]
+SPEED_VARIANTS_CPU = ["trl_dpo", "trl_dpo_best", "moetune_dpo", "trl_sft", "trl_sft_packing", "moetune_sft"]
 
 GPU_SIZES = {
     "pipeline": {"recipe_changes": {}, "judge": True},
+    "conformance": {"pytest_args": []},
     "qlora": {"shape": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
                             num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
                             tie_word_embeddings=False),  # Mixtral-8x7B's widths, 2 of its 32 layers
@@ -64,7 +67,8 @@ GPU_SIZES = {
     "speed": {"model": dict(architecture="olmoe", hidden_size=2048, intermediate_size=1024, num_layers=4,
                             num_heads=16, num_kv_heads=16, num_experts=64, experts_per_token=8, vocab_size=50304,
                             max_position_embeddings=4096),  # OLMoE-1B-7B's widths, 4 of its 16 layers
-              "batch": 8, "dpo_steps": 6, "sft_steps": 6, "max_length": 2048, "judge": True},
+              "batch": 8, "dpo_steps": 6, "sft_steps": 6, "max_length": 2048, "variants": SPEED_VARIANTS,
+              "judge": True},
     # seconds; pipeline and conformance run side by side: at most 110 + 115 + 200 + 45 s = 7.8 minutes in all
     "budgets_s": {"pipeline": 110, "conformance": 90, "qlora": 115, "speed": 200, "equality": 45},
 }
@@ -75,14 +79,17 @@ CPU_SIZES = {
                                     "dpo": {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1},
                                     "eval": {"max_new_tokens": 8, "batch_size": 16}},
                  "judge": False},
+    # `make test` runs the whole conformance selection on the CPU: here one test shows the part works
+    "conformance": {"pytest_args": ["-k", "test_padding_free_sft"]},
     "qlora": {"shape": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
                             tie_word_embeddings=False),
               "batch": 2, "sequence": 64, "warmup": 1, "judge": False},
     "speed": {"model": dict(architecture="olmoe", hidden_size=64, intermediate_size=64, num_layers=2, num_heads=4,
-                            num_kv_heads=4, num_experts=8, experts_per_token=2, vocab_size=600,
+                            num_kv_heads=4, num_experts=8, experts_per_token=2, vocab_size=1000,
                             max_position_embeddings=2048),
-              "batch": 2, "dpo_steps": 1, "sft_steps": 1, "max_length": 256, "judge": False},
+              "batch": 2, "dpo_steps": 1, "sft_steps": 1, "max_length": 1024, "variants": SPEED_VARIANTS_CPU,
+              "judge": False},
     "budgets_s": {"pipeline": 150, "conformance": 150, "qlora": 120, "speed": 240, "equality": 90},
 }
 
@@ -127,8 +134,12 @@ def part_conformance(sizes: dict, data: Path, work: Path) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report = work / "conformance.xml"
+    # Only the files that hold conformance tests: another test module that cannot import on a GPU machine's packages
+    # must not stop them.
+    files = [str(path.relative_to(ROOT)) for path in sorted((ROOT / "tests").glob("test_*.py"))
+             if path.name.startswith(CONFORMANCE_FILES) or "mark.conformance" in path.read_text()]
     command = [sys.executable, "-m", "pytest", "-q", "-m", "conformance", "-p", "no:cacheprovider",
-               f"--junitxml={report}", "tests"]
+               f"--junitxml={report}", *sizes["conformance"]["pytest_args"], *files]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "MOETUNE_TEST_DEVICE": device})
     print(result.stdout[-6000:], result.stderr[-2000:], sep="\n")
@@ -185,7 +196,7 @@ def part_speed(sizes: dict, data: Path, work: Path) -> dict:
     raw, source = prepared_hh(sizes, data, work)
     config = AutoConfig.from_pretrained(Path(raw["run_dir"]) / "base")
     results = {}
-    for variant in SPEED_VARIANTS:
+    for variant in sizes["variants"]:
         steps = sizes["dpo_steps" if dpo_bench.VARIANTS[variant][0] == "dpo" else "sft_steps"]
         results[variant] = [dpo_bench.measure({"variant": variant, "recipe": raw, "examples": steps * sizes["batch"]})]
         print(f"{variant}: {results[variant][0]}", flush=True)
@@ -225,6 +236,8 @@ def part_equality(sizes: dict, data: Path, work: Path) -> dict:
                         "tolerance": tolerance, "pairs": sizes["batch"]}}
 
 
+# Test files whose every test is a conformance test (tests/conftest.py marks them), beside the tests marked one by one.
+CONFORMANCE_FILES = ("test_conformance", "test_famil")
 # Parts that time nothing: they run side by side, before the others run one at a time.
 UNTIMED = ("pipeline", "conformance")
 PARTS = {"pipeline": part_pipeline, "conformance": part_conformance, "qlora": part_qlora, "speed": part_speed,
@@ -317,29 +330,35 @@ def start_part(name: str, mode: str, data: Path, work: Path) -> tuple[subprocess
 
 
 def finish_part(name: str, process: subprocess.Popen, started: float, budget: float, work: Path) -> dict:
-    """Wait for a part until `budget` seconds after its start; past that, kill it and its children."""
-    log = work / f"{name}.log"
+    """Wait for a part until `budget` seconds after its start; past that, kill it and its children. The ends of its
+    stderr (where an error is) and stdout (where test and training output is) are kept in the result."""
     try:
         stdout, _ = process.communicate(timeout=max(budget - (time.perf_counter() - started), 0.1))
+        status = None
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, _ = process.communicate()
-        with open(log, "a") as handle:
-            handle.write(stdout)
-        return {"status": "TIMEOUT", "verdict": f"ran past its budget of {budget:.0f} s",
-                "seconds": time.perf_counter() - started, "figures": {}, "log_tail": log_tail(log)}
+        status = "TIMEOUT"
     seconds = time.perf_counter() - started
-    with open(log, "a") as handle:
-        handle.write(stdout)
+    (work / f"{name}.out").write_text(stdout)
+    tails = {"stderr_tail": tail(work / f"{name}.log"), "stdout_tail": tail(work / f"{name}.out")}
+    if status == "TIMEOUT":
+        return {"status": status, "verdict": f"ran past its budget of {budget:.0f} s", "seconds": seconds,
+                "figures": {}, **tails}
     try:
         result = json.loads(stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
-        tail = log_tail(log)
-        return {"status": "ERROR", "verdict": f"exit {process.returncode}: {(tail or ['no output'])[-1][:300]}",
-                "seconds": seconds, "figures": {}, "log_tail": tail}
+        last = (tails["stderr_tail"] or ["no output"])[-1]
+        return {"status": "ERROR", "verdict": f"exit {process.returncode}: {last[:300]}", "seconds": seconds,
+                "figures": {}, **tails}
     status = {True: "PASS", False: "FAIL", None: "MEASURED"}[result["ok"]]
     return {"status": status, "verdict": result["verdict"], "seconds": seconds, "figures": result["figures"],
-            **({"log_tail": log_tail(log)} if status == "FAIL" else {})}
+            **(tails if status == "FAIL" else {})}
+
+
+def tail(path: Path, lines: int = 40) -> list[str]:
+    """The end of a part's output, kept in the JSON: the work folder does not outlive the run."""
+    return path.read_text(errors="replace").strip().splitlines()[-lines:]
 
 
 def run_part(name: str, mode: str, data: Path, work: Path, budget: float) -> dict:
@@ -359,15 +378,11 @@ def run_parts(names: list[str], mode: str, data: Path, work: Path, budgets: dict
             results[name] = run_part(name, mode, data, work, budgets[name])
         print(f"[{results[name]['status']}] {name}: {results[name]['verdict']} ({results[name]['seconds']:.0f} s)",
               flush=True)
-        if "log_tail" in results[name]:
-            print("\n".join(results[name]["log_tail"]), file=sys.stderr)
+        for stream in ("stdout_tail", "stderr_tail"):
+            if stream in results[name]:
+                print(f"--- {name}: end of its {stream[:6]}", *results[name][stream], sep="\n", file=sys.stderr)
         write(results)
     return results
-
-
-def log_tail(log: Path, lines: int = 40) -> list[str]:
-    """The end of a part's output (stderr, then stdout), kept in the JSON: the work folder does not outlive the run."""
-    return log.read_text(errors="replace").strip().splitlines()[-lines:]
 
 
 def machine() -> dict:

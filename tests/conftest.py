@@ -1,7 +1,7 @@
 """The `conformance` selection the GPU check runs on CUDA (`pytest -m conformance`, see tests/on_device.py): the tests
 marked so, and every test of the per-family conformance files."""
 
-CONFORMANCE_FILES = ("test_conformance", "test_famil")
+from benchmarks.gpu_check import CONFORMANCE_FILES
 
 
 def pytest_configure(config):

@@ -23,15 +23,15 @@ def test_cpu_mode_runs_every_part_and_writes_its_figures(tmp_path):
     parts = report["parts"]
     assert list(parts) == list(gpu_check.PARTS)
     statuses = {name: part["status"] for name, part in parts.items()}
-    # at tiny sizes only the equality and the conformance tests are judged; the rest is measured
+    # at tiny sizes only the equality and the one conformance test run on the CPU are judged; the rest is measured
     assert statuses == {"pipeline": "MEASURED", "conformance": "PASS", "qlora": "MEASURED", "speed": "MEASURED",
-                        "equality": "PASS"}, result.stdout + result.stderr[-3000:]
+                        "equality": "PASS"}, result.stderr[-5000:]
+    assert parts["conformance"]["figures"]["passed"] == 1
     assert set(parts["pipeline"]["figures"]["overall"]) == {"base", "sft", "dpo"}
-    assert parts["conformance"]["figures"]["passed"] >= 10 and parts["conformance"]["figures"]["failed"] == 0
     qlora = parts["qlora"]["figures"]
     assert qlora["model_ratio_a_b"] < 0.5 and 0 < qlora["nf4_share"] < 1  # NF4 experts: a fraction of the bf16 model
     rows = {row["variant"]: row for row in parts["speed"]["figures"]["rows"]}
-    assert set(rows) == set(gpu_check.SPEED_VARIANTS) and all(row["tokens_per_s"] > 0 for row in rows.values())
+    assert set(rows) == set(gpu_check.SPEED_VARIANTS_CPU) and all(row["tokens_per_s"] > 0 for row in rows.values())
     markdown = (tmp_path / "results-gpu.md").read_text()
     assert all(f"| {name} | {status} |" in markdown for name, status in statuses.items())
     assert (committed.read_text() if committed.is_file() else None) == before
