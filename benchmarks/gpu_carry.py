@@ -59,8 +59,9 @@ def slim_bitsandbytes() -> None:
 def export_data(source: Path = SHARED_DATA, rows: int = ROWS) -> None:
     """Copy the first `rows` pairs of each hh-rlhf file the speed benchmark reads, and the data's license."""
     target = DATA / "hh_rlhf"
-    target.mkdir(parents=True, exist_ok=True)
-    shutil.copy(source / "hh_rlhf" / "LICENSE-hh-rlhf-MIT.txt", target)
+    shutil.rmtree(DATA, ignore_errors=True)
+    target.mkdir(parents=True)
+    shutil.copyfile(source / "hh_rlhf" / "LICENSE-hh-rlhf-MIT.txt", target / "LICENSE-hh-rlhf-MIT.txt")
     for name in HH_FILES:
         with open(source / "hh_rlhf" / f"{name}.jsonl") as handle:
             head = [line for _, line in zip(range(rows), handle)]
