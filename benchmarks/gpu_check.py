@@ -102,7 +102,6 @@ CPU_SIZES = {
 def part_pipeline(sizes: dict, data: Path, work: Path) -> dict:
     import yaml
 
-
     from finetune.cli import main as moetune
     from finetune.recipe import load_recipe
     from finetune.training import device_defaults

@@ -141,8 +141,11 @@ def nf4_share(model, optimizer, ids) -> float:
     with profile(activities=activities) as profiler:
         training_step(model, optimizer, ids)
     events = profiler.key_averages()
-    # On a GPU the kernels carry the device time (bitsandbytes' are kDequantize*, k*4bit*); on a CPU its operators
-    # (bitsandbytes::dequantize_4bit, ...) carry their own CPU time.
+    # On a GPU the kernels carry the device time (bitsandbytes' are kDequantize*, k*4bit*): kernels only, since an
+    # operator also counts the time of the kernels it launched. On a CPU the operators (bitsandbytes::dequantize_4bit,
+    # ...) carry their own CPU time.
+    if ON_GPU:
+        events = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU]
     own_time = (lambda e: e.self_device_time_total) if ON_GPU else (lambda e: e.self_cpu_time_total)
     total = sum(own_time(e) for e in events)
     return sum(own_time(e) for e in events if is_nf4_operation(e.key)) / total if total else 0.0
