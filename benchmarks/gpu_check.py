@@ -103,8 +103,8 @@ def part_pipeline(sizes: dict, data: Path, work: Path) -> dict:
     import yaml
 
     from finetune.cli import main as moetune
-    from finetune.recipe import load_recipe
-    from finetune.training import device_defaults
+    from finetune.recipe_parsing import load_recipe
+    from finetune.trainer_config import device_defaults
 
     sizes = sizes["pipeline"]
     raw = yaml.safe_load((ROOT / "recipes" / "tiny-moe.yaml").read_text())
@@ -222,7 +222,7 @@ def part_equality(sizes: dict, data: Path, work: Path) -> dict:
 
     from benchmarks import dpo_bench
     from finetune.models import resolve_dtype
-    from finetune.recipe import parse_recipe
+    from finetune.recipe_parsing import parse_recipe
 
     sizes = sizes["speed"]  # the speed part's model and pairs
     raw, source = prepared_hh(sizes, data, work)
