@@ -11,6 +11,7 @@ import time
 
 from finetune import distributed, launch
 from finetune.disk_errors import raise_disk_error
+from finetune.preflight import check_before_running
 from finetune.recipe import Recipe, RecipeError, describe_fields, load_recipe, trainer_config_class
 from finetune.stage import StageError
 
@@ -174,6 +175,7 @@ def run_stages(args) -> None:
 
     recipe = load_recipe(args.recipe, args.overrides)
     stages = parse_stages(args.stages) if args.command == "run" else [args.command]
+    check_before_running(recipe, stages)
     try:
         if getattr(args, "accelerate", None):
             launch.run_with_accelerate(stages, args, lambda name: run_stage(name, recipe, args.force))
@@ -191,6 +193,10 @@ def report_errors(command, also: tuple = ()) -> int:
         command()
     except (RecipeError, StageError, ValueError, *also) as error:
         print(f"moetune: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # the stages that keep work (training, eval) say where; the rest start over
+        print("moetune: error: interrupted. Run the same command again: finished stages are kept and skipped.",
+              file=sys.stderr)
         return 2
     return 0
 

@@ -174,10 +174,21 @@ class Recipe:
     def section_dict(self, name: str) -> dict[str, Any]:
         return to_dict(getattr(self, name))
 
+    def trainer_inputs(self, stage: str) -> dict[str, Any]:
+        """The sft:/dpo: fields a training stage's result depends on: all but when it saves and logs, so a
+        checkpoint schedule or log interval can change between an interruption and its resume."""
+        return {key: value for key, value in getattr(self, stage).items() if key not in NOT_RESULT_TRAINER_KEYS}
+
     def model_inputs(self, stage: str) -> dict[str, Any]:
         """The model settings a training stage depends on (its own adapter settings, not the other stage's)."""
         return {**self.section_dict("model"), "lora": to_dict(self.model.lora_for(stage))}
 
+
+# TRL fields that say when to save and log, not what is trained.
+NOT_RESULT_TRAINER_KEYS = frozenset({
+    "save_strategy", "save_steps", "save_total_limit", "save_only_model", "save_on_each_node",
+    "logging_strategy", "logging_steps", "logging_first_step", "logging_dir", "report_to", "disable_tqdm", "run_name",
+})
 
 # TRL fields that moetune sets itself from the recipe; setting them in sft:/dpo: would be silently overridden.
 MANAGED_TRAINER_KEYS = {"output_dir": "run_dir", "seed": "seed"}
@@ -205,6 +216,7 @@ def parse_recipe(raw: dict[str, Any], source: str) -> Recipe:
     validate_trainer_section(recipe.sft, "sft", source)
     validate_trainer_section(recipe.dpo, "dpo", source)
     validate_model(recipe.model, source)
+    validate_data_needs(recipe)
     validate_hub(recipe.hub, source)
     try:
         check_eval_config(recipe.eval)
@@ -362,18 +374,52 @@ def validate_model(model: ModelConfig, source: str) -> None:
     check_choice(model.dtype, DTYPES, source, "model.dtype")
     check_choice(model.experts_implementation, EXPERT_KERNELS, source, "model.experts_implementation")
     if model.init is not None:
-        check_choice(model.init.architecture, ARCHITECTURES, source, "model.init.architecture")
-        if model.init.experts_per_token > model.init.num_experts:
-            raise RecipeError(f"{source}: model.init.experts_per_token must be <= model.init.num_experts.")
+        validate_init(model.init, source)
     if model.quantization is not None:
         validate_quantization(model, source)
     if model.lora is not None:
-        if not model.lora.targets:
-            raise RecipeError(f"{source}: model.lora.targets is empty; list roles ({', '.join(LORA_ROLES)}) or set lora: null.")
-        for role in model.lora.targets:
-            check_choice(role, LORA_ROLES, source, "model.lora.targets")
-        for stage in model.lora.stages:
-            check_choice(stage, TRAINING_STAGES, source, "model.lora.stages")
+        validate_lora(model.lora, source)
+
+
+def validate_init(init: ModelInit, source: str) -> None:
+    check_choice(init.architecture, ARCHITECTURES, source, "model.init.architecture")
+    for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "num_experts",
+                 "experts_per_token", "max_position_embeddings", "vocab_size"):
+        check_positive(getattr(init, name), source, f"model.init.{name}")
+    if init.experts_per_token > init.num_experts:
+        raise RecipeError(f"{source}: model.init.experts_per_token must be <= model.init.num_experts.")
+    if init.hidden_size % init.num_heads or init.num_heads % init.num_kv_heads:
+        raise RecipeError(f"{source}: model.init.hidden_size ({init.hidden_size}) must be a multiple of num_heads "
+                          f"({init.num_heads}), and num_heads a multiple of num_kv_heads ({init.num_kv_heads}).")
+
+
+def validate_lora(lora: LoraConfig, source: str) -> None:
+    """What peft would reject only once a stage has loaded the model."""
+    if not lora.targets:
+        raise RecipeError(f"{source}: model.lora.targets is empty; list roles ({', '.join(LORA_ROLES)}) or set lora: null.")
+    for role in lora.targets:
+        check_choice(role, LORA_ROLES, source, "model.lora.targets")
+    for stage in lora.stages:
+        check_choice(stage, TRAINING_STAGES, source, "model.lora.stages")
+    check_positive(lora.r, source, "model.lora.r", example="16")
+    check_positive(lora.alpha, source, "model.lora.alpha", example="2 * r")
+    if not 0 <= lora.dropout < 1:
+        raise RecipeError(f"{source}: model.lora.dropout is {lora.dropout}; it must be in [0, 1), e.g. 0.05.")
+
+
+def check_positive(value: int, source: str, path: str, example: str | None = None) -> None:
+    if value < 1:
+        hint = f", e.g. {example}" if example else ""
+        raise RecipeError(f"{source}: {path} is {value}; it must be a positive integer{hint}.")
+
+
+def validate_data_needs(recipe: Recipe) -> None:
+    """Data settings that need a model the recipe does not have when prep runs."""
+    if recipe.data.max_length is not None and recipe.model.init is not None:
+        raise RecipeError(
+            f"{recipe.source}: data.max_length filters rows by the model's token count, but a model.init recipe "
+            f"trains its tokenizer on the prepared data afterwards (the base stage), so there is nothing to count "
+            f"with. Remove data.max_length; sft.max_length and dpo.max_length still truncate what is trained on.")
 
 
 def validate_hub(hub: HubConfig, source: str) -> None:

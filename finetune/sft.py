@@ -17,8 +17,8 @@ def run(recipe: Recipe, force: bool = False) -> Path:
     if recipe.model.init is not None:
         build_base(recipe)
     stage = Stage(recipe.run_path, "sft", inputs={
-        "model": recipe.model_inputs("sft"), "sft": recipe.sft, "seed": recipe.seed, "data": data["fingerprint"],
-    })
+        "model": recipe.model_inputs("sft"), "sft": recipe.trainer_inputs("sft"), "seed": recipe.seed, "data": data["fingerprint"],
+    }, progress=("checkpoint-*",))
     if not stage.begin(force):
         return stage.final
 
