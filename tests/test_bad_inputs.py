@@ -355,7 +355,9 @@ def test_ctrl_c_while_judging_stops_in_seconds_and_keeps_what_finished(folder, m
         interrupted = time.monotonic()
         process.send_signal(signal.SIGINT)
         output = process.communicate(timeout=60)[0]
-        assert time.monotonic() - interrupted < 5
+        # The stage stops at once (the message comes within 0.1 s); most of this bound is the interpreter's own
+        # exit with torch loaded (2-5 s on a busy 2-core machine). Before: ~11.5 minutes, then a traceback.
+        assert time.monotonic() - interrupted < 15
     assert process.returncode == 2 and "Traceback" not in output
     assert "interrupted" in output and ".eval.partial" in output
     kept = judgments.read_text().count("\n")
