@@ -162,7 +162,10 @@ class OpenAICompatibleJudge:
                     return
                 try:
                     results.put((index, self.complete(prompt, stop), None))
-                except (JudgeCallError, JudgeUnreachable) as error:
+                except JudgeCallError as error:
+                    results.put((index, None, error))
+                except JudgeUnreachable as error:
+                    stop.set()  # no more requests to a server that is not there
                     results.put((index, None, error))
 
         for _ in range(min(self.config.max_concurrency, len(prompts))):

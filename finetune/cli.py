@@ -152,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may also follow flags (`moetune sft r.yaml --force sft.max_steps=5`); argparse leaves those over.
     args, extra = parser.parse_known_args(argv)
     if args.command in HUB_COMMANDS:
-        # These take no recipe: parse strictly, and report Hub/file errors (OSError) without a traceback too.
+        # These take no recipe: parse strictly.
         args = parser.parse_args(argv)
-        return report_errors(lambda: run_hub_command(args), (OSError,))
+        return report_errors(lambda: run_hub_command(args))
     args.accelerate_options = []
     if getattr(args, "accelerate", None):
         args.accelerate_options, extra = launch.split_options(extra)
@@ -187,11 +187,11 @@ def run_stages(args) -> None:
         hub.wait_for_uploads()  # `hub.push` uploads run beside the later stages; a failed stage keeps them too
 
 
-def report_errors(command, also: tuple = ()) -> int:
+def report_errors(command) -> int:
     """Run a command; expected failures print one `moetune: error:` line and exit 2 instead of a traceback."""
     try:
         command()
-    except (RecipeError, StageError, ValueError, *also) as error:
+    except (RecipeError, StageError, ValueError, OSError) as error:  # OSError: a file or model a library could not open
         print(f"moetune: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the stages that keep work (training, eval) say where; the rest start over

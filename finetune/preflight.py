@@ -1,4 +1,4 @@
-"""Checks, before any stage runs, of what a recipe names outside itself: the run dir, the base model, eval's files.
+"""Checks, before any stage runs, of what a recipe names outside itself: the run dir, the models, eval's files.
 
 Recipe parsing checks values; these check the machine: that run_dir can be a folder, that model.name_or_path is
 a model folder or a Hub model this machine can get (asked with a short timeout, so that a typo or a missing
@@ -21,11 +21,23 @@ def check_before_running(recipe: Recipe, stages: list[str]) -> None:
     check_run_dir(recipe)
     needs_model = any(stage in MODEL_STAGES for stage in stages) or ("prep" in stages and recipe.data.max_length)
     if needs_model and recipe.model.name_or_path is not None:
-        check_model_location(recipe)
+        check_model(recipe.model.name_or_path, recipe.model.revision, f"{recipe.source}: model.name_or_path")
     if "eval" in stages:
-        from eval.stage import check_files
+        check_eval_models(recipe)
 
-        check_files(recipe)
+
+def check_eval_models(recipe: Recipe) -> None:
+    """The files `eval:` names, and the models it names by path. Hub ids are not asked for here: a model whose
+    answers an earlier run saved is never loaded."""
+    from eval.stage import RUN_STAGES, check_files
+
+    check_files(recipe)
+    named = {f"eval.models[{index}]": name for index, name in enumerate(recipe.eval.models)}
+    if recipe.eval.judge.type == "local":
+        named["eval.judge.model"] = recipe.eval.judge.model
+    for key, name in named.items():
+        if name not in RUN_STAGES and (Path(name).expanduser().exists() or looks_local(name)):
+            check_model(name, None, f"{recipe.source}: {key}")
 
 
 def check_run_dir(recipe: Recipe) -> None:
@@ -45,12 +57,11 @@ def looks_local(location: str) -> bool:
             or location.count("/") > 1)
 
 
-def check_model_location(recipe: Recipe) -> None:
-    location = recipe.model.name_or_path
+def check_model(location: str, revision: str | None, key: str) -> None:
+    """A model folder (config.json, or an adapter's adapter_config.json), else a Hub model this machine can get."""
     path = Path(location).expanduser()
-    key = f"{recipe.source}: model.name_or_path"
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not any((path / name).is_file() for name in ("config.json", "adapter_config.json")):
             raise RecipeError(f"{key}: {path.resolve()} has no config.json, so it is not a transformers model folder. "
                               f"Point it at the folder save_pretrained wrote.")
         return
@@ -59,7 +70,7 @@ def check_model_location(recipe: Recipe) -> None:
     if looks_local(location):
         raise RecipeError(f"{key}: {path.absolute()} does not exist (relative paths start at the folder moetune runs "
                           f"in, {Path.cwd()}). Fix the path, or give a Hub id such as mistralai/Mixtral-8x7B-v0.1.")
-    check_hub_model(location, recipe.model.revision, key)
+    check_hub_model(location, revision, key)
 
 
 def check_hub_model(repo_id: str, revision: str | None, key: str) -> None:

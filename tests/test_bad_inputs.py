@@ -15,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from data_prep import synthetic
 from finetune.cli import main
 from finetune.models import write_base_model
 from finetune.recipe import load_recipe
+from finetune.stage import Stage
 from test_eval_support import mt_bench_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -263,6 +266,14 @@ def test_missing_question_prompt_and_reference_files(folder, capsys, model_dir):
     assert run_dir_state(folder) == set()
 
 
+def test_missing_eval_model_is_named_before_any_answer(folder, capsys, model_dir):
+    write_questions(folder, SYNTHETIC)
+    recipe = eval_recipe(folder, model_dir)
+    code, output = moetune(capsys, "eval", recipe, f"eval.models=[{model_dir}, ./no/such-model]")
+    assert code == 2 and "eval.models[1]" in output and "no/such-model does not exist" in output
+    assert run_dir_state(folder) == set()
+
+
 def test_programmatic_judge_refuses_questions_it_cannot_score(folder, capsys, model_dir):
     mt_bench = mt_bench_file("question.jsonl").read_text().splitlines()[:5]
     write_questions(folder, "\n".join(mt_bench) + "\n")
@@ -362,3 +373,54 @@ def test_ctrl_c_while_judging_stops_in_seconds_and_keeps_what_finished(folder, m
     assert "interrupted" in output and ".eval.partial" in output
     kept = judgments.read_text().count("\n")
     assert 2 <= kept < 2 * len(SYNTHETIC)  # what finished is saved; the rest was not waited for
+
+
+def test_dns_failure_is_tried_a_few_times_not_like_a_503(monkeypatch):
+    from eval import judges
+    from eval.config import JudgeConfig
+    from eval.grading import JudgePrompt
+
+    attempts = []
+
+    def no_such_host(request, timeout):
+        attempts.append(request.full_url)
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_such_host)
+    monkeypatch.setattr(judges, "UNREACHABLE_PAUSE_SECONDS", 0.01)
+    judge = judges.OpenAICompatibleJudge(JudgeConfig(type="openai", model="gpt-4", base_url="http://judge.invalid/v1",
+                                                     api_key_env=None, max_retries=5, backoff_seconds=60,
+                                                     max_concurrency=1))
+    with pytest.raises(judges.JudgeUnreachable, match=r"cannot reach the judge at http://judge.invalid/v1/chat/"
+                                                      r"completions \(\[Errno -2\] Name or service not known; 3 tries"):
+        list(judge.complete_many([JudgePrompt("single-v1", "system", "user")] * 20))
+    assert len(attempts) == judges.UNREACHABLE_TRIES  # the other 19 prompts were never sent
+
+
+# ---------------------------------------------------------------- push
+
+def finished_stage(folder: Path) -> Path:
+    """A committed sft stage as `moetune push` reads it: manifest, weights, tokenizer, resolved recipe."""
+    stage = Stage(folder / "run", "sft", inputs={})
+    assert stage.begin()
+    (stage.work / "model.safetensors").write_bytes(b"weights")
+    (stage.work / "recipe.yaml").write_text(write_recipe(folder).read_text())
+    return stage.commit({"kind": "full", "parent": "base", "steps": 1})
+
+
+def test_push_with_the_network_down_names_the_endpoint(folder, capsys, monkeypatch):
+    from huggingface_hub import HfApi, constants
+
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_token_0123456789")
+    stage = finished_stage(folder)
+    code, output = moetune(capsys, "push", stage, "--repo-id", "me/tiny")
+    assert code == 2 and f"uploading {stage} to me/tiny at {endpoint} failed" in output and "ConnectError" in output
+    assert "hf_secret_token" not in output
+    uploads = []  # the network is back: the same command uploads
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, *args, **kwargs: None)
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kwargs: uploads.append(sorted(
+        path.name for path in Path(kwargs["folder_path"]).iterdir())))
+    assert moetune(capsys, "push", stage, "--repo-id", "me/tiny")[0] == 0
+    assert uploads == [["README.md", "model.safetensors", "recipe.yaml"]]
