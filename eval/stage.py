@@ -98,6 +98,10 @@ def run(recipe: Any, force: bool = False) -> Path:
     config = recipe.eval
     check_eval_config(config)
     check_files(recipe)
+    if config.question_file is None and not Path(question_source(recipe)).is_file():
+        raise EvalInputError(f"[eval] {question_source(recipe)} does not exist: the prep stage made no eval questions "
+                             f"(the synthetic source makes them). Set eval.question_file to questions in MT-Bench's "
+                             f"format, e.g. FastChat's mt_bench/question.jsonl.")
     questions = load_questions(question_source(recipe), config.question_split)
     refuse_unscorable(recipe, questions)
     stage = Stage(recipe.run_path, "eval", inputs=stage_inputs(recipe),

@@ -266,6 +266,14 @@ def test_missing_question_prompt_and_reference_files(folder, capsys, model_dir):
     assert run_dir_state(folder) == set()
 
 
+def test_eval_without_questions_says_where_to_get_some(folder, capsys):
+    recipe = write_recipe(folder)
+    assert moetune(capsys, "prep", recipe)[0] == 0
+    code, output = moetune(capsys, "eval", recipe)
+    assert code == 2 and "the prep stage made no eval questions" in output and "eval.question_file" in output
+    assert run_dir_state(folder) == {"data"}
+
+
 def test_missing_eval_model_is_named_before_any_answer(folder, capsys, model_dir):
     write_questions(folder, SYNTHETIC)
     recipe = eval_recipe(folder, model_dir)
