@@ -165,8 +165,8 @@ class OpenAICompatibleJudge:
                 except JudgeCallError as error:
                     results.put((index, None, error))
                 except JudgeUnreachable as error:
+                    results.put((index, None, error))  # first, so the caller sees it before any call it stops
                     stop.set()  # no more requests to a server that is not there
-                    results.put((index, None, error))
 
         for _ in range(min(self.config.max_concurrency, len(prompts))):
             threading.Thread(target=work, daemon=True, name="moetune-judge").start()
