@@ -141,6 +141,20 @@ def test_a_whole_file_on_one_line_is_a_malformed_row(folder, capsys):
     assert code == 0 and "dropped 1 malformed" in output
 
 
+def test_ctrl_c_during_prep_then_the_same_command(folder, capsys, monkeypatch):
+    import data_prep.prepare
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    recipe = write_recipe(folder)
+    with monkeypatch.context() as patch:
+        patch.setattr(data_prep.prepare, "prepare", interrupted)
+        code, output = moetune(capsys, "prep", recipe)
+    assert code == 2 and "interrupted. Run the same command again" in output and "data" not in run_dir_state(folder)
+    assert moetune(capsys, "prep", recipe)[0] == 0 and "data" in run_dir_state(folder)
+
+
 # ---------------------------------------------------------------- recipe values a library would reject later
 
 @pytest.mark.parametrize("override, message", [
@@ -272,6 +286,21 @@ def test_eval_without_questions_says_where_to_get_some(folder, capsys):
     code, output = moetune(capsys, "eval", recipe)
     assert code == 2 and "the prep stage made no eval questions" in output and "eval.question_file" in output
     assert run_dir_state(folder) == {"data"}
+
+
+def test_ctrl_c_while_answering_keeps_the_work_and_the_same_command_continues(folder, capsys, model_dir, monkeypatch):
+    import eval.stage
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    write_questions(folder, SYNTHETIC)
+    recipe = eval_recipe(folder, model_dir)
+    with monkeypatch.context() as patch:
+        patch.setattr(eval.stage, "answer_questions", interrupted)
+        code, output = moetune(capsys, "eval", recipe)
+    assert code == 2 and "[eval] interrupted" in output and run_dir_state(folder) == {".eval.partial"}
+    assert moetune(capsys, "eval", recipe)[0] == 0 and run_dir_state(folder) == {"eval"}
 
 
 def test_missing_eval_model_is_named_before_any_answer(folder, capsys, model_dir):
