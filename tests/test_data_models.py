@@ -30,7 +30,9 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def make_recipe(tmp_path, sources, **data):
-    raw = {"run_dir": str(tmp_path / "run"), "model": {"init": {}}, "data": {"sources": sources, **data}}
+    # data.max_length counts a named model's tokens (run() is given that tokenizer here); model.init has none yet.
+    model = {"name_or_path": "org/char-model"} if "max_length" in data else {"init": {}}
+    raw = {"run_dir": str(tmp_path / "run"), "model": model, "data": {"sources": sources, **data}}
     return parse_recipe(raw, str(tmp_path / "recipe.yaml"))
 
 
