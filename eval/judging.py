@@ -14,9 +14,9 @@ from typing import Any, Iterator
 
 from tqdm.auto import tqdm
 
-from eval.grading import pair_prompt, parse_rating, parse_verdict, single_prompt, usable_reference
-from eval.judges import programmatic_judgment
-from eval.records import append_jsonl, read_jsonl
+from eval.judge_prompts import pair_prompt, parse_rating, parse_verdict, single_prompt, usable_reference
+from eval.judge_backends import JudgeResult, programmatic_judgment
+from eval.jsonl import append_jsonl, read_jsonl
 
 Question = dict[str, Any]
 Answers = dict[str, dict[Any, list[str]]]  # model -> question_id -> answer turns
@@ -43,7 +43,7 @@ class JudgingContext:
                                         "judge": self.judge_name, "error": error, "tstamp": time.time()}])
 
 
-def with_progress(results: Iterator[tuple[int, str | None, str | None]], total: int) -> Iterator[tuple[int, str | None, str | None]]:
+def with_progress(results: Iterator[JudgeResult], total: int) -> Iterator[JudgeResult]:
     """The judge's results, counted on a progress bar that also shows how many judge calls failed so far."""
     failed = 0
     with tqdm(total=total, desc="[eval] judging", unit="call", disable=total == 0, dynamic_ncols=True) as bar:

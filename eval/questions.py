@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.config import EvalInputError
-from eval.records import read_jsonl
+from eval.jsonl import read_jsonl
 
 FORMAT_HINT = 'one JSON object per line: {"question_id": 1, "category": "writing", "turns": ["..."]} (MT-Bench format)'
 

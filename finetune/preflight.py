@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from finetune.recipe import Recipe, RecipeError
+from finetune.recipe import MODEL_STAGES, Recipe, RecipeError
 
 HUB_TIMEOUT_SECONDS = 10.0
 MODEL_STAGES = ("sft", "dpo", "eval")  # stages that load the base model
@@ -29,14 +29,14 @@ def check_before_running(recipe: Recipe, stages: list[str]) -> None:
 def check_eval_models(recipe: Recipe) -> None:
     """The files `eval:` names, and the models it names by path. Hub ids are not asked for here: a model whose
     answers an earlier run saved is never loaded."""
-    from eval.stage import RUN_STAGES, check_files
+    from eval.evaluate import check_files
 
     check_files(recipe)
     named = {f"eval.models[{index}]": name for index, name in enumerate(recipe.eval.models)}
     if recipe.eval.judge.type == "local":
         named["eval.judge.model"] = recipe.eval.judge.model
     for key, name in named.items():
-        if name not in RUN_STAGES and (Path(name).expanduser().exists() or looks_local(name)):
+        if name not in MODEL_STAGES and (Path(name).expanduser().exists() or looks_local(name)):
             check_model(name, None, f"{recipe.source}: {key}")
 
 

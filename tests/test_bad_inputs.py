@@ -25,9 +25,9 @@ import yaml
 
 from data_prep import synthetic
 from finetune.cli import main
-from finetune.models import write_base_model
-from finetune.recipe import load_recipe
-from finetune.stage import Stage
+from finetune.base import write_base_model
+from finetune.recipe_parsing import load_recipe
+from finetune.rundir import Stage
 from test_eval_support import mt_bench_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,7 +289,7 @@ def test_eval_without_questions_says_where_to_get_some(folder, capsys):
 
 
 def test_ctrl_c_while_answering_keeps_the_work_and_the_same_command_continues(folder, capsys, model_dir, monkeypatch):
-    import eval.stage
+    import eval.evaluate
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -297,7 +297,7 @@ def test_ctrl_c_while_answering_keeps_the_work_and_the_same_command_continues(fo
     write_questions(folder, SYNTHETIC)
     recipe = eval_recipe(folder, model_dir)
     with monkeypatch.context() as patch:
-        patch.setattr(eval.stage, "answer_questions", interrupted)
+        patch.setattr(eval.evaluate, "answer_questions", interrupted)
         code, output = moetune(capsys, "eval", recipe)
     assert code == 2 and "[eval] interrupted" in output and run_dir_state(folder) == {".eval.partial"}
     assert moetune(capsys, "eval", recipe)[0] == 0 and run_dir_state(folder) == {"eval"}
@@ -413,9 +413,9 @@ def test_ctrl_c_while_judging_stops_in_seconds_and_keeps_what_finished(folder, m
 
 
 def test_dns_failure_is_tried_a_few_times_not_like_a_503(monkeypatch):
-    from eval import judges
+    from eval import judge_backends as judges
     from eval.config import JudgeConfig
-    from eval.grading import JudgePrompt
+    from eval.judge_prompts import JudgePrompt
 
     attempts = []
 

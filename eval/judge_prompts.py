@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.config import EvalInputError
-from eval.records import read_jsonl
+from eval.jsonl import read_jsonl
 
 RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
 RATING_FALLBACK = re.compile(r"\[(\d+\.?\d*)\]")
