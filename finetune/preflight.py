@@ -14,12 +14,12 @@ from pathlib import Path
 from finetune.recipe import MODEL_STAGES, Recipe, RecipeError
 
 HUB_TIMEOUT_SECONDS = 10.0
-MODEL_STAGES = ("sft", "dpo", "eval")  # stages that load the base model
+LOADING_STAGES = ("sft", "dpo", "eval")  # commands that load the base model
 
 
 def check_before_running(recipe: Recipe, stages: list[str]) -> None:
     check_run_dir(recipe)
-    needs_model = any(stage in MODEL_STAGES for stage in stages) or ("prep" in stages and recipe.data.max_length)
+    needs_model = any(stage in LOADING_STAGES for stage in stages) or ("prep" in stages and recipe.data.max_length)
     if needs_model and recipe.model.name_or_path is not None:
         check_model(recipe.model.name_or_path, recipe.model.revision, f"{recipe.source}: model.name_or_path")
     if "eval" in stages:
