@@ -24,7 +24,7 @@ from finetune.stage import Stage, write_json_atomic
 KINDS = ("sft", "preference")
 
 
-def run(recipe: Any, force: bool = False, tokenizer: Any = None) -> Path:
+def run(recipe: Any, force: bool | str = False, tokenizer: Any = None) -> Path:
     """Run the prep stage; returns run_dir/data. `tokenizer` overrides the model's (tests)."""
     base_dir = recipe.base_dir
     check_config(recipe.data, recipe.source)
@@ -129,8 +129,9 @@ def check_config(data: DataConfig, recipe_file: str) -> None:
             raise DataError(f"{where}.options.pairing must be one of {', '.join(PAIRINGS)}.")
 
 
-def stage_inputs(recipe: Any, base_dir: Path) -> dict[str, Any]:
+def stage_inputs(recipe: Any, base_dir: Path | None = None) -> dict[str, Any]:
     """What the output depends on: the data section, the seed, the content of every local file, the tokenizer."""
+    base_dir = recipe.base_dir if base_dir is None else base_dir
     data = recipe.data
     files = [resolve_path(source, base_dir) for source in data.sources]
     if data.decontamination is not None:

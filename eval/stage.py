@@ -61,12 +61,13 @@ def stage_inputs(recipe: Any) -> dict[str, Any]:
             "questions": source_fingerprint(question_source(recipe))}
 
 
-def run(recipe: Any, force: bool = False) -> Path:
+def run(recipe: Any, force: bool | str = False) -> Path:
     """Run the eval stage; returns run_dir/eval, or the work folder while some judge calls have failed."""
     config = recipe.eval
     check_eval_config(config)
     stage = Stage(recipe.run_path, "eval", inputs=stage_inputs(recipe))
     if not stage.begin(force):
+        print((stage.final / "scores.md").read_text().strip(), flush=True)  # what a finished eval has to say
         return stage.final
     questions = load_questions(question_source(recipe), config.question_split)
     answers = {name: answer_model(recipe, name, questions, stage.work) for name in config.models}

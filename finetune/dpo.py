@@ -22,13 +22,16 @@ from finetune.training import (expert_load_callbacks, load_split, load_training_
                                trainer_config, train_resuming)
 
 
-def run(recipe: Recipe, force: bool = False) -> Path:
+def stage_inputs(recipe: Recipe) -> dict:
+    """What the output depends on: the model and dpo settings, the seed, the prepared data, the SFT result."""
     data = require_complete(recipe.run_path, "data", needed_by="dpo")
     sft = require_complete(recipe.run_path, "sft", needed_by="dpo")
-    stage = Stage(recipe.run_path, "dpo", inputs={
-        "model": recipe.model_inputs("dpo"), "dpo": recipe.dpo, "seed": recipe.seed,
-        "data": data["fingerprint"], "sft": sft["fingerprint"],
-    })
+    return {"model": recipe.model_inputs("dpo"), "dpo": recipe.dpo, "seed": recipe.seed,
+            "data": data["fingerprint"], "sft": sft["fingerprint"]}
+
+
+def run(recipe: Recipe, force: bool | str = False) -> Path:
+    stage = Stage(recipe.run_path, "dpo", inputs=stage_inputs(recipe))
     if not stage.begin(force):
         return stage.final
 

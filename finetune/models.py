@@ -105,7 +105,7 @@ def training_texts(data_dir: Path):
                         yield message["content"]
 
 
-def build_base(recipe: Recipe, force: bool = False) -> Path:
+def build_base(recipe: Recipe, force: bool | str = False) -> Path:
     """The `base` stage for `model.init` recipes: train a tokenizer on the prepared data, build and save the model."""
     data = require_complete(recipe.run_path, "data", needed_by="base")
     stage = Stage(recipe.run_path, "base", inputs={"init": recipe.section_dict("model")["init"],

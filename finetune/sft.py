@@ -12,13 +12,17 @@ from finetune.training import (expert_load_callbacks, load_split, load_training_
                                trainer_config, train_resuming)
 
 
-def run(recipe: Recipe, force: bool = False) -> Path:
+def stage_inputs(recipe: Recipe) -> dict:
+    """What the output depends on: the model and sft settings, the seed, the prepared data."""
     data = require_complete(recipe.run_path, "data", needed_by="sft")
+    return {"model": recipe.model_inputs("sft"), "sft": recipe.sft, "seed": recipe.seed, "data": data["fingerprint"]}
+
+
+def run(recipe: Recipe, force: bool | str = False) -> Path:
+    require_complete(recipe.run_path, "data", needed_by="sft")
     if recipe.model.init is not None:
-        build_base(recipe)
-    stage = Stage(recipe.run_path, "sft", inputs={
-        "model": recipe.model_inputs("sft"), "sft": recipe.sft, "seed": recipe.seed, "data": data["fingerprint"],
-    })
+        build_base(recipe, force)
+    stage = Stage(recipe.run_path, "sft", inputs=stage_inputs(recipe))
     if not stage.begin(force):
         return stage.final
 

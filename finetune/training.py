@@ -29,8 +29,9 @@ def device_defaults(recipe: Recipe) -> dict[str, Any]:
         "use_cpu": not on_gpu,
         "bf16": on_gpu and weights == torch.bfloat16,
         "fp16": on_gpu and weights == torch.float16,
-        # Activation checkpointing saves GPU memory; on a CPU it only costs time.
-        "gradient_checkpointing": on_gpu,
+        # Activation checkpointing saves GPU memory; on a CPU it only costs time. (transformers 5's name for
+        # gradient_checkpointing, which it still accepts with a FutureWarning.)
+        "activation_checkpointing": on_gpu,
     }
 
 
@@ -47,7 +48,10 @@ def trainer_config(stage: str, recipe: Recipe, output_dir: Path):
         values["assistant_only_loss"] = True
     if stage == "dpo":
         values["precompute_ref_log_probs"] = recipe.speed.reference_cache
-    values.update(getattr(recipe, stage))
+    section = getattr(recipe, stage)
+    if "gradient_checkpointing" in section:
+        values.pop("activation_checkpointing")  # the recipe's older name would otherwise lose to moetune's default
+    values.update(section)
     values.update(output_dir=str(output_dir), seed=recipe.seed)
     return trainer_config_class(stage)(**values)
 
@@ -202,6 +206,7 @@ def write_stage_files(trainer, tokenizer, recipe: Recipe, stage: Stage, parent: 
         "global_batch": global_batch(trainer.args),
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
+        "mean_loss": next((e["train_loss"] for e in history if "train_loss" in e), None),
         "runtime_s": next((e["train_runtime"] for e in history if "train_runtime" in e), None),
     }
 
@@ -217,11 +222,19 @@ def describe_global_batch(args) -> str:
             f"{args.gradient_accumulation_steps} accumulation step{'s' if args.gradient_accumulation_steps > 1 else ''}")
 
 
+def describe_loss(summary: dict) -> str:
+    """Losses to 4 significant figures; a run shorter than logging_steps logged only its mean."""
+    if summary["first_loss"] is not None:
+        return f"loss {summary['first_loss']:.4g} -> {summary['last_loss']:.4g}"
+    if summary.get("mean_loss") is not None:
+        return f"mean loss {summary['mean_loss']:.4g} (no step logged: fewer steps than logging_steps)"
+    return "no loss logged"
+
+
 def print_summary(name: str, summary: dict, folder: Path, history: list[dict]) -> None:
     cv = [entry["expert_load_cv_mean"] for entry in history if "expert_load_cv_mean" in entry]
     aux = [entry["aux_loss"] for entry in history if "aux_loss" in entry]
-    print(f"[{name}] {summary['steps']} steps in {summary['runtime_s'] or 0:.0f}s; "
-          f"loss {summary['first_loss']} -> {summary['last_loss']}"
+    print(f"[{name}] {summary['steps']} steps in {summary['runtime_s'] or 0:.0f}s; {describe_loss(summary)}"
           + (f"; router aux loss {aux[-1]:.4f}" if aux else "")
           + (f"; expert-load CV {cv[-1]:.3f}" if cv else "")
           + f". Saved {summary['kind']} to {folder}")
