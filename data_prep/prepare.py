@@ -19,6 +19,7 @@ from data_prep.report import SourceStats, summary
 from data_prep.sources import read_rows, resolve_path, sampled, source_name
 from data_prep.validate import normalized
 from data_prep.writer import SplitWriter
+from finetune.remote_files import recipe_file
 from finetune.stage import Stage, write_json_atomic
 
 KINDS = ("sft", "preference")
@@ -135,7 +136,7 @@ def stage_inputs(recipe: Any, base_dir: Path | None = None) -> dict[str, Any]:
     data = recipe.data
     files = [resolve_path(source, base_dir) for source in data.sources]
     if data.decontamination is not None:
-        files += [(base_dir / name).resolve() for name in data.decontamination.question_files]
+        files += [recipe_file(name, base_dir) for name in data.decontamination.question_files]
     inputs = {"data": recipe.section_dict("data"), "seed": recipe.seed,
               "files": {str(path): file_digest(path) for path in files if path is not None}}
     if data.max_length is not None:

@@ -20,6 +20,9 @@ from eval.judging import JudgingContext, judge_pairwise, judge_programmatic, jud
 from eval.questions import load_questions, load_reference_answers, reference_turns
 from eval.records import file_safe, read_jsonl
 from eval.report import markdown_table, pairwise_rows, pairwise_scores, radar_plot, single_rows, single_scores
+from finetune import remote_files
+from finetune.remote_files import fetch, is_url
+from finetune.run_report import write_report
 from finetune.stage import Stage, read_manifest, write_json_atomic
 
 RUN_STAGES = ("base", "sft", "dpo")
@@ -32,17 +35,19 @@ def load_model(recipe: Any, name: str) -> tuple[Any, Any]:
 
 
 def question_source(recipe: Any) -> str:
-    """The question file (relative to the recipe's folder), a hub dataset id, or the prep stage's questions."""
+    """The question file (relative to the recipe's folder, or a URL), a hub dataset id, or the prep stage's questions."""
     name = recipe.eval.question_file
     if name is None:
         return str(recipe.run_path / "data" / "questions.jsonl")
+    if is_url(name):
+        return str(fetch(name))
     local = recipe.base_dir / name
     return str(local) if local.exists() or local.suffix in (".jsonl", ".json") else name
 
 
 def recipe_file(recipe: Any, name: str | None) -> Path | None:
-    """A file named in `eval:`, relative to the recipe's folder like the paths in `data:`."""
-    return None if name is None else recipe.base_dir / name
+    """A file named in `eval:`: a URL (downloaded once) or a path relative to the recipe's folder, as in `data:`."""
+    return None if name is None else remote_files.recipe_file(name, recipe.base_dir)
 
 
 def source_fingerprint(source: str) -> str:
@@ -76,7 +81,9 @@ def run(recipe: Any, force: bool | str = False) -> Path:
         print(f"[eval] {errors} judge calls failed (see {stage.work / 'judge_errors.jsonl'}); the stage stays "
               f"unfinished in {stage.work}. Run it again to retry only those judgments.")
         return stage.work
-    return stage.commit({"scores": scores_file.name})
+    final = stage.commit({"scores": scores_file.name})
+    print(f"[eval] report with plots: {write_report(recipe.run_path)}")
+    return final
 
 
 def answer_model(recipe: Any, name: str, questions: list[dict[str, Any]], work: Path) -> dict[Any, list[str]]:

@@ -8,6 +8,7 @@ import importlib
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 from finetune import distributed, launch
 from finetune.disk_errors import raise_disk_error
@@ -25,7 +26,7 @@ STAGES = {
 }
 TRAINER_SECTIONS = ("sft", "dpo")
 FOLDERS = {"prep": "data"}  # the run-dir folder of each stage, where it is not named after it
-HUB_COMMANDS = ("merge", "push")
+FOLDER_COMMANDS = ("merge", "push", "report")  # commands on folders, without a recipe
 
 
 def section_help(sections: tuple[str, ...]) -> str:
@@ -116,13 +117,24 @@ def add_hub_commands(commands) -> None:
                                                "base), e.g. my-org/mixtral-sft.")
     push.add_argument("--private", action="store_true", help="Create the repository as private.")
     push.add_argument("--revision", help="Branch to upload to (created when missing).")
-    push.add_argument("--dry-run", metavar="FOLDER", help="Only write the upload into FOLDER; upload nothing.")
+    push.add_argument("--dry-run", metavar="FOLDER", help="Only write the upload into FOLDER (with several stages, "
+                                                          "one subfolder each); upload nothing.")
+    report = commands.add_parser("report", help="Rebuild run_dir/report.md and its plots from a run's files.",
+                                 description="Rebuild RUN_DIR/report.md: SFT and DPO curves (loss, rewards, margins, "
+                                             "accuracies, aux loss), expert load per layer over steps, eval scores.")
+    report.add_argument("run_dir", help="A run folder, e.g. runs/tiny-moe.")
 
 
-def run_hub_command(args) -> None:
+def run_folder_command(args) -> None:
     from finetune import hub
 
-    if args.command == "merge":
+    if args.command == "report":
+        from finetune.run_report import write_report
+
+        if not Path(args.run_dir).is_dir():
+            raise ValueError(f"{args.run_dir}: no such run folder (the run_dir of a recipe, e.g. runs/tiny-moe).")
+        print(f"[report] wrote {write_report(args.run_dir)}")
+    elif args.command == "merge":
         hub.merge(args.adapter_dir, args.out)
     else:
         hub.push(args.stage_dir, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run,
@@ -167,10 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may also follow flags (`moetune sft r.yaml --force sft.max_steps=5`); argparse leaves those over.
     args, extra = parser.parse_known_args(argv)
-    if args.command in HUB_COMMANDS:
+    if args.command in FOLDER_COMMANDS:
         # These take no recipe: parse strictly, and report Hub/file errors (OSError) without a traceback too.
         args = parser.parse_args(argv)
-        return report_errors(lambda: run_hub_command(args), (OSError,))
+        return report_errors(lambda: run_folder_command(args), (OSError,))
     args.accelerate_options = []
     if getattr(args, "accelerate", None):
         args.accelerate_options, extra = launch.split_options(extra)

@@ -17,6 +17,7 @@ from finetune.checkpoints import SaveEveryMinutes, SealCheckpoints, checkpoints,
 from finetune.hub import push_stage_if_configured
 from finetune.models import load_quantized, load_stage_model, resolve_dtype
 from finetune.moe import ExpertLoadCallback, is_moe_model
+from finetune.run_report import write_report
 from finetune.recipe import CheckpointConfig, Recipe, dump_recipe, trainer_config_class
 from finetune.stage import Stage, StageError, require_complete
 
@@ -187,6 +188,7 @@ def save_stage(trainer, tokenizer, recipe: Recipe, stage: Stage, parent: str) ->
     final = stage.commit(summary)
     if main:
         print_summary(stage.name, summary, final, trainer.state.log_history)
+        print(f"[{stage.name}] curves and expert load in {write_report(recipe.run_path)}")
         push_stage_if_configured(recipe, final)
     return final
 
