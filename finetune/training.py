@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import signal
@@ -54,7 +55,15 @@ def trainer_config(stage: str, recipe: Recipe, output_dir: Path):
         values.pop("activation_checkpointing")  # the recipe's older name would otherwise lose to moetune's default
     values.update(section)
     values.update(output_dir=str(output_dir), seed=recipe.seed)
-    return trainer_config_class(stage)(**values)
+    config_class = trainer_config_class(stage)
+    return config_class(**as_float_where_declared(config_class, values))
+
+
+def as_float_where_declared(config_class: type, values: dict[str, Any]) -> dict[str, Any]:
+    """The recipe keeps `logging_steps: 25` an integer (manifests, recipe.yaml); TRL's float fields get floats, since
+    some reach strictly typed model configs (`router_aux_loss_coef: 0` would be refused there)."""
+    floats = {f.name for f in dataclasses.fields(config_class) if f.type in (float, float | None, "float", "float | None")}
+    return {key: float(value) if key in floats and type(value) is int else value for key, value in values.items()}
 
 
 def load_training_model(recipe: Recipe, stage: str, start: str):

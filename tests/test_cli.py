@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -74,6 +75,26 @@ def test_rerun_skips_changed_recipe_refuses_and_force_redoes(finished_run, capsy
     assert main(["sft", str(recipe), "model.lora.r=8"]) == 0  # DPO-only adapter settings do not touch SFT
     assert main(["dpo", str(recipe), "--force", "dpo.max_steps=2"]) == 0
     assert json.loads((run / "dpo" / "moetune_stage.json").read_text())["outputs"]["steps"] == 2
+
+
+def test_stages_write_a_run_report_with_plots_and_moetune_report_rebuilds_it(finished_run):
+    import re
+
+    from PIL import Image
+
+    _, run = finished_run
+    report = (run / "report.md").read_text()
+    assert "## SFT" in report and "## DPO" in report and "## Evaluation" in report and "| overall |" in report
+    images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
+    assert {"report/sft_curves.png", "report/dpo_curves.png", "report/sft_expert_load.png",
+            "report/dpo_expert_load.png", "eval/radar.png"} <= set(images)
+    for image in images:
+        with Image.open(run / image) as png:
+            assert png.format == "PNG" and png.width > 300
+    (run / "report.md").unlink()
+    shutil.rmtree(run / "report")
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.md").read_text() == report and (run / "report" / "dpo_curves.png").is_file()
 
 
 def test_run_force_redoes_only_the_stale_stages_and_names_them(finished_run, capsys):
