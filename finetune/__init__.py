@@ -7,3 +7,9 @@ import logging
 # package and logs "Failed to load CPU gemm_4bit_forward from kernels-community" when it cannot; its own kernel
 # works. moetune itself imports bitsandbytes only to quantize (finetune/expert_quant.py).
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+import warnings
+
+# peft reads transformers' deprecated `model.is_gradient_checkpointing` when it wraps a model (peft_model.py); the
+# FutureWarning names no setting of the user's or of moetune's (which uses activation_checkpointing).
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)

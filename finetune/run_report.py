@@ -114,16 +114,17 @@ def plot_expert_load(load: dict, title: str, path: Path) -> None:
     figure = Figure(figsize=(max(6.0, 0.25 * len(steps) + 3), 1.2 + 1.1 * len(layers)), layout="constrained")
     figure.suptitle(title)
     grid = figure.subplots(len(layers), 1, squeeze=False, sharex=True)[:, 0]
+    highest = max(max(entry["share"][layer]) for entry in history for layer in layers)  # one colour scale for all
     for axes, layer in zip(grid, layers):
         shares = [[entry["share"][layer][expert] for entry in history] for expert in range(len(history[0]["share"][layer]))]
-        image = axes.imshow(shares, aspect="auto", cmap="viridis", vmin=0, interpolation="nearest",
+        image = axes.imshow(shares, aspect="auto", cmap="viridis", vmin=0, vmax=highest, interpolation="nearest",
                             extent=(-0.5, len(steps) - 0.5, len(shares) - 0.5, -0.5))
-        axes.set_ylabel(short_layer_name(layer), rotation=0, ha="right", va="center")
+        axes.set_ylabel(f"{short_layer_name(layer)}\nexpert")
         axes.set_yticks(range(len(shares)))
         figure.colorbar(image, ax=axes, label="share")
     ticks = list(range(0, len(steps), max(1, len(steps) // 10)))
     grid[-1].set_xticks(ticks, [str(steps[i]) for i in ticks])
-    grid[-1].set_xlabel("step (experts top to bottom)")
+    grid[-1].set_xlabel("step")
     figure.savefig(path, dpi=100)
 
 
