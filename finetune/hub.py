@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from finetune.models import load_adapter_base
-from finetune.recipe import Recipe, dump_recipe, load_recipe
+from finetune.recipe import Recipe, dump_recipe, invalid_repo_id, load_recipe
 from finetune.stage import read_manifest
 
 # What a stage folder shares: weights, configs, tokenizer, the resolved recipe. Not the run's bookkeeping
@@ -118,27 +118,15 @@ CHAIN_ORDER = ("base", "sft", "dpo")
 
 def check_repo_id(repo_id: str, option: str = "--repo-id") -> str:
     """huggingface_hub's own check of a repository id, as an error naming the option and the fix."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        raise ValueError(f"{option} {repo_id!r} is not a valid Hub repository id ({error}). Use `name` or "
-                         f"`owner/name`: letters, digits, '-', '_', '.', at most 96 characters.") from None
+    problem = invalid_repo_id(repo_id)
+    if problem:
+        raise ValueError(f"{option} {repo_id!r} is not a valid Hub repository id, e.g. my-org/mixtral-dpo: {problem}")
     return repo_id
 
 
 def is_hub_id(name: str) -> bool:
     """A model name that is a Hub repository id, not a local folder."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if Path(name).exists():
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
+    return not Path(name).exists() and invalid_repo_id(name) is None
 
 
 def hub_parent(stage_dir: Path, recipe: Recipe, manifest: dict, parent_repo_id: str | None) -> tuple[str | None, str]:
