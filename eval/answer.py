@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from eval.records import append_jsonl, read_jsonl
+from eval.jsonl import append_jsonl, read_jsonl
 
 Message = dict[str, str]
 
