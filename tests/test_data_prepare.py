@@ -194,7 +194,7 @@ def test_a_bad_csv_record_is_reported_with_its_line(tmp_path):
 ])
 def test_the_malformed_row_message_reads_as_english(bad_rows, expected):
     from data_prep.records import DataError, Problem
-    from data_prep.report import SourceStats
+    from data_prep.source_stats import SourceStats
 
     stats = SourceStats("s")
     for line in range(2, 2 + bad_rows):

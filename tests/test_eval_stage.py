@@ -388,13 +388,13 @@ def test_local_judge_model_grades_with_the_same_prompts(tmp_path, tiny_models):
 def test_fewer_than_three_categories_are_drawn_as_bars_not_an_empty_radar(tmp_path, monkeypatch, categories, bars):
     from PIL import Image
 
-    import eval.report
+    import eval.scores
 
     drawn = []
-    real_bar_plot = eval.report.bar_plot
-    monkeypatch.setattr(eval.report, "bar_plot", lambda *args: drawn.append(args) or real_bar_plot(*args))
+    real_bar_plot = eval.scores.bar_plot
+    monkeypatch.setattr(eval.scores, "bar_plot", lambda *args: drawn.append(args) or real_bar_plot(*args))
     scores = {model: {"categories": {c: 3.0 + i for i, c in enumerate(categories)}} for model in ("sft", "dpo")}
-    eval.report.radar_plot(scores, tmp_path / "radar.png")
+    eval.scores.radar_plot(scores, tmp_path / "radar.png")
     assert bool(drawn) == bars
     with Image.open(tmp_path / "radar.png") as png:
         assert png.format == "PNG" and png.width > 200

@@ -31,15 +31,19 @@ EXIT_CODES = {
 }
 
 
+PROGRAMS = ("moetune", "make", "python", ".venv/", "accelerate", "source", "hf ")
+
+
 def readme_commands() -> list[str]:
-    """Commands of the README's plain ``` blocks (not yaml), comments removed, `a / b` alternatives split."""
+    """Commands of the README's shell blocks (plain ``` blocks starting with a command; not yaml, not the layout
+    diagram), comments removed, `a / b` alternatives split."""
     blocks, block, language = [], None, ""
     for line in (REPO / "README.md").read_text().splitlines():
         if line.startswith("```"):
             if block is None:
                 block, language = [], line[3:].strip()
             else:
-                if not language:
+                if not language and block and block[0].startswith(PROGRAMS):  # a shell block, not a diagram
                     blocks.append("\n".join(block))
                 block = None
         elif block is not None:
