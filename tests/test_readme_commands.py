@@ -19,6 +19,7 @@ NOT_RUN_HERE = {
     "make demo": "the full demo: minutes of training (its stages run below on the small recipe)",
     "make test": "the test suite itself",
     "make bench": "benchmarks: tens of minutes",
+    "make gpu-check": "needs a GPU (its --cpu mode is tests/test_gpu_check.py's)",
     "python -m finetune ...": "a placeholder for any command",
     "accelerate launch": "needs GPUs (launch configs are parsed by tests/test_distributed.py)",
     "--accelerate": "needs GPUs (launch configs are parsed by tests/test_distributed.py)",
