@@ -24,13 +24,16 @@ from finetune.trainer_config import trainer_config
 from finetune.training import train_resuming
 
 
-def run(recipe: Recipe, force: bool = False) -> Path:
+def stage_inputs(recipe: Recipe) -> dict:
+    """What the output depends on: the model and dpo settings, the seed, the prepared data, the SFT result."""
     data = require_complete(recipe.run_path, "data", needed_by="dpo")
     sft = require_complete(recipe.run_path, "sft", needed_by="dpo")
-    stage = Stage(recipe.run_path, "dpo", inputs={
-        "model": recipe.model_inputs("dpo"), "dpo": recipe.trainer_inputs("dpo"), "seed": recipe.seed,
-        "data": data["fingerprint"], "sft": sft["fingerprint"],
-    }, progress=("checkpoint-*",))
+    return {"model": recipe.model_inputs("dpo"), "dpo": recipe.trainer_inputs("dpo"), "seed": recipe.seed,
+            "data": data["fingerprint"], "sft": sft["fingerprint"]}
+
+
+def run(recipe: Recipe, force: bool | str = False) -> Path:
+    stage = Stage(recipe.run_path, "dpo", inputs=stage_inputs(recipe), progress=("checkpoint-*",))
     if not stage.begin(force):
         return stage.final
 

@@ -24,8 +24,6 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
-import bitsandbytes as bnb
-import bitsandbytes.functional as bnb_functional
 import torch
 from peft.tuners.lora import LoraConfig as PeftLoraConfig
 from peft.tuners.lora.layer import ParamWrapper
@@ -33,6 +31,9 @@ from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from finetune import moe
+
+# bitsandbytes is imported by the functions that quantize, not with this module: importing it prints warnings about
+# kernels a machine lacks, which every command would show though only `model.quantization` recipes use it.
 
 EXPERTS_IMPLEMENTATION = "moetune_nf4"
 BLOCKSIZE = 64  # bitsandbytes' default for NF4: one scale per 64 weights
@@ -72,6 +73,8 @@ def quantize_experts(model: nn.Module, double_quant: bool, compute_dtype: torch.
 
 def quantize_parameter(experts: nn.Module, name: str, double_quant: bool, compute_dtype: torch.dtype,
                        device: torch.device | str | None) -> None:
+    import bitsandbytes.functional as bnb_functional
+
     weight = getattr(experts, name).detach()
     packed, scales, nested_scales, offsets = [], [], [], []
     for matrix in weight:  # one expert at a time: the transient full-precision copy is a single matrix
@@ -99,8 +102,10 @@ def is_quantized_experts(module: nn.Module) -> bool:
     return hasattr(module, "nf4_layouts")
 
 
-def expert_quant_state(experts: nn.Module, name: str, expert: int) -> bnb_functional.QuantState:
-    """bitsandbytes' description of one expert's quantized matrix, built from the stacked buffers."""
+def expert_quant_state(experts: nn.Module, name: str, expert: int):
+    """bitsandbytes' description (a QuantState) of one expert's quantized matrix, built from the stacked buffers."""
+    import bitsandbytes.functional as bnb_functional
+
     layout = experts.nf4_layouts[name]
     nested, offset = None, None
     if layout.double_quant:
@@ -115,6 +120,8 @@ def expert_quant_state(experts: nn.Module, name: str, expert: int) -> bnb_functi
 
 def dequantize_expert(experts: nn.Module, name: str, expert: int) -> torch.Tensor:
     """One expert's (out, in) matrix in the compute dtype."""
+    import bitsandbytes.functional as bnb_functional
+
     packed = getattr(experts, name)[expert].reshape(-1, 1)
     return bnb_functional.dequantize_4bit(packed, expert_quant_state(experts, name, expert))
 
@@ -123,6 +130,8 @@ def dequantize_expert(experts: nn.Module, name: str, expert: int) -> torch.Tenso
 
 def expert_linear(experts: nn.Module, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
     """x @ W_e^T with W_e dequantized on the fly, plus the LoRA update of expert e when an adapter is active."""
+    import bitsandbytes as bnb
+
     layout = experts.nf4_layouts[name]
     packed = getattr(experts, name)[expert].reshape(-1, 1)
     # matmul_4bit's backward dequantizes again rather than saving W_e for it; it takes the packed weight transposed.

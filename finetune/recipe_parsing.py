@@ -131,9 +131,10 @@ def coerce_scalar(hint: Any, value: Any, source: str, path: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
-        # YAML reads 5e-4 (no dot) as a string; accept any number a user would write.
+        # YAML reads 5e-4 (no dot) as a string; accept any number a user would write. An integer stays one, so that
+        # `logging_steps: 25` (a float field in TrainingArguments) is saved as 25, not 25.0.
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return value
         if isinstance(value, str):
             try:
                 return float(value)

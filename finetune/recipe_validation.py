@@ -86,11 +86,32 @@ def validate_hub(hub: HubConfig, source: str) -> None:
     if not hub.repo_id:
         raise RecipeError(f"{source}: hub.push is true but hub.repo_id is not set; name the repository, "
                           f"e.g. hub.repo_id=my-org/my-model-{{stage}}.")
+    for stage in hub.stages:
+        check_repo_id(hub.repo_for(stage), source)
     if len(hub.stages) > 1 and "{stage}" not in hub.repo_id:
         # One repository would hold only the last stage pushed: dpo's upload replaces sft's files.
         raise RecipeError(f"{source}: hub.push uploads {' and '.join(hub.stages)} to one repository "
                           f"{hub.repo_id}, where each replaces the other. Put {{stage}} in hub.repo_id (e.g. "
                           f"{hub.repo_id}-{{stage}}) or push a single stage (hub.stages: [dpo]).")
+
+
+def check_repo_id(repo_id: str, source: str) -> None:
+    """Checked before any training that would end in a refused upload."""
+    problem = invalid_repo_id(repo_id)
+    if problem:
+        raise RecipeError(f"{source}: hub.repo_id gives {repo_id!r}, which is not a valid Hub repository id, e.g. "
+                          f"my-org/mixtral-{{stage}}: {problem}")
+
+
+def invalid_repo_id(repo_id: str) -> str | None:
+    """What huggingface_hub's own validator finds wrong with a repository id, or None."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        return str(error)
+    return None
 
 
 def validate_quantization(model: ModelConfig, source: str) -> None:

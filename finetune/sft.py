@@ -15,11 +15,14 @@ from finetune.trainer_config import trainer_config
 from finetune.training import train_resuming
 
 
-def run(recipe: Recipe, force: bool = False) -> Path:
+def stage_inputs(recipe: Recipe) -> dict:
+    """What the output depends on: the model and sft settings, the seed, the prepared data."""
     data = require_complete(recipe.run_path, "data", needed_by="sft")
-    stage = Stage(recipe.run_path, "sft", inputs={
-        "model": recipe.model_inputs("sft"), "sft": recipe.trainer_inputs("sft"), "seed": recipe.seed, "data": data["fingerprint"],
-    }, progress=("checkpoint-*",))
+    return {"model": recipe.model_inputs("sft"), "sft": recipe.trainer_inputs("sft"), "seed": recipe.seed, "data": data["fingerprint"]}
+
+
+def run(recipe: Recipe, force: bool | str = False) -> Path:
+    stage = Stage(recipe.run_path, "sft", inputs=stage_inputs(recipe), progress=("checkpoint-*",))
     if not stage.begin(force):
         return stage.final
 

@@ -17,8 +17,8 @@ from on_device import DEVICE, DTYPE, SAME_RESULT, relative_error
 from test_cli import write_recipe
 from test_finetune import ARCHITECTURES, batch, tiny_model
 
-QLORA = ["model.lora.stages=[sft,dpo]", "model.quantization.bits=4", "sft.gradient_checkpointing=true",
-         "dpo.gradient_checkpointing=true", "sft.learning_rate=1.0e-2", "dpo.learning_rate=1.0e-2"]
+QLORA = ["model.lora.stages=[sft,dpo]", "model.quantization.bits=4", "sft.activation_checkpointing=true",
+         "dpo.activation_checkpointing=true", "sft.learning_rate=1.0e-2", "dpo.learning_rate=1.0e-2"]
 
 
 def quantized_copy(model, double_quant=True):
