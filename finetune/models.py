@@ -156,11 +156,15 @@ def load_tokenizer(recipe: Recipe, texts=None):
     if recipe.model.init is not None and read_manifest(recipe.run_path / "base") is None:
         if texts is None:
             raise ValueError("load_tokenizer: a model.init recipe needs texts to train its tokenizer before the base stage.")
-        return train_tokenizer(texts, recipe.model.init.vocab_size)
-    location = base_location(recipe)
-    tokenizer = AutoTokenizer.from_pretrained(location, **hub_kwargs(recipe, location))
+        tokenizer = train_tokenizer(texts, recipe.model.init.vocab_size)
+    else:
+        location = base_location(recipe)
+        tokenizer = AutoTokenizer.from_pretrained(location, **hub_kwargs(recipe, location))
+    if recipe.model.chat_template is not None:
+        tokenizer.chat_template = recipe.model.chat_template
     if tokenizer.chat_template is None:
-        raise ValueError(f"{location} has no chat template; pick an instruct/chat tokenizer or add one to the model folder.")
+        raise ValueError(f"{location} has no chat template (a base model's tokenizer); set model.chat_template in the "
+                         f"recipe to a Jinja template or a .jinja file, or pick an instruct/chat model.")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

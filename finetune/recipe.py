@@ -20,6 +20,7 @@ import yaml
 
 from data_prep.config import DataConfig
 from eval.config import EvalConfig, check_eval_config
+from finetune.chat_template import resolve_chat_template
 from finetune.fields import help_field
 
 
@@ -88,6 +89,12 @@ class ModelConfig:
     )
     trust_remote_code: bool = help_field(
         False, help="Run Python code shipped with a hub model. Off: only turn it on for repositories you trust."
+    )
+    chat_template: str | None = help_field(
+        None, help="Chat template for a base model whose tokenizer has none (e.g. Mixtral-8x7B-v0.1), or to replace "
+        "the tokenizer's: a Jinja string, or the path of a .jinja file relative to the recipe's folder. SFT's "
+        "assistant-only loss needs {% generation %} markers around assistant replies, unless TRL ships a training "
+        "version of the template (trl/chat_templates/*_training.jinja).",
     )
     dtype: str = help_field(
         "auto", help="Weights dtype: auto (fp32 on CPU, bf16 on GPUs that support it, else fp16), float32, bfloat16."
@@ -202,6 +209,11 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 def parse_recipe(raw: dict[str, Any], source: str) -> Recipe:
     recipe = from_dict(Recipe, raw, source, "")
     recipe.source = source
+    if recipe.model.chat_template is not None:
+        try:
+            recipe.model.chat_template = resolve_chat_template(recipe.model.chat_template, recipe.base_dir, source)
+        except ValueError as error:
+            raise RecipeError(str(error)) from None
     validate_trainer_section(recipe.sft, "sft", source)
     validate_trainer_section(recipe.dpo, "dpo", source)
     validate_model(recipe.model, source)

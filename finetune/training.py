@@ -21,6 +21,9 @@ from finetune.recipe import CheckpointConfig, Recipe, dump_recipe, trainer_confi
 from finetune.stage import Stage, StageError, require_complete
 
 
+ASSISTANT_ONLY_LOSS = True  # moetune's SFT default (TRL's is False): loss on the assistant's replies only
+
+
 def device_defaults(recipe: Recipe) -> dict[str, Any]:
     """Defaults that depend on the machine: TRL's (bf16 on, checkpointing on) fail or crawl on a CPU."""
     on_gpu = torch.cuda.is_available()
@@ -44,7 +47,7 @@ def trainer_config(stage: str, recipe: Recipe, output_dir: Path):
         **device_defaults(recipe),
     }
     if stage == "sft":
-        values["assistant_only_loss"] = True
+        values["assistant_only_loss"] = ASSISTANT_ONLY_LOSS
     if stage == "dpo":
         values["precompute_ref_log_probs"] = recipe.speed.reference_cache
     values.update(getattr(recipe, stage))
