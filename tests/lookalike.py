@@ -98,13 +98,19 @@ def train_family_tokenizer(family: Family, vocab_size: int = 384) -> PreTrainedT
     return fast
 
 
+def family_config(name: str, **fields):
+    """The tiny config of family `name` (its own config class), with `fields` on top."""
+    family = FAMILIES[name]
+    return AutoConfig.for_model(family.model_type, **{**SIZES, **family.config, **fields})
+
+
 def build_lookalike(name: str, folder: Path, seed: int = 0) -> Path:
     """Write a look-alike checkpoint of family `name` into `folder` (config, safetensors, tokenizer, generation config)."""
     family = FAMILIES[name]
     tokenizer = train_family_tokenizer(family)
     ids = {f"{kind}_token_id": tokenizer.convert_tokens_to_ids(token) if token else None
            for kind, token in (("bos", family.bos), ("eos", family.eos), ("pad", family.pad))}
-    config = AutoConfig.for_model(family.model_type, vocab_size=len(tokenizer), **{**SIZES, **family.config}, **ids)
+    config = family_config(name, vocab_size=len(tokenizer), **ids)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     folder = Path(folder)
