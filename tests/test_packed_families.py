@@ -12,16 +12,14 @@ import pytest
 import torch
 from datasets import Dataset
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from trl import SFTConfig, SFTTrainer
 
 from benchmarks.dpo_bench import loss_and_gradients
 from data_prep import synthetic
 from finetune.packed_dpo import PackedDPOTrainer
 from finetune.packed_forward import padding_free_for
-from finetune.packed_sft import PaddingFreeSFTTrainer
 from finetune.recipe import SpeedConfig
 from tests.lookalike import build_lookalike
-from tests.test_dpo_speed import build, reference_log_probs, same_math, whole_dataset
+from tests.test_dpo_speed import build, reference_log_probs, same_math, sft_trainers, whole_dataset
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +60,8 @@ def test_block_attention_applies_the_sliding_window(gpt_oss, trl_padded, tmp_pat
 
 def test_padding_free_sft_on_gpt_oss_gives_trl_loss_and_gradients(gpt_oss, tmp_path):
     model, tokenizer, _ = gpt_oss
-    conversations = Dataset.from_list(list(synthetic.sft_conversations(6, 4)))
-    trainers = []
-    for trainer_class in (SFTTrainer, PaddingFreeSFTTrainer):
-        config = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_length=320,
-                           per_device_train_batch_size=6, assistant_only_loss=True, seed=0)
-        trainers.append(trainer_class(model=copy.deepcopy(model), args=config, train_dataset=conversations,
-                                      processing_class=tokenizer))
-    same_math(loss_and_gradients(trainers[0], whole_dataset(trainers[0])), trainers[1])
+    trl, padding_free = sft_trainers(model, tokenizer, tmp_path, conversations=6, max_length=320)
+    same_math(loss_and_gradients(trl, whole_dataset(trl)), padding_free)
 
 
 @pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5_moe_text", "jamba", "granitemoehybrid"])
