@@ -3,9 +3,10 @@ time, and LoRA on those experts that saves as a standard PEFT adapter.
 
 bitsandbytes quantizes `nn.Linear` layers only. In transformers 5 the experts of Mixtral, Qwen3-MoE and OLMoE are
 fused 3-D Parameters, `gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I) (gpt-oss stores them transposed, with
-biases), about 95% of the weights, so a stock 4-bit load leaves them in full precision. Here every expert's matrix is quantized with bitsandbytes'
-`quantize_4bit` (NF4, blocks of 64, optionally double quantization of the block scales). The packed bytes replace
-the Parameter under its own name, so PEFT's `target_parameters` still finds it; the scales are buffers beside it.
+biases), about 95% of the weights, so a stock 4-bit load leaves them in full precision. Here every expert's matrix
+is quantized with bitsandbytes' `quantize_4bit` (NF4, blocks of 64, optionally double quantization of the block
+scales). The packed bytes replace the Parameter under its own name, so PEFT's `target_parameters` still finds it;
+the scales are buffers beside it.
 
 The forward is registered with transformers' experts interface as "moetune_nf4". For each expert that received
 tokens, `bitsandbytes.matmul_4bit` dequantizes that expert's matrix, multiplies and drops it, then the family's own

@@ -105,7 +105,7 @@ def family_config(name: str, **fields):
 
 
 def build_lookalike(name: str, folder: Path, seed: int = 0) -> Path:
-    """Write a look-alike checkpoint of family `name` into `folder` (config, safetensors, tokenizer, generation config)."""
+    """A look-alike checkpoint of family `name` in `folder`: config, safetensors, tokenizer, generation config."""
     family = FAMILIES[name]
     tokenizer = train_family_tokenizer(family)
     ids = {f"{kind}_token_id": tokenizer.convert_tokens_to_ids(token) if token else None
