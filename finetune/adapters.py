@@ -9,9 +9,11 @@ stays frozen, `e_score_correction_bias` included.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import peft
+from peft.utils import transformers_weight_conversion
 from torch import nn
 
 from finetune import expert_quant, moe
@@ -56,6 +58,34 @@ def peft_config(model: nn.Module, lora: LoraConfig) -> peft.LoraConfig:
         task_type="CAUSAL_LM",
     )
     return expert_quant.use_quantized_expert_lora(config, model)
+
+
+def convert_only_missing_targets(convert):
+    """peft's v4 -> v5 target conversion, applied only to targets that name no module of the model.
+
+    For families whose checkpoints transformers converts (DeepSeek, Qwen-Next, Hunyuan, ...), peft rewrites every
+    target ending in `.gate_proj`/`.up_proj`/`.down_proj` (the v4 per-expert names) to the fused experts. A shared
+    expert's or a dense layer's `gate_proj` ends the same way: the shared_experts and dense_mlp roles would silently
+    adapt the routed experts instead, on creation and again when a saved adapter loads. A target that names an
+    existing module is a v5 name already and is kept as it is; only the others (real v4 names) are converted.
+    """
+
+    @functools.wraps(convert)
+    def guarded(peft_config, model, conversions):
+        targets = peft_config.target_modules
+        if peft_config.peft_type != peft.PeftType.LORA or not targets or isinstance(targets, str):
+            return convert(peft_config, model, conversions)
+        names = {name for name, _ in model.named_modules()}
+        existing = {target for target in targets if target in names}
+        peft_config.target_modules = set(targets) - existing
+        convert(peft_config, model, conversions)
+        peft_config.target_modules = set(peft_config.target_modules or ()) | existing
+
+    return guarded
+
+
+transformers_weight_conversion.convert_peft_config_for_transformers = convert_only_missing_targets(
+    transformers_weight_conversion.convert_peft_config_for_transformers)
 
 
 def trainable_parameter_names(model: nn.Module) -> list[str]:

@@ -257,6 +257,28 @@ def family_for_config(config) -> Family | None:
     return GENERIC
 
 
+def check_supported(config) -> None:
+    """Refuse, before any weights load, an MoE model_type the registry has no entry for (UnsupportedFamily)."""
+    family_for_config(config)
+
+
+def prepare_for_training(model: nn.Module) -> None:
+    """What a family needs before TRL trains it.
+
+    - Llama 4, Hunyuan and DeepSeek-V2 models compute no aux loss, yet Llama 4's config carries a coefficient: TRL
+      would then add coef * None. Their coefficient is set to 0, which TRL reads as "no aux loss".
+    - `e_score_correction_bias` is a load statistic, not a weight (ERNIE 4.5 stores it as a Parameter): never
+      trained by gradients, also in full fine-tuning; balancing.bias_update_rate moves it instead.
+    """
+    family = family_of(model)
+    config = text_config(model.config)
+    if not family.has_aux_loss and family is not GENERIC and hasattr(config, "router_aux_loss_coef"):
+        config.router_aux_loss_coef = 0.0
+    for name, param in model.named_parameters():
+        if name.endswith("e_score_correction_bias"):
+            param.requires_grad_(False)
+
+
 def family_of(model: nn.Module) -> Family:
     """The family of a loaded model (GENERIC for dense and remote-code models, whose roles are found by shape)."""
     config = getattr(model, "config", None)

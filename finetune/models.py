@@ -155,7 +155,13 @@ def load_tokenizer(recipe: Recipe, texts=None):
     return tokenizer
 
 
+def check_family(recipe: Recipe, location: str) -> None:
+    """An MoE family moetune does not know is refused before its weights load."""
+    families.check_supported(AutoConfig.from_pretrained(location, **hub_kwargs(recipe, location)))
+
+
 def load_pretrained(recipe: Recipe, location: str):
+    check_family(recipe, location)
     return AutoModelForCausalLM.from_pretrained(
         location, dtype=resolve_dtype(recipe.model.dtype), experts_implementation=experts_kernel(recipe.model),
         **hub_kwargs(recipe, location),
@@ -174,6 +180,7 @@ def load_quantized(recipe: Recipe, name: str):
     quantization = recipe.model.quantization
     dtype = resolve_dtype(recipe.model.dtype)
     compute_dtype = dtype if quantization.compute_dtype == "auto" else resolve_dtype(quantization.compute_dtype)
+    check_family(recipe, location)
     model = AutoModelForCausalLM.from_pretrained(
         location, dtype=dtype, device_map="cpu", **hub_kwargs(recipe, location),
         quantization_config=expert_quant.bitsandbytes_config(quantization.bits, quantization.double_quant, compute_dtype),

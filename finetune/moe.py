@@ -60,6 +60,12 @@ def num_experts(model: nn.Module, router: nn.Module) -> int:
     return getattr(weight, "ds_shape", weight.shape)[0]
 
 
+def routing_sizes(model: nn.Module) -> tuple[int, int]:
+    """(experts per MoE layer, experts per token), read from the first router."""
+    router = next(iter(routers(model).values()))
+    return num_experts(model, router), router.top_k
+
+
 def is_moe_model(model: nn.Module) -> bool:
     return bool(routers(model))
 
@@ -144,36 +150,57 @@ def coefficient_of_variation(shares: list[float]) -> float:
     return float(values.std(unbiased=False) / mean) if mean > 0 else 0.0
 
 
-class ExpertLoadTracker:
-    """Counts, per MoE layer, how many real (non-padding) tokens each expert receives in training forwards.
+class RouterHooks:
+    """Forward hooks on every router that see its output for the real (non-padding) tokens of training forwards.
 
-    Forward hooks on the routers read their top-k indices; a pre-hook on the model reads the attention mask so
-    padding does not count. Forwards without gradients (reference model, evaluation) are ignored.
+    A pre-hook on the model reads the attention mask so padding is left out; forwards without gradients
+    (reference model, evaluation) are ignored. Subclasses say what to do with each router's output (`observe`).
     """
 
     def __init__(self, model: nn.Module):
         found = routers(model)
         self.family = families.family_of(model)
         self.layers = list(found)
-        self.counts = {name: torch.zeros(num_experts(model, module), dtype=torch.long) for name, module in found.items()}
         self.mask: torch.Tensor | None = None
         self.handles = [model.register_forward_pre_hook(self.remember_mask, with_kwargs=True)]
         for name, module in found.items():
-            self.handles.append(module.register_forward_hook(self.counter(name)))
+            self.handles.append(module.register_forward_hook(self.hook(name)))
 
     def remember_mask(self, module, args, kwargs):
         mask = kwargs.get("attention_mask")
         self.mask = mask.reshape(-1).bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
-    def counter(self, name: str):
+    def real_tokens(self, per_token: torch.Tensor) -> torch.Tensor:
+        """The rows of a (tokens, ...) router output that belong to real tokens."""
+        if self.mask is not None and self.mask.numel() == per_token.shape[0]:
+            return per_token[self.mask.to(per_token.device)]
+        return per_token
+
+    def hook(self, name: str):
         def hook(module, args, output):
-            if not torch.is_grad_enabled():
-                return
-            indices = self.family.top_k_indices(output, module).detach()
-            if self.mask is not None and self.mask.numel() == indices.shape[0]:
-                indices = indices[self.mask.to(indices.device)]
-            self.counts[name] += torch.bincount(indices.reshape(-1).cpu(), minlength=len(self.counts[name]))
+            if torch.is_grad_enabled():
+                self.observe(name, module, output)
         return hook
+
+    def observe(self, name: str, router: nn.Module, output) -> None:
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class ExpertLoadTracker(RouterHooks):
+    """Counts, per MoE layer, how many real (non-padding) tokens each expert receives in training forwards."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.counts = {name: torch.zeros(num_experts(model, module), dtype=torch.long)
+                       for name, module in routers(model).items()}
+
+    def observe(self, name: str, router: nn.Module, output) -> None:
+        indices = self.real_tokens(self.family.top_k_indices(output, router).detach())
+        self.counts[name] += torch.bincount(indices.reshape(-1).cpu(), minlength=len(self.counts[name]))
 
     def take(self) -> dict[str, list[float]]:
         """Each layer's share of routed tokens per expert since the last call, over all processes; resets the counts.
@@ -187,10 +214,6 @@ class ExpertLoadTracker:
             total = int(counts.sum())
             shares[name] = [round(int(c) / total, 6) for c in counts] if total else [0.0] * len(counts)
         return shares
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
 
 
 class ExpertLoadCallback(TrainerCallback):

@@ -24,6 +24,7 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 from trl.kernels import ChunkedLogProbFunction
 from trl.trainer.utils import FusedCausalLMOutput
 
+from finetune import families, moe
 from finetune.preference_packing import PACKED_KEYS
 
 BLOCK_ATTENTION = "moetune_blocks"
@@ -87,6 +88,9 @@ AttentionMaskInterface.register(BLOCK_ATTENTION, block_mask)
 def use_block_attention(model) -> None:
     """sdpa that also runs packed rows block by block; the setting is not saved with the model."""
     config = model.config.get_text_config()
+    refusal = families.family_of(model).padding_free
+    if refusal:
+        raise ValueError(f"speed.padding_free cannot run {config.model_type}: {refusal}.")
     if config._attn_implementation not in ("sdpa", BLOCK_ATTENTION):
         raise ValueError(f"speed.padding_free needs sdpa attention; this model uses {config._attn_implementation}. "
                          "Set speed.padding_free: false.")
@@ -134,7 +138,7 @@ def packed_forward(model, batch: dict, fields: tuple[str, ...]) -> FusedCausalLM
     )
     aux_loss = None
     if router_logits:
-        aux_loss = load_balancing_loss_func(hidden.router_logits, config.num_experts, config.num_experts_per_tok,
+        aux_loss = load_balancing_loss_func(hidden.router_logits, *moe.routing_sizes(model),
                                             batch["packed_router_weights"])
     return FusedCausalLMOutput(
         loss=None, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq_probs,
