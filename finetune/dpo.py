@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune import distributed
+from finetune import balancing, distributed
 from finetune.models import load_stage_model, load_tokenizer, seed_everything
 from finetune.packed_dpo import dpo_trainer
 from finetune.recipe import Recipe
@@ -26,8 +26,8 @@ def run(recipe: Recipe, force: bool = False) -> Path:
     data = require_complete(recipe.run_path, "data", needed_by="dpo")
     sft = require_complete(recipe.run_path, "sft", needed_by="dpo")
     stage = Stage(recipe.run_path, "dpo", inputs={
-        "model": recipe.model_inputs("dpo"), "dpo": recipe.dpo, "seed": recipe.seed,
-        "data": data["fingerprint"], "sft": sft["fingerprint"],
+        "model": recipe.model_inputs("dpo"), "dpo": recipe.dpo, "balancing": recipe.section_dict("balancing"),
+        "seed": recipe.seed, "data": data["fingerprint"], "sft": sft["fingerprint"],
     })
     if not stage.begin(force):
         return stage.final
@@ -51,6 +51,7 @@ def run(recipe: Recipe, force: bool = False) -> Path:
         peft_config=peft_config,
         callbacks=expert_load_callbacks(model, stage),
     )
+    balancing.attach(trainer, model, recipe.balancing)
     train_resuming(trainer, stage, recipe.checkpoints)
     if "ref" in getattr(trainer.model, "peft_config", {}):
         trainer.model.delete_adapter("ref")  # TRL's frozen copy of the SFT adapter (the reference); not an output

@@ -34,7 +34,7 @@ from peft.tuners.lora.layer import ParamWrapper
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from finetune import moe
+from finetune import families, moe
 
 EXPERTS_IMPLEMENTATION = "moetune_nf4"
 BLOCKSIZE = 64  # bitsandbytes' default for NF4: one scale per 64 weights
@@ -59,6 +59,9 @@ def quantize_experts(model: nn.Module, double_quant: bool, compute_dtype: torch.
     `device`: where to quantize and keep the NF4 experts (default: where the weights are). Quantizing on a GPU takes
     milliseconds per matrix; bitsandbytes' CPU kernel takes seconds for one of Mixtral-8x7B's.
     """
+    refusal = families.family_of(model).nf4_experts
+    if refusal:
+        raise ValueError(f"model.quantization cannot run {model.config.get_text_config().model_type}: {refusal}.")
     found = False
     for module in model.modules():
         if moe.is_experts(module):

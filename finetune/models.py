@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from finetune import distributed
+from finetune import distributed, families
 from finetune.recipe import ModelConfig, ModelInit, Recipe, load_recipe
 from finetune.stage import Stage, read_manifest, require_complete
 
@@ -72,23 +72,12 @@ def train_tokenizer(texts, vocab_size: int) -> PreTrainedTokenizerFast:
 
 
 def init_config(init: ModelInit, tokenizer) -> AutoConfig:
-    """A config of the named MoE architecture; the three share most names but not the expert-count ones."""
-    common = dict(
-        vocab_size=len(tokenizer), hidden_size=init.hidden_size, num_hidden_layers=init.num_layers,
-        num_attention_heads=init.num_heads, num_key_value_heads=init.num_kv_heads,
-        num_experts_per_tok=init.experts_per_token, router_aux_loss_coef=init.router_aux_loss_coef,
-        output_router_logits=True, max_position_embeddings=init.max_position_embeddings,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-        tie_word_embeddings=False,
-    )
-    per_architecture = {
-        "mixtral": dict(num_local_experts=init.num_experts, intermediate_size=init.intermediate_size),
-        "qwen3_moe": dict(num_experts=init.num_experts, moe_intermediate_size=init.intermediate_size,
-                          intermediate_size=init.intermediate_size, decoder_sparse_step=1,
-                          head_dim=init.hidden_size // init.num_heads),
-        "olmoe": dict(num_experts=init.num_experts, intermediate_size=init.intermediate_size),
-    }
-    return AutoConfig.for_model(init.architecture, **common, **per_architecture[init.architecture])
+    """A config of the named MoE family, with the sizes its registry entry sets."""
+    sizes = families.init_config_kwargs(init)
+    common = dict(vocab_size=len(tokenizer), output_router_logits=True, pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=False)
+    return AutoConfig.for_model(families.FAMILIES[families.ALIASES.get(init.architecture, init.architecture)].model_type,
+                                **common, **sizes)
 
 
 def training_texts(data_dir: Path):
@@ -170,7 +159,13 @@ def load_tokenizer(recipe: Recipe, texts=None):
     return tokenizer
 
 
+def check_family(recipe: Recipe, location: str) -> None:
+    """An MoE family moetune does not know is refused before its weights load."""
+    families.check_supported(AutoConfig.from_pretrained(location, **hub_kwargs(recipe, location)))
+
+
 def load_pretrained(recipe: Recipe, location: str):
+    check_family(recipe, location)
     return AutoModelForCausalLM.from_pretrained(
         location, dtype=resolve_dtype(recipe.model.dtype), experts_implementation=experts_kernel(recipe.model),
         **hub_kwargs(recipe, location),
@@ -189,6 +184,7 @@ def load_quantized(recipe: Recipe, name: str):
     quantization = recipe.model.quantization
     dtype = resolve_dtype(recipe.model.dtype)
     compute_dtype = dtype if quantization.compute_dtype == "auto" else resolve_dtype(quantization.compute_dtype)
+    check_family(recipe, location)
     model = AutoModelForCausalLM.from_pretrained(
         location, dtype=dtype, device_map="cpu", **hub_kwargs(recipe, location),
         quantization_config=expert_quant.bitsandbytes_config(quantization.bits, quantization.double_quant, compute_dtype),

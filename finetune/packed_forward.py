@@ -28,7 +28,7 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 from trl.kernels import ChunkedLogProbFunction
 from trl.trainer.utils import FusedCausalLMOutput
 
-from finetune import distributed
+from finetune import distributed, families, moe
 from finetune.preference_packing import PACKED_KEYS
 
 BLOCK_ATTENTION = "moetune_blocks"
@@ -134,17 +134,17 @@ ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attenti
 
 
 def padding_free_refusal(model) -> str | None:
-    """Why `model` cannot run padding-free (packed) batches, or None when it can."""
+    """Why `model` cannot run padding-free (packed) batches, or None when it can: its registry entry says, else
+    its config's layer types (a model the registry does not know)."""
     config = model.config.get_text_config()
-    family = config.model_type
+    reason = families.family_of(model).padding_free
     recurrent = sorted(set(getattr(config, "layer_types", None) or []) - ATTENTION_LAYER_TYPES)
-    if recurrent:
-        return (f"{family} has {' and '.join(recurrent)} layers, whose recurrent state would run across the "
-                f"sequences of a packed row")
+    if reason is None and recurrent:
+        reason = families.HYBRID.format(kind=" and ".join(recurrent))
     implementation = config._attn_implementation
-    if implementation not in BLOCK_ATTENTIONS and implementation not in BLOCK_ATTENTIONS.values():
-        return f"{family} runs {implementation} attention; packed rows need sdpa or eager"
-    return None
+    if reason is None and implementation not in BLOCK_ATTENTIONS and implementation not in BLOCK_ATTENTIONS.values():
+        reason = f"it runs {implementation} attention; packed rows need sdpa or eager"
+    return reason
 
 
 def padding_free_for(speed, model, stage: str) -> bool:
@@ -153,7 +153,8 @@ def padding_free_for(speed, model, stage: str) -> bool:
         return False
     reason = padding_free_refusal(model.get_base_model() if isinstance(model, PeftModel) else model)
     if reason is not None and distributed.is_main_process():
-        print(f"[{stage}] speed.padding_free is off for this model: {reason}; batches are padded (same loss, slower).")
+        family = model.config.get_text_config().model_type
+        print(f"[{stage}] speed.padding_free is off for {family}: {reason}; batches are padded (same loss, slower).")
     return reason is None
 
 
@@ -161,7 +162,8 @@ def use_block_attention(model) -> None:
     """The model's attention (sdpa or eager), run block by block over packed rows; not saved with the model."""
     reason = padding_free_refusal(model)
     if reason is not None:
-        raise ValueError(f"speed.padding_free: {reason}. Set speed.padding_free: false.")
+        raise ValueError(f"speed.padding_free cannot run {model.config.get_text_config().model_type}: {reason}. "
+                         f"Set speed.padding_free: false.")
     implementation = model.config.get_text_config()._attn_implementation
     model.set_attn_implementation(BLOCK_ATTENTIONS.get(implementation, implementation))
 
@@ -205,7 +207,7 @@ def packed_forward(model, batch: dict, fields: tuple[str, ...]) -> FusedCausalLM
     )
     aux_loss = None
     if router_logits:
-        aux_loss = load_balancing_loss_func(hidden.router_logits, config.num_experts, config.num_experts_per_tok,
+        aux_loss = load_balancing_loss_func(hidden.router_logits, *moe.routing_sizes(model),
                                             batch["packed_router_weights"])
     return FusedCausalLMOutput(
         loss=None, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq_probs,

@@ -21,6 +21,7 @@ import yaml
 from data_prep.config import DataConfig
 from eval.config import EvalConfig, check_eval_config
 from finetune.chat_template import resolve_chat_template
+from finetune.families import ALIASES, ARCHITECTURES
 from finetune.fields import help_field
 
 
@@ -32,7 +33,8 @@ class RecipeError(ValueError):
 class ModelInit:
     """A tiny MoE model built from a config, for CPU demos and tests (no download)."""
 
-    architecture: str = help_field("mixtral", help="MoE architecture: mixtral, qwen3_moe or olmoe.")
+    architecture: str = help_field(
+        "mixtral", help="MoE family (a transformers model_type): " + ", ".join(ARCHITECTURES + tuple(ALIASES)) + ".")
     hidden_size: int = help_field(64, help="Width of the residual stream.")
     intermediate_size: int = help_field(128, help="Width of each expert's FFN.")
     num_layers: int = help_field(2, help="Number of decoder layers.")
@@ -50,9 +52,11 @@ class LoraConfig:
     """LoRA adapters chosen by role, so the router stays frozen unless asked for."""
 
     targets: list[str] = help_field(
-        factory=lambda: ["attention", "experts"],
-        help="Roles to adapt: attention, experts (fused 3-D expert weights), router, all. "
-        "The router is trained only when listed (or with 'all').",
+        factory=lambda: ["attention", "experts", "shared_experts"],
+        help="Roles to adapt: attention (attention, MLA, linear-attention and Mamba projections), experts (fused "
+        "3-D routed-expert weights), shared_experts (the always-on experts beside them), dense_mlp (the FFN of "
+        "layers without experts, e.g. DeepSeek's first layers), router, all. The router is trained only when "
+        "listed (or with 'all'); e_score_correction_bias never by gradients (see balancing.bias_update_rate).",
     )
     r: int = help_field(16, help="LoRA rank (shared across the experts of one fused parameter).")
     alpha: int = help_field(32, help="LoRA scaling numerator (scale = alpha / r).")
@@ -130,6 +134,19 @@ class SpeedConfig:
 
 
 @dataclass
+class BalancingConfig:
+    """Expert load balancing beyond the family's own aux loss (which TRL adds: sft/dpo router_aux_loss_coef)."""
+
+    bias_update_rate: float = help_field(
+        0.0, help="Aux-loss-free families (DeepSeek-V3, GLM-4.5, dots1, MiniMax-M2, ERNIE 4.5): after each optimizer "
+        "step, e_score_correction_bias moves by this much towards balance, per expert, by the sign of (mean load - "
+        "its load) as in DeepSeek-V3 (which used 0.001). 0 keeps the bias as loaded.")
+    router_z_loss_coef: float = help_field(
+        0.0, help="Router z-loss (ST-MoE) weight, any family: mean over real tokens of logsumexp(router logits)^2, "
+        "averaged over MoE layers, added to the SFT/DPO loss and logged as router_z_loss. ST-MoE used 0.001; 0 is off.")
+
+
+@dataclass
 class HubConfig:
     push: bool = help_field(False, help="Push each of `stages` to the Hub as soon as it completes (the upload runs "
                             "while the next stages train; the command ends once it is done).")
@@ -164,6 +181,7 @@ class Recipe:
     eval: EvalConfig = help_field(factory=EvalConfig, help="Evaluation (the eval stage).")
     hub: HubConfig = help_field(factory=HubConfig, help="Pushing results to the Hugging Face Hub.")
     speed: SpeedConfig = help_field(factory=SpeedConfig, help="Training speed levers (math unchanged).")
+    balancing: BalancingConfig = help_field(factory=BalancingConfig, help="Expert load balancing in SFT and DPO.")
     checkpoints: CheckpointConfig = help_field(factory=CheckpointConfig, help="Checkpoint schedule of SFT and DPO.")
     seed: int = help_field(42, help="Seed for data mixing, splits, initialisation and training.")
     # Where the recipe came from, for error messages and resolving relative paths; not a YAML key.
@@ -218,6 +236,9 @@ def parse_recipe(raw: dict[str, Any], source: str) -> Recipe:
     validate_trainer_section(recipe.dpo, "dpo", source)
     validate_model(recipe.model, source)
     validate_hub(recipe.hub, source)
+    for key in ("bias_update_rate", "router_z_loss_coef"):
+        if getattr(recipe.balancing, key) < 0:
+            raise RecipeError(f"{source}: balancing.{key} is {getattr(recipe.balancing, key)}; it must be >= 0 (0 is off).")
     try:
         check_eval_config(recipe.eval)
     except ValueError as error:
@@ -361,8 +382,7 @@ def coerce_trainer_value(annotation: Any, value: Any, source: str, path: str) ->
     return value
 
 
-ARCHITECTURES = ("mixtral", "qwen3_moe", "olmoe")
-LORA_ROLES = ("attention", "experts", "router", "all")
+LORA_ROLES = ("attention", "experts", "shared_experts", "dense_mlp", "router", "all")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 EXPERT_KERNELS = ("auto", "eager", "grouped_mm", "batched_mm")
 TRAINING_STAGES = ("sft", "dpo")
@@ -374,7 +394,7 @@ def validate_model(model: ModelConfig, source: str) -> None:
     check_choice(model.dtype, DTYPES, source, "model.dtype")
     check_choice(model.experts_implementation, EXPERT_KERNELS, source, "model.experts_implementation")
     if model.init is not None:
-        check_choice(model.init.architecture, ARCHITECTURES, source, "model.init.architecture")
+        check_choice(model.init.architecture, ARCHITECTURES + tuple(ALIASES), source, "model.init.architecture")
         if model.init.experts_per_token > model.init.num_experts:
             raise RecipeError(f"{source}: model.init.experts_per_token must be <= model.init.num_experts.")
     if model.quantization is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from finetune import balancing
 from finetune.chat_template import training_template_problem
 from finetune.models import base_location, build_base, load_tokenizer, seed_everything
 from finetune.packed_sft import sft_trainer
@@ -21,7 +22,8 @@ def run(recipe: Recipe, force: bool = False) -> Path:
     tokenizer = load_tokenizer(recipe)
     check_template_for_loss(recipe, tokenizer)
     stage = Stage(recipe.run_path, "sft", inputs={
-        "model": recipe.model_inputs("sft"), "sft": recipe.sft, "seed": recipe.seed, "data": data["fingerprint"],
+        "model": recipe.model_inputs("sft"), "sft": recipe.sft, "balancing": recipe.section_dict("balancing"),
+        "seed": recipe.seed, "data": data["fingerprint"],
     })
     if not stage.begin(force):
         return stage.final
@@ -40,6 +42,7 @@ def run(recipe: Recipe, force: bool = False) -> Path:
         peft_config=peft_config,
         callbacks=expert_load_callbacks(model, stage),
     )
+    balancing.attach(trainer, model, recipe.balancing)
     train_resuming(trainer, stage, recipe.checkpoints)
     return save_stage(trainer, tokenizer, recipe, stage, parent=parent)
 

@@ -12,7 +12,7 @@ import torch
 from datasets import load_dataset
 from transformers import TrainerCallback
 
-from finetune import adapters, distributed, expert_quant
+from finetune import adapters, distributed, expert_quant, families
 from finetune.checkpoints import SaveEveryMinutes, SealCheckpoints, checkpoints, newest_usable_checkpoint
 from finetune.hub import push_stage_if_configured
 from finetune.models import load_quantized, load_stage_model, resolve_dtype
@@ -62,9 +62,10 @@ def load_training_model(recipe: Recipe, stage: str, start: str):
     In full precision a stage starts from `start` with its adapters merged in and adds a fresh adapter. A quantized
     base (QLoRA) is never merged into: when `start` is an adapter, training continues it on its quantized base (for
     DPO, TRL keeps a frozen copy of it as the reference policy) and the new adapter sits on that base too. Under
-    ZeRO-3 the MoE blocks are marked as leaf modules.
+    ZeRO-3 the MoE blocks are marked as leaf modules; the family's own needs are met (families.prepare_for_training).
     """
     model, peft_config, parent = load_model_and_adapter(recipe, stage, start)
+    families.prepare_for_training(model)
     distributed.mark_moe_blocks_as_zero3_leaves(model)
     return model, peft_config, parent
 

@@ -71,6 +71,6 @@ def test_hybrid_families_fall_back_to_padded_batches_with_a_note(family, capsys)
     model = AutoModelForCausalLM.from_config(config)
     assert not padding_free_for(SpeedConfig(), model, "sft")
     note = capsys.readouterr().out
-    assert f"speed.padding_free is off for this model: {family} has linear_attention layers" in note
+    assert f"speed.padding_free is off for {family}: its " in note and "layers carry a recurrent state" in note
     assert not padding_free_for(SpeedConfig(padding_free=False), model, "sft")
     assert capsys.readouterr().out == ""
