@@ -61,6 +61,7 @@ class Family:
     top_k_indices: Callable = field(default=indices_third, repr=False)
     router_logits: Callable = field(default=logits_first, repr=False)
     balancing: tuple[str, ...] = (AUX_LOSS,)
+    backbone: str | None = None  # the decoder's attribute name where `base_model_prefix` does not name it
     padding_free: str | None = None  # why speed.padding_free cannot run this family; None: it can
     nf4_experts: str | None = None  # why NF4 experts cannot run this family; None: they can
 
@@ -196,7 +197,7 @@ FAMILIES: dict[str, Family] = {family.model_type: family for family in (
     Family("gpt_oss", gpt_oss_sizes, router="router", padding_free=SLIDING,
            nf4_experts=TRANSPOSED_EXPERTS.format(biases=" with biases and a clamped, interleaved SwiGLU")),
     Family("llama4_text", llama4_sizes, router="router", shared_experts=("shared_expert",), dense_mlp="feed_forward",
-           top_k_indices=indices_from_logits, router_logits=logits_second, balancing=(),
+           top_k_indices=indices_from_logits, router_logits=logits_second, balancing=(), backbone="model",
            nf4_experts=TRANSPOSED_EXPERTS.format(biases="")),
     Family("minimax_m2", local_experts, balancing=(AUX_LOSS, BIAS)),
     Family("granitemoe", local_experts, router="router"),
@@ -223,7 +224,10 @@ class UnsupportedFamily(ValueError):
 
 
 def text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+    try:
+        return config.get_text_config()
+    except (AttributeError, ValueError):  # not a transformers config; or several text configs (encoder-decoder)
+        return config
 
 
 def declares_experts(config) -> bool:
@@ -231,7 +235,7 @@ def declares_experts(config) -> bool:
     for candidate in {id(c): c for c in (config, text_config(config))}.values():
         for name in EXPERT_COUNT_FIELDS:
             try:
-                if getattr(candidate, name, None) is not None:
+                if hasattr(candidate, name):
                     return True
             except Exception:  # per-layer configs refuse global reads of their per-layer fields: still MoE
                 return True
@@ -242,8 +246,7 @@ def family_for_config(config) -> Family | None:
     """The registry entry of a config's family; GENERIC for remote-code models; None for dense models.
 
     Raises UnsupportedFamily for an MoE model_type of the installed transformers that is not in the registry."""
-    model_type = text_config(config).model_type
-    model_type = ALIASES.get(model_type, model_type)
+    model_type = ALIASES.get(config.model_type, config.model_type)
     if model_type in FAMILIES:
         return FAMILIES[model_type]
     if not declares_experts(config):
@@ -265,15 +268,28 @@ def check_supported(config) -> None:
 def prepare_for_training(model: nn.Module) -> None:
     """What a family needs before TRL trains it.
 
-    - Llama 4, Hunyuan and DeepSeek-V2 models compute no aux loss, yet Llama 4's config carries a coefficient: TRL
-      would then add coef * None. Their coefficient is set to 0, which TRL reads as "no aux loss".
+    - Families without an aux loss (Llama 4, Hunyuan, DeepSeek, GLM-4.5, dots1) compute none, yet their configs ask
+      for router logits (and Llama 4's carries a coefficient): TRL would add coef * None, or compute Mixtral's aux
+      loss in its fused LM head. Router logits off and coefficient 0 is TRL's "no aux loss".
+    - TRL's fused LM head computes the aux loss with `config.num_experts`, which Phi-MoE and Granite configs
+      call `num_local_experts`: the count is copied under the name TRL reads.
+    - Llama4ForCausalLM's `base_model_prefix` ("language_model") names no attribute, so `model.base_model` (what
+      TRL's fused LM head and packed DPO call for the decoder) would be the whole model: the instance gets the
+      attribute's real name.
     - `e_score_correction_bias` is a load statistic, not a weight (ERNIE 4.5 stores it as a Parameter): never
       trained by gradients, also in full fine-tuning; balancing.bias_update_rate moves it instead.
     """
     family = family_of(model)
     config = text_config(model.config)
-    if not family.has_aux_loss and family is not GENERIC and hasattr(config, "router_aux_loss_coef"):
-        config.router_aux_loss_coef = 0.0
+    if not family.has_aux_loss and family is not GENERIC:
+        config.output_router_logits = False
+        if hasattr(config, "router_aux_loss_coef"):
+            config.router_aux_loss_coef = 0.0
+    if family.has_aux_loss and not hasattr(config, "num_experts"):
+        config.num_experts = next(getattr(config, name) for name in EXPERT_COUNT_FIELDS if hasattr(config, name))
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if family.backbone:
+        causal_lm.base_model_prefix = family.backbone
     for name, param in model.named_parameters():
         if name.endswith("e_score_correction_bias"):
             param.requires_grad_(False)

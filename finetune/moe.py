@@ -71,10 +71,9 @@ def is_moe_model(model: nn.Module) -> bool:
 
 
 def moe_blocks(model: nn.Module) -> dict[str, nn.Module]:
-    """The sparse MoE blocks (a router and its experts side by side) by qualified name."""
+    """The sparse MoE blocks (the modules holding a router and its experts) by qualified name."""
     names = {name.rsplit(".", 1)[0] for name in routers(model)}
-    return {name: module for name, module in model.named_modules() if name in names
-            and any(is_experts(child) for child in module.children())}
+    return {name: module for name, module in model.named_modules() if name in names}
 
 
 def moe_block_classes(model: nn.Module) -> list[type]:
