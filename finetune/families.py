@@ -58,11 +58,16 @@ class Family:
     shared_experts: tuple[str, ...] = ()  # names of shared-expert modules (children of the block or the layer)
     dense_mlp: str = "mlp"  # the decoder layer's FFN child: dense where the layer has no MoE block
     token_mixers: tuple[str, ...] = ("self_attn",)  # modules whose Linears form the `attention` role
+    # Linears whose weight the model reads directly instead of calling them (Jamba's dt_proj): a LoRA wrapper
+    # there would change nothing until merged, so they are left out of every role.
+    unreachable_linears: tuple[str, ...] = ()
     top_k_indices: Callable = field(default=indices_third, repr=False)
     router_logits: Callable = field(default=logits_first, repr=False)
     balancing: tuple[str, ...] = (AUX_LOSS,)
     backbone: str | None = None  # the decoder's attribute name where `base_model_prefix` does not name it
     padding_free: str | None = None  # why speed.padding_free cannot run this family; None: it can
+    # Phi-MoE's router samples experts at random in training (SparseMixer): two forwards of a batch differ.
+    samples_experts_in_training: bool = False
     nf4_experts: str | None = None  # why NF4 experts cannot run this family; None: they can
 
     @property
@@ -179,7 +184,7 @@ TRANSPOSED_EXPERTS = ("its experts store weights as (E, in, out){biases}, a layo
 
 FAMILIES: dict[str, Family] = {family.model_type: family for family in (
     Family("mixtral", local_experts),
-    Family("phimoe", local_experts, router="router"),
+    Family("phimoe", local_experts, router="router", samples_experts_in_training=True),
     Family("qwen2_moe", lambda init: qwen_sizes(init, shared=True), shared_experts=("shared_expert",)),
     Family("qwen3_moe", qwen_sizes),
     Family("qwen3_5_moe_text", lambda init: {**qwen_sizes(init, shared=True), **linear_attention_sizes(init)},
@@ -208,7 +213,7 @@ FAMILIES: dict[str, Family] = {family.model_type: family for family in (
     Family("hunyuan_v1_moe", hunyuan_sizes, router_weight="wg.weight", shared_experts=("shared_mlp",),
            balancing=()),
     Family("jamba", jamba_sizes, router="router", dense_mlp="feed_forward", token_mixers=("self_attn", "mamba"),
-           padding_free=HYBRID.format(kind="Mamba")),
+           unreachable_linears=("dt_proj",), padding_free=HYBRID.format(kind="Mamba")),
 )}
 
 # `model.init.architecture` names; qwen3_5_moe is the text model of the Qwen3.5 checkpoints.

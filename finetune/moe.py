@@ -114,9 +114,11 @@ def router_parameter_targets(model: nn.Module) -> list[str]:
 
 
 def linears_under(model: nn.Module, parents: list[str]) -> list[str]:
-    """Qualified names of the Linear layers inside the named modules."""
+    """Qualified names of the Linear layers inside the named modules (those a LoRA wrapper can reach)."""
     prefixes = tuple(parent + "." for parent in parents)
-    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name.startswith(prefixes)]
+    unreachable = families.family_of(model).unreachable_linears
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
+            and name.startswith(prefixes) and name.rsplit(".", 1)[-1] not in unreachable]
 
 
 def modules_named(model: nn.Module, names: tuple[str, ...]) -> list[str]:

@@ -85,6 +85,14 @@ AttentionInterface.register(BLOCK_ATTENTION, block_attention)
 AttentionMaskInterface.register(BLOCK_ATTENTION, block_mask)
 
 
+def uses_sliding_window(config) -> bool:
+    """Whether some layer attends within a sliding window; `layer_types` says so per layer where the config has it
+    (dots1 sets a window size that no layer uses)."""
+    if getattr(config, "layer_types", None):
+        return "sliding_attention" in config.layer_types
+    return bool(getattr(config, "use_sliding_window", True) and getattr(config, "sliding_window", None))
+
+
 def use_block_attention(model) -> None:
     """sdpa that also runs packed rows block by block; the setting is not saved with the model."""
     config = model.config.get_text_config()
@@ -94,7 +102,7 @@ def use_block_attention(model) -> None:
     if config._attn_implementation not in ("sdpa", BLOCK_ATTENTION):
         raise ValueError(f"speed.padding_free needs sdpa attention; this model uses {config._attn_implementation}. "
                          "Set speed.padding_free: false.")
-    if getattr(config, "use_sliding_window", True) and getattr(config, "sliding_window", None):
+    if uses_sliding_window(config):
         raise ValueError("speed.padding_free does not implement sliding-window attention; set speed.padding_free: false.")
     model.set_attn_implementation(BLOCK_ATTENTION)
 
