@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune import balancing, distributed
+from finetune import balancing, distributed, families
 from finetune.models import load_stage_model, load_tokenizer, seed_everything
 from finetune.packed_dpo import dpo_trainer
 from finetune.recipe import Recipe
@@ -61,5 +61,6 @@ def run(recipe: Recipe, force: bool = False) -> Path:
 def load_reference(recipe: Recipe):
     """The frozen SFT model for full fine-tuning. DPOTrainer shards it like the policy under ZeRO-3 and FSDP."""
     reference = load_stage_model(recipe, "sft").eval()
+    families.prepare_for_training(reference)
     distributed.mark_moe_blocks_as_zero3_leaves(reference)
     return reference

@@ -58,10 +58,16 @@ class Family:
     shared_experts: tuple[str, ...] = ()  # names of shared-expert modules (children of the block or the layer)
     dense_mlp: str = "mlp"  # the decoder layer's FFN child: dense where the layer has no MoE block
     token_mixers: tuple[str, ...] = ("self_attn",)  # modules whose Linears form the `attention` role
+    # Linears whose weight the model reads directly instead of calling them (Jamba's dt_proj): a LoRA wrapper
+    # there would change nothing until merged, so they are left out of every role.
+    unreachable_linears: tuple[str, ...] = ()
     top_k_indices: Callable = field(default=indices_third, repr=False)
     router_logits: Callable = field(default=logits_first, repr=False)
     balancing: tuple[str, ...] = (AUX_LOSS,)
+    backbone: str | None = None  # the decoder's attribute name where `base_model_prefix` does not name it
     padding_free: str | None = None  # why speed.padding_free cannot run this family; None: it can
+    # Phi-MoE's router samples experts at random in training (SparseMixer): two forwards of a batch differ.
+    samples_experts_in_training: bool = False
     nf4_experts: str | None = None  # why NF4 experts cannot run this family; None: they can
 
     @property
@@ -177,7 +183,7 @@ OWN_EXPERTS_FORWARD = ("its experts run their own forward, outside transformers'
 
 FAMILIES: dict[str, Family] = {family.model_type: family for family in (
     Family("mixtral", local_experts),
-    Family("phimoe", local_experts, router="router"),
+    Family("phimoe", local_experts, router="router", samples_experts_in_training=True),
     Family("qwen2_moe", lambda init: qwen_sizes(init, shared=True), shared_experts=("shared_expert",)),
     Family("qwen3_moe", qwen_sizes),
     Family("qwen3_5_moe_text", lambda init: {**qwen_sizes(init, shared=True), **linear_attention_sizes(init)},
@@ -194,7 +200,7 @@ FAMILIES: dict[str, Family] = {family.model_type: family for family in (
     Family("dots1", glm_sizes, shared_experts=("shared_experts",), balancing=(BIAS,)),
     Family("gpt_oss", gpt_oss_sizes, router="router"),
     Family("llama4_text", llama4_sizes, router="router", shared_experts=("shared_expert",), dense_mlp="feed_forward",
-           top_k_indices=indices_from_logits, router_logits=logits_second, balancing=(),
+           top_k_indices=indices_from_logits, router_logits=logits_second, balancing=(), backbone="model",
            nf4_experts=OWN_EXPERTS_FORWARD),
     Family("minimax_m2", local_experts, balancing=(AUX_LOSS, BIAS)),
     Family("granitemoe", local_experts, router="router"),
@@ -205,7 +211,7 @@ FAMILIES: dict[str, Family] = {family.model_type: family for family in (
     Family("hunyuan_v1_moe", hunyuan_sizes, router_weight="wg.weight", shared_experts=("shared_mlp",),
            balancing=()),
     Family("jamba", jamba_sizes, router="router", dense_mlp="feed_forward", token_mixers=("self_attn", "mamba"),
-           padding_free=HYBRID.format(kind="Mamba")),
+           unreachable_linears=("dt_proj",), padding_free=HYBRID.format(kind="Mamba")),
 )}
 
 # `model.init.architecture` names; qwen3_5_moe is the text model of the Qwen3.5 checkpoints.
@@ -221,7 +227,10 @@ class UnsupportedFamily(ValueError):
 
 
 def text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+    try:
+        return config.get_text_config()
+    except (AttributeError, ValueError):  # not a transformers config; or several text configs (encoder-decoder)
+        return config
 
 
 def declares_experts(config) -> bool:
@@ -229,7 +238,7 @@ def declares_experts(config) -> bool:
     for candidate in {id(c): c for c in (config, text_config(config))}.values():
         for name in EXPERT_COUNT_FIELDS:
             try:
-                if getattr(candidate, name, None) is not None:
+                if hasattr(candidate, name):
                     return True
             except Exception:  # per-layer configs refuse global reads of their per-layer fields: still MoE
                 return True
@@ -240,8 +249,7 @@ def family_for_config(config) -> Family | None:
     """The registry entry of a config's family; GENERIC for remote-code models; None for dense models.
 
     Raises UnsupportedFamily for an MoE model_type of the installed transformers that is not in the registry."""
-    model_type = text_config(config).model_type
-    model_type = ALIASES.get(model_type, model_type)
+    model_type = ALIASES.get(config.model_type, config.model_type)
     if model_type in FAMILIES:
         return FAMILIES[model_type]
     if not declares_experts(config):
@@ -263,15 +271,28 @@ def check_supported(config) -> None:
 def prepare_for_training(model: nn.Module) -> None:
     """What a family needs before TRL trains it.
 
-    - Llama 4, Hunyuan and DeepSeek-V2 models compute no aux loss, yet Llama 4's config carries a coefficient: TRL
-      would then add coef * None. Their coefficient is set to 0, which TRL reads as "no aux loss".
+    - Families without an aux loss (Llama 4, Hunyuan, DeepSeek, GLM-4.5, dots1) compute none, yet their configs ask
+      for router logits (and Llama 4's carries a coefficient): TRL would add coef * None, or compute Mixtral's aux
+      loss in its fused LM head. Router logits off and coefficient 0 is TRL's "no aux loss".
+    - TRL's fused LM head computes the aux loss with `config.num_experts`, which Phi-MoE and Granite configs
+      call `num_local_experts`: the count is copied under the name TRL reads.
+    - Llama4ForCausalLM's `base_model_prefix` ("language_model") names no attribute, so `model.base_model` (what
+      TRL's fused LM head and packed DPO call for the decoder) would be the whole model: the instance gets the
+      attribute's real name.
     - `e_score_correction_bias` is a load statistic, not a weight (ERNIE 4.5 stores it as a Parameter): never
       trained by gradients, also in full fine-tuning; balancing.bias_update_rate moves it instead.
     """
     family = family_of(model)
     config = text_config(model.config)
-    if not family.has_aux_loss and family is not GENERIC and hasattr(config, "router_aux_loss_coef"):
-        config.router_aux_loss_coef = 0.0
+    if not family.has_aux_loss and family is not GENERIC:
+        config.output_router_logits = False
+        if hasattr(config, "router_aux_loss_coef"):
+            config.router_aux_loss_coef = 0.0
+    if family.has_aux_loss and not hasattr(config, "num_experts"):
+        config.num_experts = next(getattr(config, name) for name in EXPERT_COUNT_FIELDS if hasattr(config, name))
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if family.backbone:
+        causal_lm.base_model_prefix = family.backbone
     for name, param in model.named_parameters():
         if name.endswith("e_score_correction_bias"):
             param.requires_grad_(False)

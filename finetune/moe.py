@@ -71,10 +71,9 @@ def is_moe_model(model: nn.Module) -> bool:
 
 
 def moe_blocks(model: nn.Module) -> dict[str, nn.Module]:
-    """The sparse MoE blocks (a router and its experts side by side) by qualified name."""
+    """The sparse MoE blocks (the modules holding a router and its experts) by qualified name."""
     names = {name.rsplit(".", 1)[0] for name in routers(model)}
-    return {name: module for name, module in model.named_modules() if name in names
-            and any(is_experts(child) for child in module.children())}
+    return {name: module for name, module in model.named_modules() if name in names}
 
 
 def moe_block_classes(model: nn.Module) -> list[type]:
@@ -115,9 +114,11 @@ def router_parameter_targets(model: nn.Module) -> list[str]:
 
 
 def linears_under(model: nn.Module, parents: list[str]) -> list[str]:
-    """Qualified names of the Linear layers inside the named modules."""
+    """Qualified names of the Linear layers inside the named modules (those a LoRA wrapper can reach)."""
     prefixes = tuple(parent + "." for parent in parents)
-    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name.startswith(prefixes)]
+    unreachable = families.family_of(model).unreachable_linears
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
+            and name.startswith(prefixes) and name.rsplit(".", 1)[-1] not in unreachable]
 
 
 def modules_named(model: nn.Module, names: tuple[str, ...]) -> list[str]:

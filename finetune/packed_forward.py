@@ -8,9 +8,10 @@ Attention runs block by block (one call per sequence, two per prompt-shared pair
 rows): a dense mask over the whole packed row would cost attention quadratic in the batch's total length. The call
 is the model's own attention, sdpa or eager (gpt-oss: eager, for its attention sinks), within the layer's sliding
 window if it has one. Layers with a recurrent state (linear attention, Mamba) cannot be cut into blocks this way:
-such models run padded batches instead (`padding_free_for`). Only the completion tokens' hidden states go through the LM head (TRL scores every position on CPU), at
-temperature 1 and without logit scaling, as DPO and the Mixtral, Qwen3-MoE and OLMoE heads use. The
-load-balancing loss weighs each token as the padded batch does: a shared prompt counts twice, padding not at all.
+such models run padded batches instead (`padding_free_for`). Only the completion tokens' hidden states go through
+the LM head (TRL scores every position on CPU), at temperature 1 and without logit scaling, as DPO and the Mixtral,
+Qwen3-MoE and OLMoE heads use. The load-balancing loss weighs each token as the padded batch does: a shared prompt
+counts twice, padding not at all.
 """
 
 from __future__ import annotations

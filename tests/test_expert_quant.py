@@ -111,9 +111,9 @@ def test_expert_weights_take_about_four_bits(double_quant, most_bits):
     assert 4.0 < 8 * stored / expert_weights < most_bits
 
 
-def random_lora_on(model, seed=1):
-    """A PEFT adapter on attention and experts with seeded random weights (B non-zero, so it changes the model)."""
-    peft_model = peft.get_peft_model(model, adapters.peft_config(model, LoraConfig(targets=["attention", "experts"])))
+def random_lora_on(model, seed=1, targets=("attention", "experts")):
+    """A PEFT adapter on the roles with seeded random weights (B non-zero, so it changes the model)."""
+    peft_model = peft.get_peft_model(model, adapters.peft_config(model, LoraConfig(targets=list(targets))))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():

@@ -24,7 +24,7 @@ from finetune.packed_dpo import PackedDPOTrainer
 from finetune.packed_sft import PaddingFreeSFTTrainer
 from finetune.recipe import BalancingConfig, LoraConfig, ModelInit
 from tests.test_dpo_speed import build, same_math, whole_dataset
-from tests.test_expert_quant import dequantized_copy, quantized_copy
+from tests.test_expert_quant import dequantized_copy, quantized_copy, random_lora_on
 
 FAMILIES = list(families.FAMILIES)
 ROLES = ["attention", "experts", "shared_experts", "dense_mlp"]
@@ -86,17 +86,6 @@ def padded_batch(tokenizer, rows=3):
              for row in synthetic.sft_conversations(rows, 1)]
     tokenizer.padding_side = "right"
     return tokenizer(texts, return_tensors="pt", padding=True)
-
-
-def random_lora(model, targets=("attention", "experts", "shared_experts"), seed=1):
-    """A PEFT adapter with seeded random weights (B non-zero, so it changes the model)."""
-    peft_model = peft.get_peft_model(model, adapters.peft_config(model, LoraConfig(targets=list(targets))))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    return peft_model.eval()
 
 
 def refused(action, reason: str):
@@ -225,14 +214,24 @@ def test_d_packed_sft_and_prompt_shared_dpo_equal_trl(models, data, family, tmp_
     for trainer_class in (SFTTrainer, PaddingFreeSFTTrainer):
         config = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_length=30,
                            per_device_train_batch_size=8, assistant_only_loss=True, seed=0)
-        trainers.append(trainer_class(model=models(family), args=config, train_dataset=conversations,
+        trainers.append(trainer_class(model=model_for_comparison(models, entry), args=config, train_dataset=conversations,
                                       processing_class=tokenizer))
     same_math(loss_and_gradients(trainers[0], whole_dataset(trainers[0])), trainers[1])
 
-    tiny = (models(family), tokenizer, pairs)
+    tiny = (model_for_comparison(models, entry), tokenizer, pairs)
     trl = build(tiny, tmp_path / "trl")
     same_math(loss_and_gradients(trl, whole_dataset(trl)),
               build(tiny, tmp_path / "packed", PackedDPOTrainer, trainer_options={"share_prompt": True}))
+
+
+def model_for_comparison(models, entry):
+    """The family's model; where its router samples experts in training, routing as in evaluation (deterministic),
+    so that two layouts of one batch can be compared."""
+    model = models(entry.model_type)
+    if entry.samples_experts_in_training:
+        for router in moe.routers(model).values():
+            router.register_forward_pre_hook(lambda module, args: setattr(module, "training", False))
+    return model
 
 
 def dpo_arguments(model, tokenizer, pairs, tmp_path) -> dict:
@@ -253,7 +252,7 @@ def test_e_nf4_expert_lora_equals_peft_on_rounded_weights(models, data, family, 
     quantized = quantized_copy(model)
     rounded = dequantized_copy(model, quantized)
     inputs = padded_batch(data[0])
-    peft_model = random_lora(quantized)
+    peft_model = random_lora_on(quantized, targets=LoraConfig().targets)
     peft_model.save_pretrained(tmp_path)
     with torch.no_grad():
         logits = peft_model(**inputs).logits
@@ -268,7 +267,7 @@ def test_f_save_load_merge_round_trip_gives_identical_logits(models, data, famil
     model = models(family)
     model.save_pretrained(tmp_path / "base")
     inputs = padded_batch(data[0])
-    trained = random_lora(model, targets=ROLES)
+    trained = random_lora_on(model, targets=ROLES)
     trained.save_pretrained(tmp_path / "adapter")
     with torch.no_grad():
         expected = trained(**inputs).logits
