@@ -145,7 +145,7 @@ def load_tokenizer(recipe: Recipe, texts=None):
     if recipe.model.init is not None and read_manifest(recipe.run_path / "base") is None:
         if texts is None:
             raise ValueError("load_tokenizer: a model.init recipe needs texts to train its tokenizer before the base stage.")
-        tokenizer = train_tokenizer(texts, recipe.model.init.vocab_size)
+        tokenizer, location = train_tokenizer(texts, recipe.model.init.vocab_size), "model.init"
     else:
         location = base_location(recipe)
         tokenizer = AutoTokenizer.from_pretrained(location, **hub_kwargs(recipe, location))
