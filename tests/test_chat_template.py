@@ -5,7 +5,8 @@ from trl.chat_template_utils import has_generation_markers
 
 from finetune.chat_template import training_template_problem
 from finetune.cli import main
-from finetune.recipe import RecipeError, load_recipe
+from finetune.recipe import RecipeError
+from finetune.recipe_parsing import load_recipe
 from tests.lookalike import FAMILIES, TRL_TEMPLATES, train_family_tokenizer
 
 CONVERSATION = [{"role": "user", "content": "Sort 3 1 2."}, {"role": "assistant", "content": "1 2 3"},

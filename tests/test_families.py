@@ -19,10 +19,10 @@ from trl import SFTConfig, SFTTrainer
 from benchmarks.dpo_bench import loss_and_gradients
 from data_prep import synthetic
 from finetune import adapters, balancing, expert_quant, families, moe
-from finetune.models import init_config, train_tokenizer
 from finetune.packed_dpo import PackedDPOTrainer
 from finetune.packed_sft import PaddingFreeSFTTrainer
 from finetune.recipe import BalancingConfig, LoraConfig, ModelInit
+from finetune.tiny import init_config, train_tokenizer
 from tests.test_dpo_speed import build, same_math, whole_dataset
 from tests.test_expert_quant import dequantized_copy, quantized_copy, random_lora_on
 

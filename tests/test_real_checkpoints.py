@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from finetune.cli import main
 from finetune.models import load_stage_model
-from finetune.recipe import load_recipe
+from finetune.recipe_parsing import load_recipe
 from tests.lookalike import FAMILIES, TRL_TEMPLATES, build_lookalike
 
 REPO = Path(__file__).resolve().parents[1]
