@@ -123,7 +123,7 @@ def test_every_moe_model_type_is_covered_or_refused():
 
 
 def test_model_init_accepts_every_family():
-    from finetune.recipe import parse_recipe
+    from finetune.recipe_parsing import parse_recipe
 
     for architecture in FAMILIES + list(families.ALIASES):
         recipe = parse_recipe({"run_dir": "out", "model": {"init": {"architecture": architecture}}}, "r.yaml")
