@@ -23,9 +23,9 @@ def run(recipe: Recipe, force: bool = False) -> Path:
     tokenizer = load_tokenizer(recipe)
     check_template_for_loss(recipe, tokenizer)
     stage = Stage(recipe.run_path, "sft", inputs={
-        "model": recipe.model_inputs("sft"), "sft": recipe.sft, "balancing": recipe.section_dict("balancing"),
-        "seed": recipe.seed, "data": data["fingerprint"],
-    })
+        "model": recipe.model_inputs("sft"), "sft": recipe.trainer_inputs("sft"),
+        "balancing": recipe.section_dict("balancing"), "seed": recipe.seed, "data": data["fingerprint"],
+    }, progress=("checkpoint-*",))
     if not stage.begin(force):
         return stage.final
 
