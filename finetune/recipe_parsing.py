@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from finetune.chat_template import resolve_chat_template
 from finetune.fields import to_dict
 from finetune.recipe import TRAINING_STAGES, Recipe, RecipeError
 from finetune.recipe_validation import validate_recipe
@@ -44,6 +45,11 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 def parse_recipe(raw: dict[str, Any], source: str) -> Recipe:
     recipe = from_dict(Recipe, raw, source, "")
     recipe.source = source
+    if recipe.model.chat_template is not None:
+        try:
+            recipe.model.chat_template = resolve_chat_template(recipe.model.chat_template, recipe.base_dir, source)
+        except ValueError as error:
+            raise RecipeError(str(error)) from None
     for stage in TRAINING_STAGES:
         validate_trainer_section(getattr(recipe, stage), stage, source)
     validate_recipe(recipe)

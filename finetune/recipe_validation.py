@@ -5,10 +5,10 @@ from __future__ import annotations
 import difflib
 
 from eval.config import check_eval_config
+from finetune.families import ALIASES, ARCHITECTURES
 from finetune.recipe import TRAINING_STAGES, HubConfig, LoraConfig, ModelConfig, ModelInit, Recipe, RecipeError
 
-ARCHITECTURES = ("mixtral", "qwen3_moe", "olmoe")
-LORA_ROLES = ("attention", "experts", "router", "all")
+LORA_ROLES = ("attention", "experts", "shared_experts", "dense_mlp", "router", "all")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 EXPERT_KERNELS = ("auto", "eager", "grouped_mm", "batched_mm")
 
@@ -18,6 +18,9 @@ def validate_recipe(recipe: Recipe) -> None:
     validate_model(recipe.model, source)
     validate_data_needs(recipe)
     validate_hub(recipe.hub, source)
+    for key in ("bias_update_rate", "router_z_loss_coef"):
+        if getattr(recipe.balancing, key) < 0:
+            raise RecipeError(f"{source}: balancing.{key} is {getattr(recipe.balancing, key)}; it must be >= 0 (0 is off).")
     try:
         check_eval_config(recipe.eval)
     except ValueError as error:
@@ -38,7 +41,7 @@ def validate_model(model: ModelConfig, source: str) -> None:
 
 
 def validate_init(init: ModelInit, source: str) -> None:
-    check_choice(init.architecture, ARCHITECTURES, source, "model.init.architecture")
+    check_choice(init.architecture, ARCHITECTURES + tuple(ALIASES), source, "model.init.architecture")
     for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "num_experts",
                  "experts_per_token", "max_position_embeddings", "vocab_size"):
         check_positive(getattr(init, name), source, f"model.init.{name}")

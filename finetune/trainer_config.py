@@ -13,6 +13,9 @@ from finetune.recipe import Recipe
 from finetune.recipe_parsing import trainer_config_class
 
 
+ASSISTANT_ONLY_LOSS = True  # moetune's SFT default (TRL's is False): loss on the assistant's replies only
+
+
 def device_defaults(recipe: Recipe) -> dict[str, Any]:
     """Defaults that depend on the machine: TRL's (bf16 on, checkpointing on) fail or crawl on a CPU."""
     on_gpu = torch.cuda.is_available()
@@ -37,7 +40,7 @@ def trainer_config(stage: str, recipe: Recipe, output_dir: Path):
         **device_defaults(recipe),
     }
     if stage == "sft":
-        values["assistant_only_loss"] = True
+        values["assistant_only_loss"] = ASSISTANT_ONLY_LOSS
     if stage == "dpo":
         values["precompute_ref_log_probs"] = recipe.speed.reference_cache
     section = getattr(recipe, stage)
