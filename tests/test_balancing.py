@@ -5,8 +5,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from finetune import balancing, moe
-from finetune.models import init_config, train_tokenizer
-from finetune.recipe import ModelInit, RecipeError, parse_recipe
+from finetune.tiny import init_config, train_tokenizer
+from finetune.recipe import ModelInit, RecipeError
+from finetune.recipe_parsing import parse_recipe
 
 
 @pytest.fixture(scope="module")

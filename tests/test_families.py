@@ -19,7 +19,7 @@ from trl import SFTConfig, SFTTrainer
 from benchmarks.dpo_bench import loss_and_gradients
 from data_prep import synthetic
 from finetune import adapters, balancing, expert_quant, families, moe
-from finetune.models import init_config, train_tokenizer
+from finetune.tiny import init_config, train_tokenizer
 from finetune.packed_dpo import PackedDPOTrainer
 from finetune.packed_sft import PaddingFreeSFTTrainer
 from finetune.recipe import BalancingConfig, LoraConfig, ModelInit
@@ -123,7 +123,7 @@ def test_every_moe_model_type_is_covered_or_refused():
 
 
 def test_model_init_accepts_every_family():
-    from finetune.recipe import parse_recipe
+    from finetune.recipe_parsing import parse_recipe
 
     for architecture in FAMILIES + list(families.ALIASES):
         recipe = parse_recipe({"run_dir": "out", "model": {"init": {"architecture": architecture}}}, "r.yaml")

@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 
 from data_prep import synthetic
 from finetune import adapters, moe
-from finetune.models import experts_kernel, init_config, train_tokenizer
+from finetune.models import experts_kernel
+from finetune.tiny import init_config, train_tokenizer
 from finetune.recipe import LoraConfig, ModelConfig, ModelInit
 
 ARCHITECTURES = ["mixtral", "qwen3_moe", "olmoe"]
