@@ -122,6 +122,16 @@ def test_every_moe_model_type_is_covered_or_refused():
             families.check_supported(CONFIG_MAPPING[model_type]())
 
 
+def test_an_unsupported_family_is_refused_by_name_before_its_weights_load(tmp_path):
+    from finetune.models import load_pretrained
+    from finetune.recipe_parsing import parse_recipe
+
+    CONFIG_MAPPING["cohere2_moe"]().save_pretrained(tmp_path)  # a config, no weights: loading them would fail
+    recipe = parse_recipe({"run_dir": str(tmp_path / "run"), "model": {"name_or_path": str(tmp_path)}}, "r.yaml")
+    with pytest.raises(families.UnsupportedFamily, match="model_type 'cohere2_moe' is a Mixture-of-Experts family"):
+        load_pretrained(recipe, str(tmp_path))
+
+
 def test_model_init_accepts_every_family():
     from finetune.recipe_parsing import parse_recipe
 
