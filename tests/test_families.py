@@ -194,7 +194,7 @@ def test_c_balancing_term_present_and_logged(models, data, family, tmp_path):
     model = models(family)
     tokenizer, _, conversations = data
     args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_length=40,
-                     per_device_train_batch_size=4, max_steps=2, logging_steps=1, save_strategy="no", seed=0,
+                     per_device_train_batch_size=4, max_steps=1, logging_steps=1, save_strategy="no", seed=0,
                      learning_rate=1e-3)
     trainer = SFTTrainer(model=model, args=args, train_dataset=conversations, processing_class=tokenizer,
                          peft_config=adapters.peft_config(model, LoraConfig()))
@@ -207,8 +207,8 @@ def test_c_balancing_term_present_and_logged(models, data, family, tmp_path):
     assert trainer.aux_loss_enabled == entry.has_aux_loss
     assert ("aux_loss" in logged) == entry.has_aux_loss
     assert bool(biases) == entry.has_bias
-    for name, bias in moe.bias_tensors(model).items():  # moved by the update rule, by 2 steps x the rate at most
-        assert 0 < (bias - biases[name]).abs().max() <= 2e-3 + 1e-7
+    for name, bias in moe.bias_tensors(model).items():  # moved by the update rule, by the rate at most
+        assert 0 < (bias - biases[name]).abs().max() <= 1e-3 + 1e-7
 
 
 # ---------------------------------------------------------------- (d) packed batches equal TRL's
@@ -277,6 +277,8 @@ def test_f_save_load_merge_round_trip_gives_identical_logits(models, data, famil
     model = models(family)
     model.save_pretrained(tmp_path / "base")
     inputs = padded_batch(data[0])
+    with torch.no_grad():
+        base_logits = model(**inputs).logits
     trained = random_lora_on(model, targets=ROLES)
     trained.save_pretrained(tmp_path / "adapter")
     with torch.no_grad():
@@ -286,11 +288,7 @@ def test_f_save_load_merge_round_trip_gives_identical_logits(models, data, famil
         torch.testing.assert_close(loaded(**inputs).logits, expected, rtol=0, atol=1e-5)
         merged = loaded.merge_and_unload()
         torch.testing.assert_close(merged(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
-        assert not torch.allclose(base_logits(tmp_path / "base", inputs), expected, atol=1e-3)
-
-
-def base_logits(folder, inputs):
-    return AutoModelForCausalLM.from_pretrained(folder)(**inputs).logits
+        assert not torch.allclose(base_logits, expected, atol=1e-3)  # the adapter changes the model
 
 
 # ---------------------------------------------------------------- (g) distributed wrap classes
