@@ -1,5 +1,5 @@
 """Tiny MoE models built from a config (`model.init`): a byte-level BPE tokenizer trained on the recipe's data,
-with role tokens and a chat template, and a config of the named architecture. For CPU demos and tests."""
+with role tokens and a chat template, and a config of the named MoE family (finetune/families.py). For CPU demos and tests."""
 
 from __future__ import annotations
 

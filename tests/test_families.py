@@ -19,10 +19,10 @@ from trl import SFTConfig, SFTTrainer
 from benchmarks.dpo_bench import loss_and_gradients
 from data_prep import synthetic
 from finetune import adapters, balancing, expert_quant, families, moe
+from finetune.tiny import init_config, train_tokenizer
 from finetune.packed_dpo import PackedDPOTrainer
 from finetune.packed_sft import PaddingFreeSFTTrainer
 from finetune.recipe import BalancingConfig, LoraConfig, ModelInit
-from finetune.tiny import init_config, train_tokenizer
 from tests.test_dpo_speed import build, same_math, whole_dataset
 from tests.test_expert_quant import dequantized_copy, quantized_copy, random_lora_on
 
@@ -122,6 +122,16 @@ def test_every_moe_model_type_is_covered_or_refused():
             families.check_supported(CONFIG_MAPPING[model_type]())
 
 
+def test_an_unsupported_family_is_refused_by_name_before_its_weights_load(tmp_path):
+    from finetune.models import load_pretrained
+    from finetune.recipe_parsing import parse_recipe
+
+    CONFIG_MAPPING["cohere2_moe"]().save_pretrained(tmp_path)  # a config, no weights: loading them would fail
+    recipe = parse_recipe({"run_dir": str(tmp_path / "run"), "model": {"name_or_path": str(tmp_path)}}, "r.yaml")
+    with pytest.raises(families.UnsupportedFamily, match="model_type 'cohere2_moe' is a Mixture-of-Experts family"):
+        load_pretrained(recipe, str(tmp_path))
+
+
 def test_model_init_accepts_every_family():
     from finetune.recipe_parsing import parse_recipe
 
@@ -184,7 +194,7 @@ def test_c_balancing_term_present_and_logged(models, data, family, tmp_path):
     model = models(family)
     tokenizer, _, conversations = data
     args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_length=40,
-                     per_device_train_batch_size=4, max_steps=2, logging_steps=1, save_strategy="no", seed=0,
+                     per_device_train_batch_size=4, max_steps=1, logging_steps=1, save_strategy="no", seed=0,
                      learning_rate=1e-3)
     trainer = SFTTrainer(model=model, args=args, train_dataset=conversations, processing_class=tokenizer,
                          peft_config=adapters.peft_config(model, LoraConfig()))
@@ -197,8 +207,8 @@ def test_c_balancing_term_present_and_logged(models, data, family, tmp_path):
     assert trainer.aux_loss_enabled == entry.has_aux_loss
     assert ("aux_loss" in logged) == entry.has_aux_loss
     assert bool(biases) == entry.has_bias
-    for name, bias in moe.bias_tensors(model).items():  # moved by the update rule, by 2 steps x the rate at most
-        assert 0 < (bias - biases[name]).abs().max() <= 2e-3 + 1e-7
+    for name, bias in moe.bias_tensors(model).items():  # moved by the update rule, by the rate at most
+        assert 0 < (bias - biases[name]).abs().max() <= 1e-3 + 1e-7
 
 
 # ---------------------------------------------------------------- (d) packed batches equal TRL's
@@ -267,6 +277,8 @@ def test_f_save_load_merge_round_trip_gives_identical_logits(models, data, famil
     model = models(family)
     model.save_pretrained(tmp_path / "base")
     inputs = padded_batch(data[0])
+    with torch.no_grad():
+        base_logits = model(**inputs).logits
     trained = random_lora_on(model, targets=ROLES)
     trained.save_pretrained(tmp_path / "adapter")
     with torch.no_grad():
@@ -276,11 +288,7 @@ def test_f_save_load_merge_round_trip_gives_identical_logits(models, data, famil
         torch.testing.assert_close(loaded(**inputs).logits, expected, rtol=0, atol=1e-5)
         merged = loaded.merge_and_unload()
         torch.testing.assert_close(merged(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
-        assert not torch.allclose(base_logits(tmp_path / "base", inputs), expected, atol=1e-3)
-
-
-def base_logits(folder, inputs):
-    return AutoModelForCausalLM.from_pretrained(folder)(**inputs).logits
+        assert not torch.allclose(base_logits, expected, atol=1e-3)  # the adapter changes the model
 
 
 # ---------------------------------------------------------------- (g) distributed wrap classes
