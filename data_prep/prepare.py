@@ -20,12 +20,13 @@ from data_prep.sources import read_rows, resolve_path, sampled, source_name
 from data_prep.validate import normalized
 from data_prep.writer import SplitWriter
 from finetune.recipe import Recipe
+from finetune.remote_files import recipe_file
 from finetune.rundir import Stage, write_json_atomic
 
 KINDS = ("sft", "preference")
 
 
-def run(recipe: Recipe, force: bool = False, tokenizer: Any = None) -> Path:
+def run(recipe: Recipe, force: bool | str = False, tokenizer: Any = None) -> Path:
     """Run the prep stage; returns run_dir/data. `tokenizer` overrides the model's (tests)."""
     base_dir = recipe.base_dir
     check_config(recipe.data, recipe.source)
@@ -37,6 +38,10 @@ def run(recipe: Recipe, force: bool = False, tokenizer: Any = None) -> Path:
     report = prepare(stage.work, recipe.data, recipe.seed, base_dir, tokenizer)
     write_json_atomic(stage.work / "report.json", report)
     print(summary(report))
+    if not any(report["splits"][kind]["train"] + report["splits"][kind]["test"] for kind in KINDS):
+        raise DataError(f"{recipe.source}: data.sources gave no training examples (see the counts above and "
+                        f"{stage.work / 'report.json'}). Add rows or sources that make SFT conversations or "
+                        f"preference pairs.")
     return stage.commit(outputs={"splits": report["splits"], "questions": report["questions"]})
 
 
@@ -57,6 +62,9 @@ def prepare(work: Path, data: DataConfig, seed: int, base_dir: Path, tokenizer: 
                     keep(example, quality, writers, questions, stats)
         if data.on_error == "fail":
             stats.fail_if_malformed()
+        if stats.read == 0 and source.format not in GENERATED_FORMATS:
+            raise DataError(f"{source_name(source)}: no rows (an empty file or split?). Fill it, or remove "
+                            f"data.sources[{index}] from the recipe.")
         sources.append(stats.as_dict())
     write_questions(work / "questions.jsonl", questions)
     lengths = quality.lengths.percentiles() if quality.lengths is not None else None
@@ -130,12 +138,13 @@ def check_config(data: DataConfig, recipe_file: str) -> None:
             raise DataError(f"{where}.options.pairing must be one of {', '.join(PAIRINGS)}.")
 
 
-def stage_inputs(recipe: Recipe, base_dir: Path) -> dict[str, Any]:
+def stage_inputs(recipe: Recipe, base_dir: Path | None = None) -> dict[str, Any]:
     """What the output depends on: the data section, the seed, the content of every local file, the tokenizer."""
+    base_dir = recipe.base_dir if base_dir is None else base_dir
     data = recipe.data
     files = [resolve_path(source, base_dir) for source in data.sources]
     if data.decontamination is not None:
-        files += [(base_dir / name).resolve() for name in data.decontamination.question_files]
+        files += [recipe_file(name, base_dir) for name in data.decontamination.question_files]
     inputs = {"data": recipe.section_dict("data"), "seed": recipe.seed,
               "files": {str(path): file_digest(path) for path in files if path is not None}}
     if data.max_length is not None:

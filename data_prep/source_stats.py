@@ -32,8 +32,11 @@ class SourceStats:
     def fail_if_malformed(self) -> None:
         if self.malformed:
             first = self.errors[0]
+            reason = first["reason"] if first["reason"][-1] in ".?!" else first["reason"] + "."
+            more = self.malformed - 1
+            others = f" {more} more malformed row{'s' if more > 1 else ''} in {self.name}." if more else ""
             raise DataError(
-                f"{first['location']}: {first['reason']}. {self.malformed - 1} more malformed rows in {self.name}. "
+                f"{first['location']}: {reason}{others} "
                 f"Fix the rows, or set data.on_error: skip to drop them (they are listed in report.json)."
             )
 

@@ -16,7 +16,7 @@ from peft import PeftModel
 from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from finetune.packed_forward import use_block_attention
+from finetune.packed_forward import padding_free_for, use_block_attention
 from finetune.scored_lm_head import install_scored_lm_head
 
 SFT_FIELDS = ("log_probs", "entropy", "is_top1")  # TRL's SFT loss and its entropy and token-accuracy metrics
@@ -39,7 +39,7 @@ def unwrapped(model):
 
 def sft_trainer(speed, **kwargs) -> SFTTrainer:
     """The SFT trainer the recipe's `speed:` section asks for (same loss either way)."""
-    trainer = PaddingFreeSFTTrainer(**kwargs) if speed.padding_free else SFTTrainer(**kwargs)
+    trainer = PaddingFreeSFTTrainer(**kwargs) if padding_free_for(speed, kwargs["model"], "sft") else SFTTrainer(**kwargs)
     if speed.scored_lm_head:
         install_scored_lm_head(unwrapped(trainer.model), SFT_FIELDS)
     return trainer

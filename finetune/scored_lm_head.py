@@ -22,6 +22,8 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 from trl.kernels import ChunkedLogProbFunction
 from trl.trainer.utils import FusedCausalLMOutput
 
+from finetune import moe
+
 LOGPROB_CHUNK = 4096  # vocabulary entries per LM-head tile: bounds the logits held at once
 # Config fields by which TRL's head scales or caps the logits (see trl.trainer.utils.add_fused_lm_head).
 SCALED_HEAD_FIELDS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
@@ -44,8 +46,7 @@ def scored_log_probs(model, hidden: torch.Tensor, targets: torch.Tensor, fields:
 
 def router_loss(model, router_logits, attention_mask) -> torch.Tensor:
     """The load-balancing loss TRL's fused head returns (Mixtral's, which every MoE family uses)."""
-    config = model.config.get_text_config()
-    return load_balancing_loss_func(router_logits, config.num_experts, config.num_experts_per_tok, attention_mask)
+    return load_balancing_loss_func(router_logits, *moe.routing_sizes(model), attention_mask)
 
 
 def install_scored_lm_head(model, fields: tuple[str, ...]) -> bool:

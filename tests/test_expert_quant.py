@@ -13,17 +13,25 @@ from finetune.cli import main
 from finetune.models import load_quantized, load_stage_model
 from finetune.recipe import LoraConfig, RecipeError
 from finetune.recipe_parsing import load_recipe, parse_recipe
+from on_device import DEVICE, DTYPE, SAME_RESULT, relative_error
 from test_cli import write_recipe
 from test_finetune import ARCHITECTURES, batch, tiny_model
+from tests.lookalike import FAMILIES, family_config
 
-QLORA = ["model.lora.stages=[sft,dpo]", "model.quantization.bits=4", "sft.gradient_checkpointing=true",
-         "dpo.gradient_checkpointing=true", "sft.learning_rate=1.0e-2", "dpo.learning_rate=1.0e-2"]
+QLORA = ["model.lora.stages=[sft,dpo]", "model.quantization.bits=4", "sft.activation_checkpointing=true",
+         "dpo.activation_checkpointing=true", "sft.learning_rate=1.0e-2", "dpo.learning_rate=1.0e-2"]
 
 
 def quantized_copy(model, double_quant=True):
     quantized = copy.deepcopy(model)
-    expert_quant.quantize_experts(quantized, double_quant=double_quant, compute_dtype=torch.float32)
+    expert_quant.quantize_experts(quantized, double_quant=double_quant, compute_dtype=model.dtype)
     return quantized
+
+
+def tiny_model_on_device(architecture="mixtral"):
+    """The tiny model and a batch where the conformance tests run (tests/on_device.py)."""
+    model, tokenizer = tiny_model(architecture)
+    return model.to(DEVICE, DTYPE), tokenizer, batch(tokenizer).to(DEVICE)
 
 
 def experts_modules(model):
@@ -36,18 +44,14 @@ def dequantized_copy(model, quantized):
     with torch.no_grad():
         for target, source in zip(experts_modules(rounded), experts_modules(quantized)):
             for name in moe.EXPERT_PARAMETERS:
-                getattr(target, name).copy_(torch.stack(
-                    [expert_quant.dequantize_expert(source, name, e) for e in range(source.num_experts)]))
+                getattr(target, name).copy_(expert_quant.dequantized_parameter(source, name))
     return rounded
 
 
-def relative_error(actual, expected):
-    return float((actual - expected).norm() / expected.norm())
-
-
+@pytest.mark.conformance
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_nf4_experts_match_full_precision_within_nf4_error(architecture):
-    model, tokenizer = tiny_model(architecture)
+    model, tokenizer, inputs = tiny_model_on_device(architecture)
     quantized = quantized_copy(model)
     for full, nf4 in zip(experts_modules(model), experts_modules(quantized)):
         for name in moe.EXPERT_PARAMETERS:
@@ -55,17 +59,49 @@ def test_nf4_experts_match_full_precision_within_nf4_error(architecture):
             rounded = torch.stack([expert_quant.dequantize_expert(nf4, name, e) for e in range(nf4.num_experts)])
             # NF4 with one scale per 64 weights: ~9% relative error on Gaussian weights; never exact.
             assert 0.02 < relative_error(rounded, weights) < 0.12
-        hidden = torch.randn(10, full.gate_up_proj.shape[-1])
-        top_k_index = torch.randint(0, full.num_experts, (10, 2))
-        top_k_weights = torch.rand(10, 2)
+        hidden = torch.randn(10, full.gate_up_proj.shape[-1], device=DEVICE, dtype=DTYPE)
+        top_k_index = torch.randint(0, full.num_experts, (10, 2), device=DEVICE)
+        top_k_weights = torch.rand(10, 2, device=DEVICE, dtype=DTYPE)
         with torch.no_grad():  # two NF4 matrices in series: about sqrt(2) times one matrix's error
             assert relative_error(nf4(hidden, top_k_index, top_k_weights), full(hidden, top_k_index, top_k_weights)) < 0.2
-    inputs = batch(tokenizer)
     with torch.no_grad():
         expected = model(**inputs).logits
         assert relative_error(quantized(**inputs).logits, expected) < 0.1
         # the forward is exactly the full-precision one on the rounded weights: no other approximation
-        assert torch.allclose(quantized(**inputs).logits, dequantized_copy(model, quantized)(**inputs).logits, atol=1e-5)
+        assert relative_error(quantized(**inputs).logits, dequantized_copy(model, quantized)(**inputs).logits) < SAME_RESULT
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_nf4_experts_run_each_familys_own_expert_math_on_the_rounded_weights(family, tmp_path):
+    """gpt-oss (transposed weights, biases, interleaved clamped SwiGLU), DeepSeek-V3 (routed scaling, shared expert),
+    Qwen3-MoE, Mixtral: the NF4 model is the family's full-precision forward on NF4-rounded experts, with and without
+    LoRA (PEFT's own wrapper on the rounded weights as the reference)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(family_config(family, vocab_size=128), dtype=torch.float32).eval()
+    quantized = quantized_copy(model)
+    rounded = dequantized_copy(model, quantized)
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = quantized(input_ids=ids).logits
+        torch.testing.assert_close(logits, rounded(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        assert 1e-4 < relative_error(logits, model(input_ids=ids).logits) < 0.1  # the rounding is real and small
+    peft_model = random_lora_on(quantized)
+    peft_model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        with_lora = peft_model(input_ids=ids).logits
+        reference = peft.PeftModel.from_pretrained(rounded, tmp_path).eval()
+        torch.testing.assert_close(with_lora, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        assert relative_error(with_lora, logits) > 1e-3
+
+
+def test_nf4_refuses_experts_outside_the_experts_interface_naming_the_family():
+    # the registry says so first; expert_quant.check_expert_layout also refuses such experts of an unknown family
+    config = AutoConfig.for_model("llama4_text", vocab_size=64, hidden_size=64, intermediate_size=64,
+                                  intermediate_size_mlp=128, num_hidden_layers=1, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=16, num_local_experts=4)
+    with pytest.raises(ValueError, match="cannot run llama4_text: its experts run their own forward.*"
+                                         "model.quantization: null"):
+        quantized_copy(AutoModelForCausalLM.from_config(config))
 
 
 @pytest.mark.parametrize("double_quant, most_bits", [(True, 4.2), (False, 4.6)])
@@ -79,9 +115,9 @@ def test_expert_weights_take_about_four_bits(double_quant, most_bits):
     assert 4.0 < 8 * stored / expert_weights < most_bits
 
 
-def random_lora_on(model, seed=1):
-    """A PEFT adapter on attention and experts with seeded random weights (B non-zero, so it changes the model)."""
-    peft_model = peft.get_peft_model(model, adapters.peft_config(model, LoraConfig(targets=["attention", "experts"])))
+def random_lora_on(model, seed=1, targets=("attention", "experts")):
+    """A PEFT adapter on the roles with seeded random weights (B non-zero, so it changes the model)."""
+    peft_model = peft.get_peft_model(model, adapters.peft_config(model, LoraConfig(targets=list(targets))))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -90,11 +126,11 @@ def random_lora_on(model, seed=1):
     return peft_model.eval()
 
 
+@pytest.mark.conformance
 def test_lora_on_nf4_experts_is_pefts_lora_on_the_rounded_weights(tmp_path):
-    model, tokenizer = tiny_model()
+    model, tokenizer, inputs = tiny_model_on_device()
     quantized = quantized_copy(model)
     rounded = dequantized_copy(model, quantized)
-    inputs = batch(tokenizer)
     with torch.no_grad():
         base_logits = quantized(**inputs).logits
     peft_model = random_lora_on(quantized)
@@ -106,7 +142,7 @@ def test_lora_on_nf4_experts_is_pefts_lora_on_the_rounded_weights(tmp_path):
         # PEFT's own ParamWrapper on full-precision weights equal to the NF4 ones gives the same model: same layout
         reference = peft.PeftModel.from_pretrained(rounded, tmp_path).eval()
         assert type(reference.base_model.model.model.layers[0].mlp.experts) is peft.tuners.lora.layer.ParamWrapper
-        assert torch.allclose(logits, reference(**inputs).logits, atol=1e-5)
+        assert relative_error(logits, reference(**inputs).logits) < SAME_RESULT
         assert not torch.allclose(logits, base_logits, atol=1e-3)
         with peft_model.disable_adapter():
             assert torch.equal(peft_model(**inputs).logits, base_logits)
@@ -114,17 +150,19 @@ def test_lora_on_nf4_experts_is_pefts_lora_on_the_rounded_weights(tmp_path):
         peft_model.merge_and_unload()
 
 
+@pytest.mark.conformance
 @pytest.mark.parametrize("bits", [4, 8])
 def test_gradients_reach_only_adapters_and_match_with_activation_checkpointing(tmp_path, bits):
     model, tokenizer = tiny_model()
     model.save_pretrained(tmp_path / "base")
     recipe = parse_recipe({"run_dir": str(tmp_path / "run"), "model": {
         "name_or_path": str(tmp_path / "base"), "lora": {"targets": ["attention", "experts"]},
-        "quantization": {"bits": bits}}}, "<test>")
+        "quantization": {"bits": bits}, "dtype": str(DTYPE).split(".")[-1]}}, "<test>")
     inputs = batch(tokenizer)
     gradients = []
     for checkpointing in (False, True):
-        base = load_quantized(recipe, "base")
+        base = load_quantized(recipe, "base")  # on the GPU when there is one
+        inputs = inputs.to(base.device)
         peft_model = random_lora_on(base).train()
         if checkpointing:
             peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -145,7 +183,7 @@ def test_gradients_reach_only_adapters_and_match_with_activation_checkpointing(t
         gradients.append(with_grad)
     assert gradients[0].keys() == gradients[1].keys()
     for name in gradients[0]:
-        assert torch.allclose(gradients[0][name], gradients[1][name], atol=1e-5), name
+        assert relative_error(gradients[0][name], gradients[1][name]) < SAME_RESULT, name
 
 
 def test_quantization_needs_lora_and_four_or_eight_bits(tmp_path):
