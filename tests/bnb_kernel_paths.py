@@ -29,9 +29,11 @@ PATHS = ["avx512bf16", "plain"]
 
 
 def plain_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype):
-    """bitsandbytes' pure-torch dequantize_4bit: blocks over the flattened matrix, as quantize_4bit writes them."""
+    """bitsandbytes' pure-torch dequantize_4bit: blocks over the flattened matrix, as quantize_4bit writes them.
+    Called uncompiled: bitsandbytes wraps it in torch.compile, which would compile it anew for every shape."""
     code = _get_4bit_code(quant_type, A.device)
-    return _dequantize_4bit_compute(A.view(torch.uint8).reshape(-1), absmax, code, blocksize, shape, dtype)
+    compute = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)
+    return compute(A.view(torch.uint8).reshape(-1), absmax, code, blocksize, shape, dtype)
 
 
 def row_blocked_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype):
