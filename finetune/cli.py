@@ -37,8 +37,8 @@ def section_help(sections: tuple[str, ...]) -> str:
         if section in TRAINER_SECTIONS:
             name = trainer_config_class(section).__name__
             lines.append(f"  {section + '.*':<34} Any field of TRL's {name}; list them with "
-                         f"`moetune {section} [RECIPE] --trl-fields`. moetune's defaults: fp32 and use_cpu on CPU, bf16 "
-                         f"on GPUs that support it, activation checkpointing on GPU only, report_to none, "
+                         f"`moetune {section} [RECIPE] --trl-fields`. moetune's defaults: fp32 and use_cpu on CPU, "
+                         f"bf16 on GPUs that support it, activation checkpointing on GPU only, report_to none, "
                          f"logging_steps 10, save_total_limit 2 (checkpoints: see checkpoints.every_minutes).")
             continue
         section_type = Recipe.__dataclass_fields__[section].default_factory

@@ -279,7 +279,8 @@ def model_bytes(model: nn.Module) -> int:
     return sum(tensor_bytes(t) for t in [*model.parameters(), *model.buffers()])
 
 
-def bitsandbytes_config(bits: int, double_quant: bool, compute_dtype: torch.dtype, skip_modules: list[str] | None = None):
+def bitsandbytes_config(bits: int, double_quant: bool, compute_dtype: torch.dtype,
+                        skip_modules: list[str] | None = None):
     """The stock bitsandbytes quantization of the Linear layers, which quantize_experts completes.
 
     `skip_modules`: Linear layers to keep in full precision (None: transformers' default, the output head)."""

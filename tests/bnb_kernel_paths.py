@@ -71,7 +71,10 @@ def use_dequantize_kernel(kernel):
 def bnb_kernel_path(request):
     """The test runs once on each CPU path (see the module docstring); the value is the path's name."""
     path = request.param
-    kernel = plain_dequantize_4bit if path == "plain" else (None if native_reads_rows() else row_blocked_dequantize_4bit)
+    if path == "plain":
+        kernel = plain_dequantize_4bit
+    else:  # the native kernel where it reads rows itself
+        kernel = None if native_reads_rows() else row_blocked_dequantize_4bit
     registration = use_dequantize_kernel(kernel) if kernel else None
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(bnb_modules, "has_avx512bf16", lambda: path == "avx512bf16")
