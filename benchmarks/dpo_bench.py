@@ -86,7 +86,7 @@ def trainer_inputs(variant: str, recipe, examples: int, callbacks: list) -> dict
     """Model, tokenizer, the first `examples` rows of the prepared split and the LoRA config (loaded untimed)."""
     from finetune import adapters
     from finetune.models import load_stage_model, load_tokenizer
-    from finetune.training import load_split
+    from finetune.splits import load_split
 
     kind = "preference" if VARIANTS[variant][0] == "dpo" else "sft"
     model = load_stage_model(recipe, "base")
@@ -101,7 +101,7 @@ def trainer_for(variant: str, recipe, output_dir: Path, inputs: dict):
 
     from finetune.packed_dpo import dpo_trainer
     from finetune.packed_sft import sft_trainer
-    from finetune.training import trainer_config
+    from finetune.trainer_config import trainer_config
 
     trl_defaults = dict(output_dir=str(output_dir), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
                         per_device_train_batch_size=recipe.dpo["per_device_train_batch_size"], seed=recipe.seed,
@@ -136,7 +136,7 @@ def run_variant(spec: dict) -> dict:
     from transformers import TrainerCallback
 
     from finetune.models import seed_everything
-    from finetune.recipe import parse_recipe
+    from finetune.recipe_parsing import parse_recipe
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -236,7 +236,8 @@ def same_math_check(recipe, batch_size: int) -> tuple[float, float]:
     from finetune import adapters
     from finetune.models import load_stage_model, load_tokenizer
     from finetune.packed_dpo import dpo_trainer
-    from finetune.training import load_split, trainer_config
+    from finetune.splits import load_split
+    from finetune.trainer_config import trainer_config
 
     base, tokenizer = load_stage_model(recipe, "base"), load_tokenizer(recipe)
     pairs = load_split(recipe, "preference", "train").select(range(batch_size))
@@ -258,15 +259,15 @@ def same_math_check(recipe, batch_size: int) -> tuple[float, float]:
 
 def prepare(folder: Path, sizes: dict) -> dict:
     from data_prep.prepare import run as prep
-    from finetune.models import build_base
-    from finetune.recipe import parse_recipe
+    from finetune import base
+    from finetune.recipe_parsing import parse_recipe
 
     raw = bench_recipe(folder / "run", sizes)
     raw["dpo"] = raw["sft"] = {"per_device_train_batch_size": sizes["batch"], "num_train_epochs": 1,
                                "disable_tqdm": True}
     recipe = parse_recipe(copy.deepcopy(raw), "<bench>")
     prep(recipe)
-    build_base(recipe)
+    base.run(recipe)
     return raw
 
 
@@ -368,7 +369,7 @@ def main(quick: bool, rounds: int | None = None) -> None:
                 results[variant].append(result)
                 print(f"[{repeat + 1}/{sizes['repeats']}] {variant}: {result['tokens'] / result['seconds']:,.0f} "
                       f"tokens/s, step {result['step_s']:.2f}s, peak {result['peak_mib']:,.0f} MiB", flush=True)
-        from finetune.recipe import parse_recipe
+        from finetune.recipe_parsing import parse_recipe
 
         loss_diff, grad_diff = same_math_check(parse_recipe(copy.deepcopy(raw), "<bench>"), sizes["batch"])
     rows = summarize(results, ceilings, flops_per_token(config))

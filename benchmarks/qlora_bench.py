@@ -31,7 +31,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, MixtralConfig
 
 from finetune import adapters, expert_quant, moe
 from finetune.models import load_quantized, resolve_dtype
-from finetune.recipe import LoraConfig, parse_recipe
+from finetune.recipe import LoraConfig
+from finetune.recipe_parsing import parse_recipe
 
 VARIANTS = {
     "expert_nf4": "(a) QLoRA, experts in NF4 (moetune)",

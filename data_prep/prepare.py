@@ -15,16 +15,17 @@ from data_prep.config import DataConfig
 from data_prep.formats import CONVERTERS, GENERATED_FORMATS, PAIRINGS, sft_from_chosen
 from data_prep.quality import QualityFilter, normalized_text, prompt_of
 from data_prep.records import DataError, Example, Problem, Row, RowError
-from data_prep.report import SourceStats, summary
+from data_prep.source_stats import SourceStats, summary
 from data_prep.sources import read_rows, resolve_path, sampled, source_name
 from data_prep.validate import normalized
 from data_prep.writer import SplitWriter
-from finetune.stage import Stage, write_json_atomic
+from finetune.recipe import Recipe
+from finetune.rundir import Stage, write_json_atomic
 
 KINDS = ("sft", "preference")
 
 
-def run(recipe: Any, force: bool = False, tokenizer: Any = None) -> Path:
+def run(recipe: Recipe, force: bool = False, tokenizer: Any = None) -> Path:
     """Run the prep stage; returns run_dir/data. `tokenizer` overrides the model's (tests)."""
     base_dir = recipe.base_dir
     check_config(recipe.data, recipe.source)
@@ -129,7 +130,7 @@ def check_config(data: DataConfig, recipe_file: str) -> None:
             raise DataError(f"{where}.options.pairing must be one of {', '.join(PAIRINGS)}.")
 
 
-def stage_inputs(recipe: Any, base_dir: Path) -> dict[str, Any]:
+def stage_inputs(recipe: Recipe, base_dir: Path) -> dict[str, Any]:
     """What the output depends on: the data section, the seed, the content of every local file, the tokenizer."""
     data = recipe.data
     files = [resolve_path(source, base_dir) for source in data.sources]
@@ -152,10 +153,7 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def model_tokenizer(recipe: Any) -> Any:
-    try:
-        from finetune.models import load_tokenizer  # the lead's module; imported late so prep works without it
-    except ImportError:
-        raise DataError(f"{recipe.source}: data.max_length needs the model's tokenizer, but finetune.models."
-                        f"load_tokenizer is not available in this checkout. Remove data.max_length for now.") from None
+def model_tokenizer(recipe: Recipe) -> Any:
+    from finetune.models import load_tokenizer  # imported only when data.max_length needs it: torch and transformers
+
     return load_tokenizer(recipe)

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import torch
 
-from eval.records import append_jsonl, read_jsonl
+from eval.jsonl import append_jsonl, read_jsonl
 
 Message = dict[str, str]
 

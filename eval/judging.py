@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eval.grading import pair_prompt, parse_rating, parse_verdict, single_prompt, usable_reference
-from eval.judges import programmatic_judgment
-from eval.records import append_jsonl, read_jsonl
+from eval.judge_prompts import pair_prompt, parse_rating, parse_verdict, single_prompt, usable_reference
+from eval.judge_backends import programmatic_judgment
+from eval.jsonl import append_jsonl, read_jsonl
 
 Question = dict[str, Any]
 Answers = dict[str, dict[Any, list[str]]]  # model -> question_id -> answer turns

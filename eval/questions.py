@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from eval.records import read_jsonl
+from eval.jsonl import read_jsonl
 
 
 def load_questions(source: str | Path, split: str = "train") -> list[dict[str, Any]]:

@@ -8,11 +8,13 @@ router weight through `target_parameters`. Anything not listed stays frozen.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import peft
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from finetune import expert_quant, moe
+from finetune import distributed, expert_quant, moe
 from finetune.recipe import LoraConfig
 
 ALL_ROLES = ("attention", "experts", "router")
@@ -50,3 +52,25 @@ def peft_config(model: nn.Module, lora: LoraConfig) -> peft.LoraConfig:
 
 def trainable_parameter_names(model: nn.Module) -> list[str]:
     return [name for name, param in model.named_parameters() if param.requires_grad]
+
+
+def merge_adapter(base: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """The one way moetune merges an adapter: `base` with the adapter in `adapter_dir` folded into its weights.
+
+    peft's merge_and_unload, also for a base that ZeRO-3 loaded partitioned (each process holds a shard).
+
+    Merging adds the adapter's update to the full base weight, so under ZeRO-3 each adapted module's weights are
+    gathered whole while it merges (one module at a time: a Mixtral layer's experts, 2.8 GB in bf16, not the model).
+    """
+    peft_model = peft.PeftModel.from_pretrained(base, str(adapter_dir))
+    if not distributed.zero3_enabled():
+        return peft_model.merge_and_unload()
+    import deepspeed  # DeepSpeed is optional: imported only under ZeRO-3
+
+    # Every tuner merges its own tensor, nested ones too (the two fused expert tensors of one module are wrapped
+    # one inside the other); unload() then removes the wrappers, like merge_and_unload.
+    for module in peft_model.modules():
+        if isinstance(module, BaseTunerLayer):
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+                module.merge()
+    return peft_model.unload()

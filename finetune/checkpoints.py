@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from transformers import TrainerCallback
 
-from finetune.stage import write_json_atomic
+from finetune.rundir import write_json_atomic
 
 # Trainer names its checkpoints `checkpoint-<global step>` inside output_dir (the stage's work folder).
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")

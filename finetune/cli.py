@@ -4,26 +4,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import sys
 import textwrap
-import time
 
-from finetune import distributed, launch
-from finetune.disk_errors import raise_disk_error
-from finetune.recipe import Recipe, RecipeError, describe_fields, load_recipe, trainer_config_class
-from finetune.stage import StageError
+from finetune import hub, launch
+from finetune.fields import describe_fields
+from finetune.pipeline import run_stage, wait_for_uploads
+from finetune.recipe import TRAINING_STAGES, Recipe, RecipeError
+from finetune.recipe_parsing import load_recipe, trainer_config_class
+from finetune.registry import BY_NAME, COMMANDS, STAGES, command_writing
+from finetune.rundir import MissingStageOutput, StageError
 
-# Stage name -> (module with run(recipe, force), recipe sections it reads, one-line description).
-STAGES = {
-    "prep": ("data_prep.prepare", ("data",), "Build SFT conversations and preference pairs into run_dir/data."),
-    "sft": ("finetune.sft", ("model", "sft", "speed", "checkpoints"),
-            "Supervised fine-tuning with TRL's SFTTrainer into run_dir/sft."),
-    "dpo": ("finetune.dpo", ("model", "dpo", "speed", "checkpoints"),
-            "DPO from the SFT result with TRL's DPOTrainer into run_dir/dpo."),
-    "eval": ("eval.stage", ("eval",), "Answer held-out questions with each model, judge, report into run_dir/eval."),
-}
-TRAINER_SECTIONS = ("sft", "dpo")
 HUB_COMMANDS = ("merge", "push")
 
 
@@ -34,7 +25,7 @@ def section_help(sections: tuple[str, ...]) -> str:
              f"  {'run_dir':<34} {hints['run_dir'].metadata['help']}",
              f"  {'seed':<34} {hints['seed'].metadata['help']}"]
     for section in sections:
-        if section in TRAINER_SECTIONS:
+        if section in TRAINING_STAGES:
             name = trainer_config_class(section).__name__
             lines.append(f"  {section + '.*':<34} Any field of TRL's {name}; list them with "
                          f"`moetune {section} [RECIPE] --trl-fields`. moetune's defaults: fp32 and use_cpu on CPU, "
@@ -50,7 +41,7 @@ def section_help(sections: tuple[str, ...]) -> str:
 
 def trl_fields_help(section: str, recipe: Recipe) -> str:
     """Every field of TRL's config for `section`, with the default moetune applies for `recipe` on this machine."""
-    from finetune.training import moetune_defaults
+    from finetune.trainer_config import moetune_defaults
 
     ours = moetune_defaults(section, recipe)
     every = recipe.checkpoints.every_minutes
@@ -78,19 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
                "  moetune dpo --help",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = commands.add_parser("run", help="Run the recipe's stages in order: prep, sft, dpo, eval.",
+    run = commands.add_parser("run", help=f"Run the recipe's stages in order: {', '.join(COMMANDS)}.",
                               formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=section_help(("data", "model", "sft", "dpo", "speed", "checkpoints", "eval")))
+                              epilog=section_help(tuple(dict.fromkeys(s for spec in STAGES for s in spec.sections))))
     add_recipe_arguments(run)
-    run.add_argument("--stages", default=",".join(STAGES),
+    run.add_argument("--stages", default=",".join(COMMANDS),
                      help="Comma-separated stages to run, in pipeline order (default: %(default)s).")
     add_accelerate_argument(run)
-    for name, (_, sections, description) in STAGES.items():
-        stage = commands.add_parser(name, help=description, description=description,
+    for name in COMMANDS:
+        spec = BY_NAME[name]
+        stage = commands.add_parser(name, help=spec.description, description=spec.description,
                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                    epilog=section_help(sections))
+                                    epilog=section_help(spec.sections))
         add_recipe_arguments(stage)
-        if name in TRAINER_SECTIONS:
+        if name in TRAINING_STAGES:
             stage.add_argument("--trl-fields", action="store_true",
                                help=f"List every TRL field the {name}: section accepts, with its help and moetune's "
                                     f"default (for RECIPE when given), and exit.")
@@ -116,8 +108,6 @@ def add_hub_commands(commands) -> None:
 
 
 def run_hub_command(args) -> None:
-    from finetune import hub
-
     if args.command == "merge":
         hub.merge(args.adapter_dir, args.out)
     else:
@@ -138,24 +128,6 @@ def add_accelerate_argument(parser: argparse.ArgumentParser) -> None:
                              "ddp, zero2, zero3, fsdp2 (recipes/accelerate/) or a path. Options after it go to "
                              "accelerate, e.g. --num-processes 8, --num-machines 2 --machine-rank 0 "
                              "--main-process-ip HOST. `run` keeps prep and eval in one process.")
-
-
-def run_stage(name: str, recipe: Recipe, force: bool) -> None:
-    module = importlib.import_module(STAGES[name][0])
-    started = time.time()
-    main_process = distributed.is_main_process()  # in a multi-process run, one progress line per stage
-    if main_process:
-        print(f"== {name}: {STAGES[name][2]}", flush=True)
-    try:
-        output = module.run(recipe, force=force)
-    except Exception as error:  # a full disk surfaces as OSError, or as safetensors' or torch's own errors
-        raise_disk_error(name, error, recipe.run_path)
-        raise
-    if output.name.endswith(".partial"):
-        # eval keeps a stage open while judge calls failed; a re-run retries only those.
-        raise StageError(f"[{name}] unfinished: some work failed and is kept in {output}. Run the same command again to retry it.")
-    if main_process:
-        print(f"== {name} finished in {time.time() - started:.0f}s", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,8 +154,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_stages(args) -> None:
-    from finetune import hub
-
     recipe = load_recipe(args.recipe, args.overrides)
     stages = parse_stages(args.stages) if args.command == "run" else [args.command]
     try:
@@ -194,13 +164,16 @@ def run_stages(args) -> None:
         for name in stages:
             run_stage(name, recipe, args.force)
     finally:
-        hub.wait_for_uploads()  # `hub.push` uploads run beside the later stages; a failed stage keeps them too
+        wait_for_uploads()  # `hub.push` uploads run beside the later stages; a failed stage keeps them too
 
 
 def report_errors(command, also: tuple = ()) -> int:
     """Run a command; expected failures print one `moetune: error:` line and exit 2 instead of a traceback."""
     try:
         command()
+    except MissingStageOutput as error:
+        print(f"moetune: error: {error.message(command_writing(error.folder.name))}", file=sys.stderr)
+        return 2
     except (RecipeError, StageError, ValueError, *also) as error:
         print(f"moetune: error: {error}", file=sys.stderr)
         return 2
@@ -209,10 +182,10 @@ def report_errors(command, also: tuple = ()) -> int:
 
 def parse_stages(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in STAGES]
+    unknown = [name for name in names if name not in COMMANDS]
     if unknown:
-        raise RecipeError(f"--stages: unknown stage {unknown[0]!r}; stages are {', '.join(STAGES)}.")
-    return [name for name in STAGES if name in names]
+        raise RecipeError(f"--stages: unknown stage {unknown[0]!r}; stages are {', '.join(COMMANDS)}.")
+    return [name for name in COMMANDS if name in names]
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import errno
 import shutil
 from pathlib import Path
 
-from finetune.stage import StageError
+from finetune.rundir import StageError
 
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 NOT_WRITABLE = {errno.EACCES, errno.EPERM}  # read-only too, when the path is in the run dir

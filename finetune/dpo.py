@@ -13,13 +13,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune import distributed
-from finetune.models import load_stage_model, load_tokenizer, seed_everything
+from finetune import moe
+from finetune.models import load_stage_model, load_tokenizer, load_training_model, seed_everything
 from finetune.packed_dpo import dpo_trainer
 from finetune.recipe import Recipe
-from finetune.stage import Stage, require_complete
-from finetune.training import (expert_load_callbacks, load_split, load_training_model, require_train_split, save_stage,
-                               trainer_config, train_resuming)
+from finetune.rundir import Stage, require_complete
+from finetune.saving import save_stage
+from finetune.splits import load_split, require_train_split
+from finetune.trainer_config import trainer_config
+from finetune.training import train_resuming
 
 
 def run(recipe: Recipe, force: bool = False) -> Path:
@@ -49,7 +51,7 @@ def run(recipe: Recipe, force: bool = False) -> Path:
         eval_dataset=load_split(recipe, "preference", "test"),
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=expert_load_callbacks(model, stage),
+        callbacks=moe.expert_load_callbacks(model, stage.work),
     )
     train_resuming(trainer, stage, recipe.checkpoints)
     if "ref" in getattr(trainer.model, "peft_config", {}):
@@ -60,5 +62,5 @@ def run(recipe: Recipe, force: bool = False) -> Path:
 def load_reference(recipe: Recipe):
     """The frozen SFT model for full fine-tuning. DPOTrainer shards it like the policy under ZeRO-3 and FSDP."""
     reference = load_stage_model(recipe, "sft").eval()
-    distributed.mark_moe_blocks_as_zero3_leaves(reference)
+    moe.mark_moe_blocks_as_zero3_leaves(reference)
     return reference

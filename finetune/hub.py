@@ -9,14 +9,14 @@ from __future__ import annotations
 import fnmatch
 import os
 import shutil
-import sys
 import tempfile
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from finetune import adapters
 from finetune.models import load_adapter_base
-from finetune.recipe import Recipe, dump_recipe, load_recipe
-from finetune.stage import read_manifest
+from finetune.recipe import Recipe
+from finetune.recipe_parsing import dump_recipe, load_recipe
+from finetune.rundir import read_manifest
 
 # What a stage folder shares: weights, configs, tokenizer, the resolved recipe. Not the run's bookkeeping
 # (manifest, metrics, expert load, trainer state), which holds local paths and means nothing on the Hub.
@@ -33,14 +33,12 @@ def merge(adapter_dir: str | Path, out: str | Path) -> Path:
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ValueError(f"{adapter_dir} holds no adapter (no adapter_config.json); only adapters can be merged.")
     require_empty(out, "--out")
-    from peft import PeftModel
-
     base, tokenizer = load_adapter_base(adapter_dir)
     if getattr(base.config, "quantization_config", None) is not None:
         # Merging rounds the adapter into quantized weights and the result cannot be saved as plain weights.
         raise ValueError(f"the base of {adapter_dir} loads quantized; merge needs its full-precision weights. "
                          f"Point the adapter at an unquantized copy of the base model.")
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged = adapters.merge_adapter(base, adapter_dir)
     merged.save_pretrained(out)  # transformers 5 always writes safetensors
     tokenizer.save_pretrained(out)
     print(f"[merge] merged {adapter_dir} into its base; saved to {out}")
@@ -127,36 +125,3 @@ def push(stage_dir: str | Path, repo_id: str, private: bool = False, revision: s
         api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
                           commit_message=f"moetune: upload {stage_dir.name}")
     print(f"[push] uploaded {stage_dir} to https://huggingface.co/{repo_id}")
-
-
-# `hub.push` uploads run one after another on a thread of their own while the next stages train: in a multi-process
-# run the other processes would otherwise wait for the main one's upload at their next collective, and an upload of
-# full weights can outlast the process-group timeout. The command ends with `wait_for_uploads`.
-UPLOADER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moetune-push")
-PENDING_UPLOADS: list[tuple[Path, Future]] = []
-
-
-def push_stage_if_configured(recipe: Recipe, stage_dir: Path) -> None:
-    """`hub.push: true`: start uploading a stage as soon as it is committed. A failed upload keeps the saved stage."""
-    hub = recipe.hub
-    if hub.push and stage_dir.name in hub.stages:
-        upload = UPLOADER.submit(push_or_explain, stage_dir, hub.repo_for(stage_dir.name), hub.private)
-        PENDING_UPLOADS.append((stage_dir, upload))
-
-
-def push_or_explain(stage_dir: Path, repo_id: str, private: bool) -> None:
-    try:
-        push(stage_dir, repo_id, private=private)
-    except Exception as error:  # noqa: BLE001 - any upload failure (network, auth, quota) must not fail training
-        retry = f"moetune push {stage_dir} --repo-id {repo_id}" + (" --private" if private else "")
-        print(f"[push] uploading {stage_dir} to {repo_id} failed ({type(error).__name__}: {error}). "
-              f"The stage is saved; retry with `{retry}`.", file=sys.stderr)
-
-
-def wait_for_uploads() -> None:
-    """The end of a command: the uploads it started finish (or report their failure) before it returns."""
-    while PENDING_UPLOADS:
-        stage_dir, upload = PENDING_UPLOADS.pop(0)
-        if not upload.done():
-            print(f"[push] waiting for the upload of {stage_dir} to finish", flush=True)
-        upload.result()

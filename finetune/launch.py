@@ -13,11 +13,12 @@ import sys
 from pathlib import Path
 
 from finetune import distributed
-from finetune.recipe import TRAINING_STAGES
-from finetune.stage import StageError
+from finetune.registry import STAGES
+from finetune.rundir import StageError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "recipes" / "accelerate"
-SINGLE_PROCESS_STAGES = ("prep", "eval")
+EVERY_PROCESS_STAGES = tuple(spec.name for spec in STAGES if spec.every_process)  # training: one launch runs them
+SINGLE_PROCESS_STAGES = tuple(spec.name for spec in STAGES if not spec.every_process)
 
 
 def config_path(name: str) -> Path:
@@ -76,13 +77,13 @@ def machine_count(options: list[str]) -> int:
 
 def run_with_accelerate(stages: list[str], args, run_here) -> None:
     """Prep here, the training stages in one accelerate launch, eval here: in pipeline order."""
-    training = [name for name in stages if name in TRAINING_STAGES]
+    training = [name for name in stages if name in EVERY_PROCESS_STAGES]
     single = [name for name in stages if name in SINGLE_PROCESS_STAGES]
     if single and machine_count(args.accelerate_options) > 1:
         raise StageError(f"{', '.join(single)} would run once on every node: run `moetune prep RECIPE` once before "
                          f"and `moetune eval RECIPE` once after, and `--stages sft,dpo` on the nodes.")
     for name in stages:
-        if name not in TRAINING_STAGES:
+        if name not in EVERY_PROCESS_STAGES:
             run_here(name)
         elif name == training[0]:
             launch_training(training, args)

@@ -1,4 +1,4 @@
-"""Loading models and tokenizers: hub/local checkpoints, tiny models built from a config, and stage outputs.
+"""Loading models and tokenizers: hub/local checkpoints, quantized bases, stage outputs, and what a stage trains.
 
 Every stage output is a folder `from_pretrained` understands. Its manifest says whether it holds full weights
 or an adapter, and on top of which earlier stage ("parent"), so a chain base -> sft -> dpo loads by walking
@@ -13,25 +13,13 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from finetune import distributed
-from finetune.recipe import ModelConfig, ModelInit, Recipe, load_recipe
-from finetune.stage import Stage, read_manifest, require_complete
-
-SPECIAL_TOKENS = {"pad_token": "<|pad|>", "eos_token": "<|end|>", "unk_token": "<|unk|>"}
-ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
-# A compact chat template with {% generation %} markers, so TRL's assistant-only loss can find the answers.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "<|assistant|>{% generation %}{{ message['content'] }}<|end|>{% endgeneration %}"
-    "{%- else -%}"
-    "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
-)
+from finetune import adapters, expert_quant, moe
+from finetune.recipe import MODEL_STAGES, ModelConfig, Recipe
+from finetune.recipe_parsing import load_recipe
+from finetune.rundir import read_manifest, require_complete
+from finetune.tiny import train_tokenizer
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -49,84 +37,6 @@ def experts_kernel(model_config: ModelConfig) -> str:
         warnings.warn("model.experts_implementation=batched_mm runs 30-40x slower than grouped_mm on a CPU: "
                       "set it to auto.")
     return kernel
-
-
-# ---------------------------------------------------------------- tiny models built from a config
-
-def train_tokenizer(texts, vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on `texts`, with role tokens and the chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    specials = list(SPECIAL_TOKENS.values()) + ROLE_TOKENS
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS, additional_special_tokens=ROLE_TOKENS)
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
-
-
-def init_config(init: ModelInit, tokenizer) -> AutoConfig:
-    """A config of the named MoE architecture; the three share most names but not the expert-count ones."""
-    common = dict(
-        vocab_size=len(tokenizer), hidden_size=init.hidden_size, num_hidden_layers=init.num_layers,
-        num_attention_heads=init.num_heads, num_key_value_heads=init.num_kv_heads,
-        num_experts_per_tok=init.experts_per_token, router_aux_loss_coef=init.router_aux_loss_coef,
-        output_router_logits=True, max_position_embeddings=init.max_position_embeddings,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-        tie_word_embeddings=False,
-    )
-    per_architecture = {
-        "mixtral": dict(num_local_experts=init.num_experts, intermediate_size=init.intermediate_size),
-        "qwen3_moe": dict(num_experts=init.num_experts, moe_intermediate_size=init.intermediate_size,
-                          intermediate_size=init.intermediate_size, decoder_sparse_step=1,
-                          head_dim=init.hidden_size // init.num_heads),
-        "olmoe": dict(num_experts=init.num_experts, intermediate_size=init.intermediate_size),
-    }
-    return AutoConfig.for_model(init.architecture, **common, **per_architecture[init.architecture])
-
-
-def training_texts(data_dir: Path):
-    """Every message text of the prepared training files: what the tiny model's tokenizer learns from."""
-    for name in ("sft/train.jsonl", "preference/train.jsonl"):
-        path = Path(data_dir) / name
-        if not path.is_file():
-            continue
-        with open(path) as handle:
-            for line in handle:
-                row = json.loads(line)
-                for key in ("messages", "prompt", "chosen", "rejected"):
-                    for message in row.get(key) or []:
-                        yield message["content"]
-
-
-def build_base(recipe: Recipe, force: bool = False) -> Path:
-    """The `base` stage for `model.init` recipes: train a tokenizer on the prepared data, build and save the model."""
-    data = require_complete(recipe.run_path, "data", needed_by="base")
-    stage = Stage(recipe.run_path, "base", inputs={"init": recipe.section_dict("model")["init"],
-                                                     "seed": recipe.seed, "data": data["fingerprint"]})
-    if not stage.begin(force):
-        return stage.final
-    # One process builds and saves the model; in a multi-process run the others wait in commit, then load it.
-    outputs = write_base_model(recipe, stage.work) if distributed.is_main_process() else {}
-    return stage.commit(outputs)
-
-
-def write_base_model(recipe: Recipe, folder: Path) -> dict:
-    init = recipe.model.init
-    tokenizer = train_tokenizer(training_texts(recipe.run_path / "data"), init.vocab_size)
-    seed_everything(recipe.seed)
-    model = AutoModelForCausalLM.from_config(init_config(init, tokenizer), dtype=torch.float32)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"[base] built a {init.architecture} model with {n_params:,} parameters and a {len(tokenizer)}-token tokenizer.")
-    return {"kind": "full", "parameters": n_params}
 
 
 def seed_everything(seed: int) -> None:
@@ -179,8 +89,6 @@ def load_quantized(recipe: Recipe, name: str):
     It loads on the CPU (memory-mapped) and quantizes expert by expert onto the GPU when there is one, so the GPU
     only ever holds the 4-bit model.
     """
-    from finetune import expert_quant
-
     location = base_location(recipe) if name == "base" else str(recipe.run_path / name)
     quantization = recipe.model.quantization
     dtype = resolve_dtype(recipe.model.dtype)
@@ -222,15 +130,12 @@ def load_stage_model(recipe: Recipe, name: str):
     outputs = require_complete(recipe.run_path, name, needed_by="model loading")["outputs"]
     if outputs["kind"] == "full":
         return load_pretrained(recipe, str(folder))
-    from peft import PeftModel
-
-    parent = load_stage_model(recipe, outputs["parent"])
-    return distributed.merge_and_unload(PeftModel.from_pretrained(parent, str(folder)))
+    return adapters.merge_adapter(load_stage_model(recipe, outputs["parent"]), folder)
 
 
 def load_for_inference(recipe: Recipe, name: str):
     """(model, tokenizer) ready for generation: a stage of this run, or any local path or hub id (adapters too)."""
-    if name in ("base", "sft", "dpo"):
+    if name in MODEL_STAGES:
         model = load_stage_model(recipe, name)
         tokenizer = load_tokenizer(recipe)
     else:
@@ -246,10 +151,8 @@ def load_external(recipe: Recipe, location: str):
     adapter_dir = Path(location)
     trust = recipe.model.trust_remote_code
     if (adapter_dir / "adapter_config.json").is_file():
-        from peft import PeftModel
-
         base, tokenizer = load_adapter_base(adapter_dir, resolve_dtype(recipe.model.dtype), trust)
-        model = PeftModel.from_pretrained(base, location).merge_and_unload()
+        model = adapters.merge_adapter(base, adapter_dir)
     else:
         model = load_pretrained(recipe, location)
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust)
@@ -273,3 +176,33 @@ def load_adapter_base(adapter_dir: Path, dtype: torch.dtype | str = "auto", trus
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code)
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
     return model, AutoTokenizer.from_pretrained(adapter_dir if has_tokenizer else base, trust_remote_code=trust_remote_code)
+
+
+# ---------------------------------------------------------------- what a training stage trains
+
+def load_training_model(recipe: Recipe, stage: str, start: str):
+    """(model, peft_config, parent): what a stage trains, the adapter to add (None: it trains all weights, or
+    continues an adapter), and the stage its output sits on.
+
+    In full precision a stage starts from `start` with its adapters merged in and adds a fresh adapter. A quantized
+    base (QLoRA) is never merged into: when `start` is an adapter, training continues it on its quantized base (for
+    DPO, TRL keeps a frozen copy of it as the reference policy) and the new adapter sits on that base too. Under
+    ZeRO-3 the MoE blocks are marked as leaf modules.
+    """
+    model, peft_config, parent = load_model_and_adapter(recipe, stage, start)
+    moe.mark_moe_blocks_as_zero3_leaves(model)
+    return model, peft_config, parent
+
+
+def load_model_and_adapter(recipe: Recipe, stage: str, start: str):
+    lora = recipe.model.lora_for(stage)
+    if lora is None or recipe.model.quantization is None:
+        model = load_stage_model(recipe, start)
+        return model, adapters.peft_config(model, lora) if lora else None, start
+    outputs = require_complete(recipe.run_path, start, needed_by=stage)["outputs"] if start != "base" else {}
+    if outputs.get("kind") != "adapter":
+        model = load_quantized(recipe, start)
+        return model, adapters.peft_config(model, lora), start
+    parent = outputs["parent"]
+    base = load_quantized(recipe, parent)
+    return expert_quant.load_adapter(base, str(recipe.run_path / start), trainable=True), None, parent

@@ -50,6 +50,28 @@ def moe_block_classes(model: nn.Module) -> list[type]:
     return found
 
 
+def mark_moe_blocks_as_zero3_leaves(model: nn.Module) -> None:
+    """Under DeepSpeed ZeRO-3, gather each sparse MoE block's weights (router and all experts) as one unit.
+
+    ZeRO-3 fetches a module's weights when its forward starts. Where each expert is its own module (transformers 4,
+    remote-code models), experts that no token on a process was routed to never run there, so the processes ask for
+    different weights and wait on each other forever (axolotl#1534, trl#1268). transformers 5 fuses the experts
+    into one module that always runs (a 2-process ZeRO-3 run on the tiny model trains without this), but a leaf
+    block is still one gather instead of several, and stays safe for per-expert layouts.
+    The block class differs per architecture (MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock, OlmoeSparseMoeBlock),
+    so it is found in the model rather than listed in the launch config (accelerate refuses names it cannot find).
+    """
+    if not distributed.zero3_enabled():
+        return
+    from deepspeed.utils import set_z3_leaf_modules  # DeepSpeed is optional: imported only under ZeRO-3
+
+    classes = moe_block_classes(model)
+    if classes:
+        set_z3_leaf_modules(model, classes)
+        if distributed.is_main_process():
+            print(f"[zero3] MoE blocks gathered whole (ZeRO-3 leaf modules): {', '.join(c.__name__ for c in classes)}")
+
+
 def expert_parameter_targets(model: nn.Module) -> list[str]:
     """PEFT `target_parameters` names for the fused experts, e.g. ["mlp.experts.gate_up_proj", ...]."""
     suffixes = set()
@@ -149,3 +171,8 @@ class ExpertLoadCallback(TrainerCallback):
         self.tracker.remove()
         if state.is_world_process_zero:
             self.output_file.write_text(json.dumps({"layers": self.tracker.layers, "history": self.history}, indent=1))
+
+
+def expert_load_callbacks(model: nn.Module, folder: Path) -> list:
+    """Expert-load tracking into folder/expert_load.json, for MoE models (none for a dense model)."""
+    return [ExpertLoadCallback(model, folder / "expert_load.json")] if is_moe_model(model) else []

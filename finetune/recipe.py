@@ -1,26 +1,20 @@
-"""Recipes: one YAML file per pipeline, parsed into typed, validated config objects.
+"""The recipe schema: one YAML file per pipeline, one typed dataclass per section, defaults and help on each field.
 
-A recipe has a section per concern (model, data, sft, dpo, eval, hub) and a `run_dir` where every stage writes.
-Validation happens before any work starts: an unknown key fails naming the file, the key and the closest valid
-key; a value of the wrong type fails naming the key and the expected type. `sft:` and `dpo:` take any field of
-TRL's SFTConfig / DPOConfig, checked against those classes, so TRL users' knowledge carries over.
+A recipe has a section per concern (model, data, sft, dpo, eval, hub, ...) and a `run_dir` where every stage
+writes. The `data:` and `eval:` sections are declared beside their code (data_prep/config.py, eval/config.py).
+finetune/recipe_parsing.py reads YAML into these classes; finetune/recipe_validation.py checks the values.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from data_prep.config import DataConfig
-from eval.config import EvalConfig, check_eval_config
-from finetune.fields import help_field
+from eval.config import EvalConfig
+from finetune.fields import help_field, to_dict
 
 
 class RecipeError(ValueError):
@@ -149,13 +143,18 @@ class CheckpointConfig:
     )
 
 
+def trainer_field(config_name: str) -> Any:
+    """A section of any fields of a TRL trainer config: the section of the training stage of the same name."""
+    return field(default_factory=dict, metadata={"help": f"Any field of TRL's {config_name}.", "trl_config": config_name})
+
+
 @dataclass
 class Recipe:
     run_dir: str = help_field(help="Folder where every stage writes: run_dir/{data,base,sft,dpo,eval}.")
     model: ModelConfig = help_field(factory=ModelConfig, help="The base model.")
     data: DataConfig = help_field(factory=DataConfig, help="Training data sources (the prep stage).")
-    sft: dict[str, Any] = help_field(factory=dict, help="Any field of TRL's SFTConfig.")
-    dpo: dict[str, Any] = help_field(factory=dict, help="Any field of TRL's DPOConfig.")
+    sft: dict[str, Any] = trainer_field("SFTConfig")
+    dpo: dict[str, Any] = trainer_field("DPOConfig")
     eval: EvalConfig = help_field(factory=EvalConfig, help="Evaluation (the eval stage).")
     hub: HubConfig = help_field(factory=HubConfig, help="Pushing results to the Hugging Face Hub.")
     speed: SpeedConfig = help_field(factory=SpeedConfig, help="Training speed levers (math unchanged).")
@@ -181,259 +180,7 @@ class Recipe:
         return {**self.section_dict("model"), "lora": to_dict(self.model.lora_for(stage))}
 
 
-# TRL fields that moetune sets itself from the recipe; setting them in sft:/dpo: would be silently overridden.
-MANAGED_TRAINER_KEYS = {"output_dir": "run_dir", "seed": "seed"}
-
-
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read a YAML recipe, apply dotted `key=value` overrides, and validate everything."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: no such recipe file. Recipes live in recipes/, e.g. recipes/tiny-moe.yaml.")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise RecipeError(f"{path}: not valid YAML: {error}") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping of sections (model:, data:, sft:, ...), not {type(raw).__name__}.")
-    for override in overrides:
-        apply_override(raw, override, str(path))
-    return parse_recipe(raw, str(path))
-
-
-def parse_recipe(raw: dict[str, Any], source: str) -> Recipe:
-    recipe = from_dict(Recipe, raw, source, "")
-    recipe.source = source
-    validate_trainer_section(recipe.sft, "sft", source)
-    validate_trainer_section(recipe.dpo, "dpo", source)
-    validate_model(recipe.model, source)
-    validate_hub(recipe.hub, source)
-    try:
-        check_eval_config(recipe.eval)
-    except ValueError as error:
-        raise RecipeError(f"{source}: {error}") from None
-    return recipe
-
-
-def apply_override(raw: dict[str, Any], override: str, source: str) -> None:
-    """`sft.learning_rate=5e-4` sets raw["sft"]["learning_rate"]; the value is parsed as YAML."""
-    key, sep, text = override.partition("=")
-    if not sep or not key:
-        raise RecipeError(f"override '{override}': write overrides as dotted.key=value, e.g. sft.max_steps=50.")
-    parts = key.split(".")
-    node = raw
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise RecipeError(f"override '{override}': {part} in {source} is not a section.")
-        node = child
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
-
-
-def from_dict(cls: type, data: Any, source: str, where: str) -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys with a 'did you mean'."""
-    if not isinstance(data, dict):
-        raise RecipeError(f"{source}: {where or 'the recipe'} must be a mapping, got {data!r}.")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    values = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in known:
-            raise RecipeError(unknown_key_message(source, path, key, list(known)))
-        values[key] = coerce(hints[key], value, source, path)
-    missing = [
-        name for name, f in known.items()
-        if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        raise RecipeError(f"{source}: {where + '.' if where else ''}{missing[0]} is required.")
-    return cls(**values)
-
-
-def unknown_key_message(source: str, path: str, key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
-    hint = f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(sorted(valid))}."
-    return f"{source}: unknown key '{path}'.{hint}"
-
-
-def coerce(hint: Any, value: Any, source: str, path: str) -> Any:
-    """Check (and gently convert) one YAML value against a type hint."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        errors = []
-        for candidate in inner:
-            try:
-                return coerce(candidate, value, source, path)
-            except RecipeError as error:
-                errors.append(error)
-        raise errors[0]
-    if hint is Any:
-        return value
-    if dataclasses.is_dataclass(hint):
-        return from_dict(hint, {} if value is None else value, source, path)
-    if origin is list:
-        items = value if isinstance(value, list) else [value]
-        return [coerce(args[0], item, source, path) for item in items] if args else items
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise RecipeError(f"{source}: {path} must be a mapping, got {value!r}.")
-        return value
-    return coerce_scalar(hint, value, source, path)
-
-
-def coerce_scalar(hint: Any, value: Any, source: str, path: str) -> Any:
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        # YAML reads 5e-4 (no dot) as a string; accept any number a user would write.
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    else:
-        return value
-    raise RecipeError(f"{source}: {path} must be {TYPE_NAMES.get(hint, hint)}, got {value!r}.")
-
-
-TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-
-
-def trainer_config_class(stage: str) -> type:
-    if stage == "sft":
-        from trl import SFTConfig
-
-        return SFTConfig
-    from trl import DPOConfig
-
-    return DPOConfig
-
-
-def validate_trainer_section(section: dict[str, Any], stage: str, source: str) -> None:
-    """Check sft:/dpo: keys against TRL's config dataclass and coerce numbers written as strings."""
-    config_class = trainer_config_class(stage)
-    fields = {f.name: f for f in dataclasses.fields(config_class) if f.init}
-    for key, value in list(section.items()):
-        if key in MANAGED_TRAINER_KEYS:
-            raise RecipeError(
-                f"{source}: {stage}.{key} is set by moetune from the recipe's '{MANAGED_TRAINER_KEYS[key]}'; remove it."
-            )
-        if key not in fields:
-            raise RecipeError(unknown_key_message(source, f"{stage}.{key}", key, list(fields)) +
-                              f" ({stage}: takes the fields of TRL's {config_class.__name__}.)")
-        section[key] = coerce_trainer_value(fields[key].type, value, source, f"{stage}.{key}")
-
-
-def coerce_trainer_value(annotation: Any, value: Any, source: str, path: str) -> Any:
-    """TRL annotates with strings like 'float | None'; convert the common scalar cases, pass the rest to TRL."""
-    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
-    if value is None:
-        return value
-    for name, hint in (("float", float), ("int", int), ("bool", bool)):
-        if text.split("|")[0].strip() == name:
-            return coerce_scalar(hint, value, source, path)
-    return value
-
-
-ARCHITECTURES = ("mixtral", "qwen3_moe", "olmoe")
-LORA_ROLES = ("attention", "experts", "router", "all")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-EXPERT_KERNELS = ("auto", "eager", "grouped_mm", "batched_mm")
-TRAINING_STAGES = ("sft", "dpo")
-
-
-def validate_model(model: ModelConfig, source: str) -> None:
-    if (model.name_or_path is None) == (model.init is None):
-        raise RecipeError(f"{source}: set exactly one of model.name_or_path (a hub id or path) or model.init (a tiny model).")
-    check_choice(model.dtype, DTYPES, source, "model.dtype")
-    check_choice(model.experts_implementation, EXPERT_KERNELS, source, "model.experts_implementation")
-    if model.init is not None:
-        check_choice(model.init.architecture, ARCHITECTURES, source, "model.init.architecture")
-        if model.init.experts_per_token > model.init.num_experts:
-            raise RecipeError(f"{source}: model.init.experts_per_token must be <= model.init.num_experts.")
-    if model.quantization is not None:
-        validate_quantization(model, source)
-    if model.lora is not None:
-        if not model.lora.targets:
-            raise RecipeError(f"{source}: model.lora.targets is empty; list roles ({', '.join(LORA_ROLES)}) or set lora: null.")
-        for role in model.lora.targets:
-            check_choice(role, LORA_ROLES, source, "model.lora.targets")
-        for stage in model.lora.stages:
-            check_choice(stage, TRAINING_STAGES, source, "model.lora.stages")
-
-
-def validate_hub(hub: HubConfig, source: str) -> None:
-    for stage in hub.stages:
-        check_choice(stage, TRAINING_STAGES, source, "hub.stages")
-    if not hub.push:
-        return
-    if not hub.repo_id:
-        raise RecipeError(f"{source}: hub.push is true but hub.repo_id is not set; name the repository, "
-                          f"e.g. hub.repo_id=my-org/my-model-{{stage}}.")
-    if len(hub.stages) > 1 and "{stage}" not in hub.repo_id:
-        # One repository would hold only the last stage pushed: dpo's upload replaces sft's files.
-        raise RecipeError(f"{source}: hub.push uploads {' and '.join(hub.stages)} to one repository "
-                          f"{hub.repo_id}, where each replaces the other. Put {{stage}} in hub.repo_id (e.g. "
-                          f"{hub.repo_id}-{{stage}}) or push a single stage (hub.stages: [dpo]).")
-
-
-def validate_quantization(model: ModelConfig, source: str) -> None:
-    if model.quantization.bits not in (4, 8):
-        raise RecipeError(f"{source}: model.quantization.bits is {model.quantization.bits}; choose 4 or 8.")
-    check_choice(model.quantization.compute_dtype, DTYPES, source, "model.quantization.compute_dtype")
-    if model.lora is None:
-        raise RecipeError(f"{source}: model.quantization needs model.lora: a quantized base can only train adapters. "
-                          f"Add a lora: section or set quantization: null.")
-
-
-def check_choice(value: str, choices: tuple[str, ...], source: str, path: str) -> None:
-    if value not in choices:
-        close = difflib.get_close_matches(value, choices, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise RecipeError(f"{source}: {path} is '{value}'; choose one of {', '.join(choices)}.{hint}")
-
-
-def to_dict(obj: Any) -> Any:
-    """A recipe (or section) as plain YAML-ready data, for fingerprints and the saved resolved recipe."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not f.metadata.get("internal")}
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [to_dict(v) for v in obj]
-    return obj
-
-
-def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(to_dict(recipe), sort_keys=False)
-
-
-def describe_fields(cls: type, prefix: str = "") -> list[tuple[str, str]]:
-    """(dotted key, help) for every recipe key of a section, nested sections included, for --help."""
-    rows = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.metadata.get("internal"):
-            continue
-        key = f"{prefix}{f.name}"
-        nested = [a for a in (typing.get_args(hints[f.name]) or (hints[f.name],)) if dataclasses.is_dataclass(a)]
-        rows.append((key, f.metadata.get("help", "")))
-        if nested:
-            rows.extend(describe_fields(nested[0], key + "."))
-    return rows
+# The training stages are the recipe's trainer sections (sft:, dpo:); the stage registry runs them.
+TRAINING_STAGES = tuple(f.name for f in dataclasses.fields(Recipe) if "trl_config" in f.metadata)
+# The stages whose folders hold a model (the model.init base, then the training stages): eval.models may name them.
+MODEL_STAGES = ("base", *TRAINING_STAGES)

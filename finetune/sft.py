@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.models import build_base, load_tokenizer, seed_everything
+from finetune.models import load_tokenizer, load_training_model, seed_everything
+from finetune.moe import expert_load_callbacks
 from finetune.packed_sft import sft_trainer
 from finetune.recipe import Recipe
-from finetune.stage import Stage, require_complete
-from finetune.training import (expert_load_callbacks, load_split, load_training_model, require_train_split, save_stage,
-                               trainer_config, train_resuming)
+from finetune.rundir import Stage, require_complete
+from finetune.saving import save_stage
+from finetune.splits import load_split, require_train_split
+from finetune.trainer_config import trainer_config
+from finetune.training import train_resuming
 
 
 def run(recipe: Recipe, force: bool = False) -> Path:
     data = require_complete(recipe.run_path, "data", needed_by="sft")
-    if recipe.model.init is not None:
-        build_base(recipe)
     stage = Stage(recipe.run_path, "sft", inputs={
         "model": recipe.model_inputs("sft"), "sft": recipe.sft, "seed": recipe.seed, "data": data["fingerprint"],
     })
@@ -35,7 +36,7 @@ def run(recipe: Recipe, force: bool = False) -> Path:
         eval_dataset=load_split(recipe, "sft", "test"),
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=expert_load_callbacks(model, stage),
+        callbacks=expert_load_callbacks(model, stage.work),
     )
     train_resuming(trainer, stage, recipe.checkpoints)
     return save_stage(trainer, tokenizer, recipe, stage, parent=parent)

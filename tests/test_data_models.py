@@ -10,7 +10,7 @@ from transformers import MixtralConfig, MixtralForCausalLM, MixtralForSequenceCl
 from data_prep.onpolicy import best_vs_worst, programmatic_judge, reward_model_judge
 from data_prep.prepare import run
 from data_prep.synthetic import preference_pairs
-from finetune.recipe import parse_recipe
+from finetune.recipe_parsing import parse_recipe
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant: {% endif %}")

@@ -7,7 +7,7 @@ import pytest
 
 from data_prep.prepare import run
 from data_prep.records import DataError
-from finetune.recipe import load_recipe, parse_recipe
+from finetune.recipe_parsing import load_recipe, parse_recipe
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]

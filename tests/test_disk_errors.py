@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import pytest
 
 import data_prep.writer
-import eval.records
+import eval.jsonl
 from finetune.checkpoints import checkpoint_problem, checkpoints
 from finetune.cli import main
 from tests.test_cli import write_recipe
@@ -72,9 +72,10 @@ def test_read_only_run_dir(tmp_path, capsys):
         capsys.readouterr()
         assert main(["sft", recipe]) == 2
         err = capsys.readouterr().err
-        assert f"[sft] cannot write {run}/" in err and f"the run dir {run} is read-only" in err
+        # A model.init recipe: the base stage runs first (under its own name) and is the first to write.
+        assert f"[base] cannot write {run}/" in err and f"the run dir {run} is read-only" in err
         assert "Make it writable, or set run_dir to a writable folder" in err and "Traceback" not in err
-    assert not (run / "sft").exists() and not (run / ".sft.partial").exists()
+    assert not (run / "base").exists() and not (run / "sft").exists() and not (run / ".sft.partial").exists()
 
 
 def failing_open(fail_when):
@@ -112,7 +113,7 @@ def test_full_disk_while_saving_eval_judgments(tmp_path, monkeypatch, capsys):
                                for q in questions(3, seed=3)))
     recipe = tmp_path / "eval.yaml"
     recipe.write_text(f"run_dir: {run}\nmodel: {{init: {{}}}}\neval: {{models: [a], question_file: {question_file}}}\n")
-    monkeypatch.setattr(eval.records, "open", failing_open(lambda path: "model_judgment" in path), raising=False)
+    monkeypatch.setattr(eval.jsonl, "open", failing_open(lambda path: "model_judgment" in path), raising=False)
     assert main(["eval", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert f"[eval] no space left on the disk holding {run} (writing {run}/.eval.partial/model_judgment/" in err

@@ -19,7 +19,7 @@ from test_finetune import ARCHITECTURES, tiny_model
 
 from finetune import distributed, launch, moe
 from finetune.cli import main
-from finetune.stage import StageError
+from finetune.rundir import StageError
 
 # The router's load-balancing loss is computed per forward pass (per process, or per accumulation step) and is not
 # linear in the batch, so a run whose forward passes see other batches trains differently (measured here: 2e-3 max
@@ -238,13 +238,13 @@ def test_zero3_makes_each_sparse_moe_block_a_leaf(architecture, monkeypatch):
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     model, _ = tiny_model(architecture)
-    distributed.mark_moe_blocks_as_zero3_leaves(model)  # not ZeRO-3: nothing is marked
+    moe.mark_moe_blocks_as_zero3_leaves(model)  # not ZeRO-3: nothing is marked
     assert not any(deepspeed_utils.z3_leaf_module(m) for m in model.modules())
     launch_environment("zero3", monkeypatch)
     plugin = DeepSpeedPlugin()
     plugin.set_deepspeed_weakref()  # what TrainingArguments does under a ZeRO-3 launch
     try:
-        distributed.mark_moe_blocks_as_zero3_leaves(model)
+        moe.mark_moe_blocks_as_zero3_leaves(model)
     finally:
         unset_hf_deepspeed_config()
     leaves = [type(m).__name__ for m in model.modules() if deepspeed_utils.z3_leaf_module(m)]

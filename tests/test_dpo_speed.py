@@ -19,7 +19,7 @@ from benchmarks.dpo_bench import loss_and_gradients, relative_differences
 from data_prep import synthetic
 from finetune import adapters
 from finetune.cli import main
-from finetune.models import init_config, train_tokenizer
+from finetune.tiny import init_config, train_tokenizer
 from finetune.packed_dpo import PackedDPOTrainer
 from finetune.packed_sft import PaddingFreeSFTTrainer
 from finetune.preference_packing import pack_pairs

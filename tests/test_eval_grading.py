@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from eval.grading import load_judge_prompts, pair_prompt, parse_rating, parse_verdict, single_prompt, usable_reference
+from eval.judge_prompts import load_judge_prompts, pair_prompt, parse_rating, parse_verdict, single_prompt, usable_reference
 from eval.judging import judged_turns
 from eval.questions import load_questions, load_reference_answers, reference_turns
 from test_eval_support import mt_bench_file

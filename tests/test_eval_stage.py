@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-import eval.stage
+import eval.evaluate
 from eval.config import JudgeConfig
-from eval.grading import JudgePrompt
-from eval.judges import OpenAICompatibleJudge, retry_after_seconds
-from eval.records import read_jsonl
+from eval.judge_prompts import JudgePrompt
+from eval.judge_backends import OpenAICompatibleJudge, retry_after_seconds
+from eval.jsonl import read_jsonl
 from finetune.cli import main
-from finetune.recipe import parse_recipe
+from finetune.recipe_parsing import parse_recipe
 from test_eval_support import tiny_chat_model
 
 API_KEY = "sk-test-secret-0123456789"
@@ -159,7 +159,7 @@ def no_model_loading(monkeypatch):
     """Answers are already saved: loading a model would be a bug."""
     def refuse(recipe, name):
         raise AssertionError(f"model {name} loaded although its answers were saved")
-    monkeypatch.setattr(eval.stage, "load_model", refuse)
+    monkeypatch.setattr(eval.evaluate, "load_model", refuse)
 
 
 def test_single_judge_over_http_retries_records_failures_and_resumes(tmp_path, judge_server, monkeypatch, capsys, no_model_loading):
@@ -173,7 +173,7 @@ def test_single_judge_over_http_retries_records_failures_and_resumes(tmp_path, j
     recipe = openai_recipe(tmp_path, judge_server, question_file, mt_bench_file("judge_prompts.jsonl"))
 
     # First run: b's second math turn keeps failing (HTTP 500): recorded, not fatal, stage left unfinished.
-    assert eval.stage.run(recipe) == tmp_path / ".eval.partial"
+    assert eval.evaluate.run(recipe) == tmp_path / ".eval.partial"
     assert not (tmp_path / "eval").exists()
     attempts = judge_server.attempts
     assert [attempts["slow"], attempts["busy"], attempts["down"]] == [2, 2, 3]  # timeout, 429 retried; 500 twice
@@ -187,7 +187,7 @@ def test_single_judge_over_http_retries_records_failures_and_resumes(tmp_path, j
     # Second run, judge healthy again: only the missing judgment is asked for, then the stage commits.
     judge_server.down = False
     requests_before = len(judge_server.requests)
-    assert eval.stage.run(recipe) == tmp_path / "eval"
+    assert eval.evaluate.run(recipe) == tmp_path / "eval"
     assert len(judge_server.requests) == requests_before + 1
 
     scores = json.loads((tmp_path / "eval" / "scores.json").read_text())["models"]
@@ -230,7 +230,7 @@ def test_pairwise_against_baseline_counts_inconsistent_verdicts_as_ties(tmp_path
     recipe = openai_recipe(tmp_path, judge_server, question_file, mt_bench_file("judge_prompts.jsonl"),
                            mode="pairwise", baseline="a")
     judge_server.down = False
-    assert eval.stage.run(recipe) == tmp_path / "eval"
+    assert eval.evaluate.run(recipe) == tmp_path / "eval"
 
     assert len(judge_server.requests) == 5 * 2  # five comparisons, both orders each
     # win (q1 t1), loss (q1 t2), tie by inconsistency (q2 t1), tie by [[C]] (q2 t2), unreadable verdict (q3).
@@ -330,7 +330,7 @@ def tiny_models(monkeypatch):
 
 def test_programmatic_stage_answers_judges_reports_and_resumes(tmp_path, tiny_models, capsys):
     recipe = synthetic_recipe(tmp_path)
-    assert eval.stage.run(recipe) == tmp_path / "eval"
+    assert eval.evaluate.run(recipe) == tmp_path / "eval"
     assert tiny_models == {"base": 1, "sft": 1, "dpo": 1}
 
     answers = read_jsonl(tmp_path / "eval" / "model_answer" / "sft.jsonl")
@@ -345,14 +345,14 @@ def test_programmatic_stage_answers_judges_reports_and_resumes(tmp_path, tiny_mo
     assert "| score | base | sft | dpo |" in capsys.readouterr().out
 
     # Same inputs: skipped, nothing loaded.
-    assert eval.stage.run(recipe) == tmp_path / "eval"
+    assert eval.evaluate.run(recipe) == tmp_path / "eval"
     assert sum(tiny_models.values()) == 3
 
 
 def test_rerun_after_crash_reuses_saved_answers_and_judgments(tmp_path, tiny_models):
     recipe = synthetic_recipe(tmp_path, models=["base", "sft"])
     work = tmp_path / ".eval.partial"
-    eval.stage.run(recipe)
+    eval.evaluate.run(recipe)
     # Make it look like a crash: the work folder is back, with sft's answers and all judgments for sft gone.
     (tmp_path / "eval").rename(work)
     (work / "moetune_stage.json").unlink()
@@ -361,7 +361,7 @@ def test_rerun_after_crash_reuses_saved_answers_and_judgments(tmp_path, tiny_mod
     kept = [j for j in read_jsonl(judgment_file) if j["model"] == "base"]
     judgment_file.write_text("".join(json.dumps(j) + "\n" for j in kept))
 
-    eval.stage.run(recipe)
+    eval.evaluate.run(recipe)
     assert tiny_models == {"base": 1, "sft": 2}  # base was not loaded again
     after = read_jsonl(tmp_path / "eval" / "model_judgment" / "programmatic_single.jsonl")
     assert [j["tstamp"] for j in after if j["model"] == "base"] == [j["tstamp"] for j in kept]
@@ -373,7 +373,7 @@ def test_local_judge_model_grades_with_the_same_prompts(tmp_path, tiny_models):
 
     recipe = synthetic_recipe(tmp_path, models=["base"], judge={
         "type": "local", "model": "judge", "prompt_file": str(mt_bench_file("judge_prompts.jsonl")), "max_tokens": 4})
-    assert eval.stage.run(recipe) == tmp_path / "eval"
+    assert eval.evaluate.run(recipe) == tmp_path / "eval"
     assert tiny_models == {"base": 1, "judge": 1}
     judgments = read_jsonl(tmp_path / "eval" / "model_judgment" / "judge_single.jsonl")
     assert len(judgments) == 6 * 2

@@ -13,7 +13,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from finetune import adapters, expert_quant, moe
 from finetune.cli import main
 from finetune.models import load_quantized, load_stage_model
-from finetune.recipe import LoraConfig, RecipeError, load_recipe, parse_recipe
+from finetune.recipe import LoraConfig, RecipeError
+from finetune.recipe_parsing import load_recipe, parse_recipe
 from bnb_kernel_paths import bnb_kernel_path, row_blocked_dequantize_4bit, use_dequantize_kernel  # noqa: F401
 from test_cli import write_recipe
 from test_finetune import ARCHITECTURES, batch, tiny_model

@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 
 from data_prep import synthetic
 from finetune import adapters, moe
-from finetune.models import experts_kernel, init_config, train_tokenizer
+from finetune.models import experts_kernel
+from finetune.tiny import init_config, train_tokenizer
 from finetune.recipe import LoraConfig, ModelConfig, ModelInit
 
 ARCHITECTURES = ["mixtral", "qwen3_moe", "olmoe"]
@@ -18,8 +19,7 @@ def tiny_model(architecture="mixtral", seed=0, hidden_size=64, intermediate_size
     texts = [m["content"] for row in synthetic.sft_conversations(200, 0) for m in row["messages"]]
     tokenizer = train_tokenizer(texts, vocab_size=280)
     init = ModelInit(architecture=architecture, hidden_size=hidden_size, intermediate_size=intermediate_size,
-                     num_layers=2, num_heads=4,
-                     num_kv_heads=2, num_experts=4, experts_per_token=2)
+                     num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4, experts_per_token=2)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(init_config(init, tokenizer)), tokenizer
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from finetune import hub
+from finetune import hub, pipeline
 from finetune.cli import main
 from finetune.models import load_for_inference, load_stage_model
-from finetune.recipe import load_recipe
-from finetune.stage import read_manifest
+from finetune.recipe_parsing import load_recipe
+from finetune.rundir import read_manifest
 from test_cli import write_recipe  # the tiny recipe of the end-to-end CLI test
 
 SCORES = "| model | overall |\n|---|---|\n| dpo | 7.5 |\n"
@@ -138,8 +138,8 @@ def test_configured_push_failure_keeps_the_stage_and_says_how_to_retry(run, monk
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr("huggingface_hub.HfApi.create_repo", broken)
     recipe = load_recipe(run / "dpo" / "recipe.yaml", ["hub.push=true", "hub.repo_id=me/tiny-{stage}"])
-    hub.push_stage_if_configured(recipe, run / "dpo")
-    hub.wait_for_uploads()
+    pipeline.push_stage_if_configured(recipe, run / "dpo")
+    pipeline.wait_for_uploads()
     err = capsys.readouterr().err
     assert "no network" in err and f"moetune push {run / 'dpo'} --repo-id me/tiny-dpo --private" in err
     assert (run / "dpo" / "adapter_model.safetensors").is_file()
@@ -149,15 +149,15 @@ def test_configured_push_sends_each_listed_stage_to_its_own_repository(run, fake
     monkeypatch.delenv("RANK", raising=False)
     recipe = load_recipe(run / "dpo" / "recipe.yaml", ["hub.push=true", "hub.repo_id=me/tiny-{stage}"])
     for stage in ("sft", "dpo"):
-        hub.push_stage_if_configured(recipe, run / stage)
-    hub.wait_for_uploads()
+        pipeline.push_stage_if_configured(recipe, run / stage)
+    pipeline.wait_for_uploads()
     assert [kwargs["repo_id"] for method, _, kwargs in fake_api if method == "upload_folder"] == ["me/tiny-sft", "me/tiny-dpo"]
 
     fake_api.clear()
     only_dpo = load_recipe(run / "dpo" / "recipe.yaml", ["hub.push=true", "hub.repo_id=me/tiny", "hub.stages=[dpo]"])
     for stage in ("sft", "dpo"):
-        hub.push_stage_if_configured(only_dpo, run / stage)
-    hub.wait_for_uploads()
+        pipeline.push_stage_if_configured(only_dpo, run / stage)
+    pipeline.wait_for_uploads()
     assert [kwargs["repo_id"] for method, _, kwargs in fake_api if method == "upload_folder"] == ["me/tiny"]
 
 
@@ -174,7 +174,7 @@ def test_configured_push_uploads_beside_the_next_stages_and_the_command_waits_fo
 
     monkeypatch.setattr("huggingface_hub.HfApi.upload_folder", slow_upload)
     recipe = load_recipe(run / "dpo" / "recipe.yaml", ["hub.push=true", "hub.repo_id=me/tiny-{stage}"])
-    hub.push_stage_if_configured(recipe, run / "sft")
+    pipeline.push_stage_if_configured(recipe, run / "sft")
 
     def uploads():
         return [kwargs["repo_id"] for method, _, kwargs in fake_api if method == "upload_folder"]

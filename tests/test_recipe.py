@@ -2,8 +2,9 @@
 
 import pytest
 
-from finetune.recipe import RecipeError, load_recipe, parse_recipe
-from finetune.stage import Stage, StageError
+from finetune.recipe import RecipeError
+from finetune.recipe_parsing import load_recipe, parse_recipe
+from finetune.rundir import Stage, StageError
 
 TINY = {"run_dir": "runs/x", "model": {"init": {}}}
 
@@ -94,7 +95,7 @@ def test_interrupted_work_is_resumed_only_with_the_same_inputs(tmp_path):
 
 
 def test_relative_eval_files_start_at_the_recipe_folder(tmp_path, monkeypatch):
-    from eval.stage import question_source, recipe_file
+    from eval.evaluate import question_source, recipe_file
 
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "recipes"

@@ -17,7 +17,7 @@ import finetune.checkpoints
 from finetune.checkpoints import SEAL, checkpoint_problem, checkpoints
 from finetune.cli import main
 from finetune.recipe import CheckpointConfig, Recipe
-from finetune.training import moetune_defaults
+from finetune.trainer_config import moetune_defaults
 from tests.test_cli import write_recipe
 
 SCHEDULE = ["save_strategy=steps", "save_steps=2", "save_total_limit=2", "logging_steps=1"]

@@ -14,24 +14,23 @@ from typing import Any
 
 from eval.answer import answer_questions, unanswered
 from eval.config import check_eval_config
-from eval.grading import load_judge_prompts
-from eval.judges import LocalJudge, OpenAICompatibleJudge
+from eval.judge_prompts import load_judge_prompts
+from eval.judge_backends import LocalJudge, OpenAICompatibleJudge
 from eval.judging import JudgingContext, judge_pairwise, judge_programmatic, judge_single
 from eval.questions import load_questions, load_reference_answers, reference_turns
-from eval.records import file_safe, read_jsonl
-from eval.report import markdown_table, pairwise_rows, pairwise_scores, radar_plot, single_rows, single_scores
-from finetune.stage import Stage, read_manifest, write_json_atomic
+from eval.jsonl import file_safe, read_jsonl
+from eval.scores import markdown_table, pairwise_rows, pairwise_scores, radar_plot, single_rows, single_scores
+from finetune.recipe import MODEL_STAGES, Recipe
+from finetune.rundir import Stage, read_manifest, write_json_atomic
 
-RUN_STAGES = ("base", "sft", "dpo")
 
-
-def load_model(recipe: Any, name: str) -> tuple[Any, Any]:
+def load_model(recipe: Recipe, name: str) -> tuple[Any, Any]:
     from finetune.models import load_for_inference  # imported here: loading pulls in the training stack
 
     return load_for_inference(recipe, name)
 
 
-def question_source(recipe: Any) -> str:
+def question_source(recipe: Recipe) -> str:
     """The question file (relative to the recipe's folder), a hub dataset id, or the prep stage's questions."""
     name = recipe.eval.question_file
     if name is None:
@@ -40,7 +39,7 @@ def question_source(recipe: Any) -> str:
     return str(local) if local.exists() or local.suffix in (".jsonl", ".json") else name
 
 
-def recipe_file(recipe: Any, name: str | None) -> Path | None:
+def recipe_file(recipe: Recipe, name: str | None) -> Path | None:
     """A file named in `eval:`, relative to the recipe's folder like the paths in `data:`."""
     return None if name is None else recipe.base_dir / name
 
@@ -51,17 +50,17 @@ def source_fingerprint(source: str) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else source
 
 
-def stage_inputs(recipe: Any) -> dict[str, Any]:
+def stage_inputs(recipe: Recipe) -> dict[str, Any]:
     """What the eval depends on: the section, the seed, the questions and each model's producing stage."""
     models = {}
     for name in recipe.eval.models:
-        manifest = read_manifest(recipe.run_path / name) if name in RUN_STAGES else None
+        manifest = read_manifest(recipe.run_path / name) if name in MODEL_STAGES else None
         models[name] = manifest["fingerprint"] if manifest else name
     return {"eval": recipe.section_dict("eval"), "seed": recipe.seed, "models": models,
             "questions": source_fingerprint(question_source(recipe))}
 
 
-def run(recipe: Any, force: bool = False) -> Path:
+def run(recipe: Recipe, force: bool = False) -> Path:
     """Run the eval stage; returns run_dir/eval, or the work folder while some judge calls have failed."""
     config = recipe.eval
     check_eval_config(config)
@@ -78,7 +77,7 @@ def run(recipe: Any, force: bool = False) -> Path:
     return stage.commit({"scores": scores_file.name})
 
 
-def answer_model(recipe: Any, name: str, questions: list[dict[str, Any]], work: Path) -> dict[Any, list[str]]:
+def answer_model(recipe: Recipe, name: str, questions: list[dict[str, Any]], work: Path) -> dict[Any, list[str]]:
     """The model's answers by question_id, generating only the missing ones (the model loads only if needed)."""
     config = recipe.eval
     answer_file = work / "model_answer" / f"{file_safe(name)}.jsonl"
@@ -90,14 +89,14 @@ def answer_model(recipe: Any, name: str, questions: list[dict[str, Any]], work: 
     return {record["question_id"]: record["choices"][0]["turns"] for record in read_jsonl(answer_file)}
 
 
-def make_judge(recipe: Any) -> Any:
+def make_judge(recipe: Recipe) -> Any:
     judge = recipe.eval.judge
     if judge.type == "openai":
         return OpenAICompatibleJudge(judge)
     return LocalJudge(lambda: load_model(recipe, judge.model), judge.max_tokens, recipe.eval.batch_size)
 
 
-def judge_and_report(recipe: Any, questions: list[dict[str, Any]], answers: dict, work: Path) -> tuple[int, Path]:
+def judge_and_report(recipe: Recipe, questions: list[dict[str, Any]], answers: dict, work: Path) -> tuple[int, Path]:
     """Make the missing judgments, then write and print the report. Returns (failed judge calls, scores file)."""
     config = recipe.eval
     judge = config.judge

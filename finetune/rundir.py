@@ -1,4 +1,4 @@
-"""How a stage owns its folder in the run dir.
+"""The run-dir protocol: how a stage owns its folder in the run dir, and writing files atomically.
 
 A stage works in `run_dir/.<name>.partial/` and, once everything is written, records a manifest
 (`moetune_stage.json`: the fingerprint of its inputs, what it produced) and renames the folder to `run_dir/<name>/`.
@@ -151,17 +151,21 @@ def write_json_atomic(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
-# The command that writes each run-dir folder, where it is not named after it.
-PRODUCED_BY = {"data": "prep", "base": "sft"}
+class MissingStageOutput(StageError):
+    """An earlier stage's output is missing. Which command makes it is the stage registry's to say (`message`)."""
+
+    def __init__(self, folder: Path, needed_by: str):
+        self.folder, self.needed_by = Path(folder), needed_by
+        super().__init__(self.message(self.folder.name))
+
+    def message(self, command: str) -> str:
+        return (f"[{self.needed_by}] needs the {self.folder.name} stage's output in {self.folder}, which is missing or "
+                f"incomplete. Run `moetune {command} RECIPE` first (or `moetune run RECIPE`).")
 
 
 def require_complete(run_dir: Path, name: str, needed_by: str) -> dict[str, Any]:
     """The manifest of an earlier stage, or an error telling the user which stage to run first."""
     manifest = read_manifest(Path(run_dir) / name)
-    command = PRODUCED_BY.get(name, name)
     if manifest is None:
-        raise StageError(
-            f"[{needed_by}] needs the {name} stage's output in {Path(run_dir) / name}, which is missing or incomplete. "
-            f"Run `moetune {command} RECIPE` first (or `moetune run RECIPE`)."
-        )
+        raise MissingStageOutput(Path(run_dir) / name, needed_by)
     return manifest

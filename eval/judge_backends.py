@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 from data_prep.synthetic import SKILL_BY_CATEGORY, score_answer
 from eval.answer import generate_replies, prepare_for_generation
 from eval.config import JudgeConfig
-from eval.grading import UNPARSEABLE, JudgePrompt
+from eval.judge_prompts import UNPARSEABLE, JudgePrompt
 
 JudgeResult = tuple[int, str | None, str | None]  # (index of the prompt, judgment text, error message)
 

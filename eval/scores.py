@@ -14,7 +14,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from eval.grading import UNPARSEABLE
+from eval.judge_prompts import UNPARSEABLE
 
 
 def mean_or_none(values: list[float]) -> float | None:

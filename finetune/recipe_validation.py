@@ -1,0 +1,74 @@
+"""Checking a parsed recipe's values before any work starts: choices, combinations, and what each needs."""
+
+from __future__ import annotations
+
+import difflib
+
+from eval.config import check_eval_config
+from finetune.recipe import TRAINING_STAGES, HubConfig, ModelConfig, Recipe, RecipeError
+
+ARCHITECTURES = ("mixtral", "qwen3_moe", "olmoe")
+LORA_ROLES = ("attention", "experts", "router", "all")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+EXPERT_KERNELS = ("auto", "eager", "grouped_mm", "batched_mm")
+
+
+def validate_recipe(recipe: Recipe) -> None:
+    source = recipe.source
+    validate_model(recipe.model, source)
+    validate_hub(recipe.hub, source)
+    try:
+        check_eval_config(recipe.eval)
+    except ValueError as error:
+        raise RecipeError(f"{source}: {error}") from None
+
+
+def validate_model(model: ModelConfig, source: str) -> None:
+    if (model.name_or_path is None) == (model.init is None):
+        raise RecipeError(f"{source}: set exactly one of model.name_or_path (a hub id or path) or model.init (a tiny model).")
+    check_choice(model.dtype, DTYPES, source, "model.dtype")
+    check_choice(model.experts_implementation, EXPERT_KERNELS, source, "model.experts_implementation")
+    if model.init is not None:
+        check_choice(model.init.architecture, ARCHITECTURES, source, "model.init.architecture")
+        if model.init.experts_per_token > model.init.num_experts:
+            raise RecipeError(f"{source}: model.init.experts_per_token must be <= model.init.num_experts.")
+    if model.quantization is not None:
+        validate_quantization(model, source)
+    if model.lora is not None:
+        if not model.lora.targets:
+            raise RecipeError(f"{source}: model.lora.targets is empty; list roles ({', '.join(LORA_ROLES)}) or set lora: null.")
+        for role in model.lora.targets:
+            check_choice(role, LORA_ROLES, source, "model.lora.targets")
+        for stage in model.lora.stages:
+            check_choice(stage, TRAINING_STAGES, source, "model.lora.stages")
+
+
+def validate_hub(hub: HubConfig, source: str) -> None:
+    for stage in hub.stages:
+        check_choice(stage, TRAINING_STAGES, source, "hub.stages")
+    if not hub.push:
+        return
+    if not hub.repo_id:
+        raise RecipeError(f"{source}: hub.push is true but hub.repo_id is not set; name the repository, "
+                          f"e.g. hub.repo_id=my-org/my-model-{{stage}}.")
+    if len(hub.stages) > 1 and "{stage}" not in hub.repo_id:
+        # One repository would hold only the last stage pushed: dpo's upload replaces sft's files.
+        raise RecipeError(f"{source}: hub.push uploads {' and '.join(hub.stages)} to one repository "
+                          f"{hub.repo_id}, where each replaces the other. Put {{stage}} in hub.repo_id (e.g. "
+                          f"{hub.repo_id}-{{stage}}) or push a single stage (hub.stages: [dpo]).")
+
+
+def validate_quantization(model: ModelConfig, source: str) -> None:
+    if model.quantization.bits not in (4, 8):
+        raise RecipeError(f"{source}: model.quantization.bits is {model.quantization.bits}; choose 4 or 8.")
+    check_choice(model.quantization.compute_dtype, DTYPES, source, "model.quantization.compute_dtype")
+    if model.lora is None:
+        raise RecipeError(f"{source}: model.quantization needs model.lora: a quantized base can only train adapters. "
+                          f"Add a lora: section or set quantization: null.")
+
+
+def check_choice(value: str, choices: tuple[str, ...], source: str, path: str) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise RecipeError(f"{source}: {path} is '{value}'; choose one of {', '.join(choices)}.{hint}")

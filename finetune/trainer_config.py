@@ -1,0 +1,61 @@
+"""TRL's SFTConfig/DPOConfig for a stage: moetune's device-aware defaults under the recipe's own fields."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.models import resolve_dtype
+from finetune.recipe import Recipe
+from finetune.recipe_parsing import trainer_config_class
+
+
+def device_defaults(recipe: Recipe) -> dict[str, Any]:
+    """Defaults that depend on the machine: TRL's (bf16 on, checkpointing on) fail or crawl on a CPU."""
+    on_gpu = torch.cuda.is_available()
+    weights = resolve_dtype(recipe.model.dtype)
+    return {
+        "use_cpu": not on_gpu,
+        "bf16": on_gpu and weights == torch.bfloat16,
+        "fp16": on_gpu and weights == torch.float16,
+        # Activation checkpointing saves GPU memory; on a CPU it only costs time.
+        "gradient_checkpointing": on_gpu,
+    }
+
+
+def moetune_defaults(stage: str, recipe: Recipe) -> dict[str, Any]:
+    """The TRL fields moetune sets unless the recipe does (what `moetune sft --trl-fields` shows as defaults)."""
+    values: dict[str, Any] = {
+        "report_to": "none",
+        "logging_steps": 10,
+        # No step schedule: checkpoints come every `checkpoints.every_minutes` and on SIGTERM/Ctrl-C (train_resuming).
+        "save_strategy": "no",
+        "save_total_limit": 2,  # of either kind: enough to fall back on when the newest was cut short
+        "data_seed": recipe.seed,
+        **device_defaults(recipe),
+    }
+    if stage == "sft":
+        values["assistant_only_loss"] = True
+    if stage == "dpo":
+        values["precompute_ref_log_probs"] = recipe.speed.reference_cache
+    return values
+
+
+def trainer_config(stage: str, recipe: Recipe, output_dir: Path):
+    """TRL's SFTConfig/DPOConfig: moetune's defaults, then every field the recipe sets (the recipe wins)."""
+    values = {**moetune_defaults(stage, recipe), **getattr(recipe, stage)}
+    values.update(output_dir=str(output_dir), seed=recipe.seed)
+    return trainer_config_class(stage)(**values)
+
+
+def global_batch(args) -> int:
+    """Sequences (SFT) or preference pairs (DPO) per optimizer step, over every process."""
+    return args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+
+
+def describe_global_batch(args) -> str:
+    return (f"global batch {global_batch(args)} = {args.per_device_train_batch_size} per device x "
+            f"{args.world_size} process{'es' if args.world_size > 1 else ''} x "
+            f"{args.gradient_accumulation_steps} accumulation step{'s' if args.gradient_accumulation_steps > 1 else ''}")

@@ -1,0 +1,69 @@
+"""The stage registry: the one list of stages that the CLI, the pipeline and the launch read."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from finetune import base, launch, pipeline
+from finetune.cli import build_parser, parse_stages
+from finetune.recipe import Recipe
+from finetune.recipe_parsing import parse_recipe
+from finetune.registry import BY_NAME, COMMANDS, STAGES, command_writing, hidden_needs
+from finetune.rundir import Stage
+
+
+def tiny_recipe(tmp_path, **model):
+    return parse_recipe({"run_dir": str(tmp_path), "model": model or {"init": {}}}, str(tmp_path / "recipe.yaml"))
+
+
+def test_stages_in_pipeline_order_with_sections_and_needs_that_exist():
+    assert [spec.name for spec in STAGES] == ["prep", "base", "sft", "dpo", "eval"]
+    recipe_sections = {f.name for f in dataclasses.fields(Recipe)}
+    for index, spec in enumerate(STAGES):
+        assert set(spec.sections) <= recipe_sections, spec.name
+        earlier = {other.name for other in STAGES[:index]}
+        assert set(spec.needs) <= earlier, f"{spec.name} needs a stage that runs after it"
+    assert len({spec.folder for spec in STAGES}) == len(STAGES)
+
+
+def test_commands_and_help_come_from_the_registry():
+    assert COMMANDS == ("prep", "sft", "dpo", "eval")  # base has no command of its own
+    assert parse_stages("eval,prep") == ["prep", "eval"]
+    choices = build_parser()._subparsers._group_actions[0].choices
+    assert [name for name in choices if name in BY_NAME] == list(COMMANDS)
+    assert choices["sft"].description == BY_NAME["sft"].description
+
+
+def test_base_runs_before_sft_only_for_model_init_recipes(tmp_path):
+    assert BY_NAME["base"].run is base.run
+    assert hidden_needs("sft", tiny_recipe(tmp_path)) == [BY_NAME["base"]]
+    assert hidden_needs("sft", tiny_recipe(tmp_path, name_or_path="some/model")) == []
+    assert hidden_needs("dpo", tiny_recipe(tmp_path)) == []
+
+
+def test_missing_folders_name_the_command_that_makes_them():
+    assert command_writing("data") == "prep"
+    assert command_writing("base") == "sft"  # built by `moetune sft` (or run) for model.init recipes
+    assert command_writing("dpo") == "dpo"
+
+
+def test_launch_runs_the_training_stages_on_every_process_and_the_others_once():
+    assert launch.EVERY_PROCESS_STAGES == ("base", "sft", "dpo")
+    assert launch.SINGLE_PROCESS_STAGES == ("prep", "eval")
+
+
+def test_the_pipeline_pushes_a_stage_it_committed_and_not_one_it_skipped(tmp_path, monkeypatch):
+    pushed = []
+    monkeypatch.setattr(pipeline, "push_stage_if_configured", lambda recipe, folder: pushed.append(folder.name))
+
+    def run(recipe, force=False):
+        stage = Stage(recipe.run_path, "sft", inputs={"steps": 1})
+        return stage.commit({}) if stage.begin(force) else stage.final
+
+    spec = dataclasses.replace(BY_NAME["sft"], run=run)
+    recipe = tiny_recipe(tmp_path)
+    pipeline.run_one(spec, recipe, force=False)
+    pipeline.run_one(spec, recipe, force=False)  # complete with the same inputs: skipped
+    assert pushed == ["sft"]
+    pipeline.run_one(spec, recipe, force=True)  # redone within the same second
+    assert pushed == ["sft", "sft"]
