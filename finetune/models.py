@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from finetune import adapters, expert_quant, moe
 from finetune.recipe import MODEL_STAGES, ModelConfig, Recipe
