@@ -1,6 +1,7 @@
 # Every target sets itself up on a fresh machine: a .venv, torch first (CPU wheel by default), then moetune.
 PYTHON ?= python3
 VENV ?= .venv
+# pip arguments for torch, unquoted so that an index can follow: torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128
 TORCH_SPEC ?= torch==2.13.0
 # The versions the suite passed with; empty (`make install CONSTRAINTS=`) takes the newest releases pyproject allows.
 CONSTRAINTS ?= constraints.txt
@@ -8,13 +9,13 @@ LATEST_VENV ?= .venv-latest
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.moetune-installed
 
-.PHONY: install demo test test-latest bench clean
+.PHONY: install demo test test-latest bench gpu-check gpu-carry clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BIN)/pip install -q --disable-pip-version-check $(TORCH_SPEC)
 	$(BIN)/pip install -q --disable-pip-version-check $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]"
 	touch $(STAMP)
 
@@ -31,6 +32,14 @@ test-latest:
 
 bench: install
 	$(BIN)/python -m benchmarks
+
+# On a GPU machine, with a CUDA build of torch: make gpu-check TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+gpu-check: install
+	$(BIN)/python -m benchmarks.gpu_check
+
+# What the lent GPU machine (no registry, no ../shared) needs beside the repository: benchmarks/GPU_RUN.md
+gpu-carry: install
+	$(BIN)/python -m benchmarks.gpu_carry
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) runs

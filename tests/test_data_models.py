@@ -30,7 +30,9 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def make_recipe(tmp_path, sources, **data):
-    raw = {"run_dir": str(tmp_path / "run"), "model": {"init": {}}, "data": {"sources": sources, **data}}
+    # data.max_length counts a named model's tokens (run() is given that tokenizer here); model.init has none yet.
+    model = {"name_or_path": "org/char-model"} if "max_length" in data else {"init": {}}
+    raw = {"run_dir": str(tmp_path / "run"), "model": model, "data": {"sources": sources, **data}}
     return parse_recipe(raw, str(tmp_path / "recipe.yaml"))
 
 
@@ -100,6 +102,7 @@ def test_on_policy_source_samples_judges_and_pairs(tmp_path, tiny_models):
 
 def test_programmatic_judge_drops_ties_of_a_random_policy(tmp_path, tiny_models):
     source = {"format": "onpolicy", "options": {"model": str(tiny_models[0]), "synthetic": 2, "k": 2, "max_new_tokens": 4}}
-    report = json.loads((run(make_recipe(tmp_path, [source])) / "report.json").read_text())["sources"][0]
+    training = {"format": "synthetic", "options": {"sft": 4, "pairs": 0, "questions": 0}}  # prep needs examples
+    report = json.loads((run(make_recipe(tmp_path, [source, training])) / "report.json").read_text())["sources"][0]
     # Random characters are never a correct answer: every completion scores 1 or 2, so most prompts tie.
     assert report["kept"].get("preference", 0) + report["dropped"].get("tie", 0) == 2
