@@ -363,7 +363,7 @@ def same_math_check(recipe, batch_size: int) -> tuple[float, float]:
     return relative_differences(*results)
 
 
-def prepare(folder: Path, sizes: dict, data: Path = SHARED_DATA) -> dict:
+def prepare(folder: Path, sizes: dict, data_files: list[Path]) -> dict:
     from data_prep.prepare import run as prep
     from finetune import base
     from finetune.models import load_stage_model

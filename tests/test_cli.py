@@ -115,8 +115,8 @@ def test_finished_eval_rerun_prints_its_scores_and_manifests_keep_integers(finis
     assert main(["eval", str(recipe)]) == 0
     out = capsys.readouterr().out
     assert "skipping" in out and "| overall |" in out
-    logging_steps = json.loads((run / "sft" / "moetune_stage.json").read_text())["inputs"]["sft"]["logging_steps"]
-    assert logging_steps == 2 and isinstance(logging_steps, int)
+    max_steps = json.loads((run / "sft" / "moetune_stage.json").read_text())["inputs"]["sft"]["max_steps"]
+    assert max_steps == 6 and isinstance(max_steps, int)  # logging_steps is no input (it cannot change the result)
     assert "logging_steps: 2\n" in (run / "sft" / "recipe.yaml").read_text()
 
 

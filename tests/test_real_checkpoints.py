@@ -72,8 +72,9 @@ def finished(request, tmp_path_factory):
     printed.append(run_cli(["run", str(recipe)]))
     run = tmp_path / "run"
     printed.append(run_cli(["merge", str(run / "dpo"), "--out", str(tmp_path / "merged")]))
-    printed.append(run_cli(["push", str(run / "dpo"), "--repo-id", "me/lookalike", "--dry-run",
-                            str(tmp_path / "upload")]))
+    # The look-alike base is a local folder, so the sft adapter is named as pushed before (push refuses otherwise).
+    printed.append(run_cli(["push", str(run / "dpo"), "--repo-id", "me/lookalike-dpo", "--parent-repo-id",
+                            "me/lookalike-sft", "--dry-run", str(tmp_path / "upload")]))
     return family, recipe, run, tmp_path, "\n".join(printed)
 
 
@@ -121,7 +122,8 @@ def test_dry_run_upload_holds_the_adapter_tokenizer_and_card(finished):
     upload = tmp_path / "upload"
     names = {path.name for path in upload.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md"} <= names
-    assert "base_model: " + str(tmp_path / "checkpoint") in (upload / "README.md").read_text()
+    assert "base_model: me/lookalike-sft" in (upload / "README.md").read_text()
+    assert json.loads((upload / "adapter_config.json").read_text())["base_model_name_or_path"] == "me/lookalike-sft"
 
 
 def test_a_base_model_without_template_is_refused_naming_the_recipe_key(finished):

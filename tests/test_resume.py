@@ -190,7 +190,7 @@ def test_killed_sft_resumes_from_the_default_time_schedule(tmp_path, capsys):
     """No step schedule: only checkpoints.every_minutes (made small here) saves. kill -9 at a random step loses at
     most that schedule's interval plus the step (and save) in progress."""
     recipe, run = prepared_recipe(tmp_path / "run")
-    every_minutes = 0.01
+    every_minutes = 0.0005  # 30 ms: below one step on any machine, so a checkpoint is due at every step
     overrides = ["sft.max_steps=12", "sft.logging_steps=1", f"checkpoints.every_minutes={every_minutes}"]
     step, logged_at = kill_at_random_step("sft", recipe, overrides, tmp_path / "sft.log", first=6, last=10)
     work = run / ".sft.partial"
