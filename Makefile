@@ -19,6 +19,7 @@ demo: install
 	$(BIN)/moetune run recipes/tiny-moe.yaml
 
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q tests
 
 bench: install

@@ -12,6 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from huggingface_hub import HfApi, ModelCardData
+
 from finetune import adapters
 from finetune.models import load_adapter_base
 from finetune.recipe import Recipe
@@ -54,8 +56,6 @@ def require_empty(folder: Path, option: str) -> None:
 
 def model_card(recipe: Recipe, manifest: dict, run_dir: Path) -> str:
     """README.md for the Hub: metadata the Hub indexes, then what was trained, on what, how well, and how."""
-    from huggingface_hub import ModelCardData
-
     outputs, stage = manifest["outputs"], manifest["stage"]
     datasets = [source.dataset for source in recipe.data.sources if source.dataset]
     metadata = ModelCardData(
@@ -114,7 +114,6 @@ def push(stage_dir: str | Path, repo_id: str, private: bool = False, revision: s
         return
     if int(os.environ.get("RANK", "0")) != 0:
         return  # in a multi-process run every rank saves the same stage; only the main process uploads it
-    from huggingface_hub import HfApi
 
     api = HfApi()
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -159,7 +158,7 @@ def no_model_loading(monkeypatch):
     """Answers are already saved: loading a model would be a bug."""
     def refuse(recipe, name):
         raise AssertionError(f"model {name} loaded although its answers were saved")
-    monkeypatch.setattr(eval.evaluate, "load_model", refuse)
+    monkeypatch.setattr(eval.evaluate, "load_for_inference", refuse)
 
 
 def test_single_judge_over_http_retries_records_failures_and_resumes(tmp_path, judge_server, monkeypatch, capsys, no_model_loading):
@@ -324,7 +323,7 @@ def tiny_models(monkeypatch):
         loads[name] += 1
         return tiny_chat_model(seed=len(name))
 
-    monkeypatch.setitem(sys.modules, "finetune.models", types.SimpleNamespace(load_for_inference=load_for_inference))
+    monkeypatch.setattr(eval.evaluate, "load_for_inference", load_for_inference)
     return loads
 
 
