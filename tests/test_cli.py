@@ -7,27 +7,7 @@ import sys
 import pytest
 
 from finetune.cli import main
-
-RECIPE = """
-run_dir: {run_dir}
-seed: 7
-model:
-  init: {{architecture: {architecture}, hidden_size: 32, intermediate_size: 32, num_layers: 1, num_experts: 4,
-          experts_per_token: 2, vocab_size: 280}}
-  lora: {{targets: [attention, experts], r: 4, alpha: 8, stages: [dpo]}}
-data:
-  sources: [{{format: synthetic, options: {{sft: 200, pairs: 80, questions: 6}}}}]
-  dedup: exact
-sft: {{max_steps: 6, per_device_train_batch_size: 8, learning_rate: 1.0e-3, logging_steps: 2, max_length: 128}}
-dpo: {{max_steps: 3, per_device_train_batch_size: 4, learning_rate: 1.0e-3, logging_steps: 1, max_length: 128}}
-eval: {{models: [base, sft, dpo], max_new_tokens: 8, batch_size: 8}}
-"""
-
-
-def write_recipe(tmp_path, architecture="mixtral"):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(RECIPE.format(run_dir=tmp_path / "run", architecture=architecture))
-    return path
+from helpers.recipes import write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -82,16 +62,17 @@ def test_aux_loss_off_when_coefficient_is_zero(tmp_path):
     assert not any("aux_loss" in entry for entry in history)
 
 
-def test_errors_are_reported_without_traceback(tmp_path, capsys):
-    recipe = write_recipe(tmp_path)
-    assert main(["sft", str(recipe)]) == 2
+def test_errors_are_reported_without_traceback(tiny_recipe, capsys):
+    assert main(["sft", str(tiny_recipe)]) == 2
     assert "Run `moetune prep RECIPE` first" in capsys.readouterr().err
-    assert main(["sft", str(recipe), "sft.max_stepz=3"]) == 2
+    assert main(["sft", str(tiny_recipe), "sft.max_stepz=3"]) == 2
     assert "Did you mean 'max_steps'" in capsys.readouterr().err
 
 
 def test_console_script_help_explains_options():
-    out = subprocess.run([sys.executable, "-m", "finetune", "dpo", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "finetune", "dpo", "--help"], capture_output=True, text=True,
+                         check=True, timeout=300)
     assert "model.lora.targets" in out.stdout and "dpo.*" in out.stdout and "--force" in out.stdout
-    fields = subprocess.run([sys.executable, "-m", "finetune", "dpo", "--trl-fields"], capture_output=True, text=True)
+    fields = subprocess.run([sys.executable, "-m", "finetune", "dpo", "--trl-fields"], capture_output=True, text=True,
+                            timeout=300)
     assert "dpo.beta" in fields.stdout

@@ -10,7 +10,7 @@ from transformers import MixtralConfig, MixtralForCausalLM, MixtralForSequenceCl
 from data_prep.onpolicy import best_vs_worst, programmatic_judge, reward_model_judge
 from data_prep.prepare import run
 from data_prep.synthetic import preference_pairs
-from finetune.recipe_parsing import parse_recipe
+from helpers.recipes import make_recipe
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant: {% endif %}")
@@ -27,11 +27,6 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
-
-
-def make_recipe(tmp_path, sources, **data):
-    raw = {"run_dir": str(tmp_path / "run"), "model": {"init": {}}, "data": {"sources": sources, **data}}
-    return parse_recipe(raw, str(tmp_path / "recipe.yaml"))
 
 
 def test_over_length_rows_are_dropped_and_lengths_reported(tmp_path):

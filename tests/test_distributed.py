@@ -14,12 +14,12 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli import write_recipe
-from test_finetune import ARCHITECTURES, tiny_model
 
 from finetune import distributed, launch, moe
 from finetune.cli import main
 from finetune.rundir import StageError
+from helpers.recipes import write_recipe
+from helpers.tiny import ARCHITECTURES, tiny_model
 
 # The router's load-balancing loss is computed per forward pass (per process, or per accumulation step) and is not
 # linear in the batch, so a run whose forward passes see other batches trains differently (measured here: 2e-3 max

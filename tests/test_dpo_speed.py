@@ -24,7 +24,7 @@ from finetune.packed_dpo import PackedDPOTrainer
 from finetune.packed_sft import PaddingFreeSFTTrainer
 from finetune.preference_packing import pack_pairs
 from finetune.recipe import LoraConfig, ModelInit
-from tests.test_cli import write_recipe
+from helpers.recipes import write_recipe
 
 
 @pytest.fixture(scope="module")

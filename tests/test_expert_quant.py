@@ -13,8 +13,8 @@ from finetune.cli import main
 from finetune.models import load_quantized, load_stage_model
 from finetune.recipe import LoraConfig, RecipeError
 from finetune.recipe_parsing import load_recipe, parse_recipe
-from test_cli import write_recipe
-from test_finetune import ARCHITECTURES, batch, tiny_model
+from helpers.recipes import write_recipe
+from helpers.tiny import ARCHITECTURES, batch, tiny_model
 
 QLORA = ["model.lora.stages=[sft,dpo]", "model.quantization.bits=4", "sft.gradient_checkpointing=true",
          "dpo.gradient_checkpointing=true", "sft.learning_rate=1.0e-2", "dpo.learning_rate=1.0e-2"]

@@ -15,20 +15,12 @@ from safetensors.torch import load_file
 import finetune.checkpoints
 from finetune.checkpoints import checkpoint_problem, checkpoints
 from finetune.cli import main
-from tests.test_cli import write_recipe
+from helpers.processes import output_lines
+from helpers.recipes import prepared_recipe, write_recipe
 
 SCHEDULE = ["save_strategy=steps", "save_steps=2", "save_total_limit=2", "logging_steps=1"]
 SFT = ["sft.max_steps=12", *(f"sft.{setting}" for setting in SCHEDULE)]
 DPO = ["dpo.max_steps=12", *(f"dpo.{setting}" for setting in SCHEDULE)]
-
-
-def prepared_recipe(folder, stages=("prep",)):
-    """A tiny recipe in its own folder (so its own run dir), with the given stages done."""
-    folder.mkdir()
-    recipe = str(write_recipe(folder))
-    for stage in stages:
-        assert main([stage, recipe]) == 0
-    return recipe, folder / "run"
 
 
 def kill_at_random_step(stage, recipe, overrides, log_file, first=5, last=9):
@@ -40,12 +32,12 @@ def kill_at_random_step(stage, recipe, overrides, log_file, first=5, last=9):
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
         logged = 0
-        for line in process.stdout:  # logging_steps=1: one "{'loss': ...}" line per step
+        for line in output_lines(process, seconds=300):  # logging_steps=1: one "{'loss': ...}" line per step
             logged += line.startswith("{'loss'")
             if logged == step:
                 process.send_signal(signal.SIGKILL)
                 break
-        process.wait()
+        process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL, f"{stage} ended before step {step}; see {log_file}"
     return step
 
@@ -132,7 +124,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     command = [sys.executable, "-m", "finetune", "sft", recipe, *SFT, "sft.max_steps=1000"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for line in process.stdout:
+    for line in output_lines(process, seconds=300):
         if line.startswith("{'loss'"):
             process.send_signal(signal.SIGTERM)
             break
