@@ -32,7 +32,7 @@ def section_help(sections: tuple[str, ...]) -> str:
                          f"GPUs that support it, activation checkpointing on GPU only, report_to none, logging_steps 10.")
             continue
         section_type = Recipe.__dataclass_fields__[section].default_factory
-        for key, text in describe_fields(section_type, section + "."):
+        for key, _, text in describe_fields(section_type, section + "."):
             wrapped = textwrap.fill(text, 80, subsequent_indent=" " * 37)
             lines.append(f"  {key:<34} {wrapped}")
     return "\n".join(lines)
