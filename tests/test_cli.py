@@ -18,6 +18,7 @@ def finished_run(tmp_path_factory):
     return recipe, tmp_path / "run"
 
 
+@pytest.mark.slow
 def test_run_writes_every_stage(finished_run):
     _, run = finished_run
     for stage in ("data", "base", "sft", "dpo", "eval"):
@@ -30,6 +31,7 @@ def test_run_writes_every_stage(finished_run):
     assert all(1 <= scores[m]["overall"] <= 10 for m in scores)
 
 
+@pytest.mark.slow
 def test_sft_loss_falls_and_aux_loss_and_expert_load_are_logged(finished_run):
     _, run = finished_run
     history = json.loads((run / "sft" / "metrics.json").read_text())
@@ -44,6 +46,7 @@ def test_sft_loss_falls_and_aux_loss_and_expert_load_are_logged(finished_run):
     assert any("aux_loss" in entry for entry in dpo_history)
 
 
+@pytest.mark.slow
 def test_rerun_skips_changed_recipe_refuses_and_force_redoes(finished_run, capsys):
     recipe, run = finished_run
     assert main(["sft", str(recipe)]) == 0
@@ -55,6 +58,7 @@ def test_rerun_skips_changed_recipe_refuses_and_force_redoes(finished_run, capsy
     assert json.loads((run / "dpo" / "moetune_stage.json").read_text())["outputs"]["steps"] == 2
 
 
+@pytest.mark.slow
 def test_aux_loss_off_when_coefficient_is_zero(tmp_path):
     recipe = write_recipe(tmp_path, architecture="qwen3_moe")
     assert main(["run", str(recipe), "--stages", "prep,sft", "sft.router_aux_loss_coef=0", "sft.max_steps=2"]) == 0

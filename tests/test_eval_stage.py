@@ -254,6 +254,7 @@ def test_judge_waits_as_long_as_retry_after_says(judge_server):
     assert retry_after_seconds("soon") is None and retry_after_seconds(None) is None
 
 
+@pytest.mark.slow
 def test_eval_killed_while_judging_resumes_without_asking_twice(tmp_path, judge_server):
     """kill -9 in the middle of judging, then the same command: finished judgments are never asked for again,
     and the scores equal those of an uninterrupted run."""
@@ -369,6 +370,7 @@ def test_rerun_after_crash_reuses_saved_answers_and_judgments(tmp_path, tiny_mod
     assert len(after) == 2 * 6 * 2
 
 
+@pytest.mark.slow
 def test_local_judge_model_grades_with_the_same_prompts(tmp_path, tiny_models):
 
     recipe = synthetic_recipe(tmp_path, models=["base"], judge={

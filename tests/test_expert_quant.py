@@ -169,6 +169,7 @@ def losses(stage_dir):
     return [entry["loss"] for entry in json.loads((stage_dir / "metrics.json").read_text()) if "loss" in entry]
 
 
+@pytest.mark.slow
 def test_sft_then_dpo_train_adapters_on_the_quantized_base(qlora_run):
     _, run = qlora_run
     for stage in ("sft", "dpo"):
@@ -184,6 +185,7 @@ def test_sft_then_dpo_train_adapters_on_the_quantized_base(qlora_run):
     assert abs(first["rewards/chosen"]) < 0.01 and abs(first["rewards/rejected"]) < 0.01
 
 
+@pytest.mark.slow
 def test_adapter_trained_on_nf4_loads_on_the_full_precision_base_and_merges(qlora_run, tmp_path):
     recipe, run = qlora_run
     tokenizer = AutoTokenizer.from_pretrained(run / "base")

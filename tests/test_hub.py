@@ -17,6 +17,8 @@ from finetune.recipe_parsing import load_recipe
 from finetune.rundir import read_manifest
 from helpers.recipes import write_recipe
 
+pytestmark = pytest.mark.slow  # every test here uses the tiny run the module trains first
+
 SCORES = "| model | overall |\n|---|---|\n| dpo | 7.5 |\n"
 
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -17,6 +18,8 @@ from finetune.checkpoints import checkpoint_problem, checkpoints
 from finetune.cli import main
 from helpers.processes import output_lines
 from helpers.recipes import prepared_recipe, write_recipe
+
+pytestmark = pytest.mark.slow  # every test here trains through the pipeline
 
 SCHEDULE = ["save_strategy=steps", "save_steps=2", "save_total_limit=2", "logging_steps=1"]
 SFT = ["sft.max_steps=12", *(f"sft.{setting}" for setting in SCHEDULE)]
