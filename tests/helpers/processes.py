@@ -21,7 +21,8 @@ def output_lines(process: subprocess.Popen, seconds: float) -> Iterator[str]:
     timer = threading.Timer(seconds, kill)
     timer.start()
     try:
-        yield from process.stdout
+        for line in process.stdout:  # not `yield from`: closing this generator would close the pipe too
+            yield line
     finally:
         timer.cancel()
     if expired.is_set():
