@@ -1,17 +1,18 @@
 # Every target sets itself up on a fresh machine: a .venv, torch first (CPU wheel by default), then moetune.
 PYTHON ?= python3
 VENV ?= .venv
+# pip arguments for torch, unquoted so that an index can follow: torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.moetune-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench gpu-check gpu-carry clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BIN)/pip install -q --disable-pip-version-check $(TORCH_SPEC)
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]"
 	touch $(STAMP)
 
@@ -24,6 +25,14 @@ test: install
 
 bench: install
 	$(BIN)/python -m benchmarks
+
+# On a GPU machine, with a CUDA build of torch: make gpu-check TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+gpu-check: install
+	$(BIN)/python -m benchmarks.gpu_check
+
+# What the lent GPU machine (no registry, no ../shared) needs beside the repository: benchmarks/GPU_RUN.md
+gpu-carry: install
+	$(BIN)/python -m benchmarks.gpu_carry
 
 clean:
 	rm -rf $(VENV) runs

@@ -95,8 +95,10 @@ def peak_mib() -> float:
     return torch.cuda.max_memory_allocated() / 2**20 if ON_GPU else status_mib("VmHWM")
 
 
-def measure(variant: str, folder: str) -> dict:
-    """Load one variant, add LoRA, take one training step; return its memory figures."""
+def measure(variant: str, folder: str, batch: int = BATCH, sequence: int = SEQUENCE, warmup: int = 0,
+            profile: bool = False) -> dict:
+    """Load one variant, add LoRA, take one training step (after `warmup` untimed ones); return its memory figures,
+    and with `profile` the NF4 kernels' share of one more step."""
     imports = status_mib("VmHWM")
     model = load_variant(variant, folder)
     load_peak = status_mib("VmHWM")
@@ -105,18 +107,53 @@ def measure(variant: str, folder: str) -> dict:
     model.enable_input_require_grads()
     model.train()
     parts = bytes_by_part(model)
-    ids = torch.randint(0, BENCH_MODEL["vocab_size"], (BATCH, SEQUENCE), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, model.config.vocab_size, (batch, sequence), generator=torch.Generator().manual_seed(0))
     ids = ids.to("cuda" if ON_GPU else "cpu")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    for _ in range(warmup):
+        training_step(model, optimizer, ids)
     step_start = reset_peak()
     start = time.perf_counter()
-    model(input_ids=ids, labels=ids).loss.backward()
-    optimizer.step()
+    training_step(model, optimizer, ids)
     seconds = time.perf_counter() - start
     step_peak = peak_mib()
-    return {"parts": parts, "model_mib": (parts["experts"] + parts["rest"]) / 2**20,
-            "adapters_mib": parts["adapters"] / 2**20, "step_s": seconds, "imports_mib": imports,
-            "load_peak_mib": load_peak, "step_peak_mib": step_peak, "step_growth_mib": step_peak - step_start}
+    figures = {"parts": parts, "model_mib": (parts["experts"] + parts["rest"]) / 2**20,
+               "adapters_mib": parts["adapters"] / 2**20, "step_s": seconds, "imports_mib": imports,
+               "load_peak_mib": load_peak, "step_peak_mib": step_peak, "step_growth_mib": step_peak - step_start}
+    if profile:
+        figures["nf4_share"] = nf4_share(model, optimizer, ids)
+    return figures
+
+
+def training_step(model, optimizer, ids) -> None:
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    if ON_GPU:
+        torch.cuda.synchronize()  # the step's kernels have run: its time is theirs
+
+
+def nf4_share(model, optimizer, ids) -> float:
+    """The share of one training step's kernel time (CPU time on a CPU) spent in bitsandbytes' NF4 operations
+    (dequantizing, 4-bit matmuls), from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ON_GPU else [])
+    with profile(activities=activities) as profiler:
+        training_step(model, optimizer, ids)
+    events = profiler.key_averages()
+    # On a GPU the kernels carry the device time (bitsandbytes' are kDequantize*, k*4bit*): kernels only, since an
+    # operator also counts the time of the kernels it launched. On a CPU the operators (bitsandbytes::dequantize_4bit,
+    # ...) carry their own CPU time.
+    if ON_GPU:
+        events = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU]
+    own_time = (lambda e: e.self_device_time_total) if ON_GPU else (lambda e: e.self_cpu_time_total)
+    total = sum(own_time(e) for e in events)
+    return sum(own_time(e) for e in events if is_nf4_operation(e.key)) / total if total else 0.0
+
+
+def is_nf4_operation(name: str) -> bool:
+    return "bitsandbytes::" in name or "dequantize" in name.lower() or "4bit" in name.lower()
 
 
 # ---------------------------------------------------------------- in the parent process
@@ -130,17 +167,22 @@ def parameter_counts(model) -> dict:
     return {"total": total, "experts": experts, "linear": linear, "rest": total - experts - linear}
 
 
-def build_model(folder: Path) -> dict:
-    """Save the benchmark model (in the machine's default dtype); return its parameter counts."""
+def build_model(folder: Path, shape: dict = BENCH_MODEL) -> dict:
+    """Save a Mixtral of this shape (in the machine's default dtype, built where it trains: on a GPU it never exists in
+    fp32 or in CPU memory); return its parameter counts."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("mixtral", **BENCH_MODEL), dtype=resolve_dtype("auto"))
+    with torch.device("cuda" if ON_GPU else "cpu"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model("mixtral", **shape), dtype=resolve_dtype("auto"))
     model.save_pretrained(folder)
     return parameter_counts(model)
 
 
-def run_child(variant: str, folder: Path) -> dict:
-    code = "import json, sys; from benchmarks.qlora_bench import measure; print(json.dumps(measure(*sys.argv[1:])))"
-    result = subprocess.run([sys.executable, "-c", code, variant, str(folder)], capture_output=True, text=True)
+def run_child(variant: str, folder: Path, **options) -> dict:
+    """measure(variant, folder, **options) in a process of its own."""
+    code = ("import json, sys; from benchmarks.qlora_bench import measure; "
+            "print(json.dumps(measure(sys.argv[1], sys.argv[2], **json.loads(sys.argv[3]))))")
+    result = subprocess.run([sys.executable, "-c", code, variant, str(folder), json.dumps(options)],
+                            capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"{variant} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -15,7 +15,7 @@ from datasets import Dataset, load_dataset
 from transformers import AutoModelForCausalLM
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-from benchmarks.dpo_bench import loss_and_gradients, relative_differences
+from benchmarks.dpo_bench import SAME_MATH, loss_and_gradients, relative_differences
 from data_prep import synthetic
 from finetune import adapters
 from finetune.cli import main
@@ -25,6 +25,7 @@ from finetune.packed_sft import PaddingFreeSFTTrainer
 from finetune.preference_packing import pack_pairs
 from finetune.recipe import LoraConfig, ModelInit
 from helpers.recipes import write_recipe
+from tests.on_device import DTYPE, trainer_options
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +37,12 @@ def tiny():
     init = ModelInit(hidden_size=32, intermediate_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                      num_experts=4, experts_per_token=2, router_aux_loss_coef=0.05)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(init_config(init, tokenizer))
+    model = AutoModelForCausalLM.from_config(init_config(init, tokenizer), dtype=DTYPE)
     return model, tokenizer, Dataset.from_list(pairs)
 
 
 def dpo_config(tmp_path, **overrides):
-    values = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", per_device_train_batch_size=8,
+    values = dict(output_dir=str(tmp_path), **trainer_options(), report_to="none", per_device_train_batch_size=8,
                   max_length=90, beta=0.5, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], seed=0)
     return DPOConfig(**{**values, **overrides})
 
@@ -84,36 +85,41 @@ def same_math(reference, candidate):
     result = loss_and_gradients(candidate, whole_dataset(candidate))
     assert reference[1].keys() == result[1].keys()
     loss_difference, gradient_difference = relative_differences(reference, result)
-    assert loss_difference < 1e-5 and gradient_difference < 1e-4
+    loss_tolerance, gradient_tolerance = SAME_MATH[str(DTYPE).split(".")[-1]]
+    assert loss_difference < loss_tolerance and gradient_difference < gradient_tolerance
 
 
+@pytest.mark.conformance
 @pytest.mark.parametrize("share_prompt", [False, True])
 def test_packed_batches_give_trl_log_probs_loss_and_gradients(tiny, trl_lora, tmp_path, share_prompt):
     reference, log_probs = trl_lora
     packed = build(tiny, tmp_path, PackedDPOTrainer, trainer_options={"share_prompt": share_prompt})
     packed_log_probs = reference_log_probs(packed)
     assert log_probs.numel() >= 10 and log_probs.abs().min() > 1  # 5+ pairs, real sums
-    torch.testing.assert_close(packed_log_probs, log_probs, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(packed_log_probs, log_probs, rtol=SAME_MATH[str(DTYPE).split(".")[-1]][0], atol=1e-4)
     same_math(reference, packed)
 
 
+@pytest.mark.conformance
 def test_precomputed_reference_gives_the_per_step_loss_and_gradients(tiny, trl_lora, tmp_path):
     precomputed = build(tiny, tmp_path, PackedDPOTrainer, precompute_ref_log_probs=True)
     assert "ref_chosen_logps" in precomputed.train_dataset.column_names
     same_math(trl_lora[0], precomputed)
 
 
+@pytest.mark.conformance
 def test_full_fine_tuning_with_a_reference_copy_gives_trl_loss_and_gradients(tiny, tmp_path):
     trl = build(tiny, tmp_path, lora=False)
     same_math(loss_and_gradients(trl, whole_dataset(trl)), build(tiny, tmp_path, PackedDPOTrainer, lora=False))
 
 
+@pytest.mark.conformance
 def test_padding_free_sft_gives_trl_loss_and_gradients(tiny, tmp_path):
     model, tokenizer, _ = tiny
     conversations = Dataset.from_list(list(synthetic.sft_conversations(8, 4)))
     trainers = []
     for trainer_class in (SFTTrainer, PaddingFreeSFTTrainer):
-        config = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_length=30,
+        config = SFTConfig(output_dir=str(tmp_path), **trainer_options(), report_to="none", max_length=30,
                            per_device_train_batch_size=8, assistant_only_loss=True, seed=0)
         trainers.append(trainer_class(model=copy.deepcopy(model), args=config, train_dataset=conversations,
                                       processing_class=tokenizer))

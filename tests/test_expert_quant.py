@@ -15,6 +15,7 @@ from finetune.recipe import LoraConfig, RecipeError
 from finetune.recipe_parsing import load_recipe, parse_recipe
 from helpers.recipes import write_recipe
 from helpers.tiny import ARCHITECTURES, batch, tiny_model
+from on_device import DEVICE, DTYPE, SAME_RESULT, relative_error
 
 QLORA = ["model.lora.stages=[sft,dpo]", "model.quantization.bits=4", "sft.gradient_checkpointing=true",
          "dpo.gradient_checkpointing=true", "sft.learning_rate=1.0e-2", "dpo.learning_rate=1.0e-2"]
@@ -22,8 +23,14 @@ QLORA = ["model.lora.stages=[sft,dpo]", "model.quantization.bits=4", "sft.gradie
 
 def quantized_copy(model, double_quant=True):
     quantized = copy.deepcopy(model)
-    expert_quant.quantize_experts(quantized, double_quant=double_quant, compute_dtype=torch.float32)
+    expert_quant.quantize_experts(quantized, double_quant=double_quant, compute_dtype=model.dtype)
     return quantized
+
+
+def tiny_model_on_device(architecture="mixtral"):
+    """The tiny model and a batch where the conformance tests run (tests/on_device.py)."""
+    model, tokenizer = tiny_model(architecture)
+    return model.to(DEVICE, DTYPE), tokenizer, batch(tokenizer).to(DEVICE)
 
 
 def experts_modules(model):
@@ -41,13 +48,10 @@ def dequantized_copy(model, quantized):
     return rounded
 
 
-def relative_error(actual, expected):
-    return float((actual - expected).norm() / expected.norm())
-
-
+@pytest.mark.conformance
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_nf4_experts_match_full_precision_within_nf4_error(architecture):
-    model, tokenizer = tiny_model(architecture)
+    model, tokenizer, inputs = tiny_model_on_device(architecture)
     quantized = quantized_copy(model)
     for full, nf4 in zip(experts_modules(model), experts_modules(quantized)):
         for name in moe.EXPERT_PARAMETERS:
@@ -55,17 +59,16 @@ def test_nf4_experts_match_full_precision_within_nf4_error(architecture):
             rounded = torch.stack([expert_quant.dequantize_expert(nf4, name, e) for e in range(nf4.num_experts)])
             # NF4 with one scale per 64 weights: ~9% relative error on Gaussian weights; never exact.
             assert 0.02 < relative_error(rounded, weights) < 0.12
-        hidden = torch.randn(10, full.gate_up_proj.shape[-1])
-        top_k_index = torch.randint(0, full.num_experts, (10, 2))
-        top_k_weights = torch.rand(10, 2)
+        hidden = torch.randn(10, full.gate_up_proj.shape[-1], device=DEVICE, dtype=DTYPE)
+        top_k_index = torch.randint(0, full.num_experts, (10, 2), device=DEVICE)
+        top_k_weights = torch.rand(10, 2, device=DEVICE, dtype=DTYPE)
         with torch.no_grad():  # two NF4 matrices in series: about sqrt(2) times one matrix's error
             assert relative_error(nf4(hidden, top_k_index, top_k_weights), full(hidden, top_k_index, top_k_weights)) < 0.2
-    inputs = batch(tokenizer)
     with torch.no_grad():
         expected = model(**inputs).logits
         assert relative_error(quantized(**inputs).logits, expected) < 0.1
         # the forward is exactly the full-precision one on the rounded weights: no other approximation
-        assert torch.allclose(quantized(**inputs).logits, dequantized_copy(model, quantized)(**inputs).logits, atol=1e-5)
+        assert relative_error(quantized(**inputs).logits, dequantized_copy(model, quantized)(**inputs).logits) < SAME_RESULT
 
 
 @pytest.mark.parametrize("double_quant, most_bits", [(True, 4.2), (False, 4.6)])
@@ -90,11 +93,11 @@ def random_lora_on(model, seed=1):
     return peft_model.eval()
 
 
+@pytest.mark.conformance
 def test_lora_on_nf4_experts_is_pefts_lora_on_the_rounded_weights(tmp_path):
-    model, tokenizer = tiny_model()
+    model, tokenizer, inputs = tiny_model_on_device()
     quantized = quantized_copy(model)
     rounded = dequantized_copy(model, quantized)
-    inputs = batch(tokenizer)
     with torch.no_grad():
         base_logits = quantized(**inputs).logits
     peft_model = random_lora_on(quantized)
@@ -106,7 +109,7 @@ def test_lora_on_nf4_experts_is_pefts_lora_on_the_rounded_weights(tmp_path):
         # PEFT's own ParamWrapper on full-precision weights equal to the NF4 ones gives the same model: same layout
         reference = peft.PeftModel.from_pretrained(rounded, tmp_path).eval()
         assert type(reference.base_model.model.model.layers[0].mlp.experts) is peft.tuners.lora.layer.ParamWrapper
-        assert torch.allclose(logits, reference(**inputs).logits, atol=1e-5)
+        assert relative_error(logits, reference(**inputs).logits) < SAME_RESULT
         assert not torch.allclose(logits, base_logits, atol=1e-3)
         with peft_model.disable_adapter():
             assert torch.equal(peft_model(**inputs).logits, base_logits)
@@ -114,17 +117,19 @@ def test_lora_on_nf4_experts_is_pefts_lora_on_the_rounded_weights(tmp_path):
         peft_model.merge_and_unload()
 
 
+@pytest.mark.conformance
 @pytest.mark.parametrize("bits", [4, 8])
 def test_gradients_reach_only_adapters_and_match_with_activation_checkpointing(tmp_path, bits):
     model, tokenizer = tiny_model()
     model.save_pretrained(tmp_path / "base")
     recipe = parse_recipe({"run_dir": str(tmp_path / "run"), "model": {
         "name_or_path": str(tmp_path / "base"), "lora": {"targets": ["attention", "experts"]},
-        "quantization": {"bits": bits}}}, "<test>")
+        "quantization": {"bits": bits}, "dtype": str(DTYPE).split(".")[-1]}}, "<test>")
     inputs = batch(tokenizer)
     gradients = []
     for checkpointing in (False, True):
-        base = load_quantized(recipe, "base")
+        base = load_quantized(recipe, "base")  # on the GPU when there is one
+        inputs = inputs.to(base.device)
         peft_model = random_lora_on(base).train()
         if checkpointing:
             peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -145,7 +150,7 @@ def test_gradients_reach_only_adapters_and_match_with_activation_checkpointing(t
         gradients.append(with_grad)
     assert gradients[0].keys() == gradients[1].keys()
     for name in gradients[0]:
-        assert torch.allclose(gradients[0][name], gradients[1][name], atol=1e-5), name
+        assert relative_error(gradients[0][name], gradients[1][name]) < SAME_RESULT, name
 
 
 def test_quantization_needs_lora_and_four_or_eight_bits(tmp_path):
