@@ -61,7 +61,8 @@ class DataConfig:
         "use exact for sources with several pairs per prompt, like OpenAssistant), none.",
     )
     max_length: int | None = help_field(
-        None, help="Drop rows longer than this many tokens after chat templating with the model's tokenizer; null: keep all."
+        None, help="Drop rows longer than this many tokens after chat templating with the model's tokenizer "
+        "(model.name_or_path recipes only: a model.init tokenizer is trained on this data later); null: keep all."
     )
     decontamination: DecontaminationConfig | None = help_field(
         None, help="Drop training rows that overlap eval questions; null: no check."

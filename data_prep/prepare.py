@@ -38,6 +38,10 @@ def run(recipe: Recipe, force: bool = False, tokenizer: Any = None) -> Path:
     report = prepare(stage.work, recipe.data, recipe.seed, base_dir, tokenizer)
     write_json_atomic(stage.work / "report.json", report)
     print(summary(report))
+    if not any(report["splits"][kind]["train"] + report["splits"][kind]["test"] for kind in KINDS):
+        raise DataError(f"{recipe.source}: data.sources gave no training examples (see the counts above and "
+                        f"{stage.work / 'report.json'}). Add rows or sources that make SFT conversations or "
+                        f"preference pairs.")
     return stage.commit(outputs={"splits": report["splits"], "questions": report["questions"]})
 
 
@@ -58,6 +62,9 @@ def prepare(work: Path, data: DataConfig, seed: int, base_dir: Path, tokenizer: 
                     keep(example, quality, writers, questions, stats)
         if data.on_error == "fail":
             stats.fail_if_malformed()
+        if stats.read == 0 and source.format not in GENERATED_FORMATS:
+            raise DataError(f"{source_name(source)}: no rows (an empty file or split?). Fill it, or remove "
+                            f"data.sources[{index}] from the recipe.")
         sources.append(stats.as_dict())
     write_questions(work / "questions.jsonl", questions)
     lengths = quality.lengths.percentiles() if quality.lengths is not None else None

@@ -8,10 +8,15 @@ import random
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from datasets import load_dataset
+
 from data_prep.config import SourceConfig
 from data_prep.records import DataError, Example, Problem, Row
 
 LOCAL_FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# A longer line is a whole file written on one line, not a row: 2 MiB is about 500k tokens, beyond any real
+# conversation, while tokenizing or training a tokenizer on a 60 MB "row" takes minutes with no sign of progress.
+MAX_ROW_BYTES = 2 << 20
 
 
 def source_name(source: SourceConfig) -> str:
@@ -55,7 +60,10 @@ def read_jsonl(path: Path) -> Iterator[Row]:
     """One row per line, read lazily; a line that is not a JSON object becomes a Row with an error."""
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
-            if raw.strip():
+            if len(raw) > MAX_ROW_BYTES:
+                yield Row(f"{path}:{number}", None, f"a {len(raw) / 1e6:.1f} MB line, over the {MAX_ROW_BYTES >> 20} MiB "
+                          f"a row may hold (a whole file on one line?); write one JSON object per line")
+            elif raw.strip():
                 yield parse_json_row(raw, f"{path}:{number}")
 
 
@@ -113,7 +121,6 @@ def read_hub(source: SourceConfig) -> Iterator[Row]:
 
 
 def read_with_datasets(builder: str, data_files: str | None, label: str, split: str = "train", **kwargs) -> Iterator[Row]:
-    from datasets import load_dataset  # imported here: jsonl-only runs do not pay for it
 
     stream = load_dataset(builder, data_files=data_files, split=split, streaming=True, **kwargs)
     return (Row(f"{label} {index}", dict(item)) for index, item in enumerate(stream))

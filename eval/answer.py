@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from tqdm.auto import tqdm
 
 from eval.jsonl import append_jsonl, read_jsonl
 
@@ -95,12 +96,13 @@ def answer_questions(
 ) -> None:
     """Answer the questions and append each finished batch to `answer_file`."""
     prepare_for_generation(model, tokenizer)
-    for temperature, batch in batches_by_temperature(questions, temperatures, batch_size):
-        # Seeded per batch from its first question, not from how many batches ran before (a resumed run skips some).
-        torch.manual_seed(zlib.crc32(f"{seed}/{model_id}/{batch[0]['question_id']}".encode()))
-        answers = answer_batch(model, tokenizer, batch, max_new_tokens, temperature)
-        append_jsonl(answer_file, [answer_record(model_id, q, turns) for q, turns in zip(batch, answers)])
-        print(f"[eval] {model_id}: answered {len(batch)} questions (temperature {temperature})", flush=True)
+    with tqdm(total=len(questions), desc=f"[eval] {model_id} answering", unit="question", dynamic_ncols=True) as bar:
+        for temperature, batch in batches_by_temperature(questions, temperatures, batch_size):
+            # Seeded per batch from its first question, not from how many batches ran before (a resumed run skips some).
+            torch.manual_seed(zlib.crc32(f"{seed}/{model_id}/{batch[0]['question_id']}".encode()))
+            answers = answer_batch(model, tokenizer, batch, max_new_tokens, temperature)
+            append_jsonl(answer_file, [answer_record(model_id, q, turns) for q, turns in zip(batch, answers)])
+            bar.update(len(batch))
 
 
 def unanswered(questions: list[dict[str, Any]], answer_file: Path) -> list[dict[str, Any]]:

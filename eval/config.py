@@ -19,6 +19,13 @@ MT_BENCH_TEMPERATURES = {
 }
 
 JUDGE_TYPES = ("programmatic", "openai", "local")
+# How judge calls are made, not what they answer: not inputs of the eval, so they can change on a resumed run.
+JUDGE_CALL_SETTINGS = ("max_concurrency", "timeout_seconds", "max_retries", "backoff_seconds")
+
+
+class EvalInputError(ValueError):
+    """Questions, prompts or reference answers that cannot be used; the message names the file (and line) and the fix."""
+
 JUDGE_MODES = ("single", "pairwise")
 
 

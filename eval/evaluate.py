@@ -13,16 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from eval.answer import answer_questions, unanswered
-from eval.config import check_eval_config
+from eval.config import JUDGE_CALL_SETTINGS, EvalInputError, check_eval_config
 from eval.judge_prompts import load_judge_prompts
-from eval.judge_backends import LocalJudge, OpenAICompatibleJudge
+from eval.judge_backends import JudgeUnreachable, LocalJudge, OpenAICompatibleJudge, programmatic_can_score
 from eval.judging import JudgingContext, judge_pairwise, judge_programmatic, judge_single
 from eval.questions import load_questions, load_reference_answers, reference_turns
 from eval.jsonl import file_safe, read_jsonl
 from eval.scores import markdown_table, pairwise_rows, pairwise_scores, radar_plot, single_rows, single_scores
 from finetune.models import load_for_inference
 from finetune.recipe import MODEL_STAGES, Recipe
-from finetune.rundir import Stage, read_manifest, write_json_atomic
+from finetune.rundir import Stage, StageError, read_manifest, write_json_atomic
 
 
 def question_source(recipe: Recipe) -> str:
@@ -46,25 +46,71 @@ def source_fingerprint(source: str) -> str:
 
 
 def stage_inputs(recipe: Recipe) -> dict[str, Any]:
-    """What the eval depends on: the section, the seed, the questions and each model's producing stage."""
+    """What the eval depends on: the section (but how judge calls are made), the seed, the questions and each
+    model's producing stage."""
     models = {}
     for name in recipe.eval.models:
         manifest = read_manifest(recipe.run_path / name) if name in MODEL_STAGES else None
         models[name] = manifest["fingerprint"] if manifest else name
-    return {"eval": recipe.section_dict("eval"), "seed": recipe.seed, "models": models,
+    section = recipe.section_dict("eval")
+    section["judge"] = {key: value for key, value in section["judge"].items() if key not in JUDGE_CALL_SETTINGS}
+    return {"eval": section, "seed": recipe.seed, "models": models,
             "questions": source_fingerprint(question_source(recipe))}
+
+
+def check_files(recipe: Recipe) -> None:
+    """The files `eval:` names exist (checked before any stage runs); the prep stage's questions may come later."""
+    judge = recipe.eval.judge
+    named = {"eval.judge.prompt_file": judge.prompt_file, "eval.judge.reference_answer_file": judge.reference_answer_file}
+    for key, name in named.items():
+        if name is not None and not recipe_file(recipe, name).is_file():
+            raise EvalInputError(f"{recipe.source}: {key}: {recipe_file(recipe, name)} does not exist; fix the path "
+                                 f"(relative to the recipe's folder).")
+    if recipe.eval.question_file is not None:
+        local = Path(question_source(recipe))
+        if not local.is_file() and (local.suffix in (".jsonl", ".json") or Path(recipe.eval.question_file).is_absolute()):
+            raise EvalInputError(f"{recipe.source}: eval.question_file: {local} does not exist; fix the path (relative "
+                                 f"to the recipe's folder), or leave it unset to use the questions of the prep stage.")
+
+
+def refuse_unscorable(recipe: Recipe, questions: list[dict[str, Any]]) -> None:
+    """The programmatic judge checks only the synthetic task's answers: refuse other questions before answering."""
+    if recipe.eval.judge.type != "programmatic":
+        return
+    references = load_reference_answers(recipe_file(recipe, recipe.eval.judge.reference_answer_file))
+    bad = [q for q in questions if not programmatic_can_score(q, reference_turns(q, references))]
+    if bad:
+        raise EvalInputError(
+            f"{question_source(recipe)}: the programmatic judge cannot score {len(bad)} of {len(questions)} questions "
+            f"(e.g. question {bad[0]['question_id']}, category {bad[0]['category']!r}): it checks only the synthetic "
+            f"task's categories against a reference. Use a model judge (eval.judge.type: openai or local, with "
+            f"eval.judge.prompt_file) for these questions.")
 
 
 def run(recipe: Recipe, force: bool = False) -> Path:
     """Run the eval stage; returns run_dir/eval, or the work folder while some judge calls have failed."""
     config = recipe.eval
     check_eval_config(config)
-    stage = Stage(recipe.run_path, "eval", inputs=stage_inputs(recipe))
+    check_files(recipe)
+    if config.question_file is None and not Path(question_source(recipe)).is_file():
+        raise EvalInputError(f"[eval] {question_source(recipe)} does not exist: the prep stage made no eval questions "
+                             f"(the synthetic source makes them). Set eval.question_file to questions in MT-Bench's "
+                             f"format, e.g. FastChat's mt_bench/question.jsonl.")
+    questions = load_questions(question_source(recipe), config.question_split)
+    refuse_unscorable(recipe, questions)
+    stage = Stage(recipe.run_path, "eval", inputs=stage_inputs(recipe),
+                  progress=("model_answer/*.jsonl", "model_judgment/*.jsonl"))
     if not stage.begin(force):
         return stage.final
-    questions = load_questions(question_source(recipe), config.question_split)
-    answers = {name: answer_model(recipe, name, questions, stage.work) for name in config.models}
-    errors, scores_file = judge_and_report(recipe, questions, answers, stage.work)
+    try:
+        answers = {name: answer_model(recipe, name, questions, stage.work) for name in config.models}
+        errors, scores_file = judge_and_report(recipe, questions, answers, stage.work)
+    except KeyboardInterrupt:
+        raise StageError(f"[eval] interrupted. The answers and judgments finished so far are saved in {stage.work}; "
+                         f"run the same command again to continue from them.") from None
+    except JudgeUnreachable as error:
+        raise StageError(f"[eval] {error} The answers and judgments finished so far are saved in {stage.work}; run "
+                         f"the same command again once the judge is up.") from None
     if errors:
         print(f"[eval] {errors} judge calls failed (see {stage.work / 'judge_errors.jsonl'}); the stage stays "
               f"unfinished in {stage.work}. Run it again to retry only those judgments.")

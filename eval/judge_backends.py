@@ -3,17 +3,23 @@
 The two model judges turn JudgePrompts into judgment texts with `complete_many`, which yields
 (index, judgment, error) as results arrive, so finished judgments are saved even if later ones fail.
 The programmatic judge scores the synthetic demo task's answers directly and needs no prompt.
+
+An endpoint that refuses connections or whose name does not resolve is down, not busy: it is tried a few times
+and then the whole judging stops with an error naming the URL, instead of every call being retried like a 503.
 """
 
 from __future__ import annotations
 
 import email.utils
+import errno
 import json
 import os
+import queue
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Callable, Iterator
 
 from data_prep.synthetic import SKILL_BY_CATEGORY, score_answer
@@ -26,6 +32,25 @@ JudgeResult = tuple[int, str | None, str | None]  # (index of the prompt, judgme
 
 class JudgeCallError(RuntimeError):
     """A judge request that failed for good (after retries, or a non-retryable error)."""
+
+
+class JudgeUnreachable(RuntimeError):
+    """The judge endpoint cannot be reached at all (connection refused, unknown host): judging stops."""
+
+
+class Unreachable(RuntimeError):
+    """One attempt found the endpoint unreachable; tried again UNREACHABLE_TRIES times at most."""
+
+
+UNREACHABLE_TRIES = 3
+UNREACHABLE_PAUSE_SECONDS = 1.0
+# Socket errors that mean nothing listens at the address (or the name does not resolve): waiting does not help.
+UNREACHABLE_ERRNOS = {errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL}
+
+
+def is_unreachable(reason: Any) -> bool:
+    return isinstance(reason, (ConnectionRefusedError, socket.gaierror)) or (
+        isinstance(reason, OSError) and reason.errno in UNREACHABLE_ERRNOS)
 
 
 class RetryableError(RuntimeError):
@@ -67,23 +92,34 @@ class OpenAICompatibleJudge:
         elif config.api_key_env:
             print(f"[eval] judge: environment variable {config.api_key_env} is not set; calling {self.url} without a key.")
 
-    def complete(self, prompt: JudgePrompt) -> str:
+    def complete(self, prompt: JudgePrompt, stop: threading.Event | None = None) -> str:
+        """One judgment, retried on timeouts, 429 and 5xx; waits end early once `stop` is set (Ctrl-C)."""
+        stop = stop or threading.Event()
         body = json.dumps({
             "model": self.config.model,
             "messages": chat_messages(prompt),
             "temperature": 0,
             "max_tokens": self.config.max_tokens,
         }).encode()
-        attempt = 0
+        attempt = unreachable = 0
         while True:
             try:
                 return self.post(body)
+            except Unreachable as error:
+                unreachable += 1
+                if unreachable == UNREACHABLE_TRIES:
+                    raise JudgeUnreachable(
+                        f"cannot reach the judge at {self.url} ({error}; {unreachable} tries). Start the judge "
+                        f"server, or fix eval.judge.base_url.") from None
+                pause = UNREACHABLE_PAUSE_SECONDS
             except RetryableError as error:
                 if attempt == self.config.max_retries:
                     raise JudgeCallError(f"gave up after {attempt + 1} attempts; last: {error}") from None
                 backoff = self.config.backoff_seconds * 2**attempt
-                time.sleep(backoff if error.retry_after is None else error.retry_after)
+                pause = backoff if error.retry_after is None else error.retry_after
                 attempt += 1
+            if stop.wait(pause):
+                raise JudgeCallError("stopped before the judge answered")
 
     def post(self, body: bytes) -> str:
         request = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")
@@ -95,7 +131,11 @@ class OpenAICompatibleJudge:
                 wait = retry_after_seconds(error.headers.get("Retry-After"))
                 raise RetryableError(f"HTTP {error.code}", retry_after=wait) from None
             raise JudgeCallError(f"HTTP {error.code} from {self.url}") from None
-        except (TimeoutError, ConnectionError, urllib.error.URLError) as error:
+        except urllib.error.URLError as error:
+            if is_unreachable(error.reason):
+                raise Unreachable(str(error.reason)) from None
+            raise RetryableError(f"{type(error).__name__}: {error.reason}") from None
+        except (TimeoutError, ConnectionError) as error:
             raise RetryableError(f"{type(error).__name__}: {getattr(error, 'reason', error)}") from None
         except json.JSONDecodeError:
             raise JudgeCallError(f"{self.url} did not answer with JSON") from None
@@ -105,13 +145,48 @@ class OpenAICompatibleJudge:
             raise JudgeCallError(f"{self.url} answered without choices[0].message.content") from None
 
     def complete_many(self, prompts: list[JudgePrompt]) -> Iterator[JudgeResult]:
-        with ThreadPoolExecutor(max_workers=self.config.max_concurrency) as pool:
-            futures = {pool.submit(self.complete, prompt): index for index, prompt in enumerate(prompts)}
-            for future in as_completed(futures):
+        """Judgments as they arrive, `max_concurrency` requests at a time. The requests run on daemon threads: when
+        the caller stops (Ctrl-C, or JudgeUnreachable raised here) queued prompts are dropped at once and a
+        request still in flight does not hold up the exit."""
+        pending: queue.SimpleQueue = queue.SimpleQueue()
+        for item in enumerate(prompts):
+            pending.put(item)
+        results: queue.SimpleQueue = queue.SimpleQueue()
+        stop = threading.Event()
+
+        def work() -> None:
+            while not stop.is_set():
                 try:
-                    yield futures[future], future.result(), None
+                    index, prompt = pending.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    results.put((index, self.complete(prompt, stop), None))
                 except JudgeCallError as error:
-                    yield futures[future], None, str(error)
+                    results.put((index, None, error))
+                except JudgeUnreachable as error:
+                    results.put((index, None, error))  # first, so the caller sees it before any call it stops
+                    stop.set()  # no more requests to a server that is not there
+
+        for _ in range(min(self.config.max_concurrency, len(prompts))):
+            threading.Thread(target=work, daemon=True, name="moetune-judge").start()
+        try:
+            for _ in prompts:
+                index, judgment, error = next_result(results)
+                if isinstance(error, JudgeUnreachable):
+                    raise error
+                yield index, judgment, None if error is None else str(error)
+        finally:
+            stop.set()
+
+
+def next_result(results: queue.SimpleQueue) -> JudgeResult:
+    """The next finished request; waits in short steps so that Ctrl-C reaches the main thread at once."""
+    while True:
+        try:
+            return results.get(timeout=0.2)
+        except queue.Empty:
+            continue
 
 
 class LocalJudge:
@@ -131,6 +206,11 @@ class LocalJudge:
             batch = [chat_messages(prompt) for prompt in prompts[start:start + self.batch_size]]
             for offset, judgment in enumerate(generate_replies(model, tokenizer, batch, self.max_new_tokens, 0.0)):
                 yield start + offset, judgment, None
+
+
+def programmatic_can_score(question: dict[str, Any], reference: list[str] | None) -> bool:
+    """Whether the programmatic judge can check this question: a synthetic-task category with a reference per turn."""
+    return question["category"] in SKILL_BY_CATEGORY and reference is not None and len(reference) >= len(question["turns"])
 
 
 def programmatic_judgment(category: str, answer: str, reference: str | None) -> tuple[int, str]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from eval.config import EvalInputError
 from eval.jsonl import read_jsonl
 
 RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
@@ -29,7 +30,8 @@ class JudgePrompt:
 
 def load_judge_prompts(path: str | Path) -> dict[str, dict[str, Any]]:
     if not Path(path).is_file():
-        raise FileNotFoundError(f"judge prompt file {path} does not exist (FastChat's judge_prompts.jsonl format).")
+        raise EvalInputError(f"judge prompt file {path} does not exist; fix eval.judge.prompt_file (relative to the "
+                             f"recipe's folder; FastChat's judge_prompts.jsonl format).")
     return {row["name"]: row for row in read_jsonl(path)}
 
 

@@ -10,10 +10,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from tqdm.auto import tqdm
 
 from eval.judge_prompts import pair_prompt, parse_rating, parse_verdict, single_prompt, usable_reference
-from eval.judge_backends import programmatic_judgment
+from eval.judge_backends import JudgeResult, programmatic_judgment
 from eval.jsonl import append_jsonl, read_jsonl
 
 Question = dict[str, Any]
@@ -39,6 +41,17 @@ class JudgingContext:
     def record_error(self, model: str, question: Question, turn: int, error: str) -> None:
         append_jsonl(self.error_file, [{"question_id": question["question_id"], "model": model, "turn": turn,
                                         "judge": self.judge_name, "error": error, "tstamp": time.time()}])
+
+
+def with_progress(results: Iterator[JudgeResult], total: int) -> Iterator[JudgeResult]:
+    """The judge's results, counted on a progress bar that also shows how many judge calls failed so far."""
+    failed = 0
+    with tqdm(total=total, desc="[eval] judging", unit="call", disable=total == 0, dynamic_ncols=True) as bar:
+        for result in results:
+            failed += result[2] is not None
+            bar.set_postfix(errors=failed, refresh=False)
+            bar.update(1)
+            yield result
 
 
 def judged_turns(question: Question) -> list[int]:
@@ -73,7 +86,7 @@ def judge_single(judge: Any, context: JudgingContext, models: list[str]) -> Coun
     prompts = [single_prompt(context.prompts, question, context.answers[model][question["question_id"]], turn,
                              context.reference(question, turn)) for question, model, turn in tasks]
     errors: Counter = Counter()
-    for index, judgment, error in judge.complete_many(prompts):
+    for index, judgment, error in with_progress(judge.complete_many(prompts), len(prompts)):
         question, model, turn = tasks[index]
         if error is not None:
             errors[model] += 1
@@ -107,7 +120,7 @@ def judge_pairwise(judge: Any, context: JudgingContext, models: list[str], basel
     judgments: dict[int, dict[int, str]] = {}  # task index -> game (0 or 1) -> judgment text
     failed: set[int] = set()
     errors: Counter = Counter()
-    for index, judgment, error in judge.complete_many(prompts):
+    for index, judgment, error in with_progress(judge.complete_many(prompts), len(prompts)):
         task, game = divmod(index, 2)
         question, model, turn = tasks[task]
         if error is not None:

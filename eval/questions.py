@@ -6,32 +6,60 @@ FastChat's question.jsonl reads unchanged, and so do single-turn sets.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+from datasets import load_dataset
+
+from eval.config import EvalInputError
 from eval.jsonl import read_jsonl
+
+FORMAT_HINT = 'one JSON object per line: {"question_id": 1, "category": "writing", "turns": ["..."]} (MT-Bench format)'
 
 
 def load_questions(source: str | Path, split: str = "train") -> list[dict[str, Any]]:
     """Questions from a local .jsonl file, or from a hub dataset when `source` is not a local path."""
     path = Path(source)
     if path.is_file():
-        rows = read_jsonl(path)
+        rows = read_question_lines(path)
     elif path.suffix in (".jsonl", ".json") or path.is_absolute():
-        raise FileNotFoundError(f"question file {path} does not exist.")
+        raise EvalInputError(f"question file {path} does not exist. Fix eval.question_file (relative paths start at "
+                            f"the recipe's folder), or leave it unset to use the questions of the prep stage.")
     else:
-        from datasets import load_dataset
+        rows = [(f"{source}[{split}] row {i}", dict(row)) for i, row in enumerate(load_dataset(str(source), split=split))]
+    if not rows:
+        raise EvalInputError(f"{source} holds no questions; expected {FORMAT_HINT}.")
+    return [check_question(row, location) for location, row in rows]
 
-        rows = [dict(row) for row in load_dataset(str(source), split=split)]
-    return [check_question(row, str(source)) for row in rows]
+
+def read_question_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(file:line, row) for every non-blank line; a line that is not a JSON object fails naming it."""
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        location = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise EvalInputError(f"{location}: not valid JSON ({error.msg} at column {error.colno}); expected "
+                                f"{FORMAT_HINT}.") from None
+        if not isinstance(row, dict):
+            raise EvalInputError(f"{location}: a question must be a JSON object, got {type(row).__name__}.")
+        rows.append((location, row))
+    return rows
 
 
-def check_question(row: dict[str, Any], source: str) -> dict[str, Any]:
+def check_question(row: dict[str, Any], location: str) -> dict[str, Any]:
     missing = [key for key in ("question_id", "category", "turns") if key not in row]
     if missing:
-        raise ValueError(f"{source}: question {row.get('question_id', '?')} lacks {', '.join(missing)} (MT-Bench format).")
-    if not row["turns"]:
-        raise ValueError(f"{source}: question {row['question_id']} has no turns.")
+        raise EvalInputError(f"{location}: question {row.get('question_id', '?')} lacks {', '.join(missing)}; "
+                            f"expected {FORMAT_HINT}.")
+    turns = row["turns"]
+    if not isinstance(turns, list) or not turns or not all(isinstance(turn, str) for turn in turns):
+        raise EvalInputError(f"{location}: question {row['question_id']}: turns must be a non-empty list of user "
+                            f"messages (strings), got {turns!r:.80}.")
     return row
 
 
@@ -40,7 +68,8 @@ def load_reference_answers(path: str | Path | None) -> dict[Any, list[str]]:
     if path is None:
         return {}
     if not Path(path).is_file():
-        raise FileNotFoundError(f"reference answer file {path} does not exist.")
+        raise EvalInputError(f"reference answer file {path} does not exist; fix eval.judge.reference_answer_file "
+                             f"(relative to the recipe's folder) or remove it.")
     return {row["question_id"]: row["choices"][0]["turns"] for row in read_jsonl(path)}
 
 

@@ -10,6 +10,7 @@ import textwrap
 from finetune import hub, launch
 from finetune.fields import describe_fields
 from finetune.pipeline import run_stage, wait_for_uploads
+from finetune.preflight import check_before_running
 from finetune.recipe import TRAINING_STAGES, Recipe, RecipeError
 from finetune.recipe_parsing import load_recipe, trainer_config_class
 from finetune.registry import BY_NAME, COMMANDS, STAGES, command_writing
@@ -123,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may also follow flags (`moetune sft r.yaml --force sft.max_steps=5`); argparse leaves those over.
     args, extra = parser.parse_known_args(argv)
     if args.command in HUB_COMMANDS:
-        # These take no recipe: parse strictly, and report Hub/file errors (OSError) without a traceback too.
+        # These take no recipe: parse strictly.
         args = parser.parse_args(argv)
-        return report_errors(lambda: run_hub_command(args), (OSError,))
+        return report_errors(lambda: run_hub_command(args))
     args.accelerate_options = []
     if getattr(args, "accelerate", None):
         args.accelerate_options, extra = launch.split_options(extra)
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_stages(args) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
     stages = parse_stages(args.stages) if args.command == "run" else [args.command]
+    check_before_running(recipe, stages)
     try:
         if getattr(args, "accelerate", None):
             launch.run_with_accelerate(stages, args, lambda name: run_stage(name, recipe, args.force))
@@ -155,15 +157,19 @@ def run_stages(args) -> None:
         wait_for_uploads()  # `hub.push` uploads run beside the later stages; a failed stage keeps them too
 
 
-def report_errors(command, also: tuple = ()) -> int:
+def report_errors(command) -> int:
     """Run a command; expected failures print one `moetune: error:` line and exit 2 instead of a traceback."""
     try:
         command()
     except MissingStageOutput as error:
         print(f"moetune: error: {error.message(command_writing(error.folder.name))}", file=sys.stderr)
         return 2
-    except (RecipeError, StageError, ValueError, *also) as error:
+    except (RecipeError, StageError, ValueError, OSError) as error:  # OSError: a file or model a library could not open
         print(f"moetune: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # the stages that keep work (training, eval) say where; the rest start over
+        print("moetune: error: interrupted. Run the same command again: finished stages are kept and skipped.",
+              file=sys.stderr)
         return 2
     return 0
 

@@ -28,9 +28,9 @@ def run(recipe: Recipe, force: bool = False) -> Path:
     data = require_complete(recipe.run_path, "data", needed_by="dpo")
     sft = require_complete(recipe.run_path, "sft", needed_by="dpo")
     stage = Stage(recipe.run_path, "dpo", inputs={
-        "model": recipe.model_inputs("dpo"), "dpo": recipe.dpo, "seed": recipe.seed,
+        "model": recipe.model_inputs("dpo"), "dpo": recipe.trainer_inputs("dpo"), "seed": recipe.seed,
         "data": data["fingerprint"], "sft": sft["fingerprint"],
-    })
+    }, progress=("checkpoint-*",))
     if not stage.begin(force):
         return stage.final
 

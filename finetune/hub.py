@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from huggingface_hub import HfApi, ModelCardData
+from huggingface_hub import HfApi, ModelCardData, constants
 
 from finetune import adapters
 from finetune.models import load_adapter_base
@@ -89,6 +89,10 @@ def describe_source(source) -> str:
 
 # ---------------------------------------------------------------- push
 
+class HubError(ValueError):
+    """An upload the Hub did not take; the message names the endpoint, the repository and what to check."""
+
+
 def build_upload_folder(stage_dir: Path, folder: Path) -> Path:
     """Copy what a stage shares into `folder` and write its model card there."""
     manifest = read_manifest(stage_dir)
@@ -118,9 +122,14 @@ def push(stage_dir: str | Path, repo_id: str, private: bool = False, revision: s
     api = HfApi()
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_upload_folder(stage_dir, Path(tmp) / "upload")
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
-                          commit_message=f"moetune: upload {stage_dir.name}")
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision:
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
+                              commit_message=f"moetune: upload {stage_dir.name}")
+        except Exception as error:  # noqa: BLE001 - the HTTP client's errors (its module changes between releases)
+            raise HubError(f"uploading {stage_dir} to {repo_id} at {constants.ENDPOINT} failed "
+                           f"({type(error).__name__}: {error}). The stage is unchanged: fix the cause (network, "
+                           f"HF_TOKEN or `hf auth login`, the repository name) and run the same command again.") from None
     print(f"[push] uploaded {stage_dir} to https://huggingface.co/{repo_id}")

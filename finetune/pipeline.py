@@ -14,7 +14,7 @@ from pathlib import Path
 
 from finetune import distributed
 from finetune.disk_errors import raise_disk_error
-from finetune.hub import push
+from finetune.hub import HubError, push
 from finetune.recipe import Recipe
 from finetune.registry import BY_NAME, StageSpec, hidden_needs
 from finetune.rundir import MANIFEST, StageError
@@ -76,8 +76,10 @@ def push_or_explain(stage_dir: Path, repo_id: str, private: bool) -> None:
         push(stage_dir, repo_id, private=private)
     except Exception as error:  # noqa: BLE001 - any upload failure (network, auth, quota) must not fail training
         retry = f"moetune push {stage_dir} --repo-id {repo_id}" + (" --private" if private else "")
-        print(f"[push] uploading {stage_dir} to {repo_id} failed ({type(error).__name__}: {error}). "
-              f"The stage is saved; retry with `{retry}`.", file=sys.stderr)
+        reason = str(error)
+        if not isinstance(error, HubError):
+            reason = f"uploading {stage_dir} to {repo_id} failed ({type(error).__name__}: {error})."
+        print(f"[push] {reason} The stage is saved; retry with `{retry}`.", file=sys.stderr)
 
 
 def wait_for_uploads() -> None:

@@ -173,10 +173,21 @@ class Recipe:
     def section_dict(self, name: str) -> dict[str, Any]:
         return to_dict(getattr(self, name))
 
+    def trainer_inputs(self, stage: str) -> dict[str, Any]:
+        """The sft:/dpo: fields a training stage's result depends on: all but when it saves and logs, so a
+        checkpoint schedule or log interval can change between an interruption and its resume."""
+        return {key: value for key, value in getattr(self, stage).items() if key not in NOT_RESULT_TRAINER_KEYS}
+
     def model_inputs(self, stage: str) -> dict[str, Any]:
         """The model settings a training stage depends on (its own adapter settings, not the other stage's)."""
         return {**self.section_dict("model"), "lora": to_dict(self.model.lora_for(stage))}
 
+
+# TRL fields that say when to save and log, not what is trained.
+NOT_RESULT_TRAINER_KEYS = frozenset({
+    "save_strategy", "save_steps", "save_total_limit", "save_only_model", "save_on_each_node",
+    "logging_strategy", "logging_steps", "logging_first_step", "logging_dir", "report_to", "disable_tqdm", "run_name",
+})
 
 # The training stages are the recipe's trainer sections (sft:, dpo:); the stage registry runs them.
 TRAINING_STAGES = tuple(f.name for f in dataclasses.fields(Recipe) if "trl_config" in f.metadata)

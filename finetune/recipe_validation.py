@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 
 from eval.config import check_eval_config
-from finetune.recipe import TRAINING_STAGES, HubConfig, ModelConfig, Recipe, RecipeError
+from finetune.recipe import TRAINING_STAGES, HubConfig, LoraConfig, ModelConfig, ModelInit, Recipe, RecipeError
 
 ARCHITECTURES = ("mixtral", "qwen3_moe", "olmoe")
 LORA_ROLES = ("attention", "experts", "router", "all")
@@ -16,6 +16,7 @@ EXPERT_KERNELS = ("auto", "eager", "grouped_mm", "batched_mm")
 def validate_recipe(recipe: Recipe) -> None:
     source = recipe.source
     validate_model(recipe.model, source)
+    validate_data_needs(recipe)
     validate_hub(recipe.hub, source)
     try:
         check_eval_config(recipe.eval)
@@ -29,18 +30,52 @@ def validate_model(model: ModelConfig, source: str) -> None:
     check_choice(model.dtype, DTYPES, source, "model.dtype")
     check_choice(model.experts_implementation, EXPERT_KERNELS, source, "model.experts_implementation")
     if model.init is not None:
-        check_choice(model.init.architecture, ARCHITECTURES, source, "model.init.architecture")
-        if model.init.experts_per_token > model.init.num_experts:
-            raise RecipeError(f"{source}: model.init.experts_per_token must be <= model.init.num_experts.")
+        validate_init(model.init, source)
     if model.quantization is not None:
         validate_quantization(model, source)
     if model.lora is not None:
-        if not model.lora.targets:
-            raise RecipeError(f"{source}: model.lora.targets is empty; list roles ({', '.join(LORA_ROLES)}) or set lora: null.")
-        for role in model.lora.targets:
-            check_choice(role, LORA_ROLES, source, "model.lora.targets")
-        for stage in model.lora.stages:
-            check_choice(stage, TRAINING_STAGES, source, "model.lora.stages")
+        validate_lora(model.lora, source)
+
+
+def validate_init(init: ModelInit, source: str) -> None:
+    check_choice(init.architecture, ARCHITECTURES, source, "model.init.architecture")
+    for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "num_experts",
+                 "experts_per_token", "max_position_embeddings", "vocab_size"):
+        check_positive(getattr(init, name), source, f"model.init.{name}")
+    if init.experts_per_token > init.num_experts:
+        raise RecipeError(f"{source}: model.init.experts_per_token must be <= model.init.num_experts.")
+    if init.hidden_size % init.num_heads or init.num_heads % init.num_kv_heads:
+        raise RecipeError(f"{source}: model.init.hidden_size ({init.hidden_size}) must be a multiple of num_heads "
+                          f"({init.num_heads}), and num_heads a multiple of num_kv_heads ({init.num_kv_heads}).")
+
+
+def validate_lora(lora: LoraConfig, source: str) -> None:
+    """What peft would reject only once a stage has loaded the model."""
+    if not lora.targets:
+        raise RecipeError(f"{source}: model.lora.targets is empty; list roles ({', '.join(LORA_ROLES)}) or set lora: null.")
+    for role in lora.targets:
+        check_choice(role, LORA_ROLES, source, "model.lora.targets")
+    for stage in lora.stages:
+        check_choice(stage, TRAINING_STAGES, source, "model.lora.stages")
+    check_positive(lora.r, source, "model.lora.r", example="16")
+    check_positive(lora.alpha, source, "model.lora.alpha", example="2 * r")
+    if not 0 <= lora.dropout < 1:
+        raise RecipeError(f"{source}: model.lora.dropout is {lora.dropout}; it must be in [0, 1), e.g. 0.05.")
+
+
+def check_positive(value: int, source: str, path: str, example: str | None = None) -> None:
+    if value < 1:
+        hint = f", e.g. {example}" if example else ""
+        raise RecipeError(f"{source}: {path} is {value}; it must be a positive integer{hint}.")
+
+
+def validate_data_needs(recipe: Recipe) -> None:
+    """Data settings that need a model the recipe does not have when prep runs."""
+    if recipe.data.max_length is not None and recipe.model.init is not None:
+        raise RecipeError(
+            f"{recipe.source}: data.max_length filters rows by the model's token count, but a model.init recipe "
+            f"trains its tokenizer on the prepared data afterwards (the base stage), so there is nothing to count "
+            f"with. Remove data.max_length; sft.max_length and dpo.max_length still truncate what is trained on.")
 
 
 def validate_hub(hub: HubConfig, source: str) -> None:

@@ -3,8 +3,11 @@
 A stage works in `run_dir/.<name>.partial/` and, once everything is written, records a manifest
 (`moetune_stage.json`: the fingerprint of its inputs, what it produced) and renames the folder to `run_dir/<name>/`.
 So a folder named after a stage is always complete. A re-run with the same inputs skips the stage; a re-run with
-different inputs refuses, naming what changed, unless `--force`. In a multi-process run only the main process
-changes the folders; the others check what it prepared and wait for its commit.
+different inputs refuses, naming what changed, unless `--force`. An interrupted run's work folder is resumed from
+only when its inputs are the same; work made from other inputs is discarded when it holds no progress (a failed
+first attempt: a bad data row, a bad model path), and refused, naming what changed, when it holds some
+(checkpoints, answers). In a multi-process run only the main process changes the folders; the others check what
+it prepared and wait for its commit.
 """
 
 from __future__ import annotations
@@ -43,11 +46,16 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
 
 @dataclass
 class Stage:
-    """One stage's output folder. Use `begin()`, write into `.work`, then `commit()`."""
+    """One stage's output folder. Use `begin()`, write into `.work`, then `commit()`.
+
+    `progress` lists glob patterns (relative to the work folder) of the work a re-run resumes from, such as
+    Trainer checkpoints; a stage without any starts over whenever it runs.
+    """
 
     run_dir: Path
     name: str
     inputs: dict[str, Any]
+    progress: tuple[str, ...] = ()
 
     @property
     def final(self) -> Path:
@@ -92,17 +100,27 @@ class Stage:
         if marker.is_file():  # work from before markers existed is kept as it is
             previous = json.loads(marker.read_text())
             if previous.get("fingerprint") != self.fingerprint:
-                if not force:
-                    changed = changed_keys(previous.get("inputs", {}), self.inputs)
+                changed = ", ".join(changed_keys(previous.get("inputs", {}), self.inputs)) or "unknown"
+                saved = self.saved_progress()
+                if saved and not force:
                     raise StageError(
-                        f"[{self.name}] {self.work} holds an interrupted run made from different inputs "
-                        f"(changed: {', '.join(changed) or 'unknown'}); resuming it would be wrong. Restore the recipe "
-                        f"to resume, or run again with --force to start this stage over."
+                        f"[{self.name}] {self.work} holds an interrupted run made from different inputs (changed: "
+                        f"{changed}) that saved {', '.join(path.name for path in saved[:3])}"
+                        f"{', ...' if len(saved) > 3 else ''}; resuming it would be wrong. Restore the recipe to "
+                        f"resume, or run again with --force to discard that work and start this stage over."
                     )
-                shutil.rmtree(self.work)
+                if distributed.is_main_process():
+                    if not saved:  # a failed attempt that got nowhere: nothing worth keeping, nothing to ask
+                        print(f"[{self.name}] discarding {self.work}: an earlier attempt made from other inputs "
+                              f"(changed: {changed}) that saved no progress.")
+                    shutil.rmtree(self.work)
         if distributed.is_main_process():  # the other processes find the marker it wrote (same fingerprint)
             self.work.mkdir(parents=True, exist_ok=True)
             write_json_atomic(marker, {"fingerprint": self.fingerprint, "inputs": self.inputs})
+
+    def saved_progress(self) -> list[Path]:
+        """What an interrupted run saved that a re-run would resume from (empty: nothing worth keeping)."""
+        return sorted(path for pattern in self.progress for path in self.work.glob(pattern))
 
     def commit(self, outputs: dict[str, Any] | None = None) -> Path:
         """Write the manifest, then atomically move the work folder into place (the main process; all wait)."""

@@ -18,8 +18,8 @@ from finetune.training import train_resuming
 def run(recipe: Recipe, force: bool = False) -> Path:
     data = require_complete(recipe.run_path, "data", needed_by="sft")
     stage = Stage(recipe.run_path, "sft", inputs={
-        "model": recipe.model_inputs("sft"), "sft": recipe.sft, "seed": recipe.seed, "data": data["fingerprint"],
-    })
+        "model": recipe.model_inputs("sft"), "sft": recipe.trainer_inputs("sft"), "seed": recipe.seed, "data": data["fingerprint"],
+    }, progress=("checkpoint-*",))
     if not stage.begin(force):
         return stage.final
 

@@ -10,7 +10,7 @@ from transformers import MixtralConfig, MixtralForCausalLM, MixtralForSequenceCl
 from data_prep.onpolicy import best_vs_worst, programmatic_judge, reward_model_judge
 from data_prep.prepare import run
 from data_prep.synthetic import preference_pairs
-from helpers.recipes import make_recipe
+from finetune.recipe_parsing import parse_recipe
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant: {% endif %}")
@@ -27,6 +27,13 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def make_recipe(tmp_path, sources, **data):
+    # data.max_length counts a named model's tokens (run() is given that tokenizer here); model.init has none yet.
+    model = {"name_or_path": "org/char-model"} if "max_length" in data else {"init": {}}
+    raw = {"run_dir": str(tmp_path / "run"), "model": model, "data": {"sources": sources, **data}}
+    return parse_recipe(raw, str(tmp_path / "recipe.yaml"))
 
 
 def test_over_length_rows_are_dropped_and_lengths_reported(tmp_path):
@@ -96,6 +103,7 @@ def test_on_policy_source_samples_judges_and_pairs(tmp_path, tiny_models):
 
 def test_programmatic_judge_drops_ties_of_a_random_policy(tmp_path, tiny_models):
     source = {"format": "onpolicy", "options": {"model": str(tiny_models[0]), "synthetic": 2, "k": 2, "max_new_tokens": 4}}
-    report = json.loads((run(make_recipe(tmp_path, [source])) / "report.json").read_text())["sources"][0]
+    training = {"format": "synthetic", "options": {"sft": 4, "pairs": 0, "questions": 0}}  # prep needs examples
+    report = json.loads((run(make_recipe(tmp_path, [source, training])) / "report.json").read_text())["sources"][0]
     # Random characters are never a correct answer: every completion scores 1 or 2, so most prompts tie.
     assert report["kept"].get("preference", 0) + report["dropped"].get("tie", 0) == 2

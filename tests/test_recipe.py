@@ -83,15 +83,33 @@ def test_stage_never_overwrites_a_users_folder(tmp_path):
     assert (tmp_path / "dpo" / "notes.txt").read_text() == "mine"
 
 
+def sft_stage(run_dir, lr):
+    return Stage(run_dir, "sft", inputs={"lr": lr, "logging_steps": 1}, progress=("checkpoint-*",))
+
+
 def test_interrupted_work_is_resumed_only_with_the_same_inputs(tmp_path):
-    assert Stage(tmp_path, "sft", inputs={"lr": 1}).begin()
+    assert sft_stage(tmp_path, 1).begin()
     (tmp_path / ".sft.partial" / "checkpoint-2").mkdir()
-    assert Stage(tmp_path, "sft", inputs={"lr": 1}).begin()  # same inputs: the checkpoint is kept for resuming
+    assert sft_stage(tmp_path, 1).begin()  # same inputs: the checkpoint is kept for resuming
     assert (tmp_path / ".sft.partial" / "checkpoint-2").is_dir()
-    with pytest.raises(StageError, match=r"interrupted run made from different inputs \(changed: lr\).*--force"):
-        Stage(tmp_path, "sft", inputs={"lr": 2}).begin()
-    assert Stage(tmp_path, "sft", inputs={"lr": 2}).begin(force=True)
+    with pytest.raises(StageError, match=r"interrupted run made from different inputs \(changed: lr\) that saved "
+                                         r"checkpoint-2.*--force"):
+        sft_stage(tmp_path, 2).begin()
+    assert sft_stage(tmp_path, 2).begin(force=True)
     assert not (tmp_path / ".sft.partial" / "checkpoint-2").exists()
+
+
+def test_a_failed_attempt_without_progress_is_discarded_by_a_changed_run(tmp_path, capsys):
+    assert sft_stage(tmp_path, 1).begin()
+    (tmp_path / ".sft.partial" / "half-written.json").write_text("{")  # failed before its first checkpoint
+    assert sft_stage(tmp_path, 2).begin()  # no --force needed
+    assert "discarding" in capsys.readouterr().out and not (tmp_path / ".sft.partial" / "half-written.json").exists()
+
+
+def test_save_and_log_schedules_are_not_inputs_of_a_training_stage():
+    recipe = parse_recipe({**TINY, "sft": {"learning_rate": 1e-3, "save_steps": 5, "save_strategy": "steps",
+                                           "logging_steps": 3}}, "r.yaml")
+    assert recipe.trainer_inputs("sft") == {"learning_rate": 1e-3}
 
 
 def test_relative_eval_files_start_at_the_recipe_folder(tmp_path, monkeypatch):
