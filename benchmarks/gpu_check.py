@@ -123,7 +123,7 @@ def part_pipeline(sizes: dict, data: Path, work: Path) -> dict:
     overall = {name: models[name]["overall"] for name in ("base", "sft", "dpo")}
     ordered = overall["base"] < overall["sft"] < overall["dpo"]
     setting = ", ".join(name for name, on in (("bf16", defaults["bf16"]), ("fp16", defaults["fp16"]),
-                                              ("activation checkpointing", defaults["gradient_checkpointing"])) if on)
+                                              ("activation checkpointing", defaults["activation_checkpointing"])) if on)
     scores = f"base {overall['base']:.2f}, SFT {overall['sft']:.2f}, DPO {overall['dpo']:.2f}"
     return {"ok": ordered if sizes["judge"] else None,
             "verdict": f"scores {scores} ({'in order' if ordered else 'NOT base < SFT < DPO'}) with "

@@ -20,6 +20,9 @@ class SourceConfig:
     )
     dataset: str | None = help_field(None, help="Hub dataset id, e.g. Anthropic/hh-rlhf (read by streaming).")
     config: str | None = help_field(None, help="Hub dataset configuration (subset) name.")
+    data_dir: str | None = help_field(
+        None, help="Folder of the hub dataset to read, for datasets whose subsets are folders (Anthropic/hh-rlhf: "
+        "helpful-base, harmless-base, ...).")
     split: str = help_field("train", help="Hub dataset split to read.")
     revision: str | None = help_field(None, help="Hub dataset revision (branch, tag or commit).")
     columns: dict[str, str] = help_field(
@@ -40,7 +43,8 @@ class SourceConfig:
 @dataclass
 class DecontaminationConfig:
     question_files: list[str] = help_field(
-        factory=list, help="MT-Bench-format question files (jsonl with 'turns'); relative to the recipe file's folder."
+        factory=list, help="MT-Bench-format question files (jsonl with 'turns'): paths relative to the recipe file's folder, or "
+        "URLs (downloaded once into ~/.cache/moetune, or $MOETUNE_CACHE)."
     )
     ngram: int = help_field(8, help="Words per n-gram compared between training prompts and eval questions.")
     threshold: float = help_field(

@@ -21,12 +21,13 @@ from data_prep.validate import normalized
 from data_prep.writer import SplitWriter
 from finetune.models import load_tokenizer
 from finetune.recipe import Recipe
+from finetune.remote_files import recipe_file
 from finetune.rundir import Stage, write_json_atomic
 
 KINDS = ("sft", "preference")
 
 
-def run(recipe: Recipe, force: bool = False, tokenizer: Any = None) -> Path:
+def run(recipe: Recipe, force: bool | str = False, tokenizer: Any = None) -> Path:
     """Run the prep stage; returns run_dir/data. `tokenizer` overrides the model's (tests)."""
     base_dir = recipe.base_dir
     check_config(recipe.data, recipe.source)
@@ -138,12 +139,13 @@ def check_config(data: DataConfig, recipe_file: str) -> None:
             raise DataError(f"{where}.options.pairing must be one of {', '.join(PAIRINGS)}.")
 
 
-def stage_inputs(recipe: Recipe, base_dir: Path) -> dict[str, Any]:
+def stage_inputs(recipe: Recipe, base_dir: Path | None = None) -> dict[str, Any]:
     """What the output depends on: the data section, the seed, the content of every local file, the tokenizer."""
+    base_dir = recipe.base_dir if base_dir is None else base_dir
     data = recipe.data
     files = [resolve_path(source, base_dir) for source in data.sources]
     if data.decontamination is not None:
-        files += [(base_dir / name).resolve() for name in data.decontamination.question_files]
+        files += [recipe_file(name, base_dir) for name in data.decontamination.question_files]
     inputs = {"data": recipe.section_dict("data"), "seed": recipe.seed,
               "files": {str(path): file_digest(path) for path in files if path is not None}}
     if data.max_length is not None:

@@ -15,6 +15,7 @@ from typing import Any, Iterable
 
 from data_prep.config import DataConfig
 from data_prep.records import DataError, Example
+from finetune.remote_files import recipe_file
 
 WORD = re.compile(r"\w+")
 
@@ -130,7 +131,7 @@ class QualityFilter:
         decontamination = config.decontamination
         self.decontaminator = None
         if decontamination is not None:
-            files = [(base_dir / name).resolve() for name in decontamination.question_files]
+            files = [recipe_file(name, base_dir) for name in decontamination.question_files]
             self.decontaminator = Decontaminator(files, decontamination.ngram)
         self.lengths = TokenLengths(tokenizer) if tokenizer is not None else None
 

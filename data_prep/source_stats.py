@@ -32,10 +32,12 @@ class SourceStats:
     def fail_if_malformed(self) -> None:
         if self.malformed:
             first = self.errors[0]
-            more = f" {self.malformed - 1} more malformed rows in {self.name}." if self.malformed > 1 else ""
+            reason = first["reason"] if first["reason"][-1] in ".?!" else first["reason"] + "."
+            more = self.malformed - 1
+            others = f" {more} more malformed row{'s' if more > 1 else ''} in {self.name}." if more else ""
             raise DataError(
-                f"{first['location']}: {first['reason']}.{more} Fix the rows, or set data.on_error: skip to drop "
-                f"them (they are then listed in report.json)."
+                f"{first['location']}: {reason}{others} "
+                f"Fix the rows, or set data.on_error: skip to drop them (they are listed in report.json)."
             )
 
     def as_dict(self) -> dict[str, Any]:

@@ -114,7 +114,7 @@ def read_hub(source: SourceConfig) -> Iterator[Row]:
     label = f"{source.dataset}[{source.split}] row"
     try:
         return read_with_datasets(source.dataset, None, label, name=source.config, split=source.split,
-                                  revision=source.revision)
+                                  revision=source.revision, data_dir=source.data_dir)
     except ConnectionError as error:
         raise DataError(f"{source.dataset}: cannot reach the Hugging Face Hub ({error}). "
                         f"Download the files and point the source's path at them.") from None

@@ -52,12 +52,13 @@ class JudgeConfig:
     prompt_file: str | None = help_field(
         None,
         help="Judge prompts in FastChat's judge_prompts.jsonl format (needed by openai and local judges), "
-        "e.g. FastChat's fastchat/llm_judge/data/judge_prompts.jsonl; relative to the recipe file's folder.",
+        "e.g. FastChat's fastchat/llm_judge/data/judge_prompts.jsonl: a path relative to the recipe file's folder "
+        "or a URL (downloaded once into ~/.cache/moetune, or $MOETUNE_CACHE).",
     )
     reference_answer_file: str | None = help_field(
         None,
-        help="Reference answers in FastChat's answer format (e.g. mt_bench/reference_answer/gpt-4.jsonl), relative "
-        "to the recipe file's folder. Without it, a question's own `reference` list is used.",
+        help="Reference answers in FastChat's answer format (e.g. mt_bench/reference_answer/gpt-4.jsonl): a path "
+        "relative to the recipe file's folder or a URL. Without it, a question's own `reference` list is used.",
     )
     reference_categories: list[str] = help_field(
         factory=lambda: ["math", "reasoning", "coding"],
@@ -80,7 +81,7 @@ class EvalConfig:
     question_file: str | None = help_field(
         None,
         help="Questions in MT-Bench's format (question_id, category, turns, optional reference): a local .jsonl "
-        "(relative to the recipe file's folder) or a hub dataset id. Default: run_dir/data/questions.jsonl from "
+        "(relative to the recipe file's folder), a URL of one (downloaded once) or a hub dataset id. Default: run_dir/data/questions.jsonl from "
         "the prep stage.",
     )
     question_split: str = help_field("train", help="Split to read when question_file is a hub dataset.")

@@ -20,23 +20,27 @@ from eval.judging import JudgingContext, judge_pairwise, judge_programmatic, jud
 from eval.questions import load_questions, load_reference_answers, reference_turns
 from eval.jsonl import file_safe, read_jsonl
 from eval.scores import markdown_table, pairwise_rows, pairwise_scores, radar_plot, single_rows, single_scores
+from finetune import remote_files
 from finetune.models import load_for_inference
 from finetune.recipe import MODEL_STAGES, Recipe
+from finetune.remote_files import fetch, is_url
 from finetune.rundir import Stage, StageError, read_manifest, write_json_atomic
 
 
 def question_source(recipe: Recipe) -> str:
-    """The question file (relative to the recipe's folder), a hub dataset id, or the prep stage's questions."""
+    """The question file (relative to the recipe's folder, or a URL), a hub dataset id, or the prep stage's questions."""
     name = recipe.eval.question_file
     if name is None:
         return str(recipe.run_path / "data" / "questions.jsonl")
+    if is_url(name):
+        return str(fetch(name))
     local = recipe.base_dir / name
     return str(local) if local.exists() or local.suffix in (".jsonl", ".json") else name
 
 
 def recipe_file(recipe: Recipe, name: str | None) -> Path | None:
-    """A file named in `eval:`, relative to the recipe's folder like the paths in `data:`."""
-    return None if name is None else recipe.base_dir / name
+    """A file named in `eval:`: a URL (downloaded once) or a path relative to the recipe's folder, as in `data:`."""
+    return None if name is None else remote_files.recipe_file(name, recipe.base_dir)
 
 
 def source_fingerprint(source: str) -> str:
@@ -63,10 +67,10 @@ def check_files(recipe: Recipe) -> None:
     judge = recipe.eval.judge
     named = {"eval.judge.prompt_file": judge.prompt_file, "eval.judge.reference_answer_file": judge.reference_answer_file}
     for key, name in named.items():
-        if name is not None and not recipe_file(recipe, name).is_file():
+        if name is not None and not is_url(name) and not recipe_file(recipe, name).is_file():
             raise EvalInputError(f"{recipe.source}: {key}: {recipe_file(recipe, name)} does not exist; fix the path "
                                  f"(relative to the recipe's folder).")
-    if recipe.eval.question_file is not None:
+    if recipe.eval.question_file is not None and not is_url(recipe.eval.question_file):
         local = Path(question_source(recipe))
         if not local.is_file() and (local.suffix in (".jsonl", ".json") or Path(recipe.eval.question_file).is_absolute()):
             raise EvalInputError(f"{recipe.source}: eval.question_file: {local} does not exist; fix the path (relative "
@@ -87,7 +91,7 @@ def refuse_unscorable(recipe: Recipe, questions: list[dict[str, Any]]) -> None:
             f"eval.judge.prompt_file) for these questions.")
 
 
-def run(recipe: Recipe, force: bool = False) -> Path:
+def run(recipe: Recipe, force: bool | str = False) -> Path:
     """Run the eval stage; returns run_dir/eval, or the work folder while some judge calls have failed."""
     config = recipe.eval
     check_eval_config(config)
@@ -101,6 +105,7 @@ def run(recipe: Recipe, force: bool = False) -> Path:
     stage = Stage(recipe.run_path, "eval", inputs=stage_inputs(recipe),
                   progress=("model_answer/*.jsonl", "model_judgment/*.jsonl"))
     if not stage.begin(force):
+        print((stage.final / "scores.md").read_text().strip(), flush=True)  # what a finished eval has to say
         return stage.final
     try:
         answers = {name: answer_model(recipe, name, questions, stage.work) for name in config.models}

@@ -99,10 +99,14 @@ def markdown_table(first_header: str, models: list[str], rows: list[tuple[str, l
 
 
 def radar_plot(scores: dict[str, dict[str, Any]], path: Path) -> None:
-    """Per-category scores (0-10), one outline per model, written as a PNG with matplotlib's Agg canvas."""
+    """Per-category scores (0-10), one outline per model, written as a PNG with matplotlib's Agg canvas.
+    Fewer than 3 categories make no polygon: those are drawn as grouped bars."""
     from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot's state alone
 
     categories = list(next(iter(scores.values()))["categories"])
+    if len(categories) < 3:
+        bar_plot(scores, categories, path)
+        return
     angles = [2 * math.pi * i / len(categories) for i in range(len(categories))]
     figure = Figure(figsize=(6, 6))
     axes = figure.add_subplot(projection="polar")
@@ -113,4 +117,20 @@ def radar_plot(scores: dict[str, dict[str, Any]], path: Path) -> None:
     axes.set_xticks(angles, categories)
     axes.set_ylim(0, 10)
     axes.legend(loc="upper right", bbox_to_anchor=(1.25, 1.1))
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+
+
+def bar_plot(scores: dict[str, dict[str, Any]], categories: list[str], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(2 + 1.5 * len(categories) * len(scores) / 2, 4))
+    axes = figure.add_subplot()
+    width = 0.8 / len(scores)
+    for index, (model, stats) in enumerate(scores.items()):
+        positions = [c + (index - (len(scores) - 1) / 2) * width for c in range(len(categories))]
+        axes.bar(positions, [stats["categories"][c] or 0.0 for c in categories], width, label=model)
+    axes.set_xticks(range(len(categories)), categories)
+    axes.set_ylim(0, 10)
+    axes.set_ylabel("score (1-10)")
+    axes.legend()
     figure.savefig(path, dpi=100, bbox_inches="tight")

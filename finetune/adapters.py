@@ -1,39 +1,51 @@
-"""LoRA adapters chosen by role (attention, experts, router) instead of by module name.
+"""LoRA adapters chosen by role (attention, experts, shared_experts, dense_mlp, router) instead of by module name.
 
 peft's `target_modules` cannot reach transformers-5 fused experts, and "all-linear" silently adapts the router.
-Roles map to explicit targets: attention Linears through `target_modules`, the fused 3-D expert weights and the
-router weight through `target_parameters`. Anything not listed stays frozen.
+Roles map to explicit targets found through the family registry: the Linears of attention, shared experts and
+dense FFNs through `target_modules` (qualified names, so a shared expert's `down_proj` is not confused with a dense
+layer's), the fused 3-D expert weights and the router weight through `target_parameters`. Anything not listed
+stays frozen, `e_score_correction_bias` included.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 
 import peft
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import transformers_weight_conversion
 from torch import nn
 
 from finetune import distributed, expert_quant, moe
 from finetune.recipe import LoraConfig
 
-ALL_ROLES = ("attention", "experts", "router")
+ALL_ROLES = ("attention", "experts", "shared_experts", "dense_mlp", "router")
+MOE_ROLES = ("experts", "router")
 
 
 def expand_roles(targets: list[str]) -> set[str]:
     return set(ALL_ROLES) if "all" in targets else set(targets)
 
 
+def role_targets(model: nn.Module, roles: set[str]) -> tuple[list[str], list[str]]:
+    """(target_modules, target_parameters) of the roles."""
+    modules = {"attention": moe.attention_linear_targets, "shared_experts": moe.shared_expert_targets,
+               "dense_mlp": moe.dense_mlp_targets}
+    parameters = {"experts": moe.expert_parameter_targets, "router": moe.router_parameter_targets}
+    target_modules = [name for role, find in modules.items() if role in roles for name in find(model)]
+    target_parameters = [name for role, find in parameters.items() if role in roles for name in find(model)]
+    return target_modules, target_parameters
+
+
 def peft_config(model: nn.Module, lora: LoraConfig) -> peft.LoraConfig:
     roles = expand_roles(lora.targets)
-    target_modules = moe.attention_linear_targets(model) if "attention" in roles else []
-    target_parameters = []
-    if "experts" in roles:
-        target_parameters += moe.expert_parameter_targets(model)
-    if "router" in roles:
-        target_parameters += moe.router_parameter_targets(model)
-    if ("experts" in roles or "router" in roles) and not moe.is_moe_model(model):
+    if roles & set(MOE_ROLES) and not moe.is_moe_model(model):
         raise ValueError("model.lora.targets names experts/router, but this model has no MoE layers; use attention.")
+    target_modules, target_parameters = role_targets(model, roles)
+    if not target_modules and not target_parameters:
+        raise ValueError(f"model.lora.targets {lora.targets} finds no layer in this model; add attention or experts.")
     dropout = lora.dropout
     if target_parameters and dropout:
         # peft's parameter wrappers refuse dropout; silently ignoring it would hide a setting the user chose.
@@ -48,6 +60,34 @@ def peft_config(model: nn.Module, lora: LoraConfig) -> peft.LoraConfig:
         task_type="CAUSAL_LM",
     )
     return expert_quant.use_quantized_expert_lora(config, model)
+
+
+def convert_only_missing_targets(convert):
+    """peft's v4 -> v5 target conversion, applied only to targets that name no module of the model.
+
+    For families whose checkpoints transformers converts (DeepSeek, Qwen-Next, Hunyuan, ...), peft rewrites every
+    target ending in `.gate_proj`/`.up_proj`/`.down_proj` (the v4 per-expert names) to the fused experts. A shared
+    expert's or a dense layer's `gate_proj` ends the same way: the shared_experts and dense_mlp roles would silently
+    adapt the routed experts instead, on creation and again when a saved adapter loads. A target that names an
+    existing module is a v5 name already and is kept as it is; only the others (real v4 names) are converted.
+    """
+
+    @functools.wraps(convert)
+    def guarded(peft_config, model, conversions):
+        targets = peft_config.target_modules
+        if peft_config.peft_type != peft.PeftType.LORA or not targets or isinstance(targets, str):
+            return convert(peft_config, model, conversions)
+        names = {name for name, _ in model.named_modules()}
+        existing = {target for target in targets if target in names}
+        peft_config.target_modules = set(targets) - existing
+        convert(peft_config, model, conversions)
+        peft_config.target_modules = set(peft_config.target_modules or ()) | existing
+
+    return guarded
+
+
+transformers_weight_conversion.convert_peft_config_for_transformers = convert_only_missing_targets(
+    transformers_weight_conversion.convert_peft_config_for_transformers)
 
 
 def trainable_parameter_names(model: nn.Module) -> list[str]:

@@ -16,16 +16,20 @@ from finetune.recipe import Recipe
 from finetune.rundir import Stage, require_complete
 
 
-def run(recipe: Recipe, force: bool = False) -> Path:
+def run(recipe: Recipe, force: bool | str = False) -> Path:
     """Train a tokenizer on the prepared data, build the tiny model and save both into run_dir/base."""
-    data = require_complete(recipe.run_path, "data", needed_by="base")
-    stage = Stage(recipe.run_path, "base", inputs={"init": recipe.section_dict("model")["init"],
-                                                     "seed": recipe.seed, "data": data["fingerprint"]})
+    stage = Stage(recipe.run_path, "base", inputs=stage_inputs(recipe))
     if not stage.begin(force):
         return stage.final
     # One process builds and saves the model; in a multi-process run the others wait in commit, then load it.
     outputs = write_base_model(recipe, stage.work) if distributed.is_main_process() else {}
     return stage.commit(outputs)
+
+
+def stage_inputs(recipe: Recipe) -> dict:
+    """What the output depends on: the model.init settings, the seed, the prepared data (the tokenizer's texts)."""
+    data = require_complete(recipe.run_path, "data", needed_by="base")
+    return {"init": recipe.section_dict("model")["init"], "seed": recipe.seed, "data": data["fingerprint"]}
 
 
 def write_base_model(recipe: Recipe, folder: Path) -> dict:

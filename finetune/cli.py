@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import sys
 import textwrap
+from pathlib import Path
 
 from finetune import hub, launch
 from finetune.fields import describe_fields
@@ -14,29 +15,39 @@ from finetune.preflight import check_before_running
 from finetune.recipe import TRAINING_STAGES, Recipe, RecipeError
 from finetune.recipe_parsing import load_recipe, trainer_config_class
 from finetune.registry import BY_NAME, COMMANDS, STAGES, command_writing
-from finetune.rundir import MissingStageOutput, StageError
+from finetune.run_report import write_report
+from finetune.rundir import MissingStageOutput, StageError, changed_keys, fingerprint, read_manifest
 
-HUB_COMMANDS = ("merge", "push")
+FOLDER_COMMANDS = ("merge", "push", "report")  # commands on folders, without a recipe
 
 
 def section_help(sections: tuple[str, ...]) -> str:
     """Every recipe key a stage reads, with its help text, for the stage's --help."""
     hints = {f.name: f for f in dataclasses.fields(Recipe)}
     lines = ["recipe keys (set in the YAML file or as dotted key=value overrides):",
-             f"  {'run_dir':<34} {hints['run_dir'].metadata['help']}",
-             f"  {'seed':<34} {hints['seed'].metadata['help']}"]
+             key_help("run_dir", hints["run_dir"].metadata["help"]), key_help("seed", hints["seed"].metadata["help"])]
     for section in sections:
         if section in TRAINING_STAGES:
             name = trainer_config_class(section).__name__
-            lines.append(f"  {section + '.*':<34} Any field of TRL's {name}; list them with "
+            lines.append(key_help(f"{section}.*", f"Any field of TRL's {name}; list them with "
                          f"`moetune {section} --trl-fields`. moetune's defaults: fp32 and use_cpu on CPU, bf16 on "
-                         f"GPUs that support it, activation checkpointing on GPU only, report_to none, logging_steps 10.")
+                         f"GPUs that support it, activation checkpointing on GPU only, report_to none, logging_steps 10."))
             continue
         section_type = Recipe.__dataclass_fields__[section].default_factory
-        for key, _, text in describe_fields(section_type, section + "."):
-            wrapped = textwrap.fill(text, 80, subsequent_indent=" " * 37)
-            lines.append(f"  {key:<34} {wrapped}")
+        lines += [key_help(key, text) for key, _, text in describe_fields(section_type, section + ".")]
     return "\n".join(lines)
+
+
+KEY_COLUMN = 34
+HELP_WIDTH = 100
+
+
+def key_help(key: str, text: str) -> str:
+    """`  key   help` with the help wrapped in its own column, every line within HELP_WIDTH characters."""
+    indent = " " * (KEY_COLUMN + 3)
+    wrapped = textwrap.wrap(text, HELP_WIDTH - len(indent)) or [""]
+    first = f"  {key:<{KEY_COLUMN}} {wrapped[0]}" if len(key) <= KEY_COLUMN else f"  {key}\n{indent}{wrapped[0]}"
+    return "\n".join([first, *(indent + line for line in wrapped[1:])])
 
 
 def trl_fields_help(section: str) -> str:
@@ -56,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  moetune run recipes/tiny-moe.yaml\n"
                "  moetune sft recipes/tiny-moe.yaml sft.learning_rate=5e-4 sft.max_steps=50\n"
-               "  moetune dpo --help",
+               "  moetune dpo --help\n"
+               "every recipe key, with its help: moetune run --help (a stage's own keys: moetune STAGE --help)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("run", help=f"Run the recipe's stages in order: {', '.join(COMMANDS)}.",
@@ -86,21 +98,36 @@ def add_hub_commands(commands) -> None:
                                             "its full-precision base model; save the weights and tokenizer to --out.")
     merge.add_argument("adapter_dir", help="Adapter folder, e.g. runs/tiny/dpo.")
     merge.add_argument("--out", required=True, help="New (or empty) folder for the merged model.")
-    push = commands.add_parser("push", help="Upload a stage's output with a model card to the Hugging Face Hub.",
-                               description="Upload a stage folder (weights or adapter, tokenizer, recipe.yaml, "
-                                           "README.md model card). The token comes from HF_TOKEN or `hf auth login`.")
-    push.add_argument("stage_dir", help="Stage folder, e.g. runs/tiny/dpo.")
-    push.add_argument("--repo-id", required=True, help="Hub repository, e.g. my-org/mixtral-dpo-lora.")
+    push = commands.add_parser("push", help="Upload stage outputs with model cards to the Hugging Face Hub.",
+                               description="Upload stage folders (weights or adapter, tokenizer, recipe.yaml, "
+                                           "README.md model card), parents first; an uploaded adapter names its "
+                                           "base by Hub id. The token comes from HF_TOKEN or `hf auth login`.")
+    push.add_argument("stage_dir", nargs="+", help="Stage folders, e.g. runs/tiny/dpo, or a chain: runs/tiny/sft "
+                                                   "runs/tiny/dpo.")
+    push.add_argument("--repo-id", required=True, help="Hub repository, e.g. my-org/mixtral-dpo-lora; with several "
+                                                       "stages it holds {stage}, e.g. my-org/mixtral-{stage}.")
+    push.add_argument("--parent-repo-id", help="Hub id the first stage's parent was pushed to earlier (an adapter's "
+                                               "base), e.g. my-org/mixtral-sft.")
     push.add_argument("--private", action="store_true", help="Create the repository as private.")
     push.add_argument("--revision", help="Branch to upload to (created when missing).")
-    push.add_argument("--dry-run", metavar="FOLDER", help="Only write the upload into FOLDER; upload nothing.")
+    push.add_argument("--dry-run", metavar="FOLDER", help="Only write the upload into FOLDER (with several stages, "
+                                                          "one subfolder each); upload nothing.")
+    report = commands.add_parser("report", help="Rebuild run_dir/report.md and its plots from a run's files.",
+                                 description="Rebuild RUN_DIR/report.md: SFT and DPO curves (loss, rewards, margins, "
+                                             "accuracies, aux loss), expert load per layer over steps, eval scores.")
+    report.add_argument("run_dir", help="A run folder, e.g. runs/tiny-moe.")
 
 
-def run_hub_command(args) -> None:
-    if args.command == "merge":
+def run_folder_command(args) -> None:
+    if args.command == "report":
+        if not Path(args.run_dir).is_dir():
+            raise ValueError(f"{args.run_dir}: no such run folder (the run_dir of a recipe, e.g. runs/tiny-moe).")
+        print(f"[report] wrote {write_report(args.run_dir)}")
+    elif args.command == "merge":
         hub.merge(args.adapter_dir, args.out)
     else:
-        hub.push(args.stage_dir, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run)
+        hub.push(args.stage_dir, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run,
+                 parent_repo_id=args.parent_repo_id)
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -123,10 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may also follow flags (`moetune sft r.yaml --force sft.max_steps=5`); argparse leaves those over.
     args, extra = parser.parse_known_args(argv)
-    if args.command in HUB_COMMANDS:
+    if args.command in FOLDER_COMMANDS:
         # These take no recipe: parse strictly.
         args = parser.parse_args(argv)
-        return report_errors(lambda: run_hub_command(args))
+        return report_errors(lambda: run_folder_command(args))
     args.accelerate_options = []
     if getattr(args, "accelerate", None):
         args.accelerate_options, extra = launch.split_options(extra)
@@ -138,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         print(trl_fields_help(args.command))
         return 0
     if args.recipe is None:
-        parser.parse_args([args.command, "--help"])
+        parser.error(f"{args.command} needs a recipe, e.g. `moetune {args.command} recipes/tiny-moe.yaml`; "
+                     f"its keys: `moetune {args.command} --help`.")
     return report_errors(lambda: run_stages(args))
 
 
@@ -151,10 +179,45 @@ def run_stages(args) -> None:
             launch.run_with_accelerate(stages, args, lambda name: run_stage(name, recipe, args.force))
             return
         launch.refuse_single_process_stages(stages)
+        force = args.force
+        if force and args.command == "run":
+            print_force_plan(recipe, stages)
+            force = "stale"  # `run --force` keeps the stages whose inputs did not change
         for name in stages:
-            run_stage(name, recipe, args.force)
+            run_stage(name, recipe, force)
     finally:
         wait_for_uploads()  # `hub.push` uploads run beside the later stages; a failed stage keeps them too
+
+
+def force_plan(recipe: Recipe, stages: list[str]) -> list[tuple[str, str]]:
+    """(stage, why) for each stage `run --force` redoes: those whose inputs changed, and every stage after one."""
+    plan, redone = [], None
+    for name in stages:
+        spec = BY_NAME[name]
+        manifest = read_manifest(recipe.run_path / spec.folder)
+        if manifest is None:
+            continue  # not done yet: it runs anyway, and is no redo
+        if redone is not None:
+            plan.append((name, f"after {redone}"))
+            continue
+        try:
+            inputs = spec.inputs(recipe)
+        except StageError:
+            continue  # an earlier stage is missing; it runs first and this one is checked then
+        if fingerprint(inputs) != manifest["fingerprint"]:
+            changed = changed_keys(manifest.get("inputs", {}), inputs)
+            plan.append((name, f"changed: {', '.join(changed) or 'unknown'}"))
+            redone = name
+    return plan
+
+
+def print_force_plan(recipe: Recipe, stages: list[str]) -> None:
+    plan = force_plan(recipe, stages)
+    kept = [name for name in stages if name not in dict(plan)
+            and read_manifest(recipe.run_path / BY_NAME[name].folder) is not None]
+    redo = "; ".join(f"{name} ({why})" for name, why in plan) or "nothing (no stage's inputs changed)"
+    print(f"--force: redoing {redo}" + (f"; keeping {', '.join(kept)} (same inputs)" if kept else "") + ".",
+          flush=True)
 
 
 def report_errors(command) -> int:

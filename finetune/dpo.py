@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune import moe
+from finetune import balancing, families, moe
 from finetune.models import load_stage_model, load_tokenizer, load_training_model, seed_everything
 from finetune.packed_dpo import dpo_trainer
 from finetune.recipe import Recipe
@@ -24,13 +24,17 @@ from finetune.trainer_config import trainer_config
 from finetune.training import train_resuming
 
 
-def run(recipe: Recipe, force: bool = False) -> Path:
+def stage_inputs(recipe: Recipe) -> dict:
+    """What the output depends on: the model and dpo settings, the seed, the prepared data, the SFT result."""
     data = require_complete(recipe.run_path, "data", needed_by="dpo")
     sft = require_complete(recipe.run_path, "sft", needed_by="dpo")
-    stage = Stage(recipe.run_path, "dpo", inputs={
-        "model": recipe.model_inputs("dpo"), "dpo": recipe.trainer_inputs("dpo"), "seed": recipe.seed,
-        "data": data["fingerprint"], "sft": sft["fingerprint"],
-    }, progress=("checkpoint-*",))
+    return {"model": recipe.model_inputs("dpo"), "dpo": recipe.trainer_inputs("dpo"),
+            "balancing": recipe.section_dict("balancing"), "seed": recipe.seed,
+            "data": data["fingerprint"], "sft": sft["fingerprint"]}
+
+
+def run(recipe: Recipe, force: bool | str = False) -> Path:
+    stage = Stage(recipe.run_path, "dpo", inputs=stage_inputs(recipe), progress=("checkpoint-*",))
     if not stage.begin(force):
         return stage.final
 
@@ -53,6 +57,7 @@ def run(recipe: Recipe, force: bool = False) -> Path:
         peft_config=peft_config,
         callbacks=moe.expert_load_callbacks(model, stage.work),
     )
+    balancing.attach(trainer, model, recipe.balancing)
     train_resuming(trainer, stage, recipe.checkpoints)
     if "ref" in getattr(trainer.model, "peft_config", {}):
         trainer.model.delete_adapter("ref")  # TRL's frozen copy of the SFT adapter (the reference); not an output
@@ -62,5 +67,6 @@ def run(recipe: Recipe, force: bool = False) -> Path:
 def load_reference(recipe: Recipe):
     """The frozen SFT model for full fine-tuning. DPOTrainer shards it like the policy under ZeRO-3 and FSDP."""
     reference = load_stage_model(recipe, "sft").eval()
+    families.prepare_for_training(reference)
     moe.mark_moe_blocks_as_zero3_leaves(reference)
     return reference

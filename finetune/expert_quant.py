@@ -2,13 +2,15 @@
 time, and LoRA on those experts that saves as a standard PEFT adapter.
 
 bitsandbytes quantizes `nn.Linear` layers only. In transformers 5 the experts of Mixtral, Qwen3-MoE and OLMoE are
-fused 3-D Parameters, `gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I), about 95% of the weights, so a stock
-4-bit load leaves them in full precision. Here every expert's matrix is quantized with bitsandbytes'
-`quantize_4bit` (NF4, blocks of 64, optionally double quantization of the block scales). The packed bytes replace
-the Parameter under its own name, so PEFT's `target_parameters` still finds it; the scales are buffers beside it.
+fused 3-D Parameters, `gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I) (gpt-oss stores them transposed, with
+biases), about 95% of the weights, so a stock 4-bit load leaves them in full precision. Here every expert's matrix
+is quantized with bitsandbytes' `quantize_4bit` (NF4, blocks of 64, optionally double quantization of the block
+scales). The packed bytes replace the Parameter under its own name, so PEFT's `target_parameters` still finds it;
+the scales are buffers beside it.
 
 The forward is registered with transformers' experts interface as "moetune_nf4". For each expert that received
-tokens, `bitsandbytes.matmul_4bit` dequantizes that expert's matrix, multiplies and drops it; its backward
+tokens, `bitsandbytes.matmul_4bit` dequantizes that expert's matrix, multiplies and drops it, then the family's own
+`_apply_gate` runs (Mixtral's SwiGLU; gpt-oss's interleaved gate/up and clamped SwiGLU); its backward
 dequantizes again instead of keeping the matrix for later, so training never holds a layer's experts in full
 precision.
 
@@ -24,8 +26,6 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
-import bitsandbytes as bnb
-import bitsandbytes.functional as bnb_functional
 import torch
 from peft import PeftConfig, PeftModel
 from peft.tuners.lora import LoraConfig as PeftLoraConfig
@@ -34,7 +34,10 @@ from torch import nn
 from transformers import BitsAndBytesConfig
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from finetune import moe
+from finetune import families, moe
+
+# bitsandbytes is imported by the functions that quantize, not with this module: importing it prints warnings about
+# kernels a machine lacks, which every command would show though only `model.quantization` recipes use it.
 
 EXPERTS_IMPLEMENTATION = "moetune_nf4"
 BLOCKSIZE = 64  # bitsandbytes' default for NF4: one scale per 64 weights
@@ -59,9 +62,13 @@ def quantize_experts(model: nn.Module, double_quant: bool, compute_dtype: torch.
     `device`: where to quantize and keep the NF4 experts (default: where the weights are). Quantizing on a GPU takes
     milliseconds per matrix; bitsandbytes' CPU kernel takes seconds for one of Mixtral-8x7B's.
     """
+    refusal = families.family_of(model).nf4_experts
+    if refusal:
+        raise ValueError(f"model.quantization cannot run {model.config.get_text_config().model_type}: {refusal}.")
     found = False
     for module in model.modules():
         if moe.is_experts(module):
+            check_expert_layout(model, module)
             for name in moe.EXPERT_PARAMETERS:
                 quantize_parameter(module, name, double_quant, compute_dtype, device)
             module.active_lora = {}  # parameter name -> LoRA factors, set by QuantizedExpertsLora around its forward
@@ -72,9 +79,35 @@ def quantize_experts(model: nn.Module, double_quant: bool, compute_dtype: torch.
     model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
 
 
+def check_expert_layout(model: nn.Module, experts: nn.Module) -> None:
+    """Refuse experts the NF4 forward does not reproduce, naming the family.
+
+    It covers what transformers' experts interface describes with flags (biases, weights stored (E, in, out)) and
+    calls the class's own `_apply_gate` (Mixtral's SwiGLU, gpt-oss's interleaved, clamped one). Routing weights
+    (DeepSeek's routed scaling included) come from the router, outside the experts.
+    """
+    family = model.config.get_text_config().model_type
+    if not hasattr(experts, "is_transposed"):
+        problem = "do not run through transformers' experts interface, so moetune's NF4 forward cannot replace theirs"
+    elif getattr(experts, "has_post_expert_norm", False):
+        problem = "normalise each expert's output, which moetune's NF4 forward does not do"
+    else:
+        return
+    raise ValueError(f"model.quantization: {family}'s experts ({type(experts).__name__}) {problem}. Set "
+                     f"model.quantization: null to train LoRA on the full-precision {family} model.")
+
+
+def logical_matrices(experts: nn.Module, name: str) -> torch.Tensor:
+    """A fused expert parameter as (E, out, in) matrices, whichever layout the family stores."""
+    weight = getattr(experts, name).detach()
+    return weight.transpose(1, 2) if getattr(experts, "is_transposed", False) else weight
+
+
 def quantize_parameter(experts: nn.Module, name: str, double_quant: bool, compute_dtype: torch.dtype,
                        device: torch.device | str | None) -> None:
-    weight = getattr(experts, name).detach()
+    import bitsandbytes.functional as bnb_functional
+
+    weight = logical_matrices(experts, name)
     packed, scales, nested_scales, offsets = [], [], [], []
     for matrix in weight:  # one expert at a time: the transient full-precision copy is a single matrix
         data, state = bnb_functional.quantize_4bit(matrix.to(device).contiguous(), blocksize=BLOCKSIZE,
@@ -101,8 +134,10 @@ def is_quantized_experts(module: nn.Module) -> bool:
     return hasattr(module, "nf4_layouts")
 
 
-def expert_quant_state(experts: nn.Module, name: str, expert: int) -> bnb_functional.QuantState:
-    """bitsandbytes' description of one expert's quantized matrix, built from the stacked buffers."""
+def expert_quant_state(experts: nn.Module, name: str, expert: int):
+    """bitsandbytes' description (a QuantState) of one expert's quantized matrix, built from the stacked buffers."""
+    import bitsandbytes.functional as bnb_functional
+
     layout = experts.nf4_layouts[name]
     nested, offset = None, None
     if layout.double_quant:
@@ -117,19 +152,31 @@ def expert_quant_state(experts: nn.Module, name: str, expert: int) -> bnb_functi
 
 def dequantize_expert(experts: nn.Module, name: str, expert: int) -> torch.Tensor:
     """One expert's (out, in) matrix in the compute dtype."""
+    import bitsandbytes.functional as bnb_functional
+
     packed = getattr(experts, name)[expert].reshape(-1, 1)
     return bnb_functional.dequantize_4bit(packed, expert_quant_state(experts, name, expert))
+
+
+def dequantized_parameter(experts: nn.Module, name: str) -> torch.Tensor:
+    """The whole fused parameter back in full precision, in the family's own layout (what it held before NF4)."""
+    matrices = torch.stack([dequantize_expert(experts, name, expert) for expert in range(experts.num_experts)])
+    return matrices.transpose(1, 2) if getattr(experts, "is_transposed", False) else matrices
 
 
 # ---------------------------------------------------------------- the forward
 
 def expert_linear(experts: nn.Module, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
     """x @ W_e^T with W_e dequantized on the fly, plus the LoRA update of expert e when an adapter is active."""
+    import bitsandbytes as bnb
+
     layout = experts.nf4_layouts[name]
     packed = getattr(experts, name)[expert].reshape(-1, 1)
     # matmul_4bit's backward dequantizes again rather than saving W_e for it; it takes the packed weight transposed.
     out = bnb.matmul_4bit(x.to(layout.compute_dtype), packed.t(), quant_state=expert_quant_state(experts, name, expert))
     out = out.to(x.dtype)
+    if getattr(experts, "has_bias", False):  # gpt-oss: biases stay in full precision (and frozen)
+        out = out + getattr(experts, f"{name}_bias")[expert].to(x.dtype)
     factors = experts.active_lora.get(name)
     if factors is not None:
         lora_b, lora_a, scaling = factors  # (E, out, r), (E, r, in)
@@ -168,11 +215,14 @@ class QuantizedExpertsLora(ParamWrapper):
     """
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
-        # The stored parameter holds packed bytes; the logical shape is (E, out, in), as ParamWrapper expects.
+        # The stored parameter holds packed bytes; the logical shape is (E, out, in). ParamWrapper reads a 3-D
+        # parameter as (E, in, out) and swaps the two unless the family stores (E, in, out) (`is_transposed`).
         out_features, in_features = module.nf4_layouts[self.parameter_name].shape
         self.num_experts = module.num_experts
         self._param_ndim = 3
-        return out_features, in_features  # ParamWrapper swaps them for the (E, out, in) layout of transformers 5
+        if getattr(module, "is_transposed", False):
+            return in_features, out_features
+        return out_features, in_features
 
     def expert_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(B (E, out, r), A (E, r, in), scaling): the layout ParamWrapper.get_delta_factors reads."""

@@ -13,9 +13,9 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from finetune import adapters, expert_quant, moe
+from finetune import adapters, expert_quant, families, moe
 from finetune.recipe import MODEL_STAGES, ModelConfig, Recipe
 from finetune.recipe_parsing import load_recipe
 from finetune.rundir import read_manifest, require_complete
@@ -66,17 +66,27 @@ def load_tokenizer(recipe: Recipe, texts=None):
     if recipe.model.init is not None and read_manifest(recipe.run_path / "base") is None:
         if texts is None:
             raise ValueError("load_tokenizer: a model.init recipe needs texts to train its tokenizer before the base stage.")
-        return train_tokenizer(texts, recipe.model.init.vocab_size)
-    location = base_location(recipe)
-    tokenizer = AutoTokenizer.from_pretrained(location, **hub_kwargs(recipe, location))
+        tokenizer, location = train_tokenizer(texts, recipe.model.init.vocab_size), "model.init"
+    else:
+        location = base_location(recipe)
+        tokenizer = AutoTokenizer.from_pretrained(location, **hub_kwargs(recipe, location))
+    if recipe.model.chat_template is not None:
+        tokenizer.chat_template = recipe.model.chat_template
     if tokenizer.chat_template is None:
-        raise ValueError(f"{location} has no chat template; pick an instruct/chat tokenizer or add one to the model folder.")
+        raise ValueError(f"{location} has no chat template (a base model's tokenizer); set model.chat_template in the "
+                         f"recipe to a Jinja template or a .jinja file, or pick an instruct/chat model.")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
+def check_family(recipe: Recipe, location: str) -> None:
+    """An MoE family moetune does not know is refused before its weights load."""
+    families.check_supported(AutoConfig.from_pretrained(location, **hub_kwargs(recipe, location)))
+
+
 def load_pretrained(recipe: Recipe, location: str):
+    check_family(recipe, location)
     return AutoModelForCausalLM.from_pretrained(
         location, dtype=resolve_dtype(recipe.model.dtype), experts_implementation=experts_kernel(recipe.model),
         **hub_kwargs(recipe, location),
@@ -93,6 +103,7 @@ def load_quantized(recipe: Recipe, name: str):
     quantization = recipe.model.quantization
     dtype = resolve_dtype(recipe.model.dtype)
     compute_dtype = dtype if quantization.compute_dtype == "auto" else resolve_dtype(quantization.compute_dtype)
+    check_family(recipe, location)
     model = AutoModelForCausalLM.from_pretrained(
         location, dtype=dtype, device_map="cpu", **hub_kwargs(recipe, location),
         quantization_config=expert_quant.bitsandbytes_config(quantization.bits, quantization.double_quant, compute_dtype),
@@ -177,9 +188,10 @@ def load_training_model(recipe: Recipe, stage: str, start: str):
     In full precision a stage starts from `start` with its adapters merged in and adds a fresh adapter. A quantized
     base (QLoRA) is never merged into: when `start` is an adapter, training continues it on its quantized base (for
     DPO, TRL keeps a frozen copy of it as the reference policy) and the new adapter sits on that base too. Under
-    ZeRO-3 the MoE blocks are marked as leaf modules.
+    ZeRO-3 the MoE blocks are marked as leaf modules; the family's own needs are met (families.prepare_for_training).
     """
     model, peft_config, parent = load_model_and_adapter(recipe, stage, start)
+    families.prepare_for_training(model)
     moe.mark_moe_blocks_as_zero3_leaves(model)
     return model, peft_config, parent
 

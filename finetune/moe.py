@@ -1,8 +1,8 @@
 """Routers and experts of transformers-5 MoE models: where they are, and how much load each expert gets.
 
-Mixtral, Qwen3-MoE and OLMoE share one layout per decoder layer: `mlp.gate` is the router (a bare (E, H) weight
-returning logits, top-k scores and top-k expert indices) and `mlp.experts` holds the fused 3-D parameters
-`gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I).
+Every transformers-5 MoE family has, per MoE layer, a block holding a router and an experts module with the fused
+3-D parameters `gate_up_proj` and `down_proj`; the family registry (finetune/families.py) says what the router is
+called, what it returns and where the shared experts, dense FFNs and token mixers are. Each role is found here.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from finetune import distributed
+from finetune import distributed, families
 
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
 
 
 def is_router(module: nn.Module) -> bool:
+    """Generic detection (remote-code models): a module with top_k, num_experts and a 2-D weight."""
     weight = getattr(module, "weight", None)
     # Under DeepSpeed ZeRO-3 a parameter is an empty shard outside forward; ds_shape keeps its real shape.
     shape = getattr(weight, "ds_shape", getattr(weight, "shape", ()))
@@ -31,22 +32,70 @@ def is_experts(module: nn.Module) -> bool:
     return all(isinstance(getattr(module, name, None), nn.Parameter) for name in EXPERT_PARAMETERS)
 
 
+def family_router(family: families.Family, name: str, module: nn.Module) -> bool:
+    if family is families.GENERIC:
+        return is_router(module)
+    return name.rsplit(".", 1)[-1] == family.router and has_parameter(module, family.router_weight)
+
+
+def has_parameter(module: nn.Module, name: str) -> bool:
+    try:
+        return isinstance(module.get_parameter(name), nn.Parameter)
+    except AttributeError:
+        return False
+
+
 def routers(model: nn.Module) -> dict[str, nn.Module]:
     """Router modules by qualified name, in layer order."""
-    return {name: module for name, module in model.named_modules() if is_router(module)}
+    family = families.family_of(model)
+    return {name: module for name, module in model.named_modules() if family_router(family, name, module)}
+
+
+def router_weight(family: families.Family, router: nn.Module) -> nn.Parameter:
+    return router.get_parameter(family.router_weight)
+
+
+def num_experts(model: nn.Module, router: nn.Module) -> int:
+    weight = router_weight(families.family_of(model), router)
+    return getattr(weight, "ds_shape", weight.shape)[0]
+
+
+def routing_sizes(model: nn.Module) -> tuple[int, int]:
+    """(experts per MoE layer, experts per token), read from the first router."""
+    router = next(iter(routers(model).values()))
+    return num_experts(model, router), router.top_k
 
 
 def is_moe_model(model: nn.Module) -> bool:
     return bool(routers(model))
 
 
+def moe_blocks(model: nn.Module) -> dict[str, nn.Module]:
+    """The sparse MoE blocks (the modules holding a router and its experts) by qualified name."""
+    names = {name.rsplit(".", 1)[0] for name in routers(model)}
+    return {name: module for name, module in model.named_modules() if name in names}
+
+
 def moe_block_classes(model: nn.Module) -> list[type]:
-    """Classes of the sparse MoE blocks (a router and its experts side by side), e.g. [MixtralSparseMoeBlock]."""
-    found = []
-    for module in model.modules():
-        children = list(module.children())
-        if any(is_router(c) for c in children) and any(is_experts(c) for c in children) and type(module) not in found:
-            found.append(type(module))
+    """Classes of the sparse MoE blocks, e.g. [MixtralSparseMoeBlock]: the ZeRO-3 leaf modules."""
+    return list(dict.fromkeys(type(module) for module in moe_blocks(model).values()))
+
+
+def decoder_layer_classes(model: nn.Module) -> list[type]:
+    """Classes of the decoder layers (the modules directly above the MoE blocks): what FSDP2 wraps one by one.
+
+    Hybrid models have two (e.g. Jamba's attention and Mamba layers)."""
+    layers = getattr(getattr(model, "model", model), "layers", None)
+    return list(dict.fromkeys(type(layer) for layer in layers)) if layers is not None else []
+
+
+def bias_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The aux-loss-free balancing biases (`e_score_correction_bias`) of each MoE block, by block name."""
+    found = {}
+    for block_name, block in moe_blocks(model).items():
+        for name, tensor in [*block.named_buffers(), *block.named_parameters()]:
+            if name.endswith("e_score_correction_bias"):
+                found[block_name] = tensor
     return found
 
 
@@ -82,13 +131,39 @@ def expert_parameter_targets(model: nn.Module) -> list[str]:
 
 
 def router_parameter_targets(model: nn.Module) -> list[str]:
-    return sorted({".".join(name.split(".")[-2:]) + ".weight" for name in routers(model)})
+    weight = families.family_of(model).router_weight
+    return sorted({".".join(name.split(".")[-2:]) + "." + weight for name in routers(model)})
+
+
+def linears_under(model: nn.Module, parents: list[str]) -> list[str]:
+    """Qualified names of the Linear layers inside the named modules (those a LoRA wrapper can reach)."""
+    prefixes = tuple(parent + "." for parent in parents)
+    unreachable = families.family_of(model).unreachable_linears
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
+            and name.startswith(prefixes) and name.rsplit(".", 1)[-1] not in unreachable]
+
+
+def modules_named(model: nn.Module, names: tuple[str, ...]) -> list[str]:
+    return [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in names]
 
 
 def attention_linear_targets(model: nn.Module) -> list[str]:
-    """Short names of the Linear layers inside attention blocks (q_proj, k_proj, ...)."""
-    return sorted({name.split(".")[-1] for name, module in model.named_modules()
-                   if isinstance(module, nn.Linear) and ".self_attn." in name})
+    """Linear layers of the token mixers: attention (MLA projections included), linear attention, Mamba."""
+    return linears_under(model, modules_named(model, families.family_of(model).token_mixers))
+
+
+def shared_expert_targets(model: nn.Module) -> list[str]:
+    """Linear layers of the shared experts (the always-on FFN beside the routed experts)."""
+    return linears_under(model, modules_named(model, families.family_of(model).shared_experts))
+
+
+def dense_mlp_targets(model: nn.Module) -> list[str]:
+    """Linear layers of the dense FFNs of decoder layers without an MoE block (e.g. DeepSeek's first layers)."""
+    family, blocks = families.family_of(model), set(moe_blocks(model))
+    dense = [name for name in modules_named(model, (family.dense_mlp,))
+             if name not in blocks and ".layers." in name and not any(is_experts(m) for m in
+                                                                     model.get_submodule(name).modules())]
+    return linears_under(model, dense)
 
 
 def coefficient_of_variation(shares: list[float]) -> float:
@@ -98,34 +173,57 @@ def coefficient_of_variation(shares: list[float]) -> float:
     return float(values.std(unbiased=False) / mean) if mean > 0 else 0.0
 
 
-class ExpertLoadTracker:
-    """Counts, per MoE layer, how many real (non-padding) tokens each expert receives in training forwards.
+class RouterHooks:
+    """Forward hooks on every router that see its output for the real (non-padding) tokens of training forwards.
 
-    Forward hooks on the routers read their top-k indices; a pre-hook on the model reads the attention mask so
-    padding does not count. Forwards without gradients (reference model, evaluation) are ignored.
+    A pre-hook on the model reads the attention mask so padding is left out; forwards without gradients
+    (reference model, evaluation) are ignored. Subclasses say what to do with each router's output (`observe`).
     """
 
     def __init__(self, model: nn.Module):
-        self.layers = list(routers(model))
-        self.counts = {name: torch.zeros(module.num_experts, dtype=torch.long) for name, module in routers(model).items()}
+        found = routers(model)
+        self.family = families.family_of(model)
+        self.layers = list(found)
         self.mask: torch.Tensor | None = None
         self.handles = [model.register_forward_pre_hook(self.remember_mask, with_kwargs=True)]
-        for name, module in routers(model).items():
-            self.handles.append(module.register_forward_hook(self.counter(name)))
+        for name, module in found.items():
+            self.handles.append(module.register_forward_hook(self.hook(name)))
 
     def remember_mask(self, module, args, kwargs):
         mask = kwargs.get("attention_mask")
         self.mask = mask.reshape(-1).bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
-    def counter(self, name: str):
+    def real_tokens(self, per_token: torch.Tensor) -> torch.Tensor:
+        """The rows of a (tokens, ...) router output that belong to real tokens."""
+        if self.mask is not None and self.mask.numel() == per_token.shape[0]:
+            return per_token[self.mask.to(per_token.device)]
+        return per_token
+
+    def hook(self, name: str):
         def hook(module, args, output):
-            if not torch.is_grad_enabled():
-                return
-            indices = output[2].detach()
-            if self.mask is not None and self.mask.numel() == indices.shape[0]:
-                indices = indices[self.mask.to(indices.device)]
-            self.counts[name] += torch.bincount(indices.reshape(-1).cpu(), minlength=len(self.counts[name]))
+            if torch.is_grad_enabled():
+                self.observe(name, module, output)
         return hook
+
+    def observe(self, name: str, router: nn.Module, output) -> None:
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class ExpertLoadTracker(RouterHooks):
+    """Counts, per MoE layer, how many real (non-padding) tokens each expert receives in training forwards."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.counts = {name: torch.zeros(num_experts(model, module), dtype=torch.long)
+                       for name, module in routers(model).items()}
+
+    def observe(self, name: str, router: nn.Module, output) -> None:
+        indices = self.real_tokens(self.family.top_k_indices(output, router).detach())
+        self.counts[name] += torch.bincount(indices.reshape(-1).cpu(), minlength=len(self.counts[name]))
 
     def take(self) -> dict[str, list[float]]:
         """Each layer's share of routed tokens per expert since the last call, over all processes; resets the counts.
@@ -139,10 +237,6 @@ class ExpertLoadTracker:
             total = int(counts.sum())
             shares[name] = [round(int(c) / total, 6) for c in counts] if total else [0.0] * len(counts)
         return shares
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
 
 
 class ExpertLoadCallback(TrainerCallback):

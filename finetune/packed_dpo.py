@@ -11,7 +11,7 @@ from __future__ import annotations
 from peft import PeftModel
 from trl import DPOTrainer
 
-from finetune.packed_forward import install_packed_forward
+from finetune.packed_forward import install_packed_forward, padding_free_for
 from finetune.preference_packing import PackedPreferenceCollator
 from finetune.reference_cache import ReferenceCachedDPOTrainer
 
@@ -45,6 +45,6 @@ class PackedDPOTrainer(ReferenceCachedDPOTrainer):
 
 def dpo_trainer(speed, **kwargs) -> DPOTrainer:
     """The DPO trainer the recipe's `speed:` section asks for (same loss either way)."""
-    if speed.padding_free:
+    if padding_free_for(speed, kwargs["model"], "dpo"):
         return PackedDPOTrainer(share_prompt=speed.share_prompt, **kwargs)
     return ReferenceCachedDPOTrainer(**kwargs)

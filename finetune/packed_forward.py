@@ -4,29 +4,36 @@
 layout of TRL's fused LM head on the padded batch (`FusedCausalLMOutput`, shape (2 * pairs, padded length - 1)),
 so TRL's DPO loss, reference pass and metrics run unchanged on it. Without packed keys the forward is TRL's.
 
-Attention runs block by block (one sdpa call per sequence, two per prompt-shared pair; also for TRL's
-padding-free SFT rows): a dense mask over the whole packed row would cost attention quadratic in the batch's total
-length. Only the completion tokens' hidden states go through the LM head (TRL scores every position on CPU), at
-temperature 1 and without logit scaling, as DPO and the Mixtral, Qwen3-MoE and OLMoE heads use. The
-load-balancing loss weighs each token as the padded batch does: a shared prompt counts twice, padding not at all.
+Attention runs block by block (one call per sequence, two per prompt-shared pair; also for TRL's padding-free SFT
+rows): a dense mask over the whole packed row would cost attention quadratic in the batch's total length. The call
+is the model's own attention, sdpa or eager (gpt-oss: eager, for its attention sinks), within the layer's sliding
+window if it has one. Layers with a recurrent state (linear attention, Mamba) cannot be cut into blocks this way:
+such models run padded batches instead (`padding_free_for`). Only the completion tokens' hidden states go through
+the LM head (TRL scores every position on CPU), at temperature 1 and without logit scaling, as DPO and the Mixtral,
+Qwen3-MoE and OLMoE heads use. The load-balancing loss weighs each token as the padded batch does: a shared prompt
+counts twice, padding not at all.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 import types
 
 import torch
+from peft import PeftModel
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
+from transformers.masking_utils import eager_mask, sdpa_mask
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from trl.kernels import ChunkedLogProbFunction
 from trl.trainer.utils import FusedCausalLMOutput
 
+from finetune import distributed, families, moe
 from finetune.preference_packing import PACKED_KEYS
 
 BLOCK_ATTENTION = "moetune_blocks"
+BLOCK_EAGER_ATTENTION = "moetune_eager_blocks"
 LOGPROB_CHUNK = 4096  # tokens per LM-head tile: bounds the (tokens, vocab) logits held at once
 
 
@@ -49,29 +56,60 @@ def row_blocks(query, key, attention_mask, kwargs) -> list[tuple[int, int, int, 
 
 def block_attention(module, query, key, value, attention_mask, **kwargs):
     """sdpa within each block of an unpadded row; plain sdpa (with the usual mask) for padded batches."""
+    return attention_by_block(sdpa_attention_forward, module, query, key, value, attention_mask, **kwargs)
+
+
+def block_eager_attention(module, query, key, value, attention_mask, **kwargs):
+    """The model's own eager attention (gpt-oss: with its attention sinks) within each block of an unpadded row."""
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    return attention_by_block(eager, module, query, key, value, attention_mask, **kwargs)
+
+
+def attention_by_block(attention, module, query, key, value, attention_mask, **kwargs):
+    """`attention` run block by block over an unpadded row, or once over a padded batch.
+
+    A block is a sequence (chosen, with its prompt), then, when prompt-shared, its rejected completion attending to
+    the prompt and itself. Within each, attention is causal and limited to the layer's sliding window if it has one.
+    """
     blocks = row_blocks(query, key, attention_mask, kwargs)
     kwargs.pop("packed_blocks", None)
     if blocks is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return attention(module, query, key, value, attention_mask, **kwargs)
     kwargs.pop("is_causal", None)
+    window = kwargs.get("sliding_window")
+    # sdpa applies a plain causal mask itself; eager attention and sliding windows need it written out.
+    plain_causal = attention is sdpa_attention_forward and window is None
     # torch.split, not slicing: a slice's backward writes a zero tensor the size of the whole row, per block.
     sizes = [size for start, _, split, end in blocks for size in (split - start, end - split)]
     queries, keys, values = (tensor.split(sizes, dim=2) for tensor in (query, key, value))
     outputs = []
     for index, (start, prompt_end, split, end) in enumerate(blocks):
         first, second = 2 * index, 2 * index + 1
-        out, _ = sdpa_attention_forward(module, queries[first], keys[first], values[first], None, is_causal=True,
-                                        **kwargs)
+        positions = torch.arange(split - start, device=query.device)
+        mask = None if plain_causal else block_mask_for(attention, positions, positions, window, query.dtype)
+        out, _ = attention(module, queries[first], keys[first], values[first], mask, is_causal=plain_causal, **kwargs)
         outputs.append(out)
         if end > split:  # rejected: sees the prompt and itself, causally, not chosen
             prompt = prompt_end - start
-            mask = torch.ones(end - split, prompt + end - split, dtype=torch.bool, device=query.device)
-            out, _ = sdpa_attention_forward(
+            rejected = torch.arange(prompt, prompt + end - split, device=query.device)
+            seen = torch.cat([positions[:prompt], rejected])
+            out, _ = attention(
                 module, queries[second], torch.cat([keys[first][:, :, :prompt], keys[second]], dim=2),
                 torch.cat([values[first][:, :, :prompt], values[second]], dim=2),
-                mask.tril(diagonal=prompt)[None, None], is_causal=False, **kwargs)
+                block_mask_for(attention, rejected, seen, window, query.dtype), is_causal=False, **kwargs)
             outputs.append(out)
     return torch.cat(outputs, dim=1), None
+
+
+def block_mask_for(attention, query_positions, key_positions, window: int | None, dtype: torch.dtype):
+    """(1, 1, queries, keys) mask of causal attention within `window` positions: boolean for sdpa, additive for
+    eager attention."""
+    distance = query_positions[:, None] - key_positions[None, :]
+    allowed = (distance >= 0) if window is None else (distance >= 0) & (distance < window)
+    if attention is sdpa_attention_forward:
+        return allowed[None, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)[None, None]
 
 
 def block_mask(*args, attention_mask=None, **kwargs):
@@ -80,19 +118,55 @@ def block_mask(*args, attention_mask=None, **kwargs):
     return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
+def block_eager_mask(*args, attention_mask=None, **kwargs):
+    """eager attention's mask for padded batches; none for unpadded rows (see block_mask)."""
+    return None if attention_mask is None else eager_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+# Per attention implementation a model may load with: the block-wise one that replaces it.
+BLOCK_ATTENTIONS = {"sdpa": BLOCK_ATTENTION, "eager": BLOCK_EAGER_ATTENTION}
 AttentionInterface.register(BLOCK_ATTENTION, block_attention)
 AttentionMaskInterface.register(BLOCK_ATTENTION, block_mask)
+AttentionInterface.register(BLOCK_EAGER_ATTENTION, block_eager_attention)
+AttentionMaskInterface.register(BLOCK_EAGER_ATTENTION, block_eager_mask)
+# Layer kinds whose attention runs block by block; any other (linear attention, Mamba) carries a recurrent state
+# from one token to the next, which would flow across the sequence boundaries of a packed row.
+ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
+
+
+def padding_free_refusal(model) -> str | None:
+    """Why `model` cannot run padding-free (packed) batches, or None when it can: its registry entry says, else
+    its config's layer types (a model the registry does not know)."""
+    config = model.config.get_text_config()
+    reason = families.family_of(model).padding_free
+    recurrent = sorted(set(getattr(config, "layer_types", None) or []) - ATTENTION_LAYER_TYPES)
+    if reason is None and recurrent:
+        reason = families.HYBRID.format(kind=" and ".join(recurrent))
+    implementation = config._attn_implementation
+    if reason is None and implementation not in BLOCK_ATTENTIONS and implementation not in BLOCK_ATTENTIONS.values():
+        reason = f"it runs {implementation} attention; packed rows need sdpa or eager"
+    return reason
+
+
+def padding_free_for(speed, model, stage: str) -> bool:
+    """Whether a stage runs padding-free: as the recipe asks, unless the model cannot (then padded, with a note)."""
+    if not speed.padding_free:
+        return False
+    reason = padding_free_refusal(model.get_base_model() if isinstance(model, PeftModel) else model)
+    if reason is not None and distributed.is_main_process():
+        family = model.config.get_text_config().model_type
+        print(f"[{stage}] speed.padding_free is off for {family}: {reason}; batches are padded (same loss, slower).")
+    return reason is None
 
 
 def use_block_attention(model) -> None:
-    """sdpa that also runs packed rows block by block; the setting is not saved with the model."""
-    config = model.config.get_text_config()
-    if config._attn_implementation not in ("sdpa", BLOCK_ATTENTION):
-        raise ValueError(f"speed.padding_free needs sdpa attention; this model uses {config._attn_implementation}. "
-                         "Set speed.padding_free: false.")
-    if getattr(config, "use_sliding_window", True) and getattr(config, "sliding_window", None):
-        raise ValueError("speed.padding_free does not implement sliding-window attention; set speed.padding_free: false.")
-    model.set_attn_implementation(BLOCK_ATTENTION)
+    """The model's attention (sdpa or eager), run block by block over packed rows; not saved with the model."""
+    reason = padding_free_refusal(model)
+    if reason is not None:
+        raise ValueError(f"speed.padding_free cannot run {model.config.get_text_config().model_type}: {reason}. "
+                         f"Set speed.padding_free: false.")
+    implementation = model.config.get_text_config()._attn_implementation
+    model.set_attn_implementation(BLOCK_ATTENTIONS.get(implementation, implementation))
 
 
 def install_packed_forward(model, fields: tuple[str, ...] = ("log_probs",)) -> None:
@@ -134,7 +208,7 @@ def packed_forward(model, batch: dict, fields: tuple[str, ...]) -> FusedCausalLM
     )
     aux_loss = None
     if router_logits:
-        aux_loss = load_balancing_loss_func(hidden.router_logits, config.num_experts, config.num_experts_per_tok,
+        aux_loss = load_balancing_loss_func(hidden.router_logits, *moe.routing_sizes(model),
                                             batch["packed_router_weights"])
     return FusedCausalLMOutput(
         loss=None, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq_probs,

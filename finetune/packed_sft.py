@@ -14,7 +14,7 @@ from peft import PeftModel
 from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from finetune.packed_forward import use_block_attention
+from finetune.packed_forward import padding_free_for, use_block_attention
 
 
 class PaddingFreeSFTTrainer(SFTTrainer):
@@ -29,4 +29,4 @@ class PaddingFreeSFTTrainer(SFTTrainer):
 
 def sft_trainer(speed, **kwargs) -> SFTTrainer:
     """The SFT trainer the recipe's `speed:` section asks for (same loss either way)."""
-    return PaddingFreeSFTTrainer(**kwargs) if speed.padding_free else SFTTrainer(**kwargs)
+    return PaddingFreeSFTTrainer(**kwargs) if padding_free_for(speed, kwargs["model"], "sft") else SFTTrainer(**kwargs)

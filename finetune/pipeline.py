@@ -17,17 +17,19 @@ from finetune.disk_errors import raise_disk_error
 from finetune.hub import HubError, push
 from finetune.recipe import Recipe
 from finetune.registry import BY_NAME, StageSpec, hidden_needs
-from finetune.rundir import MANIFEST, StageError
+from finetune.run_report import write_report
+from finetune.rundir import MANIFEST, StageError, read_manifest
 
 
-def run_stage(name: str, recipe: Recipe, force: bool) -> None:
-    """Run one stage, after the command-less stages it needs (never forced: `--force` redoes the named stage)."""
+def run_stage(name: str, recipe: Recipe, force: bool | str) -> None:
+    """Run one stage, after the command-less stages it needs (`--force` redoes the named stage; those are redone
+    only when their inputs changed)."""
     for spec in hidden_needs(name, recipe):
-        run_one(spec, recipe, force=False)
+        run_one(spec, recipe, force="stale" if force else False)
     run_one(BY_NAME[name], recipe, force)
 
 
-def run_one(spec: StageSpec, recipe: Recipe, force: bool) -> None:
+def run_one(spec: StageSpec, recipe: Recipe, force: bool | str) -> None:
     started = time.time()
     before = commit_stamp(recipe.run_path / spec.folder)
     main_process = distributed.is_main_process()  # in a multi-process run, one progress line per stage
@@ -42,9 +44,15 @@ def run_one(spec: StageSpec, recipe: Recipe, force: bool) -> None:
         # eval keeps a stage open while judge calls failed; a re-run retries only those.
         raise StageError(f"[{spec.name}] unfinished: some work failed and is kept in {output}. Run the same command again to retry it.")
     if main_process and commit_stamp(output) != before:  # committed by this run, not skipped as complete
+        if spec.name in REPORTED_STAGES:
+            print(f"[{spec.name}] run report with plots: {write_report(recipe.run_path)}", flush=True)
         push_stage_if_configured(recipe, output)
     if main_process:
         print(f"== {spec.name} finished in {time.time() - started:.0f}s", flush=True)
+
+
+# The stages whose results run_dir/report.md shows: it is rebuilt as each of them is committed.
+REPORTED_STAGES = ("sft", "dpo", "eval")
 
 
 def commit_stamp(folder: Path) -> tuple[int, int] | None:
@@ -67,15 +75,19 @@ def push_stage_if_configured(recipe: Recipe, stage_dir: Path) -> None:
     """`hub.push: true`: start uploading a stage as soon as it is committed. A failed upload keeps the saved stage."""
     hub = recipe.hub
     if hub.push and stage_dir.name in hub.stages:
-        upload = UPLOADER.submit(push_or_explain, stage_dir, hub.repo_for(stage_dir.name), hub.private)
+        parent = read_manifest(stage_dir)["outputs"].get("parent")
+        # A parent pushed by this recipe was queued before (stages run in chain order): it is on the Hub first.
+        parent_id = hub.repo_for(parent) if parent in hub.stages else None
+        upload = UPLOADER.submit(push_or_explain, stage_dir, hub.repo_for(stage_dir.name), hub.private, parent_id)
         PENDING_UPLOADS.append((stage_dir, upload))
 
 
-def push_or_explain(stage_dir: Path, repo_id: str, private: bool) -> None:
+def push_or_explain(stage_dir: Path, repo_id: str, private: bool, parent_id: str | None = None) -> None:
     try:
-        push(stage_dir, repo_id, private=private)
+        push(stage_dir, repo_id, private=private, parent_repo_id=parent_id)
     except Exception as error:  # noqa: BLE001 - any upload failure (network, auth, quota) must not fail training
-        retry = f"moetune push {stage_dir} --repo-id {repo_id}" + (" --private" if private else "")
+        retry = (f"moetune push {stage_dir} --repo-id {repo_id}" + (" --private" if private else "")
+                 + (f" --parent-repo-id {parent_id}" if parent_id else ""))
         reason = str(error)
         if not isinstance(error, HubError):
             reason = f"uploading {stage_dir} to {repo_id} failed ({type(error).__name__}: {error})."

@@ -14,6 +14,7 @@ from typing import Any
 
 from data_prep.config import DataConfig
 from eval.config import EvalConfig
+from finetune.families import ALIASES, ARCHITECTURES
 from finetune.fields import help_field, to_dict
 
 
@@ -25,7 +26,8 @@ class RecipeError(ValueError):
 class ModelInit:
     """A tiny MoE model built from a config, for CPU demos and tests (no download)."""
 
-    architecture: str = help_field("mixtral", help="MoE architecture: mixtral, qwen3_moe or olmoe.")
+    architecture: str = help_field(
+        "mixtral", help="MoE family (a transformers model_type): " + ", ".join(ARCHITECTURES + tuple(ALIASES)) + ".")
     hidden_size: int = help_field(64, help="Width of the residual stream.")
     intermediate_size: int = help_field(128, help="Width of each expert's FFN.")
     num_layers: int = help_field(2, help="Number of decoder layers.")
@@ -43,9 +45,11 @@ class LoraConfig:
     """LoRA adapters chosen by role, so the router stays frozen unless asked for."""
 
     targets: list[str] = help_field(
-        factory=lambda: ["attention", "experts"],
-        help="Roles to adapt: attention, experts (fused 3-D expert weights), router, all. "
-        "The router is trained only when listed (or with 'all').",
+        factory=lambda: ["attention", "experts", "shared_experts"],
+        help="Roles to adapt: attention (attention, MLA, linear-attention and Mamba projections), experts (fused "
+        "3-D routed-expert weights), shared_experts (the always-on experts beside them), dense_mlp (the FFN of "
+        "layers without experts, e.g. DeepSeek's first layers), router, all. The router is trained only when "
+        "listed (or with 'all'); e_score_correction_bias never by gradients (see balancing.bias_update_rate).",
     )
     r: int = help_field(16, help="LoRA rank (shared across the experts of one fused parameter).")
     alpha: int = help_field(32, help="LoRA scaling numerator (scale = alpha / r).")
@@ -83,6 +87,12 @@ class ModelConfig:
     trust_remote_code: bool = help_field(
         False, help="Run Python code shipped with a hub model. Off: only turn it on for repositories you trust."
     )
+    chat_template: str | None = help_field(
+        None, help="Chat template for a base model whose tokenizer has none (e.g. Mixtral-8x7B-v0.1), or to replace "
+        "the tokenizer's: a Jinja string, or the path of a .jinja file relative to the recipe's folder. SFT's "
+        "assistant-only loss needs {% generation %} markers around assistant replies, unless TRL ships a training "
+        "version of the template (trl/chat_templates/*_training.jinja).",
+    )
     dtype: str = help_field(
         "auto", help="Weights dtype: auto (fp32 on CPU, bf16 on GPUs that support it, else fp16), float32, bfloat16."
     )
@@ -114,6 +124,19 @@ class SpeedConfig:
         True, help="DPO: reference log-probs computed in one pass before training (TRL's precompute_ref_log_probs, "
         "which dpo: can still set) and cached by model, tokens and batch layout, so a second epoch, a re-run, a "
         "resumed run or a sweep over beta reuses them; full fine-tuning then loads no reference copy.")
+
+
+@dataclass
+class BalancingConfig:
+    """Expert load balancing beyond the family's own aux loss (which TRL adds: sft/dpo router_aux_loss_coef)."""
+
+    bias_update_rate: float = help_field(
+        0.0, help="Aux-loss-free families (DeepSeek-V3, GLM-4.5, dots1, MiniMax-M2, ERNIE 4.5): after each optimizer "
+        "step, e_score_correction_bias moves by this much towards balance, per expert, by the sign of (mean load - "
+        "its load) as in DeepSeek-V3 (which used 0.001). 0 keeps the bias as loaded.")
+    router_z_loss_coef: float = help_field(
+        0.0, help="Router z-loss (ST-MoE) weight, any family: mean over real tokens of logsumexp(router logits)^2, "
+        "averaged over MoE layers, added to the SFT/DPO loss and logged as router_z_loss. ST-MoE used 0.001; 0 is off.")
 
 
 @dataclass
@@ -156,6 +179,7 @@ class Recipe:
     eval: EvalConfig = help_field(factory=EvalConfig, help="Evaluation (the eval stage).")
     hub: HubConfig = help_field(factory=HubConfig, help="Pushing results to the Hugging Face Hub.")
     speed: SpeedConfig = help_field(factory=SpeedConfig, help="Training speed levers (math unchanged).")
+    balancing: BalancingConfig = help_field(factory=BalancingConfig, help="Expert load balancing in SFT and DPO.")
     checkpoints: CheckpointConfig = help_field(factory=CheckpointConfig, help="Checkpoint schedule of SFT and DPO.")
     seed: int = help_field(42, help="Seed for data mixing, splits, initialisation and training.")
     # Where the recipe came from, for error messages and resolving relative paths; not a YAML key.

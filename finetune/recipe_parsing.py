@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from finetune.chat_template import resolve_chat_template
 from finetune.fields import to_dict
 from finetune.recipe import TRAINING_STAGES, Recipe, RecipeError
 from finetune.recipe_validation import validate_recipe
@@ -44,6 +45,11 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 def parse_recipe(raw: dict[str, Any], source: str) -> Recipe:
     recipe = from_dict(Recipe, raw, source, "")
     recipe.source = source
+    if recipe.model.chat_template is not None:
+        try:
+            recipe.model.chat_template = resolve_chat_template(recipe.model.chat_template, recipe.base_dir, source)
+        except ValueError as error:
+            raise RecipeError(str(error)) from None
     for stage in TRAINING_STAGES:
         validate_trainer_section(getattr(recipe, stage), stage, source)
     validate_recipe(recipe)
@@ -131,9 +137,10 @@ def coerce_scalar(hint: Any, value: Any, source: str, path: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
-        # YAML reads 5e-4 (no dot) as a string; accept any number a user would write.
+        # YAML reads 5e-4 (no dot) as a string; accept any number a user would write. An integer stays one, so that
+        # `logging_steps: 25` (a float field in TrainingArguments) is saved as 25, not 25.0.
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return value
         if isinstance(value, str):
             try:
                 return float(value)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import difflib
 
 from eval.config import check_eval_config
+from finetune.families import ALIASES, ARCHITECTURES
 from finetune.recipe import TRAINING_STAGES, HubConfig, LoraConfig, ModelConfig, ModelInit, Recipe, RecipeError
 
-ARCHITECTURES = ("mixtral", "qwen3_moe", "olmoe")
-LORA_ROLES = ("attention", "experts", "router", "all")
+LORA_ROLES = ("attention", "experts", "shared_experts", "dense_mlp", "router", "all")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 EXPERT_KERNELS = ("auto", "eager", "grouped_mm", "batched_mm")
 
@@ -18,6 +18,9 @@ def validate_recipe(recipe: Recipe) -> None:
     validate_model(recipe.model, source)
     validate_data_needs(recipe)
     validate_hub(recipe.hub, source)
+    for key in ("bias_update_rate", "router_z_loss_coef"):
+        if getattr(recipe.balancing, key) < 0:
+            raise RecipeError(f"{source}: balancing.{key} is {getattr(recipe.balancing, key)}; it must be >= 0 (0 is off).")
     try:
         check_eval_config(recipe.eval)
     except ValueError as error:
@@ -38,7 +41,7 @@ def validate_model(model: ModelConfig, source: str) -> None:
 
 
 def validate_init(init: ModelInit, source: str) -> None:
-    check_choice(init.architecture, ARCHITECTURES, source, "model.init.architecture")
+    check_choice(init.architecture, ARCHITECTURES + tuple(ALIASES), source, "model.init.architecture")
     for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "num_experts",
                  "experts_per_token", "max_position_embeddings", "vocab_size"):
         check_positive(getattr(init, name), source, f"model.init.{name}")
@@ -86,11 +89,32 @@ def validate_hub(hub: HubConfig, source: str) -> None:
     if not hub.repo_id:
         raise RecipeError(f"{source}: hub.push is true but hub.repo_id is not set; name the repository, "
                           f"e.g. hub.repo_id=my-org/my-model-{{stage}}.")
+    for stage in hub.stages:
+        check_repo_id(hub.repo_for(stage), source)
     if len(hub.stages) > 1 and "{stage}" not in hub.repo_id:
         # One repository would hold only the last stage pushed: dpo's upload replaces sft's files.
         raise RecipeError(f"{source}: hub.push uploads {' and '.join(hub.stages)} to one repository "
                           f"{hub.repo_id}, where each replaces the other. Put {{stage}} in hub.repo_id (e.g. "
                           f"{hub.repo_id}-{{stage}}) or push a single stage (hub.stages: [dpo]).")
+
+
+def check_repo_id(repo_id: str, source: str) -> None:
+    """Checked before any training that would end in a refused upload."""
+    problem = invalid_repo_id(repo_id)
+    if problem:
+        raise RecipeError(f"{source}: hub.repo_id gives {repo_id!r}, which is not a valid Hub repository id, e.g. "
+                          f"my-org/mixtral-{{stage}}: {problem}")
+
+
+def invalid_repo_id(repo_id: str) -> str | None:
+    """What huggingface_hub's own validator finds wrong with a repository id, or None."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        return str(error)
+    return None
 
 
 def validate_quantization(model: ModelConfig, source: str) -> None:

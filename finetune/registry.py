@@ -36,20 +36,23 @@ class StageSpec:
     # A stage without a command of its own runs, when `applies` to the recipe, just before a stage that needs it.
     command: bool = True
     applies: Callable[[Recipe], bool] = always
+    inputs: Callable[[Recipe], dict] | None = None  # what its output depends on (the manifest's fingerprint)
 
 
 STAGES = (
-    StageSpec("prep", prepare.run, ("data",), "data", (), every_process=False,
+    StageSpec("prep", prepare.run, ("data",), "data", (), every_process=False, inputs=prepare.stage_inputs,
               description="Build SFT conversations and preference pairs into run_dir/data."),
     StageSpec("base", base.run, ("model",), "base", ("prep",), every_process=True,
               description="Train a tokenizer on the data and build the model.init model into run_dir/base.",
-              command=False, applies=builds_tiny_model),
+              command=False, applies=builds_tiny_model, inputs=base.stage_inputs),
     StageSpec("sft", sft.run, ("model", "sft", "speed", "checkpoints"), "sft", ("prep", "base"), every_process=True,
+              inputs=sft.stage_inputs,
               description="Supervised fine-tuning with TRL's SFTTrainer into run_dir/sft."),
     StageSpec("dpo", dpo.run, ("model", "dpo", "speed", "checkpoints"), "dpo", ("prep", "sft"), every_process=True,
+              inputs=dpo.stage_inputs,
               description="DPO from the SFT result with TRL's DPOTrainer into run_dir/dpo."),
     # eval reads the folders of the stages named in eval.models, and the prep stage's questions by default.
-    StageSpec("eval", evaluate.run, ("eval",), "eval", (), every_process=False,
+    StageSpec("eval", evaluate.run, ("eval",), "eval", (), every_process=False, inputs=evaluate.stage_inputs,
               description="Answer held-out questions with each model, judge, report into run_dir/eval."),
 )
 BY_NAME = {spec.name: spec for spec in STAGES}

@@ -69,18 +69,24 @@ class Stage:
     def fingerprint(self) -> str:
         return fingerprint(self.inputs)
 
-    def begin(self, force: bool = False) -> bool:
-        """Prepare the work folder. Returns False when a complete output with the same inputs already exists."""
+    def begin(self, force: bool | str = False) -> bool:
+        """Prepare the work folder. Returns False when a complete output with the same inputs already exists.
+
+        force: False refuses to replace an output made from other inputs; "stale" replaces it (`run --force`:
+        unchanged stages are kept); True also redoes an output with the same inputs (`moetune <stage> --force`).
+        """
         with distributed.main_process_first():  # every process decides the same from what the main one prepared
             return self.begin_here(force)
 
-    def begin_here(self, force: bool) -> bool:
+    def begin_here(self, force: bool | str) -> bool:
         manifest = read_manifest(self.final)
+        same_inputs = manifest is not None and manifest.get("fingerprint") == self.fingerprint
+        if same_inputs and force is not True:
+            if distributed.is_main_process():
+                hint = "" if force else " Use --force to redo it."
+                print(f"[{self.name}] complete in {self.final} (same inputs): skipping.{hint}")
+            return False
         if manifest is not None and not force:
-            if manifest.get("fingerprint") == self.fingerprint:
-                if distributed.is_main_process():
-                    print(f"[{self.name}] complete in {self.final} (same inputs): skipping. Use --force to redo it.")
-                return False
             changed = changed_keys(manifest.get("inputs", {}), self.inputs)
             raise StageError(
                 f"[{self.name}] {self.final} was made from different inputs (changed: {', '.join(changed) or 'unknown'}). "

@@ -53,15 +53,24 @@ def write_stage_files(trainer, tokenizer, recipe: Recipe, stage: Stage, parent: 
         "global_batch": global_batch(trainer.args),
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
+        "mean_loss": next((e["train_loss"] for e in history if "train_loss" in e), None),
         "runtime_s": next((e["train_runtime"] for e in history if "train_runtime" in e), None),
     }
+
+
+def describe_loss(summary: dict) -> str:
+    """Losses to 4 significant figures; a run shorter than logging_steps logged only its mean."""
+    if summary["first_loss"] is not None:
+        return f"loss {summary['first_loss']:.4g} -> {summary['last_loss']:.4g}"
+    if summary.get("mean_loss") is not None:
+        return f"mean loss {summary['mean_loss']:.4g} (no step logged: fewer steps than logging_steps)"
+    return "no loss logged"
 
 
 def print_summary(name: str, summary: dict, folder: Path, history: list[dict]) -> None:
     cv = [entry["expert_load_cv_mean"] for entry in history if "expert_load_cv_mean" in entry]
     aux = [entry["aux_loss"] for entry in history if "aux_loss" in entry]
-    print(f"[{name}] {summary['steps']} steps in {summary['runtime_s'] or 0:.0f}s; "
-          f"loss {summary['first_loss']} -> {summary['last_loss']}"
+    print(f"[{name}] {summary['steps']} steps in {summary['runtime_s'] or 0:.0f}s; {describe_loss(summary)}"
           + (f"; router aux loss {aux[-1]:.4f}" if aux else "")
           + (f"; expert-load CV {cv[-1]:.3f}" if cv else "")
           + f". Saved {summary['kind']} to {folder}")

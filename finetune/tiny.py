@@ -1,11 +1,12 @@
 """Tiny MoE models built from a config (`model.init`): a byte-level BPE tokenizer trained on the recipe's data,
-with role tokens and a chat template, and a config of the named architecture. For CPU demos and tests."""
+with role tokens and a chat template, and a config of the named MoE family (finetune/families.py). For CPU demos and tests."""
 
 from __future__ import annotations
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
+from finetune import families
 from finetune.recipe import ModelInit
 
 SPECIAL_TOKENS = {"pad_token": "<|pad|>", "eos_token": "<|end|>", "unk_token": "<|unk|>"}
@@ -40,20 +41,9 @@ def train_tokenizer(texts, vocab_size: int) -> PreTrainedTokenizerFast:
 
 
 def init_config(init: ModelInit, tokenizer) -> AutoConfig:
-    """A config of the named MoE architecture; the three share most names but not the expert-count ones."""
-    common = dict(
-        vocab_size=len(tokenizer), hidden_size=init.hidden_size, num_hidden_layers=init.num_layers,
-        num_attention_heads=init.num_heads, num_key_value_heads=init.num_kv_heads,
-        num_experts_per_tok=init.experts_per_token, router_aux_loss_coef=init.router_aux_loss_coef,
-        output_router_logits=True, max_position_embeddings=init.max_position_embeddings,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-        tie_word_embeddings=False,
-    )
-    per_architecture = {
-        "mixtral": dict(num_local_experts=init.num_experts, intermediate_size=init.intermediate_size),
-        "qwen3_moe": dict(num_experts=init.num_experts, moe_intermediate_size=init.intermediate_size,
-                          intermediate_size=init.intermediate_size, decoder_sparse_step=1,
-                          head_dim=init.hidden_size // init.num_heads),
-        "olmoe": dict(num_experts=init.num_experts, intermediate_size=init.intermediate_size),
-    }
-    return AutoConfig.for_model(init.architecture, **common, **per_architecture[init.architecture])
+    """A config of the named MoE family, with the sizes its registry entry sets."""
+    sizes = families.init_config_kwargs(init)
+    common = dict(vocab_size=len(tokenizer), output_router_logits=True, pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=False)
+    return AutoConfig.for_model(families.FAMILIES[families.ALIASES.get(init.architecture, init.architecture)].model_type,
+                                **common, **sizes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,9 @@ from finetune.recipe import Recipe
 from finetune.recipe_parsing import trainer_config_class
 
 
+ASSISTANT_ONLY_LOSS = True  # moetune's SFT default (TRL's is False): loss on the assistant's replies only
+
+
 def device_defaults(recipe: Recipe) -> dict[str, Any]:
     """Defaults that depend on the machine: TRL's (bf16 on, checkpointing on) fail or crawl on a CPU."""
     on_gpu = torch.cuda.is_available()
@@ -20,8 +24,9 @@ def device_defaults(recipe: Recipe) -> dict[str, Any]:
         "use_cpu": not on_gpu,
         "bf16": on_gpu and weights == torch.bfloat16,
         "fp16": on_gpu and weights == torch.float16,
-        # Activation checkpointing saves GPU memory; on a CPU it only costs time.
-        "gradient_checkpointing": on_gpu,
+        # Activation checkpointing saves GPU memory; on a CPU it only costs time. (transformers 5's name for
+        # gradient_checkpointing, which it still accepts with a FutureWarning.)
+        "activation_checkpointing": on_gpu,
     }
 
 
@@ -35,12 +40,23 @@ def trainer_config(stage: str, recipe: Recipe, output_dir: Path):
         **device_defaults(recipe),
     }
     if stage == "sft":
-        values["assistant_only_loss"] = True
+        values["assistant_only_loss"] = ASSISTANT_ONLY_LOSS
     if stage == "dpo":
         values["precompute_ref_log_probs"] = recipe.speed.reference_cache
-    values.update(getattr(recipe, stage))
+    section = getattr(recipe, stage)
+    if "gradient_checkpointing" in section:
+        values.pop("activation_checkpointing")  # the recipe's older name would otherwise lose to moetune's default
+    values.update(section)
     values.update(output_dir=str(output_dir), seed=recipe.seed)
-    return trainer_config_class(stage)(**values)
+    config_class = trainer_config_class(stage)
+    return config_class(**as_float_where_declared(config_class, values))
+
+
+def as_float_where_declared(config_class: type, values: dict[str, Any]) -> dict[str, Any]:
+    """The recipe keeps `logging_steps: 25` an integer (manifests, recipe.yaml); TRL's float fields get floats, since
+    some reach strictly typed model configs (`router_aux_loss_coef: 0` would be refused there)."""
+    floats = {f.name for f in dataclasses.fields(config_class) if f.type in (float, float | None, "float", "float | None")}
+    return {key: float(value) if key in floats and type(value) is int else value for key, value in values.items()}
 
 
 def global_batch(args) -> int:

@@ -1,6 +1,8 @@
 """The real CLI end to end on a tiny model: prep -> sft -> dpo -> eval, skips, refusals and --force."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -59,6 +61,66 @@ def test_rerun_skips_changed_recipe_refuses_and_force_redoes(finished_run, capsy
 
 
 @pytest.mark.slow
+def test_stages_write_a_run_report_with_plots_and_moetune_report_rebuilds_it(finished_run):
+    import re
+
+    from PIL import Image
+
+    _, run = finished_run
+    report = (run / "report.md").read_text()
+    assert "## SFT" in report and "## DPO" in report and "## Evaluation" in report and "| overall |" in report
+    images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
+    assert {"report/sft_curves.png", "report/dpo_curves.png", "report/sft_expert_load.png",
+            "report/dpo_expert_load.png", "eval/radar.png"} <= set(images)
+    for image in images:
+        with Image.open(run / image) as png:
+            assert png.format == "PNG" and png.width > 300
+    (run / "report.md").unlink()
+    shutil.rmtree(run / "report")
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.md").read_text() == report and (run / "report" / "dpo_curves.png").is_file()
+
+
+@pytest.mark.slow
+def test_run_force_redoes_only_the_stale_stages_and_names_them(finished_run, capsys):
+    recipe, run = finished_run
+    kept = {name: (run / name / "moetune_stage.json").stat().st_mtime_ns for name in ("data", "base", "sft")}
+    assert main(["run", str(recipe), "--force", "dpo.beta=0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "--force: redoing dpo (changed: dpo.beta" in out and "eval (after dpo); keeping prep, sft" in out
+    assert "Use --force" not in out
+    assert {name: (run / name / "moetune_stage.json").stat().st_mtime_ns for name in kept} == kept
+    assert json.loads((run / "dpo" / "moetune_stage.json").read_text())["inputs"]["dpo"]["beta"] == 0.3
+    eval_inputs = json.loads((run / "eval" / "moetune_stage.json").read_text())["inputs"]
+    assert eval_inputs["models"]["dpo"] == json.loads((run / "dpo" / "moetune_stage.json").read_text())["fingerprint"]
+
+
+@pytest.mark.slow
+def test_finished_eval_rerun_prints_its_scores_and_manifests_keep_integers(finished_run, capsys):
+    recipe, run = finished_run
+    assert main(["eval", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "skipping" in out and "| overall |" in out
+    logging_steps = json.loads((run / "sft" / "moetune_stage.json").read_text())["inputs"]["sft"]["logging_steps"]
+    assert logging_steps == 2 and isinstance(logging_steps, int)
+    assert "logging_steps: 2\n" in (run / "sft" / "recipe.yaml").read_text()
+
+
+def test_losses_print_to_four_significant_figures():
+    from finetune.saving import describe_loss
+
+    assert describe_loss({"first_loss": 3.3868304443359376, "last_loss": 0.012345678}) == "loss 3.387 -> 0.01235"
+    assert describe_loss({"first_loss": None, "last_loss": None, "mean_loss": 2.71828}) == \
+        "mean loss 2.718 (no step logged: fewer steps than logging_steps)"
+
+
+def test_a_stage_without_a_recipe_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["sft"])
+    assert exit_.value.code == 2 and "sft needs a recipe" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_aux_loss_off_when_coefficient_is_zero(tmp_path):
     recipe = write_recipe(tmp_path, architecture="qwen3_moe")
     assert main(["run", str(recipe), "--stages", "prep,sft", "sft.router_aux_loss_coef=0", "sft.max_steps=2"]) == 0
@@ -74,9 +136,11 @@ def test_errors_are_reported_without_traceback(tiny_recipe, capsys):
 
 
 def test_console_script_help_explains_options():
-    out = subprocess.run([sys.executable, "-m", "finetune", "dpo", "--help"], capture_output=True, text=True,
-                         check=True, timeout=300)
+    env = {**os.environ, "COLUMNS": "100"}
+    out = subprocess.run([sys.executable, "-m", "finetune", "dpo", "--help"], capture_output=True, text=True, check=True,
+                         env=env, timeout=300)
     assert "model.lora.targets" in out.stdout and "dpo.*" in out.stdout and "--force" in out.stdout
-    fields = subprocess.run([sys.executable, "-m", "finetune", "dpo", "--trl-fields"], capture_output=True, text=True,
-                            timeout=300)
+    assert max(len(line) for line in out.stdout.splitlines()) <= 100  # key help wrapped in its column
+    assert out.stderr == ""  # no bitsandbytes kernel message or deprecation warning on a plain command
+    fields = subprocess.run([sys.executable, "-m", "finetune", "dpo", "--trl-fields"], capture_output=True, text=True)
     assert "dpo.beta" in fields.stdout

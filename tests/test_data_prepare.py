@@ -174,3 +174,20 @@ def test_a_bad_csv_record_is_reported_with_its_line(tmp_path):
     recipe = make_recipe(tmp_path, [{"format": "preference", "path": "pairs.csv"}], test_size=0)
     with pytest.raises(DataError, match=r"pairs.csv:4: .*chosen"):
         run(recipe)
+
+
+@pytest.mark.parametrize("bad_rows, expected", [
+    (1, "f.jsonl:2: not valid JSON (x); truncated line? Fix the rows"),
+    (2, "f.jsonl:2: not valid JSON (x); truncated line? 1 more malformed row in s. Fix the rows"),
+    (3, "f.jsonl:2: not valid JSON (x); truncated line? 2 more malformed rows in s. Fix the rows"),
+])
+def test_the_malformed_row_message_reads_as_english(bad_rows, expected):
+    from data_prep.records import DataError, Problem
+    from data_prep.source_stats import SourceStats
+
+    stats = SourceStats("s")
+    for line in range(2, 2 + bad_rows):
+        stats.problem(Problem(f"f.jsonl:{line}", "not valid JSON (x); truncated line?"))
+    with pytest.raises(DataError) as error:
+        stats.fail_if_malformed()
+    assert str(error.value).startswith(expected)

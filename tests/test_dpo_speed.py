@@ -113,18 +113,24 @@ def test_full_fine_tuning_with_a_reference_copy_gives_trl_loss_and_gradients(tin
     same_math(loss_and_gradients(trl, whole_dataset(trl)), build(tiny, tmp_path, PackedDPOTrainer, lora=False))
 
 
+def sft_trainers(model, tokenizer, tmp_path, conversations: int, max_length: int):
+    """TRL's SFTTrainer and the padding-free one on copies of `model`, one batch of synthetic conversations."""
+    dataset = Dataset.from_list(list(synthetic.sft_conversations(conversations, 4)))
+    trainers = []
+    for trainer_class in (SFTTrainer, PaddingFreeSFTTrainer):
+        config = SFTConfig(output_dir=str(tmp_path), **trainer_options(), report_to="none", max_length=max_length,
+                           per_device_train_batch_size=conversations, assistant_only_loss=True, seed=0)
+        trainers.append(trainer_class(model=copy.deepcopy(model), args=config, train_dataset=dataset,
+                                      processing_class=tokenizer))
+    return trainers
+
+
 @pytest.mark.conformance
 def test_padding_free_sft_gives_trl_loss_and_gradients(tiny, tmp_path):
     model, tokenizer, _ = tiny
-    conversations = Dataset.from_list(list(synthetic.sft_conversations(8, 4)))
-    trainers = []
-    for trainer_class in (SFTTrainer, PaddingFreeSFTTrainer):
-        config = SFTConfig(output_dir=str(tmp_path), **trainer_options(), report_to="none", max_length=30,
-                           per_device_train_batch_size=8, assistant_only_loss=True, seed=0)
-        trainers.append(trainer_class(model=copy.deepcopy(model), args=config, train_dataset=conversations,
-                                      processing_class=tokenizer))
-    assert len(trainers[1].train_dataset) > 1  # several sequences in the padding-free row
-    same_math(loss_and_gradients(trainers[0], whole_dataset(trainers[0])), trainers[1])
+    trl, padding_free = sft_trainers(model, tokenizer, tmp_path, conversations=8, max_length=30)
+    assert len(padding_free.train_dataset) > 1  # several sequences in the padding-free row
+    same_math(loss_and_gradients(trl, whole_dataset(trl)), padding_free)
 
 
 def test_layouts_place_every_token_where_trl_scores_it():

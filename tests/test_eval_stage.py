@@ -383,3 +383,20 @@ def test_local_judge_model_grades_with_the_same_prompts(tmp_path, tiny_models):
     scores = json.loads((tmp_path / "eval" / "scores.json").read_text())["models"]
     # A random judge model writes no rating: every judgment is counted as failed, none is averaged.
     assert (scores["base"]["judged"], scores["base"]["failed"], scores["base"]["overall"]) == (0, 12, None)
+
+
+@pytest.mark.parametrize("categories, bars", [(["math"], True), (["math", "coding"], True),
+                                               (["math", "coding", "writing"], False)])
+def test_fewer_than_three_categories_are_drawn_as_bars_not_an_empty_radar(tmp_path, monkeypatch, categories, bars):
+    from PIL import Image
+
+    import eval.scores
+
+    drawn = []
+    real_bar_plot = eval.scores.bar_plot
+    monkeypatch.setattr(eval.scores, "bar_plot", lambda *args: drawn.append(args) or real_bar_plot(*args))
+    scores = {model: {"categories": {c: 3.0 + i for i, c in enumerate(categories)}} for model in ("sft", "dpo")}
+    eval.scores.radar_plot(scores, tmp_path / "radar.png")
+    assert bool(drawn) == bars
+    with Image.open(tmp_path / "radar.png") as png:
+        assert png.format == "PNG" and png.width > 200

@@ -16,9 +16,10 @@ from finetune.recipe_parsing import load_recipe, parse_recipe
 from helpers.recipes import write_recipe
 from helpers.tiny import ARCHITECTURES, batch, tiny_model
 from on_device import DEVICE, DTYPE, SAME_RESULT, relative_error
+from tests.lookalike import FAMILIES, family_config
 
-QLORA = ["model.lora.stages=[sft,dpo]", "model.quantization.bits=4", "sft.gradient_checkpointing=true",
-         "dpo.gradient_checkpointing=true", "sft.learning_rate=1.0e-2", "dpo.learning_rate=1.0e-2"]
+QLORA = ["model.lora.stages=[sft,dpo]", "model.quantization.bits=4", "sft.activation_checkpointing=true",
+         "dpo.activation_checkpointing=true", "sft.learning_rate=1.0e-2", "dpo.learning_rate=1.0e-2"]
 
 
 def quantized_copy(model, double_quant=True):
@@ -43,8 +44,7 @@ def dequantized_copy(model, quantized):
     with torch.no_grad():
         for target, source in zip(experts_modules(rounded), experts_modules(quantized)):
             for name in moe.EXPERT_PARAMETERS:
-                getattr(target, name).copy_(torch.stack(
-                    [expert_quant.dequantize_expert(source, name, e) for e in range(source.num_experts)]))
+                getattr(target, name).copy_(expert_quant.dequantized_parameter(source, name))
     return rounded
 
 
@@ -71,6 +71,39 @@ def test_nf4_experts_match_full_precision_within_nf4_error(architecture):
         assert relative_error(quantized(**inputs).logits, dequantized_copy(model, quantized)(**inputs).logits) < SAME_RESULT
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_nf4_experts_run_each_familys_own_expert_math_on_the_rounded_weights(family, tmp_path):
+    """gpt-oss (transposed weights, biases, interleaved clamped SwiGLU), DeepSeek-V3 (routed scaling, shared expert),
+    Qwen3-MoE, Mixtral: the NF4 model is the family's full-precision forward on NF4-rounded experts, with and without
+    LoRA (PEFT's own wrapper on the rounded weights as the reference)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(family_config(family, vocab_size=128), dtype=torch.float32).eval()
+    quantized = quantized_copy(model)
+    rounded = dequantized_copy(model, quantized)
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = quantized(input_ids=ids).logits
+        torch.testing.assert_close(logits, rounded(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        assert 1e-4 < relative_error(logits, model(input_ids=ids).logits) < 0.1  # the rounding is real and small
+    peft_model = random_lora_on(quantized)
+    peft_model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        with_lora = peft_model(input_ids=ids).logits
+        reference = peft.PeftModel.from_pretrained(rounded, tmp_path).eval()
+        torch.testing.assert_close(with_lora, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        assert relative_error(with_lora, logits) > 1e-3
+
+
+def test_nf4_refuses_experts_outside_the_experts_interface_naming_the_family():
+    # the registry says so first; expert_quant.check_expert_layout also refuses such experts of an unknown family
+    config = AutoConfig.for_model("llama4_text", vocab_size=64, hidden_size=64, intermediate_size=64,
+                                  intermediate_size_mlp=128, num_hidden_layers=1, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=16, num_local_experts=4)
+    with pytest.raises(ValueError, match="cannot run llama4_text: its experts run their own forward.*"
+                                         "model.quantization: null"):
+        quantized_copy(AutoModelForCausalLM.from_config(config))
+
+
 @pytest.mark.parametrize("double_quant, most_bits", [(True, 4.2), (False, 4.6)])
 def test_expert_weights_take_about_four_bits(double_quant, most_bits):
     config = AutoConfig.for_model("mixtral", vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
@@ -82,9 +115,9 @@ def test_expert_weights_take_about_four_bits(double_quant, most_bits):
     assert 4.0 < 8 * stored / expert_weights < most_bits
 
 
-def random_lora_on(model, seed=1):
-    """A PEFT adapter on attention and experts with seeded random weights (B non-zero, so it changes the model)."""
-    peft_model = peft.get_peft_model(model, adapters.peft_config(model, LoraConfig(targets=["attention", "experts"])))
+def random_lora_on(model, seed=1, targets=("attention", "experts")):
+    """A PEFT adapter on the roles with seeded random weights (B non-zero, so it changes the model)."""
+    peft_model = peft.get_peft_model(model, adapters.peft_config(model, LoraConfig(targets=list(targets))))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():

@@ -34,6 +34,7 @@ def test_shipped_demo_recipe_parses():
     ({**TINY, "hub": {"push": True}}, "hub.push is true but hub.repo_id is not set"),
     ({**TINY, "hub": {"push": True, "repo_id": "me/x"}}, "Put {stage} in hub.repo_id (e.g. me/x-{stage})"),
     ({**TINY, "hub": {"stages": ["sfr"]}}, "Did you mean 'sft'?"),
+    ({**TINY, "hub": {"push": True, "repo_id": "my org/x-{stage}"}}, "'my org/x-sft', which is not a valid Hub"),
 ])
 def test_bad_recipes_name_the_file_key_and_fix(raw, message):
     with pytest.raises(RecipeError) as error:

@@ -1,0 +1,130 @@
+"""The load path of real checkpoints, end to end: `model.name_or_path` pointing at a look-alike folder of a family
+(its config class, special tokens, chat template or none, generation_config.json), then
+prep -> sft -> dpo -> eval -> merge -> push --dry-run through the CLI, with LoRA on attention and experts.
+
+Mixtral is the base-model case: its tokenizer has no chat template, so the run stops before SFT until the recipe
+gives one (`model.chat_template`, the flagship recipe's Mistral template). Qwen3-MoE, gpt-oss and DeepSeek-V3 bring
+their own templates, which have no `{% generation %}` markers: TRL swaps in its training copy for the loss mask.
+"""
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from finetune.cli import main
+from finetune.models import load_stage_model
+from finetune.recipe_parsing import load_recipe
+from tests.lookalike import FAMILIES, TRL_TEMPLATES, build_lookalike
+
+REPO = Path(__file__).resolve().parents[1]
+MISTRAL_TEMPLATE = REPO / "recipes" / "chat_templates" / "mistral-instruct.jinja"
+RECIPE = """
+run_dir: {run_dir}
+seed: 7
+model:
+  name_or_path: {folder}
+  lora: {{targets: [attention, experts], r: 4, alpha: 8}}
+{template}data:
+  sources: [{{format: synthetic, options: {{sft: 24, pairs: 12, questions: 2}}}}]
+  dedup: exact
+  test_size: 0
+sft: {{max_steps: 2, per_device_train_batch_size: 4, learning_rate: 1.0e-3, logging_steps: 1, max_length: 320}}
+dpo: {{max_steps: 2, per_device_train_batch_size: 2, learning_rate: 1.0e-3, logging_steps: 1, max_length: 320}}
+eval: {{models: [dpo], max_new_tokens: 4, batch_size: 2}}
+"""
+
+
+def write_recipe(tmp_path: Path, folder: Path, template: Path | None = None) -> Path:
+    path = tmp_path / "recipe.yaml"
+    line = f"  chat_template: {template}\n" if template else ""
+    path.write_text(RECIPE.format(run_dir=tmp_path / "run", folder=folder, template=line))
+    return path
+
+
+def run_cli(argv: list[str], expect: int = 0) -> str:
+    """`moetune ARGV` in this process; what it printed."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    assert code == expect, f"moetune {' '.join(argv)} exited {code}:\n{err.getvalue()[-3000:]}"
+    return out.getvalue() + err.getvalue()
+
+
+pytestmark = pytest.mark.slow  # a whole pipeline per family: ~45-60 s each on a shared 2-core machine
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def finished(request, tmp_path_factory):
+    """A whole run on a look-alike of one family: (family, recipe, run dir, upload folder, what the CLI printed)."""
+    family, tmp_path = request.param, tmp_path_factory.mktemp(request.param)
+    folder = build_lookalike(family, tmp_path / "checkpoint")
+    recipe = write_recipe(tmp_path, folder)
+    printed = []
+    if FAMILIES[family].template is None:  # a base model: refused until the recipe gives a template
+        printed.append(run_cli(["run", str(recipe)], expect=2))
+        recipe = write_recipe(tmp_path, folder, template=MISTRAL_TEMPLATE)
+    printed.append(run_cli(["run", str(recipe)]))
+    run = tmp_path / "run"
+    printed.append(run_cli(["merge", str(run / "dpo"), "--out", str(tmp_path / "merged")]))
+    printed.append(run_cli(["push", str(run / "dpo"), "--repo-id", "me/lookalike", "--dry-run",
+                            str(tmp_path / "upload")]))
+    return family, recipe, run, tmp_path, "\n".join(printed)
+
+
+def test_every_stage_completes_with_adapters_that_moved(finished):
+    family, recipe, run, _, printed = finished
+    for stage in ("data", "sft", "dpo", "eval"):
+        assert json.loads((run / stage / "moetune_stage.json").read_text())["stage"] == stage
+    for stage in ("sft", "dpo"):
+        outputs = json.loads((run / stage / "moetune_stage.json").read_text())["outputs"]
+        assert outputs["kind"] == "adapter" and outputs["steps"] == 2
+        adapter = load_file(run / stage / "adapter_model.safetensors")
+        assert any("experts" in name for name in adapter) and any("attn" in name for name in adapter)
+        assert not any(".gate." in name or name.endswith("gate.weight") for name in adapter)  # router frozen
+        assert max(t.abs().max().item() for name, t in adapter.items() if "lora_B" in name) > 0
+    assert json.loads((run / "eval" / "moetune_stage.json").read_text())["outputs"]
+    # Every family here runs padding-free, gpt-oss's eager attention with sinks and sliding windows included.
+    assert "speed.padding_free is off" not in printed
+
+
+def test_the_stage_tokenizer_keeps_the_family_tokens_and_template(finished):
+    family, recipe, run, _, _ = finished
+    spec = FAMILIES[family]
+    tokenizer = AutoTokenizer.from_pretrained(run / "dpo")
+    assert tokenizer.eos_token == spec.eos
+    expected = MISTRAL_TEMPLATE.read_text() if spec.template is None else (TRL_TEMPLATES / spec.template).read_text()
+    assert tokenizer.chat_template == expected  # the family's own template, not TRL's training copy
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+                                         tokenize=False)
+    assert text.rstrip().endswith(spec.eos if family != "qwen3_moe" else "<|im_end|>")
+
+
+def test_merged_model_reproduces_the_dpo_chain(finished):
+    family, recipe, run, tmp_path, _ = finished
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    chain = load_stage_model(load_recipe(recipe), "dpo").eval()
+    ids = torch.tensor([[3, 17, 42, 99, 5, 61, 7, 200]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, chain(ids).logits, rtol=1e-4, atol=1e-4)
+    generation = json.loads((tmp_path / "merged" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == AutoTokenizer.from_pretrained(run / "dpo").eos_token_id
+
+
+def test_dry_run_upload_holds_the_adapter_tokenizer_and_card(finished):
+    family, recipe, run, tmp_path, _ = finished
+    upload = tmp_path / "upload"
+    names = {path.name for path in upload.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md"} <= names
+    assert "base_model: " + str(tmp_path / "checkpoint") in (upload / "README.md").read_text()
+
+
+def test_a_base_model_without_template_is_refused_naming_the_recipe_key(finished):
+    family, _, _, _, printed = finished
+    refused = "has no chat template (a base model's tokenizer); set model.chat_template in the recipe" in printed
+    assert refused == (FAMILIES[family].template is None)
