@@ -3,17 +3,20 @@ PYTHON ?= python3
 VENV ?= .venv
 # pip arguments for torch, unquoted so that an index can follow: torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128
 TORCH_SPEC ?= torch==2.13.0
+# The versions the suite passed with; empty (`make install CONSTRAINTS=`) takes the newest releases pyproject allows.
+CONSTRAINTS ?= constraints.txt
+LATEST_VENV ?= .venv-latest
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.moetune-installed
 
-.PHONY: install demo test bench gpu-check gpu-carry clean
+.PHONY: install demo test test-latest bench gpu-check gpu-carry clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH_SPEC)
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]"
+	$(BIN)/pip install -q --disable-pip-version-check $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]"
 	touch $(STAMP)
 
 demo: install
@@ -22,6 +25,11 @@ demo: install
 test: install
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q tests
+
+# The suite on the newest releases pyproject allows, in a fresh venv of its own (the pinned .venv stays as it is).
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(MAKE) test VENV=$(LATEST_VENV) CONSTRAINTS=
 
 bench: install
 	$(BIN)/python -m benchmarks
@@ -35,4 +43,4 @@ gpu-carry: install
 	$(BIN)/python -m benchmarks.gpu_carry
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(LATEST_VENV) runs

@@ -36,12 +36,39 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HH_FILES = ("helpful_base_test", "helpful_online_test", "helpful_rejection_sampled_test", "harmless_base_test")
 RESULTS = Path(__file__).resolve().parent / "results.md"
 
-FULL = {"model": dict(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4, num_kv_heads=2,
-                      num_experts=8, experts_per_token=2, vocab_size=8000, max_position_embeddings=2048),
-        "batch": 8, "dpo_steps": 2, "sft_steps": 6, "repeats": 3}
-QUICK = {"model": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                       num_experts=8, experts_per_token=2, vocab_size=1000, max_position_embeddings=2048),
-         "batch": 4, "dpo_steps": 1, "sft_steps": 1, "repeats": 1}
+# The shapes: a Mixtral-shaped model (8 experts, top-2, small vocabulary) and one shaped like today's MoEs (Qwen3-MoE:
+# 128 experts, top-8, a narrow expert FFN, Qwen3's 151,936-token vocabulary), both shrunk to run on a CPU.
+SHAPES = {
+    "mixtral": {"model": dict(architecture="mixtral", hidden_size=256, intermediate_size=1024, num_layers=4,
+                              num_heads=4, num_kv_heads=2, num_experts=8, experts_per_token=2, vocab_size=8000,
+                              max_position_embeddings=2048),
+                "batch": 8, "dpo_steps": 2, "sft_steps": 6, "repeats": 3, "max_length": 1024},
+    "fine": {"model": dict(architecture="qwen3_moe", hidden_size=128, intermediate_size=64, num_layers=2,
+                           num_heads=4, num_kv_heads=2, num_experts=128, experts_per_token=8, vocab_size=16000,
+                           max_position_embeddings=8192),
+             "embedding_rows": 151_936, "batch": 2, "dpo_steps": 2, "sft_steps": 2, "repeats": 1, "max_length": 512,
+             "skip": ("moetune_dpo_second_run", "moetune_dpo_2_epochs", "moetune_dpo_2_epochs_no_cache")},
+}
+QUICK = {
+    "mixtral": {"model": dict(architecture="mixtral", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                              num_kv_heads=2, num_experts=8, experts_per_token=2, vocab_size=1000,
+                              max_position_embeddings=2048),
+                "batch": 4, "dpo_steps": 1, "sft_steps": 1, "repeats": 1, "max_length": 1024},
+    "fine": {"model": dict(architecture="qwen3_moe", hidden_size=64, intermediate_size=64, num_layers=1, num_heads=4,
+                           num_kv_heads=2, num_experts=64, experts_per_token=8, vocab_size=1000,
+                           max_position_embeddings=8192),
+             "embedding_rows": 151_936, "batch": 1, "dpo_steps": 1, "sft_steps": 1, "repeats": 1, "max_length": 256,
+             "skip": ("moetune_dpo_second_run", "moetune_dpo_2_epochs", "moetune_dpo_2_epochs_no_cache")},
+}
+# Long sequences at the fine shape: pairs whose prompt is a long conversation (earlier hh-rlhf transcripts put
+# before the pair's own), one per step, cut at max_length; then the memory of one SFT step on one 8k-token
+# conversation. Quick mode: short versions of both.
+LONG = {"max_length": 4096, "history_chars": 11_000, "batch": 1, "dpo_steps": 1, "sft_steps": 1, "repeats": 1,
+        "variants": ("trl_dpo", "trl_dpo_best", "moetune_dpo", "trl_sft", "trl_sft_packing", "moetune_sft")}
+MEMORY = {"max_length": 8192, "history_chars": 40_000, "batch": 1, "dpo_steps": 1, "sft_steps": 1, "repeats": 1,
+          "variants": ("trl_sft", "moetune_sft", "moetune_sft_full_head")}
+QUICK_LONG = {**LONG, "max_length": 512, "history_chars": 600, "variants": ("trl_dpo", "moetune_dpo", "trl_sft", "moetune_sft")}
+QUICK_MEMORY = {**MEMORY, "max_length": 1024, "history_chars": 4_500}
 
 # name: (stage, what it is)
 VARIANTS = {
@@ -56,12 +83,15 @@ VARIANTS = {
     "moetune_dpo_2_epochs_no_cache": ("dpo", "moetune DPO, 2 epochs, speed.reference_cache off"),
     "trl_sft": ("sft", "TRL SFTTrainer as users run it (defaults; on a CPU fp32, use_cpu)"),
     "trl_sft_packing": ("sft", "TRL SFTTrainer with packing (+ activation checkpointing off)"),
-    "moetune_sft": ("sft", "moetune SFT (padding-free, same batches as TRL's defaults)"),
+    "moetune_sft": ("sft", "moetune SFT (padding-free, LM head on assistant tokens, same batches as TRL's defaults)"),
+    "moetune_sft_full_head": ("sft", "moetune SFT, speed.scored_lm_head off"),
+    "moetune_sft_padded": ("sft", "moetune SFT, speed.padding_free off"),
 }
 
 # The ablations: moetune's DPO with one lever off each, so the table shows what every lever adds.
 LEVERS_OFF = {"moetune_dpo_no_share": {"share_prompt": False}, "moetune_dpo_padded": {"padding_free": False},
-              "moetune_dpo_no_cache": {"reference_cache": False}, "moetune_dpo_2_epochs_no_cache": {"reference_cache": False}}
+              "moetune_dpo_no_cache": {"reference_cache": False}, "moetune_dpo_2_epochs_no_cache": {"reference_cache": False},
+              "moetune_sft_full_head": {"scored_lm_head": False}, "moetune_sft_padded": {"padding_free": False}}
 EPOCHS = {"moetune_dpo_2_epochs": 2, "moetune_dpo_2_epochs_no_cache": 2}
 # Variants timed as the second run of a sweep: an untimed first run with these dpo: settings precedes them.
 FIRST_RUN_DPO = {"moetune_dpo_second_run": {"beta": 0.3}}
@@ -71,13 +101,34 @@ CACHE_GAINS = {"one epoch": ("moetune_dpo", "moetune_dpo_no_cache"),
                "two epochs": ("moetune_dpo_2_epochs", "moetune_dpo_2_epochs_no_cache")}
 
 
-def bench_recipe(run_dir: Path, sizes: dict, data: Path = SHARED_DATA) -> dict:
+def bench_recipe(run_dir: Path, sizes: dict, data_files: list[Path]) -> dict:
     return {"run_dir": str(run_dir), "seed": 0,
-            "model": {"init": {"architecture": "mixtral", "router_aux_loss_coef": 0.02, **sizes["model"]},
+            "model": {"init": {"router_aux_loss_coef": 0.02, **sizes["model"]},
                       "lora": {"targets": ["attention", "experts"], "r": 16, "alpha": 32, "stages": ["sft", "dpo"]}},
             "data": {"on_error": "skip", "test_size": 0.01, "sources": [
-                {"format": "hh_rlhf", "path": str(data / "hh_rlhf" / f"{name}.jsonl"), "sft_from_chosen": True}
-                for name in HH_FILES]}}
+                {"format": "hh_rlhf", "path": str(path), "sft_from_chosen": True} for path in data_files]}}
+
+
+def hh_files(data: Path = SHARED_DATA) -> list[Path]:
+    """The hh-rlhf files the benchmark trains on, in `data` (the shared data folder, or a copy of it)."""
+    return [data / "hh_rlhf" / f"{name}.jsonl" for name in HH_FILES]
+
+
+def long_pairs(path: Path, history_chars: int, count: int = 12) -> Path:
+    """hh-rlhf pairs whose prompt is a long conversation: earlier transcripts (prompt and chosen answer) of the
+    same file, then the pair's own (short) prompt, so every pair runs to about `history_chars` characters before its
+    answers. The whole prompt must fit in max_length: TRL drops pairs whose answers are cut off entirely."""
+    rows = [json.loads(line) for line in (SHARED_DATA / "hh_rlhf" / "helpful_base_test.jsonl").open()][:2000]
+    pairs = [row for row in rows if len(row["prompt"]) < 300][:count]
+    out, source = [], 0
+    for pair in pairs:
+        history = ""
+        while len(history) < history_chars:
+            history += rows[source]["prompt"] + rows[source]["chosen"]
+            source += 1
+        out.append({**pair, "prompt": history + pair["prompt"]})
+    path.write_text("".join(json.dumps(row) + "\n" for row in out))
+    return path
 
 
 # ---------------------------------------------------------------- one variant, in a child process
@@ -136,6 +187,32 @@ def real_tokens(trainer, stage: str) -> int:
     return per_epoch * int(trainer.args.num_train_epochs)
 
 
+class PeakRss:
+    """The highest resident memory of this process while the block runs, sampled every few milliseconds."""
+
+    def __enter__(self):
+        import threading
+
+        self.before = self.peak = rss_mib()
+        self.running = True
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self):
+        while self.running:
+            self.peak = max(self.peak, rss_mib())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+
+def rss_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def run_variant(spec: dict) -> dict:
     from transformers import TrainerCallback
 
@@ -158,15 +235,21 @@ def run_variant(spec: dict) -> dict:
     seed_everything(0)
     timer = StepTimer()
     inputs = trainer_inputs(spec["variant"], recipe, spec["examples"], [timer])
+    profile = None
     with tempfile.TemporaryDirectory() as output_dir:
         start = time.perf_counter()
         trainer = trainer_for(spec["variant"], recipe, Path(output_dir), inputs)
         if spec.get("first_run"):  # only what the second run reuses: the reference pass
             return {}
-        trainer.train()
+        with PeakRss() as memory, profiled(spec.get("profile")) as profiler:
+            trainer.train()
         seconds = time.perf_counter() - start
+        if profiler is not None:
+            profile = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50)
     return {"variant": spec["variant"], "seconds": seconds, "tokens": real_tokens(trainer, stage),
-            "step_s": statistics.median(timer.times), "steps": len(timer.times), "peak_mib": peak_mib()}
+            "step_s": statistics.median(timer.times), "steps": len(timer.times),
+            "peak_mib": peak_mib(),
+            "train_peak_mib": memory.peak, "train_added_mib": memory.peak - memory.before, "profile": profile}
 
 
 def peak_mib() -> float:
@@ -176,6 +259,15 @@ def peak_mib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def profiled(on: bool):
+    """torch's profiler around training (CPU operators, self time), or nothing."""
+    import contextlib
+
+    import torch
+
+    return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if on else contextlib.nullcontext()
 
 
 def measure(spec: dict) -> dict:
@@ -218,8 +310,9 @@ def flops_per_token(config) -> float:
     hidden, heads, kv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
     head_dim = hidden // heads
     attention = 2 * hidden * heads * head_dim + 2 * hidden * kv * head_dim
-    num_experts = getattr(config, "num_local_experts", None) or config.num_experts  # Mixtral's name, or OLMoE's
-    experts = config.num_experts_per_tok * 3 * hidden * config.intermediate_size + hidden * num_experts
+    experts_ffn = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    num_experts = getattr(config, "num_local_experts", None) or config.num_experts
+    experts = config.num_experts_per_tok * 3 * hidden * experts_ffn + hidden * num_experts
     return 2 * (config.num_hidden_layers * (attention + experts) + config.vocab_size * hidden)
 
 
@@ -273,14 +366,19 @@ def same_math_check(recipe, batch_size: int) -> tuple[float, float]:
 def prepare(folder: Path, sizes: dict, data: Path = SHARED_DATA) -> dict:
     from data_prep.prepare import run as prep
     from finetune import base
+    from finetune.models import load_stage_model
     from finetune.recipe_parsing import parse_recipe
 
-    raw = bench_recipe(folder / "run", sizes, data)
+    raw = bench_recipe(folder / "run", sizes, data_files)
     raw["dpo"] = raw["sft"] = {"per_device_train_batch_size": sizes["batch"], "num_train_epochs": 1,
                                "disable_tqdm": True, **({"max_length": sizes["max_length"]} if "max_length" in sizes else {})}
     recipe = parse_recipe(copy.deepcopy(raw), "<bench>")
     prep(recipe)
-    base.run(recipe)
+    base_folder = base.run(recipe)
+    if sizes.get("embedding_rows"):
+        model = load_stage_model(recipe, "base")
+        model.resize_token_embeddings(sizes["embedding_rows"], mean_resizing=False)
+        model.save_pretrained(base_folder)
     return raw
 
 
@@ -331,6 +429,8 @@ def cache_gains(results: dict[str, list[dict]]) -> str:
     throughput = {variant: [r["tokens"] / r["seconds"] for r in runs] for variant, runs in results.items()}
     lines = ["| the same reference pass needed | tokens/s, cache on | cache off | x |", "|---|---|---|---|"]
     for case, (cached, uncached) in CACHE_GAINS.items():
+        if cached not in results:  # a shape that skips the reuse rows (they measure the cache, not the shape)
+            continue
         lines.append(f"| {case} | {statistics.median(throughput[cached]):,.0f} | "
                      f"{statistics.median(throughput[uncached]):,.0f} | "
                      f"{median_ratio(throughput[cached], throughput[uncached]):.2f} |")
@@ -365,55 +465,124 @@ def machine() -> str:
             f"transformers {transformers.__version__}, trl {trl.__version__}")
 
 
-def main(quick: bool, rounds: int | None = None) -> None:
+def main(quick: bool, rounds: int | None = None, shapes: tuple[str, ...] = tuple(SHAPES)) -> None:
     if not (SHARED_DATA / "hh_rlhf").is_dir():
         sys.exit(f"{SHARED_DATA}/hh_rlhf is missing: the benchmark reads the shared hh-rlhf files.")
+    for shape in shapes:
+        report = bench_shape(shape, quick, rounds)
+        print(report)
+        if not quick:
+            write_section(shape, report)
+            print(f"written to {RESULTS}")
+
+
+def bench_shape(shape: str, quick: bool, rounds: int | None) -> str:
     from transformers import AutoConfig
 
-    sizes = {**(QUICK if quick else FULL), **({"repeats": rounds} if rounds else {})}
+    from finetune.recipe_parsing import parse_recipe
+
+    sizes = {**(QUICK if quick else SHAPES)[shape], **({"repeats": rounds} if rounds else {})}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
-        raw = prepare(Path(folder), sizes)
+        raw = prepare(Path(folder), sizes, hh_files())
         config = AutoConfig.from_pretrained(Path(raw["run_dir"]) / "base")
-        results = {variant: [] for variant in VARIANTS}
-        ceilings = []
-        for repeat in range(sizes["repeats"]):
-            ceilings.append(matmul_gflops())
-            shift = repeat % len(VARIANTS)
-            order = list(VARIANTS)[shift:] + list(VARIANTS)[:shift]  # rotate: no variant always first
-            for variant in order:
-                steps = sizes["dpo_steps" if VARIANTS[variant][0] == "dpo" else "sft_steps"]
-                result = measure({"variant": variant, "recipe": raw, "examples": steps * sizes["batch"]})
-                results[variant].append(result)
-                print(f"[{repeat + 1}/{sizes['repeats']}] {variant}: {result['tokens'] / result['seconds']:,.0f} "
-                      f"tokens/s, step {result['step_s']:.2f}s, peak {result['peak_mib']:,.0f} MiB", flush=True)
-        from finetune.recipe_parsing import parse_recipe
-
+        extras = fine_shape_extras(Path(folder), raw, sizes, quick, config) if shape == "fine" else []
+        results, ceilings = run_rounds(raw, sizes, [variant for variant in VARIANTS if variant not in sizes.get("skip", ())])
         loss_diff, grad_diff = same_math_check(parse_recipe(copy.deepcopy(raw), "<bench>"), sizes["batch"])
     rows = summarize(results, ceilings, flops_per_token(config))
-    report = render(rows, results, ceilings, config, sizes, loss_diff, grad_diff, time.perf_counter() - started)
-    print(report)
-    if not quick:
-        RESULTS.write_text(report)
-        print(f"written to {RESULTS}")
+    return render(shape, rows, results, ceilings, config, sizes, loss_diff, grad_diff,
+                  time.perf_counter() - started, extras)
 
 
-def render(rows, results, ceilings, config, sizes, loss_diff, grad_diff, seconds) -> str:
+def run_rounds(raw: dict, sizes: dict, variants: list[str]) -> tuple[dict[str, list[dict]], list[float]]:
+    """Every variant once per round, the order rotated each round (no variant always first)."""
+    results, ceilings = {variant: [] for variant in variants}, []
+    for repeat in range(sizes["repeats"]):
+        ceilings.append(matmul_gflops())
+        shift = repeat % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            steps = sizes["dpo_steps" if VARIANTS[variant][0] == "dpo" else "sft_steps"]
+            result = measure({"variant": variant, "recipe": raw, "examples": steps * sizes["batch"]})
+            results[variant].append(result)
+            print(f"[{repeat + 1}/{sizes['repeats']}] {variant}: {result['tokens'] / result['seconds']:,.0f} "
+                  f"tokens/s, step {result['step_s']:.2f}s, peak {result['peak_mib']:,.0f} MiB, training added "
+                  f"{result['train_added_mib']:,.0f} MiB", flush=True)
+    return results, ceilings
+
+
+def fine_shape_extras(folder: Path, raw: dict, sizes: dict, quick: bool, config) -> list[str]:
+    """At the fine shape: the experts kernels, long sequences, the memory of an 8k-token SFT step, and where
+    moetune's time goes (torch's profiler)."""
+    from benchmarks import experts_bench
+
+    lines = ["## Experts kernels at this shape", "", experts_bench.compare(config, quick), ""]
+    for name, case in (("long", QUICK_LONG if quick else LONG), ("memory", QUICK_MEMORY if quick else MEMORY)):
+        case_sizes = {**sizes, **{k: v for k, v in case.items() if k != "variants"}}
+        data = long_pairs(folder / f"{name}.jsonl", case["history_chars"])
+        case_raw = prepare(folder / name, case_sizes, [data])
+        results, ceilings = run_rounds(case_raw, case_sizes, list(case["variants"]))
+        if name == "long":
+            lines += [f"## Long sequences: pairs and conversations cut at {case['max_length']} tokens, one per step",
+                      "", table(summarize(results, ceilings, flops_per_token(config))), ""]
+        else:
+            lines += [memory_table(results, case["max_length"]), ""]
+    lines += ["## Where moetune's time goes (torch profiler, one run each, operators by self CPU time)", ""]
+    for variant in ("moetune_dpo", "moetune_sft"):
+        steps = sizes["dpo_steps" if VARIANTS[variant][0] == "dpo" else "sft_steps"]
+        with tempfile.TemporaryDirectory() as cache:
+            result = in_child({"variant": variant, "recipe": raw, "examples": steps * sizes["batch"],
+                               "profile": True}, cache)
+        lines += [f"{VARIANTS[variant][1]}:", "", "```", result["profile"].strip(), "```", ""]
+    return lines
+
+
+def memory_table(results: dict[str, list[dict]], length: int) -> str:
+    trl = statistics.median(r["train_added_mib"] for r in results["trl_sft"])
+    lines = [f"## Memory of one SFT step on one {length}-token conversation (vocabulary 151,936)", "",
+             "| variant | RSS added by training (MiB) | x TRL | peak RSS while training (MiB) |", "|---|---|---|---|"]
+    for variant, runs in results.items():
+        added = statistics.median(r["train_added_mib"] for r in runs)
+        lines.append(f"| {VARIANTS[variant][1]} | {added:,.0f} | {added / trl:.2f} | "
+                     f"{statistics.median(r['train_peak_mib'] for r in runs):,.0f} |")
+    lines += ["", "RSS added by training: the highest resident memory while `trainer.train()` ran (sampled every 5 "
+              "ms) minus the resident memory just before it (model, data and trainer loaded)."]
+    return "\n".join(lines)
+
+
+def write_section(shape: str, report: str) -> None:
+    """Replace this shape's section of benchmarks/results.md (the other shape's stays)."""
+    start, end = f"<!-- shape: {shape} -->", f"<!-- end of shape: {shape} -->"
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    block = f"{start}\n{report}\n{end}"
+    if start in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(text.lstrip())
+
+
+def render(shape, rows, results, ceilings, config, sizes, loss_diff, grad_diff, seconds, extras) -> str:
     ok = "equal" if loss_diff < SAME_MATH["float32"][0] and grad_diff < SAME_MATH["float32"][1] else "NOT EQUAL"
+    num_experts = getattr(config, "num_local_experts", None) or config.num_experts
+    experts_ffn = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    vocabulary = (f"vocabulary {config.vocab_size} (a {sizes['model']['vocab_size']}-token byte-level BPE trained on "
+                  f"the data, embedding and LM head padded to {config.vocab_size} rows as Qwen3's are)"
+                  if sizes.get("embedding_rows") else f"vocabulary {config.vocab_size} (byte-level BPE trained on the data)")
     return "\n".join([
-        "# DPO and SFT throughput: TRL vs moetune",
+        f"# DPO and SFT throughput: TRL vs moetune, {shape} shape",
         "",
-        f"Machine: {machine()}. This machine is shared and noisy; variants ran "
+        f"Date: {time.strftime('%Y-%m-%d', time.gmtime())}. Machine: {machine()}. This machine is shared and noisy "
+        "(other jobs come and go): only ratios measured side by side in one run mean much; variants ran "
         f"interleaved (rounds rotate the order), {sizes['repeats']} times each, medians shown. Total benchmark time {seconds / 60:.1f} min.",
         "No GPU was lent to the session that ran this; the GPU run is still to do.",
         f"fp32 matmul ceiling (2048^3, measured before each round): median {statistics.median(ceilings):.0f} GFLOP/s "
         f"({', '.join(f'{c:.0f}' for c in ceilings)}).",
         "",
-        f"Model: Mixtral from a config, {parameters(config) / 1e6:.1f}M parameters, hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
-        f"{config.num_local_experts} experts top-{config.num_experts_per_tok}, expert FFN {config.intermediate_size}, "
-        f"vocabulary {config.vocab_size} (byte-level BPE trained on the data); LoRA r=16 on attention and experts; "
+        f"Model: {config.model_type} from a config, {parameters(config) / 1e6:.1f}M parameters, hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
+        f"{num_experts} experts top-{config.num_experts_per_tok}, expert FFN {experts_ffn}, "
+        f"{vocabulary}; LoRA r=16 on attention and experts; "
         f"fp32. Data: the hh-rlhf pairs of ../shared/data (chosen conversations for SFT), chat-templated, "
-        f"max length 1024, batches of {sizes['batch']}, {sizes['dpo_steps']} DPO and {sizes['sft_steps']} SFT steps of "
+        f"max length {sizes['max_length']}, batches of {sizes['batch']}, {sizes['dpo_steps']} DPO and {sizes['sft_steps']} SFT steps of "
         "the same examples in the same order for every variant.",
         "",
         table(rows),
@@ -441,8 +610,9 @@ def render(rows, results, ceilings, config, sizes, loss_diff, grad_diff, seconds
         "precomputed) and training (loading model and data not timed). MFU: 6N FLOPs per real DPO token, 4N per SFT token (N: parameters a token "
         "uses, LM head included) over the matmul ceiling. The FLOPs are those of the DPO math on TRL's real tokens, so "
         "moetune's figure includes the work it avoids (each prompt once, the LM head on completion tokens only): an "
-        "effective MFU. Reproduce: `make bench` or `python -m benchmarks.dpo_bench`.",
+        f"effective MFU. Reproduce: `make bench` or `python -m benchmarks.dpo_bench --shape {shape}`.",
         "",
+        *extras,
     ])
 
 
@@ -451,9 +621,11 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="tiny model, one step, one round: a smoke test")
     parser.add_argument("--rounds", type=int, help="rounds of every variant (default 3; 1 with --quick): more rounds, "
                         "steadier medians on a noisy machine, about 7 minutes each")
+    parser.add_argument("--shape", choices=list(SHAPES), help="one shape only (default: all): mixtral (8 experts, "
+                        "top-2, vocabulary 8,000) or fine (128 experts, top-8, vocabulary 151,936, long sequences)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.child:
         print(json.dumps(run_variant(json.loads(arguments.child))))
     else:
-        main(arguments.quick, arguments.rounds)
+        main(arguments.quick, arguments.rounds, (arguments.shape,) if arguments.shape else tuple(SHAPES))

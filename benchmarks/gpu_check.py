@@ -256,7 +256,7 @@ def prepared_hh(sizes: dict, data: Path, work: Path) -> tuple[dict, str]:
     source = f"hh-rlhf pairs from {data}"
     if not (data / "hh_rlhf").is_dir():
         data, source = generated_hh(work / "generated"), "GENERATED pairs (no hh-rlhf at --data): short, synthetic"
-    return dpo_bench.prepare(work / "hh", sizes, data), source
+    return dpo_bench.prepare(work / "hh", sizes, dpo_bench.hh_files(data)), source
 
 
 def generated_hh(folder: Path) -> Path:

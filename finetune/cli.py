@@ -17,6 +17,7 @@ from finetune.recipe_parsing import load_recipe, trainer_config_class
 from finetune.registry import BY_NAME, COMMANDS, STAGES, command_writing
 from finetune.run_report import write_report
 from finetune.rundir import MissingStageOutput, StageError, changed_keys, fingerprint, read_manifest
+from finetune.trainer_config import moetune_defaults
 
 FOLDER_COMMANDS = ("merge", "push", "report")  # commands on folders, without a recipe
 
@@ -30,8 +31,9 @@ def section_help(sections: tuple[str, ...]) -> str:
         if section in TRAINING_STAGES:
             name = trainer_config_class(section).__name__
             lines.append(key_help(f"{section}.*", f"Any field of TRL's {name}; list them with "
-                         f"`moetune {section} --trl-fields`. moetune's defaults: fp32 and use_cpu on CPU, bf16 on "
-                         f"GPUs that support it, activation checkpointing on GPU only, report_to none, logging_steps 10."))
+                         f"`moetune {section} [RECIPE] --trl-fields`. moetune's defaults: fp32 and use_cpu on CPU, "
+                         f"bf16 on GPUs that support it, activation checkpointing on GPU only, report_to none, "
+                         f"logging_steps 10, save_total_limit 2 (checkpoints: see checkpoints.every_minutes)."))
             continue
         section_type = Recipe.__dataclass_fields__[section].default_factory
         lines += [key_help(key, text) for key, _, text in describe_fields(section_type, section + ".")]
@@ -50,13 +52,21 @@ def key_help(key: str, text: str) -> str:
     return "\n".join([first, *(indent + line for line in wrapped[1:])])
 
 
-def trl_fields_help(section: str) -> str:
-    config_class = trainer_config_class(section)
-    rows = []
-    for f in dataclasses.fields(config_class):
+def trl_fields_help(section: str, recipe: Recipe) -> str:
+    """Every field of TRL's config for `section`, with the default moetune applies for `recipe` on this machine."""
+    ours = moetune_defaults(section, recipe)
+    every = recipe.checkpoints.every_minutes
+    rows = [f"Defaults are moetune's for this recipe on this machine (use_cpu, bf16 and gradient_checkpointing follow "
+            f"the device). Checkpoints: every {every} minutes (checkpoints.every_minutes) and on SIGTERM/Ctrl-C, plus "
+            f"TRL's step schedule when save_strategy is set."]
+    for f in dataclasses.fields(trainer_config_class(section)):
         if f.init and f.name not in ("output_dir", "seed"):
             text = " ".join(str(f.metadata.get("help", "")).split())
-            rows.append(f"  {section}.{f.name} (default {f.default!r}): {text}")
+            default = (f"moetune default {ours[f.name]!r}; TRL's {f.default!r}" if f.name in ours
+                       else f"default {f.default!r}")
+            if f.name in getattr(recipe, section):
+                default = f"recipe sets {getattr(recipe, section)[f.name]!r}; {default}"
+            rows.append(f"  {section}.{f.name} ({default}): {text}")
     return "\n".join(rows)
 
 
@@ -86,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_recipe_arguments(stage)
         if name in TRAINING_STAGES:
             stage.add_argument("--trl-fields", action="store_true",
-                               help=f"List every TRL field the {name}: section accepts, with its help, and exit.")
+                               help=f"List every TRL field the {name}: section accepts, with its help and moetune's "
+                                    f"default (for RECIPE when given), and exit.")
             add_accelerate_argument(stage)
     add_hub_commands(commands)
     return parser
@@ -161,9 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = (getattr(args, "overrides", None) or []) + extra
-    if getattr(args, "trl_fields", False):
-        print(trl_fields_help(args.command))
-        return 0
+    if getattr(args, "trl_fields", False):  # for the recipe when one is given
+        return report_errors(lambda: print(trl_fields_help(args.command, load_recipe(args.recipe, args.overrides)
+                                                           if args.recipe else Recipe(run_dir=""))))
     if args.recipe is None:
         parser.error(f"{args.command} needs a recipe, e.g. `moetune {args.command} recipes/tiny-moe.yaml`; "
                      f"its keys: `moetune {args.command} --help`.")

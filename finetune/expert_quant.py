@@ -8,6 +8,13 @@ is quantized with bitsandbytes' `quantize_4bit` (NF4, blocks of 64, optionally d
 scales). The packed bytes replace the Parameter under its own name, so PEFT's `target_parameters` still finds it;
 the scales are buffers beside it.
 
+Every kernel path must read the blocks back as they were written. quantize_4bit cuts the flattened matrix into blocks
+of 64, but bitsandbytes' AVX-512 CPU kernel for dequantize_4bit (bitsandbytes 0.50) cuts each row on its own, so a
+matrix whose rows are not a whole number of blocks comes back wrong (relative error 0.2-0.4 instead of NF4's ~0.1).
+Rows are therefore zero-padded to a multiple of 64 before quantizing (the forward pads its input to match; real
+models' sizes are multiples of 64 and need none), and every quantized matrix is dequantized once at load time and
+compared with the original, so a kernel that still gets it wrong stops the run naming the matrix.
+
 The forward is registered with transformers' experts interface as "moetune_nf4". For each expert that received
 tokens, `bitsandbytes.matmul_4bit` dequantizes that expert's matrix, multiplies and drops it, then the family's own
 `_apply_gate` runs (Mixtral's SwiGLU; gpt-oss's interleaved gate/up and clamped SwiGLU); its backward
@@ -42,15 +49,23 @@ from finetune import families, moe
 EXPERTS_IMPLEMENTATION = "moetune_nf4"
 BLOCKSIZE = 64  # bitsandbytes' default for NF4: one scale per 64 weights
 NESTED_BLOCKSIZE = 256  # double quantization: the 8-bit scales get one fp32 scale per 256
+# NF4's relative round-trip error is about 0.09 on Gaussian weights, 0.10 on Laplace, 0.12 on Student-t(3); blocks
+# read back in the wrong layout measure 0.2-0.4.
+MAX_ROUND_TRIP_ERROR = 0.15
 
 
 @dataclass(frozen=True)
 class NF4Layout:
     """How one fused expert parameter is stored: each expert's (out, in) matrix quantized on its own."""
 
-    shape: tuple[int, int]
+    shape: tuple[int, int]  # (out, in) as the model sees it
     double_quant: bool
     compute_dtype: torch.dtype
+    padded_in: int  # `in` rounded up to whole blocks: what is stored and what the kernels multiply
+
+    @property
+    def stored_shape(self) -> tuple[int, int]:
+        return self.shape[0], self.padded_in
 
 
 # ---------------------------------------------------------------- quantizing at load time
@@ -66,11 +81,13 @@ def quantize_experts(model: nn.Module, double_quant: bool, compute_dtype: torch.
     if refusal:
         raise ValueError(f"model.quantization cannot run {model.config.get_text_config().model_type}: {refusal}.")
     found = False
-    for module in model.modules():
+    for module_name, module in model.named_modules():
         if moe.is_experts(module):
             check_expert_layout(model, module)
             for name in moe.EXPERT_PARAMETERS:
+                weight = logical_matrices(module, name)
                 quantize_parameter(module, name, double_quant, compute_dtype, device)
+                check_round_trip(module, name, weight, f"{module_name}.{name}")
             module.active_lora = {}  # parameter name -> LoRA factors, set by QuantizedExpertsLora around its forward
             found = True
     if not found:
@@ -108,9 +125,12 @@ def quantize_parameter(experts: nn.Module, name: str, double_quant: bool, comput
     import bitsandbytes.functional as bnb_functional
 
     weight = logical_matrices(experts, name)
+    in_features = weight.shape[-1]
+    padding = padded_size(in_features) - in_features
     packed, scales, nested_scales, offsets = [], [], [], []
     for matrix in weight:  # one expert at a time: the transient full-precision copy is a single matrix
-        data, state = bnb_functional.quantize_4bit(matrix.to(device).contiguous(), blocksize=BLOCKSIZE,
+        matrix = nn.functional.pad(matrix.to(device), (0, padding))
+        data, state = bnb_functional.quantize_4bit(matrix.contiguous(), blocksize=BLOCKSIZE,
                                                    compress_statistics=double_quant, quant_type="nf4")
         packed.append(data.reshape(-1))
         scales.append(state.absmax)
@@ -126,8 +146,29 @@ def quantize_parameter(experts: nn.Module, name: str, double_quant: bool, comput
         experts.register_buffer(f"{name}_offset", torch.stack(offsets))
         experts.register_buffer("nf4_nested_code", state.state2.code)
     layouts = getattr(experts, "nf4_layouts", {})
-    layouts[name] = NF4Layout(tuple(weight.shape[1:]), double_quant, compute_dtype)
+    layouts[name] = NF4Layout(tuple(weight.shape[1:]), double_quant, compute_dtype, in_features + padding)
     experts.nf4_layouts = layouts
+
+
+def padded_size(in_features: int) -> int:
+    """Rows stored as whole blocks: see the module docstring."""
+    return -(-in_features // BLOCKSIZE) * BLOCKSIZE
+
+
+def check_round_trip(experts: nn.Module, name: str, weight: torch.Tensor, label: str) -> None:
+    """Dequantize each expert's matrix as the forward will and compare it with the original weights."""
+    import bitsandbytes as bnb
+
+    for expert, matrix in enumerate(weight):
+        rounded = dequantize_expert(experts, name, expert).float()
+        original = matrix.to(rounded.device).float()
+        error = float((rounded - original).norm() / original.norm().clamp_min(1e-12))
+        if error > MAX_ROUND_TRIP_ERROR:
+            raise ValueError(
+                f"model.quantization: {label}[{expert}] {tuple(matrix.shape)} reads back from NF4 with relative error "
+                f"{error:.2f} (NF4 gives about 0.1; at most {MAX_ROUND_TRIP_ERROR} is accepted): this bitsandbytes "
+                f"{bnb.__version__} kernel path does not quantize this shape correctly. Train without "
+                f"model.quantization, or install the bitsandbytes version in constraints.txt.")
 
 
 def is_quantized_experts(module: nn.Module) -> bool:
@@ -145,7 +186,8 @@ def expert_quant_state(experts: nn.Module, name: str, expert: int):
                                            code=experts.nf4_nested_code, blocksize=NESTED_BLOCKSIZE,
                                            dtype=torch.float32)
         offset = getattr(experts, f"{name}_offset")[expert]
-    return bnb_functional.QuantState(absmax=getattr(experts, f"{name}_absmax")[expert], shape=torch.Size(layout.shape),
+    return bnb_functional.QuantState(absmax=getattr(experts, f"{name}_absmax")[expert],
+                                     shape=torch.Size(layout.stored_shape),
                                      code=experts.nf4_code, blocksize=BLOCKSIZE, quant_type="nf4",
                                      dtype=layout.compute_dtype, offset=offset, state2=nested)
 
@@ -155,7 +197,8 @@ def dequantize_expert(experts: nn.Module, name: str, expert: int) -> torch.Tenso
     import bitsandbytes.functional as bnb_functional
 
     packed = getattr(experts, name)[expert].reshape(-1, 1)
-    return bnb_functional.dequantize_4bit(packed, expert_quant_state(experts, name, expert))
+    in_features = experts.nf4_layouts[name].shape[1]
+    return bnb_functional.dequantize_4bit(packed, expert_quant_state(experts, name, expert))[:, :in_features]
 
 
 def dequantized_parameter(experts: nn.Module, name: str) -> torch.Tensor:
@@ -173,7 +216,9 @@ def expert_linear(experts: nn.Module, name: str, expert: int, x: torch.Tensor) -
     layout = experts.nf4_layouts[name]
     packed = getattr(experts, name)[expert].reshape(-1, 1)
     # matmul_4bit's backward dequantizes again rather than saving W_e for it; it takes the packed weight transposed.
-    out = bnb.matmul_4bit(x.to(layout.compute_dtype), packed.t(), quant_state=expert_quant_state(experts, name, expert))
+    # The padded columns of W_e are zero; x gets as many zero features.
+    padded = nn.functional.pad(x.to(layout.compute_dtype), (0, layout.padded_in - layout.shape[1]))
+    out = bnb.matmul_4bit(padded, packed.t(), quant_state=expert_quant_state(experts, name, expert))
     out = out.to(x.dtype)
     if getattr(experts, "has_bias", False):  # gpt-oss: biases stay in full precision (and frozen)
         out = out + getattr(experts, f"{name}_bias")[expert].to(x.dtype)
@@ -286,9 +331,43 @@ def model_bytes(model: nn.Module) -> int:
     return sum(tensor_bytes(t) for t in [*model.parameters(), *model.buffers()])
 
 
-def bitsandbytes_config(bits: int, double_quant: bool, compute_dtype: torch.dtype):
-    """The stock bitsandbytes quantization of the Linear layers, which quantize_experts completes."""
+def bitsandbytes_config(bits: int, double_quant: bool, compute_dtype: torch.dtype,
+                        skip_modules: list[str] | None = None):
+    """The stock bitsandbytes quantization of the Linear layers, which quantize_experts completes.
+
+    `skip_modules`: Linear layers to keep in full precision (None: transformers' default, the output head)."""
     if bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
-                              bnb_4bit_compute_dtype=compute_dtype)
+                              bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip_modules)
+
+
+def linears_to_keep(skeleton: nn.Module) -> list[str] | None:
+    """The Linear layers of `skeleton` (a model on the meta device) that 4-bit loading keeps in full precision:
+    transformers' own choice (the output head) plus those whose in_features is not a whole number of blocks, which
+    bitsandbytes' AVX-512 CPU kernel would read back wrong (see the module docstring). None when there are none of
+    the latter: transformers' default applies."""
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    kept = get_keys_to_not_convert(skeleton)
+    odd = [name for name, module in skeleton.named_modules()
+           if isinstance(module, nn.Linear) and module.in_features % BLOCKSIZE and name not in kept]
+    if not odd:
+        return None
+    shapes = sorted({skeleton.get_submodule(name).in_features for name in odd})
+    print(f"[quantization] {len(odd)} Linear layers with in_features {shapes} (not a multiple of bitsandbytes' "
+          f"{BLOCKSIZE}-weight block) stay in full precision, e.g. {odd[0]}.", flush=True)
+    return sorted({*kept, *odd})
+
+
+def disable_packed_cpu_path(model: nn.Module) -> None:
+    """Keep bitsandbytes' 4-bit Linears on the kernel path that trains.
+
+    On a CPU with AVX512-BF16, Linear4bit repacks its weight in place for a bf16 kernel the first time it runs in
+    eval mode without gradients (TRL's reference pass, evaluation). That kernel has no backward, so training after it
+    fails; and the repacking itself fails for in_features below the block (`shape '[32, 0]' is invalid`)."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False

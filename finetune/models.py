@@ -104,10 +104,13 @@ def load_quantized(recipe: Recipe, name: str):
     dtype = resolve_dtype(recipe.model.dtype)
     compute_dtype = dtype if quantization.compute_dtype == "auto" else resolve_dtype(quantization.compute_dtype)
     check_family(recipe, location)
+    skip = expert_quant.linears_to_keep(skeleton(recipe, location)) if quantization.bits == 4 else None
     model = AutoModelForCausalLM.from_pretrained(
         location, dtype=dtype, device_map="cpu", **hub_kwargs(recipe, location),
-        quantization_config=expert_quant.bitsandbytes_config(quantization.bits, quantization.double_quant, compute_dtype),
+        quantization_config=expert_quant.bitsandbytes_config(quantization.bits, quantization.double_quant,
+                                                             compute_dtype, skip),
     )
+    expert_quant.disable_packed_cpu_path(model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     expert_quant.quantize_experts(model, quantization.double_quant, compute_dtype, device)
     if device == "cuda":
@@ -121,6 +124,13 @@ def load_quantized(recipe: Recipe, name: str):
         if tensor.is_floating_point():
             tensor.data = tensor.data.clone()
     return model
+
+
+def skeleton(recipe: Recipe, location: str):
+    """The model at `location` built on the meta device: its modules and shapes, no weights read."""
+    config = AutoConfig.from_pretrained(location, **hub_kwargs(recipe, location))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
 
 
 def load_stage_model(recipe: Recipe, name: str):

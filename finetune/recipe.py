@@ -120,6 +120,9 @@ class SpeedConfig:
     share_prompt: bool = help_field(
         True, help="DPO with padding_free: each pair's prompt computed once, then chosen, then rejected "
         "(which attends to the prompt, not to chosen).")
+    scored_lm_head: bool = help_field(
+        True, help="SFT: the LM head only on the tokens the loss scores (the assistant turns), in small vocabulary "
+        "tiles; TRL's on a CPU runs it on every position. DPO's padding-free batches always do.")
     reference_cache: bool = help_field(
         True, help="DPO: reference log-probs computed in one pass before training (TRL's precompute_ref_log_probs, "
         "which dpo: can still set) and cached by model, tokens and batch layout, so a second epoch, a re-run, a "
@@ -158,9 +161,11 @@ class CheckpointConfig:
     """When SFT and DPO save checkpoints to resume from, on top of TRL's save_strategy/save_steps."""
 
     every_minutes: float | None = help_field(
-        None, help="Also save a checkpoint whenever this many minutes have passed since the last one (preemptible "
-        "machines). Steps come from sft:/dpo: save_strategy and save_steps; their save_total_limit keeps the last N "
-        "checkpoints of either kind. Not an input of the result: change it freely between interruption and resume.",
+        30, help="Save a checkpoint whenever this many minutes have passed since the last one, so a kill loses at "
+        "most that much (null or 0: only on the step schedule and on SIGTERM/Ctrl-C, which always save). Steps come "
+        "from sft:/dpo: save_strategy and save_steps (off by default); their save_total_limit (default 2) keeps the "
+        "last N checkpoints of either kind. Not an input of the result: change it freely between interruption and "
+        "resume.",
     )
 
 

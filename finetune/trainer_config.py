@@ -30,12 +30,14 @@ def device_defaults(recipe: Recipe) -> dict[str, Any]:
     }
 
 
-def trainer_config(stage: str, recipe: Recipe, output_dir: Path):
-    """TRL's SFTConfig/DPOConfig: moetune's defaults, then every field the recipe sets (the recipe wins)."""
+def moetune_defaults(stage: str, recipe: Recipe) -> dict[str, Any]:
+    """The TRL fields moetune sets unless the recipe does (what `moetune sft --trl-fields` shows as defaults)."""
     values: dict[str, Any] = {
         "report_to": "none",
         "logging_steps": 10,
+        # No step schedule: checkpoints come every `checkpoints.every_minutes` and on SIGTERM/Ctrl-C (train_resuming).
         "save_strategy": "no",
+        "save_total_limit": 2,  # of either kind: enough to fall back on when the newest was cut short
         "data_seed": recipe.seed,
         **device_defaults(recipe),
     }
@@ -43,6 +45,12 @@ def trainer_config(stage: str, recipe: Recipe, output_dir: Path):
         values["assistant_only_loss"] = ASSISTANT_ONLY_LOSS
     if stage == "dpo":
         values["precompute_ref_log_probs"] = recipe.speed.reference_cache
+    return values
+
+
+def trainer_config(stage: str, recipe: Recipe, output_dir: Path):
+    """TRL's SFTConfig/DPOConfig: moetune's defaults, then every field the recipe sets (the recipe wins)."""
+    values = moetune_defaults(stage, recipe)
     section = getattr(recipe, stage)
     if "gradient_checkpointing" in section:
         values.pop("activation_checkpointing")  # the recipe's older name would otherwise lose to moetune's default

@@ -67,8 +67,9 @@ def moetune(capsys, *argv) -> tuple[int, str]:
 
 
 def run_dir_state(folder: Path) -> set[str]:
+    """The run dir's stage folders and work folders (the run report, rebuilt after each stage, is no state)."""
     run = folder / "run"
-    return {path.name for path in run.iterdir()} if run.is_dir() else set()
+    return {path.name for path in run.iterdir() if path.name not in ("report", "report.md")} if run.is_dir() else set()
 
 
 def closed_port() -> int:

@@ -17,13 +17,13 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from benchmarks.dpo_bench import SAME_MATH, loss_and_gradients, relative_differences
 from data_prep import synthetic
-from finetune import adapters
+from finetune import adapters, scored_lm_head
 from finetune.cli import main
 from finetune.tiny import init_config, train_tokenizer
 from finetune.packed_dpo import PackedDPOTrainer
-from finetune.packed_sft import PaddingFreeSFTTrainer
+from finetune.packed_sft import PaddingFreeSFTTrainer, sft_trainer
 from finetune.preference_packing import pack_pairs
-from finetune.recipe import LoraConfig, ModelInit
+from finetune.recipe import LoraConfig, ModelInit, SpeedConfig
 from helpers.recipes import write_recipe
 from tests.on_device import DTYPE, trainer_options
 
@@ -113,6 +113,42 @@ def test_full_fine_tuning_with_a_reference_copy_gives_trl_loss_and_gradients(tin
     same_math(loss_and_gradients(trl, whole_dataset(trl)), build(tiny, tmp_path, PackedDPOTrainer, lora=False))
 
 
+@pytest.fixture(scope="module")
+def sft_batch(tiny, tmp_path_factory):
+    """TRL's SFTTrainer (assistant-only loss) on 8 conversations as one padded batch: loss, gradients and the
+    logged entropy and token accuracy."""
+    trainer = sft_build(tiny, tmp_path_factory.mktemp("sft"), lambda **kwargs: SFTTrainer(**kwargs))
+    return loss_and_gradients(trainer, whole_dataset(trainer)), sft_metrics(trainer)
+
+
+def sft_build(tiny, tmp_path, make):
+    model, tokenizer, _ = tiny
+    conversations = Dataset.from_list(list(synthetic.sft_conversations(8, 4)))
+    config = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_length=30,
+                       per_device_train_batch_size=8, assistant_only_loss=True, seed=0)
+    return make(model=copy.deepcopy(model), args=config, train_dataset=conversations, processing_class=tokenizer)
+
+
+def sft_metrics(trainer):
+    return {name: trainer._metrics["train"][name][-1] for name in ("entropy", "mean_token_accuracy")}
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_sft_levers_give_trl_loss_gradients_and_metrics(tiny, sft_batch, tmp_path, monkeypatch, padding_free):
+    """The LM head on the assistant tokens only (with and without padding-free rows): TRL's loss, gradients and
+    logged metrics, from fewer LM-head rows than TRL's CPU path scores."""
+    head_rows = []
+    original = scored_lm_head.scored_log_probs
+    monkeypatch.setattr(scored_lm_head, "scored_log_probs",
+                        lambda model, hidden, *args: head_rows.append(len(hidden)) or original(model, hidden, *args))
+    speed = SpeedConfig(padding_free=padding_free, scored_lm_head=True)
+    trainer = sft_build(tiny, tmp_path, lambda **kwargs: sft_trainer(speed, **kwargs))
+    examples = whole_dataset(trainer)
+    assert isinstance(trainer, PaddingFreeSFTTrainer) == padding_free
+    same_math(sft_batch[0], trainer)
+    assert sft_metrics(trainer) == pytest.approx(sft_batch[1], rel=1e-5)
+    scored = (trainer.data_collator(examples)["labels"][:, 1:] != -100).sum().item()
+    assert head_rows == [scored] and 0 < scored < sum(len(row["input_ids"]) for row in examples) / 2
 def sft_trainers(model, tokenizer, tmp_path, conversations: int, max_length: int):
     """TRL's SFTTrainer and the padding-free one on copies of `model`, one batch of synthetic conversations."""
     dataset = Dataset.from_list(list(synthetic.sft_conversations(conversations, 4)))

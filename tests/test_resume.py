@@ -8,14 +8,17 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import finetune.checkpoints
-from finetune.checkpoints import checkpoint_problem, checkpoints
+from finetune.checkpoints import SEAL, checkpoint_problem, checkpoints
 from finetune.cli import main
+from finetune.recipe import CheckpointConfig, Recipe
+from finetune.trainer_config import moetune_defaults
 from helpers.processes import output_lines
 from helpers.recipes import prepared_recipe, write_recipe
 
@@ -28,21 +31,23 @@ DPO = ["dpo.max_steps=12", *(f"dpo.{setting}" for setting in SCHEDULE)]
 
 def kill_at_random_step(stage, recipe, overrides, log_file, first=5, last=9):
     """Run `python -m finetune <stage>` and SIGKILL it once it has logged a randomly drawn step (seeded) after the
-    first checkpoints. Returns the step it was killed at (or just after: the kill lands while it runs on)."""
+    first checkpoints. Returns the step it was killed at (or just after: the kill lands while it runs on) and the
+    wall-clock times at which each step was logged, the last one being the kill."""
     step = random.Random(8).randint(first, last)
     command = [sys.executable, "-m", "finetune", stage, recipe, *overrides]
+    logged_at = []
     with open(log_file, "w") as stderr:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        logged = 0
         for line in output_lines(process, seconds=300):  # logging_steps=1: one "{'loss': ...}" line per step
-            logged += line.startswith("{'loss'")
-            if logged == step:
+            if line.startswith("{'loss'"):
+                logged_at.append(time.time())
+            if len(logged_at) == step:
                 process.send_signal(signal.SIGKILL)
                 break
         process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL, f"{stage} ended before step {step}; see {log_file}"
-    return step
+    return step, logged_at
 
 
 def losses(stage_folder):
@@ -156,3 +161,42 @@ def test_checkpoints_every_few_minutes_keep_the_newest(tmp_path, monkeypatch):
     assert main(["sft", recipe, "sft.max_steps=10", "sft.save_total_limit=2", "checkpoints.every_minutes=1"]) == 0
     assert kept == [{3: None}, {6: None, 3: None}, {9: None, 6: None}]  # sealed, and only the newest two kept
     assert not list((run / "sft").glob("checkpoint-*")) and (run / "sft" / "model.safetensors").is_file()
+
+
+def test_checkpoints_are_on_by_default_and_trl_fields_show_moetunes_defaults(capsys):
+    assert CheckpointConfig().every_minutes == 30  # a kill loses at most 30 minutes, with nothing set
+    for stage in ("sft", "dpo"):
+        defaults = moetune_defaults(stage, Recipe(run_dir=""))
+        # no step schedule unless the recipe sets one; the newest two checkpoints of either kind are kept
+        assert defaults["save_strategy"] == "no" and defaults["save_total_limit"] == 2
+        assert main([stage, "--trl-fields"]) == 0
+        out = capsys.readouterr().out
+        assert "Checkpoints: every 30 minutes (checkpoints.every_minutes) and on SIGTERM/Ctrl-C" in out
+        for field, ours, trls in [("save_strategy", "'no'", "'steps'"), ("save_total_limit", "2", "None"),
+                                  ("use_cpu", str(not torch.cuda.is_available()), "False"),
+                                  ("activation_checkpointing", str(torch.cuda.is_available()), "None"),
+                                  ("logging_steps", "10", "10"), ("report_to", "'none'", "'none'")]:
+            assert f"  {stage}.{field} (moetune default {ours}; TRL's {trls}): " in out
+    assert main(["sft", "--trl-fields"]) == 0 and "sft.assistant_only_loss (moetune default True; TRL's False)" in \
+        capsys.readouterr().out
+
+
+def test_killed_sft_resumes_from_the_default_time_schedule(tmp_path, capsys):
+    """No step schedule: only checkpoints.every_minutes (made small here) saves. kill -9 at a random step loses at
+    most that schedule's interval plus the step (and save) in progress."""
+    recipe, run = prepared_recipe(tmp_path / "run")
+    every_minutes = 0.01
+    overrides = ["sft.max_steps=12", "sft.logging_steps=1", f"checkpoints.every_minutes={every_minutes}"]
+    step, logged_at = kill_at_random_step("sft", recipe, overrides, tmp_path / "sft.log", first=6, last=10)
+    work = run / ".sft.partial"
+    sealed = [(number, path) for number, path in checkpoints(work) if checkpoint_problem(path) is None]
+    assert sealed and len(sealed) <= 2  # save_total_limit's default: 2
+    newest_step, newest = sealed[0]
+    longest_step = max(later - earlier for earlier, later in zip(logged_at, logged_at[1:]))
+    age = logged_at[-1] - (newest / SEAL).stat().st_mtime
+    assert age <= every_minutes * 60 + longest_step + 0.5, (age, longest_step)
+    capsys.readouterr()
+
+    assert main(["sft", recipe, *overrides]) == 0
+    assert resumed_step(capsys.readouterr().out) == newest_step > 0
+    assert len(losses(run / "sft")) == 12 and not list((run / "sft").glob("checkpoint-*"))

@@ -17,11 +17,12 @@ from finetune.tiny import init_config, train_tokenizer
 ARCHITECTURES = ["mixtral", "qwen3_moe", "olmoe"]
 
 
-def tiny_model(architecture="mixtral", seed=0):
+def tiny_model(architecture="mixtral", seed=0, hidden_size=64, intermediate_size=64):
+    """Two layers of 4 experts, with dims that are multiples of 64 as in real models (unless a test wants odd ones)."""
     texts = [m["content"] for row in synthetic.sft_conversations(200, 0) for m in row["messages"]]
     tokenizer = train_tokenizer(texts, vocab_size=280)
-    init = ModelInit(architecture=architecture, hidden_size=32, intermediate_size=32, num_layers=2, num_heads=4,
-                     num_kv_heads=2, num_experts=4, experts_per_token=2)
+    init = ModelInit(architecture=architecture, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                     num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4, experts_per_token=2)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(init_config(init, tokenizer)), tokenizer
 
