@@ -23,6 +23,7 @@ demo: install
 	$(BIN)/moetune run recipes/tiny-moe.yaml
 
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q tests
 
 # The suite on the newest releases pyproject allows, in a fresh venv of its own (the pinned .venv stays as it is).

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator
 from data_prep import synthetic
 from data_prep.config import SourceConfig
 from data_prep.oasst import oasst_examples
+from data_prep.onpolicy import on_policy_pairs
 from data_prep.records import Dropped, Example, Problem, Row, RowError
 
 Item = Example | Problem
@@ -160,20 +161,13 @@ def generate_synthetic(rows: Iterator[Row], source: SourceConfig, seed: int) -> 
             yield Example(kind, row, f"synthetic {kind} #{index}")
 
 
-def sample_on_policy(rows: Iterator[Row], source: SourceConfig, seed: int) -> Iterator[Item]:
-    # Imported here so that runs without on-policy sources never load torch models.
-    from data_prep.onpolicy import on_policy_pairs
-
-    return on_policy_pairs(rows, source, seed)
-
-
 CONVERTERS: dict[str, Converter] = {
     "sft": per_row(convert_sft),
     "preference": per_row(convert_preference),
     "hh_rlhf": per_row(convert_hh_rlhf),
     "scored": per_row(convert_scored),
     "oasst": oasst_examples,
-    "onpolicy": sample_on_policy,
+    "onpolicy": on_policy_pairs,
     "synthetic": generate_synthetic,
 }
 GENERATED_FORMATS = ("synthetic", "onpolicy")  # need no path or dataset

@@ -19,6 +19,7 @@ from data_prep.source_stats import SourceStats, summary
 from data_prep.sources import read_rows, resolve_path, sampled, source_name
 from data_prep.validate import normalized
 from data_prep.writer import SplitWriter
+from finetune.models import load_tokenizer
 from finetune.recipe import Recipe
 from finetune.remote_files import recipe_file
 from finetune.rundir import Stage, write_json_atomic
@@ -34,7 +35,7 @@ def run(recipe: Recipe, force: bool | str = False, tokenizer: Any = None) -> Pat
     if not stage.begin(force):
         return stage.final
     if tokenizer is None and recipe.data.max_length is not None:
-        tokenizer = model_tokenizer(recipe)
+        tokenizer = load_tokenizer(recipe)
     report = prepare(stage.work, recipe.data, recipe.seed, base_dir, tokenizer)
     write_json_atomic(stage.work / "report.json", report)
     print(summary(report))
@@ -161,8 +162,3 @@ def file_digest(path: Path) -> str:
             digest.update(block)
     return digest.hexdigest()
 
-
-def model_tokenizer(recipe: Recipe) -> Any:
-    from finetune.models import load_tokenizer  # imported only when data.max_length needs it: torch and transformers
-
-    return load_tokenizer(recipe)

@@ -8,6 +8,8 @@ import random
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from datasets import load_dataset
+
 from data_prep.config import SourceConfig
 from data_prep.records import DataError, Example, Problem, Row
 
@@ -119,7 +121,6 @@ def read_hub(source: SourceConfig) -> Iterator[Row]:
 
 
 def read_with_datasets(builder: str, data_files: str | None, label: str, split: str = "train", **kwargs) -> Iterator[Row]:
-    from datasets import load_dataset  # imported here: jsonl-only runs do not pay for it
 
     stream = load_dataset(builder, data_files=data_files, split=split, streaming=True, **kwargs)
     return (Row(f"{label} {index}", dict(item)) for index, item in enumerate(stream))

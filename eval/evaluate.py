@@ -21,15 +21,10 @@ from eval.questions import load_questions, load_reference_answers, reference_tur
 from eval.jsonl import file_safe, read_jsonl
 from eval.scores import markdown_table, pairwise_rows, pairwise_scores, radar_plot, single_rows, single_scores
 from finetune import remote_files
+from finetune.models import load_for_inference
 from finetune.recipe import MODEL_STAGES, Recipe
 from finetune.remote_files import fetch, is_url
 from finetune.rundir import Stage, StageError, read_manifest, write_json_atomic
-
-
-def load_model(recipe: Recipe, name: str) -> tuple[Any, Any]:
-    from finetune.models import load_for_inference  # imported here: loading pulls in the training stack
-
-    return load_for_inference(recipe, name)
 
 
 def question_source(recipe: Recipe) -> str:
@@ -134,7 +129,7 @@ def answer_model(recipe: Recipe, name: str, questions: list[dict[str, Any]], wor
     answer_file = work / "model_answer" / f"{file_safe(name)}.jsonl"
     pending = unanswered(questions, answer_file)
     if pending:
-        model, tokenizer = load_model(recipe, name)
+        model, tokenizer = load_for_inference(recipe, name)
         answer_questions(model, tokenizer, name, pending, answer_file, temperatures=config.temperatures,
                          max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, seed=recipe.seed)
     return {record["question_id"]: record["choices"][0]["turns"] for record in read_jsonl(answer_file)}
@@ -144,7 +139,7 @@ def make_judge(recipe: Recipe) -> Any:
     judge = recipe.eval.judge
     if judge.type == "openai":
         return OpenAICompatibleJudge(judge)
-    return LocalJudge(lambda: load_model(recipe, judge.model), judge.max_tokens, recipe.eval.batch_size)
+    return LocalJudge(lambda: load_for_inference(recipe, judge.model), judge.max_tokens, recipe.eval.batch_size)
 
 
 def judge_and_report(recipe: Recipe, questions: list[dict[str, Any]], answers: dict, work: Path) -> tuple[int, Path]:

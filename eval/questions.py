@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from datasets import load_dataset
+
 from eval.config import EvalInputError
 from eval.jsonl import read_jsonl
 
@@ -25,8 +27,6 @@ def load_questions(source: str | Path, split: str = "train") -> list[dict[str, A
         raise EvalInputError(f"question file {path} does not exist. Fix eval.question_file (relative paths start at "
                             f"the recipe's folder), or leave it unset to use the questions of the prep stage.")
     else:
-        from datasets import load_dataset
-
         rows = [(f"{source}[{split}] row {i}", dict(row)) for i, row in enumerate(load_dataset(str(source), split=split))]
     if not rows:
         raise EvalInputError(f"{source} holds no questions; expected {FORMAT_HINT}.")

@@ -36,7 +36,7 @@ def section_help(sections: tuple[str, ...]) -> str:
                          f"logging_steps 10, save_total_limit 2 (checkpoints: see checkpoints.every_minutes)."))
             continue
         section_type = Recipe.__dataclass_fields__[section].default_factory
-        lines += [key_help(key, text) for key, text in describe_fields(section_type, section + ".")]
+        lines += [key_help(key, text) for key, _, text in describe_fields(section_type, section + ".")]
     return "\n".join(lines)
 
 

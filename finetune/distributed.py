@@ -12,7 +12,9 @@ import os
 from contextlib import contextmanager
 
 import torch
+from accelerate import PartialState
 from torch import nn
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 # Environment variable that turns on the end-of-training check that every process holds the same weights.
 CHECK_REPLICAS = "MOETUNE_CHECK_REPLICAS"
@@ -29,8 +31,6 @@ def is_main_process() -> bool:
 
 def process_state():
     """accelerate's process state; the first call joins the process group (gloo on CPU, NCCL on GPUs)."""
-    from accelerate import PartialState
-
     # Without cpu=True accelerate only starts a group when it finds GPUs; on a CPU it would silently stay alone.
     return PartialState(cpu=not torch.cuda.is_available())
 
@@ -99,6 +99,4 @@ def warn_if_fsdp_without_gpus() -> None:
 
 
 def zero3_enabled() -> bool:
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
     return is_deepspeed_zero3_enabled()

@@ -34,9 +34,11 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+from peft import PeftConfig, PeftModel
 from peft.tuners.lora import LoraConfig as PeftLoraConfig
 from peft.tuners.lora.layer import ParamWrapper
 from torch import nn
+from transformers import BitsAndBytesConfig
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from finetune import families, moe
@@ -310,8 +312,6 @@ def use_quantized_expert_lora(config: PeftLoraConfig, model: nn.Module) -> PeftL
 
 def load_adapter(model: nn.Module, adapter_dir: str, trainable: bool):
     """A saved PEFT adapter on a model with NF4 experts (PeftModel.from_pretrained with our expert wrapper)."""
-    from peft import PeftConfig, PeftModel
-
     config = use_quantized_expert_lora(PeftConfig.from_pretrained(adapter_dir), model)
     return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable, config=config)
 
@@ -336,8 +336,6 @@ def bitsandbytes_config(bits: int, double_quant: bool, compute_dtype: torch.dtyp
     """The stock bitsandbytes quantization of the Linear layers, which quantize_experts completes.
 
     `skip_modules`: Linear layers to keep in full precision (None: transformers' default, the output head)."""
-    from transformers import BitsAndBytesConfig
-
     if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any
+from typing import Any, NamedTuple
 
 
 def help_field(default: Any = dataclasses.MISSING, *, help: str, factory: Any = None) -> Any:
@@ -25,8 +25,15 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def describe_fields(cls: type, prefix: str = "") -> list[tuple[str, str]]:
-    """(dotted key, help) for every recipe key of a section, nested sections included, for --help."""
+class FieldDoc(NamedTuple):
+    key: str  # dotted: model.lora.r
+    default: Any  # the default value; a nested section's own fields follow it as their own rows
+    help: str
+
+
+def describe_fields(cls: type, prefix: str = "") -> list[FieldDoc]:
+    """Every recipe key of a section, nested sections included, with its default and help: for --help and the
+    README's key table."""
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -34,7 +41,8 @@ def describe_fields(cls: type, prefix: str = "") -> list[tuple[str, str]]:
             continue
         key = f"{prefix}{f.name}"
         nested = [a for a in (typing.get_args(hints[f.name]) or (hints[f.name],)) if dataclasses.is_dataclass(a)]
-        rows.append((key, f.metadata.get("help", "")))
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        rows.append(FieldDoc(key, default, f.metadata.get("help", "")))
         if nested:
             rows.extend(describe_fields(nested[0], key + "."))
     return rows

@@ -13,6 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from huggingface_hub import HfApi, ModelCardData, constants
+
 from finetune import adapters
 from finetune.models import load_adapter_base
 from finetune.recipe import Recipe
@@ -59,8 +61,6 @@ def model_card(recipe: Recipe, manifest: dict, run_dir: Path, base_id: str | Non
 
     `base_id` is the Hub id of the model the stage sits on (an adapter's base), when it has one.
     """
-    from huggingface_hub import ModelCardData
-
     outputs, stage = manifest["outputs"], manifest["stage"]
     datasets = [source.dataset for source in recipe.data.sources if source.dataset]
     metadata = ModelCardData(
@@ -227,7 +227,6 @@ def push(stage_dirs, repo_id: str, private: bool = False, revision: str | None =
 
 
 def upload(stage_dir: Path, repo_id: str, private: bool, revision: str | None, parent_repo_id: str | None) -> None:
-    from huggingface_hub import HfApi, constants
 
     api = HfApi()
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,6 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from huggingface_hub import HfApi, constants, try_to_load_from_cache
+from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+
+from eval.evaluate import check_files
 from finetune.recipe import MODEL_STAGES, Recipe, RecipeError
 
 HUB_TIMEOUT_SECONDS = 10.0
@@ -29,8 +33,6 @@ def check_before_running(recipe: Recipe, stages: list[str]) -> None:
 def check_eval_models(recipe: Recipe) -> None:
     """The files `eval:` names, and the models it names by path. Hub ids are not asked for here: a model whose
     answers an earlier run saved is never loaded."""
-    from eval.evaluate import check_files
-
     check_files(recipe)
     named = {f"eval.models[{index}]": name for index, name in enumerate(recipe.eval.models)}
     if recipe.eval.judge.type == "local":
@@ -75,9 +77,6 @@ def check_model(location: str, revision: str | None, key: str) -> None:
 
 def check_hub_model(repo_id: str, revision: str | None, key: str) -> None:
     """The Hub knows `repo_id` (or it is cached here while the Hub is unreachable: then loading goes offline)."""
-    from huggingface_hub import HfApi, constants, try_to_load_from_cache
-    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
-
     cached = isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
     if constants.HF_HUB_OFFLINE:
         if cached:
@@ -109,8 +108,6 @@ def check_hub_model(repo_id: str, revision: str | None, key: str) -> None:
 
 def go_offline(repo_id: str) -> None:
     """Load from the cache without asking the Hub, which would retry for about a minute before using the cache."""
-    from huggingface_hub import constants
-
     print(f"[preflight] the Hub is unreachable; loading {repo_id} from the local cache (HF_HUB_OFFLINE=1).")
     os.environ["HF_HUB_OFFLINE"] = "1"
     constants.HF_HUB_OFFLINE = True

@@ -28,7 +28,7 @@ from finetune.cli import main
 from finetune.base import write_base_model
 from finetune.recipe_parsing import load_recipe
 from finetune.rundir import Stage
-from test_eval_support import mt_bench_file
+from helpers.shared_data import mt_bench_file
 
 ROOT = Path(__file__).resolve().parents[1]
 INIT = {"hidden_size": 64, "intermediate_size": 64, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2,

@@ -9,27 +9,7 @@ import sys
 import pytest
 
 from finetune.cli import main
-
-RECIPE = """
-run_dir: {run_dir}
-seed: 7
-model:
-  init: {{architecture: {architecture}, hidden_size: 32, intermediate_size: 32, num_layers: 1, num_experts: 4,
-          experts_per_token: 2, vocab_size: 280}}
-  lora: {{targets: [attention, experts], r: 4, alpha: 8, stages: [dpo]}}
-data:
-  sources: [{{format: synthetic, options: {{sft: 200, pairs: 80, questions: 6}}}}]
-  dedup: exact
-sft: {{max_steps: 6, per_device_train_batch_size: 8, learning_rate: 1.0e-3, logging_steps: 2, max_length: 128}}
-dpo: {{max_steps: 3, per_device_train_batch_size: 4, learning_rate: 1.0e-3, logging_steps: 1, max_length: 128}}
-eval: {{models: [base, sft, dpo], max_new_tokens: 8, batch_size: 8}}
-"""
-
-
-def write_recipe(tmp_path, architecture="mixtral"):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(RECIPE.format(run_dir=tmp_path / "run", architecture=architecture))
-    return path
+from helpers.recipes import write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +20,7 @@ def finished_run(tmp_path_factory):
     return recipe, tmp_path / "run"
 
 
+@pytest.mark.slow
 def test_run_writes_every_stage(finished_run):
     _, run = finished_run
     for stage in ("data", "base", "sft", "dpo", "eval"):
@@ -52,6 +33,7 @@ def test_run_writes_every_stage(finished_run):
     assert all(1 <= scores[m]["overall"] <= 10 for m in scores)
 
 
+@pytest.mark.slow
 def test_sft_loss_falls_and_aux_loss_and_expert_load_are_logged(finished_run):
     _, run = finished_run
     history = json.loads((run / "sft" / "metrics.json").read_text())
@@ -66,6 +48,7 @@ def test_sft_loss_falls_and_aux_loss_and_expert_load_are_logged(finished_run):
     assert any("aux_loss" in entry for entry in dpo_history)
 
 
+@pytest.mark.slow
 def test_rerun_skips_changed_recipe_refuses_and_force_redoes(finished_run, capsys):
     recipe, run = finished_run
     assert main(["sft", str(recipe)]) == 0
@@ -77,6 +60,7 @@ def test_rerun_skips_changed_recipe_refuses_and_force_redoes(finished_run, capsy
     assert json.loads((run / "dpo" / "moetune_stage.json").read_text())["outputs"]["steps"] == 2
 
 
+@pytest.mark.slow
 def test_stages_write_a_run_report_with_plots_and_moetune_report_rebuilds_it(finished_run):
     import re
 
@@ -97,6 +81,7 @@ def test_stages_write_a_run_report_with_plots_and_moetune_report_rebuilds_it(fin
     assert (run / "report.md").read_text() == report and (run / "report" / "dpo_curves.png").is_file()
 
 
+@pytest.mark.slow
 def test_run_force_redoes_only_the_stale_stages_and_names_them(finished_run, capsys):
     recipe, run = finished_run
     kept = {name: (run / name / "moetune_stage.json").stat().st_mtime_ns for name in ("data", "base", "sft")}
@@ -110,6 +95,7 @@ def test_run_force_redoes_only_the_stale_stages_and_names_them(finished_run, cap
     assert eval_inputs["models"]["dpo"] == json.loads((run / "dpo" / "moetune_stage.json").read_text())["fingerprint"]
 
 
+@pytest.mark.slow
 def test_finished_eval_rerun_prints_its_scores_and_manifests_keep_integers(finished_run, capsys):
     recipe, run = finished_run
     assert main(["eval", str(recipe)]) == 0
@@ -134,6 +120,7 @@ def test_a_stage_without_a_recipe_is_a_usage_error(capsys):
     assert exit_.value.code == 2 and "sft needs a recipe" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_aux_loss_off_when_coefficient_is_zero(tmp_path):
     recipe = write_recipe(tmp_path, architecture="qwen3_moe")
     assert main(["run", str(recipe), "--stages", "prep,sft", "sft.router_aux_loss_coef=0", "sft.max_steps=2"]) == 0
@@ -141,18 +128,17 @@ def test_aux_loss_off_when_coefficient_is_zero(tmp_path):
     assert not any("aux_loss" in entry for entry in history)
 
 
-def test_errors_are_reported_without_traceback(tmp_path, capsys):
-    recipe = write_recipe(tmp_path)
-    assert main(["sft", str(recipe)]) == 2
+def test_errors_are_reported_without_traceback(tiny_recipe, capsys):
+    assert main(["sft", str(tiny_recipe)]) == 2
     assert "Run `moetune prep RECIPE` first" in capsys.readouterr().err
-    assert main(["sft", str(recipe), "sft.max_stepz=3"]) == 2
+    assert main(["sft", str(tiny_recipe), "sft.max_stepz=3"]) == 2
     assert "Did you mean 'max_steps'" in capsys.readouterr().err
 
 
 def test_console_script_help_explains_options():
     env = {**os.environ, "COLUMNS": "100"}
     out = subprocess.run([sys.executable, "-m", "finetune", "dpo", "--help"], capture_output=True, text=True, check=True,
-                         env=env)
+                         env=env, timeout=300)
     assert "model.lora.targets" in out.stdout and "dpo.*" in out.stdout and "--force" in out.stdout
     assert max(len(line) for line in out.stdout.splitlines()) <= 100  # key help wrapped in its column
     assert out.stderr == ""  # no bitsandbytes kernel message or deprecation warning on a plain command

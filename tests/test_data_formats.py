@@ -10,15 +10,7 @@ from data_prep.config import SourceConfig
 from data_prep.formats import CONVERTERS, convert_preference, convert_scored, parse_transcript, render_transcript
 from data_prep.records import Dropped, Example, Problem, Row, RowError
 from data_prep.validate import normalized
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def shared_file(relative: str) -> Path:
-    path = SHARED_DATA / relative
-    if not path.is_file():
-        pytest.skip(f"real data {path} is absent (expected the shared data folder at ../shared/data)")
-    return path
+from helpers.shared_data import require_shared_data
 
 
 def convert_file(fmt: str, path: Path, limit: int | None = None, **options) -> list:
@@ -33,7 +25,7 @@ def convert_file(fmt: str, path: Path, limit: int | None = None, **options) -> l
 
 
 def test_hh_rlhf_prompt_plus_chosen_reproduces_the_transcript():
-    path = shared_file("hh_rlhf/helpful_base_test.jsonl")
+    path = require_shared_data("hh_rlhf/helpful_base_test.jsonl")
     originals = [json.loads(line) for line in path.read_text().splitlines()[:300]]
     examples = convert_file("hh_rlhf", path, limit=300)
     assert len(examples) == 300
@@ -44,7 +36,7 @@ def test_hh_rlhf_prompt_plus_chosen_reproduces_the_transcript():
 
 
 def test_hh_rlhf_hand_checked_multi_turn_row():
-    path = shared_file("hh_rlhf/helpful_base_test.jsonl")
+    path = require_shared_data("hh_rlhf/helpful_base_test.jsonl")
     pair = normalized("preference", convert_file("hh_rlhf", path, limit=2)[1].row)
     assert [m["role"] for m in pair["prompt"]] == ["user", "assistant", "user", "assistant", "user"]
     assert pair["prompt"][0]["content"] == "How can I find out what types of butterflies are in my area?"
@@ -69,7 +61,7 @@ def test_transcript_without_human_turn_is_rejected():
 
 
 def test_oasst_pairs_rank_the_better_reply_as_chosen():
-    messages_path = shared_file("oasst1/oasst1_en_validation_messages.jsonl")
+    messages_path = require_shared_data("oasst1/oasst1_en_validation_messages.jsonl")
     messages = [json.loads(line) for line in messages_path.read_text().splitlines()]
     texts = [m["text"] for m in messages]
     by_text = {m["text"]: m for m in messages if texts.count(m["text"]) == 1}  # a few short replies repeat
@@ -84,13 +76,13 @@ def test_oasst_pairs_rank_the_better_reply_as_chosen():
         assert chosen["rank"] < rejected["rank"]
         assert pair["prompt"][-1]["content"] == next(m["text"] for m in messages if m["message_id"] == chosen["parent_id"])
     # The shared pairs file was built by the same rule (rank 0 vs each other ranked reply, reviewed threads only).
-    reference = {(r["chosen"], r["rejected"]) for r in map(json.loads, shared_file("oasst1/oasst1_en_validation_pairs.jsonl").read_text().splitlines())}
+    reference = {(r["chosen"], r["rejected"]) for r in map(json.loads, require_shared_data("oasst1/oasst1_en_validation_pairs.jsonl").read_text().splitlines())}
     ours = {(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs}
     assert reference <= ours
 
 
 def test_oasst_sft_follows_the_best_ranked_path():
-    path = shared_file("oasst1/oasst1_en_validation_messages.jsonl")
+    path = require_shared_data("oasst1/oasst1_en_validation_messages.jsonl")
     conversations = [e.row["messages"] for e in convert_file("oasst", path) if e.kind == "sft"]
     assert len(conversations) > 100
     for conversation in conversations:

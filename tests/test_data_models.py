@@ -86,6 +86,7 @@ def tiny_models(tmp_path_factory):
     return policy, reward
 
 
+@pytest.mark.slow
 def test_on_policy_source_samples_judges_and_pairs(tmp_path, tiny_models):
     policy, reward = tiny_models
     options = {"model": str(policy), "judge": str(reward), "synthetic": 3, "k": 3, "max_new_tokens": 8}

@@ -7,22 +7,11 @@ import pytest
 
 from data_prep.prepare import run
 from data_prep.records import DataError
-from finetune.recipe_parsing import load_recipe, parse_recipe
+from finetune.recipe_parsing import load_recipe
+from helpers.recipes import make_recipe
+from helpers.shared_data import require_shared_data
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
-
-
-def shared_file(relative: str) -> Path:
-    path = SHARED_DATA / relative
-    if not path.is_file():
-        pytest.skip(f"real data {path} is absent (expected the shared data folder at ../shared/data)")
-    return path
-
-
-def make_recipe(tmp_path, sources, **data):
-    raw = {"run_dir": str(tmp_path / "run"), "model": {"init": {}}, "data": {"sources": sources, **data}}
-    return parse_recipe(raw, str(tmp_path / "recipe.yaml"))
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -58,7 +47,7 @@ def test_same_recipe_gives_identical_files_and_reruns_skip(tmp_path, capsys):
 
 
 def test_a_prompt_never_lands_in_both_splits(tmp_path):
-    oasst = {"format": "oasst", "path": str(shared_file("oasst1/oasst1_en_validation_messages.jsonl"))}
+    oasst = {"format": "oasst", "path": str(require_shared_data("oasst1/oasst1_en_validation_messages.jsonl"))}
     out = run(make_recipe(tmp_path, [oasst], dedup="exact", test_size=0.3))
     train = {json.dumps(r["prompt"]) for r in read_jsonl(out / "preference/train.jsonl")}
     test = {json.dumps(r["prompt"]) for r in read_jsonl(out / "preference/test.jsonl")}
@@ -124,7 +113,7 @@ def test_identical_pairs_and_duplicates_are_dropped_by_reason(tmp_path):
 
 
 def test_mt_bench_contamination_is_dropped(tmp_path):
-    questions = shared_file("mt_bench/question.jsonl")
+    questions = require_shared_data("mt_bench/question.jsonl")
     first_turn = read_jsonl(questions)[0]["turns"][0]
     rows = [{"prompt": f"Please help. {first_turn}", "chosen": "a", "rejected": "b"},
             {"prompt": "Compose a haiku about travel in Hawaii.", "chosen": "a", "rejected": "b"}]
@@ -137,9 +126,9 @@ def test_mt_bench_contamination_is_dropped(tmp_path):
 
 
 def test_hh_rlhf_slice_with_weights_caps_and_sft_from_chosen(tmp_path):
-    online = {"format": "hh_rlhf", "path": str(shared_file("hh_rlhf/helpful_online_test.jsonl")), "max_rows": 100,
+    online = {"format": "hh_rlhf", "path": str(require_shared_data("hh_rlhf/helpful_online_test.jsonl")), "max_rows": 100,
               "sft_from_chosen": True}
-    harmless = {"format": "hh_rlhf", "path": str(shared_file("hh_rlhf/harmless_base_test.jsonl")), "weight": 0.5,
+    harmless = {"format": "hh_rlhf", "path": str(require_shared_data("hh_rlhf/harmless_base_test.jsonl")), "weight": 0.5,
                 "max_rows": 50}
     out = run(make_recipe(tmp_path, [online, harmless], on_error="skip"))
     first, second = json.loads((out / "report.json").read_text())["sources"]

@@ -18,19 +18,19 @@ import data_prep.writer
 import eval.jsonl
 from finetune.checkpoints import checkpoint_problem, checkpoints
 from finetune.cli import main
-from tests.test_cli import write_recipe
-from tests.test_resume import prepared_recipe
+from helpers.recipes import prepared_recipe, write_recipe
 
 @contextmanager
 def mounted(target, *options):
     """`mount *options target`, undone afterwards; skips the test where this process may not mount."""
-    result = subprocess.run(["mount", *options, str(target)], capture_output=True, text=True)
+    result = subprocess.run(["mount", *options, str(target)], capture_output=True, text=True, timeout=60)
     if result.returncode != 0:
         pytest.skip(f"needs the right to mount file systems (root with CAP_SYS_ADMIN): {result.stderr.strip()}")
     try:
         yield target
     finally:
-        subprocess.run(["umount", "--lazy", str(target)], check=True)  # lazy: a handle left open by a failed write
+        # lazy: a handle left open by a failed write
+        subprocess.run(["umount", "--lazy", str(target)], check=True, timeout=60)
 
 
 def folder_bytes(folder):
@@ -59,7 +59,7 @@ def test_full_disk_while_saving_a_checkpoint(tmp_path, capsys):
         assert not (run / "sft").exists() and checkpoints(run / ".sft.partial")
         assert all(checkpoint_problem(path) is not None for _, path in checkpoints(run / ".sft.partial"))
 
-        subprocess.run(["mount", "-o", f"remount,size={room + (8 << 20)}", str(run)], check=True)
+        subprocess.run(["mount", "-o", f"remount,size={room + (8 << 20)}", str(run)], check=True, timeout=60)
         assert main(["sft", recipe, *overrides]) == 0  # room again: the same command finishes
         assert "checkpoint-2 is unusable: it was never completed" in capsys.readouterr().out
         assert json.loads((run / "sft" / "moetune_stage.json").read_text())["outputs"]["steps"] == 4
@@ -68,7 +68,7 @@ def test_full_disk_while_saving_a_checkpoint(tmp_path, capsys):
 def test_read_only_run_dir(tmp_path, capsys):
     recipe, run = prepared_recipe(tmp_path / "read-only")
     with mounted(run, "--bind", str(run)):
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(run)], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(run)], check=True, timeout=60)
         capsys.readouterr()
         assert main(["sft", recipe]) == 2
         err = capsys.readouterr().err

@@ -14,12 +14,12 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli import write_recipe
-from test_finetune import ARCHITECTURES, tiny_model
 
 from finetune import distributed, launch, moe
 from finetune.cli import main
 from finetune.rundir import StageError
+from helpers.recipes import write_recipe
+from helpers.tiny import ARCHITECTURES, tiny_model
 
 # The router's load-balancing loss is computed per forward pass (per process, or per accumulation step) and is not
 # linear in the batch, so a run whose forward passes see other batches trains differently (measured here: 2e-3 max
@@ -74,6 +74,7 @@ def assert_same_weights(run_a, run_b, tolerance, sft_weights="model.safetensors"
         assert worst <= tolerance, f"{stage}: max weight difference {worst} > {tolerance}"
 
 
+@pytest.mark.multiprocess
 def test_two_processes_report_the_global_batch_and_write_each_file_once(two_processes):
     run, out = two_processes
     assert "[launch] accelerate launch --config_file" in out and "--num-processes 2" in out
@@ -89,6 +90,7 @@ def test_two_processes_report_the_global_batch_and_write_each_file_once(two_proc
     assert not leftovers
 
 
+@pytest.mark.multiprocess
 def test_both_processes_end_with_identical_weights(two_processes):
     run, out = two_processes
     lines = [line for line in out.splitlines() if "weights identical on all 2 processes" in line]
@@ -100,6 +102,7 @@ def test_both_processes_end_with_identical_weights(two_processes):
     assert lines[0].rstrip(")").endswith(distributed.weights_digest(saved))
 
 
+@pytest.mark.multiprocess
 def test_two_processes_equal_one_process_with_the_same_micro_batches(two_processes, tmp_path_factory):
     run, _ = two_processes
     one = one_process_run(tmp_path_factory, "accumulation",
@@ -115,6 +118,7 @@ def test_two_processes_equal_one_process_with_the_same_micro_batches(two_process
                 assert a["share"][layer] == pytest.approx(b["share"][layer], abs=1e-6)
 
 
+@pytest.mark.multiprocess
 def test_halved_per_device_batch_equals_one_process(two_processes, tmp_path_factory):
     run, _ = two_processes
     one = one_process_run(tmp_path_factory, "doubled",
@@ -123,6 +127,7 @@ def test_halved_per_device_batch_equals_one_process(two_processes, tmp_path_fact
 
 
 @needs_deepspeed
+@pytest.mark.multiprocess
 def test_zero3_on_two_processes_trains_like_one_process(tmp_path_factory):
     """DeepSpeed ZeRO-3 runs on CPUs too (gloo): sharded weights, MoE blocks as leaves. LoRA in both stages, so DPO
     starts by merging the SFT adapter into a base that ZeRO-3 loaded in shards."""

@@ -24,8 +24,8 @@ from finetune.packed_dpo import PackedDPOTrainer
 from finetune.packed_sft import PaddingFreeSFTTrainer, sft_trainer
 from finetune.preference_packing import pack_pairs
 from finetune.recipe import LoraConfig, ModelInit, SpeedConfig
+from helpers.recipes import write_recipe
 from tests.on_device import DTYPE, trainer_options
-from tests.test_cli import write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +226,7 @@ def test_reference_log_probs_are_cached_by_model_and_data(tiny, tmp_path, monkey
     assert reference_passes(model, changed)[0] > 0
 
 
+@pytest.mark.slow
 def test_tiny_dpo_stage_with_levers_on_matches_levers_off(tmp_path, monkeypatch):
     """End to end through the CLI: the DPO stage's logged losses are the same with every lever on and off, and a
     second run with another beta reuses the first run's reference pass."""

@@ -7,7 +7,7 @@ import pytest
 from eval.answer import answer_batch, answer_questions, batches_by_temperature, generate_replies, prepare_for_generation
 from eval.config import MT_BENCH_TEMPERATURES
 from eval.jsonl import read_jsonl
-from test_eval_support import tiny_chat_model
+from helpers.tiny import tiny_chat_model
 
 QUESTIONS = [
     {"question_id": 1, "category": "math", "turns": ["What is 1+1?", "And 2+2?"]},

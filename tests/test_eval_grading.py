@@ -7,7 +7,7 @@ import pytest
 from eval.judge_prompts import load_judge_prompts, pair_prompt, parse_rating, parse_verdict, single_prompt, usable_reference
 from eval.judging import judged_turns
 from eval.questions import load_questions, load_reference_answers, reference_turns
-from test_eval_support import mt_bench_file
+from helpers.shared_data import mt_bench_file
 
 REFERENCE_CATEGORIES = ["math", "reasoning", "coding"]
 ANSWER = ["FIRST ANSWER", "SECOND ANSWER"]

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,7 +23,8 @@ from eval.judge_backends import OpenAICompatibleJudge, retry_after_seconds
 from eval.jsonl import read_jsonl
 from finetune.cli import main
 from finetune.recipe_parsing import parse_recipe
-from test_eval_support import tiny_chat_model
+from helpers.shared_data import mt_bench_file
+from helpers.tiny import tiny_chat_model
 
 API_KEY = "sk-test-secret-0123456789"
 MARKER = re.compile(r"<<(\w+)>>")
@@ -159,11 +159,10 @@ def no_model_loading(monkeypatch):
     """Answers are already saved: loading a model would be a bug."""
     def refuse(recipe, name):
         raise AssertionError(f"model {name} loaded although its answers were saved")
-    monkeypatch.setattr(eval.evaluate, "load_model", refuse)
+    monkeypatch.setattr(eval.evaluate, "load_for_inference", refuse)
 
 
 def test_single_judge_over_http_retries_records_failures_and_resumes(tmp_path, judge_server, monkeypatch, capsys, no_model_loading):
-    from test_eval_support import mt_bench_file
 
     monkeypatch.setenv("TEST_JUDGE_KEY", API_KEY)
     question_file = write_questions_and_answers(tmp_path, {
@@ -221,7 +220,6 @@ def test_single_judge_over_http_retries_records_failures_and_resumes(tmp_path, j
 
 
 def test_pairwise_against_baseline_counts_inconsistent_verdicts_as_ties(tmp_path, judge_server, no_model_loading):
-    from test_eval_support import mt_bench_file
 
     question_file = write_questions_and_answers(tmp_path, {
         "a": {1: ["<<3>>", "<<5>>"], 2: ["<<4>>", "<<7>>"], 3: ["<<1>>"]},
@@ -256,10 +254,10 @@ def test_judge_waits_as_long_as_retry_after_says(judge_server):
     assert retry_after_seconds("soon") is None and retry_after_seconds(None) is None
 
 
+@pytest.mark.slow
 def test_eval_killed_while_judging_resumes_without_asking_twice(tmp_path, judge_server):
     """kill -9 in the middle of judging, then the same command: finished judgments are never asked for again,
     and the scores equal those of an uninterrupted run."""
-    from test_eval_support import mt_bench_file
 
     questions = [{"question_id": qid, "category": "writing", "turns": [f"Write {qid}.", f"Shorten {qid}."]}
                  for qid in range(1, 13)]
@@ -286,11 +284,15 @@ def test_eval_killed_while_judging_resumes_without_asking_twice(tmp_path, judge_
     judgment_file = tmp_path / "killed" / ".eval.partial" / "model_judgment" / "gpt-4_single.jsonl"
     with open(tmp_path / "eval.log", "w") as log:
         process = subprocess.Popen([sys.executable, "-m", "finetune", "eval", killed], stdout=log, stderr=log)
+        deadline = time.monotonic() + 300
         while len(read_jsonl(judgment_file)) < 10:
             assert process.poll() is None, (tmp_path / "eval.log").read_text()
+            if time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"eval judged fewer than 10 items in 300 s; see {tmp_path / 'eval.log'}")
             time.sleep(0.01)
         process.send_signal(signal.SIGKILL)
-        process.wait()
+        process.wait(timeout=60)
     finished = {record["user_prompt"] for record in read_jsonl(judgment_file)}
     assert 10 <= len(finished) < total  # killed in the middle of judging
     with open(judgment_file, "a") as handle:  # and, as after a power cut, the last record was only half written
@@ -324,7 +326,7 @@ def tiny_models(monkeypatch):
         loads[name] += 1
         return tiny_chat_model(seed=len(name))
 
-    monkeypatch.setitem(sys.modules, "finetune.models", types.SimpleNamespace(load_for_inference=load_for_inference))
+    monkeypatch.setattr(eval.evaluate, "load_for_inference", load_for_inference)
     return loads
 
 
@@ -368,8 +370,8 @@ def test_rerun_after_crash_reuses_saved_answers_and_judgments(tmp_path, tiny_mod
     assert len(after) == 2 * 6 * 2
 
 
+@pytest.mark.slow
 def test_local_judge_model_grades_with_the_same_prompts(tmp_path, tiny_models):
-    from test_eval_support import mt_bench_file
 
     recipe = synthetic_recipe(tmp_path, models=["base"], judge={
         "type": "local", "model": "judge", "prompt_file": str(mt_bench_file("judge_prompts.jsonl")), "max_tokens": 4})

@@ -15,10 +15,10 @@ from finetune.cli import main
 from finetune.models import load_quantized, load_stage_model
 from finetune.recipe import LoraConfig, RecipeError
 from finetune.recipe_parsing import load_recipe, parse_recipe
+from helpers.recipes import write_recipe
+from helpers.tiny import ARCHITECTURES, batch, tiny_model
 from bnb_kernel_paths import bnb_kernel_path, row_blocked_dequantize_4bit, use_dequantize_kernel  # noqa: F401
 from on_device import DEVICE, DTYPE, SAME_RESULT, relative_error
-from test_cli import write_recipe
-from test_finetune import ARCHITECTURES, batch, tiny_model
 from tests.lookalike import FAMILIES, family_config
 
 QLORA = ["model.lora.stages=[sft,dpo]", "model.quantization.bits=4", "sft.activation_checkpointing=true",
@@ -290,6 +290,7 @@ def losses(stage_dir):
     return [entry["loss"] for entry in json.loads((stage_dir / "metrics.json").read_text()) if "loss" in entry]
 
 
+@pytest.mark.slow
 def test_sft_then_dpo_train_adapters_on_the_quantized_base(qlora_run):
     _, run = qlora_run
     for stage in ("sft", "dpo"):
@@ -305,6 +306,7 @@ def test_sft_then_dpo_train_adapters_on_the_quantized_base(qlora_run):
     assert abs(first["rewards/chosen"]) < 0.01 and abs(first["rewards/rejected"]) < 0.01
 
 
+@pytest.mark.slow
 def test_adapter_trained_on_nf4_loads_on_the_full_precision_base_and_merges(qlora_run, tmp_path):
     recipe, run = qlora_run
     tokenizer = AutoTokenizer.from_pretrained(run / "base")

@@ -3,31 +3,11 @@
 import peft
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from data_prep import synthetic
 from finetune import adapters, moe
 from finetune.models import experts_kernel
-from finetune.tiny import init_config, train_tokenizer
-from finetune.recipe import LoraConfig, ModelConfig, ModelInit
-
-ARCHITECTURES = ["mixtral", "qwen3_moe", "olmoe"]
-
-
-def tiny_model(architecture="mixtral", seed=0, hidden_size=64, intermediate_size=64):
-    """Two layers of 4 experts, with dims that are multiples of 64 as in real models (unless a test wants odd ones)."""
-    texts = [m["content"] for row in synthetic.sft_conversations(200, 0) for m in row["messages"]]
-    tokenizer = train_tokenizer(texts, vocab_size=280)
-    init = ModelInit(architecture=architecture, hidden_size=hidden_size, intermediate_size=intermediate_size,
-                     num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4, experts_per_token=2)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(init_config(init, tokenizer)), tokenizer
-
-
-def batch(tokenizer):
-    rows = [row["messages"] for row in synthetic.sft_conversations(4, 1)]
-    texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in rows]
-    return tokenizer(texts, return_tensors="pt", padding=True)
+from finetune.recipe import LoraConfig, ModelConfig
+from helpers.tiny import ARCHITECTURES, batch, tiny_model
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)

@@ -16,7 +16,9 @@ from finetune.cli import main
 from finetune.models import load_for_inference, load_stage_model
 from finetune.recipe_parsing import load_recipe
 from finetune.rundir import read_manifest
-from test_cli import write_recipe  # the tiny recipe of the end-to-end CLI test
+from helpers.recipes import write_recipe
+
+pytestmark = pytest.mark.slow  # every test here uses the tiny run the module trains first
 
 SCORES = "# MT-Bench-style scores\n\n| model | overall |\n|---|---|\n| dpo | 7.5 |\n"
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -18,20 +19,14 @@ from finetune.checkpoints import SEAL, checkpoint_problem, checkpoints
 from finetune.cli import main
 from finetune.recipe import CheckpointConfig, Recipe
 from finetune.trainer_config import moetune_defaults
-from tests.test_cli import write_recipe
+from helpers.processes import output_lines
+from helpers.recipes import prepared_recipe, write_recipe
+
+pytestmark = pytest.mark.slow  # every test here trains through the pipeline
 
 SCHEDULE = ["save_strategy=steps", "save_steps=2", "save_total_limit=2", "logging_steps=1"]
 SFT = ["sft.max_steps=12", *(f"sft.{setting}" for setting in SCHEDULE)]
 DPO = ["dpo.max_steps=12", *(f"dpo.{setting}" for setting in SCHEDULE)]
-
-
-def prepared_recipe(folder, stages=("prep",)):
-    """A tiny recipe in its own folder (so its own run dir), with the given stages done."""
-    folder.mkdir()
-    recipe = str(write_recipe(folder))
-    for stage in stages:
-        assert main([stage, recipe]) == 0
-    return recipe, folder / "run"
 
 
 def kill_at_random_step(stage, recipe, overrides, log_file, first=5, last=9):
@@ -44,13 +39,13 @@ def kill_at_random_step(stage, recipe, overrides, log_file, first=5, last=9):
     with open(log_file, "w") as stderr:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        for line in process.stdout:  # logging_steps=1: one "{'loss': ...}" line per step
+        for line in output_lines(process, seconds=300):  # logging_steps=1: one "{'loss': ...}" line per step
             if line.startswith("{'loss'"):
                 logged_at.append(time.time())
             if len(logged_at) == step:
                 process.send_signal(signal.SIGKILL)
                 break
-        process.wait()
+        process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL, f"{stage} ended before step {step}; see {log_file}"
     return step, logged_at
 
@@ -137,12 +132,12 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     command = [sys.executable, "-m", "finetune", "sft", recipe, *SFT, "sft.max_steps=1000"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for line in process.stdout:
+    for line in output_lines(process, seconds=300):
         if line.startswith("{'loss'"):
             process.send_signal(signal.SIGTERM)
             break
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 2
+    assert process.returncode == 2, err[-3000:]
     stopped = int(re.search(r"interrupted at step (\d+)", err).group(1))
     assert "Run the same command again to resume" in err
     assert checkpoint_problem(run / ".sft.partial" / f"checkpoint-{stopped}") is None  # complete and sealed

@@ -1,28 +1,43 @@
-"""Shared pieces for the eval tests (no tests here): a tiny random chat MoE and the MT-Bench data location."""
+"""Tiny models and tokenizers built here (no downloads): MoE models from a config with real-model shape rules, a
+tokenizer trained locally, and a one-token-per-character ChatML tokenizer."""
 
 from __future__ import annotations
 
 import string
-from pathlib import Path
 
-import pytest
 import torch
 import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM
 
-MT_BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mt_bench"
+from data_prep import synthetic
+from finetune.recipe import ModelInit
+from finetune.tiny import init_config, train_tokenizer
+
+ARCHITECTURES = ["mixtral", "qwen3_moe", "olmoe"]
+
+
+def tiny_model(architecture="mixtral", seed=0, hidden_size=64, intermediate_size=64):
+    """Two layers of 4 experts, with dims that are multiples of 64 as in real models (unless a test wants odd ones)."""
+    texts = [m["content"] for row in synthetic.sft_conversations(200, 0) for m in row["messages"]]
+    tokenizer = train_tokenizer(texts, vocab_size=280)
+    init = ModelInit(architecture=architecture, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                     num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4, experts_per_token=2)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(init_config(init, tokenizer)), tokenizer
+
+
+def batch(tokenizer):
+    rows = [row["messages"] for row in synthetic.sft_conversations(4, 1)]
+    texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in rows]
+    return tokenizer(texts, return_tensors="pt", padding=True)
+
+
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-def mt_bench_file(name: str) -> Path:
-    path = MT_BENCH / name
-    if not path.is_file():
-        pytest.skip(f"MT-Bench data {path} is absent (expected the shared data next to the repo, see shared/data/README.md)")
-    return path
 
 
 def tiny_chat_tokenizer() -> transformers.PreTrainedTokenizerFast:

@@ -1,0 +1,43 @@
+"""Tiny recipes: the YAML recipe of the end-to-end tests and in-memory recipes for the prep stage."""
+
+from __future__ import annotations
+
+from finetune.cli import main
+from finetune.recipe_parsing import parse_recipe
+
+RECIPE = """
+run_dir: {run_dir}
+seed: 7
+model:
+  init: {{architecture: {architecture}, hidden_size: 32, intermediate_size: 32, num_layers: 1, num_experts: 4,
+          experts_per_token: 2, vocab_size: 280}}
+  lora: {{targets: [attention, experts], r: 4, alpha: 8, stages: [dpo]}}
+data:
+  sources: [{{format: synthetic, options: {{sft: 200, pairs: 80, questions: 6}}}}]
+  dedup: exact
+sft: {{max_steps: 6, per_device_train_batch_size: 8, learning_rate: 1.0e-3, logging_steps: 2, max_length: 128}}
+dpo: {{max_steps: 3, per_device_train_batch_size: 4, learning_rate: 1.0e-3, logging_steps: 1, max_length: 128}}
+eval: {{models: [base, sft, dpo], max_new_tokens: 8, batch_size: 8}}
+"""
+
+
+def write_recipe(tmp_path, architecture="mixtral"):
+    """tiny.yaml in `tmp_path`: a model.init MoE, synthetic data, a few SFT and DPO steps; its run dir is tmp_path/run."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(RECIPE.format(run_dir=tmp_path / "run", architecture=architecture))
+    return path
+
+
+def prepared_recipe(folder, stages=("prep",)):
+    """A tiny recipe in its own folder (so its own run dir), with the given stages done."""
+    folder.mkdir()
+    recipe = str(write_recipe(folder))
+    for stage in stages:
+        assert main([stage, recipe]) == 0
+    return recipe, folder / "run"
+
+
+def make_recipe(tmp_path, sources, **data):
+    """A model.init recipe whose data section has these sources (and data settings), for the prep stage."""
+    raw = {"run_dir": str(tmp_path / "run"), "model": {"init": {}}, "data": {"sources": sources, **data}}
+    return parse_recipe(raw, str(tmp_path / "recipe.yaml"))
