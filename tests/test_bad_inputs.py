@@ -391,7 +391,8 @@ def test_unreachable_judge_fails_fast_then_resumes_with_other_retry_settings(fol
 
 
 def test_ctrl_c_while_judging_stops_in_seconds_and_keeps_what_finished(folder, model_dir):
-    with RatingServer(delay=2.0) as server:
+    # Each judgment takes 5 s: after the first two, the rest are still seconds away when Ctrl-C comes, on any machine.
+    with RatingServer(delay=5.0) as server:
         recipe = openai_eval_recipe(folder, model_dir, server.base_url, max_concurrency=2)
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         process = subprocess.Popen([sys.executable, "-m", "finetune", "eval", str(recipe)], cwd=folder, env=env,
