@@ -25,16 +25,14 @@ from peft import PeftModel
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import eager_mask, sdpa_mask
-from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
-from trl.kernels import ChunkedLogProbFunction
 from trl.trainer.utils import FusedCausalLMOutput
 
-from finetune import distributed, families, moe
+from finetune import distributed, families
 from finetune.preference_packing import PACKED_KEYS
+from finetune.scored_lm_head import router_loss, scored_log_probs
 
 BLOCK_ATTENTION = "moetune_blocks"
 BLOCK_EAGER_ATTENTION = "moetune_eager_blocks"
-LOGPROB_CHUNK = 4096  # tokens per LM-head tile: bounds the (tokens, vocab) logits held at once
 
 
 def row_blocks(query, key, attention_mask, kwargs) -> list[tuple[int, int, int, int]] | None:
@@ -194,12 +192,9 @@ def packed_forward(model, batch: dict, fields: tuple[str, ...]) -> FusedCausalLM
         packed_blocks=[tuple(block) for block in batch["packed_blocks"].tolist()],
         output_router_logits=router_logits, use_cache=False,
     )
-    lm_head = model.get_output_embeddings()
     sources = hidden.last_hidden_state[0].index_select(0, batch["packed_score_source"])
-    per_token = ChunkedLogProbFunction.apply(
-        sources, lm_head.weight, lm_head.bias, batch["packed_score_token"], 1.0, LOGPROB_CHUNK,
-        getattr(config, "final_logit_softcapping", None), 1.0, fields,
-    )
+    per_token = scored_log_probs(model, sources, batch["packed_score_token"], fields,
+                                 getattr(config, "final_logit_softcapping", None))
     rows, length = batch["input_ids"].shape
     where = (batch["packed_score_row"], batch["packed_score_col"])
     log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (
@@ -208,8 +203,7 @@ def packed_forward(model, batch: dict, fields: tuple[str, ...]) -> FusedCausalLM
     )
     aux_loss = None
     if router_logits:
-        aux_loss = load_balancing_loss_func(hidden.router_logits, *moe.routing_sizes(model),
-                                            batch["packed_router_weights"])
+        aux_loss = router_loss(model, hidden.router_logits, batch["packed_router_weights"])
     return FusedCausalLMOutput(
         loss=None, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq_probs,
         mean_logits=mean_logits, is_top1=is_top1, aux_loss=aux_loss,

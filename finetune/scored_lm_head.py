@@ -36,12 +36,13 @@ def plain_lm_head(model) -> bool:
     return all(getattr(config, field, None) is None for field in SCALED_HEAD_FIELDS)
 
 
-def scored_log_probs(model, hidden: torch.Tensor, targets: torch.Tensor, fields: tuple[str, ...]):
+def scored_log_probs(model, hidden: torch.Tensor, targets: torch.Tensor, fields: tuple[str, ...],
+                     softcapping: float | None = None):
     """TRL's per-token outputs (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1; None where not in
     `fields`) of the rows of `hidden` (tokens, hidden size) predicting `targets`."""
     lm_head = model.get_output_embeddings()
-    return ChunkedLogProbFunction.apply(hidden, lm_head.weight, lm_head.bias, targets, 1.0, LOGPROB_CHUNK, None, 1.0,
-                                        fields)
+    return ChunkedLogProbFunction.apply(hidden, lm_head.weight, lm_head.bias, targets, 1.0, LOGPROB_CHUNK, softcapping,
+                                        1.0, fields)
 
 
 def router_loss(model, router_logits, attention_mask) -> torch.Tensor:
