@@ -422,7 +422,7 @@ def render(results: dict, info: dict, mode: str, seconds: float) -> str:
     if speed.get("rows"):
         from benchmarks import dpo_bench
 
-        lines += ["", f"## DPO and SFT speed vs TRL", "",
+        lines += ["", "## DPO and SFT speed vs TRL", "",
                   f"{speed['parameters'] / 1e6:,.1f}M-parameter OLMoE-shaped model (vocabulary {speed['vocab_size']}), "
                   f"LoRA r=16 on attention and experts, batches of {speed['batch']}, {speed['dpo_steps']} DPO and "
                   f"{speed['sft_steps']} SFT steps, max length {speed['max_length']}; {speed['data']}. MFU against "

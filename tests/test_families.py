@@ -18,7 +18,7 @@ from trl import SFTConfig, SFTTrainer
 
 from benchmarks.dpo_bench import loss_and_gradients
 from data_prep import synthetic
-from finetune import adapters, balancing, expert_quant, families, moe
+from finetune import adapters, balancing, families, moe
 from finetune.tiny import init_config, train_tokenizer
 from finetune.packed_dpo import PackedDPOTrainer
 from finetune.packed_sft import PaddingFreeSFTTrainer

@@ -20,7 +20,7 @@ from finetune.cli import main
 from finetune.recipe import CheckpointConfig, Recipe
 from finetune.trainer_config import moetune_defaults
 from helpers.processes import output_lines
-from helpers.recipes import prepared_recipe, write_recipe
+from helpers.recipes import prepared_recipe
 
 pytestmark = pytest.mark.slow  # every test here trains through the pipeline
 
