@@ -17,12 +17,13 @@ from finetune.reference_cache import ReferenceCachedDPOTrainer
 
 
 class PackedDPOTrainer(ReferenceCachedDPOTrainer):
-    def __init__(self, *args, share_prompt: bool = True, **kwargs):
+    def __init__(self, *args, share_prompt: bool = True, tiled_lm_head: bool = True, **kwargs):
         config, tokenizer = kwargs["args"], kwargs["processing_class"]
         kwargs["data_collator"] = PackedPreferenceCollator(
             pad_token_id=tokenizer.pad_token_id, max_length=config.max_length,
             truncation_mode=config.truncation_mode, share_prompt=share_prompt,
         )
+        self.tiled_lm_head = tiled_lm_head  # read by install_packed_forward, which TRL's __init__ may call first
         super().__init__(*args, **kwargs)
         self.install_packed_forward()
 
@@ -32,9 +33,9 @@ class PackedDPOTrainer(ReferenceCachedDPOTrainer):
             return
         policy = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
         fields = ("log_probs", "entropy", "mean_logits", "is_top1") + (("log_sum_sq_probs",) if self.use_weighting else ())
-        install_packed_forward(policy, fields)
+        install_packed_forward(policy, fields, self.tiled_lm_head)
         if self.ref_model is not None:
-            install_packed_forward(self.accelerator.unwrap_model(self.ref_model))
+            install_packed_forward(self.accelerator.unwrap_model(self.ref_model), tiled=self.tiled_lm_head)
         self.packed_forward_installed = True
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
@@ -46,5 +47,5 @@ class PackedDPOTrainer(ReferenceCachedDPOTrainer):
 def dpo_trainer(speed, **kwargs) -> DPOTrainer:
     """The DPO trainer the recipe's `speed:` section asks for (same loss either way)."""
     if padding_free_for(speed, kwargs["model"], "dpo"):
-        return PackedDPOTrainer(share_prompt=speed.share_prompt, **kwargs)
+        return PackedDPOTrainer(share_prompt=speed.share_prompt, tiled_lm_head=speed.tiled_lm_head, **kwargs)
     return ReferenceCachedDPOTrainer(**kwargs)

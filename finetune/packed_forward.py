@@ -167,10 +167,10 @@ def use_block_attention(model) -> None:
     model.set_attn_implementation(BLOCK_ATTENTIONS.get(implementation, implementation))
 
 
-def install_packed_forward(model, fields: tuple[str, ...] = ("log_probs",)) -> None:
+def install_packed_forward(model, fields: tuple[str, ...] = ("log_probs",), tiled: bool = True) -> None:
     """Patch `model` (a *ForCausalLM, after TRL added its fused LM head) to understand packed preference batches.
 
-    `fields` are the per-token outputs computed, as in TRL's `add_fused_lm_head`.
+    `fields` are the per-token outputs computed, as in TRL's `add_fused_lm_head`; `tiled`: speed.tiled_lm_head.
     """
     use_block_attention(model)
     previous = model.forward
@@ -179,12 +179,12 @@ def install_packed_forward(model, fields: tuple[str, ...] = ("log_probs",)) -> N
     def forward(self, *args, **kwargs):
         if kwargs.get("packed_input_ids") is None:
             return previous(*args, **{k: v for k, v in kwargs.items() if k not in PACKED_KEYS})
-        return packed_forward(self, kwargs, fields)
+        return packed_forward(self, kwargs, fields, tiled)
 
     model.forward = types.MethodType(forward, model)
 
 
-def packed_forward(model, batch: dict, fields: tuple[str, ...]) -> FusedCausalLMOutput:
+def packed_forward(model, batch: dict, fields: tuple[str, ...], tiled: bool) -> FusedCausalLMOutput:
     config = model.config.get_text_config()
     router_logits = bool(batch.get("output_router_logits"))
     hidden = model.base_model(
@@ -194,7 +194,7 @@ def packed_forward(model, batch: dict, fields: tuple[str, ...]) -> FusedCausalLM
     )
     sources = hidden.last_hidden_state[0].index_select(0, batch["packed_score_source"])
     per_token = scored_log_probs(model, sources, batch["packed_score_token"], fields,
-                                 getattr(config, "final_logit_softcapping", None))
+                                 getattr(config, "final_logit_softcapping", None), tiled)
     rows, length = batch["input_ids"].shape
     where = (batch["packed_score_row"], batch["packed_score_col"])
     log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (

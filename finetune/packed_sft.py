@@ -41,5 +41,5 @@ def sft_trainer(speed, **kwargs) -> SFTTrainer:
     """The SFT trainer the recipe's `speed:` section asks for (same loss either way)."""
     trainer = PaddingFreeSFTTrainer(**kwargs) if padding_free_for(speed, kwargs["model"], "sft") else SFTTrainer(**kwargs)
     if speed.scored_lm_head:
-        install_scored_lm_head(unwrapped(trainer.model), SFT_FIELDS)
+        install_scored_lm_head(unwrapped(trainer.model), SFT_FIELDS, speed.tiled_lm_head)
     return trainer

@@ -123,6 +123,10 @@ class SpeedConfig:
     scored_lm_head: bool = help_field(
         True, help="SFT: the LM head only on the tokens the loss scores (the assistant turns), in small vocabulary "
         "tiles; TRL's on a CPU runs it on every position. DPO's padding-free batches always do.")
+    tiled_lm_head: bool = help_field(
+        True, help="Devices without Triton (CPUs): the scored LM head's log-probs (DPO's padding-free batches, SFT's "
+        "scored_lm_head) in moetune's cache-sized tiles, with about half the passes of TRL's torch fallback "
+        "(finetune/lm_head_tiles.py); GPUs run TRL's Triton kernel either way.")
     reference_cache: bool = help_field(
         True, help="DPO: reference log-probs computed in one pass before training (TRL's precompute_ref_log_probs, "
         "which dpo: can still set) and cached by model, tokens and batch layout, so a second epoch, a re-run, a "

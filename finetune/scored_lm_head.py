@@ -22,7 +22,7 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 from trl.kernels import ChunkedLogProbFunction
 from trl.trainer.utils import FusedCausalLMOutput
 
-from finetune import moe
+from finetune import lm_head_tiles, moe
 
 LOGPROB_CHUNK = 4096  # vocabulary entries per LM-head tile: bounds the logits held at once
 # Config fields by which TRL's head scales or caps the logits (see trl.trainer.utils.add_fused_lm_head).
@@ -37,10 +37,13 @@ def plain_lm_head(model) -> bool:
 
 
 def scored_log_probs(model, hidden: torch.Tensor, targets: torch.Tensor, fields: tuple[str, ...],
-                     softcapping: float | None = None):
+                     softcapping: float | None = None, tiled: bool = True):
     """TRL's per-token outputs (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1; None where not in
-    `fields`) of the rows of `hidden` (tokens, hidden size) predicting `targets`."""
+    `fields`) of the rows of `hidden` (tokens, hidden size) predicting `targets`; `tiled`: by moetune's CPU tiles
+    where they serve the call (speed.tiled_lm_head)."""
     lm_head = model.get_output_embeddings()
+    if tiled and lm_head_tiles.supported(hidden, softcapping):
+        return lm_head_tiles.TiledLogProbs.apply(hidden, lm_head.weight, lm_head.bias, targets, fields)
     return ChunkedLogProbFunction.apply(hidden, lm_head.weight, lm_head.bias, targets, 1.0, LOGPROB_CHUNK, softcapping,
                                         1.0, fields)
 
@@ -50,7 +53,7 @@ def router_loss(model, router_logits, attention_mask) -> torch.Tensor:
     return load_balancing_loss_func(router_logits, *moe.routing_sizes(model), attention_mask)
 
 
-def install_scored_lm_head(model, fields: tuple[str, ...]) -> bool:
+def install_scored_lm_head(model, fields: tuple[str, ...], tiled: bool = True) -> bool:
     """Patch `model` (a *ForCausalLM, after TRL added its fused LM head) so that `fused_lm_head=True` calls score
     only the labelled positions. Returns False, patching nothing, for a head that is not a plain projection."""
     if not plain_lm_head(model):
@@ -61,13 +64,13 @@ def install_scored_lm_head(model, fields: tuple[str, ...]) -> bool:
     def forward(self, *args, fused_lm_head=False, **kwargs):
         if not fused_lm_head or args:
             return previous(*args, fused_lm_head=fused_lm_head, **kwargs)
-        return scored_forward(self, kwargs, fields)
+        return scored_forward(self, kwargs, fields, tiled)
 
     model.forward = types.MethodType(forward, model)
     return True
 
 
-def scored_forward(model, kwargs: dict, fields: tuple[str, ...]) -> FusedCausalLMOutput:
+def scored_forward(model, kwargs: dict, fields: tuple[str, ...], tiled: bool) -> FusedCausalLMOutput:
     """TRL's fused forward (trl.trainer.utils.add_fused_lm_head) with only the labelled positions scored."""
     labels, shift_labels = kwargs.pop("labels", None), kwargs.pop("shift_labels", None)
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
@@ -81,7 +84,7 @@ def scored_forward(model, kwargs: dict, fields: tuple[str, ...]) -> FusedCausalL
     else:
         labels = shift_labels
     mask = labels != -100
-    per_token = scored_log_probs(model, hidden[mask], labels[mask], fields)
+    per_token = scored_log_probs(model, hidden[mask], labels[mask], fields, tiled=tiled)
     # masked_scatter keeps a batch without scored tokens connected to the graph (a zero loss, not a failed backward)
     log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (
         None if values is None else values.new_zeros(mask.shape).masked_scatter(mask, values) for values in per_token)

@@ -90,10 +90,11 @@ def same_math(reference, candidate):
 
 
 @pytest.mark.conformance
-@pytest.mark.parametrize("share_prompt", [False, True])
-def test_packed_batches_give_trl_log_probs_loss_and_gradients(tiny, trl_lora, tmp_path, share_prompt):
+@pytest.mark.parametrize("share_prompt,tiled_lm_head", [(False, True), (True, True), (True, False)])
+def test_packed_batches_give_trl_log_probs_loss_and_gradients(tiny, trl_lora, tmp_path, share_prompt, tiled_lm_head):
     reference, log_probs = trl_lora
-    packed = build(tiny, tmp_path, PackedDPOTrainer, trainer_options={"share_prompt": share_prompt})
+    packed = build(tiny, tmp_path, PackedDPOTrainer,
+                   trainer_options={"share_prompt": share_prompt, "tiled_lm_head": tiled_lm_head})
     packed_log_probs = reference_log_probs(packed)
     assert log_probs.numel() >= 10 and log_probs.abs().min() > 1  # 5+ pairs, real sums
     torch.testing.assert_close(packed_log_probs, log_probs, rtol=SAME_MATH[str(DTYPE).split(".")[-1]][0], atol=1e-4)
@@ -133,15 +134,17 @@ def sft_metrics(trainer):
     return {name: trainer._metrics["train"][name][-1] for name in ("entropy", "mean_token_accuracy")}
 
 
-@pytest.mark.parametrize("padding_free", [False, True])
-def test_sft_levers_give_trl_loss_gradients_and_metrics(tiny, sft_batch, tmp_path, monkeypatch, padding_free):
-    """The LM head on the assistant tokens only (with and without padding-free rows): TRL's loss, gradients and
-    logged metrics, from fewer LM-head rows than TRL's CPU path scores."""
+@pytest.mark.parametrize("padding_free,tiled_lm_head", [(False, True), (True, True), (True, False)])
+def test_sft_levers_give_trl_loss_gradients_and_metrics(tiny, sft_batch, tmp_path, monkeypatch, padding_free,
+                                                        tiled_lm_head):
+    """The LM head on the assistant tokens only (with and without padding-free rows, in moetune's CPU tiles or
+    TRL's kernel): TRL's loss, gradients and logged metrics, from fewer LM-head rows than TRL's CPU path scores."""
     head_rows = []
     original = scored_lm_head.scored_log_probs
     monkeypatch.setattr(scored_lm_head, "scored_log_probs",
-                        lambda model, hidden, *args: head_rows.append(len(hidden)) or original(model, hidden, *args))
-    speed = SpeedConfig(padding_free=padding_free, scored_lm_head=True)
+                        lambda model, hidden, *args, **kwargs: head_rows.append(len(hidden))
+                        or original(model, hidden, *args, **kwargs))
+    speed = SpeedConfig(padding_free=padding_free, scored_lm_head=True, tiled_lm_head=tiled_lm_head)
     trainer = sft_build(tiny, tmp_path, lambda **kwargs: sft_trainer(speed, **kwargs))
     examples = whole_dataset(trainer)
     assert isinstance(trainer, PaddingFreeSFTTrainer) == padding_free
@@ -242,7 +245,7 @@ def test_tiny_dpo_stage_with_levers_on_matches_levers_off(tmp_path, monkeypatch)
     assert reference_batches == []
     losses = {}
     for levers in ("true", "false"):
-        overrides = [f"speed.{name}={levers}" for name in ("padding_free", "share_prompt", "reference_cache")]
+        overrides = [f"speed.{name}={levers}" for name in ("padding_free", "share_prompt", "reference_cache", "tiled_lm_head")]
         assert main(["dpo", recipe, "--force", *overrides]) == 0
         history = json.loads((tmp_path / "run" / "dpo" / "metrics.json").read_text())
         losses[levers] = [entry["loss"] for entry in history if "loss" in entry]
