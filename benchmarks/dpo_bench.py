@@ -46,7 +46,7 @@ SHAPES = {
     "fine": {"model": dict(architecture="qwen3_moe", hidden_size=128, intermediate_size=64, num_layers=2,
                            num_heads=4, num_kv_heads=2, num_experts=128, experts_per_token=8, vocab_size=16000,
                            max_position_embeddings=8192),
-             "embedding_rows": 151_936, "batch": 2, "dpo_steps": 2, "sft_steps": 2, "repeats": 1, "max_length": 512,
+             "embedding_rows": 151_936, "batch": 2, "dpo_steps": 2, "sft_steps": 2, "repeats": 3, "max_length": 512,
              "skip": ("moetune_dpo_second_run", "moetune_dpo_2_epochs", "moetune_dpo_2_epochs_no_cache")},
 }
 QUICK = {
@@ -57,7 +57,7 @@ QUICK = {
     "fine": {"model": dict(architecture="qwen3_moe", hidden_size=64, intermediate_size=64, num_layers=1, num_heads=4,
                            num_kv_heads=2, num_experts=64, experts_per_token=8, vocab_size=1000,
                            max_position_embeddings=8192),
-             "embedding_rows": 151_936, "batch": 1, "dpo_steps": 1, "sft_steps": 1, "repeats": 1, "max_length": 256,
+             "embedding_rows": 151_936, "batch": 1, "dpo_steps": 1, "sft_steps": 1, "repeats": 1, "max_length": 1024,
              "skip": ("moetune_dpo_second_run", "moetune_dpo_2_epochs", "moetune_dpo_2_epochs_no_cache")},
 }
 # Long sequences at the fine shape: pairs whose prompt is a long conversation (earlier hh-rlhf transcripts put
@@ -67,7 +67,7 @@ LONG = {"max_length": 4096, "history_chars": 11_000, "batch": 1, "dpo_steps": 1,
         "variants": ("trl_dpo", "trl_dpo_best", "moetune_dpo", "trl_sft", "trl_sft_packing", "moetune_sft")}
 MEMORY = {"max_length": 8192, "history_chars": 40_000, "batch": 1, "dpo_steps": 1, "sft_steps": 1, "repeats": 1,
           "variants": ("trl_sft", "moetune_sft", "moetune_sft_full_head")}
-QUICK_LONG = {**LONG, "max_length": 512, "history_chars": 600, "variants": ("trl_dpo", "moetune_dpo", "trl_sft", "moetune_sft")}
+QUICK_LONG = {**LONG, "max_length": 512, "history_chars": 200}
 QUICK_MEMORY = {**MEMORY, "max_length": 1024, "history_chars": 4_500}
 
 # name: (stage, what it is)
@@ -78,6 +78,7 @@ VARIANTS = {
     "moetune_dpo_no_share": ("dpo", "moetune DPO, speed.share_prompt off"),
     "moetune_dpo_padded": ("dpo", "moetune DPO, speed.padding_free off"),
     "moetune_dpo_no_cache": ("dpo", "moetune DPO, speed.reference_cache off"),
+    "moetune_dpo_trl_head": ("dpo", "moetune DPO, speed.tiled_lm_head off (TRL's log-prob kernel)"),
     "moetune_dpo_second_run": ("dpo", "moetune DPO, a second run (another beta) reusing the first's reference pass"),
     "moetune_dpo_2_epochs": ("dpo", "moetune DPO, 2 epochs"),
     "moetune_dpo_2_epochs_no_cache": ("dpo", "moetune DPO, 2 epochs, speed.reference_cache off"),
@@ -86,12 +87,14 @@ VARIANTS = {
     "moetune_sft": ("sft", "moetune SFT (padding-free, LM head on assistant tokens, same batches as TRL's defaults)"),
     "moetune_sft_full_head": ("sft", "moetune SFT, speed.scored_lm_head off"),
     "moetune_sft_padded": ("sft", "moetune SFT, speed.padding_free off"),
+    "moetune_sft_trl_head": ("sft", "moetune SFT, speed.tiled_lm_head off (TRL's log-prob kernel)"),
 }
 
 # The ablations: moetune's DPO with one lever off each, so the table shows what every lever adds.
 LEVERS_OFF = {"moetune_dpo_no_share": {"share_prompt": False}, "moetune_dpo_padded": {"padding_free": False},
               "moetune_dpo_no_cache": {"reference_cache": False}, "moetune_dpo_2_epochs_no_cache": {"reference_cache": False},
-              "moetune_sft_full_head": {"scored_lm_head": False}, "moetune_sft_padded": {"padding_free": False}}
+              "moetune_sft_full_head": {"scored_lm_head": False}, "moetune_sft_padded": {"padding_free": False},
+              "moetune_dpo_trl_head": {"tiled_lm_head": False}, "moetune_sft_trl_head": {"tiled_lm_head": False}}
 EPOCHS = {"moetune_dpo_2_epochs": 2, "moetune_dpo_2_epochs_no_cache": 2}
 # Variants timed as the second run of a sweep: an untimed first run with these dpo: settings precedes them.
 FIRST_RUN_DPO = {"moetune_dpo_second_run": {"beta": 0.3}}

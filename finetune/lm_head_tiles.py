@@ -10,6 +10,12 @@ in place, on tiles that stay in cache: `torch.max` gives the row maximum and the
 `is_top1` is "the target is the first maximum"), exp and the sums run on the shifted tile, and the backward turns
 the recomputed tile into its gradient in place (softmax minus one-hot, scaled) before one addmm per operand.
 
+Where only the hidden states need a gradient through the log-probs (LoRA, the LM head frozen, entropy logged not
+trained: every TRL DPO and SFT step), the backward needs no second pass at all. d log p_t / dh = W_t - E_p[W], and
+the forward accumulates E_p[W] = sum_v p_v W_v tile by tile (one addmm of the exp tile it already holds, rescaled
+with the running maximum), so the backward is `g * (W[targets] - E_p[W])`: one matmul and three whole-tile passes
+per tile fewer than recomputing the logits.
+
 Only the plain head is covered (no soft-capping, logit scale or temperature); `supported` says which calls.
 """
 
@@ -28,25 +34,38 @@ def supported(hidden: torch.Tensor, softcapping: float | None) -> bool:
     return hidden.device.type not in ("cuda", "xpu") and softcapping is None
 
 
-class TiledLogProbs(torch.autograd.Function):
+def tiled_log_probs(hidden, weight, bias, targets, fields):
     """`ChunkedLogProbFunction.apply(hidden, weight, bias, targets, 1.0, chunk, None, 1.0, fields)` on a CPU:
     (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1), None for what `fields` does not ask."""
+    # Only a pass that will be differentiated pays for E_p[W] (grad mode is off inside an autograd Function).
+    head_frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
+    expect_weight = torch.is_grad_enabled() and hidden.requires_grad and head_frozen
+    return TiledLogProbs.apply(hidden, weight, bias, targets, fields, expect_weight)
 
+
+class TiledLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, fields):
+    def forward(ctx, hidden, weight, bias, targets, fields, expect_weight):
         ctx.set_materialize_grads(False)  # entropy is logged, not trained: no zero gradient to fold back
-        tiles = [fold_rows(hidden[rows], weight, bias, targets[rows], fields) for rows in token_tiles(hidden)]
+        tiles = [fold_rows(hidden[rows], weight, bias, targets[rows], fields, expect_weight)
+                 for rows in token_tiles(hidden)]
         log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (
             torch.cat([tile[field] for tile in tiles]) if field in fields else None for field in FIELDS)
         log_z = torch.cat([tile["log_z"] for tile in tiles])
-        ctx.save_for_backward(hidden, weight, bias, targets, log_z, entropy)
+        expected_weight = torch.cat([tile["expected_weight"] for tile in tiles]) if expect_weight else None
+        ctx.save_for_backward(hidden, weight, bias, targets, log_z, entropy, expected_weight)
         ctx.mark_non_differentiable(*(x for x in (log_sum_sq_probs, mean_logits, is_top1) if x is not None))
         return log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1
 
     @staticmethod
     def backward(ctx, grad_log_probs, grad_entropy, *_):
-        hidden, weight, bias, targets, log_z, entropy = ctx.saved_tensors
+        hidden, weight, bias, targets, log_z, entropy, expected_weight = ctx.saved_tensors
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        if expected_weight is not None and grad_entropy is None and not (needs_weight or needs_bias):
+            if grad_log_probs is None:
+                return None, None, None, None, None, None
+            grad = grad_log_probs.float()[:, None] * (weight[targets].float() - expected_weight)
+            return grad.to(hidden.dtype), None, None, None, None, None
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32) if needs_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32) if needs_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32) if needs_bias else None
@@ -58,7 +77,7 @@ class TiledLogProbs(torch.autograd.Function):
                             None if grad_hidden is None else grad_hidden[rows], grad_weight, grad_bias)
         return (None if grad_hidden is None else grad_hidden.to(hidden.dtype),
                 None if grad_weight is None else grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(bias.dtype), None, None)
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None)
 
 
 def token_tiles(hidden: torch.Tensor):
@@ -78,13 +97,15 @@ def logits_tiles(hidden, weight, bias):
         yield start, tile
 
 
-def fold_rows(hidden, weight, bias, targets, fields):
-    """The requested fields of one token tile (fp32, as TRL's) and its log-partition `log_z`, folding its logits vocabulary tile by vocabulary tile with an online
+def fold_rows(hidden, weight, bias, targets, fields, expect_weight: bool):
+    """The requested fields of one token tile (fp32, as TRL's), its log-partition `log_z` and, if asked, each
+    token's expected LM-head row under its softmax (`expected_weight`, E_p[W]), folding its logits vocabulary tile by vocabulary tile with an online
     maximum (as a streaming logsumexp does)."""
     rows = hidden.shape[0]
     running_max = torch.full((rows,), float("-inf"))
     sum_exp, x_sum_exp, sq_sum_exp, z_sum = (torch.zeros(rows) for _ in range(4))
     argmax, target_logit = torch.zeros(rows, dtype=torch.long), torch.zeros(rows)
+    expected_weight = torch.zeros(rows, weight.shape[1]) if expect_weight else None
     for start, tile in logits_tiles(hidden, weight, bias):
         local = targets - start
         in_tile = (local >= 0) & (local < tile.shape[1])
@@ -104,12 +125,16 @@ def fold_rows(hidden, weight, bias, targets, fields):
         if "log_sum_sq_probs" in fields:
             sq_sum_exp = sq_sum_exp * rescale * rescale + torch.linalg.vecdot(exp, exp)
         sum_exp = sum_exp * rescale + tile_sum
+        if expect_weight:
+            expected_weight.mul_(rescale[:, None]).addmm_(exp, weight[start:start + tile.shape[1]].float())
         running_max = new_max
     log_z = running_max + torch.log(sum_exp)
     values = {"log_probs": target_logit - log_z, "entropy": log_z - x_sum_exp / sum_exp,
               "log_sum_sq_probs": torch.log(sq_sum_exp) - 2 * torch.log(sum_exp),
               "mean_logits": z_sum / weight.shape[0], "is_top1": argmax == targets}
-    return {"log_z": log_z, **{field: values[field] for field in fields}}
+    if expect_weight:
+        expected_weight.div_(sum_exp[:, None])
+    return {"log_z": log_z, "expected_weight": expected_weight, **{field: values[field] for field in fields}}
 
 
 def unfold_rows(hidden, weight, bias, targets, log_z, entropy, grad_log_probs, grad_entropy, grad_hidden,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from peft import PeftModel
 from trl import DPOTrainer
 
-from finetune.packed_forward import install_packed_forward, padding_free_for
+from finetune.packed_forward import install_packed_forward, log_probs_only, padding_free_for
 from finetune.preference_packing import PackedPreferenceCollator
 from finetune.reference_cache import ReferenceCachedDPOTrainer
 
@@ -37,6 +37,10 @@ class PackedDPOTrainer(ReferenceCachedDPOTrainer):
         if self.ref_model is not None:
             install_packed_forward(self.accelerator.unwrap_model(self.ref_model), tiled=self.tiled_lm_head)
         self.packed_forward_installed = True
+
+    def compute_ref_log_probs(self, model, inputs):
+        with log_probs_only():  # TRL reads the reference's log-probs only: no entropy, top-1 or mean logits
+            return super().compute_ref_log_probs(model, inputs)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         # TRL runs this inside its own __init__, before our __init__ can patch the model.

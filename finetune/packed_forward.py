@@ -16,6 +16,8 @@ counts twice, padding not at all.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import sys
 import types
@@ -30,6 +32,9 @@ from trl.trainer.utils import FusedCausalLMOutput
 from finetune import distributed, families
 from finetune.preference_packing import PACKED_KEYS
 from finetune.scored_lm_head import router_loss, scored_log_probs
+
+# Set while TRL computes reference log-probs: only the log-probs are read then, not the logged metrics' fields.
+LOG_PROBS_ONLY = contextvars.ContextVar("log_probs_only", default=False)
 
 BLOCK_ATTENTION = "moetune_blocks"
 BLOCK_EAGER_ATTENTION = "moetune_eager_blocks"
@@ -179,9 +184,19 @@ def install_packed_forward(model, fields: tuple[str, ...] = ("log_probs",), tile
     def forward(self, *args, **kwargs):
         if kwargs.get("packed_input_ids") is None:
             return previous(*args, **{k: v for k, v in kwargs.items() if k not in PACKED_KEYS})
-        return packed_forward(self, kwargs, fields, tiled)
+        return packed_forward(self, kwargs, ("log_probs",) if LOG_PROBS_ONLY.get() else fields, tiled)
 
     model.forward = types.MethodType(forward, model)
+
+
+@contextlib.contextmanager
+def log_probs_only():
+    """Packed forwards inside compute the per-token log-probs only (a reference pass reads nothing else)."""
+    token = LOG_PROBS_ONLY.set(True)
+    try:
+        yield
+    finally:
+        LOG_PROBS_ONLY.reset(token)
 
 
 def packed_forward(model, batch: dict, fields: tuple[str, ...], tiled: bool) -> FusedCausalLMOutput:

@@ -43,7 +43,7 @@ def scored_log_probs(model, hidden: torch.Tensor, targets: torch.Tensor, fields:
     where they serve the call (speed.tiled_lm_head)."""
     lm_head = model.get_output_embeddings()
     if tiled and lm_head_tiles.supported(hidden, softcapping):
-        return lm_head_tiles.TiledLogProbs.apply(hidden, lm_head.weight, lm_head.bias, targets, fields)
+        return lm_head_tiles.tiled_log_probs(hidden, lm_head.weight, lm_head.bias, targets, fields)
     return ChunkedLogProbFunction.apply(hidden, lm_head.weight, lm_head.bias, targets, 1.0, LOGPROB_CHUNK, softcapping,
                                         1.0, fields)
 

@@ -8,7 +8,7 @@ import torch
 from trl.kernels import ChunkedLogProbFunction
 
 from finetune import lm_head_tiles
-from finetune.lm_head_tiles import FIELDS, TiledLogProbs
+from finetune.lm_head_tiles import FIELDS, tiled_log_probs
 
 TOKENS, HIDDEN, VOCAB = 70, 64, 1000
 
@@ -49,7 +49,15 @@ def trl(hidden, weight, bias, targets):
 
 
 def tiled(hidden, weight, bias, targets):
-    return TiledLogProbs.apply(hidden, weight, bias, targets, FIELDS)
+    return tiled_log_probs(hidden, weight, bias, targets, FIELDS)
+
+
+def hidden_gradient(kernel, hidden, weight, bias, targets, entropy_weight: float):
+    """As under LoRA: the LM head frozen, only the hidden states get a gradient."""
+    hidden = hidden.clone().requires_grad_()
+    outputs = kernel(hidden, weight, bias, targets)
+    (outputs[0].sum() + (entropy_weight * outputs[1].sum() if entropy_weight else 0)).backward()
+    return outputs, hidden.grad
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -68,9 +76,25 @@ def test_tiles_give_trl_outputs_and_gradients(small_tiles, bias, entropy_weight)
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("entropy_weight", [0.0, 0.3])
+def test_frozen_head_backward_reads_the_forward(small_tiles, monkeypatch, entropy_weight):
+    """With the LM head frozen and no entropy gradient, the backward uses E_p[W] from the forward (no logits tile is
+    computed again) and gives TRL's gradient; an entropy gradient takes the recomputing path, also TRL's."""
+    case = inputs(True)
+    expected, expected_grad = hidden_gradient(trl, *case, entropy_weight)
+    logits_passes = []
+    original = lm_head_tiles.logits_tiles
+    monkeypatch.setattr(lm_head_tiles, "logits_tiles", lambda *args: logits_passes.append(1) or original(*args))
+    actual, actual_grad = hidden_gradient(tiled, *case, entropy_weight)
+    token_tiles = -(-TOKENS // lm_head_tiles.TOKEN_TILE)
+    assert len(logits_passes) == token_tiles * (2 if entropy_weight else 1)
+    torch.testing.assert_close(actual[0], expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(actual_grad, expected_grad, rtol=1e-4, atol=1e-6)
+
+
 def test_only_the_asked_fields_are_computed(small_tiles):
     hidden, weight, _, targets = inputs(False)
-    outputs = TiledLogProbs.apply(hidden, weight, None, targets, ("log_probs", "is_top1"))
+    outputs = tiled_log_probs(hidden, weight, None, targets, ("log_probs", "is_top1"))
     assert [output is not None for output in outputs] == [True, False, False, False, True]
     assert outputs[0].dtype == torch.float32 and outputs[4].dtype == torch.bool
 
@@ -79,7 +103,7 @@ def test_bf16_inputs_give_fp32_outputs_as_trl(small_tiles):
     hidden, weight, _, targets = inputs(False)
     hidden, weight = hidden.bfloat16(), weight.bfloat16()
     expected = trl(hidden, weight, None, targets)[0]
-    actual = TiledLogProbs.apply(hidden, weight, None, targets, ("log_probs",))[0]
+    actual = tiled_log_probs(hidden, weight, None, targets, ("log_probs",))[0]
     assert actual.dtype == expected.dtype == torch.float32
     torch.testing.assert_close(actual, expected, rtol=1e-2, atol=1e-2)
 
