@@ -407,7 +407,9 @@ def summarize(results: dict[str, list[dict]], ceilings: list[float], flops: floa
                      "speedups": speedups, "step_s": statistics.median(r["step_s"] for r in runs),
                      "steps": runs[0]["steps"], "tokens": runs[0]["tokens"],
                      "peak_mib": statistics.median(r["peak_mib"] for r in runs),
-                     "mfu": statistics.median(throughput[variant]) * model_flops / (ceiling * 1e9)})
+                     "mfu": statistics.median(throughput[variant]) * model_flops / (ceiling * 1e9),
+                     "step_mfu": statistics.median(r["tokens"] / r["steps"] / r["step_s"] for r in runs)
+                     * model_flops / (ceiling * 1e9)})
     return rows
 
 
@@ -416,14 +418,15 @@ def median_ratio(runs: list[float], baseline_runs: list[float]) -> float:
 
 
 def table(rows: list[dict], memory: str = "peak RSS (MiB)") -> str:
-    lines = [f"| variant | real tokens/s | x TRL defaults | x TRL best | step time (s) | steps | {memory} | MFU |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| variant | real tokens/s | x TRL defaults | x TRL best | step time (s) | steps | {memory} | MFU | "
+             "MFU of the steps |", "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         # TRL's rows are one-epoch first runs: only those of moetune compare with them.
         alike = row["variant"] not in EPOCHS and row["variant"] not in FIRST_RUN_DPO
         speedups = " | ".join(f"{x:.2f}" if alike else "-" for x in row["speedups"])
         lines.append(f"| {VARIANTS[row['variant']][1]} | {row['tokens_per_s']:,.0f} | {speedups} | "
-                     f"{row['step_s']:.2f} | {row['steps']} | {row['peak_mib']:,.0f} | {100 * row['mfu']:.1f}% |")
+                     f"{row['step_s']:.2f} | {row['steps']} | {row['peak_mib']:,.0f} | {100 * row['mfu']:.1f}% | "
+                     f"{100 * row['step_mfu']:.1f}% |")
     return "\n".join(lines)
 
 
@@ -516,9 +519,11 @@ def run_rounds(raw: dict, sizes: dict, variants: list[str]) -> tuple[dict[str, l
 def fine_shape_extras(folder: Path, raw: dict, sizes: dict, quick: bool, config) -> list[str]:
     """At the fine shape: the experts kernels, long sequences, the memory of an 8k-token SFT step, and where
     moetune's time goes (torch's profiler)."""
-    from benchmarks import experts_bench
+    from benchmarks import experts_bench, lm_head_bench
 
-    lines = ["## Experts kernels at this shape", "", experts_bench.compare(config, quick), ""]
+    lines = ["## Experts kernels at this shape", "", experts_bench.compare(config, quick), "",
+             "## LM-head log-prob kernels at this shape (speed.tiled_lm_head)", "",
+             lm_head_bench.compare(config.hidden_size, config.vocab_size, quick), ""]
     for name, case in (("long", QUICK_LONG if quick else LONG), ("memory", QUICK_MEMORY if quick else MEMORY)):
         case_sizes = {**sizes, **{k: v for k, v in case.items() if k != "variants"}}
         data = long_pairs(folder / f"{name}.jsonl", case["history_chars"])
@@ -613,7 +618,9 @@ def render(shape, rows, results, ceilings, config, sizes, loss_diff, grad_diff, 
         "precomputed) and training (loading model and data not timed). MFU: 6N FLOPs per real DPO token, 4N per SFT token (N: parameters a token "
         "uses, LM head included) over the matmul ceiling. The FLOPs are those of the DPO math on TRL's real tokens, so "
         "moetune's figure includes the work it avoids (each prompt once, the LM head on completion tokens only): an "
-        f"effective MFU. Reproduce: `make bench` or `python -m benchmarks.dpo_bench --shape {shape}`.",
+        "effective MFU. MFU of the steps: the same FLOPs over the median training step alone (tokens per step over "
+        "step time), without the fixed costs of a short run (trainer construction, tokenizing, the reference pass, "
+        f"the Trainer's start-up) that a real run spreads over thousands of steps. Reproduce: `make bench` or `python -m benchmarks.dpo_bench --shape {shape}`.",
         "",
         *extras,
     ])

@@ -17,7 +17,7 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from benchmarks.dpo_bench import SAME_MATH, loss_and_gradients, relative_differences
 from data_prep import synthetic
-from finetune import adapters, scored_lm_head
+from finetune import adapters, packed_forward, scored_lm_head
 from finetune.cli import main
 from finetune.tiny import init_config, train_tokenizer
 from finetune.packed_dpo import PackedDPOTrainer
@@ -99,6 +99,23 @@ def test_packed_batches_give_trl_log_probs_loss_and_gradients(tiny, trl_lora, tm
     assert log_probs.numel() >= 10 and log_probs.abs().min() > 1  # 5+ pairs, real sums
     torch.testing.assert_close(packed_log_probs, log_probs, rtol=SAME_MATH[str(DTYPE).split(".")[-1]][0], atol=1e-4)
     same_math(reference, packed)
+
+
+def test_reference_pass_computes_log_probs_only(tiny, tmp_path, monkeypatch):
+    """TRL reads only the reference's log-probs: the reference pass (speed.reference_cache's, TRL's
+    compute_ref_log_probs) skips the metrics' fields (entropy, top-1, mean logits), which the policy's forward still
+    computes for the logs. (With the cache off TRL runs the reference inline in its loss, with every field.)"""
+    asked = []
+    original = packed_forward.scored_log_probs
+    monkeypatch.setattr(packed_forward, "scored_log_probs",
+                        lambda model, hidden, targets, fields, *args: asked.append(fields)
+                        or original(model, hidden, targets, fields, *args))
+    trainer = build(tiny, tmp_path, PackedDPOTrainer)
+    reference_log_probs(trainer)
+    assert asked == [("log_probs",)]
+    asked.clear()
+    loss_and_gradients(trainer, whole_dataset(trainer))
+    assert asked[0] == ("log_probs", "entropy", "mean_logits", "is_top1")
 
 
 @pytest.mark.conformance
