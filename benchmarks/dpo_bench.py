@@ -1,10 +1,13 @@
 """DPO and SFT throughput on an MoE model: TRL as users run it, TRL at its best, and moetune, side by side.
 
-Run: python -m benchmarks.dpo_bench [--quick]   (about 20 minutes on a 2-core CPU; --quick: a smoke test)
+Run: python -m benchmarks.dpo_bench [--shape mixtral|fine] [--rounds N] [--quick]   (both shapes, 3 rounds: about
+35 minutes on a quiet 2-core CPU; --quick: a smoke test)
 Needs ../shared/data (the hh-rlhf pairs). Writes benchmarks/results.md (not with --quick).
 
-The model is a 30M-parameter Mixtral built from a config (8 experts, top-2) with a byte-level BPE tokenizer trained
-on the data, with LoRA on attention and experts, fp32 on the CPU. Every variant trains one epoch over the same pairs
+Two shapes (SHAPES), each a model built from a config with a byte-level BPE tokenizer trained on the data, LoRA on
+attention and experts, fp32 on the CPU: a 30M-parameter Mixtral (8 experts, top-2, vocabulary 8,000), and the fine
+shape, a Qwen3-MoE (128 experts, top-8, vocabulary padded to Qwen3's 151,936 rows) with long sequences, the memory
+of an 8k-token SFT step, the experts and LM-head kernels and torch profiles besides. Every variant trains one epoch over the same pairs
 (or conversations) in the same order, in its own process (so peak memory is its own) with a datasets cache of its
 own (so nothing one run tokenized or cached speeds up another), variants interleaved, repeated; medians are
 reported. Two variants show where the reference cache pays: two epochs, and a second run after a first one with
@@ -630,7 +633,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, one step, one round: a smoke test")
     parser.add_argument("--rounds", type=int, help="rounds of every variant (default 3; 1 with --quick): more rounds, "
-                        "steadier medians on a noisy machine, about 7 minutes each")
+                        "steadier medians on a noisy machine, about 4 minutes each per shape on a quiet 2-core CPU")
     parser.add_argument("--shape", choices=list(SHAPES), help="one shape only (default: all): mixtral (8 experts, "
                         "top-2, vocabulary 8,000) or fine (128 experts, top-8, vocabulary 151,936, long sequences)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
