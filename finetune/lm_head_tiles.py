@@ -13,8 +13,9 @@ the recomputed tile into its gradient in place (softmax minus one-hot, scaled) b
 Where only the hidden states need a gradient through the log-probs (LoRA, the LM head frozen, entropy logged not
 trained: every TRL DPO and SFT step), the backward needs no second pass at all. d log p_t / dh = W_t - E_p[W], and
 the forward accumulates E_p[W] = sum_v p_v W_v tile by tile (one addmm of the exp tile it already holds, rescaled
-with the running maximum), so the backward is `g * (W[targets] - E_p[W])`: one matmul and three whole-tile passes
-per tile fewer than recomputing the logits.
+with the running maximum) and keeps W[targets] - E_p[W] (tokens x hidden), so the backward is one multiplication:
+one matmul and three whole-tile passes per tile fewer than recomputing the logits, and no LM-head weight to gather
+(ZeRO-3) in the backward. The recomputing backward gathers it as TRL's kernel does.
 
 Only the plain head is covered (no soft-capping, logit scale or temperature); `supported` says which calls.
 """
@@ -22,6 +23,7 @@ Only the plain head is covered (no soft-capping, logit scale or temperature); `s
 from __future__ import annotations
 
 import torch
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")  # TRL's per-token outputs, in order
 TOKEN_TILE = 256  # rows of a logits tile: 256 x 4,096 fp32 is 4 MiB, which the passes over it find in cache
@@ -52,32 +54,40 @@ class TiledLogProbs(torch.autograd.Function):
         log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (
             torch.cat([tile[field] for tile in tiles]) if field in fields else None for field in FIELDS)
         log_z = torch.cat([tile["log_z"] for tile in tiles])
-        expected_weight = torch.cat([tile["expected_weight"] for tile in tiles]) if expect_weight else None
-        ctx.save_for_backward(hidden, weight, bias, targets, log_z, entropy, expected_weight)
+        log_prob_gradient = None  # d log p_target / d hidden, where the backward can be read off the forward
+        if expect_weight:
+            log_prob_gradient = weight[targets].float() - torch.cat([tile["expected_weight"] for tile in tiles])
+        ctx.save_for_backward(hidden, weight, bias, targets, log_z, entropy, log_prob_gradient)
         ctx.mark_non_differentiable(*(x for x in (log_sum_sq_probs, mean_logits, is_top1) if x is not None))
         return log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1
 
     @staticmethod
     def backward(ctx, grad_log_probs, grad_entropy, *_):
-        hidden, weight, bias, targets, log_z, entropy, expected_weight = ctx.saved_tensors
+        hidden, weight, bias, targets, log_z, entropy, log_prob_gradient = ctx.saved_tensors
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        if expected_weight is not None and grad_entropy is None and not (needs_weight or needs_bias):
+        if log_prob_gradient is not None and grad_entropy is None and not (needs_weight or needs_bias):
             if grad_log_probs is None:
                 return None, None, None, None, None, None
-            grad = grad_log_probs.float()[:, None] * (weight[targets].float() - expected_weight)
-            return grad.to(hidden.dtype), None, None, None, None, None
-        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32) if needs_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32) if needs_weight else None
-        grad_bias = torch.zeros(bias.shape, dtype=torch.float32) if needs_bias else None
-        if grad_log_probs is not None or grad_entropy is not None:
-            for rows in token_tiles(hidden):
-                grads = (None if grad is None else grad[rows].float() for grad in (grad_log_probs, grad_entropy))
-                unfold_rows(hidden[rows], weight, bias, targets[rows], log_z[rows],
-                            None if entropy is None else entropy[rows], *grads,
-                            None if grad_hidden is None else grad_hidden[rows], grad_weight, grad_bias)
+            return (grad_log_probs.float()[:, None] * log_prob_gradient).to(hidden.dtype), None, None, None, None, None
+        with maybe_gather_lm_head_ctx(weight, bias):  # ZeRO-3 partitioned the head again after the forward
+            grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32) if needs_hidden else None
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32) if needs_weight else None
+            grad_bias = torch.zeros(bias.shape, dtype=torch.float32) if needs_bias else None
+            if grad_log_probs is not None or grad_entropy is not None:
+                unfold(hidden, weight, bias, targets, log_z, entropy, grad_log_probs, grad_entropy, grad_hidden,
+                       grad_weight, grad_bias)
         return (None if grad_hidden is None else grad_hidden.to(hidden.dtype),
                 None if grad_weight is None else grad_weight.to(weight.dtype),
                 None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None)
+
+
+def unfold(hidden, weight, bias, targets, log_z, entropy, grad_log_probs, grad_entropy, grad_hidden, grad_weight,
+           grad_bias):
+    """The recomputing backward, token tile by token tile."""
+    for rows in token_tiles(hidden):
+        grads = (None if grad is None else grad[rows].float() for grad in (grad_log_probs, grad_entropy))
+        unfold_rows(hidden[rows], weight, bias, targets[rows], log_z[rows], None if entropy is None else entropy[rows],
+                    *grads, None if grad_hidden is None else grad_hidden[rows], grad_weight, grad_bias)
 
 
 def token_tiles(hidden: torch.Tensor):
@@ -99,8 +109,8 @@ def logits_tiles(hidden, weight, bias):
 
 def fold_rows(hidden, weight, bias, targets, fields, expect_weight: bool):
     """The requested fields of one token tile (fp32, as TRL's), its log-partition `log_z` and, if asked, each
-    token's expected LM-head row under its softmax (`expected_weight`, E_p[W]), folding its logits vocabulary tile by vocabulary tile with an online
-    maximum (as a streaming logsumexp does)."""
+    token's expected LM-head row under its softmax (`expected_weight`, E_p[W]), folding its logits vocabulary tile
+    by vocabulary tile with an online maximum (as a streaming logsumexp does)."""
     rows = hidden.shape[0]
     running_max = torch.full((rows,), float("-inf"))
     sum_exp, x_sum_exp, sq_sum_exp, z_sum = (torch.zeros(rows) for _ in range(4))

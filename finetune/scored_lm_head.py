@@ -18,9 +18,10 @@ import functools
 import types
 
 import torch
+from torch.distributed.tensor import DTensor
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from trl.kernels import ChunkedLogProbFunction
-from trl.trainer.utils import FusedCausalLMOutput
+from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
 
 from finetune import lm_head_tiles, moe
 
@@ -42,10 +43,13 @@ def scored_log_probs(model, hidden: torch.Tensor, targets: torch.Tensor, fields:
     `fields`) of the rows of `hidden` (tokens, hidden size) predicting `targets`; `tiled`: by moetune's CPU tiles
     where they serve the call (speed.tiled_lm_head)."""
     lm_head = model.get_output_embeddings()
-    if tiled and lm_head_tiles.supported(hidden, softcapping):
-        return lm_head_tiles.tiled_log_probs(hidden, lm_head.weight, lm_head.bias, targets, fields)
-    return ChunkedLogProbFunction.apply(hidden, lm_head.weight, lm_head.bias, targets, 1.0, LOGPROB_CHUNK, softcapping,
-                                        1.0, fields)
+    weight, bias = lm_head.weight, lm_head.bias
+    if isinstance(weight, DTensor):  # FSDP2 shards the head; the kernels read all of it (as TRL's fused head does)
+        weight, bias = weight.full_tensor(), None if bias is None else bias.full_tensor()
+    with maybe_gather_lm_head_ctx(weight, bias):  # ZeRO-3 partitions it outside its own module's forward
+        if tiled and lm_head_tiles.supported(hidden, softcapping):
+            return lm_head_tiles.tiled_log_probs(hidden, weight, bias, targets, fields)
+        return ChunkedLogProbFunction.apply(hidden, weight, bias, targets, 1.0, LOGPROB_CHUNK, softcapping, 1.0, fields)
 
 
 def router_loss(model, router_logits, attention_mask) -> torch.Tensor:
