@@ -404,15 +404,16 @@ def summarize(results: dict[str, list[dict]], ceilings: list[float], flops: floa
     rows = []
     for variant, runs in results.items():
         stage = VARIANTS[variant][0]
-        model_flops = flops * (3 if stage == "dpo" else 2)  # forward 2N (flops); DPO 6N, LoRA SFT 4N
+        # forward 2N (flops); DPO 6N, LoRA SFT 4N; per token/s, as a fraction of the ceiling
+        mfu_per_token_s = flops * (3 if stage == "dpo" else 2) / (ceiling * 1e9)
         speedups = [median_ratio(throughput[variant], throughput[baseline]) for baseline in BASELINES[stage]]
         rows.append({"variant": variant, "stage": stage, "tokens_per_s": statistics.median(throughput[variant]),
                      "speedups": speedups, "step_s": statistics.median(r["step_s"] for r in runs),
                      "steps": runs[0]["steps"], "tokens": runs[0]["tokens"],
                      "peak_mib": statistics.median(r["peak_mib"] for r in runs),
-                     "mfu": statistics.median(throughput[variant]) * model_flops / (ceiling * 1e9),
+                     "mfu": statistics.median(throughput[variant]) * mfu_per_token_s,
                      "step_mfu": statistics.median(r["tokens"] / r["steps"] / r["step_s"] for r in runs)
-                     * model_flops / (ceiling * 1e9)})
+                     * mfu_per_token_s})
     return rows
 
 

@@ -65,7 +65,7 @@ class TiledLogProbs(torch.autograd.Function):
     def backward(ctx, grad_log_probs, grad_entropy, *_):
         hidden, weight, bias, targets, log_z, entropy, log_prob_gradient = ctx.saved_tensors
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        if log_prob_gradient is not None and grad_entropy is None and not (needs_weight or needs_bias):
+        if log_prob_gradient is not None and grad_entropy is None:  # kept only for a frozen head: hidden's gradient
             if grad_log_probs is None:
                 return None, None, None, None, None, None
             return (grad_log_probs.float()[:, None] * log_prob_gradient).to(hidden.dtype), None, None, None, None, None
@@ -107,6 +107,12 @@ def logits_tiles(hidden, weight, bias):
         yield start, tile
 
 
+def targets_in_tile(targets, start: int, width: int):
+    """Each target's column in the vocabulary tile starting at `start`, and whether it falls in the tile."""
+    local = targets - start
+    return local, (local >= 0) & (local < width)
+
+
 def fold_rows(hidden, weight, bias, targets, fields, expect_weight: bool):
     """The requested fields of one token tile (fp32, as TRL's), its log-partition `log_z` and, if asked, each
     token's expected LM-head row under its softmax (`expected_weight`, E_p[W]), folding its logits vocabulary tile
@@ -117,8 +123,7 @@ def fold_rows(hidden, weight, bias, targets, fields, expect_weight: bool):
     argmax, target_logit = torch.zeros(rows, dtype=torch.long), torch.zeros(rows)
     expected_weight = torch.zeros(rows, weight.shape[1]) if expect_weight else None
     for start, tile in logits_tiles(hidden, weight, bias):
-        local = targets - start
-        in_tile = (local >= 0) & (local < tile.shape[1])
+        local, in_tile = targets_in_tile(targets, start, tile.shape[1])
         target_logit = torch.where(in_tile, tile.gather(1, local.clamp(0, tile.shape[1] - 1)[:, None])[:, 0],
                                    target_logit)
         if "mean_logits" in fields:
@@ -163,9 +168,9 @@ def unfold_rows(hidden, weight, bias, targets, log_z, entropy, grad_log_probs, g
                 weight_of_p.add_(grad_log_probs[:, None])
             grad = p.mul_(weight_of_p).neg_()
         if grad_log_probs is not None:
-            local = targets - start
-            in_tile = ((local >= 0) & (local < tile.shape[1])).nonzero()[:, 0]
-            grad.index_put_((in_tile, local[in_tile]), grad_log_probs[in_tile], accumulate=True)
+            local, in_tile = targets_in_tile(targets, start, tile.shape[1])
+            rows = in_tile.nonzero()[:, 0]
+            grad.index_put_((rows, local[rows]), grad_log_probs[rows], accumulate=True)
         if grad_hidden is not None:
             grad_hidden.addmm_(grad, weight[start:end].float())
         if grad_weight is not None:

@@ -5,8 +5,9 @@ top-1 hits for the logged metrics) from a `FusedCausalLMOutput`. Its kernel neve
 logits at once, but without Triton (on a CPU) it scores every position, prompt and padding included, and in tiles
 of 4,096 tokens x 32,768 vocabulary entries (512 MiB in fp32, several times that in temporaries). At a 151,936-token
 vocabulary the LM head then costs most of an SFT step with assistant-only loss, and its tiles most of the step's
-memory. `install_scored_lm_head` answers the same call from the positions whose label is not -100 only, in tiles of
-4,096 x LOGPROB_CHUNK: the same loss, gradients and metrics (zero on unscored positions, as TRL's).
+memory. `install_scored_lm_head` answers the same call from the positions whose label is not -100 only, in
+vocabulary tiles of LOGPROB_CHUNK (by moetune's CPU kernel, finetune/lm_head_tiles.py, where speed.tiled_lm_head
+serves the call; TRL's kernel otherwise): the same loss, gradients and metrics (zero on unscored positions, as TRL's).
 
 Only heads that are a plain projection are patched (no logit scaling or soft-capping, temperature 1: Mixtral,
 Qwen3-MoE, OLMoE and most MoE families); others keep TRL's path.
