@@ -3,7 +3,7 @@
 Each check is one test parametrised over the families, on a tiny model of the family (hidden 64, 4 experts, top-2,
 2 layers) built once per session. A check a family cannot pass yet is asserted to be refused by the code, with the
 reason it gives, and reported as skipped with that reason. `python -m tests.conformance_matrix` runs this file and
-prints the family x check table shown in the README.
+prints the family x check table shown in docs/families.md.
 """
 
 import copy
