@@ -371,7 +371,7 @@ def same_math_check(recipe, batch_size: int) -> tuple[float, float]:
 
 def prepare(folder: Path, sizes: dict, data_files: list[Path]) -> dict:
     from finetune.stages.prepare import run as prep
-    from finetune.stages import base_model
+    from finetune.registry import BY_NAME
     from finetune.modeling.loading import load_stage_model
     from finetune.config.parsing import parse_recipe
 
@@ -380,7 +380,7 @@ def prepare(folder: Path, sizes: dict, data_files: list[Path]) -> dict:
                                "disable_tqdm": True, **({"max_length": sizes["max_length"]} if "max_length" in sizes else {})}
     recipe = parse_recipe(copy.deepcopy(raw), "<bench>")
     prep(recipe)
-    base_folder = base_model.run(recipe)
+    base_folder = BY_NAME["base"].run(recipe)
     if sizes.get("embedding_rows"):
         model = load_stage_model(recipe, "base")
         model.resize_token_embeddings(sizes["embedding_rows"], mean_resizing=False)

@@ -19,10 +19,11 @@ transformers is refused by name before any work (`check_supported`); a remote-co
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # annotations only: the recipe's checks read this registry without importing torch
+    import torch
+    from torch import nn
 
 # Config fields that give a model_type's routed-expert count: what makes a config an MoE config.
 EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")

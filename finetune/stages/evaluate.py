@@ -49,7 +49,7 @@ def source_fingerprint(source: str) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else source
 
 
-def stage_inputs(recipe: Recipe) -> dict[str, Any]:
+def stage_inputs(recipe: Recipe, needed: dict[str, dict] | None = None) -> dict[str, Any]:
     """What the eval depends on: the section (but how judge calls are made), the seed, the questions and each
     model's producing stage."""
     models = {}
@@ -91,8 +91,9 @@ def refuse_unscorable(recipe: Recipe, questions: list[dict[str, Any]]) -> None:
             f"eval.judge.prompt_file) for these questions.")
 
 
-def run(recipe: Recipe, force: bool | str = False) -> Path:
-    """Run the eval stage; returns run_dir/eval, or the work folder while some judge calls have failed."""
+def run(recipe: Recipe, needed: dict[str, dict] | None = None, force: bool | str = False) -> Path:
+    """Run the eval stage; returns run_dir/eval, or the work folder while some judge calls have failed. It needs no
+    earlier stage (`needed` is empty): the models it names are loaded, or refused, by name."""
     config = recipe.eval
     check_eval_config(config)
     check_files(recipe)

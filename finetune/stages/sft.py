@@ -10,25 +10,26 @@ from finetune.modeling.loading import base_location, load_tokenizer, load_traini
 from finetune.modeling.moe import expert_load_callbacks
 from finetune.training.packed_sft import sft_trainer
 from finetune.config.recipe import Recipe
-from finetune.core.rundir import Stage, require_complete
+from finetune.core.rundir import Stage
 from finetune.training.saving import save_stage
 from finetune.training.data_splits import load_split, require_train_split
 from finetune.training.trainer_config import ASSISTANT_ONLY_LOSS, trainer_config
 from finetune.training.resume import train_resuming
 
 
-def stage_inputs(recipe: Recipe) -> dict:
-    """What the output depends on: the model and sft settings, the seed, the prepared data."""
-    data = require_complete(recipe.run_path, "data", needed_by="sft")
+def stage_inputs(recipe: Recipe, needed: dict[str, dict]) -> dict:
+    """What the output depends on: the model and sft settings, the seed, the prepared data (`needed`: the manifests
+    of the stages it needs, checked by the registry)."""
     return {"model": recipe.model_inputs("sft"), "sft": recipe.trainer_inputs("sft"),
-            "balancing": recipe.section_dict("balancing"), "seed": recipe.seed, "data": data["fingerprint"]}
+            "balancing": recipe.section_dict("balancing"), "seed": recipe.seed,
+            "data": needed["prep"]["fingerprint"]}
 
 
-def run(recipe: Recipe, force: bool | str = False) -> Path:
+def run(recipe: Recipe, needed: dict[str, dict], force: bool | str = False) -> Path:
     # A tokenizer or template that cannot work fails here, before the stage leaves a partial folder behind.
     tokenizer = load_tokenizer(recipe)
     check_template_for_loss(recipe, tokenizer)
-    stage = Stage(recipe.run_path, "sft", inputs=stage_inputs(recipe), progress=("checkpoint-*",))
+    stage = Stage(recipe.run_path, "sft", inputs=stage_inputs(recipe, needed), progress=("checkpoint-*",))
     if not stage.begin(force):
         return stage.final
 
