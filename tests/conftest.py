@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.gpu_check import CONFORMANCE_FILES
+from helpers.on_device import CONFORMANCE_FILES
 from helpers.recipes import write_recipe
 from helpers.shared_data import SHARED_DATA, in_ci
 

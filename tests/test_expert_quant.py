@@ -20,36 +20,17 @@ from helpers.tiny import ARCHITECTURES, batch, tiny_model
 from helpers.bnb_kernel_paths import bnb_kernel_path, row_blocked_dequantize_4bit, use_dequantize_kernel  # noqa: F401
 from helpers.on_device import DEVICE, DTYPE, SAME_RESULT, relative_error
 from helpers.lookalike import FAMILIES, family_config
+from helpers.nf4 import dequantized_copy, experts_modules, quantized_copy, random_lora_on
 
 QLORA = ["model.lora.stages=[sft,dpo]", "model.quantization.bits=4", "sft.activation_checkpointing=true",
          "dpo.activation_checkpointing=true", "sft.learning_rate=1.0e-2", "dpo.learning_rate=1.0e-2",
          "model.init.hidden_size=64", "model.init.intermediate_size=64"]  # real models' dims are multiples of 64
 
 
-def quantized_copy(model, double_quant=True):
-    quantized = copy.deepcopy(model)
-    expert_quant.quantize_experts(quantized, double_quant=double_quant, compute_dtype=model.dtype)
-    return quantized
-
-
 def tiny_model_on_device(architecture="mixtral"):
     """The tiny model and a batch where the conformance tests run (tests/helpers/on_device.py)."""
     model, tokenizer = tiny_model(architecture)
     return model.to(DEVICE, DTYPE), tokenizer, batch(tokenizer).to(DEVICE)
-
-
-def experts_modules(model):
-    return [module for module in model.modules() if expert_quant.is_quantized_experts(module) or moe.is_experts(module)]
-
-
-def dequantized_copy(model, quantized):
-    """The full-precision model with its experts replaced by the NF4 round trip of their weights."""
-    rounded = copy.deepcopy(model)
-    with torch.no_grad():
-        for target, source in zip(experts_modules(rounded), experts_modules(quantized)):
-            for name in moe.EXPERT_PARAMETERS:
-                getattr(target, name).copy_(expert_quant.dequantized_parameter(source, name))
-    return rounded
 
 
 @pytest.mark.conformance
@@ -117,17 +98,6 @@ def test_expert_weights_take_about_four_bits(double_quant, most_bits):
     stored = sum(expert_quant.model_bytes(m) for m in experts_modules(quantized_copy(model, double_quant)))
     # 4 bits per weight, plus one scale per 64 weights (fp32, or 8-bit with one fp32 per 256 scales)
     assert 4.0 < 8 * stored / expert_weights < most_bits
-
-
-def random_lora_on(model, seed=1, targets=("attention", "experts")):
-    """A PEFT adapter on the roles with seeded random weights (B non-zero, so it changes the model)."""
-    peft_model = peft.get_peft_model(model, adapters.peft_config(model, LoraConfig(targets=list(targets))))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    return peft_model.eval()
 
 
 @pytest.mark.conformance

@@ -16,7 +16,6 @@ from datasets import Dataset
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
-from benchmarks.dpo_bench import loss_and_gradients
 from finetune.core import synthetic_task
 from finetune.modeling import adapters, moe
 from finetune.training import balancing
@@ -25,8 +24,9 @@ from finetune.modeling.tiny import init_config, train_tokenizer
 from finetune.training.packed_dpo import PackedDPOTrainer
 from finetune.training.packed_sft import PaddingFreeSFTTrainer
 from finetune.config.recipe import BalancingConfig, LoraConfig, ModelInit
-from tests.test_dpo_speed import build, same_math, whole_dataset
-from tests.test_expert_quant import dequantized_copy, quantized_copy, random_lora_on
+from helpers.nf4 import dequantized_copy, quantized_copy, random_lora_on
+from helpers.parity import loss_and_gradients
+from helpers.trainers import build, dpo_config, same_math, whole_dataset
 
 FAMILIES = list(families.FAMILIES)
 ROLES = ["attention", "experts", "shared_experts", "dense_mlp"]
@@ -247,7 +247,6 @@ def model_for_comparison(models, entry):
 
 
 def dpo_arguments(model, tokenizer, pairs, tmp_path) -> dict:
-    from tests.test_dpo_speed import dpo_config
 
     return dict(model=model, args=dpo_config(tmp_path), train_dataset=pairs, processing_class=tokenizer,
                 peft_config=adapters.peft_config(model, LoraConfig()))

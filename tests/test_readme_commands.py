@@ -33,7 +33,7 @@ NOT_RUN_HERE = {
     "--accelerate": "needs GPUs (launch configs are parsed by tests/test_distributed.py)",
     "python -m pytest": "the test runner",
     "finetune.docs --write": "rewrites the pages' tables (tests/test_docs.py checks the pages equal its output)",
-    "tests.conformance_matrix": "runs the conformance tests (tests/test_families.py) and rewrites a page",
+    "conformance_matrix": "runs the conformance tests (tests/test_families.py) and rewrites a page",
 }
 # What a command ends with when it is not 0, in README order, and why the README implies it.
 EXIT_CODES = {

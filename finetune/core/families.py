@@ -269,6 +269,13 @@ def check_supported(config) -> None:
     family_for_config(config)
 
 
+def prepare_for_generation(model: nn.Module) -> None:
+    """What any MoE model needs before generate(): router logits off. A model saved by SFTTrainer (and a tiny
+    model.init one) asks for them in its config, and generate() then computes the load-balancing loss on the cache
+    and fails. Training turns them back on through TRL."""
+    model.config.output_router_logits = False
+
+
 def prepare_for_training(model: nn.Module) -> None:
     """What a family needs before TRL trains it.
 

@@ -152,8 +152,7 @@ def load_for_inference(recipe: Recipe, name: str):
         tokenizer = load_tokenizer(recipe)
     else:
         model, tokenizer = load_external(recipe, name)
-    # generate() breaks while the config asks for router logits (it computes the aux loss on the cache).
-    model.config.output_router_logits = False
+    families.prepare_for_generation(model)
     tokenizer.padding_side = "left"
     return model.eval(), tokenizer
 
