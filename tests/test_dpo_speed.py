@@ -13,7 +13,7 @@ import pytest
 import torch
 from datasets import Dataset, load_dataset
 from transformers import AutoModelForCausalLM
-from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+from trl import SFTConfig, SFTTrainer
 
 from finetune.core import synthetic_task
 from finetune.modeling import adapters
@@ -25,8 +25,8 @@ from finetune.training.packed_sft import PaddingFreeSFTTrainer, sft_trainer
 from finetune.training.preference_packing import pack_pairs
 from finetune.config.recipe import LoraConfig, ModelInit, SpeedConfig
 from helpers.recipes import write_recipe
-from helpers.on_device import DTYPE, trainer_options
-from helpers.parity import loss_and_gradients
+from helpers.on_device import DTYPE
+from helpers.parity import SAME_MATH, loss_and_gradients
 from helpers.trainers import build, dpo_config, reference_log_probs, same_math, sft_trainers, whole_dataset
 
 

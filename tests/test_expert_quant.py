@@ -1,6 +1,5 @@
 """QLoRA on the experts: NF4 expert storage and forward, LoRA over it as a standard PEFT adapter, SFT then DPO."""
 
-import copy
 import json
 
 import bitsandbytes as bnb
@@ -10,10 +9,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from finetune.modeling import adapters, expert_quant, moe
+from finetune.modeling import expert_quant, moe
 from finetune.cli import main
 from finetune.modeling.loading import load_quantized, load_stage_model
-from finetune.config.recipe import LoraConfig, RecipeError
+from finetune.config.recipe import RecipeError
 from finetune.config.parsing import load_recipe, parse_recipe
 from helpers.recipes import write_recipe
 from helpers.tiny import ARCHITECTURES, batch, tiny_model

@@ -148,10 +148,10 @@ def test_model_init_accepts_every_family():
 def test_a_roles_found_only_adapters_train_router_frozen(models, data, family):
     entry = families.FAMILIES[family]
     model = models(family)
-    assert moe.routers(model) and moe.expert_parameter_targets(model) and moe.attention_linear_targets(model)
-    assert bool(moe.shared_expert_targets(model)) == bool(entry.shared_experts)
+    assert moe.routers(model) and adapters.expert_parameter_targets(model) and adapters.attention_linear_targets(model)
+    assert bool(adapters.shared_expert_targets(model)) == bool(entry.shared_experts)
     frozen = {name: tensor.detach().clone() for name, tensor in [*model.named_parameters(), *model.named_buffers()]}
-    shared_and_dense = moe.shared_expert_targets(model) + moe.dense_mlp_targets(model)
+    shared_and_dense = adapters.shared_expert_targets(model) + adapters.dense_mlp_targets(model)
     peft_model = peft.get_peft_model(model, adapters.peft_config(model, LoraConfig(targets=ROLES)))
     trainable = adapters.trainable_parameter_names(peft_model)
     assert trainable and all("lora_" in name for name in trainable)
