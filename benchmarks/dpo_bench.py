@@ -148,9 +148,10 @@ def trainer_inputs(variant: str, recipe, examples: int, callbacks: list) -> dict
     from finetune.training.data_splits import load_split
 
     kind = "preference" if VARIANTS[variant][0] == "dpo" else "sft"
-    model = load_stage_model(recipe, "base")
+    model = load_stage_model(recipe.model_source, "base")
     return dict(model=model, train_dataset=load_split(recipe, kind, "train").select(range(examples)),
-                processing_class=load_tokenizer(recipe), peft_config=adapters.peft_config(model, recipe.model.lora),
+                processing_class=load_tokenizer(recipe.model_source),
+                peft_config=adapters.peft_config(model, recipe.model.lora),
                 callbacks=callbacks)
 
 
@@ -335,7 +336,7 @@ def same_math_check(recipe, batch_size: int) -> tuple[float, float]:
     from finetune.training.data_splits import load_split
     from finetune.training.trainer_config import trainer_config
 
-    base, tokenizer = load_stage_model(recipe, "base"), load_tokenizer(recipe)
+    base, tokenizer = load_stage_model(recipe.model_source, "base"), load_tokenizer(recipe.model_source)
     pairs = load_split(recipe, "preference", "train").select(range(batch_size))
     results = []
     with tempfile.TemporaryDirectory() as folder:
@@ -366,7 +367,7 @@ def prepare(folder: Path, sizes: dict, data_files: list[Path]) -> dict:
     prep(recipe)
     base_folder = BY_NAME["base"].run(recipe)
     if sizes.get("embedding_rows"):
-        model = load_stage_model(recipe, "base")
+        model = load_stage_model(recipe.model_source, "base")
         model.resize_token_embeddings(sizes["embedding_rows"], mean_resizing=False)
         model.save_pretrained(base_folder)
     return raw

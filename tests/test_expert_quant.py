@@ -134,7 +134,7 @@ def test_gradients_reach_only_adapters_and_match_with_activation_checkpointing(t
     inputs = batch(tokenizer)
     gradients = []
     for checkpointing in (False, True):
-        base = load_quantized(recipe, "base")  # on the GPU when there is one
+        base = load_quantized(recipe.model_source, "base")  # on the GPU when there is one
         inputs = inputs.to(base.device)
         peft_model = random_lora_on(base).train()
         if checkpointing:
@@ -203,7 +203,7 @@ def test_linears_of_partial_blocks_stay_full_precision_and_never_repack(tmp_path
         "quantization": {"bits": 4}}}, "<test>")
     # the fixture really switches bitsandbytes' choice of the repacking (AVX512-BF16) path
     assert bnb.nn.Linear4bit(64, 64).support_avx512bf16_for_cpu == (bnb_kernel_path == "avx512bf16")
-    quantized = load_quantized(recipe, "base")
+    quantized = load_quantized(recipe.model_source, "base")
     assert "[quantization] 8 Linear layers with in_features [32] (not a multiple of bitsandbytes' 64-weight block) " \
            "stay in full precision, e.g. model.layers.0.self_attn.q_proj." in capsys.readouterr().out
     attention = quantized.model.layers[0].self_attn
@@ -217,7 +217,7 @@ def test_linears_of_partial_blocks_stay_full_precision_and_never_repack(tmp_path
         peft_model(**inputs)
     peft_model.train()(**inputs, labels=inputs["input_ids"]).loss.backward()
     assert all(p.grad is not None for n, p in peft_model.named_parameters() if p.requires_grad)
-    linears = [m for m in load_quantized(recipe, "base").modules() if isinstance(m, bnb.nn.Linear4bit)]
+    linears = [m for m in load_quantized(recipe.model_source, "base").modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert not linears  # every Linear here is below the block; a 64-wide model quantizes them (next test)
 
 
@@ -227,7 +227,7 @@ def test_four_bit_linears_train_after_an_eval_pass_on_every_path(tmp_path, bnb_k
     recipe = parse_recipe({"run_dir": str(tmp_path / "run"), "model": {
         "name_or_path": str(tmp_path / "base"), "lora": {"targets": ["attention", "experts"]},
         "quantization": {"bits": 4}}}, "<test>")
-    peft_model = random_lora_on(load_quantized(recipe, "base"))
+    peft_model = random_lora_on(load_quantized(recipe.model_source, "base"))
     linears = [m for m in peft_model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(linears) == 2 * 4  # q, k, v, o of both layers
     inputs = batch(tokenizer)
@@ -281,7 +281,8 @@ def test_adapter_trained_on_nf4_loads_on_the_full_precision_base_and_merges(qlor
     tokenizer = AutoTokenizer.from_pretrained(run / "base")
     inputs = batch(tokenizer)
     with torch.no_grad():
-        quantized = expert_quant.load_adapter(load_quantized(recipe, "base"), str(run / "dpo"), trainable=False)
+        base = load_quantized(recipe.model_source, "base")
+        quantized = expert_quant.load_adapter(base, str(run / "dpo"), trainable=False)
         quantized_logits = quantized.eval()(**inputs).logits
         full = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "base"), run / "dpo").eval()
         full_logits = full(**inputs).logits
@@ -289,7 +290,7 @@ def test_adapter_trained_on_nf4_loads_on_the_full_precision_base_and_merges(qlor
             base_logits = full(**inputs).logits
         # NF4 rounding of the base moves the logits far less than the trained adapter does
         assert (quantized_logits - full_logits).abs().max() < 0.5 * (full_logits - base_logits).abs().max()
-        assert torch.allclose(load_stage_model(recipe, "dpo")(**inputs).logits, full_logits, atol=1e-4)
+        assert torch.allclose(load_stage_model(recipe.model_source, "dpo")(**inputs).logits, full_logits, atol=1e-4)
     assert main(["merge", str(run / "dpo"), "--out", str(tmp_path / "merged")]) == 0
     with torch.no_grad():
         merged_logits = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(**inputs).logits

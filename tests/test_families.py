@@ -131,7 +131,7 @@ def test_an_unsupported_family_is_refused_by_name_before_its_weights_load(tmp_pa
     CONFIG_MAPPING["cohere2_moe"]().save_pretrained(tmp_path)  # a config, no weights: loading them would fail
     recipe = parse_recipe({"run_dir": str(tmp_path / "run"), "model": {"name_or_path": str(tmp_path)}}, "r.yaml")
     with pytest.raises(families.UnsupportedFamily, match="model_type 'cohere2_moe' is a Mixture-of-Experts family"):
-        load_pretrained(recipe, str(tmp_path))
+        load_pretrained(recipe.model_source, str(tmp_path))
 
 
 def test_model_init_accepts_every_family():

@@ -41,7 +41,7 @@ def test_merge_reproduces_the_adapter_model(run, tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
     assert not list(out.glob("adapter_*"))
     recipe = load_recipe(run / "dpo" / "recipe.yaml")
-    sft = load_stage_model(recipe, "sft")
+    sft = load_stage_model(recipe.model_source, "sft")
     ids = torch.arange(3, 19).reshape(2, 8)
     sft_logits = logits(sft, ids)
     adapter_logits = logits(PeftModel.from_pretrained(sft, str(run / "dpo")), ids)
@@ -54,8 +54,8 @@ def test_evaluating_a_stage_of_a_moved_run_loads_its_whole_chain(run, tmp_path):
     moved = tmp_path / "moved-run"
     shutil.copytree(run, moved)
     other_run = load_recipe(run / "dpo" / "recipe.yaml", [f"run_dir={tmp_path / 'other'}"])
-    model, _ = load_for_inference(other_run, str(moved / "dpo"))
-    expected = load_stage_model(load_recipe(run / "dpo" / "recipe.yaml"), "dpo")
+    model, _ = load_for_inference(other_run.model_source, str(moved / "dpo"))
+    expected = load_stage_model(load_recipe(run / "dpo" / "recipe.yaml").model_source, "dpo")
     ids = torch.arange(3, 19).reshape(2, 8)
     assert torch.allclose(logits(model, ids), logits(expected, ids), atol=1e-5)
 
@@ -232,10 +232,10 @@ def test_a_chain_pushed_together_loads_from_its_hub_ids_with_the_local_logits(ru
     from_hub = torch.load(out)
     recipe = load_recipe(run / "dpo" / "recipe.yaml")
     ids = torch.arange(3, 19).reshape(2, 8)
-    assert torch.equal(from_hub["sft"], logits(load_stage_model(recipe, "sft"), ids))
+    assert torch.equal(from_hub["sft"], logits(load_stage_model(recipe.model_source, "sft"), ids))
     from peft import PeftModel
 
-    local_dpo = logits(PeftModel.from_pretrained(load_stage_model(recipe, "sft"), str(run / "dpo")), ids)
+    local_dpo = logits(PeftModel.from_pretrained(load_stage_model(recipe.model_source, "sft"), str(run / "dpo")), ids)
     assert torch.equal(from_hub["dpo"], local_dpo) and torch.equal(from_hub["auto"], local_dpo)
     assert not torch.allclose(from_hub["dpo"], from_hub["sft"], atol=1e-4)  # the adapter is applied
 

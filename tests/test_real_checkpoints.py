@@ -87,7 +87,7 @@ def test_the_stage_tokenizer_keeps_the_family_tokens_and_template(finished):
 def test_merged_model_reproduces_the_dpo_chain(finished):
     family, recipe, run, tmp_path, _ = finished
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    chain = load_stage_model(load_recipe(recipe), "dpo").eval()
+    chain = load_stage_model(load_recipe(recipe).model_source, "dpo").eval()
     ids = torch.tensor([[3, 17, 42, 99, 5, 61, 7, 200]])
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, chain(ids).logits, rtol=1e-4, atol=1e-4)

@@ -43,8 +43,8 @@ def run(recipe: Recipe, needed: dict[str, dict], force: bool | str = False) -> P
     seed_everything(recipe.seed)
     # The config first: under DeepSpeed ZeRO-3 it makes from_pretrained load each process's shard only.
     args = trainer_config("dpo", recipe, stage.work)
-    tokenizer = load_tokenizer(recipe)
-    model, peft_config, parent = load_training_model(recipe, "dpo", start="sft")
+    tokenizer = load_tokenizer(recipe.model_source)
+    model, peft_config, parent = load_training_model(recipe.model_source, "dpo", start="sft")
     lora = recipe.model.lora_for("dpo")
     # Precomputed reference log-probs need no reference copy: TRL computes them with the model before training.
     needs_copy = not lora and not args.precompute_ref_log_probs
@@ -68,7 +68,7 @@ def run(recipe: Recipe, needed: dict[str, dict], force: bool | str = False) -> P
 
 def load_reference(recipe: Recipe):
     """The frozen SFT model for full fine-tuning. DPOTrainer shards it like the policy under ZeRO-3 and FSDP."""
-    reference = load_stage_model(recipe, "sft").eval()
+    reference = load_stage_model(recipe.model_source, "sft").eval()
     families.prepare_for_training(reference)
     moe.mark_moe_blocks_as_zero3_leaves(reference)
     return reference

@@ -130,7 +130,7 @@ def answer_model(recipe: Recipe, name: str, questions: list[dict[str, Any]], wor
     answer_file = work / "model_answer" / f"{file_safe(name)}.jsonl"
     pending = unanswered(questions, answer_file)
     if pending:
-        model, tokenizer = load_for_inference(recipe, name)
+        model, tokenizer = load_for_inference(recipe.model_source, name)
         answer_questions(model, tokenizer, name, pending, answer_file, temperatures=config.temperatures,
                          max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, seed=recipe.seed)
     return {record["question_id"]: record["choices"][0]["turns"] for record in read_jsonl(answer_file)}
@@ -140,7 +140,8 @@ def make_judge(recipe: Recipe) -> Any:
     judge = recipe.eval.judge
     if judge.type == "openai":
         return OpenAICompatibleJudge(judge)
-    return LocalJudge(lambda: load_for_inference(recipe, judge.model), judge.max_tokens, recipe.eval.batch_size)
+    return LocalJudge(lambda: load_for_inference(recipe.model_source, judge.model), judge.max_tokens,
+                      recipe.eval.batch_size)
 
 
 def judge_and_report(recipe: Recipe, questions: list[dict[str, Any]], answers: dict, work: Path) -> tuple[int, Path]:

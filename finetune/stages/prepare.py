@@ -36,7 +36,7 @@ def run(recipe: Recipe, needed: dict[str, dict] | None = None, force: bool | str
     if not stage.begin(force):
         return stage.final
     if tokenizer is None and recipe.data.max_length is not None:
-        tokenizer = load_tokenizer(recipe)
+        tokenizer = load_tokenizer(recipe.model_source)
     report = prepare(stage.work, recipe.data, recipe.seed, base_dir, tokenizer)
     write_json_atomic(stage.work / "report.json", report)
     print(summary(report))

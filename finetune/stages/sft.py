@@ -27,7 +27,7 @@ def stage_inputs(recipe: Recipe, needed: dict[str, dict]) -> dict:
 
 def run(recipe: Recipe, needed: dict[str, dict], force: bool | str = False) -> Path:
     # A tokenizer or template that cannot work fails here, before the stage leaves a partial folder behind.
-    tokenizer = load_tokenizer(recipe)
+    tokenizer = load_tokenizer(recipe.model_source)
     check_template_for_loss(recipe, tokenizer)
     stage = Stage(recipe.run_path, "sft", inputs=stage_inputs(recipe, needed), progress=("checkpoint-*",))
     if not stage.begin(force):
@@ -36,7 +36,7 @@ def run(recipe: Recipe, needed: dict[str, dict], force: bool | str = False) -> P
     seed_everything(recipe.seed)
     # The config first: under DeepSpeed ZeRO-3 it makes from_pretrained load each process's shard only.
     args = trainer_config("sft", recipe, stage.work)
-    model, peft_config, parent = load_training_model(recipe, "sft", start="base")
+    model, peft_config, parent = load_training_model(recipe.model_source, "sft", start="base")
     trainer = sft_trainer(
         recipe.speed,
         model=model,
@@ -56,7 +56,7 @@ def check_template_for_loss(recipe: Recipe, tokenizer) -> None:
     """Refuse, before training, a template that assistant-only loss cannot use (TRL would fail at its first batch)."""
     if not recipe.sft.get("assistant_only_loss", ASSISTANT_ONLY_LOSS):
         return
-    where = "model.chat_template" if recipe.model.chat_template is not None else base_location(recipe)
+    where = "model.chat_template" if recipe.model.chat_template is not None else base_location(recipe.model_source)
     problem = training_template_problem(tokenizer, where)
     if problem is not None:
         raise ValueError(f"[sft] {problem}")
