@@ -87,8 +87,9 @@ def test_dry_run_writes_the_upload_with_a_model_card(run, tmp_path, monkeypatch,
     assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "me/tiny-sft"
     manifest = read_manifest(run / "dpo")["outputs"]
     assert f"first {manifest['first_loss']:.4g}, last {manifest['last_loss']:.4g}" in card.text
-    dpo_scores = next(line for line in (run / "eval" / "scores.md").read_text().splitlines() if line.startswith("| dpo |"))
-    assert dpo_scores in card.text and "```yaml" in card.text
+    scores = (run / "eval" / "scores.md").read_text().splitlines()
+    overall = next(line for line in scores if line.startswith("| overall |"))
+    assert overall in card.text and "```yaml" in card.text  # the run's eval table, each model's overall score
     captured = capsys.readouterr()
     for path in folder.iterdir():
         assert b"hf_secretTOKEN123" not in path.read_bytes()
