@@ -7,10 +7,13 @@ guard against peft's v4 -> v5 target conversion used to convert into the routed 
 rank, so DPO could not load the SFT adapter (issue #24).
 """
 
+import json
+
 import pytest
 import torch
 from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from finetune import families
 from finetune.models import load_stage_model
@@ -85,3 +88,25 @@ def test_llama4_text_full_sft_then_lora_dpo(tmp_path):
     changed = [name for name, param in tuned.named_parameters()
                if not torch.equal(param, base.get_parameter(name))]
     assert any(".experts." in name for name in changed)  # full fine-tuning trained the experts too
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_router_role_trains_in_sft_and_dpo_and_merges(tmp_path, padding_free):
+    """The documented `router` role: PEFT wraps the router, and the expert-load tracking read `top_k` from the
+    wrapper, so the first step crashed (#27). Padded and padding-free (packed rows: their own router hook path)."""
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(RECIPE.format(run_dir=tmp_path / "run", architecture="mixtral")
+                           .replace("lora: {r: 4", "lora: {targets: [attention, experts, router], r: 4"))
+    run_cli(["run", str(recipe_path), "--stages", "prep,sft,dpo", f"speed.padding_free={str(padding_free).lower()}"])
+    run = tmp_path / "run"
+    for stage in ("sft", "dpo"):
+        saved = load_file(run / stage / "adapter_model.safetensors")
+        assert any(".mlp.gate.lora_" in name for name in saved), stage  # the router's adapter is saved
+        load = json.loads((run / stage / "expert_load.json").read_text())
+        assert load["history"] and all(sum(share) > 0.99 for share in load["history"][-1]["share"].values())
+    run_cli(["merge", str(run / "dpo"), "--out", str(tmp_path / "merged")])
+    recipe = load_recipe(recipe_path)
+    base = load_stage_model(recipe, "base")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    router = "model.layers.0.mlp.gate.weight"
+    assert not torch.equal(merged.get_parameter(router), base.get_parameter(router))  # both adapters merged in
