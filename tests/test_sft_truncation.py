@@ -10,31 +10,20 @@ import pytest
 
 from helpers.recipes import run_cli
 from tests.lookalike import build_lookalike
-
-RECIPE = """
-run_dir: {run_dir}
-seed: 7
-model:
-  name_or_path: {folder}
-  lora: {{targets: [attention, experts], r: 4, alpha: 8}}
-data:
-  sources: [{{format: synthetic, options: {{sft: 16, pairs: 4, questions: 2}}}}]
-  test_size: 0
-sft: {{max_steps: 1, per_device_train_batch_size: 4, logging_steps: 1, max_length: 128}}
-"""
+from tests.test_real_checkpoints import write_recipe
 
 
 @pytest.mark.slow  # a look-alike, prep, a refused SFT and a real one: ~25 s on a shared 2-core machine
 def test_template_longer_than_max_length_is_named_with_the_length_it_needs(tmp_path):
     folder = build_lookalike("gpt_oss", tmp_path / "checkpoint")
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(RECIPE.format(run_dir=tmp_path / "run", folder=folder))
+    recipe = write_recipe(tmp_path, folder)  # a LoRA run on the look-alike, its sft.max_length cut to 128 below
+    cut = "sft.max_length=128"
 
-    prepared = run_cli(["prep", str(recipe)])
+    prepared = run_cli(["prep", str(recipe), cut])
     warnings = [line for line in prepared.splitlines() if "warning: sft.max_length=128" in line]
     assert len(warnings) == 1 and "would cut 100% of the SFT conversations" in warnings[0]
 
-    refused = run_cli(["sft", str(recipe)], expect=2)
+    refused = run_cli(["sft", str(recipe), cut], expect=2)
     assert "num_samples" not in refused and "Traceback" not in refused
     message = re.search(r"sft\.max_length=128 cuts every training conversation before its first assistant token.*"
                         r"Set sft\.max_length above (\d+)", refused)
