@@ -15,10 +15,10 @@ from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from finetune import families
-from finetune.models import load_stage_model
-from finetune.recipe_parsing import load_recipe
-from finetune.rundir import read_manifest
+from finetune.core import families
+from finetune.modeling.loading import load_stage_model
+from finetune.config.parsing import load_recipe
+from finetune.core.rundir import read_manifest
 from helpers.recipes import run_cli
 
 RECIPE = """

@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from finetune.models import load_stage_model
-from finetune.recipe_parsing import load_recipe
+from finetune.modeling.loading import load_stage_model
+from finetune.config.parsing import load_recipe
 from helpers.recipes import run_cli
-from tests.lookalike import FAMILIES, TRL_TEMPLATES, build_lookalike
+from helpers.lookalike import FAMILIES, TRL_TEMPLATES, build_lookalike
 
 REPO = Path(__file__).resolve().parents[1]
 MISTRAL_TEMPLATE = REPO / "recipes" / "chat_templates" / "mistral-instruct.jinja"

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from helpers.recipes import run_cli
-from tests.lookalike import build_lookalike
+from helpers.lookalike import build_lookalike
 from tests.test_real_checkpoints import write_recipe
 
 

@@ -6,7 +6,7 @@ import contextlib
 import io
 
 from finetune.cli import main
-from finetune.recipe_parsing import parse_recipe
+from finetune.config.parsing import parse_recipe
 
 RECIPE = """
 run_dir: {run_dir}
