@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 from finetune.cli import main
@@ -68,3 +70,12 @@ def write_lookalike_recipe(tmp_path: Path, folder: Path, template: Path | None =
     line = f"  chat_template: {template}\n" if template else ""
     path.write_text(LOOKALIKE_RECIPE.format(run_dir=tmp_path / "run", folder=folder, template=line))
     return path
+
+
+def run_cli(argv: list[str], expect: int = 0) -> str:
+    """`moetune ARGV` in this process; what it printed."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    assert code == expect, f"moetune {' '.join(argv)} exited {code}:\n{err.getvalue()[-3000:]}"
+    return out.getvalue() + err.getvalue()
