@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from finetune import balancing, families, moe
+from finetune.modeling import expert_parallel
 from finetune.models import load_stage_model, load_tokenizer, load_training_model, seed_everything
 from finetune.packed_dpo import dpo_trainer
 from finetune.recipe import Recipe
@@ -46,17 +47,18 @@ def run(recipe: Recipe, force: bool | str = False) -> Path:
     lora = recipe.model.lora_for("dpo")
     # Precomputed reference log-probs need no reference copy: TRL computes them with the model before training.
     needs_copy = not lora and not args.precompute_ref_log_probs
-    trainer = dpo_trainer(
-        recipe.speed,
-        model=model,
-        ref_model=load_reference(recipe) if needs_copy else None,
-        args=args,
-        train_dataset=require_train_split(recipe, "preference", "dpo"),
-        eval_dataset=load_split(recipe, "preference", "test"),
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=moe.expert_load_callbacks(model, stage.work),
-    )
+    with expert_parallel.hashable_weights(model):
+        trainer = dpo_trainer(
+            recipe.speed,
+            model=model,
+            ref_model=load_reference(recipe) if needs_copy else None,
+            args=args,
+            train_dataset=require_train_split(recipe, "preference", "dpo"),
+            eval_dataset=load_split(recipe, "preference", "test"),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=moe.expert_load_callbacks(model, stage.work),
+        )
     balancing.attach(trainer, model, recipe.balancing)
     train_resuming(trainer, stage, recipe.checkpoints)
     if "ref" in getattr(trainer.model, "peft_config", {}):

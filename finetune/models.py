@@ -8,6 +8,7 @@ parents: the full weights at the root, each adapter merged in on the way.
 from __future__ import annotations
 
 import json
+import os
 import random
 import warnings
 from pathlib import Path
@@ -19,6 +20,7 @@ from finetune import adapters, expert_quant, families, moe
 from finetune.recipe import MODEL_STAGES, ModelConfig, Recipe
 from finetune.recipe_parsing import load_recipe
 from finetune.rundir import read_manifest, require_complete
+from finetune.modeling import expert_parallel
 from finetune.tiny import train_tokenizer
 
 
@@ -80,16 +82,19 @@ def load_tokenizer(recipe: Recipe, texts=None):
     return tokenizer
 
 
-def check_family(recipe: Recipe, location: str) -> None:
-    """An MoE family moetune does not know is refused before its weights load."""
-    families.check_supported(AutoConfig.from_pretrained(location, **hub_kwargs(recipe, location)))
+def check_family(recipe: Recipe, location: str):
+    """An MoE family moetune does not know is refused before its weights load; returns the model's config."""
+    config = AutoConfig.from_pretrained(location, **hub_kwargs(recipe, location))
+    families.check_supported(config)
+    return config
 
 
 def load_pretrained(recipe: Recipe, location: str):
-    check_family(recipe, location)
+    """Whole, or with its experts split across the processes of a launch (model.expert_parallel)."""
+    config = check_family(recipe, location)
     return AutoModelForCausalLM.from_pretrained(
         location, dtype=resolve_dtype(recipe.model.dtype), experts_implementation=experts_kernel(recipe.model),
-        **hub_kwargs(recipe, location),
+        **hub_kwargs(recipe, location), **expert_parallel.load_kwargs(recipe.model, config),
     )
 
 
@@ -201,6 +206,9 @@ def load_training_model(recipe: Recipe, stage: str, start: str):
     ZeRO-3 the MoE blocks are marked as leaf modules; the family's own needs are met (families.prepare_for_training).
     """
     model, peft_config, parent = load_model_and_adapter(recipe, stage, start)
+    if getattr(model, "is_distributed_loading_by_transformers", False):
+        print(f"[{stage}] process {os.environ.get('RANK', '0')}: "
+              f"{expert_parallel.describe(model, recipe.model.expert_parallel)}", flush=True)
     families.prepare_for_training(model)
     moe.mark_moe_blocks_as_zero3_leaves(model)
     return model, peft_config, parent
