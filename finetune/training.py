@@ -10,6 +10,7 @@ from transformers import TrainerCallback
 
 from finetune import distributed
 from finetune.checkpoints import SaveEveryMinutes, SealCheckpoints, newest_usable_checkpoint
+from finetune.modeling import expert_parallel
 from finetune.recipe import CheckpointConfig
 from finetune.rundir import Stage, StageError
 from finetune.trainer_config import describe_global_batch
@@ -73,5 +74,7 @@ def restore_full_weights(trainer, checkpoint: Path) -> None:
     """
     if (checkpoint / "adapter_config.json").is_file() or trainer.is_deepspeed_enabled:
         return  # DeepSpeed restores the weights from its own files (global_step<N>/), in the model's layout
+    if expert_parallel.is_split(trainer.model):
+        return  # the trainer's own checkpoint loading puts them into the split model (split_checkpoints.py)
     saved = type(trainer.model).from_pretrained(str(checkpoint), dtype=trainer.model.dtype)
     trainer.model.load_state_dict(saved.state_dict())
