@@ -146,7 +146,9 @@ def load_stage_model(recipe: Recipe, name: str):
     outputs = require_complete(recipe.run_path, name, needed_by="model loading")["outputs"]
     if outputs["kind"] == "full":
         return load_pretrained(recipe, str(folder))
-    return adapters.merge_adapter(load_stage_model(recipe, outputs["parent"]), folder)
+    base = load_stage_model(recipe, outputs["parent"])
+    expert_parallel.refuse_merge_into_split(base, name)
+    return adapters.merge_adapter(base, folder)
 
 
 def load_for_inference(recipe: Recipe, name: str):
