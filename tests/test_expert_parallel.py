@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from finetune.cli import main
 from finetune.modeling import expert_parallel
-from finetune.recipe import ModelConfig
-from finetune.rundir import StageError
+from finetune.config.recipe import ModelConfig
+from finetune.core.rundir import StageError
 from helpers.processes import output_lines
 from helpers.recipes import write_recipe
 
@@ -178,3 +178,13 @@ def test_families_have_an_expert_plan_and_uneven_splits_are_refused(architecture
     assert set(config.base_model_ep_plan.values()) == {"grouped_gemm", "ep_dispatch_experts"}
     with pytest.raises(StageError, match="4 experts per MoE layer: they cannot be split evenly"):
         expert_parallel.check_experts_divide(config, 3)
+
+
+def test_a_stage_on_top_of_an_adapter_is_refused_when_the_experts_are_split():
+    """Seen on 2 processes: PEFT's merge of the SFT adapter into split weights fails ('aten.add_.Tensor got mixed
+    torch.Tensor and DTensor'); the DPO stage stops before that with the way out."""
+    from types import SimpleNamespace
+
+    expert_parallel.refuse_merge_into_split(SimpleNamespace(), "sft")  # a whole model: merged as usual
+    with pytest.raises(StageError, match="Fine-tune sft fully"):
+        expert_parallel.refuse_merge_into_split(SimpleNamespace(is_distributed_loading_by_transformers=True), "sft")

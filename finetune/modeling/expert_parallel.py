@@ -22,9 +22,9 @@ from contextlib import contextmanager
 
 import torch
 
-from finetune import distributed
-from finetune.recipe import ModelConfig
-from finetune.rundir import StageError
+from finetune.core import distributed
+from finetune.config.recipe import ModelConfig
+from finetune.core.rundir import StageError
 
 
 def distributed_config(model: ModelConfig):
@@ -75,7 +75,7 @@ def load_kwargs(model: ModelConfig, config) -> dict:
 
 def describe(model, size: int) -> str:
     """Which experts this process holds, e.g. `experts 0-3 of 8 in each of 2 MoE layers`."""
-    from finetune import moe
+    from finetune.modeling import moe
 
     experts = [module for module in model.modules() if moe.is_experts(module)]
     total = experts[0].gate_up_proj.shape[0]
