@@ -188,3 +188,31 @@ def test_a_stage_on_top_of_an_adapter_is_refused_when_the_experts_are_split():
     expert_parallel.refuse_merge_into_split(SimpleNamespace(), "sft")  # a whole model: merged as usual
     with pytest.raises(StageError, match="Fine-tune sft fully"):
         expert_parallel.refuse_merge_into_split(SimpleNamespace(is_distributed_loading_by_transformers=True), "sft")
+
+
+def test_trl_hashes_split_weights_as_it_hashes_whole_ones(tmp_path):
+    """TRL's model hash (its reference-log-prob cache key) reads `.numpy()`, which DTensors refuse; while the DPO
+    trainer is built it hashes the gathered weights: the digest of the same weights held whole."""
+    import torch.distributed as dist
+    import trl.trainer.dpo_trainer as dpo_trainer
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from helpers.tiny import tiny_model
+
+    model = tiny_model("qwen3_moe")[0]
+    whole_digest = dpo_trainer.hash_module(model)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        for module in model.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                setattr(module, name, torch.nn.Parameter(distribute_tensor(param.data, mesh, [Shard(0)])))
+        with pytest.raises(RuntimeError, match="not supported for tensor subclasses"):
+            dpo_trainer.hash_module(model)
+        model._is_distributed_loading_by_transformers = True  # what from_pretrained(distributed_config=...) sets
+        with expert_parallel.hashable_weights(model):
+            assert dpo_trainer.hash_module(model) == whole_digest
+        assert dpo_trainer.hash_module.__module__ == "trl.trainer.utils"  # TRL's own again afterwards
+    finally:
+        dist.destroy_process_group()

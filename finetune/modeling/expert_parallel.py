@@ -124,7 +124,9 @@ def hashable_weights(model):
         for _, tensor in sorted(module.state_dict().items()):
             tensor = whole_tensor(tensor).detach().cpu()
             digest.update(str(tensor.dtype).encode())
-            digest.update(tensor.float().numpy().tobytes() if tensor.dtype == torch.bfloat16 else tensor.numpy().tobytes())
+            if tensor.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):  # as TRL's hash_module
+                tensor = tensor.to(torch.float32)
+            digest.update(tensor.numpy().tobytes())
         return digest.hexdigest()
 
     dpo_trainer.hash_module = hash_whole
