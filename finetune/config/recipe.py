@@ -105,6 +105,12 @@ class ModelConfig:
         None, help="Load the base of the stages that train adapters quantized (QLoRA), experts included; "
         "null keeps full precision. Needs model.lora.",
     )
+    expert_parallel: int = help_field(
+        1, help="Expert parallelism in launches of several processes (transformers' DistributedConfig): each MoE "
+        "layer's experts split across this many processes, tokens sent to them all-to-all, everything else FSDP2-"
+        "sharded over all processes. 1 is off. Must divide the process count and the experts per layer; full "
+        "fine-tuning or LoRA without the experts role (PEFT cannot wrap split experts). See docs/scaling-out.md.",
+    )
 
     def lora_for(self, stage: str) -> LoraConfig | None:
         """The adapter settings a training stage uses, or None for full fine-tuning."""

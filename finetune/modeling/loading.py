@@ -8,6 +8,7 @@ parents: the full weights at the root, each adapter merged in on the way.
 from __future__ import annotations
 
 import json
+import os
 import random
 import warnings
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from finetune.modeling import adapters, expert_quant, moe
+from finetune.modeling import adapters, expert_parallel, expert_quant, moe
 from finetune.core import families
 from finetune.config.recipe import MODEL_STAGES, ModelConfig, ModelSource
 from finetune.config.parsing import load_recipe
@@ -99,10 +100,11 @@ def check_family(source: ModelSource, location: str):
 
 
 def load_pretrained(source: ModelSource, location: str):
+    """Whole, or with its experts split across the processes of a launch (model.expert_parallel)."""
     config = check_family(source, location)
     return AutoModelForCausalLM.from_pretrained(
         location, dtype=resolve_dtype(source.model.dtype), **experts_kernel(source.model, config),
-        **hub_kwargs(source, location),
+        **hub_kwargs(source, location), **expert_parallel.load_kwargs(source.model, config),
     )
 
 
@@ -154,7 +156,9 @@ def load_stage_model(source: ModelSource, name: str):
     outputs = require_complete(source.run_path, name, needed_by="model loading")["outputs"]
     if outputs["kind"] == "full":
         return load_pretrained(source, str(folder))
-    return adapters.merge_adapter(load_stage_model(source, outputs["parent"]), folder)
+    base = load_stage_model(source, outputs["parent"])
+    expert_parallel.refuse_merge_into_split(base, name)
+    return adapters.merge_adapter(base, folder)
 
 
 def load_for_inference(source: ModelSource, name: str):
@@ -214,6 +218,9 @@ def load_training_model(source: ModelSource, stage: str, start: str):
     ZeRO-3 the MoE blocks are marked as leaf modules; the family's own needs are met (families.prepare_for_training).
     """
     model, peft_config, parent = load_model_and_adapter(source, stage, start)
+    if getattr(model, "is_distributed_loading_by_transformers", False):
+        print(f"[{stage}] process {os.environ.get('RANK', '0')}: "
+              f"{expert_parallel.describe(model, source.model.expert_parallel)}", flush=True)
     families.prepare_for_training(model)
     moe.mark_moe_blocks_as_zero3_leaves(model)
     return model, peft_config, parent
