@@ -3,6 +3,7 @@ by turn (finetune/training/assistant_masks.py), compared with the marker-based m
 and a base-model look-alike trained through the CLI (issue #24)."""
 
 import copy
+import json
 
 import pytest
 from datasets import Dataset
@@ -17,6 +18,9 @@ from trl.data_utils import common_prefix_length
 TWO_TURNS = [{"role": "user", "content": "Sort 3 1 2."}, {"role": "assistant", "content": "1 2 3"},
              {"role": "user", "content": "And 9 8?"}, {"role": "assistant", "content": "8 9"}]
 PLAIN = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}"
+MARKED = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ m['role'] }}: {{ m['content'] }}"
+          "{{ eos_token }}{% endgeneration %}{% else %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endif %}"
+          "{% endfor %}")
 # Templates for images and text: their messages hold lists of parts, not the plain strings of moetune's data.
 MULTIMODAL = {"idefics3_training.jinja", "llava_next_training.jinja", "smolvlm_training.jinja"}
 TRAINING_TEMPLATES = sorted(path.name for path in TRL_TEMPLATES.glob("*_training.jinja"))
@@ -110,7 +114,7 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_not_guessed():
         assistant_mask(tokenizer, TWO_TURNS)
 
 
-@pytest.mark.slow  # a look-alike, prep and two SFT steps: ~25 s on a shared 2-core machine
+@pytest.mark.slow  # a look-alike, then prep and two SFT steps twice: ~40 s on a shared 2-core machine
 def test_base_model_with_a_plain_template_trains_sft_on_assistant_tokens_through_the_cli(tmp_path):
     folder = build_lookalike("mixtral", tmp_path / "checkpoint")  # a base model: no chat template of its own
     template = tmp_path / "plain.jinja"
@@ -120,4 +124,14 @@ def test_base_model_with_a_plain_template_trains_sft_on_assistant_tokens_through
     lines = [line for line in printed.splitlines() if line.startswith("[sft] assistant-only loss:")]
     assert lines == ["[sft] assistant-only loss: the chat template has no {% generation %} markers: assistant "
                      "tokens found by rendering each conversation turn by turn and comparing token prefixes"]
-    assert (tmp_path / "run" / "sft" / "adapter_model.safetensors").is_file()
+    # The same run with the replies wrapped in {% generation %} markers (TRL's own mask) trains on the same tokens:
+    # the same losses, step for step.
+    marked_folder = tmp_path / "marked"
+    marked_folder.mkdir()
+    marked_template = marked_folder / "marked.jinja"
+    marked_template.write_text(MARKED)
+    printed = run_cli(["run", str(write_recipe(marked_folder, folder, template=marked_template)), "--stages", "prep,sft"])
+    assert "[sft] assistant-only loss: the chat template's {% generation %} markers" in printed
+    losses = [[row["loss"] for row in json.loads((run / "sft" / "metrics.json").read_text()) if "loss" in row]
+              for run in (tmp_path / "run", marked_folder / "run")]
+    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-5)
