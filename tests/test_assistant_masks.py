@@ -7,13 +7,12 @@ import json
 
 import pytest
 from datasets import Dataset
+from trl.data_utils import common_prefix_length
 
 from finetune.core import synthetic_task
 from finetune.training.assistant_masks import NotPrefixStable, assistant_mask, token_ids, tokenized_with_masks
 from helpers.lookalike import FAMILIES, TRL_TEMPLATES, build_lookalike, train_family_tokenizer
-from helpers.recipes import run_cli
-from tests.test_real_checkpoints import write_recipe
-from trl.data_utils import common_prefix_length
+from helpers.recipes import run_cli, write_lookalike_recipe
 
 TWO_TURNS = [{"role": "user", "content": "Sort 3 1 2."}, {"role": "assistant", "content": "1 2 3"},
              {"role": "user", "content": "And 9 8?"}, {"role": "assistant", "content": "8 9"}]
@@ -119,7 +118,7 @@ def test_base_model_with_a_plain_template_trains_sft_on_assistant_tokens_through
     folder = build_lookalike("mixtral", tmp_path / "checkpoint")  # a base model: no chat template of its own
     template = tmp_path / "plain.jinja"
     template.write_text(PLAIN)
-    recipe = write_recipe(tmp_path, folder, template=template)
+    recipe = write_lookalike_recipe(tmp_path, folder, template=template)
     printed = run_cli(["run", str(recipe), "--stages", "prep,sft"])
     lines = [line for line in printed.splitlines() if line.startswith("[sft] assistant-only loss:")]
     assert lines == ["[sft] assistant-only loss: the chat template has no {% generation %} markers: assistant "
@@ -130,7 +129,8 @@ def test_base_model_with_a_plain_template_trains_sft_on_assistant_tokens_through
     marked_folder.mkdir()
     marked_template = marked_folder / "marked.jinja"
     marked_template.write_text(MARKED)
-    printed = run_cli(["run", str(write_recipe(marked_folder, folder, template=marked_template)), "--stages", "prep,sft"])
+    marked_recipe = write_lookalike_recipe(marked_folder, folder, template=marked_template)
+    printed = run_cli(["run", str(marked_recipe), "--stages", "prep,sft"])
     assert "[sft] assistant-only loss: the chat template's {% generation %} markers" in printed
     losses = [[row["loss"] for row in json.loads((run / "sft" / "metrics.json").read_text()) if "loss" in row]
               for run in (tmp_path / "run", marked_folder / "run")]

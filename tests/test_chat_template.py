@@ -4,7 +4,6 @@ import pytest
 from trl.chat_template_utils import has_generation_markers
 
 from finetune.config.chat_template import MARKERS, TRL_TRAINING_TEMPLATE, assistant_token_source
-from finetune.cli import main
 from finetune.config.recipe import RecipeError
 from finetune.config.parsing import load_recipe
 from helpers.lookalike import FAMILIES, TRL_TEMPLATES, train_family_tokenizer

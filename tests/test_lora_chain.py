@@ -50,7 +50,7 @@ def test_lora_sft_then_lora_dpo_with_default_roles(architecture, tmp_path):
     # What DPO started from: the SFT adapter rebuilt on the base holds exactly the saved weights, every one of them.
     recipe = load_recipe(recipe_path)
     saved = load_file(run / "sft" / "adapter_model.safetensors")
-    rebuilt = PeftModel.from_pretrained(load_stage_model(recipe, "base"), str(run / "sft"))
+    rebuilt = PeftModel.from_pretrained(load_stage_model(recipe.model_source, "base"), str(run / "sft"))
     loaded = get_peft_model_state_dict(rebuilt)
     assert set(loaded) == set(saved)
     for name, tensor in saved.items():
@@ -67,7 +67,7 @@ def test_lora_sft_then_lora_dpo_with_default_roles(architecture, tmp_path):
         adapted = rebuilt.eval()(input_ids=ids).logits
         with rebuilt.disable_adapter():
             plain = rebuilt(input_ids=ids).logits
-        merged = load_stage_model(recipe, "sft").eval()(input_ids=ids).logits
+        merged = load_stage_model(recipe.model_source, "sft").eval()(input_ids=ids).logits
     assert not torch.allclose(adapted, plain, atol=1e-5)
     torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=1e-4)
 
@@ -83,7 +83,7 @@ def test_llama4_text_full_sft_then_lora_dpo(tmp_path):
     outputs = read_manifest(run / "dpo")["outputs"]
     assert (outputs["kind"], outputs["parent"]) == ("adapter", "sft")
     recipe = load_recipe(recipe_path)
-    base, tuned = load_stage_model(recipe, "base"), load_stage_model(recipe, "sft")
+    base, tuned = load_stage_model(recipe.model_source, "base"), load_stage_model(recipe.model_source, "sft")
     assert type(tuned).__name__ == "Llama4ForCausalLM"
     changed = [name for name, param in tuned.named_parameters()
                if not torch.equal(param, base.get_parameter(name))]
@@ -106,7 +106,7 @@ def test_router_role_trains_in_sft_and_dpo_and_merges(tmp_path, padding_free):
         assert load["history"] and all(sum(share) > 0.99 for share in load["history"][-1]["share"].values())
     run_cli(["merge", str(run / "dpo"), "--out", str(tmp_path / "merged")])
     recipe = load_recipe(recipe_path)
-    base = load_stage_model(recipe, "base")
+    base = load_stage_model(recipe.model_source, "base")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     router = "model.layers.0.mlp.gate.weight"
     assert not torch.equal(merged.get_parameter(router), base.get_parameter(router))  # both adapters merged in

@@ -8,15 +8,14 @@ import re
 
 import pytest
 
-from helpers.recipes import run_cli
 from helpers.lookalike import build_lookalike
-from tests.test_real_checkpoints import write_recipe
+from helpers.recipes import run_cli, write_lookalike_recipe
 
 
 @pytest.mark.slow  # a look-alike, prep, a refused SFT and a real one: ~25 s on a shared 2-core machine
 def test_template_longer_than_max_length_is_named_with_the_length_it_needs(tmp_path):
     folder = build_lookalike("gpt_oss", tmp_path / "checkpoint")
-    recipe = write_recipe(tmp_path, folder)  # a LoRA run on the look-alike, its sft.max_length cut to 128 below
+    recipe = write_lookalike_recipe(tmp_path, folder)  # a LoRA run on the look-alike, its sft.max_length cut to 128 below
     cut = "sft.max_length=128"
 
     prepared = run_cli(["prep", str(recipe), cut])

@@ -13,26 +13,27 @@ from finetune.training.packed_sft import sft_trainer
 from finetune.config.recipe import Recipe
 from finetune.training.assistant_masks import NotPrefixStable, tokenized_with_masks
 from finetune.training.reply_truncation import PREP_SAMPLE, no_replies_left_message, reply_starts
-from finetune.core.rundir import Stage, require_complete
+from finetune.core.rundir import Stage
 from finetune.training.saving import save_stage
 from finetune.training.data_splits import load_split, require_train_split
 from finetune.training.trainer_config import ASSISTANT_ONLY_LOSS, trainer_config
 from finetune.training.resume import train_resuming
 
 
-def stage_inputs(recipe: Recipe) -> dict:
-    """What the output depends on: the model and sft settings, the seed, the prepared data."""
-    data = require_complete(recipe.run_path, "data", needed_by="sft")
+def stage_inputs(recipe: Recipe, needed: dict[str, dict]) -> dict:
+    """What the output depends on: the model and sft settings, the seed, the prepared data (`needed`: the manifests
+    of the stages it needs, checked by the registry)."""
     return {"model": recipe.model_inputs("sft"), "sft": recipe.trainer_inputs("sft"),
-            "balancing": recipe.section_dict("balancing"), "seed": recipe.seed, "data": data["fingerprint"]}
+            "balancing": recipe.section_dict("balancing"), "seed": recipe.seed,
+            "data": needed["prep"]["fingerprint"]}
 
 
-def run(recipe: Recipe, force: bool | str = False) -> Path:
+def run(recipe: Recipe, needed: dict[str, dict], force: bool | str = False) -> Path:
     # A tokenizer or template that cannot work fails here, before the stage leaves a partial folder behind.
-    tokenizer = load_tokenizer(recipe)
+    tokenizer = load_tokenizer(recipe.model_source)
     conversations = require_train_split(recipe, "sft", "sft")
     train_dataset, eval_dataset, source = datasets_for_loss(recipe, tokenizer, conversations)
-    stage = Stage(recipe.run_path, "sft", inputs=stage_inputs(recipe), progress=("checkpoint-*",))
+    stage = Stage(recipe.run_path, "sft", inputs=stage_inputs(recipe, needed), progress=("checkpoint-*",))
     if not stage.begin(force):
         return stage.final
 
@@ -41,7 +42,7 @@ def run(recipe: Recipe, force: bool | str = False) -> Path:
     args = trainer_config("sft", recipe, stage.work)
     if source == TURN_BY_TURN:
         args.assistant_only_loss = False  # the rows carry their assistant_masks, which TRL's labels read as they are
-    model, peft_config, parent = load_training_model(recipe, "sft", start="base")
+    model, peft_config, parent = load_training_model(recipe.model_source, "sft", start="base")
     trainer = sft_trainer(
         recipe.speed,
         model=model,
@@ -74,7 +75,7 @@ def datasets_for_loss(recipe: Recipe, tokenizer, conversations):
     try:
         masked = [tokenized_with_masks(tokenizer, split) if split is not None else None for split in (conversations, test)]
     except NotPrefixStable as error:
-        where = "model.chat_template" if recipe.model.chat_template is not None else base_location(recipe)
+        where = "model.chat_template" if recipe.model.chat_template is not None else base_location(recipe.model_source)
         raise ValueError(f"[sft] the chat template of {where} has no {{% generation %}} markers, and its assistant "
                          f"tokens cannot be found turn by turn: {error}. Wrap each assistant reply (and its "
                          f"end-of-turn token) in {{% generation %}}...{{% endgeneration %}} in model.chat_template, "
