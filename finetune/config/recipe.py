@@ -90,8 +90,8 @@ class ModelConfig:
     chat_template: str | None = help_field(
         None, help="Chat template for a base model whose tokenizer has none (e.g. Mixtral-8x7B-v0.1), or to replace "
         "the tokenizer's: a Jinja string, or the path of a .jinja file relative to the recipe's folder. SFT's "
-        "assistant-only loss needs {% generation %} markers around assistant replies, unless TRL ships a training "
-        "version of the template (trl/chat_templates/*_training.jinja).",
+        "assistant-only loss reads {% generation %} markers around assistant replies, or TRL's training version of "
+        "the template (trl/chat_templates/*_training.jinja); without either it finds the replies turn by turn.",
     )
     dtype: str = help_field(
         "auto", help="Weights dtype: auto (fp32 on CPU, bf16 on GPUs that support it, else fp16), float32, bfloat16."
