@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.answer import answer_questions, unanswered
-from eval.config import JUDGE_CALL_SETTINGS, EvalInputError, check_eval_config
+from eval.config import JUDGE_CALL_SETTINGS, EvalInputError
 from eval.judge_prompts import load_judge_prompts
 from eval.judge_backends import JudgeUnreachable, LocalJudge, OpenAICompatibleJudge, programmatic_can_score
 from eval.judging import JudgingContext, judge_pairwise, judge_programmatic, judge_single
@@ -24,7 +24,7 @@ from finetune import remote_files
 from finetune.models import load_for_inference
 from finetune.recipe import MODEL_STAGES, Recipe
 from finetune.remote_files import fetch, is_url
-from finetune.rundir import Stage, StageError, read_manifest, write_json_atomic
+from finetune.rundir import Interrupted, Stage, StageError, read_manifest, write_json_atomic
 
 
 def question_source(recipe: Recipe) -> str:
@@ -94,7 +94,6 @@ def refuse_unscorable(recipe: Recipe, questions: list[dict[str, Any]]) -> None:
 def run(recipe: Recipe, force: bool | str = False) -> Path:
     """Run the eval stage; returns run_dir/eval, or the work folder while some judge calls have failed."""
     config = recipe.eval
-    check_eval_config(config)
     check_files(recipe)
     if config.question_file is None and not Path(question_source(recipe)).is_file():
         raise EvalInputError(f"[eval] {question_source(recipe)} does not exist: the prep stage made no eval questions "
@@ -111,8 +110,8 @@ def run(recipe: Recipe, force: bool | str = False) -> Path:
         answers = {name: answer_model(recipe, name, questions, stage.work) for name in config.models}
         errors, scores_file = judge_and_report(recipe, questions, answers, stage.work)
     except KeyboardInterrupt:
-        raise StageError(f"[eval] interrupted. The answers and judgments finished so far are saved in {stage.work}; "
-                         f"run the same command again to continue from them.") from None
+        raise Interrupted(f"[eval] interrupted. The answers and judgments finished so far are saved in {stage.work}; "
+                          f"run the same command again to continue from them.") from None
     except JudgeUnreachable as error:
         raise StageError(f"[eval] {error} The answers and judgments finished so far are saved in {stage.work}; run "
                          f"the same command again once the judge is up.") from None

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import textwrap
 from pathlib import Path
 
-from finetune import hub, launch
+from finetune import distributed, hub, launch
 from finetune.fields import describe_fields
 from finetune.pipeline import run_stage, wait_for_uploads
 from finetune.preflight import check_before_running
 from finetune.recipe import TRAINING_STAGES, Recipe, RecipeError
-from finetune.recipe_parsing import load_recipe, trainer_config_class
+from finetune.recipe_parsing import MANAGED_TRAINER_KEYS, load_recipe, trainer_config_class
+from finetune.recipe_secrets import is_credential_key
 from finetune.registry import BY_NAME, COMMANDS, STAGES, command_writing
 from finetune.run_report import write_report
-from finetune.rundir import MissingStageOutput, StageError, changed_keys, fingerprint, read_manifest
+from finetune.run_lock import run_dir_lock
+from finetune.rundir import Interrupted, MissingStageOutput, StageError, changed_keys, fingerprint, read_manifest
 from finetune.trainer_config import moetune_defaults
 
 FOLDER_COMMANDS = ("merge", "push", "report")  # commands on folders, without a recipe
@@ -60,7 +63,7 @@ def trl_fields_help(section: str, recipe: Recipe) -> str:
             f"the device). Checkpoints: every {every} minutes (checkpoints.every_minutes) and on SIGTERM/Ctrl-C, plus "
             f"TRL's step schedule when save_strategy is set."]
     for f in dataclasses.fields(trainer_config_class(section)):
-        if f.init and f.name not in ("output_dir", "seed"):
+        if f.init and f.name not in MANAGED_TRAINER_KEYS and not is_credential_key(f.name):
             text = " ".join(str(f.metadata.get("help", "")).split())
             default = (f"moetune default {ours[f.name]!r}; TRL's {f.default!r}" if f.name in ours
                        else f"default {f.default!r}")
@@ -185,6 +188,20 @@ def run_stages(args) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
     stages = parse_stages(args.stages) if args.command == "run" else [args.command]
     check_before_running(recipe, stages)
+    with writing(recipe, args):
+        run_locked(stages, recipe, args)
+
+
+def writing(recipe: Recipe, args):
+    """The run folder's lock, held by the command that writes it: under a launcher, by rank 0's process (with
+    `--accelerate`, by the launching command; on several machines, machine rank 0's)."""
+    other_machine = getattr(args, "accelerate", None) and launch.machine_rank(args.accelerate_options) != 0
+    if other_machine or not distributed.is_main_process():
+        return contextlib.nullcontext()
+    return run_dir_lock(recipe.run_path)
+
+
+def run_locked(stages: list[str], recipe: Recipe, args) -> None:
     try:
         if getattr(args, "accelerate", None):
             launch.run_with_accelerate(stages, args, lambda name: run_stage(name, recipe, args.force))
@@ -238,13 +255,16 @@ def report_errors(command) -> int:
     except MissingStageOutput as error:
         print(f"moetune: error: {error.message(command_writing(error.folder.name))}", file=sys.stderr)
         return 2
+    except Interrupted as error:  # training and eval saved their work and say where
+        print(f"moetune: error: {error}", file=sys.stderr)
+        return 128 + error.signum
     except (RecipeError, StageError, ValueError, OSError) as error:  # OSError: a file or model a library could not open
         print(f"moetune: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # the stages that keep work (training, eval) say where; the rest start over
+    except KeyboardInterrupt:  # the other stages start over; 130 = 128 + SIGINT, what shells expect of Ctrl-C
         print("moetune: error: interrupted. Run the same command again: finished stages are kept and skipped.",
               file=sys.stderr)
-        return 2
+        return 130
     return 0
 
 

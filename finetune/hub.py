@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCardData, constants
 
-from finetune import adapters
+from finetune import adapters, distributed
 from finetune.models import load_adapter_base
 from finetune.recipe import Recipe
 from finetune.recipe_parsing import dump_recipe, load_recipe
-from finetune.recipe_validation import invalid_repo_id
+from finetune.recipe_validation import check_repo_id, invalid_repo_id
 from finetune.rundir import read_manifest
 
 # What a stage folder shares: weights, configs, tokenizer, the resolved recipe. Not the run's bookkeeping
@@ -119,14 +118,6 @@ class HubError(ValueError):
 CHAIN_ORDER = ("base", "sft", "dpo")
 
 
-def check_repo_id(repo_id: str, option: str = "--repo-id") -> str:
-    """huggingface_hub's own check of a repository id, as an error naming the option and the fix."""
-    problem = invalid_repo_id(repo_id)
-    if problem:
-        raise ValueError(f"{option} {repo_id!r} is not a valid Hub repository id, e.g. my-org/mixtral-dpo: {problem}")
-    return repo_id
-
-
 def is_hub_id(name: str) -> bool:
     """A model name that is a Hub repository id, not a local folder."""
     return not Path(name).exists() and invalid_repo_id(name) is None
@@ -207,10 +198,10 @@ def push(stage_dirs, repo_id: str, private: bool = False, revision: str | None =
     if len(stage_dirs) > 1 and "{stage}" not in repo_id:
         raise ValueError(f"--repo-id {repo_id} for {len(stage_dirs)} stages: put {{stage}} in it (e.g. "
                          f"{repo_id}-{{stage}}) so that each stage gets its own repository.")
-    repos = {d: check_repo_id(repo_id.replace("{stage}", d.name)) for d in stage_dirs}
+    repos = {d: check_repo_id(repo_id.replace("{stage}", d.name), "--repo-id") for d in stage_dirs}
     if parent_repo_id:
         check_repo_id(parent_repo_id, "--parent-repo-id")
-    if dry_run is None and int(os.environ.get("RANK", "0")) != 0:
+    if dry_run is None and not distributed.is_main_process():
         return  # in a multi-process run every rank saves the same stage; only the main process uploads it
     pushed: dict[str, str] = {}
     for stage_dir in stage_dirs:

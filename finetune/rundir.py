@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,15 @@ WORK_INPUTS = "moetune_work_inputs.json"  # in the .partial folder: what the unf
 
 class StageError(RuntimeError):
     """A stage cannot start or finish; the message says which folder and what to do."""
+
+
+class Interrupted(StageError):
+    """Ctrl-C (SIGINT) or SIGTERM stopped a stage after it saved its work; the command exits 128 + the signal's
+    number, as shells expect (130 for Ctrl-C)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = int(signum)
 
 
 def fingerprint(value: Any) -> str:

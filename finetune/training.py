@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 from finetune import distributed
 from finetune.checkpoints import SaveEveryMinutes, SealCheckpoints, newest_usable_checkpoint
 from finetune.recipe import CheckpointConfig
-from finetune.rundir import Stage, StageError
+from finetune.rundir import Interrupted, Stage
 from finetune.trainer_config import describe_global_batch
 
 
@@ -20,9 +20,10 @@ class StopOnSignal(TrainerCallback):
 
     def __init__(self):
         self.requested = False
+        self.signum = signal.SIGINT
 
     def request(self, signum, frame) -> None:
-        self.requested = True
+        self.requested, self.signum = True, signum
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.requested:
@@ -60,8 +61,8 @@ def train_resuming(trainer, stage: Stage, schedule: CheckpointConfig) -> None:
         for callback in callbacks:
             trainer.remove_callback(callback)
     if stopper.requested:
-        raise StageError(f"[{stage.name}] interrupted at step {trainer.state.global_step}; checkpoint saved in "
-                         f"{stage.work}. Run the same command again to resume from it.")
+        raise Interrupted(f"[{stage.name}] interrupted at step {trainer.state.global_step}; checkpoint saved in "
+                          f"{stage.work}. Run the same command again to resume from it.", stopper.signum)
 
 
 def restore_full_weights(trainer, checkpoint: Path) -> None:
