@@ -12,7 +12,7 @@ from pathlib import Path
 from finetune import distributed, hub, launch
 from finetune.fields import describe_fields
 from finetune.pipeline import run_stage, wait_for_uploads
-from finetune.preflight import check_before_running
+from finetune.preflight import check_before_running, check_prepared
 from finetune.recipe import TRAINING_STAGES, Recipe, RecipeError
 from finetune.recipe_parsing import MANAGED_TRAINER_KEYS, load_recipe, trainer_config_class
 from finetune.recipe_secrets import is_credential_key
@@ -204,7 +204,7 @@ def writing(recipe: Recipe, args):
 def run_locked(stages: list[str], recipe: Recipe, args) -> None:
     try:
         if getattr(args, "accelerate", None):
-            launch.run_with_accelerate(stages, args, lambda name: run_stage(name, recipe, args.force))
+            launch.run_with_accelerate(stages, args, lambda name: run_checked(name, recipe, args.force, stages))
             return
         launch.refuse_single_process_stages(stages)
         force = args.force
@@ -212,9 +212,15 @@ def run_locked(stages: list[str], recipe: Recipe, args) -> None:
             print_force_plan(recipe, stages)
             force = "stale"  # `run --force` keeps the stages whose inputs did not change
         for name in stages:
-            run_stage(name, recipe, force)
+            run_checked(name, recipe, force, stages)
     finally:
         wait_for_uploads()  # `hub.push` uploads run beside the later stages; a failed stage keeps them too
+
+
+def run_checked(name: str, recipe: Recipe, force: bool | str, stages: list[str]) -> None:
+    run_stage(name, recipe, force)
+    if name == "prep":
+        check_prepared(recipe, stages)  # what the later stages need of prep's output, before any of them trains
 
 
 def force_plan(recipe: Recipe, stages: list[str]) -> list[tuple[str, str]]:

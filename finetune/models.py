@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 import random
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from finetune import adapters, expert_quant, families, moe
-from finetune.recipe import MODEL_STAGES, ModelConfig, Recipe
+from finetune.recipe import MODEL_STAGES, ModelConfig, Recipe, RecipeError
 from finetune.recipe_parsing import load_recipe
 from finetune.rundir import read_manifest, require_complete
 from finetune.tiny import train_tokenizer
@@ -69,7 +71,8 @@ def load_tokenizer(recipe: Recipe, texts=None):
         tokenizer, location = train_tokenizer(texts, recipe.model.init.vocab_size), "model.init"
     else:
         location = base_location(recipe)
-        tokenizer = AutoTokenizer.from_pretrained(location, **hub_kwargs(recipe, location))
+        with naming_remote_code(location):
+            tokenizer = AutoTokenizer.from_pretrained(location, **hub_kwargs(recipe, location))
     if recipe.model.chat_template is not None:
         tokenizer.chat_template = recipe.model.chat_template
     if tokenizer.chat_template is None:
@@ -82,7 +85,28 @@ def load_tokenizer(recipe: Recipe, texts=None):
 
 def check_family(recipe: Recipe, location: str) -> None:
     """An MoE family moetune does not know is refused before its weights load."""
-    families.check_supported(AutoConfig.from_pretrained(location, **hub_kwargs(recipe, location)))
+    with naming_remote_code(location):
+        families.check_supported(AutoConfig.from_pretrained(location, **hub_kwargs(recipe, location)))
+
+
+def remote_code_refused(location: str) -> RecipeError:
+    return RecipeError(
+        f"{location} ships its own Python code (files named by auto_map in its config), which moetune runs only when "
+        f"the recipe sets model.trust_remote_code: true. That code runs with everything your user may do on this "
+        f"machine (read and write files, use the network and your tokens): set it only for a repository you trust, "
+        f"after reading its .py files.")
+
+
+@contextmanager
+def naming_remote_code(location: str) -> Iterator[None]:
+    """transformers' refusal (it says `trust_remote_code=True` and builds a Hub URL from a local path) as the
+    recipe key that allows it."""
+    try:
+        yield
+    except ValueError as error:
+        if "trust_remote_code" in str(error):
+            raise remote_code_refused(location) from None
+        raise
 
 
 def load_pretrained(recipe: Recipe, location: str):
@@ -166,7 +190,8 @@ def load_external(recipe: Recipe, location: str):
         model = adapters.merge_adapter(base, adapter_dir)
     else:
         model = load_pretrained(recipe, location)
-        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust)
+        with naming_remote_code(location):
+            tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -74,5 +74,11 @@ def restore_full_weights(trainer, checkpoint: Path) -> None:
     """
     if (checkpoint / "adapter_config.json").is_file() or trainer.is_deepspeed_enabled:
         return  # DeepSpeed restores the weights from its own files (global_step<N>/), in the model's layout
-    saved = type(trainer.model).from_pretrained(str(checkpoint), dtype=trainer.model.dtype)
-    trainer.model.load_state_dict(saved.state_dict())
+    saved, info = type(trainer.model).from_pretrained(str(checkpoint), dtype=trainer.model.dtype,
+                                                      output_loading_info=True)
+    trainer.model.load_state_dict(saved.state_dict())  # strict: every weight of the model is restored
+    if not any(info.get(key) for key in ("missing_keys", "unexpected_keys", "mismatched_keys")):
+        # from_pretrained used every tensor of the file and filled every weight, so Trainer's own raw load of the
+        # same file, which then reports the fused experts and routers as missing and the per-expert tensors as
+        # unexpected, has nothing to say: its warning would make a bit-identical resume look broken.
+        trainer._issue_warnings_after_load = lambda load_result: None
