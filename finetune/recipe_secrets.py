@@ -11,18 +11,16 @@ from typing import Any
 
 from finetune.recipe import RecipeError
 
-# A key names a credential when it ends in one of these words. Vocabulary tokens (TRL's eos_token, pad_token) and
-# token counts (include_num_input_tokens_seen) are no credentials.
-CREDENTIAL_KEY = re.compile(r"(^|_)(token|api_?key|secret|password|passwd|credentials?|headers|authorization)$",
-                            re.IGNORECASE)
-VOCABULARY_TOKENS = frozenset({"bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token",
-                               "mask_token"})
+# A key names a credential when it is (or ends in) one of these words. Vocabulary tokens (TRL's eos_token),
+# counts (experts_per_token, max_tokens) and names of variables (api_key_env) are no credentials.
+CREDENTIAL_KEY = re.compile(r"^((hub|hf|access|auth|api|bearer|refresh|session)_)?token$"
+                            r"|(^|_)(api_?key|secret|password|passwd|credentials?|authorization|headers)$", re.IGNORECASE)
 # Hugging Face user access tokens, OpenAI-style keys, and an HTTP Authorization value.
 CREDENTIAL_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}|\bsk-[A-Za-z0-9_-]{16,}|\bBearer\s+\S{8,}")
 
 
 def is_credential_key(key: str) -> bool:
-    return key not in VOCABULARY_TOKENS and CREDENTIAL_KEY.search(str(key)) is not None
+    return CREDENTIAL_KEY.search(str(key)) is not None
 
 
 def where_credentials_go(path: str) -> str:

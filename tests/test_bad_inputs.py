@@ -152,7 +152,7 @@ def test_ctrl_c_during_prep_then_the_same_command(folder, capsys, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(data_prep.prepare, "prepare", interrupted)
         code, output = moetune(capsys, "prep", recipe)
-    assert code == 2 and "interrupted. Run the same command again" in output and "data" not in run_dir_state(folder)
+    assert code == 130 and "interrupted. Run the same command again" in output and "data" not in run_dir_state(folder)
     assert moetune(capsys, "prep", recipe)[0] == 0 and "data" in run_dir_state(folder)
 
 
@@ -300,7 +300,7 @@ def test_ctrl_c_while_answering_keeps_the_work_and_the_same_command_continues(fo
     with monkeypatch.context() as patch:
         patch.setattr(eval.evaluate, "answer_questions", interrupted)
         code, output = moetune(capsys, "eval", recipe)
-    assert code == 2 and "[eval] interrupted" in output and run_dir_state(folder) == {".eval.partial"}
+    assert code == 130 and "[eval] interrupted" in output and run_dir_state(folder) == {".eval.partial"}
     assert moetune(capsys, "eval", recipe)[0] == 0 and run_dir_state(folder) == {"eval"}
 
 
@@ -415,7 +415,7 @@ def test_ctrl_c_while_judging_stops_in_seconds_and_keeps_what_finished(folder, m
         # The stage stops at once (the message comes within 0.1 s); most of this bound is the interpreter's own
         # exit with torch loaded (2-5 s on a busy 2-core machine). Before: ~11.5 minutes, then a traceback.
         assert time.monotonic() - interrupted < 15
-    assert process.returncode == 2 and "Traceback" not in output
+    assert process.returncode == 130 and "Traceback" not in output  # 128 + SIGINT, as shells expect
     assert "interrupted" in output and ".eval.partial" in output
     kept = judgments.read_text().count("\n")
     assert 2 <= kept < 2 * len(SYNTHETIC)  # what finished is saved; the rest was not waited for
