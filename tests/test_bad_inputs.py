@@ -28,6 +28,7 @@ from finetune.cli import main
 from finetune.base import write_base_model
 from finetune.recipe_parsing import load_recipe
 from finetune.rundir import Stage
+from helpers.processes import output_lines
 from helpers.shared_data import mt_bench_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,6 +166,13 @@ def test_ctrl_c_during_prep_then_the_same_command(folder, capsys, monkeypatch):
     ("model.init.num_heads=3", "model.init.hidden_size (64) must be a multiple of num_heads (3)"),
     ("model.quantization={bits: 3}", "model.quantization.bits is 3; choose 4 or 8"),
     ("data.max_length=64", "data.max_length filters rows by the model's token count, but a model.init recipe"),
+    ("data.dedup=prompts", "data.dedup is 'prompts'; choose one of exact, prompt, none. Did you mean 'prompt'?"),
+    ("eval.judge.type=opnai", "eval.judge.type is 'opnai'; choose one of programmatic, openai, local."),
+    ("sft.push_to_hub=true", "sft.push_to_hub is TRL's, but moetune does that itself: remove it and use the "
+                             "recipe's hub: section"),
+    ("dpo.resume_from_checkpoint=true", "moetune does that itself: remove it and use re-running the same command"),
+    ("sft.output_dir=elsewhere", "sft.output_dir is TRL's, but moetune does that itself: remove it and use run_dir"),
+    ("sft.hub_token=hf_" + "Planted0Secret1Value2For3Tests4", "sft.hub_token would hold a credential"),
 ])
 def test_values_a_library_would_reject_fail_before_any_stage(folder, capsys, override, message):
     recipe = write_recipe(folder)
@@ -172,6 +180,58 @@ def test_values_a_library_would_reject_fail_before_any_stage(folder, capsys, ove
     assert code == 2 and message in output and str(recipe) in output
     assert run_dir_state(folder) == set()  # no stage ran
     assert moetune(capsys, "prep", recipe)[0] == 0  # the recipe without the override works
+
+
+# ---------------------------------------------------------------- one writer per run folder
+
+@pytest.mark.slow  # two processes start the training stack together: ~30 s on a quiet 2-core machine
+def test_two_runs_on_one_run_dir_one_runs_the_other_refuses_at_once(folder, capsys):
+    recipe = write_recipe(folder, sft={"max_steps": 6})
+    command = [sys.executable, "-m", "finetune", "run", str(recipe), "--stages", "prep,sft"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    processes = [subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(2)]
+    deadline = time.monotonic() + 240
+    while all(process.poll() is None for process in processes) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    loser = next(process for process in processes if process.poll() is not None)
+    winner = next(process for process in processes if process is not loser)
+    assert winner.poll() is None  # refused while the other one works, not after it
+    loser_err = loser.communicate(timeout=60)[1]
+    winner_out, winner_err = winner.communicate(timeout=240)
+    assert loser.returncode == 2 and winner.returncode == 0, winner_err[-2000:]
+    assert f"{folder / 'run'} is in use by PID {winner.pid} (`moetune run {recipe}" in loser_err
+    assert "Traceback" not in loser_err + winner_err and run_dir_state(folder) == {"data", "base", "sft"}
+    # The finished run equals a lone run of the same recipe.
+    lone = folder / "lone"
+    lone.mkdir()
+    (lone / "data.jsonl").write_text(jsonl(ROWS))
+    assert moetune(capsys, "run", write_recipe(lone, sft={"max_steps": 6}), "--stages", "prep,sft")[0] == 0
+    for name in ("data/sft/train.jsonl", "sft/model.safetensors"):
+        assert (folder / "run" / name).read_bytes() == (lone / "run" / name).read_bytes(), name
+    assert losses(folder / "run" / "sft") == losses(lone / "run" / "sft")
+
+
+def losses(stage: Path) -> list[float]:
+    return [entry["loss"] for entry in json.loads((stage / "metrics.json").read_text()) if "loss" in entry]
+
+
+def test_the_lock_dies_with_its_process_and_reading_needs_none(folder, capsys):
+    recipe = write_recipe(folder)
+    assert moetune(capsys, "prep", recipe)[0] == 0
+    hold = ("import sys, time; from pathlib import Path; from finetune.run_lock import run_dir_lock\n"
+            "with run_dir_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(300)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(folder / "run")], env={**os.environ,
+                              "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert next(output_lines(holder, seconds=120)) == "held\n"
+        code, output = moetune(capsys, "sft", recipe)
+        assert code == 2 and f"is in use by PID {holder.pid}" in output and "sft" not in run_dir_state(folder)
+        assert moetune(capsys, "report", folder / "run")[0] == 0  # reading a run takes no lock
+    finally:
+        holder.kill()  # as kill -9 would: no clean-up runs, the kernel drops the lock
+        holder.wait(timeout=30)
+    assert moetune(capsys, "sft", recipe)[0] == 0 and "sft" in run_dir_state(folder)
 
 
 def test_run_dir_under_a_regular_file(folder, capsys):
@@ -329,6 +389,7 @@ class RatingServer(ThreadingHTTPServer):
     def __init__(self, delay: float = 0.0, port: int = 0, max_requests: int = 200):
         super().__init__(("127.0.0.1", port), RatingHandler)
         self.delay, self.max_requests, self.requests = delay, max_requests, 0
+        self.authorizations = set()  # the Authorization headers the judge was sent
         self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.timer = threading.Timer(120, self.shutdown)
 
@@ -359,6 +420,7 @@ class RatingHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
         self.server.requests += 1
+        self.server.authorizations.add(self.headers.get("Authorization"))
         if self.server.requests > self.server.max_requests:
             return self.send_error(400)
         time.sleep(self.server.delay)
@@ -373,26 +435,51 @@ class RatingHandler(BaseHTTPRequestHandler):
 def openai_eval_recipe(folder: Path, model_dir: Path, base_url: str, **judge) -> Path:
     prompts = mt_bench_file("judge_prompts.jsonl")
     write_questions(folder, SYNTHETIC)
-    return eval_recipe(folder, model_dir, type="openai", model="gpt-4", base_url=base_url, api_key_env=None,
-                       prompt_file=str(prompts), max_retries=1, backoff_seconds=0.01, **judge)
+    judge = {"api_key_env": None, "max_retries": 1, "backoff_seconds": 0.01, **judge}
+    return eval_recipe(folder, model_dir, type="openai", model="gpt-4", base_url=base_url, prompt_file=str(prompts),
+                       **judge)
 
 
-def test_unreachable_judge_fails_fast_then_resumes_with_other_retry_settings(folder, capsys, model_dir):
-    port = closed_port()
-    url = f"http://127.0.0.1:{port}/v1"
+def test_dead_judge_then_the_fixed_base_url_resumes_without_force_or_new_answers(folder, capsys, model_dir,
+                                                                               monkeypatch):
+    import eval.evaluate
+
+    url = f"http://127.0.0.1:{closed_port()}/v1"
     recipe = openai_eval_recipe(folder, model_dir, url)
     started = time.monotonic()
     code, output = moetune(capsys, "eval", recipe)
+    assert f"[preflight] warning: the judge at {url} (eval.judge.base_url) cannot be reached now" in output
     assert code == 2 and f"cannot reach the judge at {url}/chat/completions" in output
     assert "eval.judge.base_url" in output and time.monotonic() - started < 30
     answers = folder / "run" / ".eval.partial" / "model_answer"
     assert run_dir_state(folder) == {".eval.partial"} and len(list(answers.iterdir())) == 1
     saved = next(answers.iterdir()).read_text()
-    with RatingServer(port=port) as server:  # the judge is up; how its calls are retried is not an input
-        code, output = moetune(capsys, "eval", recipe, "eval.judge.max_retries=3", "eval.judge.backoff_seconds=0.5",
-                               "eval.judge.max_concurrency=2")
-    assert code == 0 and run_dir_state(folder) == {"eval"} and server.requests >= 2 * len(SYNTHETIC)  # a retry or so
+    monkeypatch.setenv("MOETUNE_TEST_JUDGE_KEY", "a-key")
+    monkeypatch.setattr(eval.evaluate, "answer_questions", pytest.fail)  # every answer is saved already
+    with RatingServer() as server:  # the judge is up elsewhere; where it is and how it is called are no inputs
+        code, output = moetune(capsys, "eval", recipe, f"eval.judge.base_url={server.base_url}",
+                               "eval.judge.api_key_env=MOETUNE_TEST_JUDGE_KEY", "eval.judge.max_retries=3",
+                               "eval.judge.backoff_seconds=0.5", "eval.judge.max_concurrency=2")
+    assert code == 0 and run_dir_state(folder) == {"eval"} and server.requests == 2 * len(SYNTHETIC)  # two turns
+    assert server.authorizations == {"Bearer a-key"} and "warning" not in output
     assert next((folder / "run" / "eval" / "model_answer").iterdir()).read_text() == saved  # not answered again
+
+
+def test_a_new_judge_model_judges_the_saved_answers_again(folder, capsys, model_dir, monkeypatch):
+    import eval.evaluate
+
+    with RatingServer() as server:
+        recipe = openai_eval_recipe(folder, model_dir, server.base_url)
+        assert moetune(capsys, "eval", recipe)[0] == 0
+        eval_dir = folder / "run" / "eval"
+        saved = next((eval_dir / "model_answer").iterdir()).read_text()
+        monkeypatch.setattr(eval.evaluate, "answer_questions", pytest.fail)
+        code, output = moetune(capsys, "eval", recipe, "eval.judge.model=gpt-4o")
+        assert code == 2 and "changed: eval.judge.model" in output and "--force" in output
+        code, output = moetune(capsys, "eval", recipe, "eval.judge.model=gpt-4o", "--force")
+    assert code == 0 and "reusing" in output and server.requests == 4 * len(SYNTHETIC)  # judged twice, 2 turns
+    assert next((eval_dir / "model_answer").iterdir()).read_text() == saved
+    assert sorted(path.name for path in (eval_dir / "model_judgment").iterdir()) == ["gpt-4o_single.jsonl"]
 
 
 def test_ctrl_c_while_judging_stops_in_seconds_and_keeps_what_finished(folder, model_dir):
