@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -209,7 +210,7 @@ def test_two_runs_on_one_run_dir_one_runs_the_other_refuses_at_once(folder, caps
     assert moetune(capsys, "run", write_recipe(lone, sft={"max_steps": 6}), "--stages", "prep,sft")[0] == 0
     for name in ("data/sft/train.jsonl", "sft/model.safetensors"):
         assert (folder / "run" / name).read_bytes() == (lone / "run" / name).read_bytes(), name
-    assert losses(folder / "run" / "sft") == losses(lone / "run" / "sft")
+    assert losses(folder / "run" / "sft") == losses(lone / "run" / "sft") != []
 
 
 def losses(stage: Path) -> list[float]:
@@ -347,6 +348,79 @@ def test_eval_without_questions_says_where_to_get_some(folder, capsys):
     code, output = moetune(capsys, "eval", recipe)
     assert code == 2 and "the prep stage made no eval questions" in output and "eval.question_file" in output
     assert run_dir_state(folder) == {"data"}
+
+
+def test_eval_before_prep_says_to_run_prep(folder, capsys):
+    code, output = moetune(capsys, "eval", write_recipe(folder))
+    assert code == 2 and "needs the data stage's output" in output and "Run `moetune prep RECIPE` first" in output
+    assert run_dir_state(folder) == set()
+
+
+REFERENCE = {"question_id": 1, "choices": [{"turns": ["2"]}]}
+
+
+@pytest.mark.parametrize("case", ["malformed questions", "malformed references", "unreachable eval model",
+                                  "no preference pairs"])
+def test_what_eval_and_dpo_read_is_checked_before_any_training(folder, capsys, monkeypatch, case):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")  # the network is down
+    write_questions(folder, SYNTHETIC)
+    (folder / "references.jsonl").write_text(jsonl([REFERENCE]))
+    recipe = write_recipe(folder, eval={"models": ["sft"], "question_file": "questions.jsonl", "max_new_tokens": 4,
+                                        "judge": {"reference_answer_file": "references.jsonl"}})
+    stages, fix = "prep,sft,eval", []
+    if case == "malformed questions":
+        write_questions(folder, jsonl(SYNTHETIC[:1]) + "{broken\n")
+        message = f"{folder / 'questions.jsonl'}:2: not valid JSON"
+    elif case == "malformed references":
+        (folder / "references.jsonl").write_text(jsonl([{"question_id": 1}]))
+        message = f"{folder / 'references.jsonl'}:1: a reference answer needs question_id and choices[0].turns"
+    elif case == "unreachable eval model":
+        recipe = write_recipe(folder, eval={"models": ["sft", "org/no-such-model"]})
+        message, fix = "eval.models[1]: org/no-such-model is not a local folder, and the Hub at", ["eval.models=[sft]"]
+    else:
+        stages, message = "prep,sft,dpo", f"[dpo] {folder / 'run' / 'data'} holds no preference pairs for training"
+    started = time.monotonic()
+    code, output = moetune(capsys, "run", recipe, "--stages", stages)
+    assert code == 2 and message in output and time.monotonic() - started < 30
+    assert run_dir_state(folder) == ({"data"} if case == "no preference pairs" else set())  # nothing trained
+    if case == "malformed questions":
+        write_questions(folder, SYNTHETIC)
+    elif case == "malformed references":
+        (folder / "references.jsonl").write_text(jsonl([REFERENCE]))
+    elif case == "no preference pairs":
+        stages = "prep,sft"
+    code, output = moetune(capsys, "run", recipe, "--stages", stages.replace(",eval", ""), *fix)
+    assert code == 0 and "sft" in run_dir_state(folder)
+
+
+def test_a_model_with_code_of_its_own_names_trust_remote_code(folder, capsys, model_dir):
+    custom = Path(shutil.copytree(model_dir, folder / "custom"))
+    config = json.loads((custom / "config.json").read_text())
+    (custom / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoConfig": "configuration_x.XConfig"}}))
+    recipe = write_recipe(folder, model={"init": None, "name_or_path": str(custom)})
+    code, output = moetune(capsys, "run", recipe, "--stages", "prep,sft")
+    assert code == 2 and "model.name_or_path" in output and "ships its own Python code" in output
+    assert "the recipe sets model.trust_remote_code: true" in output and "hf.co" not in output
+    assert run_dir_state(folder) == set()
+
+
+@pytest.mark.slow  # a training run, then its resume in a fresh process
+def test_a_resumed_full_sft_shows_no_missing_keys_warning(folder, capsys, monkeypatch):
+    import finetune.training
+
+    recipe = write_recipe(folder, sft={"max_steps": 2})
+    with monkeypatch.context() as patch:  # Ctrl-C during the first step: a checkpoint at step 1, exit 130
+        patch.setattr(finetune.training.StopOnSignal, "__init__", lambda self: vars(self).update(
+            requested=True, signum=signal.SIGINT))
+        code, output = moetune(capsys, "run", recipe, "--stages", "prep,sft")
+    assert code == 130 and "interrupted at step 1" in output
+    resumed = subprocess.run([sys.executable, "-m", "finetune", "sft", str(recipe)], env={
+        **os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0 and "resuming from" in output and "checkpoint-1" in output, output[-3000:]
+    assert "missing keys" not in output and "unexpected keys" not in output
 
 
 def test_ctrl_c_while_answering_keeps_the_work_and_the_same_command_continues(folder, capsys, model_dir, monkeypatch):
@@ -528,6 +602,38 @@ def test_dns_failure_is_tried_a_few_times_not_like_a_503(monkeypatch):
                                                       r"completions \(\[Errno -2\] Name or service not known; 3 tries"):
         list(judge.complete_many([JudgePrompt("single-v1", "system", "user")] * 20))
     assert len(attempts) == judges.UNREACHABLE_TRIES  # the other 19 prompts were never sent
+
+
+# ---------------------------------------------------------------- secrets
+
+PLANTED = {"HF_TOKEN": "hf_" + "PlantedHubToken0123456789abcd", "MOETUNE_TEST_JUDGE_KEY": "sk-" + "PlantedJudgeKey01234567",
+           "sft.hub_token": "hf_" + "PlantedRecipeToken0123456789"}
+
+
+@pytest.mark.slow  # a whole run (prep, sft, eval with an API judge) in a fresh process, then a dry-run upload
+def test_planted_secrets_reach_no_file_no_upload_and_no_output(folder, capsys, model_dir, monkeypatch):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_TOKEN": PLANTED["HF_TOKEN"],
+           "MOETUNE_TEST_JUDGE_KEY": PLANTED["MOETUNE_TEST_JUDGE_KEY"]}
+    with RatingServer() as server:
+        recipe = openai_eval_recipe(folder, model_dir, server.base_url, api_key_env="MOETUNE_TEST_JUDGE_KEY")
+        command = [sys.executable, "-m", "finetune", "run", str(recipe), "--stages", "prep,sft,eval", "eval.models=[sft]"]
+        refused = subprocess.run([*command, f"sft.hub_token={PLANTED['sft.hub_token']}"], env=env, cwd=folder,
+                                 capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and "sft.hub_token would hold a credential" in refused.stderr
+        assert "hf auth login" in refused.stderr and run_dir_state(folder) == set()
+        done = subprocess.run(command, env=env, cwd=folder, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert server.authorizations == {f"Bearer {PLANTED['MOETUNE_TEST_JUDGE_KEY']}"}  # the key was used
+    monkeypatch.setenv("HF_TOKEN", PLANTED["HF_TOKEN"])
+    code, pushed = moetune(capsys, "push", folder / "run" / "sft", "--repo-id", "me/tiny-sft", "--dry-run",
+                           folder / "upload")
+    assert code == 0 and (folder / "upload" / "recipe.yaml").is_file()
+    outputs = [refused.stdout, refused.stderr, done.stdout, done.stderr, pushed]
+    files = [path for path in folder.rglob("*") if path.is_file()]  # the run, the upload, the recipe
+    assert any(path.name == "training_args.bin" for path in files)
+    for secret in PLANTED.values():
+        assert not any(secret in text for text in outputs)
+        assert not [path for path in files if secret.encode() in path.read_bytes()]
 
 
 # ---------------------------------------------------------------- push
