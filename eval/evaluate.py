@@ -107,13 +107,12 @@ def refuse_unscorable(recipe: Recipe, questions: list[dict[str, Any]]) -> None:
 
 def read_questions(recipe: Recipe) -> list[dict[str, Any]]:
     """The questions eval answers, every one checked (the preflight reads them before any training, too)."""
-    if recipe.eval.question_file is None:
+    if recipe.eval.question_file is None and not Path(question_source(recipe)).is_file():
         if read_manifest(recipe.run_path / "data") is None:
             raise MissingStageOutput(recipe.run_path / "data", "eval")  # its questions are the prep stage's
-        if not Path(question_source(recipe)).is_file():
-            raise EvalInputError(f"[eval] {question_source(recipe)} does not exist: the prep stage made no eval "
-                                 f"questions (the synthetic source makes them). Set eval.question_file to questions "
-                                 f"in MT-Bench's format, e.g. FastChat's mt_bench/question.jsonl.")
+        raise EvalInputError(f"[eval] {question_source(recipe)} does not exist: the prep stage made no eval "
+                             f"questions (the synthetic source makes them). Set eval.question_file to questions "
+                             f"in MT-Bench's format, e.g. FastChat's mt_bench/question.jsonl.")
     questions = load_questions(question_source(recipe), recipe.eval.question_split)
     refuse_unscorable(recipe, questions)
     return questions
