@@ -9,18 +9,20 @@ import sys
 import textwrap
 from pathlib import Path
 
-from finetune import distributed, hub, launch
-from finetune.fields import describe_fields
+from finetune.stages import hub
+from finetune import launch
+from finetune.core import distributed
+from finetune.config.section_fields import describe_fields
 from finetune.pipeline import run_stage, wait_for_uploads
 from finetune.preflight import check_before_running, check_prepared
-from finetune.recipe import TRAINING_STAGES, Recipe, RecipeError
-from finetune.recipe_parsing import MANAGED_TRAINER_KEYS, load_recipe, trainer_config_class
-from finetune.recipe_secrets import is_credential_key
+from finetune.config.recipe import TRAINING_STAGES, Recipe, RecipeError
+from finetune.config.parsing import MANAGED_TRAINER_KEYS, load_recipe, trainer_config_class
+from finetune.config.secrets import is_credential_key
 from finetune.registry import BY_NAME, COMMANDS, STAGES, command_writing
-from finetune.run_report import write_report
-from finetune.run_lock import run_dir_lock
-from finetune.rundir import Interrupted, MissingStageOutput, StageError, changed_keys, fingerprint, read_manifest
-from finetune.trainer_config import moetune_defaults
+from finetune.stages.report import write_report
+from finetune.core.run_lock import run_dir_lock
+from finetune.core.rundir import Interrupted, MissingStageOutput, StageError, changed_keys, fingerprint, read_manifest
+from finetune.training.trainer_config import moetune_defaults
 
 FOLDER_COMMANDS = ("merge", "push", "report")  # commands on folders, without a recipe
 

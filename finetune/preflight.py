@@ -21,14 +21,14 @@ from urllib.parse import urlparse
 from huggingface_hub import HfApi, constants, try_to_load_from_cache
 from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
-from eval.evaluate import check_files, question_source, read_questions, recipe_file
+from finetune.stages.evaluate import check_files, question_source, read_questions, recipe_file
 from eval.judge_prompts import load_judge_prompts
 from eval.jsonl import file_safe
 from eval.questions import load_reference_answers
-from finetune.models import remote_code_refused
-from finetune.recipe import MODEL_STAGES, Recipe, RecipeError
-from finetune.remote_files import is_url
-from finetune.rundir import StageError, read_manifest
+from finetune.modeling.loading import remote_code_refused
+from finetune.config.recipe import MODEL_STAGES, Recipe, RecipeError
+from finetune.core.remote_files import is_url
+from finetune.core.rundir import StageError, read_manifest
 
 HUB_TIMEOUT_SECONDS = 10.0
 JUDGE_TIMEOUT_SECONDS = 3.0

@@ -24,11 +24,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data_prep import synthetic
+from finetune.core import synthetic_task
 from finetune.cli import main
-from finetune.base import write_base_model
-from finetune.recipe_parsing import load_recipe
-from finetune.rundir import Stage
+from finetune.stages.base_model import write_base_model
+from finetune.config.parsing import load_recipe
+from finetune.core.rundir import Stage
 from helpers.processes import output_lines
 from helpers.shared_data import mt_bench_file
 
@@ -145,14 +145,14 @@ def test_a_whole_file_on_one_line_is_a_malformed_row(folder, capsys):
 
 
 def test_ctrl_c_during_prep_then_the_same_command(folder, capsys, monkeypatch):
-    import data_prep.prepare
+    import finetune.stages.prepare
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     recipe = write_recipe(folder)
     with monkeypatch.context() as patch:
-        patch.setattr(data_prep.prepare, "prepare", interrupted)
+        patch.setattr(finetune.stages.prepare, "prepare", interrupted)
         code, output = moetune(capsys, "prep", recipe)
     assert code == 130 and "interrupted. Run the same command again" in output and "data" not in run_dir_state(folder)
     assert moetune(capsys, "prep", recipe)[0] == 0 and "data" in run_dir_state(folder)
@@ -220,7 +220,7 @@ def losses(stage: Path) -> list[float]:
 def test_the_lock_dies_with_its_process_and_reading_needs_none(folder, capsys):
     recipe = write_recipe(folder)
     assert moetune(capsys, "prep", recipe)[0] == 0
-    hold = ("import sys, time; from pathlib import Path; from finetune.run_lock import run_dir_lock\n"
+    hold = ("import sys, time; from pathlib import Path; from finetune.core.run_lock import run_dir_lock\n"
             "with run_dir_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(300)")
     holder = subprocess.Popen([sys.executable, "-c", hold, str(folder / "run")], env={**os.environ,
                               "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
@@ -311,7 +311,7 @@ def eval_recipe(folder: Path, model_dir: Path, **judge) -> Path:
         "judge": judge or {"type": "programmatic"}})
 
 
-SYNTHETIC = list(synthetic.questions(3, seed=1))
+SYNTHETIC = list(synthetic_task.questions(3, seed=1))
 BROKEN_QUESTIONS = [
     ("", "questions.jsonl holds no questions"),
     (jsonl(SYNTHETIC[:1]) + "{broken\n", "questions.jsonl:2: not valid JSON"),
@@ -408,11 +408,11 @@ def test_a_model_with_code_of_its_own_names_trust_remote_code(folder, capsys, mo
 
 @pytest.mark.slow  # a training run, then its resume in a fresh process
 def test_a_resumed_full_sft_shows_no_missing_keys_warning(folder, capsys, monkeypatch):
-    import finetune.training
+    import finetune.training.resume
 
     recipe = write_recipe(folder, sft={"max_steps": 2})
     with monkeypatch.context() as patch:  # Ctrl-C during the first step: a checkpoint at step 1, exit 130
-        patch.setattr(finetune.training.StopOnSignal, "__init__", lambda self: vars(self).update(
+        patch.setattr(finetune.training.resume.StopOnSignal, "__init__", lambda self: vars(self).update(
             requested=True, signum=signal.SIGINT))
         code, output = moetune(capsys, "run", recipe, "--stages", "prep,sft")
     assert code == 130 and "interrupted at step 1" in output
@@ -424,7 +424,7 @@ def test_a_resumed_full_sft_shows_no_missing_keys_warning(folder, capsys, monkey
 
 
 def test_ctrl_c_while_answering_keeps_the_work_and_the_same_command_continues(folder, capsys, model_dir, monkeypatch):
-    import eval.evaluate
+    import finetune.stages.evaluate
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -432,7 +432,7 @@ def test_ctrl_c_while_answering_keeps_the_work_and_the_same_command_continues(fo
     write_questions(folder, SYNTHETIC)
     recipe = eval_recipe(folder, model_dir)
     with monkeypatch.context() as patch:
-        patch.setattr(eval.evaluate, "answer_questions", interrupted)
+        patch.setattr(finetune.stages.evaluate, "answer_questions", interrupted)
         code, output = moetune(capsys, "eval", recipe)
     assert code == 130 and "[eval] interrupted" in output and run_dir_state(folder) == {".eval.partial"}
     assert moetune(capsys, "eval", recipe)[0] == 0 and run_dir_state(folder) == {"eval"}
@@ -516,7 +516,7 @@ def openai_eval_recipe(folder: Path, model_dir: Path, base_url: str, **judge) ->
 
 def test_dead_judge_then_the_fixed_base_url_resumes_without_force_or_new_answers(folder, capsys, model_dir,
                                                                                monkeypatch):
-    import eval.evaluate
+    import finetune.stages.evaluate
 
     url = f"http://127.0.0.1:{closed_port()}/v1"
     recipe = openai_eval_recipe(folder, model_dir, url)
@@ -529,7 +529,7 @@ def test_dead_judge_then_the_fixed_base_url_resumes_without_force_or_new_answers
     assert run_dir_state(folder) == {".eval.partial"} and len(list(answers.iterdir())) == 1
     saved = next(answers.iterdir()).read_text()
     monkeypatch.setenv("MOETUNE_TEST_JUDGE_KEY", "a-key")
-    monkeypatch.setattr(eval.evaluate, "answer_questions", pytest.fail)  # every answer is saved already
+    monkeypatch.setattr(finetune.stages.evaluate, "answer_questions", pytest.fail)  # every answer is saved already
     with RatingServer() as server:  # the judge is up elsewhere; where it is and how it is called are no inputs
         code, output = moetune(capsys, "eval", recipe, f"eval.judge.base_url={server.base_url}",
                                "eval.judge.api_key_env=MOETUNE_TEST_JUDGE_KEY", "eval.judge.max_retries=3",
@@ -540,14 +540,14 @@ def test_dead_judge_then_the_fixed_base_url_resumes_without_force_or_new_answers
 
 
 def test_a_new_judge_model_judges_the_saved_answers_again(folder, capsys, model_dir, monkeypatch):
-    import eval.evaluate
+    import finetune.stages.evaluate
 
     with RatingServer() as server:
         recipe = openai_eval_recipe(folder, model_dir, server.base_url)
         assert moetune(capsys, "eval", recipe)[0] == 0
         eval_dir = folder / "run" / "eval"
         saved = next((eval_dir / "model_answer").iterdir()).read_text()
-        monkeypatch.setattr(eval.evaluate, "answer_questions", pytest.fail)
+        monkeypatch.setattr(finetune.stages.evaluate, "answer_questions", pytest.fail)
         code, output = moetune(capsys, "eval", recipe, "eval.judge.model=gpt-4o")
         assert code == 2 and "changed: eval.judge.model" in output and "--force" in output
         code, output = moetune(capsys, "eval", recipe, "eval.judge.model=gpt-4o", "--force")
@@ -584,7 +584,7 @@ def test_ctrl_c_while_judging_stops_in_seconds_and_keeps_what_finished(folder, m
 
 def test_dns_failure_is_tried_a_few_times_not_like_a_503(monkeypatch):
     from eval import judge_backends as judges
-    from eval.config import JudgeConfig
+    from finetune.config.evaluation import JudgeConfig
     from eval.judge_prompts import JudgePrompt
 
     attempts = []
