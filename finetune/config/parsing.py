@@ -2,7 +2,8 @@
 
 An unknown key fails naming the file, the key and the closest valid key; a value of the wrong type fails naming the
 key and the expected type. `sft:` and `dpo:` take any field of TRL's SFTConfig / DPOConfig, checked against those
-classes. The values are then checked by finetune/config/validation.py.
+classes. A credential anywhere is refused first (finetune/config/secrets.py); the values of every section are then
+checked by finetune/config/validation.py.
 """
 
 from __future__ import annotations

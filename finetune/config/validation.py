@@ -1,4 +1,6 @@
-"""Checking a parsed recipe's values before any work starts: choices, combinations, and what each needs."""
+"""Checking a parsed recipe's values before any work starts, every section (model, data, eval, hub, ...) in one place
+with one error type (RecipeError), so that any command refuses a bad value in any section: choices, combinations,
+what each needs, and the one check of a Hub repository id."""
 
 from __future__ import annotations
 
