@@ -10,16 +10,20 @@ with those sections imports them.)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import textwrap
 from pathlib import Path
 
 from finetune import launch
-from finetune.config.parsing import load_recipe, trainer_config_class, trainer_config_name
+from finetune.config.parsing import MANAGED_TRAINER_KEYS, load_recipe, trainer_config_class, trainer_config_name
 from finetune.config.recipe import TRAINING_STAGES, Recipe, RecipeError
+from finetune.config.secrets import is_credential_key
 from finetune.config.section_fields import describe_fields
-from finetune.core.rundir import MissingStageOutput, StageError, changed_keys, fingerprint, read_manifest
+from finetune.core import distributed
+from finetune.core.run_lock import run_dir_lock
+from finetune.core.rundir import Interrupted, MissingStageOutput, StageError, changed_keys, fingerprint, read_manifest
 from finetune.registry import BY_NAME, COMMANDS, STAGES, command_writing
 
 FOLDER_COMMANDS = ("merge", "push", "report")  # commands on folders, without a recipe
@@ -65,7 +69,7 @@ def trl_fields_help(section: str, recipe: Recipe) -> str:
             f"the device). Checkpoints: every {every} minutes (checkpoints.every_minutes) and on SIGTERM/Ctrl-C, plus "
             f"TRL's step schedule when save_strategy is set."]
     for f in dataclasses.fields(trainer_config_class(section)):
-        if f.init and f.name not in ("output_dir", "seed"):
+        if f.init and f.name not in MANAGED_TRAINER_KEYS and not is_credential_key(f.name):
             text = " ".join(str(f.metadata.get("help", "")).split())
             default = (f"moetune default {ours[f.name]!r}; TRL's {f.default!r}" if f.name in ours
                        else f"default {f.default!r}")
@@ -199,14 +203,29 @@ def main(argv: list[str] | None = None) -> int:
 def run_stages(args) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
     # What runs the stages, imported once the recipe is good: see the module's docstring.
-    from finetune.pipeline import run_stage, wait_for_uploads
     from finetune.preflight import check_before_running
 
     stages = parse_stages(args.stages) if args.command == "run" else [args.command]
     check_before_running(recipe, stages)
+    with writing(recipe, args):
+        run_locked(stages, recipe, args)
+
+
+def writing(recipe: Recipe, args):
+    """The run folder's lock, held by the command that writes it: under a launcher, by rank 0's process (with
+    `--accelerate`, by the launching command; on several machines, machine rank 0's)."""
+    other_machine = getattr(args, "accelerate", None) and launch.machine_rank(args.accelerate_options) != 0
+    if other_machine or not distributed.is_main_process():
+        return contextlib.nullcontext()
+    return run_dir_lock(recipe.run_path)
+
+
+def run_locked(stages: list[str], recipe: Recipe, args) -> None:
+    from finetune.pipeline import wait_for_uploads
+
     try:
         if getattr(args, "accelerate", None):
-            launch.run_with_accelerate(stages, args, lambda name: run_stage(name, recipe, args.force))
+            launch.run_with_accelerate(stages, args, lambda name: run_checked(name, recipe, args.force, stages))
             return
         launch.refuse_single_process_stages(stages)
         force = args.force
@@ -214,9 +233,18 @@ def run_stages(args) -> None:
             print_force_plan(recipe, stages)
             force = "stale"  # `run --force` keeps the stages whose inputs did not change
         for name in stages:
-            run_stage(name, recipe, force)
+            run_checked(name, recipe, force, stages)
     finally:
         wait_for_uploads()  # `hub.push` uploads run beside the later stages; a failed stage keeps them too
+
+
+def run_checked(name: str, recipe: Recipe, force: bool | str, stages: list[str]) -> None:
+    from finetune.pipeline import run_stage
+    from finetune.preflight import check_prepared
+
+    run_stage(name, recipe, force)
+    if name == "prep":
+        check_prepared(recipe, stages)  # what the later stages need of prep's output, before any of them trains
 
 
 def force_plan(recipe: Recipe, stages: list[str]) -> list[tuple[str, str]]:
@@ -257,13 +285,16 @@ def report_errors(command) -> int:
     except MissingStageOutput as error:
         print(f"moetune: error: {error.message(command_writing(error.folder.name))}", file=sys.stderr)
         return 2
+    except Interrupted as error:  # training and eval saved their work and say where
+        print(f"moetune: error: {error}", file=sys.stderr)
+        return 128 + error.signum
     except (RecipeError, StageError, ValueError, OSError) as error:  # OSError: a file or model a library could not open
         print(f"moetune: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # the stages that keep work (training, eval) say where; the rest start over
+    except KeyboardInterrupt:  # the other stages start over; 130 = 128 + SIGINT, what shells expect of Ctrl-C
         print("moetune: error: interrupted. Run the same command again: finished stages are kept and skipped.",
               file=sys.stderr)
-        return 2
+        return 130
     return 0
 
 

@@ -68,11 +68,20 @@ def launch_training(stages: list[str], args) -> None:
 
 def machine_count(options: list[str]) -> int:
     """The --num-machines (or --num_machines) given to accelerate; the shipped configs say 1."""
-    for index, option in enumerate(options):
-        name, _, value = option.partition("=")
-        if name.replace("_", "-") == "--num-machines":
-            return int(value or options[index + 1])
-    return 1
+    return int(option_value(options, "--num-machines", 1))
+
+
+def machine_rank(options: list[str]) -> int:
+    """The --machine-rank (or --machine_rank) given to accelerate: 0 unless this is another node's command."""
+    return int(option_value(options, "--machine-rank", 0))
+
+
+def option_value(options: list[str], option: str, default: int) -> str | int:
+    for index, given in enumerate(options):
+        name, _, value = given.partition("=")
+        if name.replace("_", "-") == option:
+            return value or options[index + 1]
+    return default
 
 
 def run_with_accelerate(stages: list[str], args, run_here) -> None:

@@ -11,14 +11,16 @@ import json
 import os
 import random
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from finetune.modeling import adapters, expert_parallel, expert_quant, moe
 from finetune.core import families
-from finetune.config.recipe import MODEL_STAGES, ModelConfig, ModelSource
+from finetune.config.recipe import MODEL_STAGES, ModelConfig, ModelSource, RecipeError
 from finetune.config.parsing import load_recipe
 from finetune.core.rundir import read_manifest, require_complete
 from finetune.modeling.tiny import train_tokenizer
@@ -81,7 +83,8 @@ def load_tokenizer(source: ModelSource, texts=None):
         tokenizer, location = train_tokenizer(texts, source.model.init.vocab_size), "model.init"
     else:
         location = base_location(source)
-        tokenizer = AutoTokenizer.from_pretrained(location, **hub_kwargs(source, location))
+        with naming_remote_code(location):
+            tokenizer = AutoTokenizer.from_pretrained(location, **hub_kwargs(source, location))
     if source.model.chat_template is not None:
         tokenizer.chat_template = source.model.chat_template
     if tokenizer.chat_template is None:
@@ -94,9 +97,30 @@ def load_tokenizer(source: ModelSource, texts=None):
 
 def check_family(source: ModelSource, location: str):
     """The config at `location`; an MoE family moetune does not know is refused before its weights load."""
-    config = AutoConfig.from_pretrained(location, **hub_kwargs(source, location))
+    with naming_remote_code(location):
+        config = AutoConfig.from_pretrained(location, **hub_kwargs(source, location))
     families.check_supported(config)
     return config
+
+
+def remote_code_refused(location: str) -> RecipeError:
+    return RecipeError(
+        f"{location} ships its own Python code (files named by auto_map in its config), which moetune runs only when "
+        f"the recipe sets model.trust_remote_code: true. That code runs with everything your user may do on this "
+        f"machine (read and write files, use the network and your tokens): set it only for a repository you trust, "
+        f"after reading its .py files.")
+
+
+@contextmanager
+def naming_remote_code(location: str) -> Iterator[None]:
+    """transformers' refusal (it says `trust_remote_code=True` and builds a Hub URL from a local path) as the
+    recipe key that allows it."""
+    try:
+        yield
+    except ValueError as error:
+        if "trust_remote_code" in str(error):
+            raise remote_code_refused(location) from None
+        raise
 
 
 def load_pretrained(source: ModelSource, location: str):
@@ -182,7 +206,8 @@ def load_external(source: ModelSource, location: str):
         model = adapters.merge_adapter(base, adapter_dir)
     else:
         model = load_pretrained(source, location)
-        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust)
+        with naming_remote_code(location):
+            tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

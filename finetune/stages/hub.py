@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,10 +15,11 @@ from pathlib import Path
 from huggingface_hub import HfApi, ModelCardData, constants
 
 from finetune.modeling import adapters
+from finetune.core import distributed
 from finetune.modeling.loading import load_adapter_base
 from finetune.config.recipe import Recipe
 from finetune.config.parsing import dump_recipe, load_recipe
-from finetune.config.validation import invalid_repo_id
+from finetune.config.validation import check_repo_id, invalid_repo_id
 from finetune.core.rundir import read_manifest
 
 # What a stage folder shares: weights, configs, tokenizer, the resolved recipe. Not the run's bookkeeping
@@ -115,12 +115,6 @@ class HubError(ValueError):
     """An upload the Hub did not take; the message names the endpoint, the repository and what to check."""
 
 
-def check_repo_id(repo_id: str, option: str = "--repo-id") -> str:
-    """huggingface_hub's own check of a repository id, as an error naming the option and the fix."""
-    problem = invalid_repo_id(repo_id)
-    if problem:
-        raise ValueError(f"{option} {repo_id!r} is not a valid Hub repository id, e.g. my-org/mixtral-dpo: {problem}")
-    return repo_id
 
 
 def is_hub_id(name: str) -> bool:
@@ -211,10 +205,10 @@ def push(stage_dirs, repo_id: str, private: bool = False, revision: str | None =
     if len(stage_dirs) > 1 and "{stage}" not in repo_id:
         raise ValueError(f"--repo-id {repo_id} for {len(stage_dirs)} stages: put {{stage}} in it (e.g. "
                          f"{repo_id}-{{stage}}) so that each stage gets its own repository.")
-    repos = {d: check_repo_id(repo_id.replace("{stage}", d.name)) for d in stage_dirs}
+    repos = {d: check_repo_id(repo_id.replace("{stage}", d.name), "--repo-id") for d in stage_dirs}
     if parent_repo_id:
         check_repo_id(parent_repo_id, "--parent-repo-id")
-    if dry_run is None and int(os.environ.get("RANK", "0")) != 0:
+    if dry_run is None and not distributed.is_main_process():
         return  # in a multi-process run every rank saves the same stage; only the main process uploads it
     pushed: dict[str, str] = {}
     for stage_dir in stage_dirs:
