@@ -8,7 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from finetune import hub, launch
+from finetune import hub, launch, stage_plan
 from finetune.fields import describe_fields
 from finetune.pipeline import run_stage, wait_for_uploads
 from finetune.preflight import check_before_running
@@ -100,7 +100,33 @@ def build_parser() -> argparse.ArgumentParser:
                                     f"default (for RECIPE when given), and exit.")
             add_accelerate_argument(stage)
     add_hub_commands(commands)
+    add_plan_command(commands)
     return parser
+
+
+def add_plan_command(commands) -> None:
+    plan = commands.add_parser(
+        "plan", help="Memory per GPU and time per epoch of the recipe's training stages, from the model's config.",
+        description="Plan the recipe's training stages from the model's config alone (a model on the meta device: "
+                    "no weights read): parameters by role, memory per GPU by component for the layout, time per "
+                    "epoch from the prepared data's tokens, and the cheapest change where it does not fit. Without "
+                    "--gpus or --gpu-memory it plans for this machine (its GPU, or on a CPU the host's RAM). The "
+                    "same plan runs before sft and dpo, which refuse a run that does not fit (plan.refuse).")
+    add_recipe_arguments(plan)
+    plan.add_argument("--gpus", metavar="NxKIND", help=f"GPUs, e.g. 8xH100-80GB; kinds: {', '.join(stage_plan.GPUS)}.")
+    plan.add_argument("--gpu-memory", metavar="SIZE", help="Memory per GPU, e.g. 24GiB (with --num-processes).")
+    plan.add_argument("--num-processes", type=int, metavar="N", help="Processes (GPUs) the run uses (default 1).")
+    plan.add_argument("--accelerate", metavar="CONFIG", help="Layout of the launch: ddp, zero2, zero3, fsdp2 "
+                                                             "(recipes/accelerate/) or a config file's path.")
+    plan.add_argument("--json", action="store_true", help="Print the same figures as JSON.")
+
+
+def run_plan(args) -> None:
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.gpus and (args.gpu_memory or args.num_processes):
+        raise RecipeError("--gpus names the GPUs and their count: give it, or --gpu-memory with --num-processes.")
+    target = stage_plan.make_target(recipe, args.gpus, args.gpu_memory, args.num_processes, args.accelerate)
+    stage_plan.plan_command(recipe, target, args.json)
 
 
 def add_hub_commands(commands) -> None:
@@ -166,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         return report_errors(lambda: run_folder_command(args))
     args.accelerate_options = []
-    if getattr(args, "accelerate", None):
+    if getattr(args, "accelerate", None) and args.command != "plan":
         args.accelerate_options, extra = launch.split_options(extra)
     unknown = [arg for arg in extra if arg.startswith("-") or "=" not in arg]
     if unknown:
@@ -178,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.recipe is None:
         parser.error(f"{args.command} needs a recipe, e.g. `moetune {args.command} recipes/tiny-moe.yaml`; "
                      f"its keys: `moetune {args.command} --help`.")
+    if args.command == "plan":
+        return report_errors(lambda: run_plan(args))
     return report_errors(lambda: run_stages(args))
 
 
