@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stages", default=",".join(COMMANDS),
                      help="Comma-separated stages to run, in pipeline order (default: %(default)s).")
     add_accelerate_argument(run)
+    add_memory_argument(run)
     for name in COMMANDS:
         spec = BY_NAME[name]
         stage = commands.add_parser(name, help=spec.description, description=spec.description,
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                                help=f"List every TRL field the {name}: section accepts, with its help and moetune's "
                                     f"default (for RECIPE when given), and exit.")
             add_accelerate_argument(stage)
+            add_memory_argument(stage)
     add_hub_commands(commands)
     add_plan_command(commands)
     return parser
@@ -183,6 +185,21 @@ def add_accelerate_argument(parser: argparse.ArgumentParser) -> None:
                              "--main-process-ip HOST. `run` keeps prep and eval in one process.")
 
 
+def add_memory_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gpu-memory", metavar="SIZE",
+                        help="Memory per device the training stages' plan is checked against, e.g. 24GiB (sets "
+                             "plan.memory; default: this GPU's, or the host's RAM). A run planned over it stops "
+                             "before loading the model; `moetune plan RECIPE` shows the plan.")
+
+
+def run_target(recipe: Recipe, args) -> stage_plan.Target:
+    """The machine the training stages will run on: this one, or the accelerate launch's processes and layout."""
+    accelerate = getattr(args, "accelerate", None)
+    processes = launch.process_count(accelerate, args.accelerate_options) if accelerate else None
+    return stage_plan.make_target(recipe, gpu_memory=getattr(args, "gpu_memory", None), processes=processes,
+                                  accelerate=accelerate)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may also follow flags (`moetune sft r.yaml --force sft.max_steps=5`); argparse leaves those over.
@@ -212,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_stages(args) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
     stages = parse_stages(args.stages) if args.command == "run" else [args.command]
-    check_before_running(recipe, stages)
+    check_before_running(recipe, stages, run_target(recipe, args))
     try:
         if getattr(args, "accelerate", None):
             launch.run_with_accelerate(stages, args, lambda name: run_stage(name, recipe, args.force))

@@ -66,13 +66,28 @@ def launch_training(stages: list[str], args) -> None:
                          f"messages above say why.")
 
 
-def machine_count(options: list[str]) -> int:
-    """The --num-machines (or --num_machines) given to accelerate; the shipped configs say 1."""
+def option_value(options: list[str], wanted: str) -> str | None:
+    """The value of an accelerate option (`--num-machines 2`, `--num_machines=2`), or None."""
     for index, option in enumerate(options):
         name, _, value = option.partition("=")
-        if name.replace("_", "-") == "--num-machines":
-            return int(value or options[index + 1])
-    return 1
+        if name.replace("_", "-") == wanted:
+            return value or options[index + 1]
+    return None
+
+
+def machine_count(options: list[str]) -> int:
+    """The --num-machines (or --num_machines) given to accelerate; the shipped configs say 1."""
+    return int(option_value(options, "--num-machines") or 1)
+
+
+def process_count(config: str, options: list[str]) -> int:
+    """The processes an accelerate launch starts: --num-processes, else the config file's num_processes."""
+    given = option_value(options, "--num-processes")
+    if given is not None:
+        return int(given)
+    import yaml
+
+    return int((yaml.safe_load(config_path(config).read_text()) or {}).get("num_processes", 1))
 
 
 def run_with_accelerate(stages: list[str], args, run_here) -> None:

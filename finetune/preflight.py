@@ -15,17 +15,22 @@ from huggingface_hub import HfApi, constants, try_to_load_from_cache
 from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
 from eval.evaluate import check_files
+from finetune import stage_plan
 from finetune.recipe import MODEL_STAGES, Recipe, RecipeError
 
 HUB_TIMEOUT_SECONDS = 10.0
 LOADING_STAGES = ("sft", "dpo", "eval")  # commands that load the base model
 
 
-def check_before_running(recipe: Recipe, stages: list[str]) -> None:
+def check_before_running(recipe: Recipe, stages: list[str], target: stage_plan.Target | None = None) -> None:
+    """`target`: the machine the training stages run on (default: this one, as launched)."""
     check_run_dir(recipe)
     needs_model = any(stage in LOADING_STAGES for stage in stages) or ("prep" in stages and recipe.data.max_length)
     if needs_model and recipe.model.name_or_path is not None:
         check_model(recipe.model.name_or_path, recipe.model.revision, f"{recipe.source}: model.name_or_path")
+    # The memory plan, from the model's config on the meta device: a run that cannot fit stops before loading.
+    if stage_plan.planned_stages(recipe, stages) and recipe.plan.refuse:
+        stage_plan.refuse_if_too_big(recipe, stages, target or stage_plan.make_target(recipe))
     if "eval" in stages:
         check_eval_models(recipe)
 

@@ -226,13 +226,13 @@ def refuse_if_too_big(recipe: Recipe, stages: list[str], target: Target) -> None
     for plan in plan_recipe(recipe, target, stages, with_time=False):
         if not plan.fits:
             biggest = sorted(plan.rows.items(), key=lambda item: -item[1])[:3]
-            parts = ", ".join(f"{name} {size / GiB:.2f}" for name, size in biggest)
-            fix = (f"The cheapest change that fits: {plan.change} ({plan.change_total / GiB:.2f} GiB)."
+            parts = ", ".join(f"{name} {size(part)}" for name, part in biggest)
+            fix = (f"The cheapest change that fits: {plan.change} ({size(plan.change_total)})."
                    if plan.change_total is not None else f"No single change fits ({plan.change}).")
             raise RecipeError(
-                f"{recipe.source}: the {plan.stage} stage needs about {plan.total / GiB:.2f} GiB per "
-                f"{'GPU' if target.device == 'cuda' else 'process'} ({parts} GiB; `moetune plan {recipe.source}` "
-                f"shows every part) but {target.name} has {target.memory / GiB:.2f} GiB. {fix} Or set "
+                f"{recipe.source}: the {plan.stage} stage needs about {size(plan.total)} per "
+                f"{'GPU' if target.device == 'cuda' else 'process'} ({parts}; `moetune plan {recipe.source}` "
+                f"shows every part) but {target.name} has {size(target.memory)}. {fix} Or set "
                 f"plan.refuse=false to run it anyway.")
 
 
@@ -263,6 +263,11 @@ ROW_NOTES = {"weights": "frozen and trained weights (a sharded layout: this proc
              "activations": "kept for the backward at a full micro-batch",
              "lm_head": "scored LM head: logits tile + per-token state",
              "reference": "DPO reference beyond the policy", "overhead": "framework (CUDA context, allocator slack)"}
+
+
+def size(n: float) -> str:
+    """Bytes as GiB, or MiB below a tenth of one."""
+    return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2**20:.1f} MiB"
 
 
 def count(n: float) -> str:
