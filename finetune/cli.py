@@ -127,7 +127,8 @@ def run_plan(args) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
     if args.gpus and (args.gpu_memory or args.num_processes):
         raise RecipeError("--gpus names the GPUs and their count: give it, or --gpu-memory with --num-processes.")
-    target = stage_plan.make_target(recipe, args.gpus, args.gpu_memory, args.num_processes, args.accelerate)
+    layout = launch.layout_of(args.accelerate) if args.accelerate else "ddp"
+    target = stage_plan.make_target(recipe, args.gpus, args.gpu_memory, args.num_processes, layout)
     stage_plan.plan_command(recipe, target, args.json)
 
 
@@ -197,7 +198,7 @@ def run_target(recipe: Recipe, args) -> stage_plan.Target:
     accelerate = getattr(args, "accelerate", None)
     processes = launch.process_count(accelerate, args.accelerate_options) if accelerate else None
     return stage_plan.make_target(recipe, gpu_memory=getattr(args, "gpu_memory", None), processes=processes,
-                                  accelerate=accelerate)
+                                  layout=launch.layout_of(accelerate) if accelerate else None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from finetune import distributed
 from finetune.registry import STAGES
 from finetune.rundir import StageError
@@ -32,6 +34,15 @@ def config_path(name: str) -> Path:
     names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
     raise StageError(f"--accelerate {name}: no such config file, and not one of the shipped configs ({names}) "
                      f"in {CONFIG_DIR}. Name one of those or give the path of an accelerate config file.")
+
+
+def layout_of(name: str) -> str:
+    """The memory layout (finetune/modeling/memory_plan.py LAYOUTS) of an accelerate config: ddp, zero2, zero3,
+    fsdp2, read off a shipped config's name or a config file's distributed type and ZeRO stage."""
+    config = yaml.safe_load(config_path(name).read_text()) or {}
+    if config.get("distributed_type") == "DEEPSPEED":
+        return "zero3" if config.get("deepspeed_config", {}).get("zero_stage") == 3 else "zero2"
+    return "fsdp2" if config.get("distributed_type") == "FSDP" else "ddp"
 
 
 def split_options(extra: list[str]) -> tuple[list[str], list[str]]:
@@ -85,8 +96,6 @@ def process_count(config: str, options: list[str]) -> int:
     given = option_value(options, "--num-processes")
     if given is not None:
         return int(given)
-    import yaml
-
     return int((yaml.safe_load(config_path(config).read_text()) or {}).get("num_processes", 1))
 
 

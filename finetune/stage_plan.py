@@ -34,7 +34,6 @@ GPUS = {
 UNKNOWN_GPU_FLOPS = 312e12  # --gpu-memory without a named GPU: an A100's, said in the printout
 CPU_FLOPS = 130e9  # this project's 2-core AVX2 machines: fp32 matmul at 2048^3 (shared/STACK.md)
 MFU = {"cuda": 0.25, "cpu": 0.3}
-ACCELERATE_LAYOUTS = {"ddp": "ddp", "zero2": "zero2", "zero3": "zero3", "fsdp2": "fsdp2"}
 TOKEN_SAMPLE = 2000  # rows tokenized to measure the data's tokens (spread over the file; the rest scaled)
 
 
@@ -59,22 +58,6 @@ def parse_gpus(text: str) -> tuple[int, str]:
     return int(count), kind
 
 
-def layout_of_config(name: str | None) -> str:
-    """The layout of an --accelerate config: a shipped name, or a config file read for its distributed type."""
-    if name is None:
-        return "ddp"
-    if name in ACCELERATE_LAYOUTS:
-        return ACCELERATE_LAYOUTS[name]
-    import yaml
-
-    from finetune.launch import config_path
-
-    config = yaml.safe_load(config_path(name).read_text()) or {}
-    if config.get("distributed_type") == "DEEPSPEED":
-        return "zero3" if config.get("deepspeed_config", {}).get("zero_stage") == 3 else "zero2"
-    return "fsdp2" if config.get("distributed_type") == "FSDP" else "ddp"
-
-
 def layout_of_environment() -> str:
     """The layout of this process when accelerate launched it (its environment says which)."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
@@ -87,9 +70,12 @@ def host_memory() -> float:
 
 
 def make_target(recipe: Recipe, gpus: str | None = None, gpu_memory: str | None = None, processes: int | None = None,
-                accelerate: str | None = None) -> Target:
-    """The machine a plan is for: --gpus, else --gpu-memory (or plan.memory) GPUs, else this machine's GPU or CPU."""
-    layout = layout_of_config(accelerate) if accelerate else layout_of_environment()
+                layout: str | None = None) -> Target:
+    """The machine a plan is for: --gpus, else --gpu-memory (or plan.memory) GPUs, else this machine's GPU or CPU.
+
+    `layout`: ddp, zero2, zero3 or fsdp2 (finetune/launch.py reads it off an accelerate config); None: this
+    process's, as accelerate launched it."""
+    layout = layout or layout_of_environment()
     processes = processes or int(os.environ.get("WORLD_SIZE", "1"))
     if gpus:
         processes, kind = parse_gpus(gpus)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune import stage_plan
+from finetune import launch, stage_plan
 from finetune.cli import main
 from finetune.modeling import memory_plan
 from finetune.modeling.memory_plan import GiB, ROWS
@@ -37,7 +37,7 @@ def plan_of(name: str):
     config, gpus, accelerate = PLANNED_RECIPES[name]
     recipe = load_recipe(str(ROOT / "recipes" / "plans" / f"{name}.yaml"),
                          [f"model.name_or_path={CONFIGS / config}"])
-    target = stage_plan.make_target(recipe, gpus=gpus, accelerate=accelerate)
+    target = stage_plan.make_target(recipe, gpus=gpus, layout=launch.layout_of(accelerate) if accelerate else None)
     return stage_plan.plan_recipe(recipe, target)
 
 

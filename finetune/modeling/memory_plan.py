@@ -27,7 +27,7 @@ from typing import Callable
 
 from torch import nn
 
-from finetune import moe
+from finetune import families, moe
 
 GiB = 1024**3
 ROWS = ("weights", "adapter", "gradients", "optimizer", "activations", "lm_head", "reference", "overhead")
@@ -37,7 +37,7 @@ LORA_BYTES = 4  # PEFT upcasts adapter weights of 16-bit models to fp32 (autocas
 TOKEN_TILE, VOCAB_TILE = 256, 4096  # the LM head's logits tile on a CPU (lm_head_tiles) / vocabulary chunk on GPUs
 GPU_OVERHEAD = 1.0 * GiB  # CUDA context, cuBLAS/NCCL workspaces: outside torch's allocator counters
 GPU_SLACK = 0.05  # the caching allocator's fragmentation, as a share of the rest
-CPU_OVERHEAD = 0.75 * GiB  # Python, torch, transformers, TRL, datasets loaded (benchmarks/plan_memory.py measures it)
+CPU_OVERHEAD = 0.5 * GiB  # Python, torch, transformers, TRL, datasets imported: 486 MiB (benchmarks/plan_memory.py)
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,7 @@ class Census:
     nf4_elements: int  # routed-expert matrix elements (stored in NF4 under QLoRA)
     linear_elements: int  # Linear weight elements bitsandbytes quantizes under QLoRA
     layer_elements: list[int]  # per decoder layer: activation elements kept per token for the backward
+    expert_lora_elements: int  # per token, whole model: what LoRA on the fused experts keeps besides (see below)
     layer_weights: list[int]  # per decoder layer: parameters (what ZeRO-3/FSDP2 gather at once)
     attention_width: list[int]  # per decoder layer: query width attending over the context (0: no attention)
     hidden: int
@@ -130,6 +131,8 @@ def census(model: nn.Module) -> Census:
         total=total, active=active, lora=lora_per_rank(model), nf4_elements=expert_matrix_elements(model),
         linear_elements=quantizable_linear_elements(model),
         layer_elements=[layer_activation_elements(model, layer, top_k) for layer in layers],
+        expert_lora_elements=sum(top_k * (2 * expert_width(m) + text.hidden_size) for m in model.modules()
+                                 if moe.is_experts(m)),
         layer_weights=[sum(p.numel() for p in layer.parameters()) for layer in layers],
         attention_width=[attention_width(model, layer) for layer in layers],
         hidden=text.hidden_size, vocab=text.vocab_size,
@@ -170,7 +173,7 @@ def lora_per_rank(model: nn.Module) -> dict[str, int]:
         linears = [model.get_submodule(name) for name in names]
         per_rank[role] = sum(linear.in_features + linear.out_features for linear in linears)
     per_rank["experts"] = sum(shape[0] * (shape[1] + shape[2]) for shape in expert_shapes(model))
-    family = moe.families.family_of(model)
+    family = families.family_of(model)
     per_rank["router"] = sum(sum(moe.router_weight(family, router).shape) for router in moe.routers(model).values())
     return per_rank
 
@@ -204,6 +207,11 @@ def attention_width(model: nn.Module, layer: nn.Module) -> int:
     return 0
 
 
+def expert_width(experts: nn.Module) -> int:
+    """One expert's FFN width: down_proj is (E, hidden, I) or (E, I, hidden), the smaller of the two."""
+    return min(experts.down_proj.shape[1:])
+
+
 def layer_activation_elements(model: nn.Module, layer: nn.Module, top_k: int) -> int:
     """Elements one token keeps in one decoder layer for the backward.
 
@@ -219,7 +227,7 @@ def layer_activation_elements(model: nn.Module, layer: nn.Module, top_k: int) ->
                          if isinstance(m, nn.Linear) and id(m.weight) not in routed)
     elements = 2 * linear_outputs + 6 * hidden
     for module in experts:
-        width = min(module.down_proj.shape[1:])  # (E, hidden, I) or (E, I, hidden): the expert's own width
+        width = expert_width(module)
         elements += top_k * (3 * hidden + 4 * width) + 2 * module.gate_up_proj.shape[0]  # + router scores
     return elements
 
@@ -262,10 +270,16 @@ def nf4_bytes(elements: int, double_quant: bool) -> float:
 
 def activation_bytes(c: Census, s: Setup) -> float:
     """What the forward keeps for the backward at a full micro-batch, in the compute dtype."""
-    per_token = sum(c.layer_elements)
+    # The backward of a layer holds that layer's gradients beside what is kept: about one layer more. With
+    # activation checkpointing, each layer's input is kept and one layer is recomputed in the backward.
+    biggest = max(c.layer_elements, default=0)
+    per_token = sum(c.layer_elements) + biggest
     if s.activation_checkpointing:
-        # each layer's input, then one layer's forward recomputed and its gradients during that layer's backward
-        per_token = len(c.layer_elements) * c.hidden + 2 * max(c.layer_elements, default=0)
+        per_token = len(c.layer_elements) * c.hidden + 2 * biggest
+    if s.lora_roles is not None and "experts" in s.lora_roles:
+        # PEFT's fused-expert wrapper keeps the expert inputs and outputs of its own path (measured on a CPU:
+        # +150 MiB at 8,192 tokens on the 4-layer look-alike of benchmarks/plan_memory.py)
+        per_token += c.expert_lora_elements // (len(c.layer_elements) if s.activation_checkpointing else 1)
     per_token += 4 * c.hidden  # embeddings output, final norm, the hidden states' gradient
     return s.tokens * per_token * s.weight_bytes
 
