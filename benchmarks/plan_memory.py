@@ -55,7 +55,7 @@ sys.exit(code)
 def build_model(folder: Path) -> Path:
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from lookalike import FAMILIES, family_config, train_family_tokenizer
+    from helpers.lookalike import FAMILIES, family_config, train_family_tokenizer
 
     family = FAMILIES["qwen3_moe"]
     tokenizer = train_family_tokenizer(family)
@@ -118,8 +118,8 @@ def measure(recipe: Path, stage: str) -> float:
 
 
 def planned(recipe: Path, stage: str) -> float:
-    from finetune import stage_plan
-    from finetune.recipe_parsing import load_recipe
+    from finetune.training import stage_plan
+    from finetune.config.parsing import load_recipe
 
     loaded = load_recipe(str(recipe))
     plan = stage_plan.plan_recipe(loaded, stage_plan.make_target(loaded), [stage], with_time=False)[0]

@@ -1,8 +1,9 @@
 """Write each recipes/plans/*.yaml's plan comment: its plan on the model's real config (tests/model_configs). tests/test_plan.py checks them."""
 import re, sys
 from pathlib import Path
-from finetune import launch, stage_plan
-from finetune.recipe_parsing import load_recipe
+from finetune import launch
+from finetune.training import stage_plan
+from finetune.config.parsing import load_recipe
 from finetune.modeling.memory_plan import GiB, ROWS
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from finetune import launch, stage_plan
+from finetune import launch
+from finetune.training import stage_plan
 from finetune.cli import main
 from finetune.modeling import memory_plan
 from finetune.modeling.memory_plan import GiB, ROWS
-from finetune.recipe_parsing import load_recipe
+from finetune.config.parsing import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "tests" / "model_configs"
@@ -135,7 +136,7 @@ sft: {{max_steps: 1, per_device_train_batch_size: 64, max_length: 4096, logging_
 def test_a_run_over_the_memory_given_refuses_before_loading_weights(tmp_path, capsys):
     """A look-alike recipe planned over --gpu-memory stops with exit 2, the numbers and the change, before any
     weight is read (here there are none to read) and before any stage runs; with the change it trains."""
-    from lookalike import build_lookalike
+    from helpers.lookalike import build_lookalike
 
     model = build_lookalike("qwen3_moe", tmp_path / "model")
     weights = model / "model.safetensors"

@@ -16,7 +16,7 @@ The plan counts what a training step holds at its peak, by component:
 
 How the parts spread over devices is a layout (`LAYOUTS`): one function per way of splitting them (DDP, ZeRO-2,
 ZeRO-3, FSDP2), taking the whole-model `Footprint` and the process count. Nothing here reads a recipe: callers pass
-a `Setup` of plain numbers (finetune/stage_plan.py builds it from one).
+a `Setup` of plain numbers (finetune/training/stage_plan.py builds it from one).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from typing import Callable
 
 from torch import nn
 
-from finetune import families, moe
+from finetune.core import families
+from finetune.modeling import moe
 
 GiB = 1024**3
 ROWS = ("weights", "adapter", "gradients", "optimizer", "activations", "lm_head", "reference", "overhead")
