@@ -94,7 +94,7 @@ def recipe_for(folder: Path, model: Path, data: Path, row) -> Path:
                                    {"format": "preference", "path": str(data / "pairs.jsonl")}],
                        "test_size": 0, "dedup": "none"},
               "sft": {**train, "per_device_train_batch_size": batch if stage == "sft" else 1,
-                      "max_length": length if stage == "sft" else 128},
+                      "max_length": length if stage == "sft" else 512},  # DPO rows: a short SFT first
               "dpo": train, "speed": {"reference_cache": cache}}
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))

@@ -153,3 +153,15 @@ def test_a_run_over_the_memory_given_refuses_before_loading_weights(tmp_path, ca
     assert main(["run", str(recipe), "--stages", "prep,sft", "--gpu-memory", "2GiB",
                  "sft.per_device_train_batch_size=1"]) == 0
     assert (tmp_path / "run" / "sft" / "adapter_model.safetensors").is_file()
+    # with the data prepared, the time per epoch comes from its real tokens at the stated MFU
+    capsys.readouterr()
+    assert main(["plan", str(recipe), "--gpus", "1xH100-80GB", "--json"]) == 0
+    sft = json.loads(capsys.readouterr().out)["stages"][0]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "data" / "sft" / "train.jsonl").read_text().splitlines()]
+    tokens = sum(min(4096, len(tokenizer.apply_chat_template(row["messages"], tokenize=True)["input_ids"]))
+                 for row in rows)
+    assert sft["epoch_tokens"] == tokens
+    assert sft["epoch_seconds"] == pytest.approx(tokens * sft["flops_per_token"] / (989e12 * 0.25))

@@ -248,7 +248,8 @@ ROW_NOTES = {"weights": "frozen and trained weights (a sharded layout: this proc
              "optimizer": "AdamW moments (DeepSpeed: + fp32 master weights)",
              "activations": "kept for the backward at a full micro-batch",
              "lm_head": "scored LM head: logits tile + per-token state",
-             "reference": "DPO reference beyond the policy", "overhead": "framework (CUDA context, allocator slack)"}
+             "reference": "DPO reference beyond the policy",
+             "overhead": "framework: CUDA context and allocator slack (GPU); interpreter and libraries (CPU)"}
 
 
 def size(n: float) -> str:
@@ -261,6 +262,10 @@ def count(n: float) -> str:
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return str(int(n))
+
+
+def flops(n: float) -> str:
+    return f"{n / 1e9:.1f} GFLOP" if n >= 1e8 else f"{n / 1e6:.2f} MFLOP"
 
 
 def duration(seconds: float) -> str:
@@ -293,10 +298,10 @@ def render(plans: list[StagePlan], target: Target, source: str) -> str:
             lines.append(f"  cheapest change that fits: {plan.change}{size}")
         if plan.epoch_seconds is not None:
             lines.append(f"  time per epoch: {duration(plan.epoch_seconds)} for {count(plan.epoch_tokens)} tokens "
-                         f"({plan.flops_per_token / 1e9:.1f} GFLOP per token)")
+                         f"({flops(plan.flops_per_token)} per token)")
         else:
             lines.append(f"  time per epoch: run `moetune prep` first (it counts the data's tokens); "
-                         f"{plan.flops_per_token / 1e9:.1f} GFLOP per token")
+                         f"{flops(plan.flops_per_token)} per token")
         lines += [f"  {note}" for note in plan.notes]
     return "\n".join(lines)
 
