@@ -24,6 +24,8 @@ NOT_RUN_HERE = {
     "accelerate launch": "needs GPUs (launch configs are parsed by tests/test_distributed.py)",
     "--accelerate": "needs GPUs (launch configs are parsed by tests/test_distributed.py)",
     "python -m pytest": "the test runner",
+    "recipes/plans/": "the real models' recipes read config.json from the Hub (tests/test_plan.py plans each on "
+                      "the published config kept in tests/model_configs)",
     "finetune.docs --write": "rewrites the README itself (tests/test_docs.py checks the README equals its output)",
 }
 # What a command ends with when it is not 0, in README order, and why the README implies it.
