@@ -209,7 +209,13 @@ def refuse_if_too_big(recipe: Recipe, stages: list[str], target: Target) -> None
     """Before a training stage loads a model: a plan over the memory per device refuses (plan.refuse)."""
     if not recipe.plan.refuse or target.memory is None or not planned_stages(recipe, stages):
         return
-    for plan in plan_recipe(recipe, target, stages, with_time=False):
+    try:
+        census = model_census(recipe)
+    except (OSError, ValueError) as error:  # no readable config here (an adapter folder, a broken file): the
+        # stage's own loading reports that better; the plan cannot judge what it cannot build
+        print(f"[plan] memory check skipped: the model's config could not be built ({error})", flush=True)
+        return
+    for plan in plan_recipe(recipe, target, stages, with_time=False, census=census):
         if not plan.fits:
             biggest = sorted(plan.rows.items(), key=lambda item: -item[1])[:3]
             parts = ", ".join(f"{name} {size(part)}" for name, part in biggest)
