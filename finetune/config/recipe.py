@@ -90,8 +90,8 @@ class ModelConfig:
     chat_template: str | None = help_field(
         None, help="Chat template for a base model whose tokenizer has none (e.g. Mixtral-8x7B-v0.1), or to replace "
         "the tokenizer's: a Jinja string, or the path of a .jinja file relative to the recipe's folder. SFT's "
-        "assistant-only loss needs {% generation %} markers around assistant replies, unless TRL ships a training "
-        "version of the template (trl/chat_templates/*_training.jinja).",
+        "assistant-only loss reads {% generation %} markers around assistant replies, or TRL's training version of "
+        "the template (trl/chat_templates/*_training.jinja); without either it finds the replies turn by turn.",
     )
     dtype: str = help_field(
         "auto", help="Weights dtype: auto (fp32 on CPU, bf16 on GPUs that support it, else fp16), float32, bfloat16."
@@ -104,6 +104,12 @@ class ModelConfig:
     quantization: QuantizationConfig | None = help_field(
         None, help="Load the base of the stages that train adapters quantized (QLoRA), experts included; "
         "null keeps full precision. Needs model.lora.",
+    )
+    expert_parallel: int = help_field(
+        1, help="Expert parallelism in launches of several processes (transformers' DistributedConfig): each MoE "
+        "layer's experts split across this many processes, tokens sent to them all-to-all, everything else FSDP2-"
+        "sharded over all processes. 1 is off. Must divide the process count and the experts per layer; full "
+        "fine-tuning or LoRA without the experts role (PEFT cannot wrap split experts). See docs/scaling-out.md.",
     )
 
     def lora_for(self, stage: str) -> LoraConfig | None:
@@ -178,6 +184,14 @@ def trainer_field(config_name: str) -> Any:
     return field(default_factory=dict, metadata={"help": f"Any field of TRL's {config_name}.", "trl_config": config_name})
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """What the models layer reads of a recipe: the model section, and the run folder holding its stages' models."""
+
+    model: ModelConfig
+    run_path: Path
+
+
 @dataclass
 class PlanConfig:
     """The memory and time plan (`moetune plan`), which also runs before every training stage that loads a model."""
@@ -213,6 +227,10 @@ class Recipe:
     @property
     def run_path(self) -> Path:
         return Path(self.run_dir)
+
+    @property
+    def model_source(self) -> ModelSource:
+        return ModelSource(self.model, self.run_path)
 
     @property
     def base_dir(self) -> Path:

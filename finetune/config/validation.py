@@ -62,6 +62,8 @@ def validate_model(model: ModelConfig, source: str) -> None:
         validate_quantization(model, source)
     if model.lora is not None:
         validate_lora(model.lora, source)
+    if model.expert_parallel != 1:
+        validate_expert_parallel(model, source)
 
 
 def validate_init(init: ModelInit, source: str) -> None:
@@ -88,6 +90,21 @@ def validate_lora(lora: LoraConfig, source: str) -> None:
     check_positive(lora.alpha, source, "model.lora.alpha", example="2 * r")
     if not 0 <= lora.dropout < 1:
         raise RecipeError(f"{source}: model.lora.dropout is {lora.dropout}; it must be in [0, 1), e.g. 0.05.")
+
+
+def validate_expert_parallel(model: ModelConfig, source: str) -> None:
+    """What the pinned libraries cannot combine with experts split across processes (docs/scaling-out.md)."""
+    check_positive(model.expert_parallel, source, "model.expert_parallel", example="8 (one per GPU)")
+    if model.quantization is not None:
+        raise RecipeError(f"{source}: model.expert_parallel and model.quantization do not combine: transformers "
+                          f"splits the experts as DTensors while loading, and moetune's NF4 experts replace those "
+                          f"parameters after loading. Split the experts (full precision) or quantize them (one "
+                          f"process holds them all), not both.")
+    if model.lora is not None and {"experts", "all"} & set(model.lora.targets):
+        raise RecipeError(f"{source}: model.expert_parallel with model.lora.targets {model.lora.targets}: PEFT's "
+                          f"LoRA on the fused experts (target_parameters) adds plain tensors to the experts split as "
+                          f"DTensors and fails ('got mixed torch.Tensor and DTensor'). Drop experts (and all) from "
+                          f"the targets, fine-tune all weights (lora: null), or set expert_parallel: 1.")
 
 
 def check_positive(value: int, source: str, path: str, example: str | None = None) -> None:

@@ -28,7 +28,7 @@ from typing import Callable
 from torch import nn
 
 from finetune.core import families
-from finetune.modeling import moe
+from finetune.modeling import adapters, moe
 
 GiB = 1024**3
 ROWS = ("weights", "adapter", "gradients", "optimizer", "activations", "lm_head", "reference", "overhead")
@@ -143,8 +143,8 @@ def census(model: nn.Module) -> Census:
 def parameter_roles(model: nn.Module) -> dict[str, str]:
     """Parameter name -> role: attention, experts, shared_experts, dense_mlp, router, embeddings, lm_head."""
     roles = {}
-    module_roles = [("attention", moe.attention_linear_targets(model)),
-                    ("shared_experts", moe.shared_expert_targets(model)), ("dense_mlp", moe.dense_mlp_targets(model))]
+    module_roles = [("attention", adapters.attention_linear_targets(model)),
+                    ("shared_experts", adapters.shared_expert_targets(model)), ("dense_mlp", adapters.dense_mlp_targets(model))]
     for role, names in module_roles:
         for name in names:
             for param_name, _ in model.get_submodule(name).named_parameters():
@@ -168,9 +168,9 @@ def lora_per_rank(model: nn.Module) -> dict[str, int]:
     """LoRA parameters per unit of rank, by role: r x (in + out) per Linear; E x r x (in + out) per fused expert
     tensor (PEFT's target_parameters layout); r x (E + hidden) for a router weight."""
     per_rank = {}
-    for role, names in (("attention", moe.attention_linear_targets(model)),
-                        ("shared_experts", moe.shared_expert_targets(model)),
-                        ("dense_mlp", moe.dense_mlp_targets(model))):
+    for role, names in (("attention", adapters.attention_linear_targets(model)),
+                        ("shared_experts", adapters.shared_expert_targets(model)),
+                        ("dense_mlp", adapters.dense_mlp_targets(model))):
         linears = [model.get_submodule(name) for name in names]
         per_rank[role] = sum(linear.in_features + linear.out_features for linear in linears)
     per_rank["experts"] = sum(shape[0] * (shape[1] + shape[2]) for shape in expert_shapes(model))

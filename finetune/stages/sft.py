@@ -5,57 +5,86 @@ from __future__ import annotations
 from pathlib import Path
 
 from finetune.training import balancing
-from finetune.config.chat_template import training_template_problem
+from finetune.config.chat_template import HOW, TURN_BY_TURN, assistant_token_source
+from finetune.core import distributed
 from finetune.modeling.loading import base_location, load_tokenizer, load_training_model, seed_everything
 from finetune.modeling.moe import expert_load_callbacks
 from finetune.training.packed_sft import sft_trainer
 from finetune.config.recipe import Recipe
-from finetune.core.rundir import Stage, require_complete
+from finetune.training.assistant_masks import NotPrefixStable, tokenized_with_masks
+from finetune.training.reply_truncation import PREP_SAMPLE, no_replies_left_message, reply_starts
+from finetune.core.rundir import Stage
 from finetune.training.saving import save_stage
 from finetune.training.data_splits import load_split, require_train_split
 from finetune.training.trainer_config import ASSISTANT_ONLY_LOSS, trainer_config
 from finetune.training.resume import train_resuming
 
 
-def stage_inputs(recipe: Recipe) -> dict:
-    """What the output depends on: the model and sft settings, the seed, the prepared data."""
-    data = require_complete(recipe.run_path, "data", needed_by="sft")
+def stage_inputs(recipe: Recipe, needed: dict[str, dict]) -> dict:
+    """What the output depends on: the model and sft settings, the seed, the prepared data (`needed`: the manifests
+    of the stages it needs, checked by the registry)."""
     return {"model": recipe.model_inputs("sft"), "sft": recipe.trainer_inputs("sft"),
-            "balancing": recipe.section_dict("balancing"), "seed": recipe.seed, "data": data["fingerprint"]}
+            "balancing": recipe.section_dict("balancing"), "seed": recipe.seed,
+            "data": needed["prep"]["fingerprint"]}
 
 
-def run(recipe: Recipe, force: bool | str = False) -> Path:
+def run(recipe: Recipe, needed: dict[str, dict], force: bool | str = False) -> Path:
     # A tokenizer or template that cannot work fails here, before the stage leaves a partial folder behind.
-    tokenizer = load_tokenizer(recipe)
-    check_template_for_loss(recipe, tokenizer)
-    stage = Stage(recipe.run_path, "sft", inputs=stage_inputs(recipe), progress=("checkpoint-*",))
+    tokenizer = load_tokenizer(recipe.model_source)
+    conversations = require_train_split(recipe, "sft", "sft")
+    train_dataset, eval_dataset, source = datasets_for_loss(recipe, tokenizer, conversations)
+    stage = Stage(recipe.run_path, "sft", inputs=stage_inputs(recipe, needed), progress=("checkpoint-*",))
     if not stage.begin(force):
         return stage.final
 
     seed_everything(recipe.seed)
     # The config first: under DeepSpeed ZeRO-3 it makes from_pretrained load each process's shard only.
     args = trainer_config("sft", recipe, stage.work)
-    model, peft_config, parent = load_training_model(recipe, "sft", start="base")
+    if source == TURN_BY_TURN:
+        args.assistant_only_loss = False  # the rows carry their assistant_masks, which TRL's labels read as they are
+    model, peft_config, parent = load_training_model(recipe.model_source, "sft", start="base")
     trainer = sft_trainer(
         recipe.speed,
         model=model,
         args=args,
-        train_dataset=require_train_split(recipe, "sft", "sft"),
-        eval_dataset=load_split(recipe, "sft", "test"),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=expert_load_callbacks(model, stage.work),
     )
+    check_replies_left(trainer, tokenizer, conversations)
     balancing.attach(trainer, model, recipe.balancing)
     train_resuming(trainer, stage, recipe.checkpoints)
     return save_stage(trainer, tokenizer, recipe, stage, parent=parent)
 
 
-def check_template_for_loss(recipe: Recipe, tokenizer) -> None:
-    """Refuse, before training, a template that assistant-only loss cannot use (TRL would fail at its first batch)."""
+def datasets_for_loss(recipe: Recipe, tokenizer, conversations):
+    """(train, eval, how the assistant's tokens are found) for SFT; says in one line which way it uses.
+
+    With a plain template the conversations are tokenized here, each with its assistant mask found turn by turn; a
+    template that renders earlier turns differently once later ones follow is refused with the ways out."""
+    test = load_split(recipe, "sft", "test")
     if not recipe.sft.get("assistant_only_loss", ASSISTANT_ONLY_LOSS):
-        return
-    where = "model.chat_template" if recipe.model.chat_template is not None else base_location(recipe)
-    problem = training_template_problem(tokenizer, where)
-    if problem is not None:
-        raise ValueError(f"[sft] {problem}")
+        return conversations, test, None
+    source = assistant_token_source(tokenizer)
+    if distributed.is_main_process():
+        print(f"[sft] assistant-only loss: {HOW[source]}")
+    if source != TURN_BY_TURN:
+        return conversations, test, source
+    try:
+        masked = [tokenized_with_masks(tokenizer, split) if split is not None else None for split in (conversations, test)]
+    except NotPrefixStable as error:
+        where = "model.chat_template" if recipe.model.chat_template is not None else base_location(recipe.model_source)
+        raise ValueError(f"[sft] the chat template of {where} has no {{% generation %}} markers, and its assistant "
+                         f"tokens cannot be found turn by turn: {error}. Wrap each assistant reply (and its "
+                         f"end-of-turn token) in {{% generation %}}...{{% endgeneration %}} in model.chat_template, "
+                         f"or set sft.assistant_only_loss: false to train on whole conversations.") from None
+    return masked[0], masked[1], source
+
+
+def check_replies_left(trainer, tokenizer, conversations) -> None:
+    """Stop with the reason, instead of torch's "num_samples=0", when truncation left no example an assistant token."""
+    if len(trainer.train_dataset) == 0:
+        starts = reply_starts(tokenizer, conversations.select(range(min(PREP_SAMPLE, len(conversations))))["messages"])
+        raise ValueError(no_replies_left_message(trainer.args.max_length, starts))

@@ -13,6 +13,7 @@ from finetune.training.checkpoints import SaveEveryMinutes, SealCheckpoints, new
 from finetune.config.recipe import CheckpointConfig
 from finetune.core.rundir import Stage, StageError
 from finetune.training.trainer_config import describe_global_batch
+from finetune.modeling import expert_parallel
 
 
 class StopOnSignal(TrainerCallback):
@@ -73,5 +74,7 @@ def restore_full_weights(trainer, checkpoint: Path) -> None:
     """
     if (checkpoint / "adapter_config.json").is_file() or trainer.is_deepspeed_enabled:
         return  # DeepSpeed restores the weights from its own files (global_step<N>/), in the model's layout
+    if expert_parallel.is_split(trainer.model):
+        return  # the trainer's own checkpoint loading puts them into the split model (split_checkpoints.py)
     saved = type(trainer.model).from_pretrained(str(checkpoint), dtype=trainer.model.dtype)
     trainer.model.load_state_dict(saved.state_dict())
