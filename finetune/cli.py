@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stages", default=",".join(COMMANDS),
                      help="Comma-separated stages to run, in pipeline order (default: %(default)s).")
     add_accelerate_argument(run)
+    add_memory_argument(run)
     for name in COMMANDS:
         spec = BY_NAME[name]
         stage = commands.add_parser(name, help=spec.description, description=spec.description,
@@ -114,8 +115,39 @@ def build_parser() -> argparse.ArgumentParser:
                                help=f"List every TRL field the {name}: section accepts, with its help and moetune's "
                                     f"default (for RECIPE when given), and exit.")
             add_accelerate_argument(stage)
+            add_memory_argument(stage)
     add_hub_commands(commands)
+    add_plan_command(commands)
     return parser
+
+
+def add_plan_command(commands) -> None:
+    plan = commands.add_parser(
+        "plan", help="Memory per GPU and time per epoch of the recipe's training stages, from the model's config.",
+        description="Plan the recipe's training stages from the model's config alone (a model on the meta device: "
+                    "no weights read): parameters by role, memory per GPU by component for the layout, time per "
+                    "epoch from the prepared data's tokens, and the cheapest change where it does not fit. Without "
+                    "--gpus or --gpu-memory it plans for this machine (its GPU, or on a CPU the host's RAM). The "
+                    "same plan runs before sft and dpo, which refuse a run that does not fit (plan.refuse).")
+    add_recipe_arguments(plan)
+    plan.add_argument("--gpus", metavar="NxKIND", help="GPUs, e.g. 8xH100-80GB; kinds: H100-80GB, H200, A100-80GB, A100-40GB, "
+                                                           "L40S, RTX4090, A10G.")
+    plan.add_argument("--gpu-memory", metavar="SIZE", help="Memory per GPU, e.g. 24GiB (with --num-processes).")
+    plan.add_argument("--num-processes", type=int, metavar="N", help="Processes (GPUs) the run uses (default 1).")
+    plan.add_argument("--accelerate", metavar="CONFIG", help="Layout of the launch: ddp, zero2, zero3, fsdp2 "
+                                                             "(recipes/accelerate/) or a config file's path.")
+    plan.add_argument("--json", action="store_true", help="Print the same figures as JSON.")
+
+
+def run_plan(args) -> None:
+    from finetune.training import stage_plan  # the training stack: see the module's docstring
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.gpus and (args.gpu_memory or args.num_processes):
+        raise RecipeError("--gpus names the GPUs and their count: give it, or --gpu-memory with --num-processes.")
+    layout = launch.layout_of(args.accelerate) if args.accelerate else "ddp"
+    target = stage_plan.make_target(recipe, args.gpus, args.gpu_memory, args.num_processes, layout)
+    stage_plan.plan_command(recipe, target, args.json)
 
 
 def add_hub_commands(commands) -> None:
@@ -171,9 +203,26 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
 def add_accelerate_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accelerate", metavar="CONFIG",
                         help="Run the training stages on several GPUs under `accelerate launch` with this config: "
-                             "ddp, zero2, zero3, fsdp2 (recipes/accelerate/) or a path. Options after it go to "
+                             "ddp, ep, zero2, zero3, fsdp2 (recipes/accelerate/) or a path. Options after it go to "
                              "accelerate, e.g. --num-processes 8, --num-machines 2 --machine-rank 0 "
                              "--main-process-ip HOST. `run` keeps prep and eval in one process.")
+
+
+def add_memory_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gpu-memory", metavar="SIZE",
+                        help="Memory per device the training stages' plan is checked against, e.g. 24GiB (sets "
+                             "plan.memory; default: this GPU's, or the host's RAM). A run planned over it stops "
+                             "before loading the model; `moetune plan RECIPE` shows the plan.")
+
+
+def run_target(recipe: Recipe, args) -> "stage_plan.Target":
+    """The machine the training stages will run on: this one, or the accelerate launch's processes and layout."""
+    from finetune.training import stage_plan  # the training stack: see the module's docstring
+
+    accelerate = getattr(args, "accelerate", None)
+    processes = launch.process_count(accelerate, args.accelerate_options) if accelerate else None
+    return stage_plan.make_target(recipe, gpu_memory=getattr(args, "gpu_memory", None), processes=processes,
+                                  layout=launch.layout_of(accelerate) if accelerate else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         return report_errors(lambda: run_folder_command(args))
     args.accelerate_options = []
-    if getattr(args, "accelerate", None):
+    if getattr(args, "accelerate", None) and args.command != "plan":
         args.accelerate_options, extra = launch.split_options(extra)
     unknown = [arg for arg in extra if arg.startswith("-") or "=" not in arg]
     if unknown:
@@ -197,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.recipe is None:
         parser.error(f"{args.command} needs a recipe, e.g. `moetune {args.command} recipes/tiny-moe.yaml`; "
                      f"its keys: `moetune {args.command} --help`.")
+    if args.command == "plan":
+        return report_errors(lambda: run_plan(args))
     return report_errors(lambda: run_stages(args))
 
 
@@ -206,7 +257,7 @@ def run_stages(args) -> None:
     from finetune.preflight import check_before_running
 
     stages = parse_stages(args.stages) if args.command == "run" else [args.command]
-    check_before_running(recipe, stages)
+    check_before_running(recipe, stages, run_target(recipe, args))
     with writing(recipe, args):
         run_locked(stages, recipe, args)
 

@@ -30,17 +30,22 @@ from finetune.core.rundir import StageError, read_manifest
 from finetune.modeling.loading import remote_code_refused
 from finetune.registry import BY_NAME, STAGES
 from finetune.stages.evaluate import check_files, question_source, read_questions, recipe_file
+from finetune.training import stage_plan
 
 HUB_TIMEOUT_SECONDS = 10.0
 JUDGE_TIMEOUT_SECONDS = 3.0
 
 
-def check_before_running(recipe: Recipe, stages: list[str]) -> None:
+def check_before_running(recipe: Recipe, stages: list[str], target: stage_plan.Target | None = None) -> None:
+    """`target`: the machine the training stages run on (default: this one, as launched)."""
     check_run_dir(recipe)
     needs_model = any(BY_NAME[stage].loads_model for stage in stages) or ("prep" in stages and recipe.data.max_length)
     if needs_model and recipe.model.name_or_path is not None:
         check_model(recipe.model.name_or_path, recipe.model.revision, f"{recipe.source}: model.name_or_path",
                     recipe.model.trust_remote_code)
+    # The memory plan, from the model's config on the meta device: a run that cannot fit stops before loading.
+    if stage_plan.planned_stages(recipe, stages) and recipe.plan.refuse:
+        stage_plan.refuse_if_too_big(recipe, stages, target or stage_plan.make_target(recipe))
     if "eval" in stages:
         check_eval_inputs(recipe, stages)
         warn_if_judge_unreachable(recipe)

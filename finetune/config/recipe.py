@@ -193,6 +193,21 @@ class ModelSource:
 
 
 @dataclass
+class PlanConfig:
+    """The memory and time plan (`moetune plan`), which also runs before every training stage that loads a model."""
+
+    refuse: bool = help_field(
+        True, help="Refuse (exit 2, before any weight is loaded) a training stage whose planned peak memory per device "
+        "exceeds plan.memory, naming the numbers and the cheapest change that fits; false runs it anyway.")
+    memory: str | None = help_field(
+        None, help="Memory per device to plan against, e.g. 24GiB or 80GB; null: the GPU's total memory, or on a CPU "
+        "the host's RAM shared by the processes. `--gpu-memory` on the command line sets it.")
+    mfu: float | None = help_field(
+        None, help="Model-FLOPs utilisation the time estimate assumes (0-1); null: 0.25 on GPUs (MoE training with "
+        "grouped expert kernels), 0.3 on a CPU.")
+
+
+@dataclass
 class Recipe:
     run_dir: str = help_field(help="Folder where every stage writes: run_dir/{data,base,sft,dpo,eval}.")
     model: ModelConfig = help_field(factory=ModelConfig, help="The base model.")
@@ -204,6 +219,7 @@ class Recipe:
     speed: SpeedConfig = help_field(factory=SpeedConfig, help="Training speed levers (math unchanged).")
     balancing: BalancingConfig = help_field(factory=BalancingConfig, help="Expert load balancing in SFT and DPO.")
     checkpoints: CheckpointConfig = help_field(factory=CheckpointConfig, help="Checkpoint schedule of SFT and DPO.")
+    plan: PlanConfig = help_field(factory=PlanConfig, help="Memory and time plan, checked before training stages.")
     seed: int = help_field(42, help="Seed for data mixing, splits, initialisation and training.")
     # Where the recipe came from, for error messages and resolving relative paths; not a YAML key.
     source: str = field(default="<recipe>", metadata={"internal": True})

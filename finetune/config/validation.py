@@ -26,7 +26,30 @@ def validate_recipe(recipe: Recipe) -> None:
     for key in ("bias_update_rate", "router_z_loss_coef"):
         if getattr(recipe.balancing, key) < 0:
             raise RecipeError(f"{source}: balancing.{key} is {getattr(recipe.balancing, key)}; it must be >= 0 (0 is off).")
+    validate_plan(recipe, source)
     validate_eval(recipe.eval, source)
+
+
+MEMORY_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt])(i?)(b?)\s*", re.IGNORECASE)
+
+
+def parse_memory(text: str) -> float:
+    """Bytes of a size such as 24GiB, 24G (powers of 1024) or 80GB (powers of 1000)."""
+    match = MEMORY_SIZE.fullmatch(str(text))
+    if match is None or float(match[1]) <= 0:
+        raise ValueError(f"{text!r} is not a memory size; write it like 24GiB, 80GB or 512MiB.")
+    base = 1000 if match[4] and not match[3] else 1024
+    return float(match[1]) * base ** ("kmgt".index(match[2].lower()) + 1)
+
+
+def validate_plan(recipe: Recipe, source: str) -> None:
+    if recipe.plan.memory is not None:
+        try:
+            parse_memory(str(recipe.plan.memory))
+        except ValueError as error:
+            raise RecipeError(f"{source}: plan.memory: {error}") from None
+    if recipe.plan.mfu is not None and not 0 < recipe.plan.mfu <= 1:
+        raise RecipeError(f"{source}: plan.mfu is {recipe.plan.mfu}; it must be a fraction in (0, 1], e.g. 0.25.")
 
 
 def validate_model(model: ModelConfig, source: str) -> None:

@@ -26,13 +26,17 @@ from finetune.core.rundir import read_manifest, require_complete
 from finetune.modeling.tiny import train_tokenizer
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    """`auto` is fp32 on CPU (bf16 there is ~4x slower), bf16 on GPUs that support it, else fp16."""
+def resolve_dtype(name: str, on_gpu: bool | None = None) -> torch.dtype:
+    """`auto` is fp32 on CPU (bf16 there is ~4x slower), bf16 on GPUs that support it, else fp16.
+
+    `on_gpu`: for a machine other than this one (the plan of a GPU run made on a CPU); None: this machine."""
     if name != "auto":
         return getattr(torch, name)
-    if not torch.cuda.is_available():
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if on_gpu is None:
+        on_gpu = torch.cuda.is_available()
+        if on_gpu and not torch.cuda.is_bf16_supported():
+            return torch.float16
+    return torch.bfloat16 if on_gpu else torch.float32
 
 
 def experts_kernel(model_config: ModelConfig, config) -> dict:
