@@ -16,10 +16,11 @@ from finetune.recipe import TRAINING_STAGES, Recipe, RecipeError
 from finetune.recipe_parsing import load_recipe, trainer_config_class
 from finetune.registry import BY_NAME, COMMANDS, STAGES, command_writing
 from finetune.run_report import write_report
+from finetune.stages import export
 from finetune.rundir import MissingStageOutput, StageError, changed_keys, fingerprint, read_manifest
 from finetune.trainer_config import moetune_defaults
 
-FOLDER_COMMANDS = ("merge", "push", "report")  # commands on folders, without a recipe
+FOLDER_COMMANDS = ("merge", "export", "push", "report")  # commands on folders, without a recipe
 
 
 def section_help(sections: tuple[str, ...]) -> str:
@@ -109,6 +110,13 @@ def add_hub_commands(commands) -> None:
                                             "its full-precision base model; save the weights and tokenizer to --out.")
     merge.add_argument("adapter_dir", help="Adapter folder, e.g. runs/tiny/dpo.")
     merge.add_argument("--out", required=True, help="New (or empty) folder for the merged model.")
+    exporter = commands.add_parser("export", help="Write an adapter as vLLM, SGLang or PEFT load it, or merged weights.",
+                                   description=export.__doc__.split("\n")[0])
+    exporter.add_argument("stage_dir", help="Adapter stage folder, e.g. runs/tiny/dpo (a chain sft -> dpo exports as "
+                                            "one adapter on the base).")
+    exporter.add_argument("--format", required=True, choices=export.FORMATS, help="What to write (see the README's "
+                                                                                 "Serving section).")
+    exporter.add_argument("--out", required=True, help="New (or empty) folder for the export.")
     push = commands.add_parser("push", help="Upload stage outputs with model cards to the Hugging Face Hub.",
                                description="Upload stage folders (weights or adapter, tokenizer, recipe.yaml, "
                                            "README.md model card), parents first; an uploaded adapter names its "
@@ -136,6 +144,8 @@ def run_folder_command(args) -> None:
         print(f"[report] wrote {write_report(args.run_dir)}")
     elif args.command == "merge":
         hub.merge(args.adapter_dir, args.out)
+    elif args.command == "export":
+        export.export(args.stage_dir, args.format, args.out)
     else:
         hub.push(args.stage_dir, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run,
                  parent_repo_id=args.parent_repo_id)
