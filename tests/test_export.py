@@ -17,9 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from finetune import families
-from finetune.cli import main
-from finetune.modeling import export_layouts as layouts
+from finetune.core import families
 from finetune.stages import export
 from tests.test_expert_quant import random_lora_on
 from tests.test_families import ROLES, data, models, padded_batch, refused  # noqa: F401 (fixtures)
@@ -169,8 +167,8 @@ def chain_batch(run_dir):
 def test_lora_sft_then_lora_dpo_exported_through_the_cli_serves_the_trained_model(tmp_path):
     """prep -> LoRA SFT -> LoRA DPO, then `moetune export run/dpo --format vllm/merged`: the two adapters become one
     (ranks concatenated) on the base, and both exports give the logits of the model the run trained."""
-    from finetune.models import load_stage_model
-    from finetune.recipe_parsing import load_recipe
+    from finetune.modeling.loading import load_stage_model
+    from finetune.config.parsing import load_recipe
     from tests.helpers.recipes import write_recipe
 
     recipe = str(write_recipe(tmp_path))
@@ -195,9 +193,9 @@ def test_an_adapter_trained_on_nf4_experts_merges_within_quantization_error_with
     """QLoRA SFT, exported merged: the experts are rounded through NF4 as training stored them, so the merged
     weights give the training model's logits (up to the NF4 kernels' float error), and delta_report.md measures each
     update against the NF4 step."""
-    from finetune import expert_quant
-    from finetune.models import load_quantized
-    from finetune.recipe_parsing import load_recipe
+    from finetune.modeling import expert_quant
+    from finetune.modeling.loading import load_quantized
+    from finetune.config.parsing import load_recipe
     from tests.helpers.recipes import write_recipe
 
     overrides = ["model.lora.stages=[sft]", "model.quantization.bits=4"]

@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from finetune import adapters, expert_quant, families
-from finetune.hub import require_empty
+from finetune.config.parsing import load_recipe
+from finetune.core import families
+from finetune.core.rundir import read_manifest, require_empty
+from finetune.modeling import adapters, expert_quant
 from finetune.modeling import export_layouts as layouts
-from finetune.models import load_adapter_base
-from finetune.recipe_parsing import load_recipe
-from finetune.rundir import read_manifest
+from finetune.modeling.loading import load_adapter_base
 
 FORMATS = ("peft", "vllm", "sglang", "merged")
 VLLM_READ = "vLLM main (vllm/lora/model_manager.py 01533aa, vllm/lora/lora_model.py 0306474; >= 0.26)"
