@@ -216,3 +216,28 @@ def test_an_adapter_trained_on_nf4_experts_merges_within_quantization_error_with
     assert {row["matrix"].rsplit(".", 1)[-1] for row in report} == {"gate_up_proj", "down_proj"}
     assert all(row["nf4_step"] > 0 and 0 <= row["delta_rms"] for row in report)
     assert "| matrix | update RMS | NF4 step |" in (tmp_path / "merged" / "delta_report.md").read_text()
+
+
+def test_a_router_adapter_is_refused_for_vllm_with_the_reason_and_nothing_written(models, data, tmp_path, capsys):
+    from finetune.cli import main
+
+    adapter, _, _, _ = trained_adapter(models, data, "qwen3_moe", tmp_path, targets=["experts", "router"])
+    out = tmp_path / "vllm"
+    assert main(["export", str(adapter), "--format", "vllm", "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "trains the router" in error and "--format merged" in error and "Traceback" not in error
+    assert not out.exists() and not (tmp_path / "vllm.partial").exists()
+    assert main(["export", str(adapter), "--format", "merged", "--out", str(out)]) == 0  # the fix it names works
+    assert main(["export", str(adapter), "--format", "merged", "--out", str(out)]) == 2  # never overwrites
+    assert "not empty" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "base"), "--format", "vllm", "--out", str(tmp_path / "x")]) == 2
+    assert "holds no adapter" in capsys.readouterr().err
+
+
+def test_a_dora_adapter_is_refused_for_vllm(models, data, tmp_path):
+    adapter, _, _, _ = trained_adapter(models, data, "mixtral", tmp_path, targets=["attention"])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(ValueError, match="DoRA"):
+        export.export(adapter, "vllm", tmp_path / "vllm")
+    assert not (tmp_path / "vllm").exists()
