@@ -16,6 +16,8 @@ others report (pipeline and conformance, which time nothing, side by side; then 
                2,048 tokens: real tokens/s, speed-ups, peak memory, MFU against the GPU's bf16 dense peak.
   equality     the packed, prompt-shared DPO batch against TRL's padded one on the same model and pairs: loss and
                adapter gradients within the stated tolerance of the dtype (bf16 on a GPU).
+  serving      where vLLM is importable: a `moetune export --format vllm` adapter served by vLLM, prompt log-probs
+               against transformers + PEFT (benchmarks/serving_check.py); otherwise reported as skipped.
 
 Writes results-gpu.md and results-gpu.json (every figure) to --out (default: benchmarks/; with --cpu a new
 temporary folder). --cpu runs the same code at tiny sizes on the CPU, as `make test` does, so the check cannot rot
@@ -72,7 +74,7 @@ GPU_SIZES = {
               "batch": 8, "dpo_steps": 6, "sft_steps": 6, "max_length": 2048, "variants": SPEED_VARIANTS,
               "judge": True},
     # seconds; pipeline and conformance run side by side: at most 110 + 115 + 200 + 45 s = 7.8 minutes in all
-    "budgets_s": {"pipeline": 110, "conformance": 90, "qlora": 115, "speed": 200, "equality": 45},
+    "budgets_s": {"pipeline": 110, "conformance": 90, "qlora": 115, "speed": 200, "equality": 45, "serving": 60},
 }
 CPU_SIZES = {
     "pipeline": {"recipe_changes": {"data": {"sources": [{"format": "synthetic",
@@ -93,7 +95,7 @@ CPU_SIZES = {
               "batch": 2, "dpo_steps": 1, "sft_steps": 1, "max_length": 1024, "variants": SPEED_VARIANTS_CPU,
               "judge": False},
     # seconds: only against hangs (on a quiet 2-core machine the parts take a minute or less each)
-    "budgets_s": {"pipeline": 600, "conformance": 300, "qlora": 400, "speed": 600, "equality": 300},
+    "budgets_s": {"pipeline": 600, "conformance": 300, "qlora": 400, "speed": 600, "equality": 300, "serving": 120},
 }
 
 
@@ -238,12 +240,18 @@ def part_equality(sizes: dict, data: Path, work: Path) -> dict:
                         "tolerance": tolerance, "pairs": sizes["batch"]}}
 
 
+def part_serving(sizes: dict, data: Path, work: Path) -> dict:
+    from benchmarks import serving_check
+
+    return serving_check.check(work)
+
+
 # Test files whose every test is a conformance test (tests/conftest.py marks them), beside the tests marked one by one.
 CONFORMANCE_FILES = ("test_conformance", "test_famil")
 # Parts that time nothing: they run side by side, before the others run one at a time.
 UNTIMED = ("pipeline", "conformance")
 PARTS = {"pipeline": part_pipeline, "conformance": part_conformance, "qlora": part_qlora, "speed": part_speed,
-         "equality": part_equality}
+         "equality": part_equality, "serving": part_serving}
 
 
 # ---------------------------------------------------------------- what the parts share
@@ -353,7 +361,7 @@ def finish_part(name: str, process: subprocess.Popen, started: float, budget: fl
         last = (tails["stderr_tail"] or ["no output"])[-1]
         return {"status": "ERROR", "verdict": f"exit {process.returncode}: {last[:300]}", "seconds": seconds,
                 "figures": {}, **tails}
-    status = {True: "PASS", False: "FAIL", None: "MEASURED"}[result["ok"]]
+    status = "SKIPPED" if result.get("skipped") else {True: "PASS", False: "FAIL", None: "MEASURED"}[result["ok"]]
     return {"status": status, "verdict": result["verdict"], "seconds": seconds, "figures": result["figures"],
             **(tails if status == "FAIL" else {})}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 import textwrap
 from pathlib import Path
@@ -111,7 +112,7 @@ def add_hub_commands(commands) -> None:
                                             "its full-precision base model; save the weights and tokenizer to --out.")
     merge.add_argument("adapter_dir", help="Adapter folder, e.g. runs/tiny/dpo.")
     merge.add_argument("--out", required=True, help="New (or empty) folder for the merged model.")
-    exporter = commands.add_parser("export", help="Write an adapter as vLLM, SGLang or PEFT load it, or merged weights.",
+    exporter = commands.add_parser("export", help="Write an adapter as vLLM, SGLang or PEFT load it, or merged.",
                                    description=export.__doc__.split("\n")[0])
     exporter.add_argument("stage_dir", help="Adapter stage folder, e.g. runs/tiny/dpo (a chain sft -> dpo exports as "
                                             "one adapter on the base).")
@@ -128,6 +129,9 @@ def add_hub_commands(commands) -> None:
                                                        "stages it holds {stage}, e.g. my-org/mixtral-{stage}.")
     push.add_argument("--parent-repo-id", help="Hub id the first stage's parent was pushed to earlier (an adapter's "
                                                "base), e.g. my-org/mixtral-sft.")
+    push.add_argument("--format", choices=export.FORMATS, help="Upload the stage as this servable export (moetune "
+                                                               "export) instead of as trained; the card's Serving "
+                                                               "section gives the vllm/sglang command.")
     push.add_argument("--private", action="store_true", help="Create the repository as private.")
     push.add_argument("--revision", help="Branch to upload to (created when missing).")
     push.add_argument("--dry-run", metavar="FOLDER", help="Only write the upload into FOLDER (with several stages, "
@@ -148,8 +152,9 @@ def run_folder_command(args) -> None:
     elif args.command == "export":
         export.export(args.stage_dir, args.format, args.out)
     else:
+        exporter = functools.partial(export.export_for_hub, fmt=args.format) if args.format else None
         hub.push(args.stage_dir, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run,
-                 parent_repo_id=args.parent_repo_id)
+                 parent_repo_id=args.parent_repo_id, exporter=exporter)
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,6 +10,8 @@ Columns (h) and (i) of the conformance matrix.
 
 import json
 import shutil
+import subprocess
+import sys
 
 import peft
 import pytest
@@ -147,9 +149,6 @@ def test_an_adapter_saved_by_peft_0_18_exports_as_its_own_update(models, data, t
 
 def cli(*args):
     """`moetune ...` as a user runs it, in its own process."""
-    import subprocess
-    import sys
-
     done = subprocess.run([sys.executable, "-m", "finetune", *args], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -179,13 +178,24 @@ def test_lora_sft_then_lora_dpo_exported_through_the_cli_serves_the_trained_mode
     inputs = chain_batch(run)
     trained = load_stage_model(load_recipe(recipe, ["model.lora.stages=[sft,dpo]"]), "dpo")
     expected = logits_of(trained, inputs)
-    assert json.loads((tmp_path / "vllm" / "export.json").read_text())["adapters"] == [str(run / "sft"), str(run / "dpo")]
+    record = json.loads((tmp_path / "vllm" / "export.json").read_text())
+    assert record["adapters"] == [str(run / "sft"), str(run / "dpo")]
     reference = per_expert_reference(run / "base", tmp_path / "vllm", tmp_path / "reference")
     assert (logits_of(reference, inputs) - expected).abs().max() <= 1e-4
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert (logits_of(merged, inputs) - expected).abs().max() <= 1e-4
     serving = (tmp_path / "vllm" / "README.md").read_text()
     assert f"vllm serve {run / 'base'} --enable-lora --lora-modules moetune={tmp_path / 'vllm'}" in serving
+    # push --format: the Hub gets the servable artifact, and its card says which and how to serve it
+    cli("push", str(run / "dpo"), "--repo-id", "me/tiny-dpo", "--format", "merged", "--dry-run", str(tmp_path / "up"))
+    card = (tmp_path / "up" / "README.md").read_text()
+    assert "## Serving" in card and "vllm serve me/tiny-dpo" in card and "library_name: transformers" in card
+    assert (tmp_path / "up" / "model.safetensors").is_file() and not (tmp_path / "up" / "adapter_config.json").exists()
+    refused_push = subprocess.run([sys.executable, "-m", "finetune", "push", str(run / "dpo"), "--repo-id", "me/x",
+                                   "--format", "vllm", "--dry-run", str(tmp_path / "up2")], capture_output=True,
+                                  text=True, timeout=900)
+    assert refused_push.returncode == 2 and "model.init" in refused_push.stderr  # its base is not on the Hub
+    assert not (tmp_path / "up2").exists() and not (tmp_path / "up2.export").exists()
 
 
 @pytest.mark.slow

@@ -122,7 +122,8 @@ def read_peft(tensors: dict[str, torch.Tensor], config: dict, experts: dict[str,
     for key, tensor in tensors.items():
         match = LORA_KEY.match(key)
         if match is None:
-            raise LayoutError(f"the adapter holds {key}, which is not a LoRA A/B matrix; export it with --format merged.")
+            raise LayoutError(f"the adapter holds {key}, which is not a LoRA A/B matrix; export it with --format "
+                              f"merged.")
         pairs.setdefault(match["module"], {})[match["ab"]] = tensor.float()
     s, old = scaling(config), is_old_layout(config)
     factors = {}

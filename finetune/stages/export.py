@@ -109,12 +109,17 @@ def peft_version(adapter_dir: Path) -> str | None:
     return json.loads((adapter_dir / CONFIG_FILE).read_text()).get("peft_version")
 
 
+def as_trained(chain: list[Path]) -> bool:
+    """One adapter, saved in PEFT's current layout: the peft export is its files."""
+    return len(chain) == 1 and not layouts.is_old_layout(json.loads((chain[0] / CONFIG_FILE).read_text()))
+
+
 def write_adapter(stage_dir, chain, fmt, factors, experts, base, model_type, work) -> dict:
-    if fmt == "vllm" and model_type in VLLM_3D or fmt == "peft":
-        if fmt == "peft" and len(chain) == 1 and not layouts.is_old_layout(json.loads((stage_dir / CONFIG_FILE).read_text())):
-            for name in (ADAPTER_FILE, CONFIG_FILE):
-                shutil.copy2(stage_dir / name, work / name)
-            return {"layout": "PEFT 3-D (target_parameters), as trained", "rank": layouts.max_rank(factors)}
+    if fmt == "peft" and as_trained(chain):
+        for name in (ADAPTER_FILE, CONFIG_FILE):
+            shutil.copy2(stage_dir / name, work / name)
+        return {"layout": "PEFT 3-D (target_parameters), as trained", "rank": layouts.max_rank(factors)}
+    if fmt == "peft" or fmt == "vllm" and model_type in VLLM_3D:
         tensors, fields = layouts.to_peft(factors, experts)
         targets, parameters = fields["target_modules"], fields["target_parameters"]
         layout = "PEFT 3-D (target_parameters), PEFT >= 0.19 in/out order"
@@ -199,7 +204,7 @@ def report_markdown(report: list[dict]) -> str:
 
 # ---------------------------------------------------------------- README
 
-def serving_commands(record: dict, out: Path) -> list[str]:
+def serving_commands(record: dict, out: str | Path) -> list[str]:
     base, fmt = record["base"], record["format"]
     if fmt == "merged":
         return [f"vllm serve {out}", f"python -m sglang.launch_server --model-path {out}"]
@@ -211,7 +216,7 @@ def serving_commands(record: dict, out: Path) -> list[str]:
     return [f"vllm serve {base} --enable-lora --lora-modules moetune={out} --max-lora-rank {vllm_rank}"]
 
 
-def serving_section(record: dict, out: Path) -> str:
+def serving_section(record: dict, out: str | Path) -> str:
     commands = "\n".join(serving_commands(record, out))
     lines = ["## Serving", "", f"Exported as `{record['format']}`: {record['layout']}.", "", "```bash", commands, "```"]
     if record["format"] != "merged":
@@ -219,6 +224,13 @@ def serving_section(record: dict, out: Path) -> str:
     if record["format"] == "vllm":
         lines += ["", f"Layout chosen from {VLLM_READ}."]
     return "\n".join(lines) + "\n"
+
+
+def export_for_hub(stage_dir: Path, out: Path, repo_id: str, base_id: str | None, fmt: str) -> str:
+    """`moetune push --format`: the export written to `out`; its Serving section naming the Hub repositories."""
+    export(stage_dir, fmt, out)
+    record = json.loads((out / "export.json").read_text())
+    return serving_section({**record, "base": base_id or record["base"]}, repo_id)
 
 
 def readme(record: dict, out: Path) -> str:
