@@ -115,16 +115,24 @@ def expert_target(module: str, experts: dict[str, ExpertsInfo], config: dict) ->
     return None
 
 
-def read_peft(tensors: dict[str, torch.Tensor], config: dict, experts: dict[str, ExpertsInfo]) -> dict[str, Factors]:
-    """A saved PEFT adapter (either layout) as target -> Factors."""
-    check_plain_lora(config)
+def read_peft(tensors: dict[str, torch.Tensor], config: dict, experts: dict[str, ExpertsInfo],
+              servable: bool = True) -> dict[str, Factors]:
+    """A saved PEFT adapter (either layout) as target -> Factors. `servable`: refuse what vLLM/SGLang cannot apply
+    (DoRA, biases, whole modules, a router); otherwise (the merged export's delta report) read the LoRA pairs only."""
+    if servable:
+        check_plain_lora(config)
+        router = [t for t in config.get("target_parameters") or () if not t.endswith((GATE_UP, DOWN))]
+        if router:
+            raise LayoutError(f"the adapter trains the router ({', '.join(router)}): vLLM and SGLang apply LoRA to "
+                              f"Linear layers and experts only, not to a router weight. Use --format merged.")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = LORA_KEY.match(key)
-        if match is None:
+        if match is not None:
+            pairs.setdefault(match["module"], {})[match["ab"]] = tensor.float()
+        elif servable:
             raise LayoutError(f"the adapter holds {key}, which is not a LoRA A/B matrix; export it with --format "
                               f"merged.")
-        pairs.setdefault(match["module"], {})[match["ab"]] = tensor.float()
     s, old = scaling(config), is_old_layout(config)
     factors = {}
     for module, pair in pairs.items():
@@ -135,10 +143,6 @@ def read_peft(tensors: dict[str, torch.Tensor], config: dict, experts: dict[str,
         owner, param = target
         info = experts[owner]
         factors[f"{owner}.{param}"] = expert_factors(pair["A"], pair["B"], info, param, old and not info.transposed, s)
-    router = [t for t in config.get("target_parameters") or () if not t.endswith((GATE_UP, DOWN))]
-    if router:
-        raise LayoutError(f"the adapter trains the router ({', '.join(router)}): vLLM and SGLang apply LoRA to "
-                          f"Linear layers and experts only, not to a router weight. Use --format merged.")
     return factors
 
 

@@ -51,9 +51,9 @@ def adapter_chain(stage_dir: Path) -> list[Path]:
     return chain
 
 
-def read_adapter(folder: Path, experts: dict) -> dict[str, layouts.Factors]:
+def read_adapter(folder: Path, experts: dict, servable: bool = True) -> dict[str, layouts.Factors]:
     config = json.loads((folder / CONFIG_FILE).read_text())
-    return layouts.read_peft(load_file(folder / ADAPTER_FILE), config, experts)
+    return layouts.read_peft(load_file(folder / ADAPTER_FILE), config, experts, servable)
 
 
 def base_name(adapter_dir: Path) -> str:
@@ -142,7 +142,8 @@ def write_merged(stage_dir: Path, base, work: Path) -> dict:
     quantization = recipe.model.quantization if recipe is not None else None
     report = []
     if quantization is not None:
-        report = round_experts(base, read_adapter(stage_dir, layouts.experts_info(base)), quantization.double_quant)
+        updates = read_adapter(stage_dir, layouts.experts_info(base), servable=False)
+        report = round_experts(base, updates, quantization.double_quant)
     merged = adapters.merge_adapter(base, stage_dir)
     merged.save_pretrained(work)
     if report:
