@@ -35,6 +35,10 @@ NESTED = {".base_layer": GATE_UP, "": DOWN}
 SWAP_FIXED_IN = Version("0.19.0")  # PEFT#3165: in/out of (E, out, in) parameters read the right way round
 
 
+FUSED_ON_DISK = ("the base checkpoint stores this family's experts fused (one 3-D tensor, not a matrix per expert): "
+                 "there are no per-expert names to write their LoRA under, and vLLM has no 3-D MoE LoRA for it")
+
+
 class LayoutError(ValueError):
     """A format cannot express this adapter; the message says why and what to do instead."""
 
@@ -292,8 +296,7 @@ def to_per_expert(factors: dict[str, Factors], experts: dict[str, ExpertsInfo],
         owner = target.rpartition(".")[0]
         pieces = placed[target] if owner in experts else placed[f"{target}.weight"]
         if not pieces:
-            raise LayoutError(f"the base checkpoint stores {target} fused (one 3-D tensor, not a matrix per expert): "
-                              f"there are no per-expert names to write its LoRA under.")
+            raise LayoutError(f"{FUSED_ON_DISK} ({target})")
         covered = sum(len(rows) for _, _, rows in pieces)
         expected = factor.b.shape[-2] * (factor.b.shape[0] if factor.b.dim() == 3 else 1)
         if covered != expected:
