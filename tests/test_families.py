@@ -303,3 +303,41 @@ def test_g_zero3_leaf_and_fsdp2_wrap_classes_found(models, family):
     assert all(type(model.get_submodule(name.rsplit(".", 1)[0])) is leaves[0] for name in moe.routers(model))
     layers = moe.decoder_layer_classes(model)
     assert layers and {cls.__name__ for cls in layers} <= set(model._no_split_modules)
+
+
+# ---------------------------------------------------------------- (h) the router role
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_h_router_role_wraps_the_router_and_tracking_reads_through_it(models, data, family, tmp_path):
+    """`model.lora.targets: [..., router]`: PEFT wraps the router weight; routers, routing sizes and the expert-load
+    tracker find the router through the wrapper (they crashed on `ParamWrapper.top_k`, #27); the adapter saves,
+    reloads with identical logits and merges."""
+    model = models(family)
+    model.save_pretrained(tmp_path / "base")
+    names, sizes = list(moe.routers(model)), moe.routing_sizes(model)
+    trained = random_lora_on(model, targets=("attention", "experts", "router"))
+    trainable = adapters.trainable_parameter_names(trained)
+    assert all(any(name.startswith(f"base_model.model.{router}.") and ".lora_" in name for name in trainable)
+               for router in names)
+
+    assert [name.removeprefix("base_model.model.") for name in moe.routers(trained)] == names
+    assert moe.routing_sizes(trained) == sizes
+    inputs = padded_batch(data[0])
+    tracker = moe.ExpertLoadTracker(trained)
+    trained(**inputs)
+    real = int(inputs["attention_mask"].sum())
+    assert [int(counts.sum()) for counts in tracker.counts.values()] == [real * sizes[1]] * len(names)
+    tracker.remove()
+
+    trained.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        expected = trained(**inputs).logits
+        loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                                tmp_path / "adapter").eval()
+        torch.testing.assert_close(loaded(**inputs).logits, expected, rtol=0, atol=1e-5)
+        merged = adapters.merge_adapter(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+        torch.testing.assert_close(merged.eval()(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
+        router = next(iter(moe.routers(merged).values()))
+        base_router = next(iter(moe.routers(AutoModelForCausalLM.from_pretrained(tmp_path / "base")).values()))
+        weight = families.FAMILIES[family].router_weight
+        assert not torch.equal(router.get_parameter(weight), base_router.get_parameter(weight))  # merged into

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import TrainerCallback
 
 from finetune.core import distributed, families
@@ -46,9 +47,19 @@ def has_parameter(module: nn.Module, name: str) -> bool:
 
 
 def routers(model: nn.Module) -> dict[str, nn.Module]:
-    """Router modules by qualified name, in layer order."""
+    """Router modules by qualified name, in layer order; a router PEFT wrapped (the `router` LoRA role) is its base
+    layer, which keeps the router's attributes (top_k, ...) and still runs in every forward of the wrapper."""
     family = families.family_of(model)
-    return {name: module for name, module in model.named_modules() if family_router(family, name, module)}
+    return {name: module for name, module in unwrapped_modules(model) if family_router(family, name, module)}
+
+
+def unwrapped_modules(model: nn.Module):
+    """(name, module) of the model's modules as they were before PEFT wrapped any of them: a LoRA wrapper is
+    replaced by the module it wraps, under the wrapper's name, and the wrapper's insides are skipped."""
+    for name, module in model.named_modules():
+        if "base_layer" in name.split("."):
+            continue
+        yield name, module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
 
 
 def router_weight(family: families.Family, router: nn.Module) -> nn.Parameter:
