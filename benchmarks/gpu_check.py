@@ -20,6 +20,8 @@ others report (pipeline and conformance, which time nothing, side by side; then 
                2 GPUs, NCCL; with --cpu 2 gloo processes), full SFT then full DPO in fp32, against one process with
                the same global batch; verdict: saved weights within the tolerance. Skipped, saying why, on fewer
                than 2 GPUs (NCCL refuses two processes on one GPU, and transformers applies no EP plan to one).
+  serving      where vLLM is importable: a `moetune export --format vllm` adapter served by vLLM, prompt log-probs
+               against transformers + PEFT (benchmarks/serving_check.py); otherwise reported as skipped.
 
 Writes results-gpu.md and results-gpu.json (every figure) to --out (default: benchmarks/; with --cpu a new
 temporary folder). --cpu runs the same code at tiny sizes on the CPU, as `make test` does, so the check cannot rot
@@ -76,10 +78,10 @@ GPU_SIZES = {
               "batch": 8, "dpo_steps": 6, "sft_steps": 6, "max_length": 2048, "variants": SPEED_VARIANTS,
               "judge": True},
     "expert_parallel": {"steps": {"sft": 8, "dpo": 3}, "tolerance": 1e-4},
-    # seconds; pipeline and conformance run side by side: at most 110 + 115 + 200 + 45 + 120 s = 9.8 minutes in all
-    # (expert_parallel skips in seconds on one GPU)
+    # seconds; pipeline and conformance run side by side: at most 110 + 115 + 200 + 45 + 120 + 60 s = 10.8 minutes
+    # in all (expert_parallel skips in seconds on one GPU, serving where vLLM is not importable)
     "budgets_s": {"pipeline": 110, "conformance": 90, "qlora": 115, "speed": 200, "equality": 45,
-                  "expert_parallel": 120},
+                  "expert_parallel": 120, "serving": 60},
 }
 CPU_SIZES = {
     "pipeline": {"recipe_changes": {"data": {"sources": [{"format": "synthetic",
@@ -102,7 +104,7 @@ CPU_SIZES = {
     "expert_parallel": {"steps": {"sft": 4, "dpo": 2}, "tolerance": 1e-5},
     # seconds: only against hangs (on a quiet 2-core machine the parts take a minute or less each)
     "budgets_s": {"pipeline": 600, "conformance": 300, "qlora": 400, "speed": 600, "equality": 300,
-                  "expert_parallel": 600},
+                  "expert_parallel": 600, "serving": 120},
 }
 
 
@@ -290,10 +292,17 @@ def part_expert_parallel(sizes: dict, data: Path, work: Path) -> dict:
             "figures": {"max_difference": differences, "tolerance": sizes["tolerance"], "gpus": gpus}}
 
 
+def part_serving(sizes: dict, data: Path, work: Path) -> dict:
+    from benchmarks import serving_check
+
+    return serving_check.check(work)
+
+
 # Parts that time nothing: they run side by side, before the others run one at a time.
 UNTIMED = ("pipeline", "conformance")
 PARTS = {"pipeline": part_pipeline, "conformance": part_conformance, "qlora": part_qlora, "speed": part_speed,
-         "equality": part_equality, "expert_parallel": part_expert_parallel}
+         "equality": part_equality, "expert_parallel": part_expert_parallel,
+         "serving": part_serving}
 
 
 # ---------------------------------------------------------------- what the parts share

@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import sys
 import textwrap
 from pathlib import Path
 
 from finetune import launch
 from finetune.config.parsing import MANAGED_TRAINER_KEYS, load_recipe, trainer_config_class, trainer_config_name
-from finetune.config.recipe import TRAINING_STAGES, Recipe, RecipeError
+from finetune.config.recipe import EXPORT_FORMATS, TRAINING_STAGES, Recipe, RecipeError
 from finetune.config.secrets import is_credential_key
 from finetune.config.section_fields import describe_fields
 from finetune.core import distributed
@@ -26,7 +27,7 @@ from finetune.core.run_lock import run_dir_lock
 from finetune.core.rundir import Interrupted, MissingStageOutput, StageError, changed_keys, fingerprint, read_manifest
 from finetune.registry import BY_NAME, COMMANDS, STAGES, command_writing
 
-FOLDER_COMMANDS = ("merge", "push", "report")  # commands on folders, without a recipe
+FOLDER_COMMANDS = ("merge", "export", "push", "report")  # commands on folders, without a recipe
 
 
 def section_help(sections: tuple[str, ...]) -> str:
@@ -156,6 +157,14 @@ def add_hub_commands(commands) -> None:
                                             "its full-precision base model; save the weights and tokenizer to --out.")
     merge.add_argument("adapter_dir", help="Adapter folder, e.g. runs/tiny/dpo.")
     merge.add_argument("--out", required=True, help="New (or empty) folder for the merged model.")
+    exporter = commands.add_parser("export", help="Write an adapter as vLLM, SGLang or PEFT load it, or merged.",
+                                   description="Write a trained adapter (a chain sft -> dpo as one adapter) as a "
+                                               "server loads it: peft, vllm, sglang, or merged full weights.")
+    exporter.add_argument("stage_dir", help="Adapter stage folder, e.g. runs/tiny/dpo (a chain sft -> dpo exports as "
+                                            "one adapter on the base).")
+    exporter.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="What to write (see the README's "
+                                                                                 "Serving section).")
+    exporter.add_argument("--out", required=True, help="New (or empty) folder for the export.")
     push = commands.add_parser("push", help="Upload stage outputs with model cards to the Hugging Face Hub.",
                                description="Upload stage folders (weights or adapter, tokenizer, recipe.yaml, "
                                            "README.md model card), parents first; an uploaded adapter names its "
@@ -166,6 +175,9 @@ def add_hub_commands(commands) -> None:
                                                        "stages it holds {stage}, e.g. my-org/mixtral-{stage}.")
     push.add_argument("--parent-repo-id", help="Hub id the first stage's parent was pushed to earlier (an adapter's "
                                                "base), e.g. my-org/mixtral-sft.")
+    push.add_argument("--format", choices=EXPORT_FORMATS, help="Upload the stage as this servable export (moetune "
+                                                               "export) instead of as trained; the card's Serving "
+                                                               "section gives the vllm/sglang command.")
     push.add_argument("--private", action="store_true", help="Create the repository as private.")
     push.add_argument("--revision", help="Branch to upload to (created when missing).")
     push.add_argument("--dry-run", metavar="FOLDER", help="Only write the upload into FOLDER (with several stages, "
@@ -178,7 +190,7 @@ def add_hub_commands(commands) -> None:
 
 def run_folder_command(args) -> None:
     # The stage modules that do the work, imported once the arguments are good: see the module's docstring.
-    from finetune.stages import hub
+    from finetune.stages import export, hub
     from finetune.stages.report import write_report
 
     if args.command == "report":
@@ -187,9 +199,12 @@ def run_folder_command(args) -> None:
         print(f"[report] wrote {write_report(args.run_dir)}")
     elif args.command == "merge":
         hub.merge(args.adapter_dir, args.out)
+    elif args.command == "export":
+        export.export(args.stage_dir, args.format, args.out)
     else:
+        exporter = functools.partial(export.export_for_hub, fmt=args.format) if args.format else None
         hub.push(args.stage_dir, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run,
-                 parent_repo_id=args.parent_repo_id)
+                 parent_repo_id=args.parent_repo_id, exporter=exporter)
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:

@@ -260,3 +260,5 @@ NOT_RESULT_TRAINER_KEYS = frozenset({
 TRAINING_STAGES = tuple(f.name for f in dataclasses.fields(Recipe) if "trl_config" in f.metadata)
 # The stages whose folders hold a model (the model.init base, then the training stages): eval.models may name them.
 MODEL_STAGES = ("base", *TRAINING_STAGES)
+# What `moetune export` and `moetune push --format` write (finetune/stages/export.py).
+EXPORT_FORMATS = ("peft", "vllm", "sglang", "merged")

@@ -261,3 +261,9 @@ def require_complete(run_dir: Path, name: str, needed_by: str) -> dict[str, Any]
     if manifest is None:
         raise MissingStageOutput(Path(run_dir) / name, needed_by)
     return manifest
+
+
+def require_empty(folder: Path, option: str) -> None:
+    """Refuse to write into a folder that holds files (an output of moetune's folder commands: merge, export, push)."""
+    if folder.exists() and any(folder.iterdir()):
+        raise ValueError(f"{option} {folder} exists and is not empty; moetune will not overwrite it. Choose a new folder.")
