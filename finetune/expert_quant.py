@@ -82,7 +82,7 @@ def quantize_experts(model: nn.Module, double_quant: bool, compute_dtype: torch.
         raise ValueError(f"model.quantization cannot run {model.config.get_text_config().model_type}: {refusal}.")
     found = False
     for module_name, module in model.named_modules():
-        if moe.is_experts(module):
+        if moe.is_fused_gate_up(module):
             check_expert_layout(model, module)
             for name in moe.EXPERT_PARAMETERS:
                 weight = logical_matrices(module, name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 
 from eval.config import check_eval_config
-from finetune.families import ALIASES, ARCHITECTURES
+from finetune import families
 from finetune.recipe import TRAINING_STAGES, HubConfig, LoraConfig, ModelConfig, ModelInit, Recipe, RecipeError
 
 LORA_ROLES = ("attention", "experts", "shared_experts", "dense_mlp", "router", "all")
@@ -41,7 +41,9 @@ def validate_model(model: ModelConfig, source: str) -> None:
 
 
 def validate_init(init: ModelInit, source: str) -> None:
-    check_choice(init.architecture, ARCHITECTURES + tuple(ALIASES), source, "model.init.architecture")
+    if init.architecture not in families.ARCHITECTURES + tuple(families.ALIASES):  # the registry's: no look-up
+        check_choice(init.architecture, families.moe_model_types() + tuple(families.ALIASES), source,
+                     "model.init.architecture")
     for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "num_experts",
                  "experts_per_token", "max_position_embeddings", "vocab_size"):
         check_positive(getattr(init, name), source, f"model.init.{name}")

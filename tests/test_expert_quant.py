@@ -39,7 +39,7 @@ def tiny_model_on_device(architecture="mixtral"):
 
 
 def experts_modules(model):
-    return [module for module in model.modules() if expert_quant.is_quantized_experts(module) or moe.is_experts(module)]
+    return [module for module in model.modules() if expert_quant.is_quantized_experts(module) or moe.is_fused_gate_up(module)]
 
 
 def dequantized_copy(model, quantized):
