@@ -225,12 +225,19 @@ def expert_parameter_targets(model: nn.Module) -> list[str]:
     """PEFT `target_parameters` names for the routed experts' 3-D parameters, e.g. ["mlp.experts.gate_up_proj",
     "mlp.experts.down_proj"] (named as in the module holding them: JetMoE's `mlp.input_linear.weight`)."""
     count = config_expert_count(model)
-    return sorted({".".join(name.split(".")[-2:]) + "." + param for name, module in experts_modules(model).items()
+    return sorted({f"{module_suffix(name)}.{param}" for name, module in experts_modules(model).items()
                    for param in expert_parameter_names(module, count)})
 
 
+def module_suffix(name: str) -> str:
+    """The last two parts of a module's name, as PEFT matches targets: `mlp.experts`; a module straight in a
+    decoder layer (Gemma 4's `layers.3.experts`) by its own name, so the target is not one layer's index."""
+    parent, own = name.split(".")[-2:] if "." in name else ("", name)
+    return own if parent.isdigit() or not parent else f"{parent}.{own}"
+
+
 def router_parameter_targets(model: nn.Module) -> list[str]:
-    return sorted({".".join(name.split(".")[-2:]) + "." + router_weight_name(model, name) for name in routers(model)})
+    return sorted({f"{module_suffix(name)}.{router_weight_name(model, name)}" for name in routers(model)})
 
 
 def linears_under(model: nn.Module, parents: list[str]) -> list[str]:
