@@ -257,7 +257,7 @@ def found_by_structure(model_type: str, **fields) -> Family:
 def gemma4_moe(init) -> dict:
     """Gemma 4's default config is dense; its MoE checkpoints (26B-A4B) turn the MoE block on beside the MLP."""
     return dict(enable_moe_block=True, num_experts=init.num_experts, top_k_experts=init.experts_per_token,
-                moe_intermediate_size=init.intermediate_size, vocab_size_per_layer_input=init.vocab_size)
+                moe_intermediate_size=init.intermediate_size)
 
 
 def qwen4_exp_indexer(init) -> dict:
@@ -278,6 +278,8 @@ NEW_FAMILIES = (
     found_by_structure("lfm2_moe", overrides=lfm2_layers),
     found_by_structure("zaya", overrides=lambda init: dict(num_experts_per_tok=1)),  # ZAYA routes to one expert
     found_by_structure("doge", overrides=lambda init: dict(is_moe=True)),  # Doge's default config is dense
+    # PEFT refuses LoRA on the Mamba mixers' out_proj of nemotron_h (its fused Mamba kernel reads the weight)
+    found_by_structure("nemotron_h", unreachable_linears=("out_proj",)),
     # dots.llm3's sliding-window layers use MLA-sized heads: its config checks head_dim = nope + rope dims
     found_by_structure("dots3_note_text", overrides=lambda init: dict(head_dim=2 * init.hidden_size // init.num_heads)),
 )

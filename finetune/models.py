@@ -88,9 +88,19 @@ def check_family(recipe: Recipe, location: str) -> None:
 def load_pretrained(recipe: Recipe, location: str):
     check_family(recipe, location)
     return AutoModelForCausalLM.from_pretrained(
-        location, dtype=resolve_dtype(recipe.model.dtype), experts_implementation=experts_kernel(recipe.model),
+        location, dtype=resolve_dtype(recipe.model.dtype), **experts_kwargs(recipe, location),
         **hub_kwargs(recipe, location),
     )
+
+
+def experts_kwargs(recipe: Recipe, location: str) -> dict:
+    """`experts_implementation` for a model class that lets it be set; none for the others (Llama 4, JetMoE,
+    LongCat-Flash run their own experts forward and refuse the argument)."""
+    config = AutoConfig.from_pretrained(location, **hub_kwargs(recipe, location))
+    model_class = AutoModelForCausalLM._model_mapping.get(type(config), None) if not recipe.model.trust_remote_code else None
+    if model_class is not None and not model_class._can_set_experts_implementation():
+        return {}
+    return {"experts_implementation": experts_kernel(recipe.model)}
 
 
 def load_quantized(recipe: Recipe, name: str):

@@ -241,11 +241,17 @@ def router_parameter_targets(model: nn.Module) -> list[str]:
 
 
 def linears_under(model: nn.Module, parents: list[str]) -> list[str]:
-    """Qualified names of the Linear layers inside the named modules (those a LoRA wrapper can reach)."""
+    """Qualified names of the Linear layers inside the named modules (those a LoRA wrapper can reach). A Linear
+    subclass with a forward of its own (DeepSeek-V4's grouped output projection) is left out: LoRA's x @ A^T
+    beside it would not match what its forward computes."""
     prefixes = tuple(parent + "." for parent in parents)
     unreachable = families.family_of(model).unreachable_linears
-    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
+    return [name for name, module in model.named_modules() if is_plain_linear(module)
             and name.startswith(prefixes) and name.rsplit(".", 1)[-1] not in unreachable]
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
 def modules_named(model: nn.Module, names: tuple[str, ...]) -> list[str]:
