@@ -67,7 +67,9 @@ def experts_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The routed-expert modules (fused 3-D parameters) by qualified name, inside the decoder layers."""
     count = config_expert_count(model)
     prefixes = tuple(layer + "." for layer in decoder_layers(model)) or ("",)
-    return {name: module for name, module in model.named_modules()
+    # Under LoRA the experts sit inside PEFT's wrappers (`experts.base_layer.base_layer`): named as without them,
+    # so the MoE block (their parent) is found the same way before and after the adapters are added.
+    return {name.replace(".base_layer", ""): module for name, module in model.named_modules()
             if name.startswith(prefixes) and is_experts(module, count)}
 
 

@@ -1,14 +1,18 @@
-"""Run the conformance matrix (tests/test_families.py) and print it as a markdown table: family x check.
+"""Run the conformance matrix over every MoE family of the installed transformers and print it as a markdown
+table: family x check, one row per family (families.moe_model_types).
 
     python -m tests.conformance_matrix [--readme README.md] [pytest options]
 
-Each cell is the outcome of one parametrised test: "pass", "FAIL", or "refused" with the reason the code gives
-(footnoted under the table). With --readme, the table replaces the block between the README's
-`<!-- conformance-matrix -->` markers.
+It runs tests/test_every_family.py (roles through the CLI loader; the CLI chain prep -> LoRA SFT -> LoRA DPO ->
+eval -> merge) and tests/test_families.py with MOETUNE_ALL_FAMILIES=1, so every family, not the suite's sample.
+Each cell is the outcome of one parametrised test: "pass", "FAIL", "refused" with the reason the code gives, or
+"fails" with the reason a family cannot pass (footnoted under the table). With --readme, the table replaces the
+block between the README's `<!-- conformance-matrix -->` markers.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -16,6 +20,8 @@ from pathlib import Path
 import pytest
 
 CHECKS = {  # test function -> column header
+    "test_roles_found_and_default_lora_trains_with_the_router_frozen": "roles, LoRA step (CLI loader)",
+    "test_cli_chain_lora_sft_dpo_eval_merge": "CLI: SFT->DPO->eval->merge",
     "test_a_roles_found_only_adapters_train_router_frozen": "(a) roles, router frozen",
     "test_b_expert_load_counts_real_tokens_times_top_k": "(b) expert load",
     "test_c_balancing_term_present_and_logged": "(c) balancing logged",
@@ -52,17 +58,21 @@ def table(cells: dict[tuple[str, str], str]) -> str:
 
     reasons: list[str] = []
     rows = ["| family | " + " | ".join(CHECKS.values()) + " |", "|---" * (len(CHECKS) + 1) + "|"]
-    for family in families.FAMILIES:
+    for family in families.moe_model_types():
         row = []
         for check in CHECKS:
             cell = cells.get((check, family), "not run")
-            if cell.startswith("refused: "):
-                reason = cell.removeprefix("refused: ")
+            kind = next((kind for kind in ("refused", "fails") if cell.startswith(f"{kind}: ")), None)
+            if kind:
+                reason = cell.removeprefix(f"{kind}: ")
                 if reason not in reasons:
                     reasons.append(reason)
-                cell = f"refused [{reasons.index(reason) + 1}]"
+                cell = f"{kind} [{reasons.index(reason) + 1}]"
             row.append(cell)
-        rows.append(f"| {family} | " + " | ".join(row) + " |")
+        runs_as = families.text_model_type(family)
+        rows.append(f"| {family}{f' (as {runs_as})' if runs_as != family else ''} | " + " | ".join(row) + " |")
+    passing = sum(all(cells.get((check, family)) == "pass" for check in CHECKS) for family in families.moe_model_types())
+    rows.append(f"\n{passing} of {len(families.moe_model_types())} families pass every cell.")
     notes = [f"[{number}] {reason}" for number, reason in enumerate(reasons, 1)]
     return "\n".join(rows) + ("\n\n" + "\n".join(f"{note}  " for note in notes) if notes else "")
 
@@ -78,8 +88,9 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--readme"]:
         readme, argv = Path(argv[1]), argv[2:]
     collector = Collector()
-    code = pytest.main(["-q", "-p", "no:cacheprovider", str(Path(__file__).with_name("test_families.py")), *argv],
-                       plugins=[collector])
+    os.environ["MOETUNE_ALL_FAMILIES"] = "1"
+    tests = [str(Path(__file__).with_name(name)) for name in ("test_every_family.py", "test_families.py")]
+    code = pytest.main(["-q", "-p", "no:cacheprovider", *tests, *argv], plugins=[collector])
     text = table(collector.cells)
     print(text)
     if readme is not None:
