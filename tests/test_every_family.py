@@ -20,13 +20,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from data_prep import synthetic
-from finetune import adapters, families, moe
 from finetune.cli import main
-from finetune.models import load_pretrained
-from finetune.recipe import LoraConfig, ModelInit
-from finetune.recipe_parsing import parse_recipe
-from finetune.tiny import init_config, train_tokenizer
+from finetune.config.parsing import parse_recipe
+from finetune.config.recipe import LoraConfig, ModelInit
+from finetune.core import families
+from finetune.core import synthetic_task as synthetic
+from finetune.modeling import adapters, moe
+from finetune.modeling.loading import load_pretrained
+from finetune.modeling.tiny import init_config, train_tokenizer
 
 MOE_TYPES = list(families.moe_model_types())
 NEWEST = ["deepseek_v4", "gemma4_text", "qwen4_exp_text", "nemotron_h", "glm4_moe_lite", "kimi_linear"]

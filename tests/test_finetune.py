@@ -4,9 +4,9 @@ import peft
 import pytest
 import torch
 
-from finetune import adapters, moe
-from finetune.models import experts_kernel
-from finetune.recipe import LoraConfig, ModelConfig
+from finetune.modeling import adapters, moe
+from finetune.modeling.loading import experts_kernel
+from finetune.config.recipe import LoraConfig, ModelConfig
 from helpers.tiny import ARCHITECTURES, batch, tiny_model
 
 

@@ -1,6 +1,6 @@
 """Look-alike checkpoints of the newest MoE families through the CLI, as a user runs them on a Hub model.
 
-Each look-alike (tests/lookalike.py) is saved with save_pretrained: the family's own config class with its default
+Each look-alike (tests/helpers/lookalike.py) is saved with save_pretrained: the family's own config class with its default
 config's fields shrunk, a tokenizer with the family's special tokens and its real chat template. The recipe names
 the folder as `model.name_or_path`; prep -> LoRA SFT -> LoRA DPO (default roles) -> eval -> merge run through
 `moetune`. Two families run in the suite (a DeepSeek-V4 MLA/compressed-attention model and the Mamba hybrid
@@ -14,7 +14,7 @@ import pytest
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.lookalike import NEWEST, build_lookalike
+from helpers.lookalike import NEWEST, build_lookalike
 from tests.test_real_checkpoints import run_cli
 
 IN_SUITE = ("deepseek_v4", "nemotron_h")

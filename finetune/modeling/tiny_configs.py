@@ -4,14 +4,14 @@
 family's default config (its real field names and values) is shrunk field by field: widths to the init's sizes,
 expert counts to `num_experts`, top-k fields to `experts_per_token`, low-rank and head dims to small multiples of
 16, and per-layer lists (`layer_types`, `mlp_layer_types`, ...) resampled so every kind of layer of the family still
-appears in the few layers built. A family entry (finetune/families.py) adds only what this cannot guess.
+appears in the few layers built. A family entry (finetune/core/families.py) adds only what this cannot guess.
 """
 
 from __future__ import annotations
 
 from transformers import CONFIG_MAPPING
 
-from finetune import families
+from finetune.core import families
 
 # field name -> how it is set from the ModelInit (a callable of init) ; only fields the default config has are set
 WIDTH = ("intermediate_size", "ffn_hidden_size", "moe_intermediate_size", "expert_ffn_hidden_size",

@@ -1,0 +1,468 @@
+"""Routers and experts of transformers-5 MoE models: where they are, and how much load each expert gets.
+
+Every transformers-5 MoE family has, per MoE layer, a block holding a router and an experts module with the fused
+3-D parameters `gate_up_proj` and `down_proj`; the family registry (finetune/core/families.py) says what the router is
+called, what it returns and where the shared experts, dense FFNs and token mixers are. Each role is found here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from dataclasses import replace
+
+from finetune.core import distributed, families
+
+EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
+
+
+def is_router(module: nn.Module) -> bool:
+    """Remote-code routers of the older layout: a module with top_k, num_experts and a 2-D weight."""
+    weight = getattr(module, "weight", None)
+    # Under DeepSpeed ZeRO-3 a parameter is an empty shard outside forward; ds_shape keeps its real shape.
+    shape = getattr(weight, "ds_shape", getattr(weight, "shape", ()))
+    return hasattr(module, "top_k") and isinstance(weight, nn.Parameter) and len(shape) == 2 \
+        and hasattr(module, "num_experts")
+
+
+def shape_of(param: torch.Tensor) -> tuple[int, ...]:
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
+def expert_parameter_names(module: nn.Module, count: int | None) -> list[str]:
+    """The routed-expert parameters a module holds itself: 3-D, with a leading experts dimension (not a
+    convolution's kernel)."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return []
+    return [name for name, param in module.named_parameters(recurse=False)
+            if len(shape_of(param)) == 3 and (count is None or shape_of(param)[0] >= count)]
+
+
+def is_fused_gate_up(module: nn.Module) -> bool:
+    """Experts in transformers' usual layout (`gate_up_proj`, `down_proj`): the one the NF4 expert forward runs."""
+    return all(isinstance(getattr(module, name, None), nn.Parameter) for name in EXPERT_PARAMETERS)
+
+
+def is_experts(module: nn.Module, count: int | None = None) -> bool:
+    return bool(expert_parameter_names(module, count))
+
+
+def model_config(model: nn.Module):
+    config = getattr(model, "config", None)
+    return families.text_config(config) if config is not None else None
+
+
+def config_expert_count(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    return families.expert_count(config) if config is not None else None
+
+
+def experts_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The routed-expert modules (fused 3-D parameters) by qualified name, inside the decoder layers."""
+    count = config_expert_count(model)
+    prefixes = tuple(layer + "." for layer in decoder_layers(model)) or ("",)
+    # Under LoRA the experts sit inside PEFT's wrappers (`experts.base_layer.base_layer`): named as without them,
+    # so the MoE block (their parent) is found the same way before and after the adapters are added.
+    return {name.replace(".base_layer", ""): module for name, module in model.named_modules()
+            if name.startswith(prefixes) and is_experts(module, count)}
+
+
+def structural_router(model: nn.Module, block_name: str, block: nn.Module, count: int, experts: set[str]):
+    """(name, weight name) of the router inside an MoE block: the module holding a 2-D weight with one row per
+    expert (LongCat-Flash adds rows for its zero-computation experts), outside the experts."""
+    for name, module in block.named_modules():
+        full = f"{block_name}.{name}" if name else block_name
+        if any(full == e or full.startswith(e + ".") for e in experts):
+            continue
+        for weight_name, param in module.named_parameters(recurse=False):
+            shape = shape_of(param)
+            if len(shape) == 2 and count <= shape[0] < 2 * count and shape[1] != shape[0]:
+                return full, weight_name
+    return None
+
+
+def structural_routers(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
+    """Router name -> (weight name, MoE block name) found by structure: for each experts module, the router in its
+    parent (the MoE block), or in the grandparent where the router sits beside the block."""
+    count = config_expert_count(model)
+    experts = experts_modules(model)
+    found = {}
+    for experts_name in experts:
+        parent = experts_name.rsplit(".", 1)[0] if "." in experts_name else ""
+        for block_name in (parent, parent.rsplit(".", 1)[0] if "." in parent else ""):
+            if count is None or not block_name:
+                break
+            router = structural_router(model, block_name, model.get_submodule(block_name), count, set(experts))
+            if router is not None:
+                found.setdefault(router[0], (router[1], parent))
+                break
+    return found
+
+
+def family_router(family: families.Family, name: str, module: nn.Module) -> bool:
+    if family.router == "":
+        return is_router(module)
+    return name.rsplit(".", 1)[-1] == family.router and has_parameter(module, family.router_weight)
+
+
+def has_parameter(module: nn.Module, name: str) -> bool:
+    try:
+        return isinstance(module.get_parameter(name), nn.Parameter)
+    except AttributeError:
+        return False
+
+
+def routers(model: nn.Module) -> dict[str, nn.Module]:
+    """Router modules by qualified name, in layer order."""
+    family = families.family_of(model)
+    if family.router is None:
+        found = structural_routers(model)
+        if found or config_expert_count(model) is not None:
+            return {name: model.get_submodule(name) for name in found}
+        family = replace(family, router="")  # a remote-code model without an expert count: the older rule
+    return {name: module for name, module in model.named_modules() if family_router(family, name, module)}
+
+
+def router_weight_name(model: nn.Module, router_name: str) -> str:
+    family = families.family_of(model)
+    if family.router is not None and family.router != "":
+        return family.router_weight
+    return structural_routers(model).get(router_name, ("weight",))[0]
+
+
+def router_weight(model: nn.Module, router_name: str, router: nn.Module) -> nn.Parameter:
+    return router.get_parameter(router_weight_name(model, router_name))
+
+
+def num_experts(model: nn.Module, router_name: str, router: nn.Module) -> int:
+    """Routed experts behind a router: the config's count, else the router weight's rows."""
+    return config_expert_count(model) or shape_of(router_weight(model, router_name, router))[0]
+
+
+def routing_sizes(model: nn.Module) -> tuple[int, int]:
+    """(experts per MoE layer, experts per token), read from the first router."""
+    name, router = next(iter(routers(model).items()))
+    top_k = getattr(router, "top_k", None) or families.experts_per_token(model.config)
+    return num_experts(model, name, router), top_k
+
+
+def top_k_indices(family: families.Family, output, router: nn.Module, sizes: tuple[int, int]) -> torch.Tensor:
+    """The experts each token was routed to, from a router's output."""
+    if family.top_k_indices is not None:
+        return family.top_k_indices(output, router)
+    return families.indices_generic(output, router, *sizes)
+
+
+def router_logits(family: families.Family, output, sizes: tuple[int, int]) -> torch.Tensor:
+    if family.router_logits is not None:
+        return family.router_logits(output)
+    return families.logits_generic(output, sizes[0])
+
+
+def is_moe_model(model: nn.Module) -> bool:
+    return bool(routers(model))
+
+
+def moe_blocks(model: nn.Module) -> dict[str, nn.Module]:
+    """The sparse MoE blocks (the modules holding a router and its experts) by qualified name."""
+    if families.family_of(model).router is None:
+        names = {block for _, block in structural_routers(model).values()}
+    else:
+        names = {name.rsplit(".", 1)[0] for name in routers(model)}
+    return {name: module for name, module in model.named_modules() if name in names}
+
+
+def moe_block_classes(model: nn.Module) -> list[type]:
+    """Classes of the sparse MoE blocks, e.g. [MixtralSparseMoeBlock]: the ZeRO-3 leaf modules."""
+    return list(dict.fromkeys(type(module) for module in moe_blocks(model).values()))
+
+
+def decoder_layer_classes(model: nn.Module) -> list[type]:
+    """Classes of the decoder layers (the modules directly above the MoE blocks): what FSDP2 wraps one by one.
+
+    Hybrid models have two (e.g. Jamba's attention and Mamba layers)."""
+    layers = getattr(getattr(model, "model", model), "layers", None)
+    return list(dict.fromkeys(type(layer) for layer in layers)) if layers is not None else []
+
+
+def bias_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The aux-loss-free balancing biases (`e_score_correction_bias`) of each MoE block, by block name."""
+    found = {}
+    for block_name, block in moe_blocks(model).items():
+        for name, tensor in [*block.named_buffers(), *block.named_parameters()]:
+            if name.endswith("e_score_correction_bias"):
+                found[block_name] = tensor
+    return found
+
+
+def mark_moe_blocks_as_zero3_leaves(model: nn.Module) -> None:
+    """Under DeepSpeed ZeRO-3, gather each sparse MoE block's weights (router and all experts) as one unit.
+
+    ZeRO-3 fetches a module's weights when its forward starts. Where each expert is its own module (transformers 4,
+    remote-code models), experts that no token on a process was routed to never run there, so the processes ask for
+    different weights and wait on each other forever (axolotl#1534, trl#1268). transformers 5 fuses the experts
+    into one module that always runs (a 2-process ZeRO-3 run on the tiny model trains without this), but a leaf
+    block is still one gather instead of several, and stays safe for per-expert layouts.
+    The block class differs per architecture (MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock, OlmoeSparseMoeBlock),
+    so it is found in the model rather than listed in the launch config (accelerate refuses names it cannot find).
+    """
+    if not distributed.zero3_enabled():
+        return
+    from deepspeed.utils import set_z3_leaf_modules  # DeepSpeed is optional: imported only under ZeRO-3
+
+    classes = moe_block_classes(model)
+    if classes:
+        set_z3_leaf_modules(model, classes)
+        if distributed.is_main_process():
+            print(f"[zero3] MoE blocks gathered whole (ZeRO-3 leaf modules): {', '.join(c.__name__ for c in classes)}")
+
+
+def expert_parameter_targets(model: nn.Module) -> list[str]:
+    """PEFT `target_parameters` names for the routed experts' 3-D parameters, e.g. ["mlp.experts.gate_up_proj",
+    "mlp.experts.down_proj"] (named as in the module holding them: JetMoE's `mlp.input_linear.weight`)."""
+    count = config_expert_count(model)
+    return sorted({f"{module_suffix(name)}.{param}" for name, module in experts_modules(model).items()
+                   for param in expert_parameter_names(module, count)})
+
+
+def module_suffix(name: str) -> str:
+    """The last two parts of a module's name, as PEFT matches targets: `mlp.experts`; a module straight in a
+    decoder layer (Gemma 4's `layers.3.experts`) by its own name, so the target is not one layer's index."""
+    parent, own = name.split(".")[-2:] if "." in name else ("", name)
+    return own if parent.isdigit() or not parent else f"{parent}.{own}"
+
+
+def router_parameter_targets(model: nn.Module) -> list[str]:
+    return sorted({f"{module_suffix(name)}.{router_weight_name(model, name)}" for name in routers(model)})
+
+
+def linears_under(model: nn.Module, parents: list[str]) -> list[str]:
+    """Qualified names of the Linear layers inside the named modules (those a LoRA wrapper can reach). A Linear
+    subclass with a forward of its own (DeepSeek-V4's grouped output projection) is left out: LoRA's x @ A^T
+    beside it would not match what its forward computes."""
+    prefixes = tuple(parent + "." for parent in parents)
+    unreachable = families.family_of(model).unreachable_linears
+    return [name for name, module in model.named_modules() if is_plain_linear(module)
+            and name.startswith(prefixes) and name.rsplit(".", 1)[-1] not in unreachable]
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+def modules_named(model: nn.Module, names: tuple[str, ...]) -> list[str]:
+    return [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in names]
+
+
+def decoder_layers(model: nn.Module) -> list[str]:
+    """Qualified names of the decoder layers: the entries of the model's first `layers` ModuleList."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers" and len(module):
+            return [f"{name}.{index}" for index in range(len(module))]
+    return []
+
+
+def linear_count(module: nn.Module) -> int:
+    return sum(isinstance(m, nn.Linear) for m in module.modules())
+
+
+# The class of an FFN child of a decoder layer (beside attention): its name says so in every transformers family.
+MLP_CLASS = re.compile(r"MLP|FeedForward|FFN|Expert", re.IGNORECASE)
+# Children of a decoder layer that mix neither tokens nor features: norms, hyper-connection mixing weights.
+NOT_A_MIXER_CLASS = re.compile(r"Norm|HyperConnection|Residual", re.IGNORECASE)
+
+
+def layer_children(model: nn.Module, layer: str) -> list[tuple[str, nn.Module]]:
+    """A decoder layer's children by qualified name; the entries of a ModuleList child (LongCat-Flash's two
+    attentions and two MLPs per layer) count as children."""
+    children = []
+    for child, module in model.get_submodule(layer).named_children():
+        if isinstance(module, nn.ModuleList):
+            children += [(f"{layer}.{child}.{index}", item) for index, item in enumerate(module)]
+        else:
+            children.append((f"{layer}.{child}", module))
+    return children
+
+
+def moe_parts(model: nn.Module) -> list[str]:
+    """What belongs to routing: the MoE blocks; where a family puts router and experts straight into the decoder
+    layer (Gemma 4), just those two."""
+    layers = set(decoder_layers(model))
+    blocks = list(moe_blocks(model))
+    routed = [*routers(model), *experts_modules(model)]
+    inner = [name for block in blocks if block in layers for name, _ in layer_children(model, block)
+             if any(r == name or r.startswith(name + ".") for r in routed)]
+    return [block for block in blocks if block not in layers] + inner
+
+
+def structural_ffns(model: nn.Module) -> dict[str, list[str]]:
+    """Shared experts and dense MLPs found by structure.
+
+    A shared expert is an FFN (two Linears or more) inside an MoE block beside its router and experts, or an FFN
+    child of a decoder layer that also routes (Gemma 4's MLP beside its experts, LongCat-Flash's MLPs). A dense MLP
+    is an FFN child of a layer without an MoE block (its class says MLP, FeedForward or FFN)."""
+    parts, routed = set(moe_parts(model)), set(routers(model)) | set(experts_modules(model))
+    found = {"shared_experts": [], "dense_mlp": []}
+    for layer in decoder_layers(model):
+        has_block = any(part.startswith(layer + ".") for part in parts)
+        for name, module in layer_children(model, layer):
+            if name in routed:
+                continue
+            if name in parts:
+                found["shared_experts"] += [f"{name}.{sub}" for sub, submodule in module.named_children()
+                                            if not any(r == f"{name}.{sub}" or r.startswith(f"{name}.{sub}.")
+                                                       for r in routed) and linear_count(submodule) >= 2]
+            elif linear_count(module) and MLP_CLASS.search(type(module).__name__) and not is_moe_subtree(module):
+                found["shared_experts" if has_block else "dense_mlp"].append(name)
+    return found
+
+
+def is_moe_subtree(module: nn.Module) -> bool:
+    return any(is_experts(m) for m in module.modules())
+
+
+def attention_linear_targets(model: nn.Module) -> list[str]:
+    """Linear layers of the token mixers: attention (MLA projections included), linear attention, Mamba. By
+    structure: every Linear of a decoder layer outside its MoE block, shared experts, dense MLP and router."""
+    family = families.family_of(model)
+    if family.token_mixers is not None:
+        return linears_under(model, modules_named(model, family.token_mixers))
+    ffns = structural_ffns(model)
+    others = [*moe_parts(model), *routers(model), *ffns["shared_experts"], *ffns["dense_mlp"]]
+    mixers = [name for layer in decoder_layers(model) for name, module in layer_children(model, layer)
+              if not NOT_A_MIXER_CLASS.search(type(module).__name__)]
+    excluded = set(linears_under(model, others))
+    return [name for name in linears_under(model, mixers) if name not in excluded]
+
+
+def shared_expert_targets(model: nn.Module) -> list[str]:
+    """Linear layers of the shared experts (the always-on FFN beside the routed experts)."""
+    family = families.family_of(model)
+    if family.shared_experts is None:
+        return linears_under(model, structural_ffns(model)["shared_experts"])
+    return linears_under(model, modules_named(model, family.shared_experts))
+
+
+def dense_mlp_targets(model: nn.Module) -> list[str]:
+    """Linear layers of the dense FFNs of decoder layers without an MoE block (e.g. DeepSeek's first layers)."""
+    family, blocks = families.family_of(model), set(moe_blocks(model))
+    if family.dense_mlp is None:
+        return linears_under(model, structural_ffns(model)["dense_mlp"])
+    dense = [name for name in modules_named(model, (family.dense_mlp,))
+             if name not in blocks and ".layers." in name and not is_moe_subtree(model.get_submodule(name))]
+    return linears_under(model, dense)
+
+
+def coefficient_of_variation(shares: list[float]) -> float:
+    """Imbalance of one layer's expert load: 0 when balanced, sqrt(E-1) when one expert takes everything."""
+    values = torch.tensor(shares, dtype=torch.float64)
+    mean = values.mean()
+    return float(values.std(unbiased=False) / mean) if mean > 0 else 0.0
+
+
+class RouterHooks:
+    """Forward hooks on every router that see its output for the real (non-padding) tokens of training forwards.
+
+    A pre-hook on the model reads the attention mask so padding is left out; forwards without gradients
+    (reference model, evaluation) are ignored. Subclasses say what to do with each router's output (`observe`).
+    """
+
+    def __init__(self, model: nn.Module):
+        found = routers(model)
+        self.family = families.family_of(model)
+        self.sizes = routing_sizes(model) if found else (0, 0)
+        self.layers = list(found)
+        self.mask: torch.Tensor | None = None
+        self.handles = [model.register_forward_pre_hook(self.remember_mask, with_kwargs=True)]
+        for name, module in found.items():
+            self.handles.append(module.register_forward_hook(self.hook(name)))
+
+    def remember_mask(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        self.mask = mask.reshape(-1).bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def real_tokens(self, per_token: torch.Tensor) -> torch.Tensor:
+        """The rows of a (tokens, ...) router output that belong to real tokens."""
+        if self.mask is not None and self.mask.numel() == per_token.shape[0]:
+            return per_token[self.mask.to(per_token.device)]
+        return per_token
+
+    def hook(self, name: str):
+        def hook(module, args, output):
+            if torch.is_grad_enabled():
+                self.observe(name, module, output)
+        return hook
+
+    def observe(self, name: str, router: nn.Module, output) -> None:
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class ExpertLoadTracker(RouterHooks):
+    """Counts, per MoE layer, how many real (non-padding) tokens each expert receives in training forwards."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.counts = {name: torch.zeros(num_experts(model, name, module), dtype=torch.long)
+                       for name, module in routers(model).items()}
+
+    def observe(self, name: str, router: nn.Module, output) -> None:
+        indices = self.real_tokens(top_k_indices(self.family, output, router, self.sizes).detach()).reshape(-1)
+        # indices past the routed experts are LongCat-Flash's zero-computation experts: no expert runs for them
+        indices = indices[indices < len(self.counts[name])]
+        self.counts[name] += torch.bincount(indices.cpu(), minlength=len(self.counts[name]))
+
+    def take(self) -> dict[str, list[float]]:
+        """Each layer's share of routed tokens per expert since the last call, over all processes; resets the counts.
+
+        In a multi-process run every process must call this at the same step (Trainer logs on every process).
+        """
+        shares = {}
+        for name, local_counts in self.counts.items():
+            counts = distributed.sum_across_processes(local_counts.clone())
+            local_counts.zero_()
+            total = int(counts.sum())
+            shares[name] = [round(int(c) / total, 6) for c in counts] if total else [0.0] * len(counts)
+        return shares
+
+
+class ExpertLoadCallback(TrainerCallback):
+    """Adds expert-load imbalance to the trainer logs and writes the history to `expert_load.json`."""
+
+    def __init__(self, model: nn.Module, output_file: Path):
+        self.tracker = ExpertLoadTracker(model)
+        self.output_file = Path(output_file)
+        self.history: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:
+            return
+        shares = self.tracker.take()
+        cvs = {layer: coefficient_of_variation(s) for layer, s in shares.items() if sum(s) > 0}
+        if not cvs:
+            return
+        values = {"expert_load_cv_mean": round(sum(cvs.values()) / len(cvs), 4),
+                  "expert_load_cv_max": round(max(cvs.values()), 4)}
+        logs.update(values)  # printed and sent to loggers
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(values)  # the Trainer copied `logs` into the history before callbacks ran
+        self.history.append({"step": state.global_step, "share": shares, "cv": cvs})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.tracker.remove()
+        if state.is_world_process_zero:
+            self.output_file.write_text(json.dumps({"layers": self.tracker.layers, "history": self.history}, indent=1))
+
+
+def expert_load_callbacks(model: nn.Module, folder: Path) -> list:
+    """Expert-load tracking into folder/expert_load.json, for MoE models (none for a dense model)."""
+    return [ExpertLoadCallback(model, folder / "expert_load.json")] if is_moe_model(model) else []
