@@ -142,7 +142,14 @@ def test_cli_chain_lora_sft_dpo_eval_merge(family, tmp_path):
     def cell():
         for command in (["run", str(recipe)], ["merge", str(tmp_path / "run" / "dpo"), "--out",
                                                 str(tmp_path / "merged")]):
-            if main(command) != 0:
+            try:
+                code = main(command)
+            except RuntimeError as error:
+                if "size mismatch" in str(error) and "lora_" in str(error):
+                    pytest.xfail("LoRA DPO cannot load the LoRA SFT adapter (size mismatch) for families with shared "
+                                 "experts or dense layers before the MoE ones (issue #24 item 1, branch crashes)")
+                raise
+            if code != 0:
                 raise AssertionError(f"moetune {' '.join(command)} failed")
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
         assert not any("lora_" in name for name, _ in merged.named_parameters())

@@ -44,7 +44,9 @@ class Collector:
         if not match or match.group(1) not in CHECKS:
             return
         key = (match.group(1), match.group(2))
-        if report.skipped:
+        if getattr(report, "wasxfail", None):  # an expected failure, with the reason it names
+            self.cells[key] = "fails: " + report.wasxfail.removeprefix("reason: ")
+        elif report.skipped:
             reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
             self.cells[key] = reason.removeprefix("Skipped: ")
         elif report.failed:
