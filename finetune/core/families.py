@@ -344,10 +344,6 @@ ARCHITECTURES = tuple(FAMILIES)
 ALIASES = {"qwen3_5_moe": "qwen3_5_moe_text"}
 
 
-class UnsupportedFamily(ValueError):
-    """A model_type model.init cannot build: not an MoE causal LM of the installed transformers."""
-
-
 def text_config(config):
     try:
         return config.get_text_config()
