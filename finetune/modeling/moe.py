@@ -40,6 +40,8 @@ def expert_parameter_names(module: nn.Module, count: int | None) -> list[str]:
     convolution's kernel)."""
     if isinstance(module, nn.modules.conv._ConvNd):
         return []
+    if hasattr(module, "nf4_layouts"):  # NF4 experts: the quantized parameters, by name
+        return list(module.nf4_layouts)
     return [name for name, param in module.named_parameters(recurse=False)
             if len(shape_of(param)) == 3 and (count is None or shape_of(param)[0] >= count)]
 
