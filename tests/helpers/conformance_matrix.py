@@ -2,6 +2,7 @@
 table: family x check, one row per family (families.moe_model_types).
 
     python -m tests.helpers.conformance_matrix [--readme README.md] [pytest options]
+    python -m tests.helpers.conformance_matrix [--readme README.md] --from-logs LOG...  (`pytest -v -rA` outputs)
 
 It runs tests/test_every_family.py (roles through the CLI loader; the CLI chain prep -> LoRA SFT -> LoRA DPO ->
 eval -> merge) and tests/test_families.py with MOETUNE_ALL_FAMILIES=1, so every family, not the suite's sample.
@@ -85,10 +86,36 @@ def replace_in_readme(readme: Path, text: str) -> None:
     readme.write_text(content[:start + len(MARKER)] + "\n" + text + "\n" + content[end:])
 
 
+def cells_from_logs(paths: list[str]) -> dict[tuple[str, str], str]:
+    """Cells read back from the output of `pytest -v -rA` runs of the matrix's tests (a run split in parts, or
+    one stopped early: its cells not reached stay "not run")."""
+    from tests.test_every_family import KNOWN
+
+    cells = {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            verbose = re.match(r"\S+::(test_\w+)\[(.+?)\] (PASSED|FAILED|SKIPPED|XFAIL|ERROR)", line)
+            summary = re.match(r"XFAIL \S+::(test_\w+)\[(.+?)\] - (.*)", line)
+            if summary:
+                cells[(summary.group(1), summary.group(2))] = "fails: " + summary.group(3)
+            elif verbose and verbose.group(1) in CHECKS:
+                key, outcome = (verbose.group(1), verbose.group(2)), verbose.group(3)
+                known = KNOWN.get(key[1])
+                cells.setdefault(key, {"PASSED": "pass", "SKIPPED": f"fails: {known[2]}" if known else "skipped",
+                                       "XFAIL": "fails"}.get(outcome, "FAIL"))
+    return cells
+
+
 def main(argv: list[str]) -> int:
     readme = None
     if argv[:1] == ["--readme"]:
         readme, argv = Path(argv[1]), argv[2:]
+    if argv[:1] == ["--from-logs"]:
+        text = table(cells_from_logs(argv[1:]))
+        print(text)
+        if readme is not None:
+            replace_in_readme(readme, text)
+        return 0
     collector = Collector()
     os.environ["MOETUNE_ALL_FAMILIES"] = "1"
     tests = [str(Path(__file__).parents[1] / name) for name in ("test_every_family.py", "test_families.py")]
