@@ -45,6 +45,10 @@ KNOWN = {
 }
 
 
+RELOAD_BUG = ("LoRA DPO cannot load the LoRA SFT adapter (size mismatch) for families with shared experts or dense "
+              "layers before the MoE ones (issue #24 item 1, fixed on branch crashes)")
+
+
 def known_failure(family: str, cell: str, action):
     """Run a cell KNOWN to fail: assert it still fails with its error, then report it skipped with its reason."""
     entry = KNOWN.get(family)
@@ -148,8 +152,7 @@ def test_cli_chain_lora_sft_dpo_eval_merge(family, tmp_path):
                 code = main(command)
             except RuntimeError as error:
                 if "size mismatch" in str(error) and "lora_" in str(error):
-                    pytest.xfail("LoRA DPO cannot load the LoRA SFT adapter (size mismatch) for families with shared "
-                                 "experts or dense layers before the MoE ones (issue #24 item 1, branch crashes)")
+                    pytest.xfail(RELOAD_BUG)
                 raise
             if code != 0:
                 raise AssertionError(f"moetune {' '.join(command)} failed")
