@@ -45,10 +45,6 @@ KNOWN = {
 }
 
 
-RELOAD_BUG = ("LoRA DPO cannot load the LoRA SFT adapter (size mismatch) for families with shared experts or dense "
-              "layers before the MoE ones (issue #24 item 1, fixed on branch crashes)")
-
-
 def known_failure(family: str, cell: str, action):
     """Run a cell KNOWN to fail: assert it still fails with its error, then report it skipped with its reason."""
     entry = KNOWN.get(family)
@@ -148,12 +144,7 @@ def test_cli_chain_lora_sft_dpo_eval_merge(family, tmp_path):
     def cell():
         for command in (["run", str(recipe)], ["merge", str(tmp_path / "run" / "dpo"), "--out",
                                                 str(tmp_path / "merged")]):
-            try:
-                code = main(command)
-            except RuntimeError as error:
-                if "size mismatch" in str(error) and "lora_" in str(error):
-                    pytest.xfail(RELOAD_BUG)
-                raise
+            code = main(command)
             if code != 0:
                 raise AssertionError(f"moetune {' '.join(command)} failed")
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")

@@ -6,7 +6,6 @@ reason it gives, and reported as skipped with that reason. `python -m tests.help
 prints the family x check table shown in the README.
 """
 
-import contextlib
 import copy
 import os
 import re
@@ -223,24 +222,10 @@ def test_e_nf4_expert_lora_equals_peft_on_rounded_weights(models, data, family, 
     inputs = padded_batch(data[0])
     peft_model = random_lora_on(quantized, targets=LoraConfig().targets)
     peft_model.save_pretrained(tmp_path)
-    with torch.no_grad(), adapter_reload_bug(model):
+    with torch.no_grad():
         logits = peft_model(**inputs).logits
         reference = peft.PeftModel.from_pretrained(rounded, tmp_path).eval()
         torch.testing.assert_close(logits, reference(**inputs).logits, rtol=1e-4, atol=1e-5)
-
-
-@contextlib.contextmanager
-def adapter_reload_bug(model):
-    """A saved adapter that reloads into the wrong shapes (or silently into the wrong layers) for families with
-    shared experts or dense layers before the MoE ones: issue #24's first item, fixed on branch `crashes`, not
-    here. Those families report the cell as an expected failure with that reason; any other family fails it."""
-    try:
-        yield
-    except (AssertionError, RuntimeError):
-        if moe.shared_expert_targets(model) or moe.dense_mlp_targets(model):
-            pytest.xfail("a saved expert adapter reloads wrongly for families with shared experts or dense layers "
-                         "before the MoE ones (issue #24 item 1, fixed on branch crashes)")
-        raise
 
 
 # ---------------------------------------------------------------- (f) save, load, merge
@@ -254,7 +239,7 @@ def test_f_save_load_merge_round_trip_gives_identical_logits(models, data, famil
         base_logits = model(**inputs).logits
     trained = random_lora_on(model, targets=ROLES)
     trained.save_pretrained(tmp_path / "adapter")
-    with torch.no_grad(), adapter_reload_bug(model):
+    with torch.no_grad():
         expected = trained(**inputs).logits
         base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
         loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
@@ -276,3 +261,41 @@ def test_g_zero3_leaf_and_fsdp2_wrap_classes_found(models, family):
     assert all(any(router.startswith(block + ".") for block in blocks) for router in moe.routers(model))
     layers = moe.decoder_layer_classes(model)
     assert layers and {cls.__name__ for cls in layers} <= set(model._no_split_modules)
+
+
+# ---------------------------------------------------------------- (h) the router role
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_h_router_role_wraps_the_router_and_tracking_reads_through_it(models, data, family, tmp_path):
+    """`model.lora.targets: [..., router]`: PEFT wraps the router weight; routers, routing sizes and the expert-load
+    tracker find the router through the wrapper (they crashed on `ParamWrapper.top_k`, #27); the adapter saves,
+    reloads with identical logits and merges."""
+    model = models(family)
+    model.save_pretrained(tmp_path / "base")
+    names, sizes = list(moe.routers(model)), moe.routing_sizes(model)
+    trained = random_lora_on(model, targets=("attention", "experts", "router"))
+    trainable = adapters.trainable_parameter_names(trained)
+    assert all(any(name.startswith(f"base_model.model.{router}.") and ".lora_" in name for name in trainable)
+               for router in names)
+
+    assert [name.removeprefix("base_model.model.") for name in moe.routers(trained)] == names
+    assert moe.routing_sizes(trained) == sizes
+    inputs = padded_batch(data[0])
+    tracker = moe.ExpertLoadTracker(trained)
+    trained(**inputs)
+    real = int(inputs["attention_mask"].sum())
+    assert [int(counts.sum()) for counts in tracker.counts.values()] == [real * sizes[1]] * len(names)
+    tracker.remove()
+
+    trained.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        expected = trained(**inputs).logits
+        loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                                tmp_path / "adapter").eval()
+        torch.testing.assert_close(loaded(**inputs).logits, expected, rtol=0, atol=1e-5)
+        merged = adapters.merge_adapter(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+        torch.testing.assert_close(merged.eval()(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
+        router_name, router = next(iter(moe.routers(merged).items()))
+        base_router = next(iter(moe.routers(AutoModelForCausalLM.from_pretrained(tmp_path / "base")).values()))
+        weight = moe.router_weight_name(merged, router_name)
+        assert not torch.equal(router.get_parameter(weight), base_router.get_parameter(weight))  # merged into

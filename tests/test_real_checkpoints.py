@@ -7,8 +7,6 @@ gives one (`model.chat_template`, the flagship recipe's Mistral template). Qwen3
 their own templates, which have no `{% generation %}` markers: TRL swaps in its training copy for the loss mask.
 """
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
@@ -17,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from finetune.cli import main
 from finetune.modeling.loading import load_stage_model
 from finetune.config.parsing import load_recipe
+from helpers.recipes import run_cli
 from helpers.lookalike import FAMILIES, TRL_TEMPLATES, build_lookalike
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,15 +43,6 @@ def write_recipe(tmp_path: Path, folder: Path, template: Path | None = None) -> 
     line = f"  chat_template: {template}\n" if template else ""
     path.write_text(RECIPE.format(run_dir=tmp_path / "run", folder=folder, template=line))
     return path
-
-
-def run_cli(argv: list[str], expect: int = 0) -> str:
-    """`moetune ARGV` in this process; what it printed."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    assert code == expect, f"moetune {' '.join(argv)} exited {code}:\n{err.getvalue()[-3000:]}"
-    return out.getvalue() + err.getvalue()
 
 
 pytestmark = pytest.mark.slow  # a whole pipeline per family: ~45-60 s each on a shared 2-core machine

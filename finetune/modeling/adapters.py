@@ -69,8 +69,14 @@ def convert_only_missing_targets(convert):
     For families whose checkpoints transformers converts (DeepSeek, Qwen-Next, Hunyuan, ...), peft rewrites every
     target ending in `.gate_proj`/`.up_proj`/`.down_proj` (the v4 per-expert names) to the fused experts. A shared
     expert's or a dense layer's `gate_proj` ends the same way: the shared_experts and dense_mlp roles would silently
-    adapt the routed experts instead, on creation and again when a saved adapter loads. A target that names an
+    adapt the routed experts instead, on creation and again when a saved adapter loads. A target that matches an
     existing module is a v5 name already and is kept as it is; only the others (real v4 names) are converted.
+
+    "Matches" is peft's own rule: the module's qualified name, or a dotted suffix of it. peft shortens a list of 20
+    or more qualified targets to the shortest suffixes that select the same modules (`shared_experts.up_proj` for
+    every layer's `model.layers.N.mlp.shared_experts.up_proj`) and saves those, so a 4-layer model's saved adapter
+    names suffixes; converting them would add the routed experts a second time at double rank and the saved
+    weights would no longer fit (LoRA SFT -> LoRA DPO failed so for every family with shared experts).
     """
 
     @functools.wraps(convert)
@@ -78,13 +84,19 @@ def convert_only_missing_targets(convert):
         targets = peft_config.target_modules
         if peft_config.peft_type != peft.PeftType.LORA or not targets or isinstance(targets, str):
             return convert(peft_config, model, conversions)
-        names = {name for name, _ in model.named_modules()}
-        existing = {target for target in targets if target in names}
+        names = [name for name, _ in model.named_modules()]
+        existing = {target for target in targets if matches_a_module(target, names)}
         peft_config.target_modules = set(targets) - existing
         convert(peft_config, model, conversions)
         peft_config.target_modules = set(peft_config.target_modules or ()) | existing
 
     return guarded
+
+
+def matches_a_module(target: str, module_names: list[str]) -> bool:
+    """Whether peft's `target_modules` entry `target` selects a module: its whole name or a dotted suffix of it."""
+    suffix = "." + target
+    return any(name == target or name.endswith(suffix) for name in module_names)
 
 
 transformers_weight_conversion.convert_peft_config_for_transformers = convert_only_missing_targets(

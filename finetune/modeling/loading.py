@@ -32,12 +32,22 @@ def resolve_dtype(name: str) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def experts_kernel(model_config: ModelConfig) -> str:
-    kernel = "grouped_mm" if model_config.experts_implementation == "auto" else model_config.experts_implementation
+def experts_kernel(model_config: ModelConfig, config) -> dict:
+    """The `experts_implementation` argument of from_pretrained: none for `auto`, so transformers takes grouped_mm
+    where the family's experts can switch kernels and its own forward where they cannot (Llama 4's experts have
+    no kernel choice, and passing one stops the load); the named kernel otherwise, refused up front where the
+    family cannot use it."""
+    kernel = model_config.experts_implementation
+    if kernel == "auto":
+        return {}
+    model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    if model_class is not None and not model_class._can_set_experts_implementation():
+        raise ValueError(f"model.experts_implementation={kernel}: {model_class.__name__} runs its experts with its "
+                         f"own forward and has no kernel choice; set model.experts_implementation to auto.")
     if kernel == "batched_mm" and not torch.cuda.is_available():
         warnings.warn("model.experts_implementation=batched_mm runs 30-40x slower than grouped_mm on a CPU: "
                       "set it to auto.")
-    return kernel
+    return {"experts_implementation": kernel}
 
 
 def seed_everything(seed: int) -> None:
@@ -81,27 +91,19 @@ def load_tokenizer(recipe: Recipe, texts=None):
     return tokenizer
 
 
-def check_family(recipe: Recipe, location: str) -> None:
-    """An MoE family moetune does not know is refused before its weights load."""
-    families.check_supported(AutoConfig.from_pretrained(location, **hub_kwargs(recipe, location)))
+def check_family(recipe: Recipe, location: str):
+    """The config at `location`; an MoE family moetune does not know is refused before its weights load."""
+    config = AutoConfig.from_pretrained(location, **hub_kwargs(recipe, location))
+    families.check_supported(config)
+    return config
 
 
 def load_pretrained(recipe: Recipe, location: str):
-    check_family(recipe, location)
+    config = check_family(recipe, location)
     return AutoModelForCausalLM.from_pretrained(
-        location, dtype=resolve_dtype(recipe.model.dtype), **experts_kwargs(recipe, location),
+        location, dtype=resolve_dtype(recipe.model.dtype), **experts_kernel(recipe.model, config),
         **hub_kwargs(recipe, location),
     )
-
-
-def experts_kwargs(recipe: Recipe, location: str) -> dict:
-    """`experts_implementation` for a model class that lets it be set; none for the others (Llama 4, JetMoE,
-    LongCat-Flash run their own experts forward and refuse the argument)."""
-    config = AutoConfig.from_pretrained(location, **hub_kwargs(recipe, location))
-    model_class = AutoModelForCausalLM._model_mapping.get(type(config), None) if not recipe.model.trust_remote_code else None
-    if model_class is not None and not model_class._can_set_experts_implementation():
-        return {}
-    return {"experts_implementation": experts_kernel(recipe.model)}
 
 
 def load_quantized(recipe: Recipe, name: str):

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import TrainerCallback
-
-from dataclasses import replace
 
 from finetune.core import distributed, families
 
@@ -85,7 +85,7 @@ def structural_router(model: nn.Module, block_name: str, block: nn.Module, count
         for weight_name, param in module.named_parameters(recurse=False):
             shape = shape_of(param)
             if len(shape) == 2 and count <= shape[0] < 2 * count and shape[1] != shape[0]:
-                return full, weight_name
+                return full.replace(".base_layer", ""), weight_name  # a router PEFT wrapped: named as before
     return None
 
 
@@ -121,14 +121,28 @@ def has_parameter(module: nn.Module, name: str) -> bool:
 
 
 def routers(model: nn.Module) -> dict[str, nn.Module]:
-    """Router modules by qualified name, in layer order."""
+    """Router modules by qualified name, in layer order; a router PEFT wrapped (the `router` LoRA role) is its base
+    layer, which keeps the router's attributes (top_k, ...) and still runs in every forward of the wrapper."""
     family = families.family_of(model)
     if family.router is None:
         found = structural_routers(model)
         if found or config_expert_count(model) is not None:
-            return {name: model.get_submodule(name) for name in found}
+            return {name: unwrapped(model.get_submodule(name)) for name in found}
         family = replace(family, router="")  # a remote-code model without an expert count: the older rule
-    return {name: module for name, module in model.named_modules() if family_router(family, name, module)}
+    return {name: module for name, module in unwrapped_modules(model) if family_router(family, name, module)}
+
+
+def unwrapped(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+def unwrapped_modules(model: nn.Module):
+    """(name, module) of the model's modules as they were before PEFT wrapped any of them: a LoRA wrapper is
+    replaced by the module it wraps, under the wrapper's name, and the wrapper's insides are skipped."""
+    for name, module in model.named_modules():
+        if "base_layer" in name.split("."):
+            continue
+        yield name, unwrapped(module)
 
 
 def router_weight_name(model: nn.Module, router_name: str) -> str:

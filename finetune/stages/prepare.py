@@ -22,6 +22,7 @@ from data_prep.writer import SplitWriter
 from finetune.modeling.loading import load_tokenizer
 from finetune.config.recipe import Recipe
 from finetune.core.remote_files import recipe_file
+from finetune.training.reply_truncation import PREP_SAMPLE, prep_warning
 from finetune.core.rundir import Stage, write_json_atomic
 
 KINDS = ("sft", "preference")
@@ -39,11 +40,31 @@ def run(recipe: Recipe, force: bool | str = False, tokenizer: Any = None) -> Pat
     report = prepare(stage.work, recipe.data, recipe.seed, base_dir, tokenizer)
     write_json_atomic(stage.work / "report.json", report)
     print(summary(report))
+    warn_if_replies_cut(recipe, tokenizer, stage.work / "sft" / "train.jsonl")
     if not any(report["splits"][kind]["train"] + report["splits"][kind]["test"] for kind in KINDS):
         raise DataError(f"{recipe.source}: data.sources gave no training examples (see the counts above and "
                         f"{stage.work / 'report.json'}). Add rows or sources that make SFT conversations or "
                         f"preference pairs.")
     return stage.commit(outputs={"splits": report["splits"], "questions": report["questions"]})
+
+
+def warn_if_replies_cut(recipe: Recipe, tokenizer: Any, conversations_file: Path) -> None:
+    """One line when sft.max_length would leave most conversations without an assistant token (SFT drops them).
+
+    Needs the model's tokenizer and template: a model.init model has none before its base stage (its template is
+    short), and a model that cannot load its tokenizer here is left to the SFT stage's own check."""
+    if tokenizer is None and recipe.model.init is None:
+        try:
+            tokenizer = load_tokenizer(recipe)
+        except (OSError, ValueError):
+            return
+    if tokenizer is None or not conversations_file.is_file():
+        return
+    with conversations_file.open(encoding="utf-8") as rows:
+        conversations = [json.loads(line)["messages"] for line, _ in zip(rows, range(PREP_SAMPLE))]
+    warning = prep_warning(recipe, tokenizer, conversations)
+    if warning:
+        print(warning)
 
 
 def prepare(work: Path, data: DataConfig, seed: int, base_dir: Path, tokenizer: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from finetune.modeling.loading import base_location, load_tokenizer, load_traini
 from finetune.modeling.moe import expert_load_callbacks
 from finetune.training.packed_sft import sft_trainer
 from finetune.config.recipe import Recipe
+from finetune.training.reply_truncation import PREP_SAMPLE, no_replies_left_message, reply_starts
 from finetune.core.rundir import Stage, require_complete
 from finetune.training.saving import save_stage
 from finetune.training.data_splits import load_split, require_train_split
@@ -36,16 +37,18 @@ def run(recipe: Recipe, force: bool | str = False) -> Path:
     # The config first: under DeepSpeed ZeRO-3 it makes from_pretrained load each process's shard only.
     args = trainer_config("sft", recipe, stage.work)
     model, peft_config, parent = load_training_model(recipe, "sft", start="base")
+    train_dataset = require_train_split(recipe, "sft", "sft")
     trainer = sft_trainer(
         recipe.speed,
         model=model,
         args=args,
-        train_dataset=require_train_split(recipe, "sft", "sft"),
+        train_dataset=train_dataset,
         eval_dataset=load_split(recipe, "sft", "test"),
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=expert_load_callbacks(model, stage.work),
     )
+    check_replies_left(trainer, tokenizer, train_dataset)
     balancing.attach(trainer, model, recipe.balancing)
     train_resuming(trainer, stage, recipe.checkpoints)
     return save_stage(trainer, tokenizer, recipe, stage, parent=parent)
@@ -59,3 +62,10 @@ def check_template_for_loss(recipe: Recipe, tokenizer) -> None:
     problem = training_template_problem(tokenizer, where)
     if problem is not None:
         raise ValueError(f"[sft] {problem}")
+
+
+def check_replies_left(trainer, tokenizer, conversations) -> None:
+    """Stop with the reason, instead of torch's "num_samples=0", when truncation left no example an assistant token."""
+    if len(trainer.train_dataset) == 0:
+        starts = reply_starts(tokenizer, conversations.select(range(min(PREP_SAMPLE, len(conversations))))["messages"])
+        raise ValueError(no_replies_left_message(trainer.args.max_length, starts))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 from finetune.cli import main
 from finetune.config.parsing import parse_recipe
 
@@ -41,3 +44,12 @@ def make_recipe(tmp_path, sources, **data):
     """A model.init recipe whose data section has these sources (and data settings), for the prep stage."""
     raw = {"run_dir": str(tmp_path / "run"), "model": {"init": {}}, "data": {"sources": sources, **data}}
     return parse_recipe(raw, str(tmp_path / "recipe.yaml"))
+
+
+def run_cli(argv: list[str], expect: int = 0) -> str:
+    """`moetune ARGV` in this process; what it printed."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    assert code == expect, f"moetune {' '.join(argv)} exited {code}:\n{err.getvalue()[-3000:]}"
+    return out.getvalue() + err.getvalue()
