@@ -74,8 +74,11 @@ def table(cells: dict[tuple[str, str], str]) -> str:
             row.append(cell)
         runs_as = families.text_model_type(family)
         rows.append(f"| {family}{f' (as {runs_as})' if runs_as != family else ''} | " + " | ".join(row) + " |")
-    passing = sum(all(cells.get((check, family)) == "pass" for check in CHECKS) for family in families.moe_model_types())
-    rows.append(f"\n{passing} of {len(families.moe_model_types())} families pass every cell.")
+    every = families.moe_model_types()
+    rows.append(f"| **pass (of {len(every)})** | " + " | ".join(
+        str(sum(cells.get((check, family)) == "pass" for family in every)) for check in CHECKS) + " |")
+    passing = sum(all(cells.get((check, family)) == "pass" for check in CHECKS) for family in every)
+    rows.append(f"\n{passing} of {len(every)} families pass every cell.")
     notes = [f"[{number}] {reason}" for number, reason in enumerate(reasons, 1)]
     return "\n".join(rows) + ("\n\n" + "\n".join(f"{note}  " for note in notes) if notes else "")
 
