@@ -39,7 +39,7 @@ KNOWN = {
     "dbrx": ("roles", "DbrxAttentionConfig' object has no attribute 'rope_theta'",
              "transformers 5.24 cannot build DbrxForCausalLM, even from its default config (DbrxAttentionConfig "
              "has no rope_theta)"),
-    "doge": ("roles", "no router|has no MoE layers",
+    "doge": ("roles", "no router|has no MoE layers|moetune run .* failed",
              "Doge's experts are embedding rows (one vector per expert, retrieved by product keys), not 3-D expert "
              "weights: no router or routed experts to find"),
 }
