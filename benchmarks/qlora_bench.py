@@ -160,7 +160,7 @@ def is_nf4_operation(name: str) -> bool:
 
 def parameter_counts(model) -> dict:
     """Parameters by part: fused experts, the other Linears (attention), the rest (embeddings, lm_head, routers...)."""
-    experts = sum(getattr(m, name).numel() for m in model.modules() if moe.is_experts(m) for name in moe.EXPERT_PARAMETERS)
+    experts = sum(getattr(m, name).numel() for m in model.modules() if moe.is_fused_gate_up(m) for name in moe.EXPERT_PARAMETERS)
     total = sum(p.numel() for p in model.parameters())
     linear = sum(m.weight.numel() for name, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"))

@@ -6,137 +6,37 @@ reason it gives, and reported as skipped with that reason. `python -m tests.help
 file and prints the family x check table shown in docs/families.md.
 """
 
-import copy
-import re
+import os
 
 import peft
 import pytest
 import torch
-from datasets import Dataset
-from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
-from finetune.core import synthetic_task
-from finetune.modeling import adapters, moe
-from finetune.training import balancing
 from finetune.core import families
-from finetune.modeling.tiny import init_config, train_tokenizer
+from finetune.modeling import adapters, expert_quant, moe
+from finetune.config.parsing import parse_recipe
+from finetune.config.recipe import BalancingConfig, LoraConfig
+from finetune.training import balancing
 from finetune.training.packed_dpo import PackedDPOTrainer
+from finetune.training.packed_forward import padding_free_refusal
 from finetune.training.packed_sft import PaddingFreeSFTTrainer
-from finetune.config.recipe import BalancingConfig, LoraConfig, ModelInit
+from helpers.family_models import ROLES, data, models, padded_batch, refused  # noqa: F401 (fixtures)
 from helpers.nf4 import dequantized_copy, quantized_copy, random_lora_on
 from helpers.parity import loss_and_gradients
 from helpers.trainers import build, dpo_config, same_math, whole_dataset
 
-FAMILIES = list(families.FAMILIES)
-ROLES = ["attention", "experts", "shared_experts", "dense_mlp"]
-
-# MoE model_types of transformers 5.24 that the registry does not cover; each is refused by name (see
-# test_every_moe_model_type_is_covered_or_refused). A model_type added upstream is in neither list: that test fails
-# and names it, so it gets an entry (and this matrix) or joins this list, instead of silently half-working.
-REFUSED_MOE_TYPES = {
-    "afmoe", "aria", "aria_text", "axk1", "axk2", "bailing_hybrid", "beam", "cohere2_moe", "deepseek_ocr2",
-    "deepseek_ocr2_text", "deepseek_v32", "deepseek_v4", "diffusion_gemma", "diffusion_gemma_text", "doge",
-    "dots3_note", "dots3_note_text", "dots3_note_vision_encoder", "ernie4_5_vl_moe", "ernie4_5_vl_moe_text",
-    "exaone_moe", "flint", "gemma4", "gemma4_text", "glm4_moe_lite", "glm4v_moe", "glm4v_moe_text", "glm5_next",
-    "glm5_next_text", "glm_moe_dsa", "granitemoe_swa", "hy_v3", "hy_v4", "hy_v4_vl", "hy_v4_vl_text", "inkling2",
-    "inkling2_loop", "inkling2_loop_text", "inkling2_text", "inkling_mm_model", "inkling_text", "jetmoe", "kimi_k25",
-    "kimi_linear", "kolibri1", "laguna", "lara_mini", "lfm2_moe", "llama4", "longcat_flash", "mellum",
-    "mimo_v2_flash", "minimax", "minimax_m3_vl", "minimax_m3_vl_text", "mistral4", "mistral_large4",
-    "mistral_large4_text", "muse_spark", "muse_spark_text", "nemo_speechlm", "nemotron_h", "nemotron_h_omni",
-    "nllb-moe", "openai_privacy_filter", "qwen3_omni_moe", "qwen3_omni_moe_talker_text", "qwen3_omni_moe_text",
-    "qwen3_omni_moe_thinker", "qwen3_vl_moe", "qwen3_vl_moe_text", "qwen4_exp", "qwen4_exp_text", "sarvam_mla",
-    "sarvam_moe", "solar_open", "step3p5", "step3p7", "switch_transformers", "unlimited_ocr", "unlimited_ocr_text",
-    "vitpose_backbone", "zaya",
-}
-
-
-# ---------------------------------------------------------------- shared fixtures
-
-@pytest.fixture(scope="session")
-def data():
-    """A tokenizer trained on synthetic conversations and pairs, with 8 of each."""
-    pairs = list(synthetic_task.preference_pairs(8, 3))
-    conversations = list(synthetic_task.sft_conversations(8, 4))
-    texts = [m["content"] for row in pairs for key in ("prompt", "chosen", "rejected") for m in row[key]]
-    texts += [m["content"] for row in conversations for m in row["messages"]]
-    return train_tokenizer(texts, vocab_size=200), Dataset.from_list(pairs), Dataset.from_list(conversations)
-
-
-@pytest.fixture(scope="session")
-def models(data):
-    """A cache of one tiny model per family, built on first use."""
-    tokenizer = data[0]
-    built = {}
-
-    def model_of(architecture):
-        if architecture not in built:
-            init = ModelInit(architecture=architecture, hidden_size=64, intermediate_size=128, num_layers=2,
-                             num_heads=4, num_kv_heads=2, num_experts=4, experts_per_token=2,
-                             router_aux_loss_coef=0.05)
-            torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(init_config(init, tokenizer))
-            families.prepare_for_training(model)
-            built[architecture] = model
-        return copy.deepcopy(built[architecture])
-
-    return model_of
-
-
-def padded_batch(tokenizer, rows=3):
-    texts = [tokenizer.apply_chat_template(row["messages"], tokenize=False)
-             for row in synthetic_task.sft_conversations(rows, 1)]
-    tokenizer.padding_side = "right"
-    return tokenizer(texts, return_tensors="pt", padding=True)
-
-
-def refused(action, reason: str):
-    """Assert the code refuses `action` with the registry's reason, then report the check as refused."""
-    with pytest.raises(ValueError, match=re.escape(reason)):
-        action()
-    pytest.skip(f"refused: {reason}")
+# The families the checks run on: the registry's hand-written entries in the suite; with MOETUNE_ALL_FAMILIES=1
+# (`python -m tests.helpers.conformance_matrix`) every MoE causal-LM type of the installed transformers
+# (families.moe_model_types; tests/test_every_family.py runs the fast cell and the CLI chain of each).
+REGISTRY = [name for name, entry in families.FAMILIES.items() if entry.router is not None]
+FAMILIES = list(families.moe_model_types()) if os.environ.get("MOETUNE_ALL_FAMILIES") == "1" else REGISTRY
 
 
 # ---------------------------------------------------------------- the registry and transformers' MoE types
 
-def moe_model_types() -> set[str]:
-    """Every model_type of the installed transformers whose default config declares a routed-expert count."""
-    found = set()
-    for model_type, config_class in CONFIG_MAPPING.items():
-        try:
-            config = config_class()
-        except Exception:  # composite configs that need arguments; their text configs are listed on their own
-            continue
-        if families.declares_experts(config):
-            found.add(model_type)
-    return found
-
-
-def test_every_moe_model_type_is_covered_or_refused():
-    moe_types = moe_model_types()
-    covered = set(FAMILIES) | set(families.ALIASES)
-    untested = moe_types - covered - REFUSED_MOE_TYPES
-    assert not untested, (f"MoE model_types of the installed transformers that the conformance matrix does not "
-                          f"cover: {sorted(untested)}. Add a families.py entry, or list them in REFUSED_MOE_TYPES.")
-    assert set(FAMILIES) - {"qwen3_5_moe_text"} <= moe_types  # the registry's own names are real MoE types
-    for model_type in sorted(REFUSED_MOE_TYPES & moe_types)[:: 7]:  # a sample: building configs is slow
-        with pytest.raises(families.UnsupportedFamily, match=f"model_type '{model_type}'"):
-            families.check_supported(CONFIG_MAPPING[model_type]())
-
-
-def test_an_unsupported_family_is_refused_by_name_before_its_weights_load(tmp_path):
-    from finetune.modeling.loading import load_pretrained
-    from finetune.config.parsing import parse_recipe
-
-    CONFIG_MAPPING["cohere2_moe"]().save_pretrained(tmp_path)  # a config, no weights: loading them would fail
-    recipe = parse_recipe({"run_dir": str(tmp_path / "run"), "model": {"name_or_path": str(tmp_path)}}, "r.yaml")
-    with pytest.raises(families.UnsupportedFamily, match="model_type 'cohere2_moe' is a Mixture-of-Experts family"):
-        load_pretrained(recipe.model_source, str(tmp_path))
-
-
 def test_model_init_accepts_every_family():
-    from finetune.config.parsing import parse_recipe
-
     for architecture in FAMILIES + list(families.ALIASES):
         recipe = parse_recipe({"run_dir": "out", "model": {"init": {"architecture": architecture}}}, "r.yaml")
         assert recipe.model.init.architecture == architecture
@@ -146,10 +46,11 @@ def test_model_init_accepts_every_family():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_roles_found_only_adapters_train_router_frozen(models, data, family):
-    entry = families.FAMILIES[family]
     model = models(family)
+    entry = families.family_of(model)
     assert moe.routers(model) and adapters.expert_parameter_targets(model) and adapters.attention_linear_targets(model)
-    assert bool(adapters.shared_expert_targets(model)) == bool(entry.shared_experts)
+    if entry.shared_experts is not None:  # a registry entry names them; else found by structure
+        assert bool(adapters.shared_expert_targets(model)) == bool(entry.shared_experts)
     frozen = {name: tensor.detach().clone() for name, tensor in [*model.named_parameters(), *model.named_buffers()]}
     shared_and_dense = adapters.shared_expert_targets(model) + adapters.dense_mlp_targets(model)
     peft_model = peft.get_peft_model(model, adapters.peft_config(model, LoraConfig(targets=ROLES)))
@@ -192,8 +93,8 @@ def test_b_expert_load_counts_real_tokens_times_top_k(models, data, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_c_balancing_term_present_and_logged(models, data, family, tmp_path):
-    entry = families.FAMILIES[family]
     model = models(family)
+    entry = families.family_of(model)
     tokenizer, _, conversations = data
     args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_length=40,
                      per_device_train_batch_size=4, max_steps=1, logging_steps=1, save_strategy="no", seed=0,
@@ -217,29 +118,29 @@ def test_c_balancing_term_present_and_logged(models, data, family, tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_d_packed_sft_and_prompt_shared_dpo_equal_trl(models, data, family, tmp_path):
-    entry = families.FAMILIES[family]
+    entry = families.family_of(models(family))
     tokenizer, pairs, conversations = data
-    if entry.padding_free:
-        refused(lambda: PackedDPOTrainer(**dpo_arguments(models(family), tokenizer, pairs, tmp_path)),
-                entry.padding_free)
+    reason = padding_free_refusal(models(family))
+    if reason:
+        refused(lambda: PackedDPOTrainer(**dpo_arguments(models(family), tokenizer, pairs, tmp_path)), reason)
     trainers = []
     for trainer_class in (SFTTrainer, PaddingFreeSFTTrainer):
         config = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_length=30,
                            per_device_train_batch_size=8, assistant_only_loss=True, seed=0)
-        trainers.append(trainer_class(model=model_for_comparison(models, entry), args=config, train_dataset=conversations,
+        trainers.append(trainer_class(model=model_for_comparison(models, entry, family), args=config, train_dataset=conversations,
                                       processing_class=tokenizer))
     same_math(loss_and_gradients(trainers[0], whole_dataset(trainers[0])), trainers[1])
 
-    tiny = (model_for_comparison(models, entry), tokenizer, pairs)
+    tiny = (model_for_comparison(models, entry, family), tokenizer, pairs)
     trl = build(tiny, tmp_path / "trl")
     same_math(loss_and_gradients(trl, whole_dataset(trl)),
               build(tiny, tmp_path / "packed", PackedDPOTrainer, trainer_options={"share_prompt": True}))
 
 
-def model_for_comparison(models, entry):
+def model_for_comparison(models, entry, family):
     """The family's model; where its router samples experts in training, routing as in evaluation (deterministic),
     so that two layouts of one batch can be compared."""
-    model = models(entry.model_type)
+    model = models(family)
     if entry.samples_experts_in_training:
         for router in moe.routers(model).values():
             router.register_forward_pre_hook(lambda module, args: setattr(module, "training", False))
@@ -256,10 +157,10 @@ def dpo_arguments(model, tokenizer, pairs, tmp_path) -> dict:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_e_nf4_expert_lora_equals_peft_on_rounded_weights(models, data, family, tmp_path):
-    entry = families.FAMILIES[family]
     model = models(family)
-    if entry.nf4_experts:
-        refused(lambda: quantized_copy(model), entry.nf4_experts)
+    reason = expert_quant.nf4_refusal(model)
+    if reason:
+        refused(lambda: quantized_copy(model), reason)
     quantized = quantized_copy(model)
     rounded = dequantized_copy(model, quantized)
     inputs = padded_batch(data[0])
@@ -299,7 +200,9 @@ def test_g_zero3_leaf_and_fsdp2_wrap_classes_found(models, family):
     model = models(family)
     leaves = moe.moe_block_classes(model)
     assert len(leaves) == 1
-    assert all(type(model.get_submodule(name.rsplit(".", 1)[0])) is leaves[0] for name in moe.routers(model))
+    blocks = moe.moe_blocks(model)
+    assert all(type(block) is leaves[0] for block in blocks.values())
+    assert all(any(router.startswith(block + ".") for block in blocks) for router in moe.routers(model))
     layers = moe.decoder_layer_classes(model)
     assert layers and {cls.__name__ for cls in layers} <= set(model._no_split_modules)
 
@@ -336,7 +239,7 @@ def test_h_router_role_wraps_the_router_and_tracking_reads_through_it(models, da
         torch.testing.assert_close(loaded(**inputs).logits, expected, rtol=0, atol=1e-5)
         merged = adapters.merge_adapter(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
         torch.testing.assert_close(merged.eval()(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
-        router = next(iter(moe.routers(merged).values()))
+        router_name, router = next(iter(moe.routers(merged).items()))
         base_router = next(iter(moe.routers(AutoModelForCausalLM.from_pretrained(tmp_path / "base")).values()))
-        weight = families.FAMILIES[family].router_weight
+        weight = moe.router_weight_name(merged, router_name)
         assert not torch.equal(router.get_parameter(weight), base_router.get_parameter(weight))  # merged into

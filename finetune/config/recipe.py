@@ -14,7 +14,6 @@ from typing import Any
 
 from finetune.config.data import DataConfig
 from finetune.config.evaluation import EvalConfig
-from finetune.core.families import ALIASES, ARCHITECTURES
 from finetune.config.section_fields import help_field, to_dict
 
 
@@ -27,7 +26,8 @@ class ModelInit:
     """A tiny MoE model built from a config, for CPU demos and tests (no download)."""
 
     architecture: str = help_field(
-        "mixtral", help="MoE family (a transformers model_type): " + ", ".join(ARCHITECTURES + tuple(ALIASES)) + ".")
+        "mixtral", help="MoE family: any MoE causal-LM model_type of the installed transformers (`python -m "
+        "finetune.core.families` lists them; a multimodal one builds its text model).")
     hidden_size: int = help_field(64, help="Width of the residual stream.")
     intermediate_size: int = help_field(128, help="Width of each expert's FFN.")
     num_layers: int = help_field(2, help="Number of decoder layers.")

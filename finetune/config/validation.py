@@ -9,7 +9,7 @@ import re
 
 from finetune.config.data import CHOICES, FORMATS, GENERATED_FORMATS, PAIRINGS, DataConfig
 from finetune.config.evaluation import JUDGE_MODES, JUDGE_TYPES, EvalConfig
-from finetune.core.families import ALIASES, ARCHITECTURES
+from finetune.core import families
 from finetune.config.recipe import TRAINING_STAGES, HubConfig, LoraConfig, ModelConfig, ModelInit, Recipe, RecipeError
 
 LORA_ROLES = ("attention", "experts", "shared_experts", "dense_mlp", "router", "all")
@@ -68,7 +68,9 @@ def validate_model(model: ModelConfig, source: str) -> None:
 
 
 def validate_init(init: ModelInit, source: str) -> None:
-    check_choice(init.architecture, ARCHITECTURES + tuple(ALIASES), source, "model.init.architecture")
+    if init.architecture not in families.ARCHITECTURES + tuple(families.ALIASES):  # the registry's: no look-up
+        check_choice(init.architecture, families.moe_model_types() + tuple(families.ALIASES), source,
+                     "model.init.architecture")
     for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "num_experts",
                  "experts_per_token", "max_position_embeddings", "vocab_size"):
         check_positive(getattr(init, name), source, f"model.init.{name}")

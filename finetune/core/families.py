@@ -18,15 +18,22 @@ transformers is refused by name before any work (`check_supported`); a remote-co
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+import inspect
+import sys
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:  # annotations only: the recipe's checks read this registry without importing torch
     import torch
     from torch import nn
 
-# Config fields that give a model_type's routed-expert count: what makes a config an MoE config.
+# Config fields that give a model_type's routed-expert count: what makes a config an MoE config. These four names
+# cover every MoE config of transformers 5.24 (mistral4's and deepseek's n_routed_experts, ernie's and dbrx's
+# moe_num_experts, ...); test_families checks that no config declares experts under a name missing here.
 EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+# Config fields that give the experts each token is routed to.
+TOP_K_FIELDS = ("num_experts_per_tok", "num_experts_per_token", "moe_k", "moe_topk", "top_k_experts", "moe_top_k")
 
 AUX_LOSS = "aux_loss"  # the model returns `aux_loss` (with output_router_logits); TRL adds coef * aux_loss
 BIAS = "bias"  # aux-loss-free: an `e_score_correction_bias` added to the scores when choosing experts
@@ -42,6 +49,33 @@ def indices_from_logits(output, router: nn.Module) -> torch.Tensor:
     return output[1].topk(router.top_k, dim=-1).indices
 
 
+def tensors_of(output) -> list[torch.Tensor]:
+    """The tensors of a module's output: the output itself, or those of its tuple."""
+    import torch  # here, not at the top: the recipe's checks read this registry without importing torch
+
+    items = output if isinstance(output, (tuple, list)) else (output,)
+    return [item for item in items if isinstance(item, torch.Tensor)]
+
+
+def indices_generic(output, router: nn.Module, num_experts: int, top_k: int) -> torch.Tensor:
+    """Any router's output: its integer tensor of top-k indices, else the top-k of its per-token logits."""
+    tensors = tensors_of(output)
+    for tensor in tensors:
+        if not tensor.is_floating_point() and tensor.shape[-1] == top_k:
+            return tensor.reshape(-1, top_k)
+    return logits_generic(output, num_experts).topk(top_k, dim=-1).indices
+
+
+def logits_generic(output, num_experts: int) -> torch.Tensor:
+    """The router's per-token logits: the first float tensor of its output with one column per expert (or more:
+    LongCat-Flash adds zero-computation experts)."""
+    tensors = tensors_of(output)
+    for tensor in tensors:
+        if tensor.is_floating_point() and tensor.shape[-1] >= num_experts:
+            return tensor.reshape(-1, tensor.shape[-1])
+    raise ValueError(f"a router output without per-expert logits: shapes {[tuple(t.shape) for t in tensors]}")
+
+
 def logits_first(output) -> torch.Tensor:
     return output[0]
 
@@ -52,19 +86,25 @@ def logits_second(output) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Family:
+    """What a family does differently from the generic detection (finetune/moe.py), which finds the router, the
+    routed experts, shared experts and dense MLPs by structure. A field left None is found that way."""
+
     model_type: str
-    sizes: Callable[[Any], dict] = field(repr=False)  # ModelInit -> config kwargs of this family
-    router: str = "gate"  # the router's name inside the MoE block
+    # ModelInit -> config kwargs of this family; None: its default config shrunk (modeling/tiny_configs.py)
+    sizes: Callable[[Any], dict] | None = field(default=None, repr=False)
+    # ModelInit -> config kwargs set on top of the shrunk default config (what shrinking cannot guess)
+    overrides: Callable[[Any], dict] | None = field(default=None, repr=False)
+    router: str | None = "gate"  # the router's name inside the MoE block
     router_weight: str = "weight"  # the router weight's name inside the router module
-    shared_experts: tuple[str, ...] = ()  # names of shared-expert modules (children of the block or the layer)
-    dense_mlp: str = "mlp"  # the decoder layer's FFN child: dense where the layer has no MoE block
-    token_mixers: tuple[str, ...] = ("self_attn",)  # modules whose Linears form the `attention` role
+    shared_experts: tuple[str, ...] | None = ()  # names of shared-expert modules (children of the block or layer)
+    dense_mlp: str | None = "mlp"  # the decoder layer's FFN child: dense where the layer has no MoE block
+    token_mixers: tuple[str, ...] | None = ("self_attn",)  # modules whose Linears form the `attention` role
     # Linears whose weight the model reads directly instead of calling them (Jamba's dt_proj): a LoRA wrapper
     # there would change nothing until merged, so they are left out of every role.
     unreachable_linears: tuple[str, ...] = ()
     top_k_indices: Callable = field(default=indices_third, repr=False)
     router_logits: Callable = field(default=logits_first, repr=False)
-    balancing: tuple[str, ...] = (AUX_LOSS,)
+    balancing: tuple[str, ...] | None = (AUX_LOSS,)  # None: read from the config and the model (generic)
     backbone: str | None = None  # the decoder's attribute name where `base_model_prefix` does not name it
     padding_free: str | None = None  # why speed.padding_free cannot run this family; None: it can
     # Phi-MoE's router samples experts at random in training (SparseMixer): two forwards of a batch differ.
@@ -73,11 +113,11 @@ class Family:
 
     @property
     def has_aux_loss(self) -> bool:
-        return AUX_LOSS in self.balancing
+        return AUX_LOSS in (self.balancing or ())
 
     @property
     def has_bias(self) -> bool:
-        return BIAS in self.balancing
+        return BIAS in (self.balancing or ())
 
 
 # ---------------------------------------------------------------- the sizes model.init sets
@@ -215,16 +255,103 @@ FAMILIES: dict[str, Family] = {family.model_type: family for family in (
            unreachable_linears=("dt_proj",), padding_free=HYBRID.format(kind="Mamba")),
 )}
 
-# `model.init.architecture` names; qwen3_5_moe is the text model of the Qwen3.5 checkpoints.
+
+def found_by_structure(model_type: str, **fields) -> Family:
+    """A family whose router, experts, shared experts, dense MLPs and token mixers the generic detection finds
+    (finetune/moe.py), and whose balancing is read from its model: an entry says only what else differs."""
+    generic = dict(router=None, router_weight=None, shared_experts=None, dense_mlp=None, token_mixers=None,
+                   top_k_indices=None, router_logits=None, balancing=None)
+    return Family(model_type, **{**generic, **fields})
+
+
+def gemma4_moe(init) -> dict:
+    """Gemma 4's default config is dense; its MoE checkpoints (26B-A4B) turn the MoE block on beside the MLP."""
+    return dict(enable_moe_block=True, num_experts=init.num_experts, top_k_experts=init.experts_per_token,
+                moe_intermediate_size=init.intermediate_size)
+
+
+def qwen4_exp_indexer(init) -> dict:
+    """Qwen4-Exp's indexed attention selects blocks of compressed keys; its default config leaves the sizes unset."""
+    return dict(indexer_n_heads=init.num_heads, indexer_kv_heads=1, indexer_head_dim=init.hidden_size // init.num_heads,
+                indexer_budget=16, indexer_compress_ratio=4)
+
+
+def lfm2_layers(init) -> dict:
+    """LFM2-MoE: short-convolution layers with full attention every few layers (its default computes the list)."""
+    pattern = ["conv", "full_attention"]
+    return dict(layer_types=[pattern[i % 2] for i in range(init.num_layers)])
+
+
+NEW_FAMILIES = (
+    found_by_structure("gemma4_text", overrides=gemma4_moe),
+    found_by_structure("qwen4_exp_text", overrides=qwen4_exp_indexer),
+    found_by_structure("lfm2_moe", overrides=lfm2_layers),
+    found_by_structure("zaya", overrides=lambda init: dict(num_experts_per_tok=1)),  # ZAYA routes to one expert
+    found_by_structure("doge", overrides=lambda init: dict(is_moe=True)),  # Doge's default config is dense
+    # PEFT refuses LoRA on the Mamba mixers' out_proj of nemotron_h (its fused Mamba kernel reads the weight)
+    found_by_structure("nemotron_h", unreachable_linears=("out_proj",)),
+    # dots.llm3's sliding-window layers use MLA-sized heads: its config checks head_dim = nope + rope dims
+    found_by_structure("dots3_note_text", overrides=lambda init: dict(head_dim=2 * init.hidden_size // init.num_heads)),
+)
+FAMILIES.update({family.model_type: family for family in NEW_FAMILIES})
+
+# The generic fallback: any MoE model_type without an entry (and remote-code MoE models) is found by structure.
+GENERIC = found_by_structure("generic")
+
+
+@functools.lru_cache(maxsize=None)
+def moe_model_types() -> tuple[str, ...]:
+    """Every causal-LM model_type of the installed transformers whose config declares routed experts (one of
+    EXPERT_COUNT_FIELDS, in the config or a nested config), read from the config classes' fields without building
+    them. Multimodal ones are listed as they are; `text_model_type` names the text model they run as."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return tuple(sorted(model_type for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+                        if model_type in CONFIG_MAPPING and set(config_field_names(CONFIG_MAPPING[model_type]))
+                        & set(EXPERT_COUNT_FIELDS)))
+
+
+def config_field_names(config_class, depth: int = 0) -> set[str]:
+    """The field names a config class declares, with those of its nested (sub-)config classes."""
+    names = set()
+    for cls in config_class.__mro__:
+        names |= set(getattr(cls, "__annotations__", {}))
+        try:
+            names |= set(inspect.signature(cls.__init__).parameters)
+        except (TypeError, ValueError):
+            pass
+    for sub in (getattr(config_class, "sub_configs", None) or {}).values():
+        if depth < 2 and isinstance(sub, type):
+            names |= config_field_names(sub, depth + 1)
+    return names
+
+
+@functools.lru_cache(maxsize=None)
+def text_model_type(model_type: str) -> str:
+    """The model_type a family runs as: a multimodal one's text model (gemma4 -> gemma4_text), else itself."""
+    model_type = ALIASES.get(model_type, model_type)
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        text = CONFIG_MAPPING[model_type]().get_text_config()
+    except (AttributeError, ValueError, TypeError):
+        return model_type
+    text_type = getattr(text, "model_type", None)
+    return text_type if text_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else model_type
+
+
+def family_entry(model_type: str) -> Family:
+    """The registry entry of a model_type; a family found by structure where it has none."""
+    model_type = ALIASES.get(model_type, model_type)
+    return FAMILIES.get(model_type) or found_by_structure(model_type)
+
+
+# `model.init.architecture` names: any MoE model_type of the installed transformers (moe_model_types); the
+# registry's own names are listed in the docs. qwen3_5_moe is the text model of the Qwen3.5 checkpoints.
 ARCHITECTURES = tuple(FAMILIES)
 ALIASES = {"qwen3_5_moe": "qwen3_5_moe_text"}
-
-# The generic fallback, for remote-code MoE models: routers found by their shape (see moe.is_router).
-GENERIC = Family("generic", lambda init: {}, router="", shared_experts=("shared_expert", "shared_experts"))
-
-
-class UnsupportedFamily(ValueError):
-    """An MoE model_type of the installed transformers that the registry has no entry for."""
 
 
 def text_config(config):
@@ -234,38 +361,47 @@ def text_config(config):
         return config
 
 
-def declares_experts(config) -> bool:
-    """Whether a config (or its text config) has a routed-expert count field: an MoE model."""
-    for candidate in {id(c): c for c in (config, text_config(config))}.values():
-        for name in EXPERT_COUNT_FIELDS:
+def config_value(config, names: tuple[str, ...]):
+    """The first of `names` set (not None) on a config, its text config or a nested config (DBRX's ffn_config)."""
+    candidates = [config, text_config(config)]
+    candidates += [value for c in list(candidates) for value in vars(c).values() if hasattr(value, "to_dict")]
+    for candidate in candidates:
+        for name in names:
             try:
-                if hasattr(candidate, name):
-                    return True
-            except Exception:  # per-layer configs refuse global reads of their per-layer fields: still MoE
-                return True
-    return False
+                value = getattr(candidate, name, None)
+            except Exception:  # per-layer configs refuse global reads of their per-layer fields
+                continue
+            if value is not None:
+                return value
+    return None
+
+
+def expert_count(config) -> int | None:
+    """Routed experts per MoE layer that a config declares (None for a dense config)."""
+    return config_value(config, EXPERT_COUNT_FIELDS)
+
+
+def experts_per_token(config) -> int | None:
+    return config_value(config, TOP_K_FIELDS)
+
+
+def declares_experts(config) -> bool:
+    """Whether a config (or its text or nested config) sets a routed-expert count: an MoE model."""
+    return expert_count(config) is not None
 
 
 def family_for_config(config) -> Family | None:
-    """The registry entry of a config's family; GENERIC for remote-code models; None for dense models.
-
-    Raises UnsupportedFamily for an MoE model_type of the installed transformers that is not in the registry."""
+    """The registry entry of a config's family; a family found by structure for any other MoE config (every MoE
+    family of the installed transformers, remote-code models); None for dense models."""
     model_type = ALIASES.get(config.model_type, config.model_type)
     if model_type in FAMILIES:
         return FAMILIES[model_type]
-    if not declares_experts(config):
-        return None
-    from transformers import CONFIG_MAPPING
-
-    if model_type in CONFIG_MAPPING:
-        raise UnsupportedFamily(
-            f"model_type '{model_type}' is a Mixture-of-Experts family that moetune does not support yet: its "
-            f"router, experts and load balancing are not in finetune/core/families.py. Supported: {', '.join(FAMILIES)}.")
-    return GENERIC
+    return found_by_structure(model_type) if declares_experts(config) else None
 
 
 def check_supported(config) -> None:
-    """Refuse, before any weights load, an MoE model_type the registry has no entry for (UnsupportedFamily)."""
+    """Every MoE family is handled (generic detection where the registry has no entry): nothing to refuse. Kept
+    as the place a family found not to train would be refused before its weights load."""
     family_for_config(config)
 
 
@@ -274,6 +410,17 @@ def prepare_for_generation(model: nn.Module) -> None:
     model.init one) asks for them in its config, and generate() then computes the load-balancing loss on the cache
     and fails. Training turns them back on through TRL."""
     model.config.output_router_logits = False
+
+
+def balancing_of(model: nn.Module) -> tuple[str, ...]:
+    """How a model's family balances its experts, read from the model: an aux loss where its modeling module
+    computes one (transformers' `load_balancing_loss_func`), a bias where it has `e_score_correction_bias`."""
+    module = sys.modules.get(type(model).__module__)
+    found = (AUX_LOSS,) if module is not None and hasattr(module, "load_balancing_loss_func") else ()
+    if any(name.endswith("e_score_correction_bias") for name, _ in [*model.named_parameters(),
+                                                                    *model.named_buffers()]):
+        found += (BIAS,)
+    return found
 
 
 def prepare_for_training(model: nn.Module) -> None:
@@ -292,12 +439,12 @@ def prepare_for_training(model: nn.Module) -> None:
     """
     family = family_of(model)
     config = text_config(model.config)
-    if not family.has_aux_loss and family is not GENERIC:
+    if not family.has_aux_loss:
         config.output_router_logits = False
         if hasattr(config, "router_aux_loss_coef"):
             config.router_aux_loss_coef = 0.0
-    if family.has_aux_loss and not hasattr(config, "num_experts"):
-        config.num_experts = next(getattr(config, name) for name in EXPERT_COUNT_FIELDS if hasattr(config, name))
+    if family.has_aux_loss and getattr(config, "num_experts", None) is None:
+        config.num_experts = expert_count(config)
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if family.backbone:
         causal_lm.base_model_prefix = family.backbone
@@ -307,11 +454,24 @@ def prepare_for_training(model: nn.Module) -> None:
 
 
 def family_of(model: nn.Module) -> Family:
-    """The family of a loaded model (GENERIC for dense and remote-code models, whose roles are found by shape)."""
+    """The family of a loaded model: its registry entry, or one found by structure (dense and remote-code models
+    too), with the balancing read from the model where the entry does not say."""
     config = getattr(model, "config", None)
-    return (family_for_config(config) if config is not None else None) or GENERIC
+    family = (family_for_config(config) if config is not None else None) or GENERIC
+    if family.balancing is None:
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        family = replace(family, balancing=balancing_of(causal_lm))
+    return family
 
 
-def init_config_kwargs(init) -> dict:
-    """The config sizes of a tiny model of `init.architecture`."""
-    return FAMILIES[ALIASES.get(init.architecture, init.architecture)].sizes(init)
+def main() -> None:
+    """Print the MoE families of the installed transformers: model_type, the model it runs as, its entry."""
+    for model_type in moe_model_types():
+        runs_as = text_model_type(model_type)
+        entry = "registry entry" if ALIASES.get(runs_as, runs_as) in FAMILIES and FAMILIES[
+            ALIASES.get(runs_as, runs_as)].router is not None else "found by structure"
+        print(f"{model_type:24} {runs_as if runs_as != model_type else '':24} {entry}")
+
+
+if __name__ == "__main__":
+    main()

@@ -41,25 +41,36 @@ def role_targets(model: nn.Module, roles: set[str]) -> tuple[list[str], list[str
 
 
 def expert_parameter_targets(model: nn.Module) -> list[str]:
-    """PEFT `target_parameters` names for the fused experts, e.g. ["mlp.experts.gate_up_proj", ...]."""
-    suffixes = set()
-    for name, module in model.named_modules():
-        if moe.is_experts(module):
-            suffixes.add(".".join(name.split(".")[-2:]))
-    return sorted(f"{suffix}.{param}" for suffix in suffixes for param in moe.EXPERT_PARAMETERS)
+    """PEFT `target_parameters` names for the routed experts' 3-D parameters, e.g. ["mlp.experts.gate_up_proj",
+    "mlp.experts.down_proj"] (named as in the module holding them: JetMoE's `mlp.input_linear.weight`)."""
+    count = moe.config_expert_count(model)
+    return sorted({f"{module_suffix(name)}.{param}" for name, module in moe.experts_modules(model).items()
+                   for param in moe.expert_parameter_names(module, count)})
+
+
+def module_suffix(name: str) -> str:
+    """The last two parts of a module's name, as PEFT matches targets: `mlp.experts`; a module straight in a
+    decoder layer (Gemma 4's `layers.3.experts`) by its own name, so the target is not one layer's index."""
+    parent, own = name.split(".")[-2:] if "." in name else ("", name)
+    return own if parent.isdigit() or not parent else f"{parent}.{own}"
 
 
 def router_parameter_targets(model: nn.Module) -> list[str]:
-    weight = families.family_of(model).router_weight
-    return sorted({".".join(name.split(".")[-2:]) + "." + weight for name in moe.routers(model)})
+    return sorted({f"{module_suffix(name)}.{moe.router_weight_name(model, name)}" for name in moe.routers(model)})
 
 
 def linears_under(model: nn.Module, parents: list[str]) -> list[str]:
-    """Qualified names of the Linear layers inside the named modules (those a LoRA wrapper can reach)."""
+    """Qualified names of the Linear layers inside the named modules (those a LoRA wrapper can reach). A Linear
+    subclass with a forward of its own (DeepSeek-V4's grouped output projection) is left out: LoRA's x @ A^T
+    beside it would not match what its forward computes."""
     prefixes = tuple(parent + "." for parent in parents)
     unreachable = families.family_of(model).unreachable_linears
-    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
+    return [name for name, module in model.named_modules() if is_plain_linear(module)
             and name.startswith(prefixes) and name.rsplit(".", 1)[-1] not in unreachable]
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
 def modules_named(model: nn.Module, names: tuple[str, ...]) -> list[str]:
@@ -67,21 +78,34 @@ def modules_named(model: nn.Module, names: tuple[str, ...]) -> list[str]:
 
 
 def attention_linear_targets(model: nn.Module) -> list[str]:
-    """Linear layers of the token mixers: attention (MLA projections included), linear attention, Mamba."""
-    return linears_under(model, modules_named(model, families.family_of(model).token_mixers))
+    """Linear layers of the token mixers: attention (MLA projections included), linear attention, Mamba. By
+    structure: every Linear of a decoder layer outside its MoE block, shared experts, dense MLP and router."""
+    family = families.family_of(model)
+    if family.token_mixers is not None:
+        return linears_under(model, modules_named(model, family.token_mixers))
+    ffns = moe.structural_ffns(model)
+    others = [*moe.moe_parts(model), *moe.routers(model), *ffns["shared_experts"], *ffns["dense_mlp"]]
+    mixers = [name for layer in moe.decoder_layers(model) for name, module in moe.layer_children(model, layer)
+              if not moe.NOT_A_MIXER_CLASS.search(type(module).__name__)]
+    excluded = set(linears_under(model, others))
+    return [name for name in linears_under(model, mixers) if name not in excluded]
 
 
 def shared_expert_targets(model: nn.Module) -> list[str]:
     """Linear layers of the shared experts (the always-on FFN beside the routed experts)."""
-    return linears_under(model, modules_named(model, families.family_of(model).shared_experts))
+    family = families.family_of(model)
+    if family.shared_experts is None:
+        return linears_under(model, moe.structural_ffns(model)["shared_experts"])
+    return linears_under(model, modules_named(model, family.shared_experts))
 
 
 def dense_mlp_targets(model: nn.Module) -> list[str]:
     """Linear layers of the dense FFNs of decoder layers without an MoE block (e.g. DeepSeek's first layers)."""
     family, blocks = families.family_of(model), set(moe.moe_blocks(model))
+    if family.dense_mlp is None:
+        return linears_under(model, moe.structural_ffns(model)["dense_mlp"])
     dense = [name for name in modules_named(model, (family.dense_mlp,))
-             if name not in blocks and ".layers." in name and not any(moe.is_experts(m) for m in
-                                                                     model.get_submodule(name).modules())]
+             if name not in blocks and ".layers." in name and not moe.is_moe_subtree(model.get_submodule(name))]
     return linears_under(model, dense)
 
 

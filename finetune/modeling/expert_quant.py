@@ -78,12 +78,12 @@ def quantize_experts(model: nn.Module, double_quant: bool, compute_dtype: torch.
     `device`: where to quantize and keep the NF4 experts (default: where the weights are). Quantizing on a GPU takes
     milliseconds per matrix; bitsandbytes' CPU kernel takes seconds for one of Mixtral-8x7B's.
     """
-    refusal = families.family_of(model).nf4_experts
+    refusal = nf4_refusal(model)
     if refusal:
         raise ValueError(f"model.quantization cannot run {model.config.get_text_config().model_type}: {refusal}.")
     found = False
     for module_name, module in model.named_modules():
-        if moe.is_experts(module):
+        if moe.is_fused_gate_up(module):
             check_expert_layout(model, module)
             for name in moe.EXPERT_PARAMETERS:
                 weight = logical_matrices(module, name)
@@ -95,6 +95,24 @@ def quantize_experts(model: nn.Module, double_quant: bool, compute_dtype: torch.
         raise ValueError("model.quantization: this model has no fused experts (mlp.experts.gate_up_proj/down_proj) "
                          "to quantize; it is not a transformers-5 MoE model.")
     model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+
+
+def nf4_refusal(model: nn.Module) -> str | None:
+    """Why the NF4 expert forward cannot run this model's experts, or None: the registry's reason, or experts
+    that are not in transformers' gate_up_proj/down_proj layout, or a model class that runs its own experts
+    forward (it cannot switch to the NF4 one)."""
+    reason = families.family_of(model).nf4_experts
+    if reason:
+        return reason
+    other = [name for name, module in moe.experts_modules(model).items() if not moe.is_fused_gate_up(module)]
+    if other:
+        return (f"its experts ({other[0].split('.')[-1]}: "
+                f"{', '.join(moe.expert_parameter_names(moe.experts_modules(model)[other[0]], None))}) are not in "
+                f"transformers' gate_up_proj/down_proj layout that the NF4 expert forward runs; set "
+                f"model.quantization: null")
+    if not type(model)._can_set_experts_implementation():
+        return families.OWN_EXPERTS_FORWARD
+    return None
 
 
 def check_expert_layout(model: nn.Module, experts: nn.Module) -> None:

@@ -7,6 +7,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from finetune.core import families
+from finetune.modeling.tiny_configs import tiny_config_kwargs
 from finetune.config.recipe import ModelInit
 
 SPECIAL_TOKENS = {"pad_token": "<|pad|>", "eos_token": "<|end|>", "unk_token": "<|unk|>"}
@@ -41,15 +42,15 @@ def train_tokenizer(texts, vocab_size: int) -> PreTrainedTokenizerFast:
 
 
 def init_config(init: ModelInit, tokenizer) -> AutoConfig:
-    """A config of the named MoE family, with the sizes its registry entry sets."""
+    """A config of the named MoE family (a multimodal family's text model), with tiny sizes."""
     return family_config(init, len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id)
 
 
 def family_config(init: ModelInit, vocab_size: int, **token_ids) -> AutoConfig:
     """The config of `init`'s family at a vocabulary size (before the tokenizer exists: its target size)."""
-    sizes = families.init_config_kwargs(init)
+    model_type = families.text_model_type(init.architecture)
+    sizes = tiny_config_kwargs(model_type, init, vocab_size)
     common = dict(vocab_size=vocab_size, output_router_logits=True, bos_token_id=None, tie_word_embeddings=False,
                   **token_ids)
-    return AutoConfig.for_model(families.FAMILIES[families.ALIASES.get(init.architecture, init.architecture)].model_type,
-                                **common, **sizes)
+    return AutoConfig.for_model(model_type, **common, **sizes)

@@ -30,7 +30,7 @@ class RouterZLoss(moe.RouterHooks):
         self.logits: list[torch.Tensor] = []
 
     def observe(self, name: str, router: nn.Module, output) -> None:
-        self.logits.append(self.real_tokens(self.family.router_logits(output)))
+        self.logits.append(self.real_tokens(moe.router_logits(self.family, output, self.sizes)))
 
     def take(self) -> torch.Tensor | None:
         """The z-loss of the routers seen since the last call (None if none ran), with its gradient."""

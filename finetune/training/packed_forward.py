@@ -134,7 +134,9 @@ AttentionInterface.register(BLOCK_EAGER_ATTENTION, block_eager_attention)
 AttentionMaskInterface.register(BLOCK_EAGER_ATTENTION, block_eager_mask)
 # Layer kinds whose attention runs block by block; any other (linear attention, Mamba) carries a recurrent state
 # from one token to the next, which would flow across the sequence boundaries of a packed row.
-ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
+ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention", "attention"}
+# Entries of a per-layer list that name the FFN, not the token mixer (Nemotron-H's layers_block_type mixes both).
+FFN_LAYER_TYPES = {"moe", "mlp"}
 
 
 def padding_free_refusal(model) -> str | None:
@@ -142,7 +144,8 @@ def padding_free_refusal(model) -> str | None:
     its config's layer types (a model the registry does not know)."""
     config = model.config.get_text_config()
     reason = families.family_of(model).padding_free
-    recurrent = sorted(set(getattr(config, "layer_types", None) or []) - ATTENTION_LAYER_TYPES)
+    kinds = getattr(config, "layer_types", None) or getattr(config, "layers_block_type", None) or []
+    recurrent = sorted(set(kinds) - ATTENTION_LAYER_TYPES - FFN_LAYER_TYPES)
     if reason is None and recurrent:
         reason = families.HYBRID.format(kind=" and ".join(recurrent))
     implementation = config._attn_implementation

@@ -101,8 +101,8 @@ def skeleton_config(recipe: Recipe):
     """The base model's config: its folder or Hub config.json, or model.init's sizes before the base stage built it."""
     if recipe.model.init is not None and read_manifest(recipe.run_path / "base") is None:
         return family_config(recipe.model.init, recipe.model.init.vocab_size)
-    location = base_location(recipe)
-    return AutoConfig.from_pretrained(location, **hub_kwargs(recipe, location))
+    location = base_location(recipe.model_source)
+    return AutoConfig.from_pretrained(location, **hub_kwargs(recipe.model_source, location))
 
 
 def model_census(recipe: Recipe) -> Census:
@@ -154,7 +154,7 @@ def data_tokens(recipe: Recipe, stage: str, max_length: int) -> int | None:
     try:
         from finetune.modeling.loading import load_tokenizer
 
-        tokenizer = load_tokenizer(recipe)
+        tokenizer = load_tokenizer(recipe.model_source)
     except (OSError, ValueError):
         return None
     lines = path.read_text(encoding="utf-8").splitlines()

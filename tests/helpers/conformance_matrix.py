@@ -1,15 +1,19 @@
-"""Run the conformance matrix (tests/test_families.py; tests/test_export.py for the export columns) and print it as
-a markdown table: family x check.
+"""Run the conformance matrix over every MoE family of the installed transformers and print it as a markdown
+table: family x check, one row per family (families.moe_model_types).
 
     python -m tests.helpers.conformance_matrix [--page docs/families.md] [pytest options]
+    python -m tests.helpers.conformance_matrix [--page docs/families.md] --from-logs LOG...  (`pytest -v -rA` outputs)
 
-Each cell is the outcome of one parametrised test: "pass", "FAIL", or "refused" with the reason the code gives
-(footnoted under the table). With --page, the table replaces the block between the page's
-`<!-- conformance-matrix -->` markers.
+It runs tests/test_every_family.py (roles through the CLI loader; the CLI chain prep -> LoRA SFT -> LoRA DPO ->
+eval -> merge), tests/test_families.py and tests/test_export.py's export columns with MOETUNE_ALL_FAMILIES=1, so every family, not the suite's sample.
+Each cell is the outcome of one parametrised test: "pass", "FAIL", "refused" with the reason the code gives, or
+"fails" with the reason a family cannot pass (footnoted under the table). With --page, the table replaces the
+block between the page's `<!-- conformance-matrix -->` markers.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -17,6 +21,8 @@ from pathlib import Path
 import pytest
 
 CHECKS = {  # test function -> column header
+    "test_roles_found_and_default_lora_trains_with_the_router_frozen": "roles, LoRA step (CLI loader)",
+    "test_cli_chain_lora_sft_dpo_eval_merge": "CLI: SFT->DPO->eval->merge",
     "test_a_roles_found_only_adapters_train_router_frozen": "(a) roles, router frozen",
     "test_b_expert_load_counts_real_tokens_times_top_k": "(b) expert load",
     "test_c_balancing_term_present_and_logged": "(c) balancing logged",
@@ -41,7 +47,9 @@ class Collector:
         if not match or match.group(1) not in CHECKS:
             return
         key = (match.group(1), match.group(2))
-        if report.skipped:
+        if getattr(report, "wasxfail", None):  # an expected failure, with the reason it names
+            self.cells[key] = "fails: " + report.wasxfail.removeprefix("reason: ")
+        elif report.skipped:
             reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
             self.cells[key] = reason.removeprefix("Skipped: ")
         elif report.failed:
@@ -55,17 +63,24 @@ def table(cells: dict[tuple[str, str], str]) -> str:
 
     reasons: list[str] = []
     rows = ["| family | " + " | ".join(CHECKS.values()) + " |", "|---" * (len(CHECKS) + 1) + "|"]
-    for family in families.FAMILIES:
+    for family in families.moe_model_types():
         row = []
         for check in CHECKS:
             cell = cells.get((check, family), "not run")
-            if cell.startswith("refused: "):
-                reason = cell.removeprefix("refused: ")
+            kind = next((kind for kind in ("refused", "fails") if cell.startswith(f"{kind}: ")), None)
+            if kind:
+                reason = cell.removeprefix(f"{kind}: ")
                 if reason not in reasons:
                     reasons.append(reason)
-                cell = f"refused [{reasons.index(reason) + 1}]"
+                cell = f"{kind} [{reasons.index(reason) + 1}]"
             row.append(cell)
-        rows.append(f"| {family} | " + " | ".join(row) + " |")
+        runs_as = families.text_model_type(family)
+        rows.append(f"| {family}{f' (as {runs_as})' if runs_as != family else ''} | " + " | ".join(row) + " |")
+    every = families.moe_model_types()
+    rows.append(f"| **pass (of {len(every)})** | " + " | ".join(
+        str(sum(cells.get((check, family)) == "pass" for family in every)) for check in CHECKS) + " |")
+    passing = sum(all(cells.get((check, family)) == "pass" for check in CHECKS) for family in every)
+    rows.append(f"\n{passing} of {len(every)} families pass every cell.")
     notes = [f"[{number}] {reason}" for number, reason in enumerate(reasons, 1)]
     return "\n".join(rows) + ("\n\n" + "\n".join(f"{note}  " for note in notes) if notes else "")
 
@@ -76,15 +91,43 @@ def replace_in_page(page: Path, text: str) -> None:
     page.write_text(content[:start + len(MARKER)] + "\n" + text + "\n" + content[end:])
 
 
+def cells_from_logs(paths: list[str]) -> dict[tuple[str, str], str]:
+    """Cells read back from the output of `pytest -v -rA` runs of the matrix's tests (a run split in parts, or
+    one stopped early: its cells not reached stay "not run")."""
+    from tests.test_every_family import KNOWN
+
+    cells = {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            verbose = re.match(r"\S+::(test_\w+)\[(.+?)\] (PASSED|FAILED|SKIPPED|XFAIL|ERROR)", line)
+            summary = re.match(r"XFAIL \S+::(test_\w+)\[(.+?)\] - (.*)", line)
+            if summary:
+                cells[(summary.group(1), summary.group(2))] = "fails: " + summary.group(3)
+            elif verbose and verbose.group(1) in CHECKS:
+                key, outcome = (verbose.group(1), verbose.group(2)), verbose.group(3)
+                known = KNOWN.get(key[1])
+                cells.setdefault(key, {"PASSED": "pass", "SKIPPED": f"fails: {known[2]}" if known else "skipped",
+                                       "XFAIL": "fails: an expected failure (its reason: the log's -rA summary)"}
+                               .get(outcome, "FAIL"))
+    return cells
+
+
 def main(argv: list[str]) -> int:
     page = None
     if argv[:1] == ["--page"]:
         page, argv = Path(argv[1]), argv[2:]
+    if argv[:1] == ["--from-logs"]:
+        text = table(cells_from_logs(argv[1:]))
+        print(text)
+        if page is not None:
+            replace_in_page(page, text)
+        return 0
     collector = Collector()
-    code = pytest.main(["-q", "-p", "no:cacheprovider", str(Path(__file__).parents[1] / "test_families.py"),
-                        *(f"{Path(__file__).parents[1] / 'test_export.py'}::{check}" for check in CHECKS
-                          if check.startswith(("test_h_", "test_i_"))), *argv],
-                       plugins=[collector])
+    os.environ["MOETUNE_ALL_FAMILIES"] = "1"
+    tests = [str(Path(__file__).parents[1] / name) for name in ("test_every_family.py", "test_families.py")]
+    tests += [f"{Path(__file__).parents[1] / 'test_export.py'}::{check}" for check in CHECKS
+              if check.startswith(("test_h_", "test_i_"))]
+    code = pytest.main(["-q", "-p", "no:cacheprovider", *tests, *argv], plugins=[collector])
     text = table(collector.cells)
     print(text)
     if page is not None:

@@ -29,12 +29,12 @@ class Family:
     """What a look-alike of one family needs: its config fields, its tokens and its chat template."""
 
     model_type: str
-    config: dict
+    config: dict | None  # None: the family's default config shrunk (finetune/modeling/tiny_configs.py), 3 layers
     bos: str | None
     eos: str
     pad: str | None
     extra_tokens: list[str] = field(default_factory=list)
-    template: str | None = None  # a file of trl/chat_templates/, or None for a base model
+    template: str | None = None  # a file of trl/chat_templates/ (or a Path), or None for a base model
     adds_bos: bool = False  # the tokenizer puts bos in front of every text (Llama/Mistral style)
 
 
@@ -66,6 +66,26 @@ FAMILIES = {
                           extra_tokens=["<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"],
                           template="deepseekv3.jinja"),
 }
+# The newest families: their config fields are their default config's, shrunk (real names, every layer kind).
+NEWEST = {
+    "deepseek_v4": Family("deepseek_v4", None, bos="<｜begin▁of▁sentence｜>", eos="<｜end▁of▁sentence｜>",
+                          pad="<｜end▁of▁sentence｜>", extra_tokens=["<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"],
+                          template="deepseekv3.jinja"),
+    "gemma4_text": Family("gemma4_text", None, bos="<bos>", eos="<turn|>", pad="<pad>",
+                          extra_tokens=["<|turn>", "<|think|>", "<|channel>", "<channel|>"], template="gemma4.jinja"),
+    "qwen4_exp_text": Family("qwen4_exp_text", None, bos=None, eos="<|im_end|>", pad="<|endoftext|>",
+                             extra_tokens=["<|im_start|>", "<think>", "</think>"], template="qwen3_5_think.jinja"),
+    "nemotron_h": Family("nemotron_h", None, bos="<s>", eos="<|im_end|>", pad="<unk>",
+                         extra_tokens=["<|im_start|>", "<think>", "</think>"], template="nemotron_3_nano.jinja"),
+    "glm4_moe_lite": Family("glm4_moe_lite", None, bos=None, eos="<|endoftext|>", pad="<|endoftext|>",
+                            extra_tokens=["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<think>",
+                                          "</think>"], template="glm4moe.jinja"),
+    "kimi_linear": Family("kimi_linear", None, bos="[BOS]", eos="<|im_end|>", pad="[PAD]",
+                          extra_tokens=["<|im_system|>", "<|im_user|>", "<|im_assistant|>", "<|im_middle|>"],
+                          template=str(Path(__file__).resolve().parents[2] / "recipes" / "chat_templates" /
+                                       "kimi.jinja")),
+}
+EVERY = {**FAMILIES, **NEWEST}
 
 
 def corpus(n: int = 400, seed: int = 0):
@@ -94,19 +114,26 @@ def train_family_tokenizer(family: Family, vocab_size: int = 384) -> PreTrainedT
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **{k: v for k, v in named.items() if v},
                                    additional_special_tokens=[t for t in family.extra_tokens if t != family.pad])
     if family.template is not None:
-        fast.chat_template = (TRL_TEMPLATES / family.template).read_text(encoding="utf-8")
+        fast.chat_template = (TRL_TEMPLATES / family.template).read_text(encoding="utf-8")  # an absolute path stays
     return fast
 
 
 def family_config(name: str, **fields):
     """The tiny config of family `name` (its own config class), with `fields` on top."""
-    family = FAMILIES[name]
+    family = EVERY[name]
+    if family.config is None:
+        from finetune.modeling.tiny_configs import tiny_config_kwargs
+        from finetune.config.recipe import ModelInit
+
+        init = ModelInit(architecture=family.model_type, hidden_size=64, intermediate_size=64, num_layers=3)
+        shrunk = tiny_config_kwargs(family.model_type, init, fields.get("vocab_size", 384))
+        return AutoConfig.for_model(family.model_type, **{**shrunk, "tie_word_embeddings": False, **fields})
     return AutoConfig.for_model(family.model_type, **{**SIZES, **family.config, **fields})
 
 
 def build_lookalike(name: str, folder: Path, seed: int = 0) -> Path:
     """A look-alike checkpoint of family `name` in `folder`: config, safetensors, tokenizer, generation config."""
-    family = FAMILIES[name]
+    family = EVERY[name]
     tokenizer = train_family_tokenizer(family)
     ids = {f"{kind}_token_id": tokenizer.convert_tokens_to_ids(token) if token else None
            for kind, token in (("bos", family.bos), ("eos", family.eos), ("pad", family.pad))}

@@ -19,7 +19,7 @@ def quantized_copy(model, double_quant=True):
 
 
 def experts_modules(model):
-    return [module for module in model.modules() if expert_quant.is_quantized_experts(module) or moe.is_experts(module)]
+    return [module for module in model.modules() if expert_quant.is_quantized_experts(module) or moe.is_fused_gate_up(module)]
 
 
 def dequantized_copy(model, quantized):

@@ -1,0 +1,66 @@
+"""The conformance matrix's tiny models, one per family, and what its checks share (tests/test_families.py,
+tests/test_export.py import the fixtures from here)."""
+
+import copy
+import re
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+
+from finetune.config.parsing import parse_recipe
+from finetune.config.recipe import ModelInit
+from finetune.core import families, synthetic_task
+from finetune.modeling.loading import load_pretrained
+from finetune.modeling.tiny import init_config, train_tokenizer
+
+ROLES = ["attention", "experts", "shared_experts", "dense_mlp"]
+
+
+@pytest.fixture(scope="session")
+def data():
+    """A tokenizer trained on synthetic conversations and pairs, with 8 of each."""
+    pairs = list(synthetic_task.preference_pairs(8, 3))
+    conversations = list(synthetic_task.sft_conversations(8, 4))
+    texts = [m["content"] for row in pairs for key in ("prompt", "chosen", "rejected") for m in row[key]]
+    texts += [m["content"] for row in conversations for m in row["messages"]]
+    return train_tokenizer(texts, vocab_size=200), Dataset.from_list(pairs), Dataset.from_list(conversations)
+
+
+@pytest.fixture(scope="session")
+def models(data, tmp_path_factory):
+    """A cache of one tiny model per family (3 layers: dense-then-MoE layouts appear), built on first use, saved
+    and loaded back the way the CLI loads a checkpoint."""
+    tokenizer = data[0]
+    built = {}
+
+    def model_of(architecture):
+        if architecture not in built:
+            init = ModelInit(architecture=architecture, hidden_size=64, intermediate_size=128, num_layers=3,
+                             num_heads=4, num_kv_heads=2, num_experts=4, experts_per_token=2,
+                             router_aux_loss_coef=0.05)
+            torch.manual_seed(0)
+            folder = tmp_path_factory.mktemp(architecture)
+            AutoModelForCausalLM.from_config(init_config(init, tokenizer)).save_pretrained(folder)
+            recipe = parse_recipe({"run_dir": str(folder / "run"), "model": {"name_or_path": str(folder)}}, "r.yaml")
+            model = load_pretrained(recipe.model_source, str(folder))  # as the CLI loads it: dtype, experts kernel
+            families.prepare_for_training(model)
+            built[architecture] = model
+        return copy.deepcopy(built[architecture])
+
+    return model_of
+
+
+def padded_batch(tokenizer, rows=3):
+    texts = [tokenizer.apply_chat_template(row["messages"], tokenize=False)
+             for row in synthetic_task.sft_conversations(rows, 1)]
+    tokenizer.padding_side = "right"
+    return tokenizer(texts, return_tensors="pt", padding=True)
+
+
+def refused(action, reason: str):
+    """Assert the code refuses `action` with the registry's reason, then report the check as refused."""
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        action()
+    pytest.skip(f"refused: {reason}")
