@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune import balancing, families, moe
+from finetune import balancing, families, moe, routing_drift
+from finetune.expert_load import expert_load_callbacks
 from finetune.models import load_stage_model, load_tokenizer, load_training_model, seed_everything
 from finetune.packed_dpo import dpo_trainer
 from finetune.recipe import Recipe
@@ -55,9 +56,10 @@ def run(recipe: Recipe, force: bool | str = False) -> Path:
         eval_dataset=load_split(recipe, "preference", "test"),
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=moe.expert_load_callbacks(model, stage.work),
+        callbacks=expert_load_callbacks(model, stage.work, recipe.routing, "dpo"),
     )
     balancing.attach(trainer, model, recipe.balancing)
+    routing_drift.attach(trainer, model, recipe.routing, "dpo", stage.work, recipe.seed)
     train_resuming(trainer, stage, recipe.checkpoints)
     if "ref" in getattr(trainer.model, "peft_config", {}):
         trainer.model.delete_adapter("ref")  # TRL's frozen copy of the SFT adapter (the reference); not an output

@@ -6,7 +6,8 @@ import difflib
 
 from eval.config import check_eval_config
 from finetune.families import ALIASES, ARCHITECTURES
-from finetune.recipe import TRAINING_STAGES, HubConfig, LoraConfig, ModelConfig, ModelInit, Recipe, RecipeError
+from finetune.recipe import (TRAINING_STAGES, HubConfig, LoraConfig, ModelConfig, ModelInit, Recipe, RecipeError,
+                             RoutingConfig)
 
 LORA_ROLES = ("attention", "experts", "shared_experts", "dense_mlp", "router", "all")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -21,10 +22,27 @@ def validate_recipe(recipe: Recipe) -> None:
     for key in ("bias_update_rate", "router_z_loss_coef"):
         if getattr(recipe.balancing, key) < 0:
             raise RecipeError(f"{source}: balancing.{key} is {getattr(recipe.balancing, key)}; it must be >= 0 (0 is off).")
+    validate_routing(recipe.routing, source)
     try:
         check_eval_config(recipe.eval)
     except ValueError as error:
         raise RecipeError(f"{source}: {error}") from None
+
+
+def validate_routing(routing: RoutingConfig, source: str) -> None:
+    for key in ("probe_sequences", "pair_sample"):
+        if getattr(routing, key) < 0:
+            raise RecipeError(f"{source}: routing.{key} is {getattr(routing, key)}; it must be >= 0 (0 is off), e.g. 256.")
+    check_positive(routing.alarm_logs, source, "routing.alarm_logs", example="3")
+    if routing.max_overhead is not None and not 0 < routing.max_overhead <= 1:
+        raise RecipeError(f"{source}: routing.max_overhead is {routing.max_overhead}; it must be in (0, 1], e.g. 0.05 "
+                          f"(5% of training time), or null to probe every sequence.")
+    if not 0 <= routing.dead_load < 1:
+        raise RecipeError(f"{source}: routing.dead_load is {routing.dead_load}; it must be in [0, 1) (a fraction of the "
+                          f"uniform share), e.g. 0.1.")
+    if routing.hot_load <= 1:
+        raise RecipeError(f"{source}: routing.hot_load is {routing.hot_load}; it must be above 1 (a multiple of the "
+                          f"uniform share), e.g. 3.")
 
 
 def validate_model(model: ModelConfig, source: str) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune import balancing
+from finetune import balancing, routing_drift
 from finetune.chat_template import training_template_problem
 from finetune.models import base_location, load_tokenizer, load_training_model, seed_everything
-from finetune.moe import expert_load_callbacks
+from finetune.expert_load import expert_load_callbacks
 from finetune.packed_sft import sft_trainer
 from finetune.recipe import Recipe
 from finetune.rundir import Stage, require_complete
@@ -44,9 +44,10 @@ def run(recipe: Recipe, force: bool | str = False) -> Path:
         eval_dataset=load_split(recipe, "sft", "test"),
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=expert_load_callbacks(model, stage.work),
+        callbacks=expert_load_callbacks(model, stage.work, recipe.routing, "sft"),
     )
     balancing.attach(trainer, model, recipe.balancing)
+    routing_drift.attach(trainer, model, recipe.routing, "sft", stage.work, recipe.seed)
     train_resuming(trainer, stage, recipe.checkpoints)
     return save_stage(trainer, tokenizer, recipe, stage, parent=parent)
 

@@ -18,7 +18,7 @@ from trl import SFTConfig, SFTTrainer
 
 from benchmarks.dpo_bench import loss_and_gradients
 from data_prep import synthetic
-from finetune import adapters, balancing, families, moe
+from finetune import adapters, balancing, expert_load, families, moe
 from finetune.tiny import init_config, train_tokenizer
 from finetune.packed_dpo import PackedDPOTrainer
 from finetune.packed_sft import PaddingFreeSFTTrainer
@@ -176,7 +176,7 @@ def test_b_expert_load_counts_real_tokens_times_top_k(models, data, family):
     inputs = padded_batch(data[0])
     real = int(inputs["attention_mask"].sum())
     assert real < inputs["attention_mask"].numel()  # the batch has padding
-    tracker = moe.ExpertLoadTracker(model)
+    tracker = expert_load.ExpertLoadTracker(model)
     model(**inputs)
     _, top_k = moe.routing_sizes(model)
     assert [int(counts.sum()) for counts in tracker.counts.values()] == [real * top_k] * len(tracker.counts)
