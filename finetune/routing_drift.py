@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
+import statistics
 import time
 from pathlib import Path
 
@@ -217,9 +217,14 @@ class RoutingDriftCallback(TrainerCallback):
     def record_reference(self, model, device) -> None:
         if not self.probe:
             return
-        started = time.perf_counter()
-        batches = list(routed(model, self.capture, self.probe, device, self.pad_id))
-        self.seconds_per_sequence = (time.perf_counter() - started) / len(self.probe)
+        batches, seconds = [], []
+        clock = time.perf_counter()
+        for batch in routed(model, self.capture, self.probe, device, self.pad_id):
+            batches.append(batch)
+            seconds.append(time.perf_counter() - clock)
+            clock = time.perf_counter()
+        # The median batch: the first forward of a model also pays one-off set-up costs.
+        self.seconds_per_sequence = statistics.median(seconds) / PROBE_BATCH
         for layer in self.layers:
             self.reference[layer] = tuple(torch.cat([batch[layer][i] for batch in batches]) for i in (0, 1))
         tensors = {f"{layer}.{part}": tensor.contiguous() for layer, pair in self.reference.items()
