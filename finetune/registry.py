@@ -45,10 +45,10 @@ STAGES = (
     StageSpec("base", base.run, ("model",), "base", ("prep",), every_process=True,
               description="Train a tokenizer on the data and build the model.init model into run_dir/base.",
               command=False, applies=builds_tiny_model, inputs=base.stage_inputs),
-    StageSpec("sft", sft.run, ("model", "sft", "speed", "checkpoints"), "sft", ("prep", "base"), every_process=True,
+    StageSpec("sft", sft.run, ("model", "sft", "speed", "routing", "checkpoints"), "sft", ("prep", "base"), every_process=True,
               inputs=sft.stage_inputs,
               description="Supervised fine-tuning with TRL's SFTTrainer into run_dir/sft."),
-    StageSpec("dpo", dpo.run, ("model", "dpo", "speed", "checkpoints"), "dpo", ("prep", "sft"), every_process=True,
+    StageSpec("dpo", dpo.run, ("model", "dpo", "speed", "routing", "checkpoints"), "dpo", ("prep", "sft"), every_process=True,
               inputs=dpo.stage_inputs,
               description="DPO from the SFT result with TRL's DPOTrainer into run_dir/dpo."),
     # eval reads the folders of the stages named in eval.models, and the prep stage's questions by default.

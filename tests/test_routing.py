@@ -122,18 +122,18 @@ def test_telemetry_off_trains_the_same_weights_with_the_same_losses(drift_run, t
 
 @pytest.mark.slow
 def test_an_expert_forced_dead_is_named_once_within_alarm_logs(tmp_path):
-    # DeepSeek-V3 chooses experts by score + e_score_correction_bias: a very negative bias means never chosen.
-    recipe = write_recipe(tmp_path, "deepseek_v3", routing=", alarm_logs: 2")
-    assert main(["run", str(recipe), "--stages", "prep,base"]) == 0
-    weights = tmp_path / "run" / "base" / "model.safetensors"
+    # DeepSeek-V3 chooses experts by score + e_score_correction_bias (a buffer no gradient moves): a very negative
+    # bias means never chosen. The SFT result gets one; DPO (LoRA) trains on it and must name that expert.
+    recipe = write_recipe(tmp_path, "deepseek_v3", routing=", alarm_logs: 2, probe_sequences: 0, pair_sample: 0")
+    assert main(["run", str(recipe), "--stages", "prep,sft", "sft.max_steps=1"]) == 0
+    weights = tmp_path / "run" / "sft" / "model.safetensors"
     tensors = load_file(str(weights))
-    bias = "model.layers.1.mlp.gate.e_score_correction_bias"
-    tensors[bias][2] = -1e4
+    tensors["model.layers.1.mlp.gate.e_score_correction_bias"][2] = -1e4
     save_file(tensors, str(weights), metadata={"format": "pt"})
-    out = moetune("sft", str(recipe), "sft.max_steps=5", "sft.logging_steps=1")
-    alarm = "[sft] expert-load alarm at step 2: dead expert 2 in model.layers.1.mlp.gate"
+    out = moetune("dpo", str(recipe))
+    alarm = "[dpo] expert-load alarm at step 2: dead expert 2 in model.layers.1.mlp.gate"
     assert out.count(alarm) == 1 and out.count("expert-load alarm") == 1
-    load = json.loads((tmp_path / "run" / "sft" / "expert_load.json").read_text())
+    load = json.loads((tmp_path / "run" / "dpo" / "expert_load.json").read_text())
     assert [(a["kind"], a["layer"], a["expert"], a["step"]) for a in load["alarms"]] == \
         [("dead", "model.layers.1.mlp.gate", 2, 2)]
     assert "- step 2: dead expert 2 in layer 1 (model.layers.1.mlp.gate), share 0.0000" in \
