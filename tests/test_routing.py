@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from finetune import families, moe, routing_drift
@@ -16,32 +17,24 @@ from finetune.cli import main
 from finetune.expert_load import LoadAlarms
 from finetune.packed_forward import use_block_attention
 from finetune.recipe import RoutingConfig
+from helpers import recipes
 from helpers.tiny import batch, tiny_model
 
-# SFT trains every weight of a random model (the router included) at a high learning rate; DPO trains LoRA
-# adapters on attention and experts only (the router frozen). Every probe sequence is kept (max_overhead: null),
-# so the numbers do not depend on the machine's speed.
-RECIPE = """
-run_dir: {run_dir}
-seed: 7
-model:
-  init: {{architecture: {architecture}, hidden_size: 64, intermediate_size: 64, num_layers: 2, num_experts: 4,
-          experts_per_token: 2, vocab_size: 280}}
-  lora: {{targets: [attention, experts], r: 4, alpha: 8, stages: [dpo]}}
-data:
-  sources: [{{format: synthetic, options: {{sft: 200, pairs: 120, questions: 6}}}}]
-  dedup: exact
-  test_size: 0.2
-sft: {{max_steps: 12, per_device_train_batch_size: 8, learning_rate: 3.0e-3, logging_steps: 3, max_length: 128}}
-dpo: {{max_steps: 4, per_device_train_batch_size: 4, learning_rate: 1.0e-3, logging_steps: 1, max_length: 128}}
-routing: {{probe_sequences: 16, max_overhead: null, pair_sample: 16{routing}}}
-"""
-
-
-def write_recipe(folder, architecture="mixtral", routing=""):
+def write_recipe(folder, architecture="mixtral", **routing):
+    """The end-to-end tests' tiny recipe, two MoE layers wide enough to route: SFT trains every weight of a random
+    model (the router included) at a high learning rate; DPO trains LoRA adapters on attention and experts only
+    (the router frozen). Every probe sequence is kept (max_overhead: null), so the numbers do not depend on the
+    machine's speed."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "routing.yaml"
-    path.write_text(RECIPE.format(run_dir=folder / "run", architecture=architecture, routing=routing))
+    path = recipes.write_recipe(folder, architecture)
+    raw = yaml.safe_load(path.read_text())
+    raw["model"]["init"].update(hidden_size=64, intermediate_size=64, num_layers=2)
+    raw["data"]["sources"][0]["options"]["pairs"] = 120
+    raw["data"]["test_size"] = 0.2
+    raw["sft"].update(max_steps=12, learning_rate=3.0e-3, logging_steps=3)
+    raw["dpo"]["max_steps"] = 4
+    raw["routing"] = {"probe_sequences": 16, "max_overhead": None, "pair_sample": 16, **routing}
+    path.write_text(yaml.safe_dump(raw))
     return path
 
 
@@ -106,7 +99,7 @@ def test_report_draws_the_drift_and_lists_chosen_vs_rejected_and_alarms(drift_ru
 @pytest.mark.slow
 def test_telemetry_off_trains_the_same_weights_with_the_same_losses(drift_run, tmp_path):
     recipe, run, _ = drift_run
-    off = write_recipe(tmp_path, routing=", probe_sequences: 0, pair_sample: 0")
+    off = write_recipe(tmp_path, probe_sequences=0, pair_sample=0)
     for stage in ("data", "base"):
         shutil.copytree(run / stage, tmp_path / "run" / stage)
     moetune("run", str(off), "--stages", "sft,dpo")
@@ -124,7 +117,7 @@ def test_telemetry_off_trains_the_same_weights_with_the_same_losses(drift_run, t
 def test_an_expert_forced_dead_is_named_once_within_alarm_logs(tmp_path):
     # DeepSeek-V3 chooses experts by score + e_score_correction_bias (a buffer no gradient moves): a very negative
     # bias means never chosen. The SFT result gets one; DPO (LoRA) trains on it and must name that expert.
-    recipe = write_recipe(tmp_path, "deepseek_v3", routing=", alarm_logs: 2, probe_sequences: 0, pair_sample: 0")
+    recipe = write_recipe(tmp_path, "deepseek_v3", alarm_logs=2, probe_sequences=0, pair_sample=0)
     assert main(["run", str(recipe), "--stages", "prep,sft", "sft.max_steps=1"]) == 0
     weights = tmp_path / "run" / "sft" / "model.safetensors"
     tensors = load_file(str(weights))
