@@ -141,9 +141,9 @@ def long_pairs(path: Path, history_chars: int, count: int = 12) -> Path:
 
 def trainer_inputs(variant: str, recipe, examples: int, callbacks: list) -> dict:
     """Model, tokenizer, the first `examples` rows of the prepared split and the LoRA config (loaded untimed)."""
-    from finetune import adapters
-    from finetune.models import load_stage_model, load_tokenizer
-    from finetune.splits import load_split
+    from finetune.modeling import adapters
+    from finetune.modeling.loading import load_stage_model, load_tokenizer
+    from finetune.training.data_splits import load_split
 
     kind = "preference" if VARIANTS[variant][0] == "dpo" else "sft"
     model = load_stage_model(recipe, "base")
@@ -157,9 +157,9 @@ def trainer_for(variant: str, recipe, output_dir: Path, inputs: dict):
     import torch
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-    from finetune.packed_dpo import dpo_trainer
-    from finetune.packed_sft import sft_trainer
-    from finetune.trainer_config import trainer_config
+    from finetune.training.packed_dpo import dpo_trainer
+    from finetune.training.packed_sft import sft_trainer
+    from finetune.training.trainer_config import trainer_config
 
     # TRL's own defaults (bf16, activation checkpointing) on a GPU; on a CPU they fail, so users turn them off.
     machine_defaults = {} if torch.cuda.is_available() else dict(use_cpu=True, bf16=False)
@@ -222,8 +222,8 @@ def rss_mib() -> float:
 def run_variant(spec: dict) -> dict:
     from transformers import TrainerCallback
 
-    from finetune.models import seed_everything
-    from finetune.recipe_parsing import parse_recipe
+    from finetune.modeling.loading import seed_everything
+    from finetune.config.parsing import parse_recipe
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -345,11 +345,11 @@ def same_math_check(recipe, batch_size: int) -> tuple[float, float]:
     import torch
     from trl import DPOTrainer
 
-    from finetune import adapters
-    from finetune.models import load_stage_model, load_tokenizer
-    from finetune.packed_dpo import dpo_trainer
-    from finetune.splits import load_split
-    from finetune.trainer_config import trainer_config
+    from finetune.modeling import adapters
+    from finetune.modeling.loading import load_stage_model, load_tokenizer
+    from finetune.training.packed_dpo import dpo_trainer
+    from finetune.training.data_splits import load_split
+    from finetune.training.trainer_config import trainer_config
 
     base, tokenizer = load_stage_model(recipe, "base"), load_tokenizer(recipe)
     pairs = load_split(recipe, "preference", "train").select(range(batch_size))
@@ -370,17 +370,17 @@ def same_math_check(recipe, batch_size: int) -> tuple[float, float]:
 
 
 def prepare(folder: Path, sizes: dict, data_files: list[Path]) -> dict:
-    from data_prep.prepare import run as prep
-    from finetune import base
-    from finetune.models import load_stage_model
-    from finetune.recipe_parsing import parse_recipe
+    from finetune.stages.prepare import run as prep
+    from finetune.stages import base_model
+    from finetune.modeling.loading import load_stage_model
+    from finetune.config.parsing import parse_recipe
 
     raw = bench_recipe(folder / "run", sizes, data_files)
     raw["dpo"] = raw["sft"] = {"per_device_train_batch_size": sizes["batch"], "num_train_epochs": 1,
                                "disable_tqdm": True, **({"max_length": sizes["max_length"]} if "max_length" in sizes else {})}
     recipe = parse_recipe(copy.deepcopy(raw), "<bench>")
     prep(recipe)
-    base_folder = base.run(recipe)
+    base_folder = base_model.run(recipe)
     if sizes.get("embedding_rows"):
         model = load_stage_model(recipe, "base")
         model.resize_token_embeddings(sizes["embedding_rows"], mean_resizing=False)
@@ -489,7 +489,7 @@ def main(quick: bool, rounds: int | None = None, shapes: tuple[str, ...] = tuple
 def bench_shape(shape: str, quick: bool, rounds: int | None) -> str:
     from transformers import AutoConfig
 
-    from finetune.recipe_parsing import parse_recipe
+    from finetune.config.parsing import parse_recipe
 
     sizes = {**(QUICK if quick else SHAPES)[shape], **({"repeats": rounds} if rounds else {})}
     started = time.perf_counter()

@@ -103,8 +103,8 @@ def part_pipeline(sizes: dict, data: Path, work: Path) -> dict:
     import yaml
 
     from finetune.cli import main as moetune
-    from finetune.recipe_parsing import load_recipe
-    from finetune.trainer_config import device_defaults
+    from finetune.config.parsing import load_recipe
+    from finetune.training.trainer_config import device_defaults
 
     sizes = sizes["pipeline"]
     raw = yaml.safe_load((ROOT / "recipes" / "tiny-moe.yaml").read_text())
@@ -221,8 +221,8 @@ def part_equality(sizes: dict, data: Path, work: Path) -> dict:
     import torch
 
     from benchmarks import dpo_bench
-    from finetune.models import resolve_dtype
-    from finetune.recipe_parsing import parse_recipe
+    from finetune.modeling.loading import resolve_dtype
+    from finetune.config.parsing import parse_recipe
 
     sizes = sizes["speed"]  # the speed part's model and pairs
     raw, source = prepared_hh(sizes, data, work)
@@ -261,7 +261,7 @@ def prepared_hh(sizes: dict, data: Path, work: Path) -> tuple[dict, str]:
 
 def generated_hh(folder: Path) -> Path:
     """hh-rlhf-format files of the synthetic demo pairs, where the real ones are absent."""
-    from data_prep import synthetic
+    from finetune.core import synthetic_task
 
     def transcript(messages: list[dict]) -> str:
         return "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages)
@@ -271,7 +271,7 @@ def generated_hh(folder: Path) -> Path:
     (folder / "hh_rlhf").mkdir(parents=True, exist_ok=True)
     for seed, name in enumerate(HH_FILES):
         with open(folder / "hh_rlhf" / f"{name}.jsonl", "w") as handle:
-            for pair in synthetic.preference_pairs(500, seed):
+            for pair in synthetic_task.preference_pairs(500, seed):
                 handle.write(json.dumps({"chosen": transcript(pair["prompt"] + pair["chosen"]),
                                          "rejected": transcript(pair["prompt"] + pair["rejected"])}) + "\n")
     return folder

@@ -18,8 +18,8 @@ def compare(hidden_size: int, vocab_size: int, quick: bool = False) -> str:
     import torch
     from trl.kernels import ChunkedLogProbFunction
 
-    from finetune.lm_head_tiles import tiled_log_probs
-    from finetune.scored_lm_head import LOGPROB_CHUNK
+    from finetune.modeling.lm_head_tiles import tiled_log_probs
+    from finetune.training.scored_lm_head import LOGPROB_CHUNK
 
     tokens, rounds = (256, 2) if quick else (1024, 5)
     generator = torch.Generator().manual_seed(0)

@@ -38,7 +38,7 @@ def write_generated_source(path: Path, rows: int) -> None:
 
 def measure_in_child(recipe: dict) -> dict:
     """Run the stage in a fresh process; returns its wall time, rows read and peak memory."""
-    code = ("import json, sys, time, resource; from finetune.recipe_parsing import parse_recipe; from data_prep.prepare import run;"
+    code = ("import json, sys, time, resource; from finetune.config.parsing import parse_recipe; from finetune.stages.prepare import run;"
             "recipe = parse_recipe(json.loads(sys.argv[1]), '<bench>'); start = time.perf_counter();"
             "out = run(recipe); seconds = time.perf_counter() - start;"
             "report = json.loads((out / 'report.json').read_text());"
@@ -50,7 +50,7 @@ def measure_in_child(recipe: dict) -> dict:
 
 def baseline_peak_mib() -> float:
     """Peak memory of a process that only parses a recipe (which imports TRL, transformers and torch)."""
-    code = ("import resource; import data_prep.prepare; from finetune.recipe_parsing import parse_recipe;"
+    code = ("import resource; import finetune.stages.prepare; from finetune.config.parsing import parse_recipe;"
             "parse_recipe({'run_dir': 'x', 'model': {'init': {}}}, '<bench>');"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)

@@ -29,10 +29,10 @@ import peft
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, MixtralConfig
 
-from finetune import adapters, expert_quant, moe
-from finetune.models import load_quantized, resolve_dtype
-from finetune.recipe import LoraConfig
-from finetune.recipe_parsing import parse_recipe
+from finetune.modeling import adapters, expert_quant, moe
+from finetune.modeling.loading import load_quantized, resolve_dtype
+from finetune.config.recipe import LoraConfig
+from finetune.config.parsing import parse_recipe
 
 VARIANTS = {
     "expert_nf4": "(a) QLoRA, experts in NF4 (moetune)",

@@ -10,8 +10,8 @@ import random
 import re
 from typing import Any, Callable, Iterator
 
-from data_prep import synthetic
-from data_prep.config import SourceConfig
+from finetune.core import synthetic_task
+from finetune.config.data import SourceConfig
 from data_prep.oasst import oasst_examples
 from data_prep.onpolicy import on_policy_pairs
 from data_prep.records import Dropped, Example, Problem, Row, RowError
@@ -153,9 +153,9 @@ def scored_completions(completions: Any, options: dict) -> list[tuple[float, Any
 def generate_synthetic(rows: Iterator[Row], source: SourceConfig, seed: int) -> Iterator[Item]:
     """The built-in demo task: options {sft: N, pairs: N, questions: N}."""
     counts = {name: int(source.options.get(name, 0)) for name in ("sft", "pairs", "questions")}
-    generators = (("sft", synthetic.sft_conversations(counts["sft"], seed)),
-                  ("preference", synthetic.preference_pairs(counts["pairs"], seed)),
-                  ("question", synthetic.questions(counts["questions"], seed)))
+    generators = (("sft", synthetic_task.sft_conversations(counts["sft"], seed)),
+                  ("preference", synthetic_task.preference_pairs(counts["pairs"], seed)),
+                  ("question", synthetic_task.questions(counts["questions"], seed)))
     for kind, rows_of_kind in generators:
         for index, row in enumerate(rows_of_kind):
             yield Example(kind, row, f"synthetic {kind} #{index}")

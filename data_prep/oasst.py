@@ -10,7 +10,7 @@ from __future__ import annotations
 from itertools import groupby
 from typing import Any, Iterator
 
-from data_prep.config import SourceConfig
+from finetune.config.data import SourceConfig
 from data_prep.records import Example, Problem, Row
 
 ROLES = {"prompter": "user", "assistant": "assistant"}

@@ -13,8 +13,8 @@ from typing import Callable, Iterator
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from data_prep import synthetic
-from data_prep.config import SourceConfig
+from finetune.core import synthetic_task
+from finetune.config.data import SourceConfig
 from data_prep.records import Example, Problem, Row, RowError
 
 Judge = Callable[[list[dict], str], float]
@@ -40,7 +40,7 @@ def on_policy_pairs(rows: Iterator[Row], source: SourceConfig, seed: int) -> Ite
 
 def prompts(rows: Iterator[Row], source: SourceConfig, seed: int) -> Iterator[Prompt | Problem]:
     if source.path is None and source.dataset is None:
-        for index, pair in enumerate(synthetic.preference_pairs(int(source.options.get("synthetic", 0)), seed)):
+        for index, pair in enumerate(synthetic_task.preference_pairs(int(source.options.get("synthetic", 0)), seed)):
             yield f"synthetic prompt #{index}", pair["prompt"]
         return
     for row in rows:
@@ -92,18 +92,18 @@ def make_judge(name: str) -> Judge:
 
 
 def programmatic_judge(prompt: list[dict], completion: str) -> float:
-    """Scores answers to the synthetic task (1-10, see synthetic.score_answer) by re-solving the question."""
+    """Scores answers to the synthetic task (1-10, see synthetic_task.score_answer) by re-solving the question."""
     questions = [m["content"] for m in prompt if m["role"] == "user"]
     skill, first_input = synthetic_question(questions[0])
     last_input = first_input
-    follow_up = synthetic.FOLLOW_UP.split("{x}")[0]
+    follow_up = synthetic_task.FOLLOW_UP.split("{x}")[0]
     if len(questions) > 1 and questions[-1].startswith(follow_up):
         last_input = questions[-1][len(follow_up):]
-    return float(synthetic.score_answer(skill.category, completion, skill.solve(last_input)))
+    return float(synthetic_task.score_answer(skill.category, completion, skill.solve(last_input)))
 
 
-def synthetic_question(text: str) -> tuple[synthetic.Skill, str]:
-    for skill in synthetic.SKILLS:
+def synthetic_question(text: str) -> tuple[synthetic_task.Skill, str]:
+    for skill in synthetic_task.SKILLS:
         for phrasing in skill.phrasings:
             prefix = phrasing.split("{x}")[0]
             if text.startswith(prefix):

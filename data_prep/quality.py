@@ -13,9 +13,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
-from data_prep.config import DataConfig
+from finetune.config.data import DataConfig
 from data_prep.records import DataError, Example
-from finetune.remote_files import recipe_file
+from finetune.core.remote_files import recipe_file
 
 WORD = re.compile(r"\w+")
 

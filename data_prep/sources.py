@@ -10,7 +10,7 @@ from typing import Iterable, Iterator
 
 from datasets import load_dataset
 
-from data_prep.config import SourceConfig
+from finetune.config.data import SourceConfig
 from data_prep.records import DataError, Example, Problem, Row
 
 LOCAL_FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}

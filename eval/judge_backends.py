@@ -22,9 +22,9 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable, Iterator
 
-from data_prep.synthetic import SKILL_BY_CATEGORY, score_answer
+from finetune.core.synthetic_task import SKILL_BY_CATEGORY, score_answer
 from eval.answer import generate_replies, prepare_for_generation
-from eval.config import JudgeConfig
+from finetune.config.evaluation import JudgeConfig
 from eval.judge_prompts import UNPARSEABLE, JudgePrompt
 
 JudgeResult = tuple[int, str | None, str | None]  # (index of the prompt, judgment text, error message)

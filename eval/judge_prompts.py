@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eval.config import EvalInputError
+from finetune.config.evaluation import EvalInputError
 from eval.jsonl import read_jsonl
 
 RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")

@@ -12,7 +12,7 @@ from typing import Any
 
 from datasets import load_dataset
 
-from eval.config import EvalInputError
+from finetune.config.evaluation import EvalInputError
 from eval.jsonl import read_jsonl
 
 FORMAT_HINT = 'one JSON object per line: {"question_id": 1, "category": "writing", "turns": ["..."]} (MT-Bench format)'

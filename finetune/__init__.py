@@ -5,7 +5,7 @@ import logging
 # peft imports bitsandbytes whenever it is installed (peft/helpers.py), so every command imports it, even --help.
 # On CPUs with AVX512-BF16 bitsandbytes then tries to fetch an optional kernel from the Hub through the `kernels`
 # package and logs "Failed to load CPU gemm_4bit_forward from kernels-community" when it cannot; its own kernel
-# works. moetune itself imports bitsandbytes only to quantize (finetune/expert_quant.py).
+# works. moetune itself imports bitsandbytes only to quantize (finetune/modeling/expert_quant.py).
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 import warnings

@@ -8,16 +8,17 @@ import sys
 import textwrap
 from pathlib import Path
 
-from finetune import hub, launch
-from finetune.fields import describe_fields
+from finetune.stages import hub
+from finetune import launch
+from finetune.config.section_fields import describe_fields
 from finetune.pipeline import run_stage, wait_for_uploads
 from finetune.preflight import check_before_running
-from finetune.recipe import TRAINING_STAGES, Recipe, RecipeError
-from finetune.recipe_parsing import load_recipe, trainer_config_class
+from finetune.config.recipe import TRAINING_STAGES, Recipe, RecipeError
+from finetune.config.parsing import load_recipe, trainer_config_class
 from finetune.registry import BY_NAME, COMMANDS, STAGES, command_writing
-from finetune.run_report import write_report
-from finetune.rundir import MissingStageOutput, StageError, changed_keys, fingerprint, read_manifest
-from finetune.trainer_config import moetune_defaults
+from finetune.stages.report import write_report
+from finetune.core.rundir import MissingStageOutput, StageError, changed_keys, fingerprint, read_manifest
+from finetune.training.trainer_config import moetune_defaults
 
 FOLDER_COMMANDS = ("merge", "push", "report")  # commands on folders, without a recipe
 

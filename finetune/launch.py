@@ -12,9 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from finetune import distributed
+from finetune.core import distributed
 from finetune.registry import STAGES
-from finetune.rundir import StageError
+from finetune.core.rundir import StageError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "recipes" / "accelerate"
 EVERY_PROCESS_STAGES = tuple(spec.name for spec in STAGES if spec.every_process)  # training: one launch runs them

@@ -12,13 +12,13 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from finetune import distributed
-from finetune.disk_errors import raise_disk_error
-from finetune.hub import HubError, push
-from finetune.recipe import Recipe
+from finetune.core import distributed
+from finetune.core.disk_errors import raise_disk_error
+from finetune.stages.hub import HubError, push
+from finetune.config.recipe import Recipe
 from finetune.registry import BY_NAME, StageSpec, hidden_needs
-from finetune.run_report import write_report
-from finetune.rundir import MANIFEST, StageError, read_manifest
+from finetune.stages.report import write_report
+from finetune.core.rundir import MANIFEST, StageError, read_manifest
 
 
 def run_stage(name: str, recipe: Recipe, force: bool | str) -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 from huggingface_hub import HfApi, constants, try_to_load_from_cache
 from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
-from eval.evaluate import check_files
-from finetune.recipe import MODEL_STAGES, Recipe, RecipeError
+from finetune.stages.evaluate import check_files
+from finetune.config.recipe import MODEL_STAGES, Recipe, RecipeError
 
 HUB_TIMEOUT_SECONDS = 10.0
 LOADING_STAGES = ("sft", "dpo", "eval")  # commands that load the base model

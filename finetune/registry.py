@@ -10,10 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from data_prep import prepare
-from eval import evaluate
-from finetune import base, dpo, sft
-from finetune.recipe import Recipe
+from finetune.stages import base_model, dpo, evaluate, prepare, sft
+from finetune.config.recipe import Recipe
 
 
 def always(recipe: Recipe) -> bool:
@@ -42,9 +40,9 @@ class StageSpec:
 STAGES = (
     StageSpec("prep", prepare.run, ("data",), "data", (), every_process=False, inputs=prepare.stage_inputs,
               description="Build SFT conversations and preference pairs into run_dir/data."),
-    StageSpec("base", base.run, ("model",), "base", ("prep",), every_process=True,
+    StageSpec("base", base_model.run, ("model",), "base", ("prep",), every_process=True,
               description="Train a tokenizer on the data and build the model.init model into run_dir/base.",
-              command=False, applies=builds_tiny_model, inputs=base.stage_inputs),
+              command=False, applies=builds_tiny_model, inputs=base_model.stage_inputs),
     StageSpec("sft", sft.run, ("model", "sft", "speed", "routing", "checkpoints"), "sft", ("prep", "base"), every_process=True,
               inputs=sft.stage_inputs,
               description="Supervised fine-tuning with TRL's SFTTrainer into run_dir/sft."),

@@ -4,7 +4,7 @@ shared data, subprocesses with deadlines); this file holds the fixtures built on
 Markers (registered in pyproject.toml): `slow` for tests over ~20 s on a 2-core machine (`-m "not slow"` for a quick
 run), `multiprocess` for tests that start several training processes. Every test has a time limit (pytest-timeout,
 pyproject.toml) and every subprocess wait has its own, so a stuck test fails instead of hanging the suite.
-The `conformance` selection the GPU check runs on CUDA (`pytest -m conformance`, see tests/on_device.py): the tests
+The `conformance` selection the GPU check runs on CUDA (`pytest -m conformance`, see tests/helpers/on_device.py): the tests
 marked so, and every test of the per-family conformance files.
 """
 

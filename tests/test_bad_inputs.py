@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data_prep import synthetic
+from finetune.core import synthetic_task
 from finetune.cli import main
-from finetune.base import write_base_model
-from finetune.recipe_parsing import load_recipe
-from finetune.rundir import Stage
+from finetune.stages.base_model import write_base_model
+from finetune.config.parsing import load_recipe
+from finetune.core.rundir import Stage
 from helpers.shared_data import mt_bench_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,14 +143,14 @@ def test_a_whole_file_on_one_line_is_a_malformed_row(folder, capsys):
 
 
 def test_ctrl_c_during_prep_then_the_same_command(folder, capsys, monkeypatch):
-    import data_prep.prepare
+    import finetune.stages.prepare
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     recipe = write_recipe(folder)
     with monkeypatch.context() as patch:
-        patch.setattr(data_prep.prepare, "prepare", interrupted)
+        patch.setattr(finetune.stages.prepare, "prepare", interrupted)
         code, output = moetune(capsys, "prep", recipe)
     assert code == 2 and "interrupted. Run the same command again" in output and "data" not in run_dir_state(folder)
     assert moetune(capsys, "prep", recipe)[0] == 0 and "data" in run_dir_state(folder)
@@ -250,7 +250,7 @@ def eval_recipe(folder: Path, model_dir: Path, **judge) -> Path:
         "judge": judge or {"type": "programmatic"}})
 
 
-SYNTHETIC = list(synthetic.questions(3, seed=1))
+SYNTHETIC = list(synthetic_task.questions(3, seed=1))
 BROKEN_QUESTIONS = [
     ("", "questions.jsonl holds no questions"),
     (jsonl(SYNTHETIC[:1]) + "{broken\n", "questions.jsonl:2: not valid JSON"),
@@ -290,7 +290,7 @@ def test_eval_without_questions_says_where_to_get_some(folder, capsys):
 
 
 def test_ctrl_c_while_answering_keeps_the_work_and_the_same_command_continues(folder, capsys, model_dir, monkeypatch):
-    import eval.evaluate
+    import finetune.stages.evaluate
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -298,7 +298,7 @@ def test_ctrl_c_while_answering_keeps_the_work_and_the_same_command_continues(fo
     write_questions(folder, SYNTHETIC)
     recipe = eval_recipe(folder, model_dir)
     with monkeypatch.context() as patch:
-        patch.setattr(eval.evaluate, "answer_questions", interrupted)
+        patch.setattr(finetune.stages.evaluate, "answer_questions", interrupted)
         code, output = moetune(capsys, "eval", recipe)
     assert code == 2 and "[eval] interrupted" in output and run_dir_state(folder) == {".eval.partial"}
     assert moetune(capsys, "eval", recipe)[0] == 0 and run_dir_state(folder) == {"eval"}
@@ -423,7 +423,7 @@ def test_ctrl_c_while_judging_stops_in_seconds_and_keeps_what_finished(folder, m
 
 def test_dns_failure_is_tried_a_few_times_not_like_a_503(monkeypatch):
     from eval import judge_backends as judges
-    from eval.config import JudgeConfig
+    from finetune.config.evaluation import JudgeConfig
     from eval.judge_prompts import JudgePrompt
 
     attempts = []

@@ -4,10 +4,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from finetune import balancing, expert_load, moe
-from finetune.recipe import ModelInit, RecipeError
-from finetune.recipe_parsing import parse_recipe
-from finetune.tiny import init_config, train_tokenizer
+from finetune.training import balancing, expert_load
+from finetune.modeling import moe
+from finetune.config.recipe import ModelInit, RecipeError
+from finetune.config.parsing import parse_recipe
+from finetune.modeling.tiny import init_config, train_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,11 @@
 import pytest
 from trl.chat_template_utils import has_generation_markers
 
-from finetune.chat_template import training_template_problem
+from finetune.config.chat_template import training_template_problem
 from finetune.cli import main
-from finetune.recipe import RecipeError
-from finetune.recipe_parsing import load_recipe
-from tests.lookalike import FAMILIES, TRL_TEMPLATES, train_family_tokenizer
+from finetune.config.recipe import RecipeError
+from finetune.config.parsing import load_recipe
+from helpers.lookalike import FAMILIES, TRL_TEMPLATES, train_family_tokenizer
 
 CONVERSATION = [{"role": "user", "content": "Sort 3 1 2."}, {"role": "assistant", "content": "1 2 3"},
                 {"role": "user", "content": "And 9 8?"}, {"role": "assistant", "content": "8 9"}]
@@ -64,7 +64,7 @@ def test_family_templates_without_markers_get_trls_training_copy(family):
 
 
 def test_unknown_template_without_markers_is_refused_before_sft_with_both_fixes(tmp_path, capsys):
-    from tests.lookalike import build_lookalike
+    from helpers.lookalike import build_lookalike
     from tests.test_real_checkpoints import write_recipe
 
     folder = build_lookalike("mixtral", tmp_path / "checkpoint")

@@ -107,7 +107,7 @@ def test_finished_eval_rerun_prints_its_scores_and_manifests_keep_integers(finis
 
 
 def test_losses_print_to_four_significant_figures():
-    from finetune.saving import describe_loss
+    from finetune.training.saving import describe_loss
 
     assert describe_loss({"first_loss": 3.3868304443359376, "last_loss": 0.012345678}) == "loss 3.387 -> 0.01235"
     assert describe_loss({"first_loss": None, "last_loss": None, "mean_loss": 2.71828}) == \

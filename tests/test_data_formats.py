@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.config import SourceConfig
+from finetune.config.data import SourceConfig
 from data_prep.formats import CONVERTERS, convert_preference, convert_scored, parse_transcript, render_transcript
 from data_prep.records import Dropped, Example, Problem, Row, RowError
 from data_prep.validate import normalized

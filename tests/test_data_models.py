@@ -8,9 +8,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import MixtralConfig, MixtralForCausalLM, MixtralForSequenceClassification, PreTrainedTokenizerFast
 
 from data_prep.onpolicy import best_vs_worst, programmatic_judge, reward_model_judge
-from data_prep.prepare import run
-from data_prep.synthetic import preference_pairs
-from finetune.recipe_parsing import parse_recipe
+from finetune.stages.prepare import run
+from finetune.core.synthetic_task import preference_pairs
+from finetune.config.parsing import parse_recipe
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant: {% endif %}")

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.prepare import run
+from finetune.stages.prepare import run
 from data_prep.records import DataError
-from finetune.recipe_parsing import load_recipe
+from finetune.config.parsing import load_recipe
 from helpers.recipes import make_recipe
 from helpers.shared_data import require_shared_data
 

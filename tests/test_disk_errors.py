@@ -16,7 +16,7 @@ import pytest
 
 import data_prep.writer
 import eval.jsonl
-from finetune.checkpoints import checkpoint_problem, checkpoints
+from finetune.training.checkpoints import checkpoint_problem, checkpoints
 from finetune.cli import main
 from helpers.recipes import prepared_recipe, write_recipe
 
@@ -102,7 +102,7 @@ def test_full_disk_during_prep(tmp_path, monkeypatch, capsys):
 
 
 def test_full_disk_while_saving_eval_judgments(tmp_path, monkeypatch, capsys):
-    from data_prep.synthetic import questions
+    from finetune.core.synthetic_task import questions
 
     run = tmp_path / "run"
     question_file = tmp_path / "questions.jsonl"

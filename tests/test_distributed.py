@@ -15,9 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune import distributed, launch, moe
+from finetune.core import distributed
+from finetune import launch
+
+from finetune.modeling import moe
 from finetune.cli import main
-from finetune.rundir import StageError
+from finetune.core.rundir import StageError
 from helpers.recipes import write_recipe
 from helpers.tiny import ARCHITECTURES, tiny_model
 

@@ -16,22 +16,23 @@ from transformers import AutoModelForCausalLM
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from benchmarks.dpo_bench import SAME_MATH, loss_and_gradients, relative_differences
-from data_prep import synthetic
-from finetune import adapters, packed_forward, scored_lm_head
+from finetune.core import synthetic_task
+from finetune.modeling import adapters
+from finetune.training import packed_forward, scored_lm_head
 from finetune.cli import main
-from finetune.tiny import init_config, train_tokenizer
-from finetune.packed_dpo import PackedDPOTrainer
-from finetune.packed_sft import PaddingFreeSFTTrainer, sft_trainer
-from finetune.preference_packing import pack_pairs
-from finetune.recipe import LoraConfig, ModelInit, SpeedConfig
+from finetune.modeling.tiny import init_config, train_tokenizer
+from finetune.training.packed_dpo import PackedDPOTrainer
+from finetune.training.packed_sft import PaddingFreeSFTTrainer, sft_trainer
+from finetune.training.preference_packing import pack_pairs
+from finetune.config.recipe import LoraConfig, ModelInit, SpeedConfig
 from helpers.recipes import write_recipe
-from tests.on_device import DTYPE, trainer_options
+from helpers.on_device import DTYPE, trainer_options
 
 
 @pytest.fixture(scope="module")
 def tiny():
     """A tiny Mixtral (with its router's aux loss on), its tokenizer and 8 preference pairs of varied lengths."""
-    pairs = list(synthetic.preference_pairs(8, 3))
+    pairs = list(synthetic_task.preference_pairs(8, 3))
     texts = [m["content"] for row in pairs for key in ("prompt", "chosen", "rejected") for m in row[key]]
     tokenizer = train_tokenizer(texts, vocab_size=200)
     init = ModelInit(hidden_size=32, intermediate_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -141,7 +142,7 @@ def sft_batch(tiny, tmp_path_factory):
 
 def sft_build(tiny, tmp_path, make):
     model, tokenizer, _ = tiny
-    conversations = Dataset.from_list(list(synthetic.sft_conversations(8, 4)))
+    conversations = Dataset.from_list(list(synthetic_task.sft_conversations(8, 4)))
     config = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_length=30,
                        per_device_train_batch_size=8, assistant_only_loss=True, seed=0)
     return make(model=copy.deepcopy(model), args=config, train_dataset=conversations, processing_class=tokenizer)
@@ -171,7 +172,7 @@ def test_sft_levers_give_trl_loss_gradients_and_metrics(tiny, sft_batch, tmp_pat
     assert head_rows == [scored] and 0 < scored < sum(len(row["input_ids"]) for row in examples) / 2
 def sft_trainers(model, tokenizer, tmp_path, conversations: int, max_length: int):
     """TRL's SFTTrainer and the padding-free one on copies of `model`, one batch of synthetic conversations."""
-    dataset = Dataset.from_list(list(synthetic.sft_conversations(conversations, 4)))
+    dataset = Dataset.from_list(list(synthetic_task.sft_conversations(conversations, 4)))
     trainers = []
     for trainer_class in (SFTTrainer, PaddingFreeSFTTrainer):
         config = SFTConfig(output_dir=str(tmp_path), **trainer_options(), report_to="none", max_length=max_length,

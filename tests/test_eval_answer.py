@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from eval.answer import answer_batch, answer_questions, batches_by_temperature, generate_replies, prepare_for_generation
-from eval.config import MT_BENCH_TEMPERATURES
+from finetune.config.evaluation import MT_BENCH_TEMPERATURES
 from eval.jsonl import read_jsonl
 from helpers.tiny import tiny_chat_model
 

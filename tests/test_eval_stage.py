@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-import eval.evaluate
-from eval.config import JudgeConfig
+import finetune.stages.evaluate
+from finetune.config.evaluation import JudgeConfig
 from eval.judge_prompts import JudgePrompt
 from eval.judge_backends import OpenAICompatibleJudge, retry_after_seconds
 from eval.jsonl import read_jsonl
 from finetune.cli import main
-from finetune.recipe_parsing import parse_recipe
+from finetune.config.parsing import parse_recipe
 from helpers.shared_data import mt_bench_file
 from helpers.tiny import tiny_chat_model
 
@@ -159,7 +159,7 @@ def no_model_loading(monkeypatch):
     """Answers are already saved: loading a model would be a bug."""
     def refuse(recipe, name):
         raise AssertionError(f"model {name} loaded although its answers were saved")
-    monkeypatch.setattr(eval.evaluate, "load_for_inference", refuse)
+    monkeypatch.setattr(finetune.stages.evaluate, "load_for_inference", refuse)
 
 
 def test_single_judge_over_http_retries_records_failures_and_resumes(tmp_path, judge_server, monkeypatch, capsys, no_model_loading):
@@ -172,7 +172,7 @@ def test_single_judge_over_http_retries_records_failures_and_resumes(tmp_path, j
     recipe = openai_recipe(tmp_path, judge_server, question_file, mt_bench_file("judge_prompts.jsonl"))
 
     # First run: b's second math turn keeps failing (HTTP 500): recorded, not fatal, stage left unfinished.
-    assert eval.evaluate.run(recipe) == tmp_path / ".eval.partial"
+    assert finetune.stages.evaluate.run(recipe) == tmp_path / ".eval.partial"
     assert not (tmp_path / "eval").exists()
     attempts = judge_server.attempts
     assert [attempts["slow"], attempts["busy"], attempts["down"]] == [2, 2, 3]  # timeout, 429 retried; 500 twice
@@ -186,7 +186,7 @@ def test_single_judge_over_http_retries_records_failures_and_resumes(tmp_path, j
     # Second run, judge healthy again: only the missing judgment is asked for, then the stage commits.
     judge_server.down = False
     requests_before = len(judge_server.requests)
-    assert eval.evaluate.run(recipe) == tmp_path / "eval"
+    assert finetune.stages.evaluate.run(recipe) == tmp_path / "eval"
     assert len(judge_server.requests) == requests_before + 1
 
     scores = json.loads((tmp_path / "eval" / "scores.json").read_text())["models"]
@@ -228,7 +228,7 @@ def test_pairwise_against_baseline_counts_inconsistent_verdicts_as_ties(tmp_path
     recipe = openai_recipe(tmp_path, judge_server, question_file, mt_bench_file("judge_prompts.jsonl"),
                            mode="pairwise", baseline="a")
     judge_server.down = False
-    assert eval.evaluate.run(recipe) == tmp_path / "eval"
+    assert finetune.stages.evaluate.run(recipe) == tmp_path / "eval"
 
     assert len(judge_server.requests) == 5 * 2  # five comparisons, both orders each
     # win (q1 t1), loss (q1 t2), tie by inconsistency (q2 t1), tie by [[C]] (q2 t2), unreadable verdict (q3).
@@ -309,7 +309,7 @@ def test_eval_killed_while_judging_resumes_without_asking_twice(tmp_path, judge_
 
 
 def synthetic_recipe(run_dir: Path, **eval_section):
-    from data_prep.synthetic import questions
+    from finetune.core.synthetic_task import questions
 
     (run_dir / "data").mkdir(parents=True, exist_ok=True)
     (run_dir / "data" / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions(6, seed=3)))
@@ -319,20 +319,20 @@ def synthetic_recipe(run_dir: Path, **eval_section):
 
 @pytest.fixture
 def tiny_models(monkeypatch):
-    """finetune.models.load_for_inference stand-in: a tiny random MoE per name; counts loads."""
+    """finetune.modeling.loading.load_for_inference stand-in: a tiny random MoE per name; counts loads."""
     loads = Counter()
 
     def load_for_inference(recipe, name):
         loads[name] += 1
         return tiny_chat_model(seed=len(name))
 
-    monkeypatch.setattr(eval.evaluate, "load_for_inference", load_for_inference)
+    monkeypatch.setattr(finetune.stages.evaluate, "load_for_inference", load_for_inference)
     return loads
 
 
 def test_programmatic_stage_answers_judges_reports_and_resumes(tmp_path, tiny_models, capsys):
     recipe = synthetic_recipe(tmp_path)
-    assert eval.evaluate.run(recipe) == tmp_path / "eval"
+    assert finetune.stages.evaluate.run(recipe) == tmp_path / "eval"
     assert tiny_models == {"base": 1, "sft": 1, "dpo": 1}
 
     answers = read_jsonl(tmp_path / "eval" / "model_answer" / "sft.jsonl")
@@ -347,14 +347,14 @@ def test_programmatic_stage_answers_judges_reports_and_resumes(tmp_path, tiny_mo
     assert "| score | base | sft | dpo |" in capsys.readouterr().out
 
     # Same inputs: skipped, nothing loaded.
-    assert eval.evaluate.run(recipe) == tmp_path / "eval"
+    assert finetune.stages.evaluate.run(recipe) == tmp_path / "eval"
     assert sum(tiny_models.values()) == 3
 
 
 def test_rerun_after_crash_reuses_saved_answers_and_judgments(tmp_path, tiny_models):
     recipe = synthetic_recipe(tmp_path, models=["base", "sft"])
     work = tmp_path / ".eval.partial"
-    eval.evaluate.run(recipe)
+    finetune.stages.evaluate.run(recipe)
     # Make it look like a crash: the work folder is back, with sft's answers and all judgments for sft gone.
     (tmp_path / "eval").rename(work)
     (work / "moetune_stage.json").unlink()
@@ -363,7 +363,7 @@ def test_rerun_after_crash_reuses_saved_answers_and_judgments(tmp_path, tiny_mod
     kept = [j for j in read_jsonl(judgment_file) if j["model"] == "base"]
     judgment_file.write_text("".join(json.dumps(j) + "\n" for j in kept))
 
-    eval.evaluate.run(recipe)
+    finetune.stages.evaluate.run(recipe)
     assert tiny_models == {"base": 1, "sft": 2}  # base was not loaded again
     after = read_jsonl(tmp_path / "eval" / "model_judgment" / "programmatic_single.jsonl")
     assert [j["tstamp"] for j in after if j["model"] == "base"] == [j["tstamp"] for j in kept]
@@ -375,7 +375,7 @@ def test_local_judge_model_grades_with_the_same_prompts(tmp_path, tiny_models):
 
     recipe = synthetic_recipe(tmp_path, models=["base"], judge={
         "type": "local", "model": "judge", "prompt_file": str(mt_bench_file("judge_prompts.jsonl")), "max_tokens": 4})
-    assert eval.evaluate.run(recipe) == tmp_path / "eval"
+    assert finetune.stages.evaluate.run(recipe) == tmp_path / "eval"
     assert tiny_models == {"base": 1, "judge": 1}
     judgments = read_jsonl(tmp_path / "eval" / "model_judgment" / "judge_single.jsonl")
     assert len(judgments) == 6 * 2

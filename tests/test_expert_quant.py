@@ -10,16 +10,16 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from finetune import adapters, expert_quant, moe
+from finetune.modeling import adapters, expert_quant, moe
 from finetune.cli import main
-from finetune.models import load_quantized, load_stage_model
-from finetune.recipe import LoraConfig, RecipeError
-from finetune.recipe_parsing import load_recipe, parse_recipe
+from finetune.modeling.loading import load_quantized, load_stage_model
+from finetune.config.recipe import LoraConfig, RecipeError
+from finetune.config.parsing import load_recipe, parse_recipe
 from helpers.recipes import write_recipe
 from helpers.tiny import ARCHITECTURES, batch, tiny_model
-from bnb_kernel_paths import bnb_kernel_path, row_blocked_dequantize_4bit, use_dequantize_kernel  # noqa: F401
-from on_device import DEVICE, DTYPE, SAME_RESULT, relative_error
-from tests.lookalike import FAMILIES, family_config
+from helpers.bnb_kernel_paths import bnb_kernel_path, row_blocked_dequantize_4bit, use_dequantize_kernel  # noqa: F401
+from helpers.on_device import DEVICE, DTYPE, SAME_RESULT, relative_error
+from helpers.lookalike import FAMILIES, family_config
 
 QLORA = ["model.lora.stages=[sft,dpo]", "model.quantization.bits=4", "sft.activation_checkpointing=true",
          "dpo.activation_checkpointing=true", "sft.learning_rate=1.0e-2", "dpo.learning_rate=1.0e-2",
@@ -33,7 +33,7 @@ def quantized_copy(model, double_quant=True):
 
 
 def tiny_model_on_device(architecture="mixtral"):
-    """The tiny model and a batch where the conformance tests run (tests/on_device.py)."""
+    """The tiny model and a batch where the conformance tests run (tests/helpers/on_device.py)."""
     model, tokenizer = tiny_model(architecture)
     return model.to(DEVICE, DTYPE), tokenizer, batch(tokenizer).to(DEVICE)
 

@@ -1,8 +1,8 @@
-"""The conformance matrix: every family of the registry (finetune/families.py) through the same checks.
+"""The conformance matrix: every family of the registry (finetune/core/families.py) through the same checks.
 
 Each check is one test parametrised over the families, on a tiny model of the family (hidden 64, 4 experts, top-2,
 2 layers) built once per session. A check a family cannot pass yet is asserted to be refused by the code, with the
-reason it gives, and reported as skipped with that reason. `python -m tests.conformance_matrix` runs this file and
+reason it gives, and reported as skipped with that reason. `python -m tests.helpers.conformance_matrix` runs this file and
 prints the family x check table shown in the README.
 """
 
@@ -17,12 +17,14 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
 from benchmarks.dpo_bench import loss_and_gradients
-from data_prep import synthetic
-from finetune import adapters, balancing, expert_load, families, moe
-from finetune.tiny import init_config, train_tokenizer
-from finetune.packed_dpo import PackedDPOTrainer
-from finetune.packed_sft import PaddingFreeSFTTrainer
-from finetune.recipe import BalancingConfig, LoraConfig, ModelInit
+from finetune.core import synthetic_task
+from finetune.modeling import adapters, moe
+from finetune.training import balancing, expert_load
+from finetune.core import families
+from finetune.modeling.tiny import init_config, train_tokenizer
+from finetune.training.packed_dpo import PackedDPOTrainer
+from finetune.training.packed_sft import PaddingFreeSFTTrainer
+from finetune.config.recipe import BalancingConfig, LoraConfig, ModelInit
 from tests.test_dpo_speed import build, same_math, whole_dataset
 from tests.test_expert_quant import dequantized_copy, quantized_copy, random_lora_on
 
@@ -54,8 +56,8 @@ REFUSED_MOE_TYPES = {
 @pytest.fixture(scope="session")
 def data():
     """A tokenizer trained on synthetic conversations and pairs, with 8 of each."""
-    pairs = list(synthetic.preference_pairs(8, 3))
-    conversations = list(synthetic.sft_conversations(8, 4))
+    pairs = list(synthetic_task.preference_pairs(8, 3))
+    conversations = list(synthetic_task.sft_conversations(8, 4))
     texts = [m["content"] for row in pairs for key in ("prompt", "chosen", "rejected") for m in row[key]]
     texts += [m["content"] for row in conversations for m in row["messages"]]
     return train_tokenizer(texts, vocab_size=200), Dataset.from_list(pairs), Dataset.from_list(conversations)
@@ -83,7 +85,7 @@ def models(data):
 
 def padded_batch(tokenizer, rows=3):
     texts = [tokenizer.apply_chat_template(row["messages"], tokenize=False)
-             for row in synthetic.sft_conversations(rows, 1)]
+             for row in synthetic_task.sft_conversations(rows, 1)]
     tokenizer.padding_side = "right"
     return tokenizer(texts, return_tensors="pt", padding=True)
 
@@ -123,8 +125,8 @@ def test_every_moe_model_type_is_covered_or_refused():
 
 
 def test_an_unsupported_family_is_refused_by_name_before_its_weights_load(tmp_path):
-    from finetune.models import load_pretrained
-    from finetune.recipe_parsing import parse_recipe
+    from finetune.modeling.loading import load_pretrained
+    from finetune.config.parsing import parse_recipe
 
     CONFIG_MAPPING["cohere2_moe"]().save_pretrained(tmp_path)  # a config, no weights: loading them would fail
     recipe = parse_recipe({"run_dir": str(tmp_path / "run"), "model": {"name_or_path": str(tmp_path)}}, "r.yaml")
@@ -133,7 +135,7 @@ def test_an_unsupported_family_is_refused_by_name_before_its_weights_load(tmp_pa
 
 
 def test_model_init_accepts_every_family():
-    from finetune.recipe_parsing import parse_recipe
+    from finetune.config.parsing import parse_recipe
 
     for architecture in FAMILIES + list(families.ALIASES):
         recipe = parse_recipe({"run_dir": "out", "model": {"init": {"architecture": architecture}}}, "r.yaml")

@@ -4,9 +4,10 @@ import peft
 import pytest
 import torch
 
-from finetune import adapters, expert_load, moe
-from finetune.models import experts_kernel
-from finetune.recipe import LoraConfig, ModelConfig
+from finetune.modeling import adapters, moe
+from finetune.training import expert_load
+from finetune.modeling.loading import experts_kernel
+from finetune.config.recipe import LoraConfig, ModelConfig
 from helpers.tiny import ARCHITECTURES, batch, tiny_model
 
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from finetune import hub, pipeline
+from finetune.stages import hub
+from finetune import pipeline
 from finetune.cli import main
-from finetune.models import load_for_inference, load_stage_model
-from finetune.recipe_parsing import load_recipe
-from finetune.rundir import read_manifest
+from finetune.modeling.loading import load_for_inference, load_stage_model
+from finetune.config.parsing import load_recipe
+from finetune.core.rundir import read_manifest
 from helpers.recipes import write_recipe
 
 pytestmark = pytest.mark.slow  # every test here uses the tiny run the module trains first

@@ -7,8 +7,8 @@ import pytest
 import torch
 from trl.kernels import ChunkedLogProbFunction
 
-from finetune import lm_head_tiles
-from finetune.lm_head_tiles import FIELDS, tiled_log_probs
+from finetune.modeling import lm_head_tiles
+from finetune.modeling.lm_head_tiles import FIELDS, tiled_log_probs
 
 TOKENS, HIDDEN, VOCAB = 70, 64, 1000
 

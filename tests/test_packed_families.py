@@ -14,11 +14,11 @@ from datasets import Dataset
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks.dpo_bench import loss_and_gradients
-from data_prep import synthetic
-from finetune.packed_dpo import PackedDPOTrainer
-from finetune.packed_forward import padding_free_for
-from finetune.recipe import SpeedConfig
-from tests.lookalike import build_lookalike
+from finetune.core import synthetic_task
+from finetune.training.packed_dpo import PackedDPOTrainer
+from finetune.training.packed_forward import padding_free_for
+from finetune.config.recipe import SpeedConfig
+from helpers.lookalike import build_lookalike
 from tests.test_dpo_speed import build, reference_log_probs, same_math, sft_trainers, whole_dataset
 
 
@@ -29,7 +29,7 @@ def gpt_oss(tmp_path_factory):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert model.config._attn_implementation == "eager" and model.config.sliding_window == 16
-    return model, tokenizer, Dataset.from_list(list(synthetic.preference_pairs(8, 3)))
+    return model, tokenizer, Dataset.from_list(list(synthetic_task.preference_pairs(8, 3)))
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from finetune.cli import main
-from finetune.models import load_stage_model
-from finetune.recipe_parsing import load_recipe
-from tests.lookalike import FAMILIES, TRL_TEMPLATES, build_lookalike
+from finetune.modeling.loading import load_stage_model
+from finetune.config.parsing import load_recipe
+from helpers.lookalike import FAMILIES, TRL_TEMPLATES, build_lookalike
 
 REPO = Path(__file__).resolve().parents[1]
 MISTRAL_TEMPLATE = REPO / "recipes" / "chat_templates" / "mistral-instruct.jinja"

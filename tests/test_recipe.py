@@ -2,9 +2,9 @@
 
 import pytest
 
-from finetune.recipe import RecipeError
-from finetune.recipe_parsing import load_recipe, parse_recipe
-from finetune.rundir import Stage, StageError
+from finetune.config.recipe import RecipeError
+from finetune.config.parsing import load_recipe, parse_recipe
+from finetune.core.rundir import Stage, StageError
 
 TINY = {"run_dir": "runs/x", "model": {"init": {}}}
 
@@ -119,7 +119,7 @@ def test_save_and_log_schedules_are_not_inputs_of_a_training_stage():
 
 
 def test_relative_eval_files_start_at_the_recipe_folder(tmp_path, monkeypatch):
-    from eval.evaluate import question_source, recipe_file
+    from finetune.stages.evaluate import question_source, recipe_file
 
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "recipes"

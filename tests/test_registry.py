@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from finetune import base, launch, pipeline
+from finetune.stages import base_model
+from finetune import launch, pipeline
 from finetune.cli import build_parser, parse_stages
-from finetune.recipe import Recipe
-from finetune.recipe_parsing import parse_recipe
+from finetune.config.recipe import Recipe
+from finetune.config.parsing import parse_recipe
 from finetune.registry import BY_NAME, COMMANDS, STAGES, command_writing, hidden_needs
-from finetune.rundir import Stage
+from finetune.core.rundir import Stage
 
 
 def tiny_recipe(tmp_path, **model):
@@ -35,7 +36,7 @@ def test_commands_and_help_come_from_the_registry():
 
 
 def test_base_runs_before_sft_only_for_model_init_recipes(tmp_path):
-    assert BY_NAME["base"].run is base.run
+    assert BY_NAME["base"].run is base_model.run
     assert hidden_needs("sft", tiny_recipe(tmp_path)) == [BY_NAME["base"]]
     assert hidden_needs("sft", tiny_recipe(tmp_path, name_or_path="some/model")) == []
     assert hidden_needs("dpo", tiny_recipe(tmp_path)) == []

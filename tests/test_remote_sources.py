@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from eval.judge_prompts import load_judge_prompts
-from eval.evaluate import question_source, recipe_file
-from finetune import remote_files
+from finetune.stages.evaluate import question_source, recipe_file
+from finetune.core import remote_files
 from finetune.cli import main
-from finetune.recipe_parsing import load_recipe
+from finetune.config.parsing import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import finetune.checkpoints
-from finetune.checkpoints import SEAL, checkpoint_problem, checkpoints
+import finetune.training.checkpoints
+from finetune.training.checkpoints import SEAL, checkpoint_problem, checkpoints
 from finetune.cli import main
-from finetune.recipe import CheckpointConfig, Recipe
-from finetune.trainer_config import moetune_defaults
+from finetune.config.recipe import CheckpointConfig, Recipe
+from finetune.training.trainer_config import moetune_defaults
 from helpers.processes import output_lines
 from helpers.recipes import prepared_recipe
 
@@ -149,14 +149,14 @@ def test_checkpoints_every_few_minutes_keep_the_newest(tmp_path, monkeypatch):
     (once per step, at the start and at each save), so a minute passes every three steps."""
     recipe, run = prepared_recipe(tmp_path / "timed")
     now = iter(range(0, 10_000, 20))
-    monkeypatch.setattr(finetune.checkpoints, "clock", lambda: next(now))
+    monkeypatch.setattr(finetune.training.checkpoints, "clock", lambda: next(now))
     kept = []
-    keep_newest = finetune.checkpoints.keep_newest
+    keep_newest = finetune.training.checkpoints.keep_newest
 
     def record(work, keep):
         keep_newest(work, keep)
         kept.append({step: checkpoint_problem(path) for step, path in checkpoints(work)})
-    monkeypatch.setattr(finetune.checkpoints, "keep_newest", record)
+    monkeypatch.setattr(finetune.training.checkpoints, "keep_newest", record)
 
     assert main(["sft", recipe, "sft.max_steps=10", "sft.save_total_limit=2", "checkpoints.every_minutes=1"]) == 0
     assert kept == [{3: None}, {6: None, 3: None}, {9: None, 6: None}]  # sealed, and only the newest two kept

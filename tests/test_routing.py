@@ -1,5 +1,5 @@
 """Routing telemetry: drift against the reference on a held-out probe, chosen vs rejected routing, expert-load
-alarms (finetune/routing_drift.py, finetune/expert_load.py), through the CLI as users run it."""
+alarms (finetune/training/routing_drift.py, finetune/training/expert_load.py), through the CLI as users run it."""
 
 import json
 import re
@@ -12,11 +12,13 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from finetune import families, moe, routing_drift
 from finetune.cli import main
-from finetune.expert_load import LoadAlarms
-from finetune.packed_forward import use_block_attention
-from finetune.recipe import RoutingConfig
+from finetune.config.recipe import RoutingConfig
+from finetune.core import families
+from finetune.modeling import moe
+from finetune.training import routing_drift
+from finetune.training.expert_load import LoadAlarms
+from finetune.training.packed_forward import use_block_attention
 from helpers import recipes
 from helpers.tiny import batch, tiny_model
 

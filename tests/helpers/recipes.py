@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from finetune.cli import main
-from finetune.recipe_parsing import parse_recipe
+from finetune.config.parsing import parse_recipe
 
 RECIPE = """
 run_dir: {run_dir}

@@ -10,16 +10,16 @@ import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM
 
-from data_prep import synthetic
-from finetune.recipe import ModelInit
-from finetune.tiny import init_config, train_tokenizer
+from finetune.core import synthetic_task
+from finetune.config.recipe import ModelInit
+from finetune.modeling.tiny import init_config, train_tokenizer
 
 ARCHITECTURES = ["mixtral", "qwen3_moe", "olmoe"]
 
 
 def tiny_model(architecture="mixtral", seed=0, hidden_size=64, intermediate_size=64):
     """Two layers of 4 experts, with dims that are multiples of 64 as in real models (unless a test wants odd ones)."""
-    texts = [m["content"] for row in synthetic.sft_conversations(200, 0) for m in row["messages"]]
+    texts = [m["content"] for row in synthetic_task.sft_conversations(200, 0) for m in row["messages"]]
     tokenizer = train_tokenizer(texts, vocab_size=280)
     init = ModelInit(architecture=architecture, hidden_size=hidden_size, intermediate_size=intermediate_size,
                      num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4, experts_per_token=2)
@@ -28,7 +28,7 @@ def tiny_model(architecture="mixtral", seed=0, hidden_size=64, intermediate_size
 
 
 def batch(tokenizer):
-    rows = [row["messages"] for row in synthetic.sft_conversations(4, 1)]
+    rows = [row["messages"] for row in synthetic_task.sft_conversations(4, 1)]
     texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in rows]
     return tokenizer(texts, return_tensors="pt", padding=True)
 

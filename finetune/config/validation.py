@@ -1,0 +1,151 @@
+"""Checking a parsed recipe's values before any work starts: choices, combinations, and what each needs."""
+
+from __future__ import annotations
+
+import difflib
+
+from finetune.config.evaluation import check_eval_config
+from finetune.core.families import ALIASES, ARCHITECTURES
+from finetune.config.recipe import (TRAINING_STAGES, HubConfig, LoraConfig, ModelConfig, ModelInit, Recipe,
+                                    RecipeError, RoutingConfig)
+
+LORA_ROLES = ("attention", "experts", "shared_experts", "dense_mlp", "router", "all")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+EXPERT_KERNELS = ("auto", "eager", "grouped_mm", "batched_mm")
+
+
+def validate_recipe(recipe: Recipe) -> None:
+    source = recipe.source
+    validate_model(recipe.model, source)
+    validate_data_needs(recipe)
+    validate_hub(recipe.hub, source)
+    for key in ("bias_update_rate", "router_z_loss_coef"):
+        if getattr(recipe.balancing, key) < 0:
+            raise RecipeError(f"{source}: balancing.{key} is {getattr(recipe.balancing, key)}; it must be >= 0 (0 is off).")
+    validate_routing(recipe.routing, source)
+    try:
+        check_eval_config(recipe.eval)
+    except ValueError as error:
+        raise RecipeError(f"{source}: {error}") from None
+
+
+def validate_routing(routing: RoutingConfig, source: str) -> None:
+    for key in ("probe_sequences", "pair_sample"):
+        if getattr(routing, key) < 0:
+            raise RecipeError(f"{source}: routing.{key} is {getattr(routing, key)}; it must be >= 0 (0 is off), e.g. 256.")
+    check_positive(routing.alarm_logs, source, "routing.alarm_logs", example="3")
+    if routing.max_overhead is not None and not 0 < routing.max_overhead <= 1:
+        raise RecipeError(f"{source}: routing.max_overhead is {routing.max_overhead}; it must be in (0, 1], e.g. 0.05 "
+                          f"(5% of training time), or null to probe every sequence.")
+    if not 0 <= routing.dead_load < 1:
+        raise RecipeError(f"{source}: routing.dead_load is {routing.dead_load}; it must be in [0, 1) (a fraction of the "
+                          f"uniform share), e.g. 0.1.")
+    if routing.hot_load <= 1:
+        raise RecipeError(f"{source}: routing.hot_load is {routing.hot_load}; it must be above 1 (a multiple of the "
+                          f"uniform share), e.g. 3.")
+
+
+def validate_model(model: ModelConfig, source: str) -> None:
+    if (model.name_or_path is None) == (model.init is None):
+        raise RecipeError(f"{source}: set exactly one of model.name_or_path (a hub id or path) or model.init (a tiny model).")
+    check_choice(model.dtype, DTYPES, source, "model.dtype")
+    check_choice(model.experts_implementation, EXPERT_KERNELS, source, "model.experts_implementation")
+    if model.init is not None:
+        validate_init(model.init, source)
+    if model.quantization is not None:
+        validate_quantization(model, source)
+    if model.lora is not None:
+        validate_lora(model.lora, source)
+
+
+def validate_init(init: ModelInit, source: str) -> None:
+    check_choice(init.architecture, ARCHITECTURES + tuple(ALIASES), source, "model.init.architecture")
+    for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "num_experts",
+                 "experts_per_token", "max_position_embeddings", "vocab_size"):
+        check_positive(getattr(init, name), source, f"model.init.{name}")
+    if init.experts_per_token > init.num_experts:
+        raise RecipeError(f"{source}: model.init.experts_per_token must be <= model.init.num_experts.")
+    if init.hidden_size % init.num_heads or init.num_heads % init.num_kv_heads:
+        raise RecipeError(f"{source}: model.init.hidden_size ({init.hidden_size}) must be a multiple of num_heads "
+                          f"({init.num_heads}), and num_heads a multiple of num_kv_heads ({init.num_kv_heads}).")
+
+
+def validate_lora(lora: LoraConfig, source: str) -> None:
+    """What peft would reject only once a stage has loaded the model."""
+    if not lora.targets:
+        raise RecipeError(f"{source}: model.lora.targets is empty; list roles ({', '.join(LORA_ROLES)}) or set lora: null.")
+    for role in lora.targets:
+        check_choice(role, LORA_ROLES, source, "model.lora.targets")
+    for stage in lora.stages:
+        check_choice(stage, TRAINING_STAGES, source, "model.lora.stages")
+    check_positive(lora.r, source, "model.lora.r", example="16")
+    check_positive(lora.alpha, source, "model.lora.alpha", example="2 * r")
+    if not 0 <= lora.dropout < 1:
+        raise RecipeError(f"{source}: model.lora.dropout is {lora.dropout}; it must be in [0, 1), e.g. 0.05.")
+
+
+def check_positive(value: int, source: str, path: str, example: str | None = None) -> None:
+    if value < 1:
+        hint = f", e.g. {example}" if example else ""
+        raise RecipeError(f"{source}: {path} is {value}; it must be a positive integer{hint}.")
+
+
+def validate_data_needs(recipe: Recipe) -> None:
+    """Data settings that need a model the recipe does not have when prep runs."""
+    if recipe.data.max_length is not None and recipe.model.init is not None:
+        raise RecipeError(
+            f"{recipe.source}: data.max_length filters rows by the model's token count, but a model.init recipe "
+            f"trains its tokenizer on the prepared data afterwards (the base stage), so there is nothing to count "
+            f"with. Remove data.max_length; sft.max_length and dpo.max_length still truncate what is trained on.")
+
+
+def validate_hub(hub: HubConfig, source: str) -> None:
+    for stage in hub.stages:
+        check_choice(stage, TRAINING_STAGES, source, "hub.stages")
+    if not hub.push:
+        return
+    if not hub.repo_id:
+        raise RecipeError(f"{source}: hub.push is true but hub.repo_id is not set; name the repository, "
+                          f"e.g. hub.repo_id=my-org/my-model-{{stage}}.")
+    for stage in hub.stages:
+        check_repo_id(hub.repo_for(stage), source)
+    if len(hub.stages) > 1 and "{stage}" not in hub.repo_id:
+        # One repository would hold only the last stage pushed: dpo's upload replaces sft's files.
+        raise RecipeError(f"{source}: hub.push uploads {' and '.join(hub.stages)} to one repository "
+                          f"{hub.repo_id}, where each replaces the other. Put {{stage}} in hub.repo_id (e.g. "
+                          f"{hub.repo_id}-{{stage}}) or push a single stage (hub.stages: [dpo]).")
+
+
+def check_repo_id(repo_id: str, source: str) -> None:
+    """Checked before any training that would end in a refused upload."""
+    problem = invalid_repo_id(repo_id)
+    if problem:
+        raise RecipeError(f"{source}: hub.repo_id gives {repo_id!r}, which is not a valid Hub repository id, e.g. "
+                          f"my-org/mixtral-{{stage}}: {problem}")
+
+
+def invalid_repo_id(repo_id: str) -> str | None:
+    """What huggingface_hub's own validator finds wrong with a repository id, or None."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        return str(error)
+    return None
+
+
+def validate_quantization(model: ModelConfig, source: str) -> None:
+    if model.quantization.bits not in (4, 8):
+        raise RecipeError(f"{source}: model.quantization.bits is {model.quantization.bits}; choose 4 or 8.")
+    check_choice(model.quantization.compute_dtype, DTYPES, source, "model.quantization.compute_dtype")
+    if model.lora is None:
+        raise RecipeError(f"{source}: model.quantization needs model.lora: a quantized base can only train adapters. "
+                          f"Add a lora: section or set quantization: null.")
+
+
+def check_choice(value: str, choices: tuple[str, ...], source: str, path: str) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise RecipeError(f"{source}: {path} is '{value}'; choose one of {', '.join(choices)}.{hint}")

@@ -1,0 +1,117 @@
+"""LoRA adapters chosen by role (attention, experts, shared_experts, dense_mlp, router) instead of by module name.
+
+peft's `target_modules` cannot reach transformers-5 fused experts, and "all-linear" silently adapts the router.
+Roles map to explicit targets found through the family registry: the Linears of attention, shared experts and
+dense FFNs through `target_modules` (qualified names, so a shared expert's `down_proj` is not confused with a dense
+layer's), the fused 3-D expert weights and the router weight through `target_parameters`. Anything not listed
+stays frozen, `e_score_correction_bias` included.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
+
+import peft
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import transformers_weight_conversion
+from torch import nn
+
+from finetune.core import distributed
+from finetune.modeling import expert_quant, moe
+from finetune.config.recipe import LoraConfig
+
+ALL_ROLES = ("attention", "experts", "shared_experts", "dense_mlp", "router")
+MOE_ROLES = ("experts", "router")
+
+
+def expand_roles(targets: list[str]) -> set[str]:
+    return set(ALL_ROLES) if "all" in targets else set(targets)
+
+
+def role_targets(model: nn.Module, roles: set[str]) -> tuple[list[str], list[str]]:
+    """(target_modules, target_parameters) of the roles."""
+    modules = {"attention": moe.attention_linear_targets, "shared_experts": moe.shared_expert_targets,
+               "dense_mlp": moe.dense_mlp_targets}
+    parameters = {"experts": moe.expert_parameter_targets, "router": moe.router_parameter_targets}
+    target_modules = [name for role, find in modules.items() if role in roles for name in find(model)]
+    target_parameters = [name for role, find in parameters.items() if role in roles for name in find(model)]
+    return target_modules, target_parameters
+
+
+def peft_config(model: nn.Module, lora: LoraConfig) -> peft.LoraConfig:
+    roles = expand_roles(lora.targets)
+    if roles & set(MOE_ROLES) and not moe.is_moe_model(model):
+        raise ValueError("model.lora.targets names experts/router, but this model has no MoE layers; use attention.")
+    target_modules, target_parameters = role_targets(model, roles)
+    if not target_modules and not target_parameters:
+        raise ValueError(f"model.lora.targets {lora.targets} finds no layer in this model; add attention or experts.")
+    dropout = lora.dropout
+    if target_parameters and dropout:
+        # peft's parameter wrappers refuse dropout; silently ignoring it would hide a setting the user chose.
+        warnings.warn(f"model.lora.dropout={dropout} is set to 0: LoRA on expert/router parameters does not support dropout.")
+        dropout = 0.0
+    config = peft.LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules or None,
+        target_parameters=target_parameters or None,
+        task_type="CAUSAL_LM",
+    )
+    return expert_quant.use_quantized_expert_lora(config, model)
+
+
+def convert_only_missing_targets(convert):
+    """peft's v4 -> v5 target conversion, applied only to targets that name no module of the model.
+
+    For families whose checkpoints transformers converts (DeepSeek, Qwen-Next, Hunyuan, ...), peft rewrites every
+    target ending in `.gate_proj`/`.up_proj`/`.down_proj` (the v4 per-expert names) to the fused experts. A shared
+    expert's or a dense layer's `gate_proj` ends the same way: the shared_experts and dense_mlp roles would silently
+    adapt the routed experts instead, on creation and again when a saved adapter loads. A target that names an
+    existing module is a v5 name already and is kept as it is; only the others (real v4 names) are converted.
+    """
+
+    @functools.wraps(convert)
+    def guarded(peft_config, model, conversions):
+        targets = peft_config.target_modules
+        if peft_config.peft_type != peft.PeftType.LORA or not targets or isinstance(targets, str):
+            return convert(peft_config, model, conversions)
+        names = {name for name, _ in model.named_modules()}
+        existing = {target for target in targets if target in names}
+        peft_config.target_modules = set(targets) - existing
+        convert(peft_config, model, conversions)
+        peft_config.target_modules = set(peft_config.target_modules or ()) | existing
+
+    return guarded
+
+
+transformers_weight_conversion.convert_peft_config_for_transformers = convert_only_missing_targets(
+    transformers_weight_conversion.convert_peft_config_for_transformers)
+
+
+def trainable_parameter_names(model: nn.Module) -> list[str]:
+    return [name for name, param in model.named_parameters() if param.requires_grad]
+
+
+def merge_adapter(base: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """The one way moetune merges an adapter: `base` with the adapter in `adapter_dir` folded into its weights.
+
+    peft's merge_and_unload, also for a base that ZeRO-3 loaded partitioned (each process holds a shard).
+
+    Merging adds the adapter's update to the full base weight, so under ZeRO-3 each adapted module's weights are
+    gathered whole while it merges (one module at a time: a Mixtral layer's experts, 2.8 GB in bf16, not the model).
+    """
+    peft_model = peft.PeftModel.from_pretrained(base, str(adapter_dir))
+    if not distributed.zero3_enabled():
+        return peft_model.merge_and_unload()
+    import deepspeed  # DeepSpeed is optional: imported only under ZeRO-3
+
+    # Every tuner merges its own tensor, nested ones too (the two fused expert tensors of one module are wrapped
+    # one inside the other); unload() then removes the wrappers, like merge_and_unload.
+    for module in peft_model.modules():
+        if isinstance(module, BaseTunerLayer):
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+                module.merge()
+    return peft_model.unload()

@@ -1,0 +1,78 @@
+"""TRL's SFTConfig/DPOConfig for a stage: moetune's device-aware defaults under the recipe's own fields."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.modeling.loading import resolve_dtype
+from finetune.config.recipe import Recipe
+from finetune.config.parsing import trainer_config_class
+
+
+ASSISTANT_ONLY_LOSS = True  # moetune's SFT default (TRL's is False): loss on the assistant's replies only
+
+
+def device_defaults(recipe: Recipe) -> dict[str, Any]:
+    """Defaults that depend on the machine: TRL's (bf16 on, checkpointing on) fail or crawl on a CPU."""
+    on_gpu = torch.cuda.is_available()
+    weights = resolve_dtype(recipe.model.dtype)
+    return {
+        "use_cpu": not on_gpu,
+        "bf16": on_gpu and weights == torch.bfloat16,
+        "fp16": on_gpu and weights == torch.float16,
+        # Activation checkpointing saves GPU memory; on a CPU it only costs time. (transformers 5's name for
+        # gradient_checkpointing, which it still accepts with a FutureWarning.)
+        "activation_checkpointing": on_gpu,
+    }
+
+
+def moetune_defaults(stage: str, recipe: Recipe) -> dict[str, Any]:
+    """The TRL fields moetune sets unless the recipe does (what `moetune sft --trl-fields` shows as defaults)."""
+    values: dict[str, Any] = {
+        "report_to": "none",
+        "logging_steps": 10,
+        # No step schedule: checkpoints come every `checkpoints.every_minutes` and on SIGTERM/Ctrl-C (train_resuming).
+        "save_strategy": "no",
+        "save_total_limit": 2,  # of either kind: enough to fall back on when the newest was cut short
+        "data_seed": recipe.seed,
+        **device_defaults(recipe),
+    }
+    if stage == "sft":
+        values["assistant_only_loss"] = ASSISTANT_ONLY_LOSS
+    if stage == "dpo":
+        values["precompute_ref_log_probs"] = recipe.speed.reference_cache
+    return values
+
+
+def trainer_config(stage: str, recipe: Recipe, output_dir: Path):
+    """TRL's SFTConfig/DPOConfig: moetune's defaults, then every field the recipe sets (the recipe wins)."""
+    values = moetune_defaults(stage, recipe)
+    section = getattr(recipe, stage)
+    if "gradient_checkpointing" in section:
+        values.pop("activation_checkpointing")  # the recipe's older name would otherwise lose to moetune's default
+    values.update(section)
+    values.update(output_dir=str(output_dir), seed=recipe.seed)
+    config_class = trainer_config_class(stage)
+    return config_class(**as_float_where_declared(config_class, values))
+
+
+def as_float_where_declared(config_class: type, values: dict[str, Any]) -> dict[str, Any]:
+    """The recipe keeps `logging_steps: 25` an integer (manifests, recipe.yaml); TRL's float fields get floats, since
+    some reach strictly typed model configs (`router_aux_loss_coef: 0` would be refused there)."""
+    floats = {f.name for f in dataclasses.fields(config_class) if f.type in (float, float | None, "float", "float | None")}
+    return {key: float(value) if key in floats and type(value) is int else value for key, value in values.items()}
+
+
+def global_batch(args) -> int:
+    """Sequences (SFT) or preference pairs (DPO) per optimizer step, over every process."""
+    return args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+
+
+def describe_global_batch(args) -> str:
+    return (f"global batch {global_batch(args)} = {args.per_device_train_batch_size} per device x "
+            f"{args.world_size} process{'es' if args.world_size > 1 else ''} x "
+            f"{args.gradient_accumulation_steps} accumulation step{'s' if args.gradient_accumulation_steps > 1 else ''}")
