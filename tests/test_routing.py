@@ -107,9 +107,8 @@ def test_telemetry_off_trains_the_same_weights_with_the_same_losses(drift_run, t
     moetune("run", str(off), "--stages", "sft,dpo")
     for stage, weights in (("sft", "model.safetensors"), ("dpo", "adapter_model.safetensors")):
         assert not (tmp_path / "run" / stage / "routing_drift.json").exists()
-        on_weights, off_weights = load_file(str(run / stage / weights)), load_file(str(tmp_path / "run" / stage / weights))
-        assert on_weights.keys() == off_weights.keys()
-        assert all(torch.equal(on_weights[k], off_weights[k]) for k in on_weights), stage
+        on, off = (load_file(str(folder / stage / weights)) for folder in (run, tmp_path / "run"))
+        assert on.keys() == off.keys() and all(torch.equal(on[k], off[k]) for k in on), stage
         logs = [[(e["step"], e["loss"], e["grad_norm"]) for e in json.loads((folder / stage / "metrics.json").read_text())
                  if "loss" in e] for folder in (run, tmp_path / "run")]
         assert logs[0] == logs[1] and len(logs[0]) >= 4  # the gradients' norms too, step by step
@@ -176,7 +175,8 @@ def test_top1_is_the_chosen_expert_with_the_highest_logit_even_when_unsorted():
 
 def test_js_divergence_is_zero_for_equal_loads_and_ln2_for_disjoint_ones():
     assert routing_drift.js_divergence(torch.tensor([0.5, 0.5]), torch.tensor([0.5, 0.5])) == 0
-    assert routing_drift.js_divergence(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])) == pytest.approx(0.6931, 1e-4)
+    disjoint = routing_drift.js_divergence(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))
+    assert disjoint == pytest.approx(0.6931, 1e-4)
 
 
 def test_probe_reads_the_same_routing_on_a_model_set_up_for_padding_free_batches():
@@ -184,13 +184,55 @@ def test_probe_reads_the_same_routing_on_a_model_set_up_for_padding_free_batches
     inputs = batch(tokenizer)
     sequences = [ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
     capture = routing_drift.RouterCapture(families.family_of(model), moe.routers(model))
-    padded = list(routing_drift.routed(model, capture, sequences, "cpu", tokenizer.pad_token_id))
+    padded = list(routing_drift.routed(model, capture, sequences, "cpu", tokenizer.pad_token_id, 2))
     use_block_attention(model)  # what speed.padding_free does to the trained model
     model.train()
-    blocks = list(routing_drift.routed(model, capture, sequences, "cpu", tokenizer.pad_token_id))
+    blocks = list(routing_drift.routed(model, capture, sequences, "cpu", tokenizer.pad_token_id, 2))
     assert model.training  # the probe puts the mode back
     tokens = sum(len(ids) for ids in sequences)
     for a, b in zip(padded, blocks):
         for layer in a:
             assert torch.allclose(a[layer][0], b[layer][0], atol=1e-6) and torch.equal(a[layer][1], b[layer][1])
     assert sum(batch_[layer][0].shape[0] for batch_ in padded for layer in list(batch_)[:1]) == tokens
+
+
+@pytest.mark.slow
+def test_a_resumed_run_measures_drift_against_the_reference_recorded_at_its_start(drift_run, tmp_path):
+    from tests.test_resume import kill_at_random_step
+
+    _, run, _ = drift_run
+    schedule = ["dpo.max_steps=8", "dpo.save_strategy=steps", "dpo.save_steps=2"]
+    histories = []
+    for name in ("whole", "resumed"):
+        recipe = write_recipe(tmp_path / name)
+        for stage in ("data", "base", "sft"):
+            shutil.copytree(run / stage, tmp_path / name / "run" / stage)
+        if name == "resumed":
+            kill_at_random_step("dpo", str(recipe), schedule, tmp_path / "killed.log", first=4, last=6)
+            assert list((tmp_path / name / "run" / ".dpo.partial").glob("routing_reference.rank0.safetensors"))
+        out = moetune("dpo", str(recipe), *schedule)
+        assert ("resuming from" in out) == (name == "resumed")
+        histories.append(drift_of(tmp_path / name / "run", "dpo")["history"])
+    whole, resumed = histories
+    assert [entry["step"] for entry in resumed] == [entry["step"] for entry in whole] == list(range(1, 9))
+    for a, b in zip(whole, resumed):
+        assert b["routing_overlap"] == pytest.approx(a["routing_overlap"], abs=1e-5)
+        assert b["routing_kl"] == pytest.approx(a["routing_kl"], rel=1e-3, abs=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_probe_half_each_and_sum_to_the_one_process_numbers(drift_run, tmp_path):
+    _, run, _ = drift_run
+    recipe = write_recipe(tmp_path)
+    for stage in ("data", "base", "sft"):
+        shutil.copytree(run / stage, tmp_path / "run" / stage)
+    out = moetune("dpo", str(recipe), "--accelerate", "ddp", "--num-processes", "2", "--main-process-port", "0")
+    one, two = drift_of(run, "dpo"), drift_of(tmp_path / "run", "dpo")
+    assert out.count("[dpo] routing probe: 16 of 16 held-out sequences") == 1  # rank 0 reports and writes
+    assert [entry["step"] for entry in two["history"]] == [1, 2, 3, 4]
+    # Before training both see the same model: each process's half of the pairs, summed, gives the same loads.
+    for layer, before in one["chosen_vs_rejected"]["before"].items():
+        for side in ("chosen", "rejected", "js"):
+            assert two["chosen_vs_rejected"]["before"][layer][side] == pytest.approx(before[side], abs=1e-6)
+    assert all(entry["routing_overlap"] > 0.95 for entry in two["history"])

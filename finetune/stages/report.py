@@ -2,8 +2,8 @@
 the eval.
 
 Everything here is read from files the stages leave behind (metrics.json, expert_load.json, routing_drift.json,
-eval/scores.md and its chart), so the report can be rebuilt at any time (`moetune report RUN_DIR`), and each stage rebuilds it as it
-finishes. Plots are PNGs drawn with matplotlib's Agg canvas into `run_dir/report/`.
+eval/scores.md and its chart), so the report can be rebuilt at any time (`moetune report RUN_DIR`), and each stage
+rebuilds it as it finishes. Plots are PNGs drawn with matplotlib's Agg canvas into `run_dir/report/`.
 """
 
 from __future__ import annotations

@@ -37,7 +37,6 @@ from finetune.core import distributed, families
 from finetune.modeling import moe
 from finetune.config.recipe import RoutingConfig
 
-PROBE_BATCH = 8  # sequences per probe forward
 MIN_PROBE = 8  # the probe keeps at least this many sequences, whatever it costs
 DEFAULT_MAX_LENGTH = 1024  # probe sequences are cut here when the trainer sets no max_length
 
@@ -120,11 +119,12 @@ def quiet_pass(model: nn.Module):
             model.train(was_training)
 
 
-def routed(model: nn.Module, capture: RouterCapture, sequences: list[list[int]], device, pad_id: int):
+def routed(model: nn.Module, capture: RouterCapture, sequences: list[list[int]], device, pad_id: int,
+           batch_size: int):
     """Per batch of sequences: {layer: (log-probs, top-k)} of their real tokens, in sequence order."""
     with quiet_pass(model), capture:
-        for start in range(0, len(sequences), PROBE_BATCH):
-            chunk = sequences[start:start + PROBE_BATCH]
+        for start in range(0, len(sequences), batch_size):
+            chunk = sequences[start:start + batch_size]
             longest = max(len(ids) for ids in chunk)
             input_ids = torch.tensor([ids + [pad_id] * (longest - len(ids)) for ids in chunk], device=device)
             mask = torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids in chunk], device=device)
@@ -181,13 +181,14 @@ def shares(counts: torch.Tensor) -> torch.Tensor:
 
 class RoutingDriftCallback(TrainerCallback):
     def __init__(self, model: nn.Module, config: RoutingConfig, stage: str, folder: Path, probe: list[list[int]],
-                 pairs: dict | None, pad_id: int):
+                 pairs: dict | None, pad_id: int, batch_size: int):
         self.config, self.stage, self.folder = config, stage, Path(folder)
         found = moe.routers(model)
         self.layers = list(found)
         self.capture = RouterCapture(families.family_of(model), found)
         self.experts = moe.num_experts(model, next(iter(found.values())))
         self.probe, self.pairs, self.pad_id = my_share(probe), pairs, pad_id
+        self.batch_size = batch_size  # the training batch's: what fits in memory with gradients fits without
         self.probe_total = len(probe)
         self.reference: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.lengths: list[int] = [len(ids) for ids in self.probe]
@@ -220,12 +221,12 @@ class RoutingDriftCallback(TrainerCallback):
             return
         batches, seconds = [], []
         clock = time.perf_counter()
-        for batch in routed(model, self.capture, self.probe, device, self.pad_id):
+        for batch in routed(model, self.capture, self.probe, device, self.pad_id, self.batch_size):
             batches.append(batch)
             seconds.append(time.perf_counter() - clock)
             clock = time.perf_counter()
         # The median batch: the first forward of a model also pays one-off set-up costs.
-        self.seconds_per_sequence = statistics.median(seconds) / PROBE_BATCH
+        self.seconds_per_sequence = statistics.median(seconds) / min(self.batch_size, len(self.probe))
         for layer in self.layers:
             self.reference[layer] = tuple(torch.cat([batch[layer][i] for batch in batches]) for i in (0, 1))
         tensors = {f"{layer}.{part}": tensor.contiguous() for layer, pair in self.reference.items()
@@ -285,7 +286,7 @@ class RoutingDriftCallback(TrainerCallback):
         tokens = sum(self.lengths[:self.kept])
         sums = torch.zeros(len(self.layers), 4, dtype=torch.float64)
         offset = 0
-        for batch in routed(model, self.capture, sequences, device, self.pad_id):
+        for batch in routed(model, self.capture, sequences, device, self.pad_id, self.batch_size):
             count = next(iter(batch.values()))[0].shape[0]
             for index, layer in enumerate(self.layers):
                 reference = tuple(part[offset:offset + count] for part in self.reference[layer])
@@ -306,8 +307,8 @@ class RoutingDriftCallback(TrainerCallback):
             side_counts = torch.zeros(len(self.layers), self.experts, dtype=torch.float64)
             masks = [mask for _, mask in rows]
             done = 0
-            for batch in routed(model, self.capture, [ids for ids, _ in rows], device, self.pad_id):
-                chunk = masks[done:done + PROBE_BATCH]
+            for batch in routed(model, self.capture, [ids for ids, _ in rows], device, self.pad_id, self.batch_size):
+                chunk = masks[done:done + self.batch_size]
                 completion = torch.tensor([flag for mask in chunk for flag in mask])
                 done += len(chunk)
                 for index, layer in enumerate(self.layers):
@@ -364,4 +365,5 @@ def attach(trainer, model: nn.Module, config: RoutingConfig, stage: str, folder:
     if probe or pairs:
         pad_id = trainer.processing_class.pad_token_id
         trainer.add_callback(RoutingDriftCallback(model, config, stage, folder, probe, pairs,
-                                                  0 if pad_id is None else pad_id))
+                                                  0 if pad_id is None else pad_id,
+                                                  trainer.args.per_device_train_batch_size))
