@@ -109,8 +109,8 @@ def test_telemetry_off_trains_the_same_weights_with_the_same_losses(drift_run, t
         assert not (tmp_path / "run" / stage / "routing_drift.json").exists()
         on, off = (load_file(str(folder / stage / weights)) for folder in (run, tmp_path / "run"))
         assert on.keys() == off.keys() and all(torch.equal(on[k], off[k]) for k in on), stage
-        logs = [[(e["step"], e["loss"], e["grad_norm"]) for e in json.loads((folder / stage / "metrics.json").read_text())
-                 if "loss" in e] for folder in (run, tmp_path / "run")]
+        logs = [[(e["step"], e["loss"], e["grad_norm"]) for e in json.loads((folder / stage / "metrics.json")
+                 .read_text()) if "loss" in e] for folder in (run, tmp_path / "run")]
         assert logs[0] == logs[1] and len(logs[0]) >= 4  # the gradients' norms too, step by step
 
 

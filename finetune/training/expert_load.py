@@ -1,8 +1,8 @@
 """How much load each expert gets in training, and alarms for experts that die or run hot.
 
 Forward hooks on the routers (found by finetune/modeling/moe.py) see the experts chosen for the real (non-padding)
-tokens of training forwards, padded or padding-free. Each log line gets the load's coefficient of variation per layer, and
-`expert_load.json` keeps every layer's shares over the logged steps and the alarms raised: an expert whose share
+tokens of training forwards, padded or padding-free. Each log line gets the load's coefficient of variation per
+layer, and `expert_load.json` keeps every layer's shares over the logged steps and the alarms raised: an expert whose share
 stays under `routing.dead_load` times the uniform share (dead) or over `routing.hot_load` times it (hot) for
 `routing.alarm_logs` logging steps in a row is named once, with its layer.
 """
