@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import TrainerCallback
@@ -238,8 +239,6 @@ class RoutingDriftCallback(TrainerCallback):
         """A resumed run compares with the reference recorded when the run started, not with its resumed weights."""
         path = self.reference_file()
         if self.probe and path.is_file():
-            from safetensors import safe_open
-
             with safe_open(str(path), "pt") as saved:
                 self.seconds_per_sequence = float(saved.metadata()["seconds_per_sequence"])
             tensors = load_file(str(path))
