@@ -66,7 +66,7 @@ def test_an_unfrozen_router_drifts_and_a_frozen_one_barely(drift_run):
     kl = [entry["routing_kl"] for entry in sft["history"]]
     assert [entry["step"] for entry in sft["history"]] == [3, 6, 9, 12]
     assert overlap[-1] < overlap[0] < 0.9 and kl[-1] > kl[0] > 1e-3  # full fine-tuning moves the router
-    assert all(entry["routing_overlap"] > 0.95 and entry["routing_kl"] < 1e-4 for entry in dpo["history"])
+    assert all(entry["routing_overlap"] > 0.9 and entry["routing_kl"] < 1e-4 for entry in dpo["history"])
     assert len(dpo["history"]) == 4 and set(dpo["layers"]) == set(dpo["history"][-1]["layers"]) == \
         {"model.layers.0.mlp.gate", "model.layers.1.mlp.gate"}
     # The means are logged with the trainer's metrics, at every logged step.
@@ -236,4 +236,4 @@ def test_two_processes_probe_half_each_and_sum_to_the_one_process_numbers(drift_
     for layer, before in one["chosen_vs_rejected"]["before"].items():
         for side in ("chosen", "rejected", "js"):
             assert two["chosen_vs_rejected"]["before"][layer][side] == pytest.approx(before[side], abs=1e-6)
-    assert all(entry["routing_overlap"] > 0.95 for entry in two["history"])
+    assert all(entry["routing_overlap"] > 0.9 for entry in two["history"])
