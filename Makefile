@@ -9,7 +9,7 @@ LATEST_VENV ?= .venv-latest
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.moetune-installed
 
-.PHONY: install demo test test-latest bench gpu-check gpu-carry clean
+.PHONY: install demo test test-quick docs test-latest bench gpu-check gpu-carry clean
 
 install: $(STAMP)
 
@@ -22,9 +22,19 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 demo: install
 	$(BIN)/moetune run recipes/tiny-moe.yaml
 
+# Every test; pytest names the 15 slowest, so that a test that grew slow is seen.
 test: install
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
+
+# The same without the tests marked slow (minutes less; `make test` is what CI runs).
+test-quick: install
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -q -m "not slow" --durations=15 tests
+
+# The documentation site, docs/ into site/; --strict fails on a broken link or a page missing from the navigation.
+docs: install
+	$(BIN)/mkdocs build --strict
 
 # The suite on the newest releases pyproject allows, in a fresh venv of its own (the pinned .venv stays as it is).
 test-latest:
@@ -43,4 +53,4 @@ gpu-carry: install
 	$(BIN)/python -m benchmarks.gpu_carry
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) runs
+	rm -rf $(VENV) $(LATEST_VENV) runs site

@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.helpers.parity import SAME_MATH, loss_and_gradients, relative_differences
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HH_FILES = ("helpful_base_test", "helpful_online_test", "helpful_rejection_sampled_test", "harmless_base_test")
 RESULTS = Path(__file__).resolve().parent / "results.md"
@@ -146,9 +148,10 @@ def trainer_inputs(variant: str, recipe, examples: int, callbacks: list) -> dict
     from finetune.training.data_splits import load_split
 
     kind = "preference" if VARIANTS[variant][0] == "dpo" else "sft"
-    model = load_stage_model(recipe, "base")
+    model = load_stage_model(recipe.model_source, "base")
     return dict(model=model, train_dataset=load_split(recipe, kind, "train").select(range(examples)),
-                processing_class=load_tokenizer(recipe), peft_config=adapters.peft_config(model, recipe.model.lora),
+                processing_class=load_tokenizer(recipe.model_source),
+                peft_config=adapters.peft_config(model, recipe.model.lora),
                 callbacks=callbacks)
 
 
@@ -322,24 +325,6 @@ def flops_per_token(config) -> float:
     return 2 * (config.num_hidden_layers * (attention + experts) + config.vocab_size * hidden)
 
 
-def loss_and_gradients(trainer, examples: list[dict]):
-    """The training loss on one batch and the gradient of every trainable parameter."""
-    batch = trainer.data_collator(examples)
-    trainer.model.train()
-    loss = trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch))
-    loss.backward()
-    grads = {name: param.grad.clone() for name, param in trainer.model.named_parameters() if param.requires_grad}
-    return loss.detach(), grads
-
-
-def relative_differences(reference, candidate) -> tuple[float, float]:
-    """(loss, worst gradient) differences relative to the reference's loss and each gradient's largest entry."""
-    (loss_a, grads_a), (loss_b, grads_b) = reference, candidate
-    worst = max(((grads_a[n] - grads_b[n]).abs().max() / grads_a[n].abs().max().clamp(min=1e-12)).item()
-                for n in grads_a)
-    return abs(loss_a.item() - loss_b.item()) / abs(loss_a.item()), worst
-
-
 def same_math_check(recipe, batch_size: int) -> tuple[float, float]:
     """moetune's DPO loss and gradients against TRL's on the same batch of real pairs (LoRA moved off zero)."""
     import torch
@@ -351,7 +336,7 @@ def same_math_check(recipe, batch_size: int) -> tuple[float, float]:
     from finetune.training.data_splits import load_split
     from finetune.training.trainer_config import trainer_config
 
-    base, tokenizer = load_stage_model(recipe, "base"), load_tokenizer(recipe)
+    base, tokenizer = load_stage_model(recipe.model_source, "base"), load_tokenizer(recipe.model_source)
     pairs = load_split(recipe, "preference", "train").select(range(batch_size))
     results = []
     with tempfile.TemporaryDirectory() as folder:
@@ -371,7 +356,7 @@ def same_math_check(recipe, batch_size: int) -> tuple[float, float]:
 
 def prepare(folder: Path, sizes: dict, data_files: list[Path]) -> dict:
     from finetune.stages.prepare import run as prep
-    from finetune.stages import base_model
+    from finetune.registry import BY_NAME
     from finetune.modeling.loading import load_stage_model
     from finetune.config.parsing import parse_recipe
 
@@ -380,18 +365,13 @@ def prepare(folder: Path, sizes: dict, data_files: list[Path]) -> dict:
                                "disable_tqdm": True, **({"max_length": sizes["max_length"]} if "max_length" in sizes else {})}
     recipe = parse_recipe(copy.deepcopy(raw), "<bench>")
     prep(recipe)
-    base_folder = base_model.run(recipe)
+    base_folder = BY_NAME["base"].run(recipe)
     if sizes.get("embedding_rows"):
-        model = load_stage_model(recipe, "base")
+        model = load_stage_model(recipe.model_source, "base")
         model.resize_token_embeddings(sizes["embedding_rows"], mean_resizing=False)
         model.save_pretrained(base_folder)
     return raw
 
-
-# Largest relative differences (loss; worst gradient, against its largest entry) between TRL's DPO and moetune's on the
-# same batch, by dtype: fp32 rounding, or bf16's 8-bit mantissa (log-probs summed over many tokens, attention run
-# two ways). The tests and the GPU check (benchmarks/gpu_check.py) hold the math to these.
-SAME_MATH = {"float32": (1e-5, 1e-4), "bfloat16": (2e-2, 1e-1)}
 
 BASELINES = {"dpo": ("trl_dpo", "trl_dpo_best"), "sft": ("trl_sft", "trl_sft_packing")}
 

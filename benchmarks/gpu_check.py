@@ -134,6 +134,8 @@ def part_pipeline(sizes: dict, data: Path, work: Path) -> dict:
 def part_conformance(sizes: dict, data: Path, work: Path) -> dict:
     import torch
 
+    from tests.helpers.on_device import CONFORMANCE_FILES
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report = work / "conformance.xml"
     # Only the files that hold conformance tests: another test module that cannot import on a GPU machine's packages
@@ -223,12 +225,13 @@ def part_equality(sizes: dict, data: Path, work: Path) -> dict:
     from benchmarks import dpo_bench
     from finetune.modeling.loading import resolve_dtype
     from finetune.config.parsing import parse_recipe
+    from tests.helpers.parity import SAME_MATH
 
     sizes = sizes["speed"]  # the speed part's model and pairs
     raw, source = prepared_hh(sizes, data, work)
     dtype = str(resolve_dtype("auto")).split(".")[-1]
     loss, gradients = dpo_bench.same_math_check(parse_recipe(copy.deepcopy(raw), "<gpu-check>"), sizes["batch"])
-    tolerance = dict(zip(("loss", "gradients"), dpo_bench.SAME_MATH[dtype]))
+    tolerance = dict(zip(("loss", "gradients"), SAME_MATH[dtype]))
     ok = loss <= tolerance["loss"] and gradients <= tolerance["gradients"]
     where = "cuda" if torch.cuda.is_available() else "cpu"
     return {"ok": ok, "verdict": f"{sizes['batch']} pairs on {where} in {dtype}: loss differs by {loss:.1e} (tolerance "
@@ -238,8 +241,6 @@ def part_equality(sizes: dict, data: Path, work: Path) -> dict:
                         "tolerance": tolerance, "pairs": sizes["batch"]}}
 
 
-# Test files whose every test is a conformance test (tests/conftest.py marks them), beside the tests marked one by one.
-CONFORMANCE_FILES = ("test_conformance", "test_famil")
 # Parts that time nothing: they run side by side, before the others run one at a time.
 UNTIMED = ("pipeline", "conformance")
 PARTS = {"pipeline": part_pipeline, "conformance": part_conformance, "qlora": part_qlora, "speed": part_speed,

@@ -52,7 +52,7 @@ def load_variant(variant: str, folder: str):
     if variant == "expert_nf4":
         recipe = parse_recipe({"run_dir": folder, "model": {"name_or_path": folder, "lora": {},
                                                             "quantization": {"bits": 4}}}, "<bench>")
-        return load_quantized(recipe, "base")
+        return load_quantized(recipe.model_source, "base")
     device, dtype = "cuda" if ON_GPU else "cpu", resolve_dtype("auto")
     if variant == "full_precision":
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device)

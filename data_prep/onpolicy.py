@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from finetune.core import synthetic_task
+from finetune.core import families, synthetic_task
 from finetune.config.data import SourceConfig
 from data_prep.records import Example, Problem, Row, RowError
 
@@ -71,8 +71,7 @@ class Sampler:
     def __init__(self, options: dict, seed: int):
         self.tokenizer = AutoTokenizer.from_pretrained(options["model"])
         self.model = AutoModelForCausalLM.from_pretrained(options["model"]).eval()
-        # A model saved by SFTTrainer has output_router_logits on, which crashes generate() (see STACK.md).
-        self.model.config.output_router_logits = False
+        families.prepare_for_generation(self.model)
         self.k = int(options.get("k", 4))
         self.settings = {"max_new_tokens": int(options.get("max_new_tokens", 64)),
                          "temperature": float(options.get("temperature", 1.0))}
@@ -92,23 +91,12 @@ def make_judge(name: str) -> Judge:
 
 
 def programmatic_judge(prompt: list[dict], completion: str) -> float:
-    """Scores answers to the synthetic task (1-10, see synthetic_task.score_answer) by re-solving the question."""
-    questions = [m["content"] for m in prompt if m["role"] == "user"]
-    skill, first_input = synthetic_question(questions[0])
-    last_input = first_input
-    follow_up = synthetic_task.FOLLOW_UP.split("{x}")[0]
-    if len(questions) > 1 and questions[-1].startswith(follow_up):
-        last_input = questions[-1][len(follow_up):]
-    return float(synthetic_task.score_answer(skill.category, completion, skill.solve(last_input)))
-
-
-def synthetic_question(text: str) -> tuple[synthetic_task.Skill, str]:
-    for skill in synthetic_task.SKILLS:
-        for phrasing in skill.phrasings:
-            prefix = phrasing.split("{x}")[0]
-            if text.startswith(prefix):
-                return skill, text[len(prefix):]
-    raise RowError("the programmatic judge only scores synthetic-task questions; use judge: PATH of a reward model")
+    """The synthetic task's judge (synthetic_task.score_answer, 1-10), against the answer its question asks for."""
+    found = synthetic_task.reference_for([m["content"] for m in prompt if m["role"] == "user"])
+    if found is None:
+        raise RowError("the programmatic judge only scores synthetic-task questions; use judge: PATH of a reward model")
+    category, reference = found
+    return float(synthetic_task.score_answer(category, completion, reference))
 
 
 def reward_model_judge(path: str) -> Judge:

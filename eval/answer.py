@@ -17,14 +17,14 @@ import torch
 from tqdm.auto import tqdm
 
 from eval.jsonl import append_jsonl, read_jsonl
+from finetune.core import families
 
 Message = dict[str, str]
 
 
 def prepare_for_generation(model: Any, tokenizer: Any) -> None:
     model.eval()
-    # generate() crashes in the load-balancing loss when router logits are on (SFTTrainer saves them on).
-    model.config.output_router_logits = False
+    families.prepare_for_generation(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 

@@ -1,4 +1,11 @@
-"""The command line: `moetune <stage> RECIPE [key=value ...]`. The only module that knows about argv."""
+"""The command line: `moetune <stage> RECIPE [key=value ...]`. The only module that knows about argv.
+
+It answers at once: parsing the arguments, --help and reading the recipe need only the recipe schema and the stage
+registry. The training stack (torch, transformers, peft, trl), which takes seconds to import, comes in with the
+modules that run stages, imported by the functions below once the arguments and the recipe are known to be good.
+(TRL's config classes, against which the sft: and dpo: sections are checked, are the exception: reading a recipe
+with those sections imports them.)
+"""
 
 from __future__ import annotations
 
@@ -8,17 +15,12 @@ import sys
 import textwrap
 from pathlib import Path
 
-from finetune.stages import hub
 from finetune import launch
-from finetune.config.section_fields import describe_fields
-from finetune.pipeline import run_stage, wait_for_uploads
-from finetune.preflight import check_before_running
+from finetune.config.parsing import load_recipe, trainer_config_class, trainer_config_name
 from finetune.config.recipe import TRAINING_STAGES, Recipe, RecipeError
-from finetune.config.parsing import load_recipe, trainer_config_class
-from finetune.registry import BY_NAME, COMMANDS, STAGES, command_writing
-from finetune.stages.report import write_report
+from finetune.config.section_fields import describe_fields
 from finetune.core.rundir import MissingStageOutput, StageError, changed_keys, fingerprint, read_manifest
-from finetune.training.trainer_config import moetune_defaults
+from finetune.registry import BY_NAME, COMMANDS, STAGES, command_writing
 
 FOLDER_COMMANDS = ("merge", "push", "report")  # commands on folders, without a recipe
 
@@ -30,7 +32,7 @@ def section_help(sections: tuple[str, ...]) -> str:
              key_help("run_dir", hints["run_dir"].metadata["help"]), key_help("seed", hints["seed"].metadata["help"])]
     for section in sections:
         if section in TRAINING_STAGES:
-            name = trainer_config_class(section).__name__
+            name = trainer_config_name(section)
             lines.append(key_help(f"{section}.*", f"Any field of TRL's {name}; list them with "
                          f"`moetune {section} [RECIPE] --trl-fields`. moetune's defaults: fp32 and use_cpu on CPU, "
                          f"bf16 on GPUs that support it, activation checkpointing on GPU only, report_to none, "
@@ -55,6 +57,8 @@ def key_help(key: str, text: str) -> str:
 
 def trl_fields_help(section: str, recipe: Recipe) -> str:
     """Every field of TRL's config for `section`, with the default moetune applies for `recipe` on this machine."""
+    from finetune.training.trainer_config import moetune_defaults  # the training stack: see the module's docstring
+
     ours = moetune_defaults(section, recipe)
     every = recipe.checkpoints.every_minutes
     rows = [f"Defaults are moetune's for this recipe on this machine (use_cpu, bf16 and gradient_checkpointing follow "
@@ -74,7 +78,13 @@ def trl_fields_help(section: str, recipe: Recipe) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moetune",
-        description="Preference fine-tuning (SFT then DPO) for Mixture-of-Experts models, driven by YAML recipes.",
+        description="Preference fine-tuning of Mixture-of-Experts language models, driven by a YAML recipe.\n\n"
+                    "A recipe names a model (a Hub model or a tiny one built from a config), training data, and\n"
+                    "settings per stage. moetune prepares the data (prep), fine-tunes with SFT then DPO, LoRA\n"
+                    "adapters reaching the fused expert weights (sft, dpo), and has each model answer held-out\n"
+                    "questions for a judge (eval); each stage writes a folder of the recipe's run_dir, and a stage\n"
+                    "whose inputs did not change is skipped. merge, push and report work on a run's folders.\n"
+                    "Documentation: README.md and docs/ (make docs).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  moetune run recipes/tiny-moe.yaml\n"
                "  moetune sft recipes/tiny-moe.yaml sft.learning_rate=5e-4 sft.max_steps=50\n"
@@ -131,6 +141,10 @@ def add_hub_commands(commands) -> None:
 
 
 def run_folder_command(args) -> None:
+    # The stage modules that do the work, imported once the arguments are good: see the module's docstring.
+    from finetune.stages import hub
+    from finetune.stages.report import write_report
+
     if args.command == "report":
         if not Path(args.run_dir).is_dir():
             raise ValueError(f"{args.run_dir}: no such run folder (the run_dir of a recipe, e.g. runs/tiny-moe).")
@@ -184,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_stages(args) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
+    # What runs the stages, imported once the recipe is good: see the module's docstring.
+    from finetune.pipeline import run_stage, wait_for_uploads
+    from finetune.preflight import check_before_running
+
     stages = parse_stages(args.stages) if args.command == "run" else [args.command]
     check_before_running(recipe, stages)
     try:

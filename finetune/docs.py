@@ -1,6 +1,7 @@
-"""The README's generated tables: the stages (from the stage registry) and every recipe key (from the section
-dataclasses' fields and help). `python -m finetune.docs` prints them; `python -m finetune.docs --write README.md`
-puts them between the README's markers; tests/test_docs.py fails when the README holds other text there.
+"""The documentation's generated tables: the stages (from the stage registry, in docs/stages.md) and every recipe
+key (from the section dataclasses' fields and help, in docs/recipes.md). `python -m finetune.docs` prints them;
+`python -m finetune.docs --write docs/*.md` puts each between its markers in whichever page holds them;
+tests/test_docs.py fails when a page holds other text there.
 """
 
 from __future__ import annotations
@@ -57,9 +58,14 @@ def block(name: str) -> str:
     return f"{BEGIN.format(name=name)}\n{TABLES[name]()}\n{END.format(name=name)}"
 
 
+def tables_in(text: str) -> list[str]:
+    """The names of the generated blocks a page holds."""
+    return [name for name in TABLES if BEGIN.format(name=name) in text]
+
+
 def with_tables(text: str) -> str:
-    """`text` (the README) with every generated block replaced by the current tables."""
-    for name in TABLES:
+    """`text` (a documentation page) with each generated block it holds replaced by the current table."""
+    for name in tables_in(text):
         pattern = re.escape(BEGIN.format(name=name)) + ".*?" + re.escape(END.format(name=name))
         text, count = re.subn(pattern, lambda _: block(name), text, flags=re.S)
         if count != 1:
@@ -70,11 +76,12 @@ def with_tables(text: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--write", metavar="README", type=Path,
-                        help="Replace the generated blocks in this file instead of printing them.")
+    parser.add_argument("--write", metavar="PAGE", type=Path, nargs="+",
+                        help="Replace the generated blocks in these pages (e.g. docs/*.md) instead of printing them.")
     args = parser.parse_args()
     if args.write:
-        args.write.write_text(with_tables(args.write.read_text()))
+        for page in args.write:
+            page.write_text(with_tables(page.read_text()))
     else:
         print("\n\n".join(block(name) for name in TABLES))
 

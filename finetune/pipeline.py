@@ -44,15 +44,11 @@ def run_one(spec: StageSpec, recipe: Recipe, force: bool | str) -> None:
         # eval keeps a stage open while judge calls failed; a re-run retries only those.
         raise StageError(f"[{spec.name}] unfinished: some work failed and is kept in {output}. Run the same command again to retry it.")
     if main_process and commit_stamp(output) != before:  # committed by this run, not skipped as complete
-        if spec.name in REPORTED_STAGES:
+        if spec.reported:
             print(f"[{spec.name}] run report with plots: {write_report(recipe.run_path)}", flush=True)
         push_stage_if_configured(recipe, output)
     if main_process:
         print(f"== {spec.name} finished in {time.time() - started:.0f}s", flush=True)
-
-
-# The stages whose results run_dir/report.md shows: it is rebuilt as each of them is committed.
-REPORTED_STAGES = ("sft", "dpo", "eval")
 
 
 def commit_stamp(folder: Path) -> tuple[int, int] | None:

@@ -15,15 +15,15 @@ from huggingface_hub import HfApi, constants, try_to_load_from_cache
 from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
 from finetune.stages.evaluate import check_files
-from finetune.config.recipe import MODEL_STAGES, Recipe, RecipeError
+from finetune.config.recipe import Recipe, RecipeError
+from finetune.registry import BY_NAME, STAGES
 
 HUB_TIMEOUT_SECONDS = 10.0
-LOADING_STAGES = ("sft", "dpo", "eval")  # commands that load the base model
 
 
 def check_before_running(recipe: Recipe, stages: list[str]) -> None:
     check_run_dir(recipe)
-    needs_model = any(stage in LOADING_STAGES for stage in stages) or ("prep" in stages and recipe.data.max_length)
+    needs_model = any(BY_NAME[stage].loads_model for stage in stages) or ("prep" in stages and recipe.data.max_length)
     if needs_model and recipe.model.name_or_path is not None:
         check_model(recipe.model.name_or_path, recipe.model.revision, f"{recipe.source}: model.name_or_path")
     if "eval" in stages:
@@ -37,8 +37,9 @@ def check_eval_models(recipe: Recipe) -> None:
     named = {f"eval.models[{index}]": name for index, name in enumerate(recipe.eval.models)}
     if recipe.eval.judge.type == "local":
         named["eval.judge.model"] = recipe.eval.judge.model
+    model_stages = {spec.name for spec in STAGES if spec.holds_model}  # a name of these is this run's folder
     for key, name in named.items():
-        if name not in MODEL_STAGES and (Path(name).expanduser().exists() or looks_local(name)):
+        if name not in model_stages and (Path(name).expanduser().exists() or looks_local(name)):
             check_model(name, None, f"{recipe.source}: {key}")
 
 

@@ -10,9 +10,13 @@ marked so, and every test of the per-family conformance files.
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
-from benchmarks.gpu_check import CONFORMANCE_FILES
+from finetune.cli import main
+
+from helpers.on_device import CONFORMANCE_FILES
 from helpers.recipes import write_recipe
 from helpers.shared_data import SHARED_DATA, in_ci
 
@@ -32,6 +36,24 @@ def pytest_report_header(config):
     state = "present" if SHARED_DATA.is_dir() else "ABSENT"
     mode = "tests that need it fail (CI)" if in_ci() else "tests that need it skip when absent"
     return f"shared data: {SHARED_DATA} ({state}; {mode})"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """(recipe, run dir) of one finished `moetune run` of tiny.yaml, every stage: trained once per session for the
+    modules that only read a finished run. A test that changes a run takes `tiny_run_copy`."""
+    folder = tmp_path_factory.mktemp("tiny-run")
+    recipe = write_recipe(folder)
+    assert main(["run", str(recipe)]) == 0
+    return recipe, folder / "run"
+
+
+@pytest.fixture
+def tiny_run_copy(tiny_run, tmp_path):
+    """The finished tiny run copied into this test's tmp_path, with a recipe whose run_dir is the copy."""
+    recipe = write_recipe(tmp_path)
+    shutil.copytree(tiny_run[1], tmp_path / "run")
+    return recipe, tmp_path / "run"
 
 
 @pytest.fixture

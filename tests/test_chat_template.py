@@ -7,7 +7,8 @@ from finetune.config.chat_template import training_template_problem
 from finetune.cli import main
 from finetune.config.recipe import RecipeError
 from finetune.config.parsing import load_recipe
-from helpers.lookalike import FAMILIES, TRL_TEMPLATES, train_family_tokenizer
+from helpers.lookalike import FAMILIES, TRL_TEMPLATES, build_lookalike, train_family_tokenizer
+from helpers.recipes import write_lookalike_recipe
 
 CONVERSATION = [{"role": "user", "content": "Sort 3 1 2."}, {"role": "assistant", "content": "1 2 3"},
                 {"role": "user", "content": "And 9 8?"}, {"role": "assistant", "content": "8 9"}]
@@ -64,13 +65,10 @@ def test_family_templates_without_markers_get_trls_training_copy(family):
 
 
 def test_unknown_template_without_markers_is_refused_before_sft_with_both_fixes(tmp_path, capsys):
-    from helpers.lookalike import build_lookalike
-    from tests.test_real_checkpoints import write_recipe
-
     folder = build_lookalike("mixtral", tmp_path / "checkpoint")
     template = tmp_path / "plain.jinja"
     template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}")
-    recipe = write_recipe(tmp_path, folder, template=template)
+    recipe = write_lookalike_recipe(tmp_path, folder, template=template)
     assert main(["run", str(recipe), "--stages", "prep,sft"]) == 2
     error = capsys.readouterr().err
     assert "the chat template of model.chat_template has no {% generation %} markers" in error

@@ -12,17 +12,9 @@ from finetune.cli import main
 from helpers.recipes import write_recipe
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("cli")
-    recipe = write_recipe(tmp_path)
-    assert main(["run", str(recipe)]) == 0
-    return recipe, tmp_path / "run"
-
-
 @pytest.mark.slow
-def test_run_writes_every_stage(finished_run):
-    _, run = finished_run
+def test_run_writes_every_stage(tiny_run):
+    _, run = tiny_run
     for stage in ("data", "base", "sft", "dpo", "eval"):
         assert json.loads((run / stage / "moetune_stage.json").read_text())["stage"] == stage
     assert (run / "sft" / "model.safetensors").is_file()          # SFT trained all weights
@@ -34,8 +26,8 @@ def test_run_writes_every_stage(finished_run):
 
 
 @pytest.mark.slow
-def test_sft_loss_falls_and_aux_loss_and_expert_load_are_logged(finished_run):
-    _, run = finished_run
+def test_sft_loss_falls_and_aux_loss_and_expert_load_are_logged(tiny_run):
+    _, run = tiny_run
     history = json.loads((run / "sft" / "metrics.json").read_text())
     losses = [entry["loss"] for entry in history if "loss" in entry]
     assert losses[-1] < losses[0]
@@ -49,8 +41,8 @@ def test_sft_loss_falls_and_aux_loss_and_expert_load_are_logged(finished_run):
 
 
 @pytest.mark.slow
-def test_rerun_skips_changed_recipe_refuses_and_force_redoes(finished_run, capsys):
-    recipe, run = finished_run
+def test_rerun_skips_changed_recipe_refuses_and_force_redoes(tiny_run_copy, capsys):
+    recipe, run = tiny_run_copy
     assert main(["sft", str(recipe)]) == 0
     assert "skipping" in capsys.readouterr().out
     assert main(["sft", str(recipe), "sft.learning_rate=5e-4"]) == 2
@@ -61,12 +53,12 @@ def test_rerun_skips_changed_recipe_refuses_and_force_redoes(finished_run, capsy
 
 
 @pytest.mark.slow
-def test_stages_write_a_run_report_with_plots_and_moetune_report_rebuilds_it(finished_run):
+def test_stages_write_a_run_report_with_plots_and_moetune_report_rebuilds_it(tiny_run_copy):
     import re
 
     from PIL import Image
 
-    _, run = finished_run
+    _, run = tiny_run_copy
     report = (run / "report.md").read_text()
     assert "## SFT" in report and "## DPO" in report and "## Evaluation" in report and "| overall |" in report
     images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
@@ -82,8 +74,8 @@ def test_stages_write_a_run_report_with_plots_and_moetune_report_rebuilds_it(fin
 
 
 @pytest.mark.slow
-def test_run_force_redoes_only_the_stale_stages_and_names_them(finished_run, capsys):
-    recipe, run = finished_run
+def test_run_force_redoes_only_the_stale_stages_and_names_them(tiny_run_copy, capsys):
+    recipe, run = tiny_run_copy
     kept = {name: (run / name / "moetune_stage.json").stat().st_mtime_ns for name in ("data", "base", "sft")}
     assert main(["run", str(recipe), "--force", "dpo.beta=0.3"]) == 0
     out = capsys.readouterr().out
@@ -96,8 +88,8 @@ def test_run_force_redoes_only_the_stale_stages_and_names_them(finished_run, cap
 
 
 @pytest.mark.slow
-def test_finished_eval_rerun_prints_its_scores_and_manifests_keep_integers(finished_run, capsys):
-    recipe, run = finished_run
+def test_finished_eval_rerun_prints_its_scores_and_manifests_keep_integers(tiny_run, capsys):
+    recipe, run = tiny_run
     assert main(["eval", str(recipe)]) == 0
     out = capsys.readouterr().out
     assert "skipping" in out and "| overall |" in out

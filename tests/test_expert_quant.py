@@ -1,6 +1,5 @@
 """QLoRA on the experts: NF4 expert storage and forward, LoRA over it as a standard PEFT adapter, SFT then DPO."""
 
-import copy
 import json
 
 import bitsandbytes as bnb
@@ -10,46 +9,27 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from finetune.modeling import adapters, expert_quant, moe
+from finetune.modeling import expert_quant, moe
 from finetune.cli import main
 from finetune.modeling.loading import load_quantized, load_stage_model
-from finetune.config.recipe import LoraConfig, RecipeError
+from finetune.config.recipe import RecipeError
 from finetune.config.parsing import load_recipe, parse_recipe
 from helpers.recipes import write_recipe
 from helpers.tiny import ARCHITECTURES, batch, tiny_model
 from helpers.bnb_kernel_paths import bnb_kernel_path, row_blocked_dequantize_4bit, use_dequantize_kernel  # noqa: F401
 from helpers.on_device import DEVICE, DTYPE, SAME_RESULT, relative_error
 from helpers.lookalike import FAMILIES, family_config
+from helpers.nf4 import dequantized_copy, experts_modules, quantized_copy, random_lora_on
 
 QLORA = ["model.lora.stages=[sft,dpo]", "model.quantization.bits=4", "sft.activation_checkpointing=true",
          "dpo.activation_checkpointing=true", "sft.learning_rate=1.0e-2", "dpo.learning_rate=1.0e-2",
          "model.init.hidden_size=64", "model.init.intermediate_size=64"]  # real models' dims are multiples of 64
 
 
-def quantized_copy(model, double_quant=True):
-    quantized = copy.deepcopy(model)
-    expert_quant.quantize_experts(quantized, double_quant=double_quant, compute_dtype=model.dtype)
-    return quantized
-
-
 def tiny_model_on_device(architecture="mixtral"):
     """The tiny model and a batch where the conformance tests run (tests/helpers/on_device.py)."""
     model, tokenizer = tiny_model(architecture)
     return model.to(DEVICE, DTYPE), tokenizer, batch(tokenizer).to(DEVICE)
-
-
-def experts_modules(model):
-    return [module for module in model.modules() if expert_quant.is_quantized_experts(module) or moe.is_experts(module)]
-
-
-def dequantized_copy(model, quantized):
-    """The full-precision model with its experts replaced by the NF4 round trip of their weights."""
-    rounded = copy.deepcopy(model)
-    with torch.no_grad():
-        for target, source in zip(experts_modules(rounded), experts_modules(quantized)):
-            for name in moe.EXPERT_PARAMETERS:
-                getattr(target, name).copy_(expert_quant.dequantized_parameter(source, name))
-    return rounded
 
 
 @pytest.mark.conformance
@@ -119,17 +99,6 @@ def test_expert_weights_take_about_four_bits(double_quant, most_bits):
     assert 4.0 < 8 * stored / expert_weights < most_bits
 
 
-def random_lora_on(model, seed=1, targets=("attention", "experts")):
-    """A PEFT adapter on the roles with seeded random weights (B non-zero, so it changes the model)."""
-    peft_model = peft.get_peft_model(model, adapters.peft_config(model, LoraConfig(targets=list(targets))))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    return peft_model.eval()
-
-
 @pytest.mark.conformance
 def test_lora_on_nf4_experts_is_pefts_lora_on_the_rounded_weights(tmp_path, bnb_kernel_path):
     model, tokenizer, inputs = tiny_model_on_device()
@@ -165,7 +134,7 @@ def test_gradients_reach_only_adapters_and_match_with_activation_checkpointing(t
     inputs = batch(tokenizer)
     gradients = []
     for checkpointing in (False, True):
-        base = load_quantized(recipe, "base")  # on the GPU when there is one
+        base = load_quantized(recipe.model_source, "base")  # on the GPU when there is one
         inputs = inputs.to(base.device)
         peft_model = random_lora_on(base).train()
         if checkpointing:
@@ -234,7 +203,7 @@ def test_linears_of_partial_blocks_stay_full_precision_and_never_repack(tmp_path
         "quantization": {"bits": 4}}}, "<test>")
     # the fixture really switches bitsandbytes' choice of the repacking (AVX512-BF16) path
     assert bnb.nn.Linear4bit(64, 64).support_avx512bf16_for_cpu == (bnb_kernel_path == "avx512bf16")
-    quantized = load_quantized(recipe, "base")
+    quantized = load_quantized(recipe.model_source, "base")
     assert "[quantization] 8 Linear layers with in_features [32] (not a multiple of bitsandbytes' 64-weight block) " \
            "stay in full precision, e.g. model.layers.0.self_attn.q_proj." in capsys.readouterr().out
     attention = quantized.model.layers[0].self_attn
@@ -248,7 +217,7 @@ def test_linears_of_partial_blocks_stay_full_precision_and_never_repack(tmp_path
         peft_model(**inputs)
     peft_model.train()(**inputs, labels=inputs["input_ids"]).loss.backward()
     assert all(p.grad is not None for n, p in peft_model.named_parameters() if p.requires_grad)
-    linears = [m for m in load_quantized(recipe, "base").modules() if isinstance(m, bnb.nn.Linear4bit)]
+    linears = [m for m in load_quantized(recipe.model_source, "base").modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert not linears  # every Linear here is below the block; a 64-wide model quantizes them (next test)
 
 
@@ -258,7 +227,7 @@ def test_four_bit_linears_train_after_an_eval_pass_on_every_path(tmp_path, bnb_k
     recipe = parse_recipe({"run_dir": str(tmp_path / "run"), "model": {
         "name_or_path": str(tmp_path / "base"), "lora": {"targets": ["attention", "experts"]},
         "quantization": {"bits": 4}}}, "<test>")
-    peft_model = random_lora_on(load_quantized(recipe, "base"))
+    peft_model = random_lora_on(load_quantized(recipe.model_source, "base"))
     linears = [m for m in peft_model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(linears) == 2 * 4  # q, k, v, o of both layers
     inputs = batch(tokenizer)
@@ -312,7 +281,8 @@ def test_adapter_trained_on_nf4_loads_on_the_full_precision_base_and_merges(qlor
     tokenizer = AutoTokenizer.from_pretrained(run / "base")
     inputs = batch(tokenizer)
     with torch.no_grad():
-        quantized = expert_quant.load_adapter(load_quantized(recipe, "base"), str(run / "dpo"), trainable=False)
+        base = load_quantized(recipe.model_source, "base")
+        quantized = expert_quant.load_adapter(base, str(run / "dpo"), trainable=False)
         quantized_logits = quantized.eval()(**inputs).logits
         full = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "base"), run / "dpo").eval()
         full_logits = full(**inputs).logits
@@ -320,7 +290,7 @@ def test_adapter_trained_on_nf4_loads_on_the_full_precision_base_and_merges(qlor
             base_logits = full(**inputs).logits
         # NF4 rounding of the base moves the logits far less than the trained adapter does
         assert (quantized_logits - full_logits).abs().max() < 0.5 * (full_logits - base_logits).abs().max()
-        assert torch.allclose(load_stage_model(recipe, "dpo")(**inputs).logits, full_logits, atol=1e-4)
+        assert torch.allclose(load_stage_model(recipe.model_source, "dpo")(**inputs).logits, full_logits, atol=1e-4)
     assert main(["merge", str(run / "dpo"), "--out", str(tmp_path / "merged")]) == 0
     with torch.no_grad():
         merged_logits = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(**inputs).logits

@@ -2,8 +2,8 @@
 
 Each check is one test parametrised over the families, on a tiny model of the family (hidden 64, 4 experts, top-2,
 2 layers) built once per session. A check a family cannot pass yet is asserted to be refused by the code, with the
-reason it gives, and reported as skipped with that reason. `python -m tests.helpers.conformance_matrix` runs this file and
-prints the family x check table shown in the README.
+reason it gives, and reported as skipped with that reason. `python -m tests.helpers.conformance_matrix` runs this
+file and prints the family x check table shown in docs/families.md.
 """
 
 import copy
@@ -16,7 +16,6 @@ from datasets import Dataset
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
-from benchmarks.dpo_bench import loss_and_gradients
 from finetune.core import synthetic_task
 from finetune.modeling import adapters, moe
 from finetune.training import balancing, expert_load
@@ -25,8 +24,9 @@ from finetune.modeling.tiny import init_config, train_tokenizer
 from finetune.training.packed_dpo import PackedDPOTrainer
 from finetune.training.packed_sft import PaddingFreeSFTTrainer
 from finetune.config.recipe import BalancingConfig, LoraConfig, ModelInit
-from tests.test_dpo_speed import build, same_math, whole_dataset
-from tests.test_expert_quant import dequantized_copy, quantized_copy, random_lora_on
+from helpers.nf4 import dequantized_copy, quantized_copy, random_lora_on
+from helpers.parity import loss_and_gradients
+from helpers.trainers import build, dpo_config, same_math, whole_dataset
 
 FAMILIES = list(families.FAMILIES)
 ROLES = ["attention", "experts", "shared_experts", "dense_mlp"]
@@ -131,7 +131,7 @@ def test_an_unsupported_family_is_refused_by_name_before_its_weights_load(tmp_pa
     CONFIG_MAPPING["cohere2_moe"]().save_pretrained(tmp_path)  # a config, no weights: loading them would fail
     recipe = parse_recipe({"run_dir": str(tmp_path / "run"), "model": {"name_or_path": str(tmp_path)}}, "r.yaml")
     with pytest.raises(families.UnsupportedFamily, match="model_type 'cohere2_moe' is a Mixture-of-Experts family"):
-        load_pretrained(recipe, str(tmp_path))
+        load_pretrained(recipe.model_source, str(tmp_path))
 
 
 def test_model_init_accepts_every_family():
@@ -148,10 +148,10 @@ def test_model_init_accepts_every_family():
 def test_a_roles_found_only_adapters_train_router_frozen(models, data, family):
     entry = families.FAMILIES[family]
     model = models(family)
-    assert moe.routers(model) and moe.expert_parameter_targets(model) and moe.attention_linear_targets(model)
-    assert bool(moe.shared_expert_targets(model)) == bool(entry.shared_experts)
+    assert moe.routers(model) and adapters.expert_parameter_targets(model) and adapters.attention_linear_targets(model)
+    assert bool(adapters.shared_expert_targets(model)) == bool(entry.shared_experts)
     frozen = {name: tensor.detach().clone() for name, tensor in [*model.named_parameters(), *model.named_buffers()]}
-    shared_and_dense = moe.shared_expert_targets(model) + moe.dense_mlp_targets(model)
+    shared_and_dense = adapters.shared_expert_targets(model) + adapters.dense_mlp_targets(model)
     peft_model = peft.get_peft_model(model, adapters.peft_config(model, LoraConfig(targets=ROLES)))
     trainable = adapters.trainable_parameter_names(peft_model)
     assert trainable and all("lora_" in name for name in trainable)
@@ -247,7 +247,6 @@ def model_for_comparison(models, entry):
 
 
 def dpo_arguments(model, tokenizer, pairs, tmp_path) -> dict:
-    from tests.test_dpo_speed import dpo_config
 
     return dict(model=model, args=dpo_config(tmp_path), train_dataset=pairs, processing_class=tokenizer,
                 peft_config=adapters.peft_config(model, LoraConfig()))
@@ -303,3 +302,41 @@ def test_g_zero3_leaf_and_fsdp2_wrap_classes_found(models, family):
     assert all(type(model.get_submodule(name.rsplit(".", 1)[0])) is leaves[0] for name in moe.routers(model))
     layers = moe.decoder_layer_classes(model)
     assert layers and {cls.__name__ for cls in layers} <= set(model._no_split_modules)
+
+
+# ---------------------------------------------------------------- (h) the router role
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_h_router_role_wraps_the_router_and_tracking_reads_through_it(models, data, family, tmp_path):
+    """`model.lora.targets: [..., router]`: PEFT wraps the router weight; routers, routing sizes and the expert-load
+    tracker find the router through the wrapper (they crashed on `ParamWrapper.top_k`, #27); the adapter saves,
+    reloads with identical logits and merges."""
+    model = models(family)
+    model.save_pretrained(tmp_path / "base")
+    names, sizes = list(moe.routers(model)), moe.routing_sizes(model)
+    trained = random_lora_on(model, targets=("attention", "experts", "router"))
+    trainable = adapters.trainable_parameter_names(trained)
+    assert all(any(name.startswith(f"base_model.model.{router}.") and ".lora_" in name for name in trainable)
+               for router in names)
+
+    assert [name.removeprefix("base_model.model.") for name in moe.routers(trained)] == names
+    assert moe.routing_sizes(trained) == sizes
+    inputs = padded_batch(data[0])
+    tracker = moe.ExpertLoadTracker(trained)
+    trained(**inputs)
+    real = int(inputs["attention_mask"].sum())
+    assert [int(counts.sum()) for counts in tracker.counts.values()] == [real * sizes[1]] * len(names)
+    tracker.remove()
+
+    trained.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        expected = trained(**inputs).logits
+        loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                                tmp_path / "adapter").eval()
+        torch.testing.assert_close(loaded(**inputs).logits, expected, rtol=0, atol=1e-5)
+        merged = adapters.merge_adapter(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+        torch.testing.assert_close(merged.eval()(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
+        router = next(iter(moe.routers(merged).values()))
+        base_router = next(iter(moe.routers(AutoModelForCausalLM.from_pretrained(tmp_path / "base")).values()))
+        weight = families.FAMILIES[family].router_weight
+        assert not torch.equal(router.get_parameter(weight), base_router.get_parameter(weight))  # merged into

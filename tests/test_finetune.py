@@ -4,6 +4,8 @@ import peft
 import pytest
 import torch
 
+from transformers import AutoConfig, AutoModelForCausalLM
+
 from finetune.modeling import adapters, moe
 from finetune.training import expert_load
 from finetune.modeling.loading import experts_kernel
@@ -78,11 +80,22 @@ def test_expert_load_counts_every_real_token_once_per_chosen_expert():
     tracker.remove()
 
 
-def test_experts_kernel_defaults_to_grouped_mm_and_warns_on_batched_mm_without_a_gpu(recwarn):
-    assert experts_kernel(ModelConfig(name_or_path="x")) == "grouped_mm" and not recwarn
+def test_experts_kernel_auto_is_transformers_choice_and_named_kernels_are_checked(recwarn):
+    """auto passes nothing: transformers takes grouped_mm where the family's experts can switch kernels (Mixtral)
+    and the family's own forward where they cannot (Llama 4, which refuses any kernel argument)."""
+    mixtral = AutoConfig.for_model("mixtral")
+    assert experts_kernel(ModelConfig(name_or_path="x"), mixtral) == {} and not recwarn
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "mixtral", hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, vocab_size=64))
+    assert model.config._experts_implementation == "grouped_mm"
+    with pytest.raises(ValueError, match="model.experts_implementation=eager: Llama4ForCausalLM .* set "
+                                         "model.experts_implementation to auto"):
+        experts_kernel(ModelConfig(name_or_path="x", experts_implementation="eager"), AutoConfig.for_model("llama4_text"))
     if not torch.cuda.is_available():
         with pytest.warns(UserWarning, match="batched_mm runs 30-40x slower"):
-            assert experts_kernel(ModelConfig(name_or_path="x", experts_implementation="batched_mm")) == "batched_mm"
+            named = experts_kernel(ModelConfig(name_or_path="x", experts_implementation="batched_mm"), mixtral)
+            assert named == {"experts_implementation": "batched_mm"}
 
 
 def test_coefficient_of_variation():

@@ -17,21 +17,14 @@ from finetune.cli import main
 from finetune.modeling.loading import load_for_inference, load_stage_model
 from finetune.config.parsing import load_recipe
 from finetune.core.rundir import read_manifest
-from helpers.recipes import write_recipe
 
-pytestmark = pytest.mark.slow  # every test here uses the tiny run the module trains first
-
-SCORES = "# MT-Bench-style scores\n\n| model | overall |\n|---|---|\n| dpo | 7.5 |\n"
+pytestmark = pytest.mark.slow  # every test here reads the session's finished tiny run (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("hub")
-    recipe = write_recipe(tmp_path)
-    assert main(["run", str(recipe), "--stages", "prep,sft,dpo", "sft.max_steps=2"]) == 0
-    (tmp_path / "run" / "eval").mkdir()
-    (tmp_path / "run" / "eval" / "scores.md").write_text(SCORES)
-    return tmp_path / "run"
+def run(tiny_run):
+    """The finished tiny run (base, sft with full weights, dpo an adapter on it, eval): only read here."""
+    return tiny_run[1]
 
 
 def logits(model, ids):
@@ -48,7 +41,7 @@ def test_merge_reproduces_the_adapter_model(run, tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
     assert not list(out.glob("adapter_*"))
     recipe = load_recipe(run / "dpo" / "recipe.yaml")
-    sft = load_stage_model(recipe, "sft")
+    sft = load_stage_model(recipe.model_source, "sft")
     ids = torch.arange(3, 19).reshape(2, 8)
     sft_logits = logits(sft, ids)
     adapter_logits = logits(PeftModel.from_pretrained(sft, str(run / "dpo")), ids)
@@ -61,8 +54,8 @@ def test_evaluating_a_stage_of_a_moved_run_loads_its_whole_chain(run, tmp_path):
     moved = tmp_path / "moved-run"
     shutil.copytree(run, moved)
     other_run = load_recipe(run / "dpo" / "recipe.yaml", [f"run_dir={tmp_path / 'other'}"])
-    model, _ = load_for_inference(other_run, str(moved / "dpo"))
-    expected = load_stage_model(load_recipe(run / "dpo" / "recipe.yaml"), "dpo")
+    model, _ = load_for_inference(other_run.model_source, str(moved / "dpo"))
+    expected = load_stage_model(load_recipe(run / "dpo" / "recipe.yaml").model_source, "dpo")
     ids = torch.arange(3, 19).reshape(2, 8)
     assert torch.allclose(logits(model, ids), logits(expected, ids), atol=1e-5)
 
@@ -94,7 +87,9 @@ def test_dry_run_writes_the_upload_with_a_model_card(run, tmp_path, monkeypatch,
     assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "me/tiny-sft"
     manifest = read_manifest(run / "dpo")["outputs"]
     assert f"first {manifest['first_loss']:.4g}, last {manifest['last_loss']:.4g}" in card.text
-    assert "| dpo | 7.5 |" in card.text and "```yaml" in card.text
+    scores = (run / "eval" / "scores.md").read_text().splitlines()
+    overall = next(line for line in scores if line.startswith("| overall |"))
+    assert overall in card.text and "```yaml" in card.text  # the run's eval table, each model's overall score
     captured = capsys.readouterr()
     for path in folder.iterdir():
         assert b"hf_secretTOKEN123" not in path.read_bytes()
@@ -238,10 +233,10 @@ def test_a_chain_pushed_together_loads_from_its_hub_ids_with_the_local_logits(ru
     from_hub = torch.load(out)
     recipe = load_recipe(run / "dpo" / "recipe.yaml")
     ids = torch.arange(3, 19).reshape(2, 8)
-    assert torch.equal(from_hub["sft"], logits(load_stage_model(recipe, "sft"), ids))
+    assert torch.equal(from_hub["sft"], logits(load_stage_model(recipe.model_source, "sft"), ids))
     from peft import PeftModel
 
-    local_dpo = logits(PeftModel.from_pretrained(load_stage_model(recipe, "sft"), str(run / "dpo")), ids)
+    local_dpo = logits(PeftModel.from_pretrained(load_stage_model(recipe.model_source, "sft"), str(run / "dpo")), ids)
     assert torch.equal(from_hub["dpo"], local_dpo) and torch.equal(from_hub["auto"], local_dpo)
     assert not torch.allclose(from_hub["dpo"], from_hub["sft"], atol=1e-4)  # the adapter is applied
 

@@ -13,13 +13,13 @@ import torch
 from datasets import Dataset
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from benchmarks.dpo_bench import loss_and_gradients
 from finetune.core import synthetic_task
 from finetune.training.packed_dpo import PackedDPOTrainer
 from finetune.training.packed_forward import padding_free_for
 from finetune.config.recipe import SpeedConfig
 from helpers.lookalike import build_lookalike
-from tests.test_dpo_speed import build, reference_log_probs, same_math, sft_trainers, whole_dataset
+from helpers.parity import loss_and_gradients
+from helpers.trainers import build, reference_log_probs, same_math, sft_trainers, whole_dataset
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
-"""Every command in the README's shell blocks either runs here (on a small version of the demo recipe, uploads
-caught before the network) and ends as the README implies, or is listed below with the reason it cannot run here.
-A command added to the README without either fails this test."""
+"""Every command in the shell blocks of the README and of the docs/ pages either runs here (on small versions of the
+shipped recipes, uploads caught before the network) and ends as the page implies, or is listed below with the reason
+it cannot run here. A command added to a page without either fails this test."""
 
 import shlex
 from pathlib import Path
@@ -10,12 +10,20 @@ import pytest
 from finetune.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-# The demo recipe, shrunk: overrides appended to every command that names it (a later override wins).
-SMALL = ["model.init.hidden_size=64", "model.init.intermediate_size=64", "model.init.num_layers=1",
-         "data.sources=[{format: synthetic, options: {sft: 200, pairs: 80, questions: 6}}]",
-         "sft.max_steps=4", "sft.logging_steps=2", "sft.per_device_train_batch_size=8", "dpo.max_steps=2",
-         "dpo.logging_steps=1", "dpo.per_device_train_batch_size=4", "eval.max_new_tokens=8", "eval.batch_size=8"]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+# The shipped recipes, shrunk: overrides appended to every command that names one (a later override wins).
+SMALL = {
+    "recipes/tiny-moe.yaml": [
+        "model.init.hidden_size=64", "model.init.intermediate_size=64", "model.init.num_layers=1",
+        "data.sources=[{format: synthetic, options: {sft: 200, pairs: 80, questions: 6}}]",
+        "sft.max_steps=4", "sft.logging_steps=2", "sft.per_device_train_batch_size=8", "dpo.max_steps=2",
+        "dpo.logging_steps=1", "dpo.per_device_train_batch_size=4", "eval.max_new_tokens=8", "eval.batch_size=8"],
+    "recipes/first.yaml": ["model.init.num_layers=1", "sft.max_steps=3", "dpo.max_steps=2"],
+}
 NOT_RUN_HERE = {
+    "make install": "sets up .venv: the suite runs inside it",
+    "make docs": "builds the documentation site (CI runs it, .ci/run)",
+    "make test-quick": "the test suite itself, without the slow tests",
     "make demo": "the full demo: minutes of training (its stages run below on the small recipe)",
     "make test": "the test suite itself",
     "make bench": "benchmarks: tens of minutes",
@@ -24,7 +32,8 @@ NOT_RUN_HERE = {
     "accelerate launch": "needs GPUs (launch configs are parsed by tests/test_distributed.py)",
     "--accelerate": "needs GPUs (launch configs are parsed by tests/test_distributed.py)",
     "python -m pytest": "the test runner",
-    "finetune.docs --write": "rewrites the README itself (tests/test_docs.py checks the README equals its output)",
+    "finetune.docs --write": "rewrites the pages' tables (tests/test_docs.py checks the pages equal its output)",
+    "conformance_matrix": "runs the conformance tests (tests/test_families.py) and rewrites a page",
 }
 # What a command ends with when it is not 0, in README order, and why the README implies it.
 EXIT_CODES = {
@@ -37,10 +46,14 @@ PROGRAMS = ("moetune", "make", "python", ".venv/", "accelerate", "source", "hf "
 
 
 def readme_commands() -> list[str]:
-    """Commands of the README's shell blocks (plain ``` blocks starting with a command; not yaml, not the layout
-    diagram), comments removed, `a / b` alternatives split."""
+    """Commands of the shell blocks of the README and the docs/ pages, in that order (plain ``` blocks starting with
+    a command; not yaml, not the layout diagram), comments removed, `a / b` alternatives split."""
+    return [command for page in PAGES for command in page_commands(page)]
+
+
+def page_commands(page: Path) -> list[str]:
     blocks, block, language = [], None, ""
-    for line in (REPO / "README.md").read_text().splitlines():
+    for line in page.read_text().splitlines():
         if line.startswith("```"):
             if block is None:
                 block, language = [], line[3:].strip()
@@ -68,14 +81,15 @@ def argv_for(command: str, tmp_path: Path) -> list[str]:
     words = shlex.split(command.replace("[", "").replace("]", "").replace("/tmp/", f"{tmp_path}/"))
     assert words[0] == "moetune", f"not a moetune command: {command}"
     argv = [str(REPO / word) if word.startswith("recipes/") else word for word in words[1:]]
-    if any(word.startswith("recipes/") for word in words):
-        argv += SMALL
+    for word in words:
+        argv += SMALL.get(word, [])
     return argv
 
 
 def test_readme_commands_are_classified():
     commands = readme_commands()
     assert len(commands) > 15 and "moetune run recipes/tiny-moe.yaml" in commands
+    assert "make gpu-check" in commands and any(command.startswith("accelerate launch") for command in commands)
     for command in commands:
         assert skip_reason(command) or command.startswith("moetune "), f"README command not covered: {command}"
 
@@ -99,6 +113,7 @@ def test_readme_commands_run(tmp_path, monkeypatch, capsys):
         assert code == EXIT_CODES.get(command, 0), f"{command}\n{output.out[-2000:]}\n{output.err[-2000:]}"
         ran.append(command)
     assert len(ran) >= 12
+    assert (tmp_path / "runs" / "first" / "dpo" / "adapter_model.safetensors").is_file()
     run = tmp_path / "runs" / "tiny-moe"
     assert (run / "report.md").is_file() and (run / "dpo-merged" / "model.safetensors").is_file()
     assert (tmp_path / "upload" / "dpo" / "README.md").is_file()

@@ -7,8 +7,6 @@ gives one (`model.chat_template`, the flagship recipe's Mistral template). Qwen3
 their own templates, which have no `{% generation %}` markers: TRL swaps in its training copy for the loss mask.
 """
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
@@ -17,44 +15,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from finetune.cli import main
 from finetune.modeling.loading import load_stage_model
 from finetune.config.parsing import load_recipe
 from helpers.lookalike import FAMILIES, TRL_TEMPLATES, build_lookalike
+from helpers.recipes import run_cli, write_lookalike_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 MISTRAL_TEMPLATE = REPO / "recipes" / "chat_templates" / "mistral-instruct.jinja"
-RECIPE = """
-run_dir: {run_dir}
-seed: 7
-model:
-  name_or_path: {folder}
-  lora: {{targets: [attention, experts], r: 4, alpha: 8}}
-{template}data:
-  sources: [{{format: synthetic, options: {{sft: 24, pairs: 12, questions: 2}}}}]
-  dedup: exact
-  test_size: 0
-sft: {{max_steps: 2, per_device_train_batch_size: 4, learning_rate: 1.0e-3, logging_steps: 1, max_length: 320}}
-dpo: {{max_steps: 2, per_device_train_batch_size: 2, learning_rate: 1.0e-3, logging_steps: 1, max_length: 320}}
-eval: {{models: [dpo], max_new_tokens: 4, batch_size: 2}}
-"""
-
-
-def write_recipe(tmp_path: Path, folder: Path, template: Path | None = None) -> Path:
-    path = tmp_path / "recipe.yaml"
-    line = f"  chat_template: {template}\n" if template else ""
-    path.write_text(RECIPE.format(run_dir=tmp_path / "run", folder=folder, template=line))
-    return path
-
-
-def run_cli(argv: list[str], expect: int = 0) -> str:
-    """`moetune ARGV` in this process; what it printed."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    assert code == expect, f"moetune {' '.join(argv)} exited {code}:\n{err.getvalue()[-3000:]}"
-    return out.getvalue() + err.getvalue()
-
 
 pytestmark = pytest.mark.slow  # a whole pipeline per family: ~45-60 s each on a shared 2-core machine
 
@@ -64,11 +31,11 @@ def finished(request, tmp_path_factory):
     """A whole run on a look-alike of one family: (family, recipe, run dir, upload folder, what the CLI printed)."""
     family, tmp_path = request.param, tmp_path_factory.mktemp(request.param)
     folder = build_lookalike(family, tmp_path / "checkpoint")
-    recipe = write_recipe(tmp_path, folder)
+    recipe = write_lookalike_recipe(tmp_path, folder)
     printed = []
     if FAMILIES[family].template is None:  # a base model: refused until the recipe gives a template
         printed.append(run_cli(["run", str(recipe)], expect=2))
-        recipe = write_recipe(tmp_path, folder, template=MISTRAL_TEMPLATE)
+        recipe = write_lookalike_recipe(tmp_path, folder, template=MISTRAL_TEMPLATE)
     printed.append(run_cli(["run", str(recipe)]))
     run = tmp_path / "run"
     printed.append(run_cli(["merge", str(run / "dpo"), "--out", str(tmp_path / "merged")]))
@@ -109,7 +76,7 @@ def test_the_stage_tokenizer_keeps_the_family_tokens_and_template(finished):
 def test_merged_model_reproduces_the_dpo_chain(finished):
     family, recipe, run, tmp_path, _ = finished
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    chain = load_stage_model(load_recipe(recipe), "dpo").eval()
+    chain = load_stage_model(load_recipe(recipe).model_source, "dpo").eval()
     ids = torch.tensor([[3, 17, 42, 99, 5, 61, 7, 200]])
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, chain(ids).logits, rtol=1e-4, atol=1e-4)

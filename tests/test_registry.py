@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
-from finetune.stages import base_model
+import pytest
+
+import finetune.stages.sft
 from finetune import launch, pipeline
 from finetune.cli import build_parser, parse_stages
 from finetune.config.recipe import Recipe
 from finetune.config.parsing import parse_recipe
 from finetune.registry import BY_NAME, COMMANDS, STAGES, command_writing, hidden_needs
-from finetune.core.rundir import Stage
+from finetune.core.rundir import MissingStageOutput, Stage, write_json_atomic
 
 
 def tiny_recipe(tmp_path, **model):
@@ -27,6 +30,29 @@ def test_stages_in_pipeline_order_with_sections_and_needs_that_exist():
     assert len({spec.folder for spec in STAGES}) == len(STAGES)
 
 
+def test_every_entry_names_a_stage_module_with_run_and_inputs():
+    for spec in STAGES:
+        module = importlib.import_module(spec.module)
+        assert callable(module.run) and callable(module.stage_inputs), spec.name
+    assert [spec.name for spec in STAGES if spec.loads_model] == ["sft", "dpo", "eval"]
+    assert [spec.name for spec in STAGES if spec.holds_model] == ["base", "sft", "dpo"]
+    assert [spec.name for spec in STAGES if spec.reported] == ["sft", "dpo", "eval"]
+
+
+def test_needs_are_checked_by_the_registry_before_a_stage_runs(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    with pytest.raises(MissingStageOutput, match=r"\[dpo\] needs the data stage's output"):
+        BY_NAME["dpo"].inputs(recipe)
+    write_json_atomic(tmp_path / "data" / "moetune_stage.json", {"stage": "data", "fingerprint": "d1"})
+    with pytest.raises(MissingStageOutput, match=r"\[dpo\] needs the sft stage's output"):
+        BY_NAME["dpo"].run(recipe)
+    # base is needed by sft only where it applies (model.init recipes): a hub model's sft needs only the data
+    assert BY_NAME["sft"].needed(tiny_recipe(tmp_path, name_or_path="some/model")) == \
+        {"prep": {"stage": "data", "fingerprint": "d1"}}
+    with pytest.raises(MissingStageOutput, match=r"\[sft\] needs the base stage's output"):
+        BY_NAME["sft"].needed(recipe)
+
+
 def test_commands_and_help_come_from_the_registry():
     assert COMMANDS == ("prep", "sft", "dpo", "eval")  # base has no command of its own
     assert parse_stages("eval,prep") == ["prep", "eval"]
@@ -36,7 +62,6 @@ def test_commands_and_help_come_from_the_registry():
 
 
 def test_base_runs_before_sft_only_for_model_init_recipes(tmp_path):
-    assert BY_NAME["base"].run is base_model.run
     assert hidden_needs("sft", tiny_recipe(tmp_path)) == [BY_NAME["base"]]
     assert hidden_needs("sft", tiny_recipe(tmp_path, name_or_path="some/model")) == []
     assert hidden_needs("dpo", tiny_recipe(tmp_path)) == []
@@ -57,11 +82,12 @@ def test_the_pipeline_pushes_a_stage_it_committed_and_not_one_it_skipped(tmp_pat
     pushed = []
     monkeypatch.setattr(pipeline, "push_stage_if_configured", lambda recipe, folder: pushed.append(folder.name))
 
-    def run(recipe, force=False):
+    def run(recipe, needed, force=False):
         stage = Stage(recipe.run_path, "sft", inputs={"steps": 1})
         return stage.commit({}) if stage.begin(force) else stage.final
 
-    spec = dataclasses.replace(BY_NAME["sft"], run=run)
+    monkeypatch.setattr(finetune.stages.sft, "run", run)
+    spec = dataclasses.replace(BY_NAME["sft"], needs=())
     recipe = tiny_recipe(tmp_path)
     pipeline.run_one(spec, recipe, force=False)
     pipeline.run_one(spec, recipe, force=False)  # complete with the same inputs: skipped

@@ -20,6 +20,7 @@ from finetune.training import routing_drift
 from finetune.training.expert_load import LoadAlarms
 from finetune.training.packed_forward import use_block_attention
 from helpers import recipes
+from helpers.processes import kill_at_random_step
 from helpers.tiny import batch, tiny_model
 
 def write_recipe(folder, architecture="mixtral", **routing):
@@ -199,8 +200,6 @@ def test_probe_reads_the_same_routing_on_a_model_set_up_for_padding_free_batches
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # three DPO runs: about 2 minutes on a quiet machine, 15 on a crowded one
 def test_a_resumed_run_measures_drift_against_the_reference_recorded_at_its_start(drift_run, tmp_path):
-    from tests.test_resume import kill_at_random_step
-
     _, run, _ = drift_run
     schedule = ["dpo.max_steps=6", "dpo.save_strategy=steps", "dpo.save_steps=2"]
     histories = []

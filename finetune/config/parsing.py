@@ -19,6 +19,7 @@ import yaml
 from finetune.config.chat_template import resolve_chat_template
 from finetune.config.section_fields import to_dict
 from finetune.config.recipe import TRAINING_STAGES, Recipe, RecipeError
+from finetune.config.trainer_fields import trainer_fields
 from finetune.config.validation import validate_recipe
 
 
@@ -157,16 +158,21 @@ def coerce_scalar(hint: Any, value: Any, source: str, path: str) -> Any:
 TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
+def trainer_config_name(stage: str) -> str:
+    """The name of TRL's config class for a trainer section (SFTConfig for sft:), known without importing TRL."""
+    return Recipe.__dataclass_fields__[stage].metadata["trl_config"]
+
+
 def trainer_config_class(stage: str) -> type:
     import trl  # imported only when a trainer section is read: it pulls in the training stack
 
-    return getattr(trl, Recipe.__dataclass_fields__[stage].metadata["trl_config"])
+    return getattr(trl, trainer_config_name(stage))
 
 
 def validate_trainer_section(section: dict[str, Any], stage: str, source: str) -> None:
     """Check sft:/dpo: keys against TRL's config dataclass and coerce numbers written as strings."""
-    config_class = trainer_config_class(stage)
-    fields = {f.name: f for f in dataclasses.fields(config_class) if f.init}
+    config_name = trainer_config_name(stage)
+    fields = trainer_fields(config_name)
     for key, value in list(section.items()):
         if key in MANAGED_TRAINER_KEYS:
             raise RecipeError(
@@ -174,13 +180,12 @@ def validate_trainer_section(section: dict[str, Any], stage: str, source: str) -
             )
         if key not in fields:
             raise RecipeError(unknown_key_message(source, f"{stage}.{key}", key, list(fields)) +
-                              f" ({stage}: takes the fields of TRL's {config_class.__name__}.)")
-        section[key] = coerce_trainer_value(fields[key].type, value, source, f"{stage}.{key}")
+                              f" ({stage}: takes the fields of TRL's {config_name}.)")
+        section[key] = coerce_trainer_value(fields[key], value, source, f"{stage}.{key}")
 
 
-def coerce_trainer_value(annotation: Any, value: Any, source: str, path: str) -> Any:
-    """TRL annotates with strings like 'float | None'; convert the common scalar cases, pass the rest to TRL."""
-    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+def coerce_trainer_value(text: str, value: Any, source: str, path: str) -> Any:
+    """`text`: a field's annotation ('float | None'); convert the common scalar cases, pass the rest to TRL."""
     if value is None:
         return value
     for name, hint in (("float", float), ("int", int), ("bool", bool)):

@@ -206,6 +206,14 @@ def trainer_field(config_name: str) -> Any:
     return field(default_factory=dict, metadata={"help": f"Any field of TRL's {config_name}.", "trl_config": config_name})
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """What the models layer reads of a recipe: the model section, and the run folder holding its stages' models."""
+
+    model: ModelConfig
+    run_path: Path
+
+
 @dataclass
 class Recipe:
     run_dir: str = help_field(help="Folder where every stage writes: run_dir/{data,base,sft,dpo,eval}.")
@@ -226,6 +234,10 @@ class Recipe:
     @property
     def run_path(self) -> Path:
         return Path(self.run_dir)
+
+    @property
+    def model_source(self) -> ModelSource:
+        return ModelSource(self.model, self.run_path)
 
     @property
     def base_dir(self) -> Path:

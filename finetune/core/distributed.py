@@ -3,6 +3,9 @@
 Every process runs the same stage code. Only the main process writes run-dir files, prints summaries and pushes;
 the others wait at barriers, so nobody reads a folder while it is being written. A launcher that sees one process
 fail stops the others, so a barrier never waits on a process that died. A single process skips all of this.
+
+Who the main process is comes from the environment: the command line asks it (the run dir's protocol) before
+anything is trained, so torch, accelerate and transformers are imported by the functions that use them, not here.
 """
 
 from __future__ import annotations
@@ -10,11 +13,11 @@ from __future__ import annotations
 import hashlib
 import os
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-import torch
-from accelerate import PartialState
-from torch import nn
-from transformers.integrations import is_deepspeed_zero3_enabled
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 # Environment variable that turns on the end-of-training check that every process holds the same weights.
 CHECK_REPLICAS = "MOETUNE_CHECK_REPLICAS"
@@ -35,6 +38,9 @@ def is_main_process() -> bool:
 
 def process_state():
     """accelerate's process state; the first call joins the process group (gloo on CPU, NCCL on GPUs)."""
+    import torch
+    from accelerate import PartialState
+
     # Without cpu=True accelerate only starts a group when it finds GPUs; on a CPU it would silently stay alone.
     return PartialState(cpu=not torch.cuda.is_available())
 
@@ -58,6 +64,8 @@ def sum_across_processes(counts: torch.Tensor) -> torch.Tensor:
     """Element-wise sum of a CPU tensor over every process (every process must call this at the same point)."""
     if world_size() == 1:
         return counts
+    import torch
+
     state = process_state()
     total = counts.to(state.device)  # NCCL reduces GPU tensors only
     torch.distributed.all_reduce(total)
@@ -66,6 +74,8 @@ def sum_across_processes(counts: torch.Tensor) -> torch.Tensor:
 
 def weights_digest(model: nn.Module) -> str:
     """sha256 of every parameter and buffer, in name order: equal digests mean bit-identical weights."""
+    import torch
+
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
@@ -85,6 +95,8 @@ def check_replicas_agree(model: nn.Module, stage: str) -> None:
         if is_main_process():
             print(f"[{stage}] {CHECK_REPLICAS}: the weights are sharded (ZeRO-3/FSDP); no replicas to compare.")
         return
+    import torch
+
     digests = [None] * world_size()
     torch.distributed.all_gather_object(digests, weights_digest(model))
     if len(set(digests)) != 1:
@@ -96,6 +108,8 @@ def check_replicas_agree(model: nn.Module, stage: str) -> None:
 
 def warn_if_fsdp_without_gpus() -> None:
     """accelerate runs an FSDP launch on CPUs as plain DDP, without a word: whole weights on every process."""
+    import torch
+
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not torch.cuda.is_available() \
             and is_main_process():
         print("[fsdp] no GPUs: accelerate runs FSDP launches on CPUs as plain DDP (every process holds all the "
@@ -103,4 +117,6 @@ def warn_if_fsdp_without_gpus() -> None:
 
 
 def zero3_enabled() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
     return is_deepspeed_zero3_enabled()

@@ -19,10 +19,11 @@ transformers is refused by name before any work (`check_supported`); a remote-co
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # annotations only: the recipe's checks read this registry without importing torch
+    import torch
+    from torch import nn
 
 # Config fields that give a model_type's routed-expert count: what makes a config an MoE config.
 EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -266,6 +267,13 @@ def family_for_config(config) -> Family | None:
 def check_supported(config) -> None:
     """Refuse, before any weights load, an MoE model_type the registry has no entry for (UnsupportedFamily)."""
     family_for_config(config)
+
+
+def prepare_for_generation(model: nn.Module) -> None:
+    """What any MoE model needs before generate(): router logits off. A model saved by SFTTrainer (and a tiny
+    model.init one) asks for them in its config, and generate() then computes the load-balancing loss on the cache
+    and fails. Training turns them back on through TRL."""
+    model.config.output_router_logits = False
 
 
 def prepare_for_training(model: nn.Module) -> None:

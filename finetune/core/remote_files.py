@@ -25,8 +25,13 @@ def recipe_file(name: str, base_dir: Path) -> Path:
     return fetch(name) if is_url(name) else (Path(base_dir) / name).resolve()
 
 
+def moetune_cache() -> Path:
+    """moetune's cache folder: $MOETUNE_CACHE, default ~/.cache/moetune."""
+    return Path(os.environ.get("MOETUNE_CACHE", Path.home() / ".cache" / "moetune"))
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get("MOETUNE_CACHE", Path.home() / ".cache" / "moetune")) / "downloads"
+    return moetune_cache() / "downloads"
 
 
 def cached_path(url: str) -> Path:

@@ -152,8 +152,33 @@ def questions(n: int, seed: int) -> Iterator[dict]:
                "turns": ex.questions, "reference": ex.answers}
 
 
+def reference_for(questions: list[str]) -> tuple[str, str] | None:
+    """(category, reference answer) of the last of a conversation's questions (a first question, then optional
+    follow-ups), solved again from their text; None when the first is not a question of this task."""
+    asked = parse_question(questions[0]) if questions else None
+    if asked is None:
+        return None
+    skill, task_input = asked
+    follow_up = FOLLOW_UP.split("{x}")[0]
+    if len(questions) > 1 and questions[-1].startswith(follow_up):
+        task_input = questions[-1][len(follow_up):]
+    return skill.category, skill.solve(task_input)
+
+
+def parse_question(text: str) -> tuple[Skill, str] | None:
+    """(skill, its input) of a first question of this task, or None."""
+    for skill in SKILLS:
+        for phrasing in skill.phrasings:
+            prefix = phrasing.split("{x}")[0]
+            if text.startswith(prefix):
+                return skill, text[len(prefix):]
+    return None
+
+
 def score_answer(category: str, answer: str, reference: str) -> int:
-    """MT-Bench-scale score of one answer: 10 correct full sentence, 6 correct otherwise, 2 wrong, 1 unreadable."""
+    """The programmatic judge, on MT-Bench's scale: 10 for a correct full sentence, 6 correct otherwise, 2 wrong,
+    1 unreadable. The eval stage's judge (eval/judge_backends.py) and on-policy pair scoring (data_prep/onpolicy.py)
+    both score with it."""
     skill = SKILL_BY_CATEGORY[category]
     text = answer.strip()
     if text == skill.sentence.format(answer=reference):

@@ -18,7 +18,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import transformers_weight_conversion
 from torch import nn
 
-from finetune.core import distributed
+from finetune.core import distributed, families
 from finetune.modeling import expert_quant, moe
 from finetune.config.recipe import LoraConfig
 
@@ -32,12 +32,57 @@ def expand_roles(targets: list[str]) -> set[str]:
 
 def role_targets(model: nn.Module, roles: set[str]) -> tuple[list[str], list[str]]:
     """(target_modules, target_parameters) of the roles."""
-    modules = {"attention": moe.attention_linear_targets, "shared_experts": moe.shared_expert_targets,
-               "dense_mlp": moe.dense_mlp_targets}
-    parameters = {"experts": moe.expert_parameter_targets, "router": moe.router_parameter_targets}
+    modules = {"attention": attention_linear_targets, "shared_experts": shared_expert_targets,
+               "dense_mlp": dense_mlp_targets}
+    parameters = {"experts": expert_parameter_targets, "router": router_parameter_targets}
     target_modules = [name for role, find in modules.items() if role in roles for name in find(model)]
     target_parameters = [name for role, find in parameters.items() if role in roles for name in find(model)]
     return target_modules, target_parameters
+
+
+def expert_parameter_targets(model: nn.Module) -> list[str]:
+    """PEFT `target_parameters` names for the fused experts, e.g. ["mlp.experts.gate_up_proj", ...]."""
+    suffixes = set()
+    for name, module in model.named_modules():
+        if moe.is_experts(module):
+            suffixes.add(".".join(name.split(".")[-2:]))
+    return sorted(f"{suffix}.{param}" for suffix in suffixes for param in moe.EXPERT_PARAMETERS)
+
+
+def router_parameter_targets(model: nn.Module) -> list[str]:
+    weight = families.family_of(model).router_weight
+    return sorted({".".join(name.split(".")[-2:]) + "." + weight for name in moe.routers(model)})
+
+
+def linears_under(model: nn.Module, parents: list[str]) -> list[str]:
+    """Qualified names of the Linear layers inside the named modules (those a LoRA wrapper can reach)."""
+    prefixes = tuple(parent + "." for parent in parents)
+    unreachable = families.family_of(model).unreachable_linears
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
+            and name.startswith(prefixes) and name.rsplit(".", 1)[-1] not in unreachable]
+
+
+def modules_named(model: nn.Module, names: tuple[str, ...]) -> list[str]:
+    return [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in names]
+
+
+def attention_linear_targets(model: nn.Module) -> list[str]:
+    """Linear layers of the token mixers: attention (MLA projections included), linear attention, Mamba."""
+    return linears_under(model, modules_named(model, families.family_of(model).token_mixers))
+
+
+def shared_expert_targets(model: nn.Module) -> list[str]:
+    """Linear layers of the shared experts (the always-on FFN beside the routed experts)."""
+    return linears_under(model, modules_named(model, families.family_of(model).shared_experts))
+
+
+def dense_mlp_targets(model: nn.Module) -> list[str]:
+    """Linear layers of the dense FFNs of decoder layers without an MoE block (e.g. DeepSeek's first layers)."""
+    family, blocks = families.family_of(model), set(moe.moe_blocks(model))
+    dense = [name for name in modules_named(model, (family.dense_mlp,))
+             if name not in blocks and ".layers." in name and not any(moe.is_experts(m) for m in
+                                                                     model.get_submodule(name).modules())]
+    return linears_under(model, dense)
 
 
 def peft_config(model: nn.Module, lora: LoraConfig) -> peft.LoraConfig:
@@ -69,8 +114,14 @@ def convert_only_missing_targets(convert):
     For families whose checkpoints transformers converts (DeepSeek, Qwen-Next, Hunyuan, ...), peft rewrites every
     target ending in `.gate_proj`/`.up_proj`/`.down_proj` (the v4 per-expert names) to the fused experts. A shared
     expert's or a dense layer's `gate_proj` ends the same way: the shared_experts and dense_mlp roles would silently
-    adapt the routed experts instead, on creation and again when a saved adapter loads. A target that names an
+    adapt the routed experts instead, on creation and again when a saved adapter loads. A target that matches an
     existing module is a v5 name already and is kept as it is; only the others (real v4 names) are converted.
+
+    "Matches" is peft's own rule: the module's qualified name, or a dotted suffix of it. peft shortens a list of 20
+    or more qualified targets to the shortest suffixes that select the same modules (`shared_experts.up_proj` for
+    every layer's `model.layers.N.mlp.shared_experts.up_proj`) and saves those, so a 4-layer model's saved adapter
+    names suffixes; converting them would add the routed experts a second time at double rank and the saved
+    weights would no longer fit (LoRA SFT -> LoRA DPO failed so for every family with shared experts).
     """
 
     @functools.wraps(convert)
@@ -78,13 +129,19 @@ def convert_only_missing_targets(convert):
         targets = peft_config.target_modules
         if peft_config.peft_type != peft.PeftType.LORA or not targets or isinstance(targets, str):
             return convert(peft_config, model, conversions)
-        names = {name for name, _ in model.named_modules()}
-        existing = {target for target in targets if target in names}
+        names = [name for name, _ in model.named_modules()]
+        existing = {target for target in targets if matches_a_module(target, names)}
         peft_config.target_modules = set(targets) - existing
         convert(peft_config, model, conversions)
         peft_config.target_modules = set(peft_config.target_modules or ()) | existing
 
     return guarded
+
+
+def matches_a_module(target: str, module_names: list[str]) -> bool:
+    """Whether peft's `target_modules` entry `target` selects a module: its whole name or a dotted suffix of it."""
+    suffix = "." + target
+    return any(name == target or name.endswith(suffix) for name in module_names)
 
 
 transformers_weight_conversion.convert_peft_config_for_transformers = convert_only_missing_targets(

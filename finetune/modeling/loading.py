@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from finetune.modeling import adapters, expert_quant, moe
 from finetune.core import families
-from finetune.config.recipe import MODEL_STAGES, ModelConfig, Recipe
+from finetune.config.recipe import MODEL_STAGES, ModelConfig, ModelSource
 from finetune.config.parsing import load_recipe
 from finetune.core.rundir import read_manifest, require_complete
 from finetune.modeling.tiny import train_tokenizer
@@ -32,12 +32,22 @@ def resolve_dtype(name: str) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def experts_kernel(model_config: ModelConfig) -> str:
-    kernel = "grouped_mm" if model_config.experts_implementation == "auto" else model_config.experts_implementation
+def experts_kernel(model_config: ModelConfig, config) -> dict:
+    """The `experts_implementation` argument of from_pretrained: none for `auto`, so transformers takes grouped_mm
+    where the family's experts can switch kernels and its own forward where they cannot (Llama 4's experts have
+    no kernel choice, and passing one stops the load); the named kernel otherwise, refused up front where the
+    family cannot use it."""
+    kernel = model_config.experts_implementation
+    if kernel == "auto":
+        return {}
+    model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    if model_class is not None and not model_class._can_set_experts_implementation():
+        raise ValueError(f"model.experts_implementation={kernel}: {model_class.__name__} runs its experts with its "
+                         f"own forward and has no kernel choice; set model.experts_implementation to auto.")
     if kernel == "batched_mm" and not torch.cuda.is_available():
         warnings.warn("model.experts_implementation=batched_mm runs 30-40x slower than grouped_mm on a CPU: "
                       "set it to auto.")
-    return kernel
+    return {"experts_implementation": kernel}
 
 
 def seed_everything(seed: int) -> None:
@@ -47,32 +57,32 @@ def seed_everything(seed: int) -> None:
 
 # ---------------------------------------------------------------- loading
 
-def base_location(recipe: Recipe) -> str:
+def base_location(source: ModelSource) -> str:
     """Where the base model's weights are: the hub id/path, or run_dir/base for tiny models."""
-    if recipe.model.init is not None:
-        require_complete(recipe.run_path, "base", needed_by="model loading")
-        return str(recipe.run_path / "base")
-    return recipe.model.name_or_path
+    if source.model.init is not None:
+        require_complete(source.run_path, "base", needed_by="model loading")
+        return str(source.run_path / "base")
+    return source.model.name_or_path
 
 
-def hub_kwargs(recipe: Recipe, location: str) -> dict:
-    kwargs = {"trust_remote_code": recipe.model.trust_remote_code}
-    if recipe.model.revision and location == recipe.model.name_or_path:
-        kwargs["revision"] = recipe.model.revision
+def hub_kwargs(source: ModelSource, location: str) -> dict:
+    kwargs = {"trust_remote_code": source.model.trust_remote_code}
+    if source.model.revision and location == source.model.name_or_path:
+        kwargs["revision"] = source.model.revision
     return kwargs
 
 
-def load_tokenizer(recipe: Recipe, texts=None):
+def load_tokenizer(source: ModelSource, texts=None):
     """The model's tokenizer. For a tiny model not built yet, one trained on `texts` (what the base stage will do)."""
-    if recipe.model.init is not None and read_manifest(recipe.run_path / "base") is None:
+    if source.model.init is not None and read_manifest(source.run_path / "base") is None:
         if texts is None:
             raise ValueError("load_tokenizer: a model.init recipe needs texts to train its tokenizer before the base stage.")
-        tokenizer, location = train_tokenizer(texts, recipe.model.init.vocab_size), "model.init"
+        tokenizer, location = train_tokenizer(texts, source.model.init.vocab_size), "model.init"
     else:
-        location = base_location(recipe)
-        tokenizer = AutoTokenizer.from_pretrained(location, **hub_kwargs(recipe, location))
-    if recipe.model.chat_template is not None:
-        tokenizer.chat_template = recipe.model.chat_template
+        location = base_location(source)
+        tokenizer = AutoTokenizer.from_pretrained(location, **hub_kwargs(source, location))
+    if source.model.chat_template is not None:
+        tokenizer.chat_template = source.model.chat_template
     if tokenizer.chat_template is None:
         raise ValueError(f"{location} has no chat template (a base model's tokenizer); set model.chat_template in the "
                          f"recipe to a Jinja template or a .jinja file, or pick an instruct/chat model.")
@@ -81,33 +91,35 @@ def load_tokenizer(recipe: Recipe, texts=None):
     return tokenizer
 
 
-def check_family(recipe: Recipe, location: str) -> None:
-    """An MoE family moetune does not know is refused before its weights load."""
-    families.check_supported(AutoConfig.from_pretrained(location, **hub_kwargs(recipe, location)))
+def check_family(source: ModelSource, location: str):
+    """The config at `location`; an MoE family moetune does not know is refused before its weights load."""
+    config = AutoConfig.from_pretrained(location, **hub_kwargs(source, location))
+    families.check_supported(config)
+    return config
 
 
-def load_pretrained(recipe: Recipe, location: str):
-    check_family(recipe, location)
+def load_pretrained(source: ModelSource, location: str):
+    config = check_family(source, location)
     return AutoModelForCausalLM.from_pretrained(
-        location, dtype=resolve_dtype(recipe.model.dtype), experts_implementation=experts_kernel(recipe.model),
-        **hub_kwargs(recipe, location),
+        location, dtype=resolve_dtype(source.model.dtype), **experts_kernel(source.model, config),
+        **hub_kwargs(source, location),
     )
 
 
-def load_quantized(recipe: Recipe, name: str):
+def load_quantized(source: ModelSource, name: str):
     """A full-weights stage (`base`, or a full SFT) loaded for QLoRA: Linears through bitsandbytes, experts in NF4.
 
     It loads on the CPU (memory-mapped) and quantizes expert by expert onto the GPU when there is one, so the GPU
     only ever holds the 4-bit model.
     """
-    location = base_location(recipe) if name == "base" else str(recipe.run_path / name)
-    quantization = recipe.model.quantization
-    dtype = resolve_dtype(recipe.model.dtype)
+    location = base_location(source) if name == "base" else str(source.run_path / name)
+    quantization = source.model.quantization
+    dtype = resolve_dtype(source.model.dtype)
     compute_dtype = dtype if quantization.compute_dtype == "auto" else resolve_dtype(quantization.compute_dtype)
-    check_family(recipe, location)
-    skip = expert_quant.linears_to_keep(skeleton(recipe, location)) if quantization.bits == 4 else None
+    check_family(source, location)
+    skip = expert_quant.linears_to_keep(skeleton(source, location)) if quantization.bits == 4 else None
     model = AutoModelForCausalLM.from_pretrained(
-        location, dtype=dtype, device_map="cpu", **hub_kwargs(recipe, location),
+        location, dtype=dtype, device_map="cpu", **hub_kwargs(source, location),
         quantization_config=expert_quant.bitsandbytes_config(quantization.bits, quantization.double_quant,
                                                              compute_dtype, skip),
     )
@@ -127,46 +139,45 @@ def load_quantized(recipe: Recipe, name: str):
     return model
 
 
-def skeleton(recipe: Recipe, location: str):
+def skeleton(source: ModelSource, location: str):
     """The model at `location` built on the meta device: its modules and shapes, no weights read."""
-    config = AutoConfig.from_pretrained(location, **hub_kwargs(recipe, location))
+    config = AutoConfig.from_pretrained(location, **hub_kwargs(source, location))
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=source.model.trust_remote_code)
 
 
-def load_stage_model(recipe: Recipe, name: str):
+def load_stage_model(source: ModelSource, name: str):
     """The model a stage produced, adapters merged in: `base`, `sft`, `dpo`."""
     if name == "base":
-        return load_pretrained(recipe, base_location(recipe))
-    folder = recipe.run_path / name
-    outputs = require_complete(recipe.run_path, name, needed_by="model loading")["outputs"]
+        return load_pretrained(source, base_location(source))
+    folder = source.run_path / name
+    outputs = require_complete(source.run_path, name, needed_by="model loading")["outputs"]
     if outputs["kind"] == "full":
-        return load_pretrained(recipe, str(folder))
-    return adapters.merge_adapter(load_stage_model(recipe, outputs["parent"]), folder)
+        return load_pretrained(source, str(folder))
+    return adapters.merge_adapter(load_stage_model(source, outputs["parent"]), folder)
 
 
-def load_for_inference(recipe: Recipe, name: str):
+def load_for_inference(source: ModelSource, name: str):
     """(model, tokenizer) ready for generation: a stage of this run, or any local path or hub id (adapters too)."""
     if name in MODEL_STAGES:
-        model = load_stage_model(recipe, name)
-        tokenizer = load_tokenizer(recipe)
+        model = load_stage_model(source, name)
+        tokenizer = load_tokenizer(source)
     else:
-        model, tokenizer = load_external(recipe, name)
-    # generate() breaks while the config asks for router logits (it computes the aux loss on the cache).
-    model.config.output_router_logits = False
+        model, tokenizer = load_external(source, name)
+    families.prepare_for_generation(model)
     tokenizer.padding_side = "left"
     return model.eval(), tokenizer
 
 
-def load_external(recipe: Recipe, location: str):
+def load_external(source: ModelSource, location: str):
     """(model, tokenizer) from a path or hub id that is not a stage of this run; an adapter is merged into its base."""
     adapter_dir = Path(location)
-    trust = recipe.model.trust_remote_code
+    trust = source.model.trust_remote_code
     if (adapter_dir / "adapter_config.json").is_file():
-        base, tokenizer = load_adapter_base(adapter_dir, resolve_dtype(recipe.model.dtype), trust)
+        base, tokenizer = load_adapter_base(adapter_dir, resolve_dtype(source.model.dtype), trust)
         model = adapters.merge_adapter(base, adapter_dir)
     else:
-        model = load_pretrained(recipe, location)
+        model = load_pretrained(source, location)
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -182,7 +193,8 @@ def load_adapter_base(adapter_dir: Path, dtype: torch.dtype | str = "auto", trus
     manifest = read_manifest(adapter_dir)
     if manifest is not None:
         recipe = load_recipe(adapter_dir / "recipe.yaml", [f"run_dir={adapter_dir.resolve().parent}"])
-        return load_stage_model(recipe, manifest["outputs"]["parent"]), AutoTokenizer.from_pretrained(adapter_dir)
+        parent = load_stage_model(recipe.model_source, manifest["outputs"]["parent"])
+        return parent, AutoTokenizer.from_pretrained(adapter_dir)
     base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
     # dtype "auto" keeps the checkpoint's own precision instead of upcasting a large model to fp32.
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -192,7 +204,7 @@ def load_adapter_base(adapter_dir: Path, dtype: torch.dtype | str = "auto", trus
 
 # ---------------------------------------------------------------- what a training stage trains
 
-def load_training_model(recipe: Recipe, stage: str, start: str):
+def load_training_model(source: ModelSource, stage: str, start: str):
     """(model, peft_config, parent): what a stage trains, the adapter to add (None: it trains all weights, or
     continues an adapter), and the stage its output sits on.
 
@@ -201,21 +213,21 @@ def load_training_model(recipe: Recipe, stage: str, start: str):
     DPO, TRL keeps a frozen copy of it as the reference policy) and the new adapter sits on that base too. Under
     ZeRO-3 the MoE blocks are marked as leaf modules; the family's own needs are met (families.prepare_for_training).
     """
-    model, peft_config, parent = load_model_and_adapter(recipe, stage, start)
+    model, peft_config, parent = load_model_and_adapter(source, stage, start)
     families.prepare_for_training(model)
     moe.mark_moe_blocks_as_zero3_leaves(model)
     return model, peft_config, parent
 
 
-def load_model_and_adapter(recipe: Recipe, stage: str, start: str):
-    lora = recipe.model.lora_for(stage)
-    if lora is None or recipe.model.quantization is None:
-        model = load_stage_model(recipe, start)
+def load_model_and_adapter(source: ModelSource, stage: str, start: str):
+    lora = source.model.lora_for(stage)
+    if lora is None or source.model.quantization is None:
+        model = load_stage_model(source, start)
         return model, adapters.peft_config(model, lora) if lora else None, start
-    outputs = require_complete(recipe.run_path, start, needed_by=stage)["outputs"] if start != "base" else {}
+    outputs = require_complete(source.run_path, start, needed_by=stage)["outputs"] if start != "base" else {}
     if outputs.get("kind") != "adapter":
-        model = load_quantized(recipe, start)
+        model = load_quantized(source, start)
         return model, adapters.peft_config(model, lora), start
     parent = outputs["parent"]
-    base = load_quantized(recipe, parent)
-    return expert_quant.load_adapter(base, str(recipe.run_path / start), trainable=True), None, parent
+    base = load_quantized(source, parent)
+    return expert_quant.load_adapter(base, str(source.run_path / start), trainable=True), None, parent

@@ -3,13 +3,15 @@ finetune/training/routing_drift.py watch what they do in training).
 
 Every transformers-5 MoE family has, per MoE layer, a block holding a router and an experts module with the fused
 3-D parameters `gate_up_proj` and `down_proj`; the family registry (finetune/core/families.py) says what the router is
-called, what it returns and where the shared experts, dense FFNs and token mixers are. Each role is found here.
+called, what it returns and where the shared experts, dense FFNs and token mixers are. The LoRA targets of each
+role are listed beside the adapters (finetune/modeling/adapters.py).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from finetune.core import distributed, families
 
@@ -43,9 +45,19 @@ def has_parameter(module: nn.Module, name: str) -> bool:
 
 
 def routers(model: nn.Module) -> dict[str, nn.Module]:
-    """Router modules by qualified name, in layer order."""
+    """Router modules by qualified name, in layer order; a router PEFT wrapped (the `router` LoRA role) is its base
+    layer, which keeps the router's attributes (top_k, ...) and still runs in every forward of the wrapper."""
     family = families.family_of(model)
-    return {name: module for name, module in model.named_modules() if family_router(family, name, module)}
+    return {name: module for name, module in unwrapped_modules(model) if family_router(family, name, module)}
+
+
+def unwrapped_modules(model: nn.Module):
+    """(name, module) of the model's modules as they were before PEFT wrapped any of them: a LoRA wrapper is
+    replaced by the module it wraps, under the wrapper's name, and the wrapper's insides are skipped."""
+    for name, module in model.named_modules():
+        if "base_layer" in name.split("."):
+            continue
+        yield name, module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
 
 
 def router_weight(family: families.Family, router: nn.Module) -> nn.Parameter:
@@ -116,48 +128,3 @@ def mark_moe_blocks_as_zero3_leaves(model: nn.Module) -> None:
         set_z3_leaf_modules(model, classes)
         if distributed.is_main_process():
             print(f"[zero3] MoE blocks gathered whole (ZeRO-3 leaf modules): {', '.join(c.__name__ for c in classes)}")
-
-
-def expert_parameter_targets(model: nn.Module) -> list[str]:
-    """PEFT `target_parameters` names for the fused experts, e.g. ["mlp.experts.gate_up_proj", ...]."""
-    suffixes = set()
-    for name, module in model.named_modules():
-        if is_experts(module):
-            suffixes.add(".".join(name.split(".")[-2:]))
-    return sorted(f"{suffix}.{param}" for suffix in suffixes for param in EXPERT_PARAMETERS)
-
-
-def router_parameter_targets(model: nn.Module) -> list[str]:
-    weight = families.family_of(model).router_weight
-    return sorted({".".join(name.split(".")[-2:]) + "." + weight for name in routers(model)})
-
-
-def linears_under(model: nn.Module, parents: list[str]) -> list[str]:
-    """Qualified names of the Linear layers inside the named modules (those a LoRA wrapper can reach)."""
-    prefixes = tuple(parent + "." for parent in parents)
-    unreachable = families.family_of(model).unreachable_linears
-    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
-            and name.startswith(prefixes) and name.rsplit(".", 1)[-1] not in unreachable]
-
-
-def modules_named(model: nn.Module, names: tuple[str, ...]) -> list[str]:
-    return [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in names]
-
-
-def attention_linear_targets(model: nn.Module) -> list[str]:
-    """Linear layers of the token mixers: attention (MLA projections included), linear attention, Mamba."""
-    return linears_under(model, modules_named(model, families.family_of(model).token_mixers))
-
-
-def shared_expert_targets(model: nn.Module) -> list[str]:
-    """Linear layers of the shared experts (the always-on FFN beside the routed experts)."""
-    return linears_under(model, modules_named(model, families.family_of(model).shared_experts))
-
-
-def dense_mlp_targets(model: nn.Module) -> list[str]:
-    """Linear layers of the dense FFNs of decoder layers without an MoE block (e.g. DeepSeek's first layers)."""
-    family, blocks = families.family_of(model), set(moe_blocks(model))
-    dense = [name for name in modules_named(model, (family.dense_mlp,))
-             if name not in blocks and ".layers." in name and not any(is_experts(m) for m in
-                                                                     model.get_submodule(name).modules())]
-    return linears_under(model, dense)

@@ -13,12 +13,12 @@ from finetune.core import distributed
 from finetune.modeling.loading import seed_everything
 from finetune.modeling.tiny import init_config, train_tokenizer
 from finetune.config.recipe import Recipe
-from finetune.core.rundir import Stage, require_complete
+from finetune.core.rundir import Stage
 
 
-def run(recipe: Recipe, force: bool | str = False) -> Path:
+def run(recipe: Recipe, needed: dict[str, dict], force: bool | str = False) -> Path:
     """Train a tokenizer on the prepared data, build the tiny model and save both into run_dir/base."""
-    stage = Stage(recipe.run_path, "base", inputs=stage_inputs(recipe))
+    stage = Stage(recipe.run_path, "base", inputs=stage_inputs(recipe, needed))
     if not stage.begin(force):
         return stage.final
     # One process builds and saves the model; in a multi-process run the others wait in commit, then load it.
@@ -26,10 +26,9 @@ def run(recipe: Recipe, force: bool | str = False) -> Path:
     return stage.commit(outputs)
 
 
-def stage_inputs(recipe: Recipe) -> dict:
+def stage_inputs(recipe: Recipe, needed: dict[str, dict]) -> dict:
     """What the output depends on: the model.init settings, the seed, the prepared data (the tokenizer's texts)."""
-    data = require_complete(recipe.run_path, "data", needed_by="base")
-    return {"init": recipe.section_dict("model")["init"], "seed": recipe.seed, "data": data["fingerprint"]}
+    return {"init": recipe.section_dict("model")["init"], "seed": recipe.seed, "data": needed["prep"]["fingerprint"]}
 
 
 def write_base_model(recipe: Recipe, folder: Path) -> dict:

@@ -21,32 +21,31 @@ from finetune.modeling import moe
 from finetune.modeling.loading import load_stage_model, load_tokenizer, load_training_model, seed_everything
 from finetune.training.packed_dpo import dpo_trainer
 from finetune.config.recipe import Recipe
-from finetune.core.rundir import Stage, require_complete
+from finetune.core.rundir import Stage
 from finetune.training.saving import save_stage
 from finetune.training.data_splits import load_split, require_train_split
 from finetune.training.trainer_config import trainer_config
 from finetune.training.resume import train_resuming
 
 
-def stage_inputs(recipe: Recipe) -> dict:
-    """What the output depends on: the model and dpo settings, the seed, the prepared data, the SFT result."""
-    data = require_complete(recipe.run_path, "data", needed_by="dpo")
-    sft = require_complete(recipe.run_path, "sft", needed_by="dpo")
+def stage_inputs(recipe: Recipe, needed: dict[str, dict]) -> dict:
+    """What the output depends on: the model and dpo settings, the seed, the prepared data, the SFT result
+    (`needed`: the manifests of the stages it needs, checked by the registry)."""
     return {"model": recipe.model_inputs("dpo"), "dpo": recipe.trainer_inputs("dpo"),
             "balancing": recipe.section_dict("balancing"), "seed": recipe.seed,
-            "data": data["fingerprint"], "sft": sft["fingerprint"]}
+            "data": needed["prep"]["fingerprint"], "sft": needed["sft"]["fingerprint"]}
 
 
-def run(recipe: Recipe, force: bool | str = False) -> Path:
-    stage = Stage(recipe.run_path, "dpo", inputs=stage_inputs(recipe), progress=("checkpoint-*",))
+def run(recipe: Recipe, needed: dict[str, dict], force: bool | str = False) -> Path:
+    stage = Stage(recipe.run_path, "dpo", inputs=stage_inputs(recipe, needed), progress=("checkpoint-*",))
     if not stage.begin(force):
         return stage.final
 
     seed_everything(recipe.seed)
     # The config first: under DeepSpeed ZeRO-3 it makes from_pretrained load each process's shard only.
     args = trainer_config("dpo", recipe, stage.work)
-    tokenizer = load_tokenizer(recipe)
-    model, peft_config, parent = load_training_model(recipe, "dpo", start="sft")
+    tokenizer = load_tokenizer(recipe.model_source)
+    model, peft_config, parent = load_training_model(recipe.model_source, "dpo", start="sft")
     lora = recipe.model.lora_for("dpo")
     # Precomputed reference log-probs need no reference copy: TRL computes them with the model before training.
     needs_copy = not lora and not args.precompute_ref_log_probs
@@ -71,7 +70,7 @@ def run(recipe: Recipe, force: bool | str = False) -> Path:
 
 def load_reference(recipe: Recipe):
     """The frozen SFT model for full fine-tuning. DPOTrainer shards it like the policy under ZeRO-3 and FSDP."""
-    reference = load_stage_model(recipe, "sft").eval()
+    reference = load_stage_model(recipe.model_source, "sft").eval()
     families.prepare_for_training(reference)
     moe.mark_moe_blocks_as_zero3_leaves(reference)
     return reference

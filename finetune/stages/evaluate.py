@@ -49,7 +49,7 @@ def source_fingerprint(source: str) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else source
 
 
-def stage_inputs(recipe: Recipe) -> dict[str, Any]:
+def stage_inputs(recipe: Recipe, needed: dict[str, dict] | None = None) -> dict[str, Any]:
     """What the eval depends on: the section (but how judge calls are made), the seed, the questions and each
     model's producing stage."""
     models = {}
@@ -91,8 +91,9 @@ def refuse_unscorable(recipe: Recipe, questions: list[dict[str, Any]]) -> None:
             f"eval.judge.prompt_file) for these questions.")
 
 
-def run(recipe: Recipe, force: bool | str = False) -> Path:
-    """Run the eval stage; returns run_dir/eval, or the work folder while some judge calls have failed."""
+def run(recipe: Recipe, needed: dict[str, dict] | None = None, force: bool | str = False) -> Path:
+    """Run the eval stage; returns run_dir/eval, or the work folder while some judge calls have failed. It needs no
+    earlier stage (`needed` is empty): the models it names are loaded, or refused, by name."""
     config = recipe.eval
     check_eval_config(config)
     check_files(recipe)
@@ -129,7 +130,7 @@ def answer_model(recipe: Recipe, name: str, questions: list[dict[str, Any]], wor
     answer_file = work / "model_answer" / f"{file_safe(name)}.jsonl"
     pending = unanswered(questions, answer_file)
     if pending:
-        model, tokenizer = load_for_inference(recipe, name)
+        model, tokenizer = load_for_inference(recipe.model_source, name)
         answer_questions(model, tokenizer, name, pending, answer_file, temperatures=config.temperatures,
                          max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, seed=recipe.seed)
     return {record["question_id"]: record["choices"][0]["turns"] for record in read_jsonl(answer_file)}
@@ -139,7 +140,8 @@ def make_judge(recipe: Recipe) -> Any:
     judge = recipe.eval.judge
     if judge.type == "openai":
         return OpenAICompatibleJudge(judge)
-    return LocalJudge(lambda: load_for_inference(recipe, judge.model), judge.max_tokens, recipe.eval.batch_size)
+    return LocalJudge(lambda: load_for_inference(recipe.model_source, judge.model), judge.max_tokens,
+                      recipe.eval.batch_size)
 
 
 def judge_and_report(recipe: Recipe, questions: list[dict[str, Any]], answers: dict, work: Path) -> tuple[int, Path]:

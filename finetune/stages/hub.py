@@ -115,10 +115,6 @@ class HubError(ValueError):
     """An upload the Hub did not take; the message names the endpoint, the repository and what to check."""
 
 
-# Stage folders in the order a chain is built, so a chain pushed together uploads each parent before its child.
-CHAIN_ORDER = ("base", "sft", "dpo")
-
-
 def check_repo_id(repo_id: str, option: str = "--repo-id") -> str:
     """huggingface_hub's own check of a repository id, as an error naming the option and the fix."""
     problem = invalid_repo_id(repo_id)
@@ -196,7 +192,15 @@ def point_adapter_at(config_file: Path, base_id: str, revision: str | None) -> N
 
 
 def chain_order(stage_dirs: list[Path]) -> list[Path]:
-    return sorted(stage_dirs, key=lambda d: CHAIN_ORDER.index(d.name) if d.name in CHAIN_ORDER else len(CHAIN_ORDER))
+    """Parents first, so that a chain pushed together uploads each parent before its child: a stage folder comes
+    after the folders its manifest's parent chain passes through (base -> sft -> dpo, read from the run folder)."""
+    return sorted(stage_dirs, key=chain_depth)
+
+
+def chain_depth(stage_dir: Path) -> int:
+    """How many stage folders of its run lie below this one (0 for a folder on the base model or without one)."""
+    parent = (read_manifest(stage_dir) or {}).get("outputs", {}).get("parent")
+    return 0 if parent is None else 1 + chain_depth(stage_dir.parent / parent)
 
 
 def push(stage_dirs, repo_id: str, private: bool = False, revision: str | None = None,

@@ -22,28 +22,50 @@ from data_prep.writer import SplitWriter
 from finetune.modeling.loading import load_tokenizer
 from finetune.config.recipe import Recipe
 from finetune.core.remote_files import recipe_file
+from finetune.training.reply_truncation import PREP_SAMPLE, prep_warning
 from finetune.core.rundir import Stage, write_json_atomic
 
 KINDS = ("sft", "preference")
 
 
-def run(recipe: Recipe, force: bool | str = False, tokenizer: Any = None) -> Path:
-    """Run the prep stage; returns run_dir/data. `tokenizer` overrides the model's (tests)."""
+def run(recipe: Recipe, needed: dict[str, dict] | None = None, force: bool | str = False, tokenizer: Any = None) -> Path:
+    """Run the prep stage; returns run_dir/data. It needs no earlier stage (`needed` is empty); `tokenizer`
+    overrides the model's (tests)."""
     base_dir = recipe.base_dir
     check_config(recipe.data, recipe.source)
-    stage = Stage(recipe.run_path, "data", inputs=stage_inputs(recipe, base_dir))
+    stage = Stage(recipe.run_path, "data", inputs=stage_inputs(recipe))
     if not stage.begin(force):
         return stage.final
     if tokenizer is None and recipe.data.max_length is not None:
-        tokenizer = load_tokenizer(recipe)
+        tokenizer = load_tokenizer(recipe.model_source)
     report = prepare(stage.work, recipe.data, recipe.seed, base_dir, tokenizer)
     write_json_atomic(stage.work / "report.json", report)
     print(summary(report))
+    warn_if_replies_cut(recipe, tokenizer, stage.work / "sft" / "train.jsonl")
     if not any(report["splits"][kind]["train"] + report["splits"][kind]["test"] for kind in KINDS):
         raise DataError(f"{recipe.source}: data.sources gave no training examples (see the counts above and "
                         f"{stage.work / 'report.json'}). Add rows or sources that make SFT conversations or "
                         f"preference pairs.")
     return stage.commit(outputs={"splits": report["splits"], "questions": report["questions"]})
+
+
+def warn_if_replies_cut(recipe: Recipe, tokenizer: Any, conversations_file: Path) -> None:
+    """One line when sft.max_length would leave most conversations without an assistant token (SFT drops them).
+
+    Needs the model's tokenizer and template: a model.init model has none before its base stage (its template is
+    short), and a model that cannot load its tokenizer here is left to the SFT stage's own check."""
+    if tokenizer is None and recipe.model.init is None:
+        try:
+            tokenizer = load_tokenizer(recipe.model_source)
+        except (OSError, ValueError):
+            return
+    if tokenizer is None or not conversations_file.is_file():
+        return
+    with conversations_file.open(encoding="utf-8") as rows:
+        conversations = [json.loads(line)["messages"] for line, _ in zip(rows, range(PREP_SAMPLE))]
+    warning = prep_warning(recipe, tokenizer, conversations)
+    if warning:
+        print(warning)
 
 
 def prepare(work: Path, data: DataConfig, seed: int, base_dir: Path, tokenizer: Any) -> dict[str, Any]:
@@ -139,9 +161,9 @@ def check_config(data: DataConfig, recipe_file: str) -> None:
             raise DataError(f"{where}.options.pairing must be one of {', '.join(PAIRINGS)}.")
 
 
-def stage_inputs(recipe: Recipe, base_dir: Path | None = None) -> dict[str, Any]:
+def stage_inputs(recipe: Recipe, needed: dict[str, dict] | None = None) -> dict[str, Any]:
     """What the output depends on: the data section, the seed, the content of every local file, the tokenizer."""
-    base_dir = recipe.base_dir if base_dir is None else base_dir
+    base_dir = recipe.base_dir
     data = recipe.data
     files = [resolve_path(source, base_dir) for source in data.sources]
     if data.decontamination is not None:

@@ -12,7 +12,8 @@ import json
 import os
 from pathlib import Path
 
-TRAINING_STAGES = ("sft", "dpo")
+from finetune.config.recipe import TRAINING_STAGES
+
 # Panels of the training-curve figure: a title and the trainer-log keys drawn in it (those a stage logged).
 CURVE_PANELS = (
     ("loss", ("loss", "eval_loss")),

@@ -10,42 +10,46 @@ from finetune.modeling.loading import base_location, load_tokenizer, load_traini
 from finetune.training.expert_load import expert_load_callbacks
 from finetune.training.packed_sft import sft_trainer
 from finetune.config.recipe import Recipe
-from finetune.core.rundir import Stage, require_complete
+from finetune.training.reply_truncation import PREP_SAMPLE, no_replies_left_message, reply_starts
+from finetune.core.rundir import Stage
 from finetune.training.saving import save_stage
 from finetune.training.data_splits import load_split, require_train_split
 from finetune.training.trainer_config import ASSISTANT_ONLY_LOSS, trainer_config
 from finetune.training.resume import train_resuming
 
 
-def stage_inputs(recipe: Recipe) -> dict:
-    """What the output depends on: the model and sft settings, the seed, the prepared data."""
-    data = require_complete(recipe.run_path, "data", needed_by="sft")
+def stage_inputs(recipe: Recipe, needed: dict[str, dict]) -> dict:
+    """What the output depends on: the model and sft settings, the seed, the prepared data (`needed`: the manifests
+    of the stages it needs, checked by the registry)."""
     return {"model": recipe.model_inputs("sft"), "sft": recipe.trainer_inputs("sft"),
-            "balancing": recipe.section_dict("balancing"), "seed": recipe.seed, "data": data["fingerprint"]}
+            "balancing": recipe.section_dict("balancing"), "seed": recipe.seed,
+            "data": needed["prep"]["fingerprint"]}
 
 
-def run(recipe: Recipe, force: bool | str = False) -> Path:
+def run(recipe: Recipe, needed: dict[str, dict], force: bool | str = False) -> Path:
     # A tokenizer or template that cannot work fails here, before the stage leaves a partial folder behind.
-    tokenizer = load_tokenizer(recipe)
+    tokenizer = load_tokenizer(recipe.model_source)
     check_template_for_loss(recipe, tokenizer)
-    stage = Stage(recipe.run_path, "sft", inputs=stage_inputs(recipe), progress=("checkpoint-*",))
+    stage = Stage(recipe.run_path, "sft", inputs=stage_inputs(recipe, needed), progress=("checkpoint-*",))
     if not stage.begin(force):
         return stage.final
 
     seed_everything(recipe.seed)
     # The config first: under DeepSpeed ZeRO-3 it makes from_pretrained load each process's shard only.
     args = trainer_config("sft", recipe, stage.work)
-    model, peft_config, parent = load_training_model(recipe, "sft", start="base")
+    model, peft_config, parent = load_training_model(recipe.model_source, "sft", start="base")
+    train_dataset = require_train_split(recipe, "sft", "sft")
     trainer = sft_trainer(
         recipe.speed,
         model=model,
         args=args,
-        train_dataset=require_train_split(recipe, "sft", "sft"),
+        train_dataset=train_dataset,
         eval_dataset=load_split(recipe, "sft", "test"),
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=expert_load_callbacks(model, stage.work, recipe.routing, "sft"),
     )
+    check_replies_left(trainer, tokenizer, train_dataset)
     balancing.attach(trainer, model, recipe.balancing)
     routing_drift.attach(trainer, model, recipe.routing, "sft", stage.work, recipe.seed)
     train_resuming(trainer, stage, recipe.checkpoints)
@@ -56,7 +60,14 @@ def check_template_for_loss(recipe: Recipe, tokenizer) -> None:
     """Refuse, before training, a template that assistant-only loss cannot use (TRL would fail at its first batch)."""
     if not recipe.sft.get("assistant_only_loss", ASSISTANT_ONLY_LOSS):
         return
-    where = "model.chat_template" if recipe.model.chat_template is not None else base_location(recipe)
+    where = "model.chat_template" if recipe.model.chat_template is not None else base_location(recipe.model_source)
     problem = training_template_problem(tokenizer, where)
     if problem is not None:
         raise ValueError(f"[sft] {problem}")
+
+
+def check_replies_left(trainer, tokenizer, conversations) -> None:
+    """Stop with the reason, instead of torch's "num_samples=0", when truncation left no example an assistant token."""
+    if len(trainer.train_dataset) == 0:
+        starts = reply_starts(tokenizer, conversations.select(range(min(PREP_SAMPLE, len(conversations))))["messages"])
+        raise ValueError(no_replies_left_message(trainer.args.max_length, starts))

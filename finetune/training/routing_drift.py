@@ -98,11 +98,9 @@ class RouterCapture:
 
     def hook(self, name: str):
         def hook(module, args, output):
-            # PEFT's router role wraps the router (ParamWrapper): its top_k is on the base layer.
-            router = getattr(module, "base_layer", module)
             logits = self.family.router_logits(output).detach()
             logits = logits.reshape(-1, logits.shape[-1]).float()
-            top_k = self.family.top_k_indices(output, router).detach()
+            top_k = self.family.top_k_indices(output, module).detach()
             self.outputs[name] = (torch.log_softmax(logits, dim=-1), top_k.reshape(logits.shape[0], -1))
         return hook
 

@@ -1,9 +1,9 @@
 """Run the conformance matrix (tests/test_families.py) and print it as a markdown table: family x check.
 
-    python -m tests.helpers.conformance_matrix [--readme README.md] [pytest options]
+    python -m tests.helpers.conformance_matrix [--page docs/families.md] [pytest options]
 
 Each cell is the outcome of one parametrised test: "pass", "FAIL", or "refused" with the reason the code gives
-(footnoted under the table). With --readme, the table replaces the block between the README's
+(footnoted under the table). With --page, the table replaces the block between the page's
 `<!-- conformance-matrix -->` markers.
 """
 
@@ -67,23 +67,23 @@ def table(cells: dict[tuple[str, str], str]) -> str:
     return "\n".join(rows) + ("\n\n" + "\n".join(f"{note}  " for note in notes) if notes else "")
 
 
-def replace_in_readme(readme: Path, text: str) -> None:
-    content = readme.read_text()
+def replace_in_page(page: Path, text: str) -> None:
+    content = page.read_text()
     start, end = content.index(MARKER), content.rindex(MARKER)
-    readme.write_text(content[:start + len(MARKER)] + "\n" + text + "\n" + content[end:])
+    page.write_text(content[:start + len(MARKER)] + "\n" + text + "\n" + content[end:])
 
 
 def main(argv: list[str]) -> int:
-    readme = None
-    if argv[:1] == ["--readme"]:
-        readme, argv = Path(argv[1]), argv[2:]
+    page = None
+    if argv[:1] == ["--page"]:
+        page, argv = Path(argv[1]), argv[2:]
     collector = Collector()
     code = pytest.main(["-q", "-p", "no:cacheprovider", str(Path(__file__).parents[1] / "test_families.py"), *argv],
                        plugins=[collector])
     text = table(collector.cells)
     print(text)
-    if readme is not None:
-        replace_in_readme(readme, text)
+    if page is not None:
+        replace_in_page(page, text)
     return int(code)
 
 

@@ -15,6 +15,11 @@ DTYPE = getattr(torch, os.environ.get("MOETUNE_TEST_DTYPE", "bfloat16" if DEVICE
 SAME_RESULT = 1e-5 if DTYPE == torch.float32 else 5e-2
 
 
+# Test files whose every test is a conformance test (tests/conftest.py marks them), beside the tests marked one by
+# one; the GPU check (benchmarks/gpu_check.py) runs those files.
+CONFORMANCE_FILES = ("test_conformance", "test_famil")
+
+
 def trainer_options() -> dict:
     """TrainingArguments fields that put a TRL trainer where the tests run."""
     return {"use_cpu": True, "bf16": False} if DEVICE == "cpu" else {"use_cpu": False, "bf16": True}

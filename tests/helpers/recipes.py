@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+from pathlib import Path
+
 from finetune.cli import main
 from finetune.config.parsing import parse_recipe
 
@@ -41,3 +45,37 @@ def make_recipe(tmp_path, sources, **data):
     """A model.init recipe whose data section has these sources (and data settings), for the prep stage."""
     raw = {"run_dir": str(tmp_path / "run"), "model": {"init": {}}, "data": {"sources": sources, **data}}
     return parse_recipe(raw, str(tmp_path / "recipe.yaml"))
+
+
+LOOKALIKE_RECIPE = """
+run_dir: {run_dir}
+seed: 7
+model:
+  name_or_path: {folder}
+  lora: {{targets: [attention, experts], r: 4, alpha: 8}}
+{template}data:
+  sources: [{{format: synthetic, options: {{sft: 24, pairs: 12, questions: 2}}}}]
+  dedup: exact
+  test_size: 0
+sft: {{max_steps: 2, per_device_train_batch_size: 4, learning_rate: 1.0e-3, logging_steps: 1, max_length: 320}}
+dpo: {{max_steps: 2, per_device_train_batch_size: 2, learning_rate: 1.0e-3, logging_steps: 1, max_length: 320}}
+eval: {{models: [dpo], max_new_tokens: 4, batch_size: 2}}
+"""
+
+
+def write_lookalike_recipe(tmp_path: Path, folder: Path, template: Path | None = None) -> Path:
+    """recipe.yaml in `tmp_path` for a look-alike checkpoint folder (helpers.lookalike), LoRA on attention and experts,
+    a few steps of each stage; `template`: a chat template file for a model without one."""
+    path = tmp_path / "recipe.yaml"
+    line = f"  chat_template: {template}\n" if template else ""
+    path.write_text(LOOKALIKE_RECIPE.format(run_dir=tmp_path / "run", folder=folder, template=line))
+    return path
+
+
+def run_cli(argv: list[str], expect: int = 0) -> str:
+    """`moetune ARGV` in this process; what it printed."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    assert code == expect, f"moetune {' '.join(argv)} exited {code}:\n{err.getvalue()[-3000:]}"
+    return out.getvalue() + err.getvalue()
