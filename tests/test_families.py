@@ -322,7 +322,7 @@ def test_h_router_role_wraps_the_router_and_tracking_reads_through_it(models, da
     assert [name.removeprefix("base_model.model.") for name in moe.routers(trained)] == names
     assert moe.routing_sizes(trained) == sizes
     inputs = padded_batch(data[0])
-    tracker = moe.ExpertLoadTracker(trained)
+    tracker = expert_load.ExpertLoadTracker(trained)
     trained(**inputs)
     real = int(inputs["attention_mask"].sum())
     assert [int(counts.sum()) for counts in tracker.counts.values()] == [real * sizes[1]] * len(names)
