@@ -16,6 +16,12 @@ others report (pipeline and conformance, which time nothing, side by side; then 
                2,048 tokens: real tokens/s, speed-ups, peak memory, MFU against the GPU's bf16 dense peak.
   equality     the packed, prompt-shared DPO batch against TRL's padded one on the same model and pairs: loss and
                adapter gradients within the stated tolerance of the dtype (bf16 on a GPU).
+  expert_parallel  `moetune run --accelerate ep --num-processes 2 model.expert_parallel=2` (experts split across
+               2 GPUs, NCCL; with --cpu 2 gloo processes), full SFT then full DPO in fp32, against one process with
+               the same global batch; verdict: saved weights within the tolerance. Skipped, saying why, on fewer
+               than 2 GPUs (NCCL refuses two processes on one GPU, and transformers applies no EP plan to one).
+  serving      where vLLM is importable: a `moetune export --format vllm` adapter served by vLLM, prompt log-probs
+               against transformers + PEFT (benchmarks/serving_check.py); otherwise reported as skipped.
 
 Writes results-gpu.md and results-gpu.json (every figure) to --out (default: benchmarks/; with --cpu a new
 temporary folder). --cpu runs the same code at tiny sizes on the CPU, as `make test` does, so the check cannot rot
@@ -71,8 +77,11 @@ GPU_SIZES = {
                             max_position_embeddings=4096),  # OLMoE-1B-7B's widths, 4 of its 16 layers
               "batch": 8, "dpo_steps": 6, "sft_steps": 6, "max_length": 2048, "variants": SPEED_VARIANTS,
               "judge": True},
-    # seconds; pipeline and conformance run side by side: at most 110 + 115 + 200 + 45 s = 7.8 minutes in all
-    "budgets_s": {"pipeline": 110, "conformance": 90, "qlora": 115, "speed": 200, "equality": 45},
+    "expert_parallel": {"steps": {"sft": 8, "dpo": 3}, "tolerance": 1e-4},
+    # seconds; pipeline and conformance run side by side: at most 110 + 115 + 200 + 45 + 120 + 60 s = 10.8 minutes
+    # in all (expert_parallel skips in seconds on one GPU, serving where vLLM is not importable)
+    "budgets_s": {"pipeline": 110, "conformance": 90, "qlora": 115, "speed": 200, "equality": 45,
+                  "expert_parallel": 120, "serving": 60},
 }
 CPU_SIZES = {
     "pipeline": {"recipe_changes": {"data": {"sources": [{"format": "synthetic",
@@ -92,8 +101,10 @@ CPU_SIZES = {
                             max_position_embeddings=2048),
               "batch": 2, "dpo_steps": 1, "sft_steps": 1, "max_length": 1024, "variants": SPEED_VARIANTS_CPU,
               "judge": False},
+    "expert_parallel": {"steps": {"sft": 4, "dpo": 2}, "tolerance": 1e-5},
     # seconds: only against hangs (on a quiet 2-core machine the parts take a minute or less each)
-    "budgets_s": {"pipeline": 600, "conformance": 300, "qlora": 400, "speed": 600, "equality": 300},
+    "budgets_s": {"pipeline": 600, "conformance": 300, "qlora": 400, "speed": 600, "equality": 300,
+                  "expert_parallel": 600, "serving": 120},
 }
 
 
@@ -241,10 +252,57 @@ def part_equality(sizes: dict, data: Path, work: Path) -> dict:
                         "tolerance": tolerance, "pairs": sizes["batch"]}}
 
 
+def part_expert_parallel(sizes: dict, data: Path, work: Path) -> dict:
+    import torch
+    import yaml
+    from safetensors.torch import load_file
+
+    sizes, gpus = sizes["expert_parallel"], torch.cuda.device_count()
+    if torch.cuda.is_available() and gpus < 2:
+        return {"ok": None, "skipped": True, "figures": {"gpus": gpus},
+                "verdict": f"needs 2 GPUs, this machine has {gpus}: one process per GPU (NCCL refuses two on one), "
+                           f"and transformers applies no expert plan to a single process. The 2-process comparison "
+                           f"runs on CPU processes (gloo) in tests/test_expert_parallel.py and in --cpu mode."}
+    raw = yaml.safe_load((ROOT / "recipes" / "tiny-moe.yaml").read_text())
+    raw["data"]["sources"] = CPU_SIZES["pipeline"]["recipe_changes"]["data"]["sources"]
+    raw["model"].update(lora=None, dtype="float32", expert_parallel=2)
+    for stage, steps in sizes["steps"].items():
+        raw[stage].update(max_steps=steps, logging_steps=1, per_device_train_batch_size=8, router_aux_loss_coef=0)
+    runs = {}
+    for name, launch in (("split", ["--accelerate", "ep", "--num-processes", "2", "--main-process-port", "29677"]),
+                         ("one", ["sft.gradient_accumulation_steps=2", "dpo.gradient_accumulation_steps=2"])):
+        recipe = work / f"ep-{name}.yaml"
+        recipe.write_text(yaml.safe_dump({**raw, "run_dir": str(work / f"ep-{name}")}))
+        for stages in ("prep", "sft,dpo"):
+            command = [sys.executable, "-m", "finetune", "run", str(recipe), "--stages", stages]
+            result = subprocess.run(command + (launch if stages != "prep" else []), cwd=ROOT, capture_output=True,
+                                    text=True)
+            if result.returncode != 0:
+                return {"ok": False, "verdict": f"{name} run: {(result.stderr or result.stdout).strip()[-300:]}",
+                        "figures": {}}
+        runs[name] = work / f"ep-{name}"
+    differences = {}
+    for stage in ("sft", "dpo"):
+        a, b = (load_file(str(runs[name] / stage / "model.safetensors")) for name in ("split", "one"))
+        differences[stage] = max((a[key] - b[key]).abs().max().item() for key in a)
+    ok = max(differences.values()) <= sizes["tolerance"]
+    where = "2 GPUs (NCCL)" if torch.cuda.is_available() else "2 CPU processes (gloo)"
+    return {"ok": ok, "verdict": f"experts split across {where}: SFT weights within {differences['sft']:.1e}, DPO "
+                                 f"within {differences['dpo']:.1e} of one process (tolerance {sizes['tolerance']:.0e})",
+            "figures": {"max_difference": differences, "tolerance": sizes["tolerance"], "gpus": gpus}}
+
+
+def part_serving(sizes: dict, data: Path, work: Path) -> dict:
+    from benchmarks import serving_check
+
+    return serving_check.check(work)
+
+
 # Parts that time nothing: they run side by side, before the others run one at a time.
 UNTIMED = ("pipeline", "conformance")
 PARTS = {"pipeline": part_pipeline, "conformance": part_conformance, "qlora": part_qlora, "speed": part_speed,
-         "equality": part_equality}
+         "equality": part_equality, "expert_parallel": part_expert_parallel,
+         "serving": part_serving}
 
 
 # ---------------------------------------------------------------- what the parts share
@@ -354,7 +412,7 @@ def finish_part(name: str, process: subprocess.Popen, started: float, budget: fl
         last = (tails["stderr_tail"] or ["no output"])[-1]
         return {"status": "ERROR", "verdict": f"exit {process.returncode}: {last[:300]}", "seconds": seconds,
                 "figures": {}, **tails}
-    status = {True: "PASS", False: "FAIL", None: "MEASURED"}[result["ok"]]
+    status = "SKIPPED" if result.get("skipped") else {True: "PASS", False: "FAIL", None: "MEASURED"}[result["ok"]]
     return {"status": status, "verdict": result["verdict"], "seconds": seconds, "figures": result["figures"],
             **(tails if status == "FAIL" else {})}
 

@@ -11,7 +11,7 @@ import re
 from typing import Any, Callable, Iterator
 
 from finetune.core import synthetic_task
-from finetune.config.data import SourceConfig
+from finetune.config.data import FORMATS, SourceConfig
 from data_prep.oasst import oasst_examples
 from data_prep.onpolicy import on_policy_pairs
 from data_prep.records import Dropped, Example, Problem, Row, RowError
@@ -117,8 +117,6 @@ def convert_hh_rlhf(row: dict, options: dict, rng: random.Random) -> list[tuple[
     return [split_at_shared_prompt(parse_transcript(prompt + chosen), parse_transcript(prompt + rejected))]
 
 
-PAIRINGS = ("best_vs_worst", "best_vs_random")
-
 
 def convert_scored(row: dict, options: dict, rng: random.Random) -> list[tuple[str, dict]]:
     """UltraFeedback-style: a prompt and scored completions, binarized into best vs worst (or a random lower one)."""
@@ -170,7 +168,7 @@ CONVERTERS: dict[str, Converter] = {
     "onpolicy": on_policy_pairs,
     "synthetic": generate_synthetic,
 }
-GENERATED_FORMATS = ("synthetic", "onpolicy")  # need no path or dataset
+assert tuple(CONVERTERS) == FORMATS, "data_prep/config.py's FORMATS names the converters"
 
 
 def sft_from_chosen(example: Example) -> Example:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config.evaluation import EvalInputError
-from eval.jsonl import read_jsonl
+from eval.questions import read_object_lines
 
 RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
 RATING_FALLBACK = re.compile(r"\[(\d+\.?\d*)\]")
@@ -32,7 +32,17 @@ def load_judge_prompts(path: str | Path) -> dict[str, dict[str, Any]]:
     if not Path(path).is_file():
         raise EvalInputError(f"judge prompt file {path} does not exist; fix eval.judge.prompt_file (relative to the "
                              f"recipe's folder; FastChat's judge_prompts.jsonl format).")
-    return {row["name"]: row for row in read_jsonl(path)}
+    prompts = {}
+    for location, row in read_object_lines(Path(path), PROMPT_HINT):
+        if not all(isinstance(row.get(key), str) for key in PROMPT_KEYS):
+            raise EvalInputError(f"{location}: a judge prompt needs {', '.join(PROMPT_KEYS)} (text); expected "
+                                 f"{PROMPT_HINT}.")
+        prompts[row["name"]] = row
+    return prompts
+
+
+PROMPT_KEYS = ("name", "system_prompt", "prompt_template")
+PROMPT_HINT = "FastChat's judge_prompts.jsonl format: one JSON object per line with " + ", ".join(PROMPT_KEYS)
 
 
 def template_name(kind: str, with_reference: bool, turn: int) -> str:

@@ -13,7 +13,6 @@ from typing import Any
 from datasets import load_dataset
 
 from finetune.config.evaluation import EvalInputError
-from eval.jsonl import read_jsonl
 
 FORMAT_HINT = 'one JSON object per line: {"question_id": 1, "category": "writing", "turns": ["..."]} (MT-Bench format)'
 
@@ -22,7 +21,7 @@ def load_questions(source: str | Path, split: str = "train") -> list[dict[str, A
     """Questions from a local .jsonl file, or from a hub dataset when `source` is not a local path."""
     path = Path(source)
     if path.is_file():
-        rows = read_question_lines(path)
+        rows = read_object_lines(path)
     elif path.suffix in (".jsonl", ".json") or path.is_absolute():
         raise EvalInputError(f"question file {path} does not exist. Fix eval.question_file (relative paths start at "
                             f"the recipe's folder), or leave it unset to use the questions of the prep stage.")
@@ -33,7 +32,7 @@ def load_questions(source: str | Path, split: str = "train") -> list[dict[str, A
     return [check_question(row, location) for location, row in rows]
 
 
-def read_question_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+def read_object_lines(path: Path, hint: str = FORMAT_HINT) -> list[tuple[str, dict[str, Any]]]:
     """(file:line, row) for every non-blank line; a line that is not a JSON object fails naming it."""
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
@@ -44,9 +43,9 @@ def read_question_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise EvalInputError(f"{location}: not valid JSON ({error.msg} at column {error.colno}); expected "
-                                f"{FORMAT_HINT}.") from None
+                                f"{hint}.") from None
         if not isinstance(row, dict):
-            raise EvalInputError(f"{location}: a question must be a JSON object, got {type(row).__name__}.")
+            raise EvalInputError(f"{location}: expected {hint}, got a {type(row).__name__}.")
         rows.append((location, row))
     return rows
 
@@ -70,7 +69,18 @@ def load_reference_answers(path: str | Path | None) -> dict[Any, list[str]]:
     if not Path(path).is_file():
         raise EvalInputError(f"reference answer file {path} does not exist; fix eval.judge.reference_answer_file "
                              f"(relative to the recipe's folder) or remove it.")
-    return {row["question_id"]: row["choices"][0]["turns"] for row in read_jsonl(path)}
+    answers = {}
+    for location, row in read_object_lines(Path(path), REFERENCE_HINT):
+        try:
+            answers[row["question_id"]] = row["choices"][0]["turns"]
+        except (KeyError, IndexError, TypeError):
+            raise EvalInputError(f"{location}: a reference answer needs question_id and choices[0].turns; expected "
+                                 f"{REFERENCE_HINT}.") from None
+    return answers
+
+
+REFERENCE_HINT = ('one JSON object per line: {"question_id": 1, "choices": [{"turns": ["..."]}]} (FastChat\'s '
+                  'reference_answer format)')
 
 
 def reference_turns(question: dict[str, Any], reference_answers: dict[Any, list[str]]) -> list[str] | None:

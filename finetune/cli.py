@@ -10,19 +10,24 @@ with those sections imports them.)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import sys
 import textwrap
 from pathlib import Path
 
 from finetune import launch
-from finetune.config.parsing import load_recipe, trainer_config_class, trainer_config_name
-from finetune.config.recipe import TRAINING_STAGES, Recipe, RecipeError
+from finetune.config.parsing import MANAGED_TRAINER_KEYS, load_recipe, trainer_config_class, trainer_config_name
+from finetune.config.recipe import EXPORT_FORMATS, TRAINING_STAGES, Recipe, RecipeError
+from finetune.config.secrets import is_credential_key
 from finetune.config.section_fields import describe_fields
-from finetune.core.rundir import MissingStageOutput, StageError, changed_keys, fingerprint, read_manifest
+from finetune.core import distributed
+from finetune.core.run_lock import run_dir_lock
+from finetune.core.rundir import Interrupted, MissingStageOutput, StageError, changed_keys, fingerprint, read_manifest
 from finetune.registry import BY_NAME, COMMANDS, STAGES, command_writing
 
-FOLDER_COMMANDS = ("merge", "push", "report")  # commands on folders, without a recipe
+FOLDER_COMMANDS = ("merge", "export", "push", "report")  # commands on folders, without a recipe
 
 
 def section_help(sections: tuple[str, ...]) -> str:
@@ -65,7 +70,7 @@ def trl_fields_help(section: str, recipe: Recipe) -> str:
             f"the device). Checkpoints: every {every} minutes (checkpoints.every_minutes) and on SIGTERM/Ctrl-C, plus "
             f"TRL's step schedule when save_strategy is set."]
     for f in dataclasses.fields(trainer_config_class(section)):
-        if f.init and f.name not in ("output_dir", "seed"):
+        if f.init and f.name not in MANAGED_TRAINER_KEYS and not is_credential_key(f.name):
             text = " ".join(str(f.metadata.get("help", "")).split())
             default = (f"moetune default {ours[f.name]!r}; TRL's {f.default!r}" if f.name in ours
                        else f"default {f.default!r}")
@@ -99,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stages", default=",".join(COMMANDS),
                      help="Comma-separated stages to run, in pipeline order (default: %(default)s).")
     add_accelerate_argument(run)
+    add_memory_argument(run)
     for name in COMMANDS:
         spec = BY_NAME[name]
         stage = commands.add_parser(name, help=spec.description, description=spec.description,
@@ -110,8 +116,39 @@ def build_parser() -> argparse.ArgumentParser:
                                help=f"List every TRL field the {name}: section accepts, with its help and moetune's "
                                     f"default (for RECIPE when given), and exit.")
             add_accelerate_argument(stage)
+            add_memory_argument(stage)
     add_hub_commands(commands)
+    add_plan_command(commands)
     return parser
+
+
+def add_plan_command(commands) -> None:
+    plan = commands.add_parser(
+        "plan", help="Memory per GPU and time per epoch of the recipe's training stages, from the model's config.",
+        description="Plan the recipe's training stages from the model's config alone (a model on the meta device: "
+                    "no weights read): parameters by role, memory per GPU by component for the layout, time per "
+                    "epoch from the prepared data's tokens, and the cheapest change where it does not fit. Without "
+                    "--gpus or --gpu-memory it plans for this machine (its GPU, or on a CPU the host's RAM). The "
+                    "same plan runs before sft and dpo, which refuse a run that does not fit (plan.refuse).")
+    add_recipe_arguments(plan)
+    plan.add_argument("--gpus", metavar="NxKIND", help="GPUs, e.g. 8xH100-80GB; kinds: H100-80GB, H200, A100-80GB, A100-40GB, "
+                                                           "L40S, RTX4090, A10G.")
+    plan.add_argument("--gpu-memory", metavar="SIZE", help="Memory per GPU, e.g. 24GiB (with --num-processes).")
+    plan.add_argument("--num-processes", type=int, metavar="N", help="Processes (GPUs) the run uses (default 1).")
+    plan.add_argument("--accelerate", metavar="CONFIG", help="Layout of the launch: ddp, zero2, zero3, fsdp2 "
+                                                             "(recipes/accelerate/) or a config file's path.")
+    plan.add_argument("--json", action="store_true", help="Print the same figures as JSON.")
+
+
+def run_plan(args) -> None:
+    from finetune.training import stage_plan  # the training stack: see the module's docstring
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.gpus and (args.gpu_memory or args.num_processes):
+        raise RecipeError("--gpus names the GPUs and their count: give it, or --gpu-memory with --num-processes.")
+    layout = launch.layout_of(args.accelerate) if args.accelerate else "ddp"
+    target = stage_plan.make_target(recipe, args.gpus, args.gpu_memory, args.num_processes, layout)
+    stage_plan.plan_command(recipe, target, args.json)
 
 
 def add_hub_commands(commands) -> None:
@@ -120,6 +157,14 @@ def add_hub_commands(commands) -> None:
                                             "its full-precision base model; save the weights and tokenizer to --out.")
     merge.add_argument("adapter_dir", help="Adapter folder, e.g. runs/tiny/dpo.")
     merge.add_argument("--out", required=True, help="New (or empty) folder for the merged model.")
+    exporter = commands.add_parser("export", help="Write an adapter as vLLM, SGLang or PEFT load it, or merged.",
+                                   description="Write a trained adapter (a chain sft -> dpo as one adapter) as a "
+                                               "server loads it: peft, vllm, sglang, or merged full weights.")
+    exporter.add_argument("stage_dir", help="Adapter stage folder, e.g. runs/tiny/dpo (a chain sft -> dpo exports as "
+                                            "one adapter on the base).")
+    exporter.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="What to write (see the README's "
+                                                                                 "Serving section).")
+    exporter.add_argument("--out", required=True, help="New (or empty) folder for the export.")
     push = commands.add_parser("push", help="Upload stage outputs with model cards to the Hugging Face Hub.",
                                description="Upload stage folders (weights or adapter, tokenizer, recipe.yaml, "
                                            "README.md model card), parents first; an uploaded adapter names its "
@@ -130,6 +175,9 @@ def add_hub_commands(commands) -> None:
                                                        "stages it holds {stage}, e.g. my-org/mixtral-{stage}.")
     push.add_argument("--parent-repo-id", help="Hub id the first stage's parent was pushed to earlier (an adapter's "
                                                "base), e.g. my-org/mixtral-sft.")
+    push.add_argument("--format", choices=EXPORT_FORMATS, help="Upload the stage as this servable export (moetune "
+                                                               "export) instead of as trained; the card's Serving "
+                                                               "section gives the vllm/sglang command.")
     push.add_argument("--private", action="store_true", help="Create the repository as private.")
     push.add_argument("--revision", help="Branch to upload to (created when missing).")
     push.add_argument("--dry-run", metavar="FOLDER", help="Only write the upload into FOLDER (with several stages, "
@@ -142,7 +190,7 @@ def add_hub_commands(commands) -> None:
 
 def run_folder_command(args) -> None:
     # The stage modules that do the work, imported once the arguments are good: see the module's docstring.
-    from finetune.stages import hub
+    from finetune.stages import export, hub
     from finetune.stages.report import write_report
 
     if args.command == "report":
@@ -151,9 +199,12 @@ def run_folder_command(args) -> None:
         print(f"[report] wrote {write_report(args.run_dir)}")
     elif args.command == "merge":
         hub.merge(args.adapter_dir, args.out)
+    elif args.command == "export":
+        export.export(args.stage_dir, args.format, args.out)
     else:
+        exporter = functools.partial(export.export_for_hub, fmt=args.format) if args.format else None
         hub.push(args.stage_dir, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run,
-                 parent_repo_id=args.parent_repo_id)
+                 parent_repo_id=args.parent_repo_id, exporter=exporter)
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -167,9 +218,26 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
 def add_accelerate_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accelerate", metavar="CONFIG",
                         help="Run the training stages on several GPUs under `accelerate launch` with this config: "
-                             "ddp, zero2, zero3, fsdp2 (recipes/accelerate/) or a path. Options after it go to "
+                             "ddp, ep, zero2, zero3, fsdp2 (recipes/accelerate/) or a path. Options after it go to "
                              "accelerate, e.g. --num-processes 8, --num-machines 2 --machine-rank 0 "
                              "--main-process-ip HOST. `run` keeps prep and eval in one process.")
+
+
+def add_memory_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gpu-memory", metavar="SIZE",
+                        help="Memory per device the training stages' plan is checked against, e.g. 24GiB (sets "
+                             "plan.memory; default: this GPU's, or the host's RAM). A run planned over it stops "
+                             "before loading the model; `moetune plan RECIPE` shows the plan.")
+
+
+def run_target(recipe: Recipe, args) -> "stage_plan.Target":
+    """The machine the training stages will run on: this one, or the accelerate launch's processes and layout."""
+    from finetune.training import stage_plan  # the training stack: see the module's docstring
+
+    accelerate = getattr(args, "accelerate", None)
+    processes = launch.process_count(accelerate, args.accelerate_options) if accelerate else None
+    return stage_plan.make_target(recipe, gpu_memory=getattr(args, "gpu_memory", None), processes=processes,
+                                  layout=launch.layout_of(accelerate) if accelerate else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         return report_errors(lambda: run_folder_command(args))
     args.accelerate_options = []
-    if getattr(args, "accelerate", None):
+    if getattr(args, "accelerate", None) and args.command != "plan":
         args.accelerate_options, extra = launch.split_options(extra)
     unknown = [arg for arg in extra if arg.startswith("-") or "=" not in arg]
     if unknown:
@@ -193,20 +261,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.recipe is None:
         parser.error(f"{args.command} needs a recipe, e.g. `moetune {args.command} recipes/tiny-moe.yaml`; "
                      f"its keys: `moetune {args.command} --help`.")
+    if args.command == "plan":
+        return report_errors(lambda: run_plan(args))
     return report_errors(lambda: run_stages(args))
 
 
 def run_stages(args) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
     # What runs the stages, imported once the recipe is good: see the module's docstring.
-    from finetune.pipeline import run_stage, wait_for_uploads
     from finetune.preflight import check_before_running
 
     stages = parse_stages(args.stages) if args.command == "run" else [args.command]
-    check_before_running(recipe, stages)
+    check_before_running(recipe, stages, run_target(recipe, args))
+    with writing(recipe, args):
+        run_locked(stages, recipe, args)
+
+
+def writing(recipe: Recipe, args):
+    """The run folder's lock, held by the command that writes it: under a launcher, by rank 0's process (with
+    `--accelerate`, by the launching command; on several machines, machine rank 0's)."""
+    other_machine = getattr(args, "accelerate", None) and launch.machine_rank(args.accelerate_options) != 0
+    if other_machine or not distributed.is_main_process():
+        return contextlib.nullcontext()
+    return run_dir_lock(recipe.run_path)
+
+
+def run_locked(stages: list[str], recipe: Recipe, args) -> None:
+    from finetune.pipeline import wait_for_uploads
+
     try:
         if getattr(args, "accelerate", None):
-            launch.run_with_accelerate(stages, args, lambda name: run_stage(name, recipe, args.force))
+            launch.run_with_accelerate(stages, args, lambda name: run_checked(name, recipe, args.force, stages))
             return
         launch.refuse_single_process_stages(stages)
         force = args.force
@@ -214,9 +299,18 @@ def run_stages(args) -> None:
             print_force_plan(recipe, stages)
             force = "stale"  # `run --force` keeps the stages whose inputs did not change
         for name in stages:
-            run_stage(name, recipe, force)
+            run_checked(name, recipe, force, stages)
     finally:
         wait_for_uploads()  # `hub.push` uploads run beside the later stages; a failed stage keeps them too
+
+
+def run_checked(name: str, recipe: Recipe, force: bool | str, stages: list[str]) -> None:
+    from finetune.pipeline import run_stage
+    from finetune.preflight import check_prepared
+
+    run_stage(name, recipe, force)
+    if name == "prep":
+        check_prepared(recipe, stages)  # what the later stages need of prep's output, before any of them trains
 
 
 def force_plan(recipe: Recipe, stages: list[str]) -> list[tuple[str, str]]:
@@ -257,13 +351,16 @@ def report_errors(command) -> int:
     except MissingStageOutput as error:
         print(f"moetune: error: {error.message(command_writing(error.folder.name))}", file=sys.stderr)
         return 2
+    except Interrupted as error:  # training and eval saved their work and say where
+        print(f"moetune: error: {error}", file=sys.stderr)
+        return 128 + error.signum
     except (RecipeError, StageError, ValueError, OSError) as error:  # OSError: a file or model a library could not open
         print(f"moetune: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # the stages that keep work (training, eval) say where; the rest start over
+    except KeyboardInterrupt:  # the other stages start over; 130 = 128 + SIGINT, what shells expect of Ctrl-C
         print("moetune: error: interrupted. Run the same command again: finished stages are kept and skipped.",
               file=sys.stderr)
-        return 2
+        return 130
     return 0
 
 

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from finetune.core import distributed
 from finetune.registry import STAGES
 from finetune.core.rundir import StageError
@@ -32,6 +34,15 @@ def config_path(name: str) -> Path:
     names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
     raise StageError(f"--accelerate {name}: no such config file, and not one of the shipped configs ({names}) "
                      f"in {CONFIG_DIR}. Name one of those or give the path of an accelerate config file.")
+
+
+def layout_of(name: str) -> str:
+    """The memory layout (finetune/modeling/memory_plan.py LAYOUTS) of an accelerate config: ddp, zero2, zero3,
+    fsdp2, read off a shipped config's name or a config file's distributed type and ZeRO stage."""
+    config = yaml.safe_load(config_path(name).read_text()) or {}
+    if config.get("distributed_type") == "DEEPSPEED":
+        return "zero3" if config.get("deepspeed_config", {}).get("zero_stage") == 3 else "zero2"
+    return "fsdp2" if config.get("distributed_type") == "FSDP" else "ddp"
 
 
 def split_options(extra: list[str]) -> tuple[list[str], list[str]]:
@@ -66,13 +77,31 @@ def launch_training(stages: list[str], args) -> None:
                          f"messages above say why.")
 
 
-def machine_count(options: list[str]) -> int:
-    """The --num-machines (or --num_machines) given to accelerate; the shipped configs say 1."""
+def option_value(options: list[str], wanted: str) -> str | None:
+    """The value of an accelerate option (`--num-machines 2`, `--num_machines=2`), or None."""
     for index, option in enumerate(options):
         name, _, value = option.partition("=")
-        if name.replace("_", "-") == "--num-machines":
-            return int(value or options[index + 1])
-    return 1
+        if name.replace("_", "-") == wanted:
+            return value or options[index + 1]
+    return None
+
+
+def machine_count(options: list[str]) -> int:
+    """The --num-machines (or --num_machines) given to accelerate; the shipped configs say 1."""
+    return int(option_value(options, "--num-machines") or 1)
+
+
+def machine_rank(options: list[str]) -> int:
+    """The --machine-rank (or --machine_rank) given to accelerate: 0 unless this is another node's command."""
+    return int(option_value(options, "--machine-rank") or 0)
+
+
+def process_count(config: str, options: list[str]) -> int:
+    """The processes an accelerate launch starts: --num-processes, else the config file's num_processes."""
+    given = option_value(options, "--num-processes")
+    if given is not None:
+        return int(given)
+    return int((yaml.safe_load(config_path(config).read_text()) or {}).get("num_processes", 1))
 
 
 def run_with_accelerate(stages: list[str], args, run_here) -> None:

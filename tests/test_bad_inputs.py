@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +29,7 @@ from finetune.cli import main
 from finetune.stages.base_model import write_base_model
 from finetune.config.parsing import load_recipe
 from finetune.core.rundir import Stage
+from helpers.processes import output_lines
 from helpers.shared_data import mt_bench_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,7 +154,7 @@ def test_ctrl_c_during_prep_then_the_same_command(folder, capsys, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(finetune.stages.prepare, "prepare", interrupted)
         code, output = moetune(capsys, "prep", recipe)
-    assert code == 2 and "interrupted. Run the same command again" in output and "data" not in run_dir_state(folder)
+    assert code == 130 and "interrupted. Run the same command again" in output and "data" not in run_dir_state(folder)
     assert moetune(capsys, "prep", recipe)[0] == 0 and "data" in run_dir_state(folder)
 
 
@@ -165,6 +167,13 @@ def test_ctrl_c_during_prep_then_the_same_command(folder, capsys, monkeypatch):
     ("model.init.num_heads=3", "model.init.hidden_size (64) must be a multiple of num_heads (3)"),
     ("model.quantization={bits: 3}", "model.quantization.bits is 3; choose 4 or 8"),
     ("data.max_length=64", "data.max_length filters rows by the model's token count, but a model.init recipe"),
+    ("data.dedup=prompts", "data.dedup is 'prompts'; choose one of exact, prompt, none. Did you mean 'prompt'?"),
+    ("eval.judge.type=opnai", "eval.judge.type is 'opnai'; choose one of programmatic, openai, local."),
+    ("sft.push_to_hub=true", "sft.push_to_hub is TRL's, but moetune does that itself: remove it and use the "
+                             "recipe's hub: section"),
+    ("dpo.resume_from_checkpoint=true", "moetune does that itself: remove it and use re-running the same command"),
+    ("sft.output_dir=elsewhere", "sft.output_dir is TRL's, but moetune does that itself: remove it and use run_dir"),
+    ("sft.hub_token=hf_" + "Planted0Secret1Value2For3Tests4", "sft.hub_token would hold a credential"),
 ])
 def test_values_a_library_would_reject_fail_before_any_stage(folder, capsys, override, message):
     recipe = write_recipe(folder)
@@ -172,6 +181,58 @@ def test_values_a_library_would_reject_fail_before_any_stage(folder, capsys, ove
     assert code == 2 and message in output and str(recipe) in output
     assert run_dir_state(folder) == set()  # no stage ran
     assert moetune(capsys, "prep", recipe)[0] == 0  # the recipe without the override works
+
+
+# ---------------------------------------------------------------- one writer per run folder
+
+@pytest.mark.slow  # two processes start the training stack together: ~30 s on a quiet 2-core machine
+def test_two_runs_on_one_run_dir_one_runs_the_other_refuses_at_once(folder, capsys):
+    recipe = write_recipe(folder, sft={"max_steps": 6})
+    command = [sys.executable, "-m", "finetune", "run", str(recipe), "--stages", "prep,sft"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    processes = [subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(2)]
+    deadline = time.monotonic() + 240
+    while all(process.poll() is None for process in processes) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    loser = next(process for process in processes if process.poll() is not None)
+    winner = next(process for process in processes if process is not loser)
+    assert winner.poll() is None  # refused while the other one works, not after it
+    loser_err = loser.communicate(timeout=60)[1]
+    winner_out, winner_err = winner.communicate(timeout=240)
+    assert loser.returncode == 2 and winner.returncode == 0, winner_err[-2000:]
+    assert f"{folder / 'run'} is in use by PID {winner.pid} (`moetune run {recipe}" in loser_err
+    assert "Traceback" not in loser_err + winner_err and run_dir_state(folder) == {"data", "base", "sft"}
+    # The finished run equals a lone run of the same recipe.
+    lone = folder / "lone"
+    lone.mkdir()
+    (lone / "data.jsonl").write_text(jsonl(ROWS))
+    assert moetune(capsys, "run", write_recipe(lone, sft={"max_steps": 6}), "--stages", "prep,sft")[0] == 0
+    for name in ("data/sft/train.jsonl", "sft/model.safetensors"):
+        assert (folder / "run" / name).read_bytes() == (lone / "run" / name).read_bytes(), name
+    assert losses(folder / "run" / "sft") == losses(lone / "run" / "sft") != []
+
+
+def losses(stage: Path) -> list[float]:
+    return [entry["loss"] for entry in json.loads((stage / "metrics.json").read_text()) if "loss" in entry]
+
+
+def test_the_lock_dies_with_its_process_and_reading_needs_none(folder, capsys):
+    recipe = write_recipe(folder)
+    assert moetune(capsys, "prep", recipe)[0] == 0
+    hold = ("import sys, time; from pathlib import Path; from finetune.core.run_lock import run_dir_lock\n"
+            "with run_dir_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(300)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(folder / "run")], env={**os.environ,
+                              "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert next(output_lines(holder, seconds=120)) == "held\n"
+        code, output = moetune(capsys, "sft", recipe)
+        assert code == 2 and f"is in use by PID {holder.pid}" in output and "sft" not in run_dir_state(folder)
+        assert moetune(capsys, "report", folder / "run")[0] == 0  # reading a run takes no lock
+    finally:
+        holder.kill()  # as kill -9 would: no clean-up runs, the kernel drops the lock
+        holder.wait(timeout=30)
+    assert moetune(capsys, "sft", recipe)[0] == 0 and "sft" in run_dir_state(folder)
 
 
 def test_run_dir_under_a_regular_file(folder, capsys):
@@ -289,6 +350,79 @@ def test_eval_without_questions_says_where_to_get_some(folder, capsys):
     assert run_dir_state(folder) == {"data"}
 
 
+def test_eval_before_prep_says_to_run_prep(folder, capsys):
+    code, output = moetune(capsys, "eval", write_recipe(folder))
+    assert code == 2 and "needs the data stage's output" in output and "Run `moetune prep RECIPE` first" in output
+    assert run_dir_state(folder) == set()
+
+
+REFERENCE = {"question_id": 1, "choices": [{"turns": ["2"]}]}
+
+
+@pytest.mark.parametrize("case", ["malformed questions", "malformed references", "unreachable eval model",
+                                  "no preference pairs"])
+def test_what_eval_and_dpo_read_is_checked_before_any_training(folder, capsys, monkeypatch, case):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")  # the network is down
+    write_questions(folder, SYNTHETIC)
+    (folder / "references.jsonl").write_text(jsonl([REFERENCE]))
+    recipe = write_recipe(folder, eval={"models": ["sft"], "question_file": "questions.jsonl", "max_new_tokens": 4,
+                                        "judge": {"reference_answer_file": "references.jsonl"}})
+    stages, fix = "prep,sft,eval", []
+    if case == "malformed questions":
+        write_questions(folder, jsonl(SYNTHETIC[:1]) + "{broken\n")
+        message = f"{folder / 'questions.jsonl'}:2: not valid JSON"
+    elif case == "malformed references":
+        (folder / "references.jsonl").write_text(jsonl([{"question_id": 1}]))
+        message = f"{folder / 'references.jsonl'}:1: a reference answer needs question_id and choices[0].turns"
+    elif case == "unreachable eval model":
+        recipe = write_recipe(folder, eval={"models": ["sft", "org/no-such-model"]})
+        message, fix = "eval.models[1]: org/no-such-model is not a local folder, and the Hub at", ["eval.models=[sft]"]
+    else:
+        stages, message = "prep,sft,dpo", f"[dpo] {folder / 'run' / 'data'} holds no preference pairs for training"
+    started = time.monotonic()
+    code, output = moetune(capsys, "run", recipe, "--stages", stages)
+    assert code == 2 and message in output and time.monotonic() - started < 30
+    assert run_dir_state(folder) == ({"data"} if case == "no preference pairs" else set())  # nothing trained
+    if case == "malformed questions":
+        write_questions(folder, SYNTHETIC)
+    elif case == "malformed references":
+        (folder / "references.jsonl").write_text(jsonl([REFERENCE]))
+    elif case == "no preference pairs":
+        stages = "prep,sft"
+    code, output = moetune(capsys, "run", recipe, "--stages", stages.replace(",eval", ""), *fix)
+    assert code == 0 and "sft" in run_dir_state(folder)
+
+
+def test_a_model_with_code_of_its_own_names_trust_remote_code(folder, capsys, model_dir):
+    custom = Path(shutil.copytree(model_dir, folder / "custom"))
+    config = json.loads((custom / "config.json").read_text())
+    (custom / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoConfig": "configuration_x.XConfig"}}))
+    recipe = write_recipe(folder, model={"init": None, "name_or_path": str(custom)})
+    code, output = moetune(capsys, "run", recipe, "--stages", "prep,sft")
+    assert code == 2 and "model.name_or_path" in output and "ships its own Python code" in output
+    assert "the recipe sets model.trust_remote_code: true" in output and "hf.co" not in output
+    assert run_dir_state(folder) == set()
+
+
+@pytest.mark.slow  # a training run, then its resume in a fresh process
+def test_a_resumed_full_sft_shows_no_missing_keys_warning(folder, capsys, monkeypatch):
+    import finetune.training.resume
+
+    recipe = write_recipe(folder, sft={"max_steps": 2})
+    with monkeypatch.context() as patch:  # Ctrl-C during the first step: a checkpoint at step 1, exit 130
+        patch.setattr(finetune.training.resume.StopOnSignal, "__init__", lambda self: vars(self).update(
+            requested=True, signum=signal.SIGINT))
+        code, output = moetune(capsys, "run", recipe, "--stages", "prep,sft")
+    assert code == 130 and "interrupted at step 1" in output
+    resumed = subprocess.run([sys.executable, "-m", "finetune", "sft", str(recipe)], env={
+        **os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0 and "resuming from" in output and "checkpoint-1" in output, output[-3000:]
+    assert "missing keys" not in output and "unexpected keys" not in output
+
+
 def test_ctrl_c_while_answering_keeps_the_work_and_the_same_command_continues(folder, capsys, model_dir, monkeypatch):
     import finetune.stages.evaluate
 
@@ -300,7 +434,7 @@ def test_ctrl_c_while_answering_keeps_the_work_and_the_same_command_continues(fo
     with monkeypatch.context() as patch:
         patch.setattr(finetune.stages.evaluate, "answer_questions", interrupted)
         code, output = moetune(capsys, "eval", recipe)
-    assert code == 2 and "[eval] interrupted" in output and run_dir_state(folder) == {".eval.partial"}
+    assert code == 130 and "[eval] interrupted" in output and run_dir_state(folder) == {".eval.partial"}
     assert moetune(capsys, "eval", recipe)[0] == 0 and run_dir_state(folder) == {"eval"}
 
 
@@ -329,6 +463,7 @@ class RatingServer(ThreadingHTTPServer):
     def __init__(self, delay: float = 0.0, port: int = 0, max_requests: int = 200):
         super().__init__(("127.0.0.1", port), RatingHandler)
         self.delay, self.max_requests, self.requests = delay, max_requests, 0
+        self.authorizations = set()  # the Authorization headers the judge was sent
         self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.timer = threading.Timer(120, self.shutdown)
 
@@ -359,6 +494,7 @@ class RatingHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
         self.server.requests += 1
+        self.server.authorizations.add(self.headers.get("Authorization"))
         if self.server.requests > self.server.max_requests:
             return self.send_error(400)
         time.sleep(self.server.delay)
@@ -373,26 +509,51 @@ class RatingHandler(BaseHTTPRequestHandler):
 def openai_eval_recipe(folder: Path, model_dir: Path, base_url: str, **judge) -> Path:
     prompts = mt_bench_file("judge_prompts.jsonl")
     write_questions(folder, SYNTHETIC)
-    return eval_recipe(folder, model_dir, type="openai", model="gpt-4", base_url=base_url, api_key_env=None,
-                       prompt_file=str(prompts), max_retries=1, backoff_seconds=0.01, **judge)
+    judge = {"api_key_env": None, "max_retries": 1, "backoff_seconds": 0.01, **judge}
+    return eval_recipe(folder, model_dir, type="openai", model="gpt-4", base_url=base_url, prompt_file=str(prompts),
+                       **judge)
 
 
-def test_unreachable_judge_fails_fast_then_resumes_with_other_retry_settings(folder, capsys, model_dir):
-    port = closed_port()
-    url = f"http://127.0.0.1:{port}/v1"
+def test_dead_judge_then_the_fixed_base_url_resumes_without_force_or_new_answers(folder, capsys, model_dir,
+                                                                               monkeypatch):
+    import finetune.stages.evaluate
+
+    url = f"http://127.0.0.1:{closed_port()}/v1"
     recipe = openai_eval_recipe(folder, model_dir, url)
     started = time.monotonic()
     code, output = moetune(capsys, "eval", recipe)
+    assert f"[preflight] warning: the judge at {url} (eval.judge.base_url) cannot be reached now" in output
     assert code == 2 and f"cannot reach the judge at {url}/chat/completions" in output
     assert "eval.judge.base_url" in output and time.monotonic() - started < 30
     answers = folder / "run" / ".eval.partial" / "model_answer"
     assert run_dir_state(folder) == {".eval.partial"} and len(list(answers.iterdir())) == 1
     saved = next(answers.iterdir()).read_text()
-    with RatingServer(port=port) as server:  # the judge is up; how its calls are retried is not an input
-        code, output = moetune(capsys, "eval", recipe, "eval.judge.max_retries=3", "eval.judge.backoff_seconds=0.5",
-                               "eval.judge.max_concurrency=2")
-    assert code == 0 and run_dir_state(folder) == {"eval"} and server.requests >= 2 * len(SYNTHETIC)  # a retry or so
+    monkeypatch.setenv("MOETUNE_TEST_JUDGE_KEY", "a-key")
+    monkeypatch.setattr(finetune.stages.evaluate, "answer_questions", pytest.fail)  # every answer is saved already
+    with RatingServer() as server:  # the judge is up elsewhere; where it is and how it is called are no inputs
+        code, output = moetune(capsys, "eval", recipe, f"eval.judge.base_url={server.base_url}",
+                               "eval.judge.api_key_env=MOETUNE_TEST_JUDGE_KEY", "eval.judge.max_retries=3",
+                               "eval.judge.backoff_seconds=0.5", "eval.judge.max_concurrency=2")
+    assert code == 0 and run_dir_state(folder) == {"eval"} and server.requests == 2 * len(SYNTHETIC)  # two turns
+    assert server.authorizations == {"Bearer a-key"} and "warning" not in output
     assert next((folder / "run" / "eval" / "model_answer").iterdir()).read_text() == saved  # not answered again
+
+
+def test_a_new_judge_model_judges_the_saved_answers_again(folder, capsys, model_dir, monkeypatch):
+    import finetune.stages.evaluate
+
+    with RatingServer() as server:
+        recipe = openai_eval_recipe(folder, model_dir, server.base_url)
+        assert moetune(capsys, "eval", recipe)[0] == 0
+        eval_dir = folder / "run" / "eval"
+        saved = next((eval_dir / "model_answer").iterdir()).read_text()
+        monkeypatch.setattr(finetune.stages.evaluate, "answer_questions", pytest.fail)
+        code, output = moetune(capsys, "eval", recipe, "eval.judge.model=gpt-4o")
+        assert code == 2 and "changed: eval.judge.model" in output and "--force" in output
+        code, output = moetune(capsys, "eval", recipe, "eval.judge.model=gpt-4o", "--force")
+    assert code == 0 and "reusing" in output and server.requests == 4 * len(SYNTHETIC)  # judged twice, 2 turns
+    assert next((eval_dir / "model_answer").iterdir()).read_text() == saved
+    assert sorted(path.name for path in (eval_dir / "model_judgment").iterdir()) == ["gpt-4o_single.jsonl"]
 
 
 def test_ctrl_c_while_judging_stops_in_seconds_and_keeps_what_finished(folder, model_dir):
@@ -415,7 +576,7 @@ def test_ctrl_c_while_judging_stops_in_seconds_and_keeps_what_finished(folder, m
         # The stage stops at once (the message comes within 0.1 s); most of this bound is the interpreter's own
         # exit with torch loaded (2-5 s on a busy 2-core machine). Before: ~11.5 minutes, then a traceback.
         assert time.monotonic() - interrupted < 15
-    assert process.returncode == 2 and "Traceback" not in output
+    assert process.returncode == 130 and "Traceback" not in output  # 128 + SIGINT, as shells expect
     assert "interrupted" in output and ".eval.partial" in output
     kept = judgments.read_text().count("\n")
     assert 2 <= kept < 2 * len(SYNTHETIC)  # what finished is saved; the rest was not waited for
@@ -441,6 +602,38 @@ def test_dns_failure_is_tried_a_few_times_not_like_a_503(monkeypatch):
                                                       r"completions \(\[Errno -2\] Name or service not known; 3 tries"):
         list(judge.complete_many([JudgePrompt("single-v1", "system", "user")] * 20))
     assert len(attempts) == judges.UNREACHABLE_TRIES  # the other 19 prompts were never sent
+
+
+# ---------------------------------------------------------------- secrets
+
+PLANTED = {"HF_TOKEN": "hf_" + "PlantedHubToken0123456789abcd", "MOETUNE_TEST_JUDGE_KEY": "sk-" + "PlantedJudgeKey01234567",
+           "sft.hub_token": "hf_" + "PlantedRecipeToken0123456789"}
+
+
+@pytest.mark.slow  # a whole run (prep, sft, eval with an API judge) in a fresh process, then a dry-run upload
+def test_planted_secrets_reach_no_file_no_upload_and_no_output(folder, capsys, model_dir, monkeypatch):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_TOKEN": PLANTED["HF_TOKEN"],
+           "MOETUNE_TEST_JUDGE_KEY": PLANTED["MOETUNE_TEST_JUDGE_KEY"]}
+    with RatingServer() as server:
+        recipe = openai_eval_recipe(folder, model_dir, server.base_url, api_key_env="MOETUNE_TEST_JUDGE_KEY")
+        command = [sys.executable, "-m", "finetune", "run", str(recipe), "--stages", "prep,sft,eval", "eval.models=[sft]"]
+        refused = subprocess.run([*command, f"sft.hub_token={PLANTED['sft.hub_token']}"], env=env, cwd=folder,
+                                 capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and "sft.hub_token would hold a credential" in refused.stderr
+        assert "hf auth login" in refused.stderr and run_dir_state(folder) == set()
+        done = subprocess.run(command, env=env, cwd=folder, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert server.authorizations == {f"Bearer {PLANTED['MOETUNE_TEST_JUDGE_KEY']}"}  # the key was used
+    monkeypatch.setenv("HF_TOKEN", PLANTED["HF_TOKEN"])
+    code, pushed = moetune(capsys, "push", folder / "run" / "sft", "--repo-id", "me/tiny-sft", "--dry-run",
+                           folder / "upload")
+    assert code == 0 and (folder / "upload" / "recipe.yaml").is_file()
+    outputs = [refused.stdout, refused.stderr, done.stdout, done.stderr, pushed]
+    files = [path for path in folder.rglob("*") if path.is_file()]  # the run, the upload, the recipe
+    assert any(path.name == "training_args.bin" for path in files)
+    for secret in PLANTED.values():
+        assert not any(secret in text for text in outputs)
+        assert not [path for path in files if secret.encode() in path.read_bytes()]
 
 
 # ---------------------------------------------------------------- push

@@ -3,12 +3,10 @@
 import pytest
 from trl.chat_template_utils import has_generation_markers
 
-from finetune.config.chat_template import training_template_problem
-from finetune.cli import main
+from finetune.config.chat_template import MARKERS, TRL_TRAINING_TEMPLATE, assistant_token_source
 from finetune.config.recipe import RecipeError
 from finetune.config.parsing import load_recipe
-from helpers.lookalike import FAMILIES, TRL_TEMPLATES, build_lookalike, train_family_tokenizer
-from helpers.recipes import write_lookalike_recipe
+from helpers.lookalike import FAMILIES, TRL_TEMPLATES, train_family_tokenizer
 
 CONVERSATION = [{"role": "user", "content": "Sort 3 1 2."}, {"role": "assistant", "content": "1 2 3"},
                 {"role": "user", "content": "And 9 8?"}, {"role": "assistant", "content": "8 9"}]
@@ -29,7 +27,7 @@ def test_flagship_recipe_gives_the_base_model_mistrals_template_with_markers(mix
     recipe = load_recipe("recipes/hh-rlhf-mixtral.yaml")
     assert recipe.model.name_or_path == "mistralai/Mixtral-8x7B-v0.1" and mixtral_tokenizer.chat_template is None
     mixtral_tokenizer.chat_template = recipe.model.chat_template
-    assert training_template_problem(mixtral_tokenizer, "model.chat_template") is None
+    assert assistant_token_source(mixtral_tokenizer) == MARKERS
     encoded = mixtral_tokenizer.apply_chat_template(CONVERSATION, return_dict=True, return_assistant_tokens_mask=True)
     text = mixtral_tokenizer.decode(encoded["input_ids"])
     assert text == "<s>[INST] Sort 3 1 2. [/INST]1 2 3</s>[INST] And 9 8? [/INST]8 9</s>"
@@ -60,19 +58,5 @@ def test_bad_templates_are_refused_naming_the_key(tmp_path, value, message):
 def test_family_templates_without_markers_get_trls_training_copy(family):
     tokenizer = train_family_tokenizer(FAMILIES[family])
     assert not has_generation_markers(tokenizer.chat_template)
-    assert training_template_problem(tokenizer, "x") is None  # TRL swaps in trl/chat_templates/*_training.jinja
+    assert assistant_token_source(tokenizer) == TRL_TRAINING_TEMPLATE  # TRL swaps in trl/chat_templates/*_training.jinja
     assert (TRL_TEMPLATES / FAMILIES[family].template.replace(".jinja", "_training.jinja")).is_file()
-
-
-def test_unknown_template_without_markers_is_refused_before_sft_with_both_fixes(tmp_path, capsys):
-    folder = build_lookalike("mixtral", tmp_path / "checkpoint")
-    template = tmp_path / "plain.jinja"
-    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}")
-    recipe = write_lookalike_recipe(tmp_path, folder, template=template)
-    assert main(["run", str(recipe), "--stages", "prep,sft"]) == 2
-    error = capsys.readouterr().err
-    assert "the chat template of model.chat_template has no {% generation %} markers" in error
-    assert "sft.assistant_only_loss: false" in error and "Traceback" not in error
-    assert not (tmp_path / "run" / ".sft.partial").exists()
-    # the second way out: loss on whole conversations
-    assert main(["run", str(recipe), "--stages", "sft", "sft.assistant_only_loss=false", "sft.max_steps=1"]) == 0

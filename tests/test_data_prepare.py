@@ -7,6 +7,7 @@ import pytest
 
 from finetune.stages.prepare import run
 from data_prep.records import DataError
+from finetune.config.recipe import RecipeError
 from finetune.config.parsing import load_recipe
 from helpers.recipes import make_recipe
 from helpers.shared_data import require_shared_data
@@ -137,11 +138,11 @@ def test_hh_rlhf_slice_with_weights_caps_and_sft_from_chosen(tmp_path):
     assert second["dropped"]["not_sampled"] > 20 and second["read"] < 200
 
 
-def test_unknown_format_and_missing_path_are_config_errors(tmp_path):
-    with pytest.raises(DataError, match=r"data.sources\[0\].format is 'hh'"):
-        run(make_recipe(tmp_path, [{"format": "hh", "path": "x.jsonl"}]))
-    with pytest.raises(DataError, match="set exactly one of path"):
-        run(make_recipe(tmp_path, [{"format": "hh_rlhf"}]))
+def test_unknown_format_and_missing_path_are_recipe_errors(tmp_path):
+    with pytest.raises(RecipeError, match=r"data.sources\[0\].format is 'hh'"):
+        make_recipe(tmp_path, [{"format": "hh", "path": "x.jsonl"}])
+    with pytest.raises(RecipeError, match="set exactly one of path"):
+        make_recipe(tmp_path, [{"format": "hh_rlhf"}])
 
 
 def test_real_data_recipe_parses():

@@ -165,7 +165,7 @@ def test_shorthand_passes_accelerate_options_and_overrides_apart():
     assert command[1:5] == ["-m", "accelerate.commands.launch", "--config_file", str(launch.CONFIG_DIR / "zero3.yaml")]
     assert command[5:10] == options
     assert command[10:] == ["-m", "finetune", "run", "r.yaml", "--stages", "sft,dpo", *overrides, "--force"]
-    with pytest.raises(StageError, match="ddp, fsdp2, zero2, zero3"):
+    with pytest.raises(StageError, match="ddp, ep, fsdp2, zero2, zero3"):
         launch.config_path("zero4")
     assert launch.machine_count(["--num_machines=2"]) == launch.machine_count(["--num-machines", "2"]) == 2
 
@@ -198,7 +198,7 @@ def launch_environment(name, monkeypatch):
     return captured["args"], captured["env"]
 
 
-@pytest.mark.parametrize("name", ["ddp", "zero2", "zero3", "fsdp2"])
+@pytest.mark.parametrize("name", ["ddp", "ep", "zero2", "zero3", "fsdp2"])
 def test_configs_leave_precision_and_batch_to_the_recipe(name, monkeypatch):
     args, env = launch_environment(name, monkeypatch)
     assert env["ACCELERATE_MIXED_PRECISION"] == "no"  # else a CPU run would be forced to bf16
@@ -215,7 +215,7 @@ def test_configs_leave_precision_and_batch_to_the_recipe(name, monkeypatch):
     if name == "zero3":
         assert plugin.zero3_init_flag
         assert plugin.deepspeed_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
-    if name == "ddp":
+    if name in ("ddp", "ep"):  # ep: transformers shards the model itself; accelerate only starts the processes
         assert args.multi_gpu and "ACCELERATE_USE_DEEPSPEED" not in env and "ACCELERATE_USE_FSDP" not in env
 
 

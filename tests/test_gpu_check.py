@@ -8,16 +8,19 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from benchmarks import gpu_check
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.timeout(1500)  # every part in turn, the expert_parallel one with 2 training processes
 def test_cpu_mode_runs_every_part_and_writes_its_figures(tmp_path):
     committed = ROOT / "benchmarks" / "results-gpu.md"
     before = committed.read_text() if committed.is_file() else None
     result = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--cpu", "--out", str(tmp_path)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=900)
+                            capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "results-gpu.json").read_text())
     parts = report["parts"]
@@ -25,7 +28,8 @@ def test_cpu_mode_runs_every_part_and_writes_its_figures(tmp_path):
     statuses = {name: part["status"] for name, part in parts.items()}
     # at tiny sizes only the equality and the one conformance test run on the CPU are judged; the rest is measured
     assert statuses == {"pipeline": "MEASURED", "conformance": "PASS", "qlora": "MEASURED", "speed": "MEASURED",
-                        "equality": "PASS"}, result.stderr[-5000:]
+                        "equality": "PASS", "expert_parallel": "PASS",
+                        "serving": "SKIPPED"}, result.stderr[-5000:]
     assert parts["conformance"]["figures"]["passed"] == 1
     assert set(parts["pipeline"]["figures"]["overall"]) == {"base", "sft", "dpo"}
     qlora = parts["qlora"]["figures"]

@@ -32,6 +32,8 @@ NOT_RUN_HERE = {
     "accelerate launch": "needs GPUs (launch configs are parsed by tests/test_distributed.py)",
     "--accelerate": "needs GPUs (launch configs are parsed by tests/test_distributed.py)",
     "python -m pytest": "the test runner",
+    "recipes/plans/": "the real models' recipes read config.json from the Hub (tests/test_plan.py plans each on "
+                      "the published config kept in tests/model_configs)",
     "finetune.docs --write": "rewrites the pages' tables (tests/test_docs.py checks the pages equal its output)",
     "conformance_matrix": "runs the conformance tests (tests/test_families.py) and rewrites a page",
 }

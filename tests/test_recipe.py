@@ -26,7 +26,16 @@ def test_shipped_demo_recipe_parses():
     ({**TINY, "model": {"init": {"hiden_size": 3}}}, "unknown key 'model.init.hiden_size'. Did you mean 'hidden_size'?"),
     ({**TINY, "sft": {"learnig_rate": 1}}, "unknown key 'sft.learnig_rate'. Did you mean 'learning_rate'?"),
     ({**TINY, "dpo": {"bta": 0.1}}, "unknown key 'dpo.bta'. Did you mean 'beta'?"),
-    ({**TINY, "sft": {"output_dir": "x"}}, "sft.output_dir is set by moetune"),
+    ({**TINY, "sft": {"output_dir": "x"}}, "sft.output_dir is TRL's, but moetune does that itself: remove it and use run_dir"),
+    ({**TINY, "sft": {"push_to_hub": True}}, "sft.push_to_hub is TRL's, but moetune does that itself: remove it and use "
+                                             "the recipe's hub: section"),
+    ({**TINY, "dpo": {"hub_model_id": "me/x"}}, "dpo.hub_model_id is TRL's, but moetune does that itself"),
+    ({**TINY, "dpo": {"resume_from_checkpoint": "c"}}, "use re-running the same command: it resumes from the newest"),
+    ({**TINY, "data": {"dedup": "prompts"}}, "data.dedup is 'prompts'; choose one of exact, prompt, none. Did you mean"),
+    ({**TINY, "data": {"sources": [{"format": "hh"}]}}, "data.sources[0].format is 'hh'; choose one of"),
+    ({**TINY, "eval": {"judge": {"type": "opnai"}}}, "eval.judge.type is 'opnai'; choose one of programmatic, openai, "
+                                                     "local. Did you mean 'openai'?"),
+    ({**TINY, "eval": {"models": []}}, "eval.models is empty"),
     ({**TINY, "model": {"init": {"num_layers": "two"}}}, "model.init.num_layers must be an integer, got 'two'"),
     ({**TINY, "model": {"init": {}, "lora": {"targets": ["experts", "routr"]}}}, "Did you mean 'router'?"),
     ({"run_dir": "x", "model": {}}, "set exactly one of model.name_or_path"),
@@ -46,6 +55,25 @@ def test_bad_recipes_name_the_file_key_and_fix(raw, message):
         parse_recipe(raw, "recipes/mine.yaml")
     assert message in str(error.value)
     assert str(error.value).startswith("recipes/mine.yaml:")
+
+
+PLANTED = "hf_" + "Planted0Secret1Value2For3Tests4"
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"sft": {"hub_token": PLANTED}}, "sft.hub_token would hold a credential"),
+    ({"dpo": {"hub_token": PLANTED}}, "dpo.hub_token would hold a credential"),
+    ({"eval": {"judge": {"api_key": "sk-" + PLANTED}}}, "eval.judge.api_key would hold a credential"),
+    ({"eval": {"judge": {"headers": {"Authorization": "Bearer " + PLANTED}}}}, "eval.judge.headers would hold"),
+    ({"eval": {"judge": {"api_key_env": "sk-" + PLANTED}}}, "eval.judge.api_key_env holds what looks like"),
+    ({"sft": {"run_name": PLANTED}}, "sft.run_name holds what looks like an access token"),
+])
+def test_credentials_are_refused_with_where_they_go_and_never_repeated(section, message):
+    with pytest.raises(RecipeError) as error:
+        parse_recipe({**TINY, **section}, "recipes/mine.yaml")
+    text = str(error.value)
+    assert message in text and PLANTED not in text
+    assert ("api_key_env" if "eval" in section else "hf auth login") in text
 
 
 def test_overrides_are_typed_and_validated(tmp_path):
@@ -129,3 +157,30 @@ def test_relative_eval_files_start_at_the_recipe_folder(tmp_path, monkeypatch):
     assert recipe_file(recipe, recipe.eval.judge.prompt_file) == folder / "p.jsonl"
     hub_questions = parse_recipe({**TINY, "eval": {"question_file": "HuggingFaceH4/mt_bench_prompts"}}, str(folder / "mine.yaml"))
     assert question_source(hub_questions) == "HuggingFaceH4/mt_bench_prompts"
+
+
+def judged_stage(run_dir, judge):
+    """eval's layout: answers depend on `answers` only, judgments on every input."""
+    return Stage(run_dir, "eval", inputs={"answers": 1, "judge": judge}, progress=("answers/*", "judgments/*"),
+                 progress_inputs={"answers/*": {"answers": 1}})
+
+
+def test_work_that_does_not_depend_on_a_changed_input_is_kept(tmp_path, capsys):
+    first = judged_stage(tmp_path, "a")
+    assert first.begin()
+    for name, text in (("answers/m.jsonl", "answer"), ("judgments/a.jsonl", "judgment"), ("scores.json", "{}")):
+        (first.work / name).parent.mkdir(exist_ok=True)
+        (first.work / name).write_text(text)
+    # Interrupted work: the judgments were made by another judge; discarding them needs --force, answers stay.
+    with pytest.raises(StageError, match=r"changed: judge\) that saved a.jsonl"):
+        judged_stage(tmp_path, "b").begin()
+    redo = judged_stage(tmp_path, "b")
+    assert redo.begin(force=True)
+    assert "keeping 1 saved files that do not depend on it (m.jsonl), discarding 1" in capsys.readouterr().out
+    assert sorted(str(p.relative_to(redo.work)) for p in redo.work.rglob("*.*")) == [
+        "answers/m.jsonl", "moetune_work_inputs.json"]
+    redo.commit()
+    # A finished stage redone for a new judge starts from the answers it made.
+    again = judged_stage(tmp_path, "c")
+    assert again.begin(force=True) and (again.work / "answers" / "m.jsonl").read_text() == "answer"
+    assert not (again.work / "judgments").exists() and "reusing m.jsonl" in capsys.readouterr().out

@@ -7,8 +7,8 @@ itself (that copy moves with the folder) and a changed file changes the stages' 
 
 TRL's assistant-only loss finds the assistant's tokens through `{% generation %}` markers. Most families' own
 templates have none; TRL 1.16 swaps in a marked-up copy for the templates it knows (trl/chat_templates/
-*_training.jinja: DeepSeek-V3, gpt-oss, Qwen3, GLM-4-MoE, ...). Any other template without markers is refused here,
-before training, with the two ways out.
+*_training.jinja: DeepSeek-V3, gpt-oss, Qwen3, GLM-4-MoE, ...). For any other template without markers (base models'
+plain templates) moetune finds the assistant's tokens itself, turn by turn.
 """
 
 from __future__ import annotations
@@ -43,20 +43,26 @@ def check_syntax(template: str, source: str) -> None:
                          f"{error.message}).") from None
 
 
-def training_template_problem(tokenizer, where: str) -> str | None:
-    """Why SFT with assistant-only loss cannot use this tokenizer's template, or None when it can.
+MARKERS = "markers"
+TRL_TRAINING_TEMPLATE = "trl_training_template"
+TURN_BY_TURN = "turn_by_turn"
+HOW = {
+    MARKERS: "the chat template's {% generation %} markers",
+    TRL_TRAINING_TEMPLATE: "the {% generation %} markers of TRL's training version of the chat template",
+    TURN_BY_TURN: "the chat template has no {% generation %} markers: assistant tokens found by rendering each "
+                  "conversation turn by turn and comparing token prefixes",
+}
 
-    It can when the template has `{% generation %}` markers, or when TRL ships a training version of it.
-    """
+
+def assistant_token_source(tokenizer) -> str:
+    """How SFT's assistant-only loss finds the assistant's tokens with this tokenizer's template: its markers, the
+    markers of TRL's training copy of it, or (a plain template) turn by turn (finetune/training/assistant_masks.py)."""
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
     if has_generation_markers(tokenizer.chat_template):
-        return None
+        return MARKERS
     try:
         get_training_chat_template(tokenizer)
     except ValueError:
-        return (f"the chat template of {where} has no {{% generation %}} markers, which sft.assistant_only_loss "
-                f"needs to find the assistant's tokens, and TRL ships no training version of it. Wrap each assistant "
-                f"reply (and its end-of-turn token) in {{% generation %}}...{{% endgeneration %}} in "
-                f"model.chat_template, or set sft.assistant_only_loss: false to train on whole conversations.")
-    return None
+        return TURN_BY_TURN
+    return TRL_TRAINING_TEMPLATE

@@ -7,6 +7,13 @@ from typing import Any
 
 from finetune.config.section_fields import help_field
 
+# The source formats (data_prep/formats.py converts each), those generated rather than read, and the pairings of
+# the scored format: named here so that the recipe is checked when it is read, before any stage runs.
+FORMATS = ("sft", "preference", "hh_rlhf", "scored", "oasst", "onpolicy", "synthetic")
+GENERATED_FORMATS = ("synthetic", "onpolicy")  # need no path or dataset
+PAIRINGS = ("best_vs_worst", "best_vs_random")
+CHOICES = {"on_error": ("fail", "skip"), "dedup": ("exact", "prompt", "none")}
+
 
 @dataclass
 class SourceConfig:

@@ -92,22 +92,3 @@ class EvalConfig:
         factory=lambda: dict(MT_BENCH_TEMPERATURES),
         help="Sampling temperature per question category (MT-Bench's by default); 0 and unlisted categories are greedy.",
     )
-
-
-def check_eval_config(config: EvalConfig) -> None:
-    """Fail before any work when the eval section cannot run; the message says what to set."""
-    judge = config.judge
-    if judge.type not in JUDGE_TYPES:
-        raise ValueError(f"eval.judge.type is {judge.type!r}; choose one of {', '.join(JUDGE_TYPES)}.")
-    if judge.mode not in JUDGE_MODES:
-        raise ValueError(f"eval.judge.mode is {judge.mode!r}; choose one of {', '.join(JUDGE_MODES)}.")
-    if not config.models:
-        raise ValueError("eval.models is empty; list the models to evaluate, e.g. [base, sft, dpo].")
-    if judge.type != "programmatic" and (judge.model is None or judge.prompt_file is None):
-        raise ValueError(f"eval.judge.type {judge.type} needs eval.judge.model and eval.judge.prompt_file "
-                         "(FastChat's judge_prompts.jsonl).")
-    if judge.mode == "pairwise":
-        if judge.type == "programmatic":
-            raise ValueError("eval.judge.mode pairwise needs a model judge (type openai or local).")
-        if judge.baseline not in config.models:
-            raise ValueError(f"eval.judge.baseline {judge.baseline!r} must be one of eval.models ({', '.join(config.models)}).")

@@ -2,7 +2,8 @@
 
 An unknown key fails naming the file, the key and the closest valid key; a value of the wrong type fails naming the
 key and the expected type. `sft:` and `dpo:` take any field of TRL's SFTConfig / DPOConfig, checked against those
-classes. The values are then checked by finetune/config/validation.py.
+classes. A credential anywhere is refused first (finetune/config/secrets.py); the values of every section are then
+checked by finetune/config/validation.py.
 """
 
 from __future__ import annotations
@@ -19,12 +20,24 @@ import yaml
 from finetune.config.chat_template import resolve_chat_template
 from finetune.config.section_fields import to_dict
 from finetune.config.recipe import TRAINING_STAGES, Recipe, RecipeError
+from finetune.config.secrets import refuse_credentials
 from finetune.config.trainer_fields import trainer_fields
 from finetune.config.validation import validate_recipe
 
 
-# TRL fields that moetune sets itself from the recipe; setting them in sft:/dpo: would be silently overridden.
-MANAGED_TRAINER_KEYS = {"output_dir": "run_dir", "seed": "seed"}
+# TRL fields that moetune owns or cannot honour, with the moetune way to get what they do. Set in sft:/dpo:, they
+# would be silently overridden (output_dir, seed) or fail hours later (push_to_hub at the end of training, into a
+# repository named after the work folder; resume_from_checkpoint, which moetune passes itself).
+HUB_WAY = "the recipe's hub: section (hub.push, hub.repo_id, hub.private, hub.stages) or `moetune push`"
+MANAGED_TRAINER_KEYS = {
+    "output_dir": "run_dir (each stage writes run_dir/<stage>)",
+    "seed": "the recipe's top-level seed",
+    "push_to_hub": HUB_WAY, "hub_model_id": HUB_WAY, "hub_strategy": HUB_WAY, "hub_private_repo": HUB_WAY,
+    "hub_always_push": HUB_WAY, "hub_revision": HUB_WAY,
+    "resume_from_checkpoint": "re-running the same command: it resumes from the newest usable checkpoint in "
+                              "run_dir/.<stage>.partial by itself",
+    "local_rank": "`--accelerate CONFIG` (or a launcher), which sets each process's rank",
+}
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -44,6 +57,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 
 def parse_recipe(raw: dict[str, Any], source: str) -> Recipe:
+    refuse_credentials(raw, source)  # first: no later message may repeat a secret's value
     recipe = from_dict(Recipe, raw, source, "")
     recipe.source = source
     if recipe.model.chat_template is not None:
@@ -175,9 +189,8 @@ def validate_trainer_section(section: dict[str, Any], stage: str, source: str) -
     fields = trainer_fields(config_name)
     for key, value in list(section.items()):
         if key in MANAGED_TRAINER_KEYS:
-            raise RecipeError(
-                f"{source}: {stage}.{key} is set by moetune from the recipe's '{MANAGED_TRAINER_KEYS[key]}'; remove it."
-            )
+            raise RecipeError(f"{source}: {stage}.{key} is TRL's, but moetune does that itself: remove it and use "
+                              f"{MANAGED_TRAINER_KEYS[key]}.")
         if key not in fields:
             raise RecipeError(unknown_key_message(source, f"{stage}.{key}", key, list(fields)) +
                               f" ({stage}: takes the fields of TRL's {config_name}.)")

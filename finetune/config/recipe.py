@@ -90,8 +90,8 @@ class ModelConfig:
     chat_template: str | None = help_field(
         None, help="Chat template for a base model whose tokenizer has none (e.g. Mixtral-8x7B-v0.1), or to replace "
         "the tokenizer's: a Jinja string, or the path of a .jinja file relative to the recipe's folder. SFT's "
-        "assistant-only loss needs {% generation %} markers around assistant replies, unless TRL ships a training "
-        "version of the template (trl/chat_templates/*_training.jinja).",
+        "assistant-only loss reads {% generation %} markers around assistant replies, or TRL's training version of "
+        "the template (trl/chat_templates/*_training.jinja); without either it finds the replies turn by turn.",
     )
     dtype: str = help_field(
         "auto", help="Weights dtype: auto (fp32 on CPU, bf16 on GPUs that support it, else fp16), float32, bfloat16."
@@ -104,6 +104,12 @@ class ModelConfig:
     quantization: QuantizationConfig | None = help_field(
         None, help="Load the base of the stages that train adapters quantized (QLoRA), experts included; "
         "null keeps full precision. Needs model.lora.",
+    )
+    expert_parallel: int = help_field(
+        1, help="Expert parallelism in launches of several processes (transformers' DistributedConfig): each MoE "
+        "layer's experts split across this many processes, tokens sent to them all-to-all, everything else FSDP2-"
+        "sharded over all processes. 1 is off. Must divide the process count and the experts per layer; full "
+        "fine-tuning or LoRA without the experts role (PEFT cannot wrap split experts). See docs/scaling-out.md.",
     )
 
     def lora_for(self, stage: str) -> LoraConfig | None:
@@ -215,6 +221,21 @@ class ModelSource:
 
 
 @dataclass
+class PlanConfig:
+    """The memory and time plan (`moetune plan`), which also runs before every training stage that loads a model."""
+
+    refuse: bool = help_field(
+        True, help="Refuse (exit 2, before any weight is loaded) a training stage whose planned peak memory per device "
+        "exceeds plan.memory, naming the numbers and the cheapest change that fits; false runs it anyway.")
+    memory: str | None = help_field(
+        None, help="Memory per device to plan against, e.g. 24GiB or 80GB; null: the GPU's total memory, or on a CPU "
+        "the host's RAM shared by the processes. `--gpu-memory` on the command line sets it.")
+    mfu: float | None = help_field(
+        None, help="Model-FLOPs utilisation the time estimate assumes (0-1); null: 0.25 on GPUs (MoE training with "
+        "grouped expert kernels), 0.3 on a CPU.")
+
+
+@dataclass
 class Recipe:
     run_dir: str = help_field(help="Folder where every stage writes: run_dir/{data,base,sft,dpo,eval}.")
     model: ModelConfig = help_field(factory=ModelConfig, help="The base model.")
@@ -227,6 +248,7 @@ class Recipe:
     balancing: BalancingConfig = help_field(factory=BalancingConfig, help="Expert load balancing in SFT and DPO.")
     routing: RoutingConfig = help_field(factory=RoutingConfig, help="Routing telemetry in SFT and DPO (MoE models).")
     checkpoints: CheckpointConfig = help_field(factory=CheckpointConfig, help="Checkpoint schedule of SFT and DPO.")
+    plan: PlanConfig = help_field(factory=PlanConfig, help="Memory and time plan, checked before training stages.")
     seed: int = help_field(42, help="Seed for data mixing, splits, initialisation and training.")
     # Where the recipe came from, for error messages and resolving relative paths; not a YAML key.
     source: str = field(default="<recipe>", metadata={"internal": True})
@@ -267,3 +289,5 @@ NOT_RESULT_TRAINER_KEYS = frozenset({
 TRAINING_STAGES = tuple(f.name for f in dataclasses.fields(Recipe) if "trl_config" in f.metadata)
 # The stages whose folders hold a model (the model.init base, then the training stages): eval.models may name them.
 MODEL_STAGES = ("base", *TRAINING_STAGES)
+# What `moetune export` and `moetune push --format` write (finetune/stages/export.py).
+EXPORT_FORMATS = ("peft", "vllm", "sglang", "merged")

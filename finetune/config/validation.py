@@ -1,10 +1,14 @@
-"""Checking a parsed recipe's values before any work starts: choices, combinations, and what each needs."""
+"""Checking a parsed recipe's values before any work starts, every section (model, data, eval, hub, ...) in one place
+with one error type (RecipeError), so that any command refuses a bad value in any section: choices, combinations,
+what each needs, and the one check of a Hub repository id."""
 
 from __future__ import annotations
 
 import difflib
+import re
 
-from finetune.config.evaluation import check_eval_config
+from finetune.config.data import CHOICES, FORMATS, GENERATED_FORMATS, PAIRINGS, DataConfig
+from finetune.config.evaluation import JUDGE_MODES, JUDGE_TYPES, EvalConfig
 from finetune.core.families import ALIASES, ARCHITECTURES
 from finetune.config.recipe import (TRAINING_STAGES, HubConfig, LoraConfig, ModelConfig, ModelInit, Recipe,
                                     RecipeError, RoutingConfig)
@@ -17,16 +21,37 @@ EXPERT_KERNELS = ("auto", "eager", "grouped_mm", "batched_mm")
 def validate_recipe(recipe: Recipe) -> None:
     source = recipe.source
     validate_model(recipe.model, source)
+    validate_data(recipe.data, source)
     validate_data_needs(recipe)
     validate_hub(recipe.hub, source)
     for key in ("bias_update_rate", "router_z_loss_coef"):
         if getattr(recipe.balancing, key) < 0:
             raise RecipeError(f"{source}: balancing.{key} is {getattr(recipe.balancing, key)}; it must be >= 0 (0 is off).")
     validate_routing(recipe.routing, source)
-    try:
-        check_eval_config(recipe.eval)
-    except ValueError as error:
-        raise RecipeError(f"{source}: {error}") from None
+    validate_plan(recipe, source)
+    validate_eval(recipe.eval, source)
+
+
+MEMORY_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt])(i?)(b?)\s*", re.IGNORECASE)
+
+
+def parse_memory(text: str) -> float:
+    """Bytes of a size such as 24GiB, 24G (powers of 1024) or 80GB (powers of 1000)."""
+    match = MEMORY_SIZE.fullmatch(str(text))
+    if match is None or float(match[1]) <= 0:
+        raise ValueError(f"{text!r} is not a memory size; write it like 24GiB, 80GB or 512MiB.")
+    base = 1000 if match[4] and not match[3] else 1024
+    return float(match[1]) * base ** ("kmgt".index(match[2].lower()) + 1)
+
+
+def validate_plan(recipe: Recipe, source: str) -> None:
+    if recipe.plan.memory is not None:
+        try:
+            parse_memory(str(recipe.plan.memory))
+        except ValueError as error:
+            raise RecipeError(f"{source}: plan.memory: {error}") from None
+    if recipe.plan.mfu is not None and not 0 < recipe.plan.mfu <= 1:
+        raise RecipeError(f"{source}: plan.mfu is {recipe.plan.mfu}; it must be a fraction in (0, 1], e.g. 0.25.")
 
 
 def validate_routing(routing: RoutingConfig, source: str) -> None:
@@ -56,6 +81,8 @@ def validate_model(model: ModelConfig, source: str) -> None:
         validate_quantization(model, source)
     if model.lora is not None:
         validate_lora(model.lora, source)
+    if model.expert_parallel != 1:
+        validate_expert_parallel(model, source)
 
 
 def validate_init(init: ModelInit, source: str) -> None:
@@ -84,10 +111,69 @@ def validate_lora(lora: LoraConfig, source: str) -> None:
         raise RecipeError(f"{source}: model.lora.dropout is {lora.dropout}; it must be in [0, 1), e.g. 0.05.")
 
 
+def validate_expert_parallel(model: ModelConfig, source: str) -> None:
+    """What the pinned libraries cannot combine with experts split across processes (docs/scaling-out.md)."""
+    check_positive(model.expert_parallel, source, "model.expert_parallel", example="8 (one per GPU)")
+    if model.quantization is not None:
+        raise RecipeError(f"{source}: model.expert_parallel and model.quantization do not combine: transformers "
+                          f"splits the experts as DTensors while loading, and moetune's NF4 experts replace those "
+                          f"parameters after loading. Split the experts (full precision) or quantize them (one "
+                          f"process holds them all), not both.")
+    if model.lora is not None and {"experts", "all"} & set(model.lora.targets):
+        raise RecipeError(f"{source}: model.expert_parallel with model.lora.targets {model.lora.targets}: PEFT's "
+                          f"LoRA on the fused experts (target_parameters) adds plain tensors to the experts split as "
+                          f"DTensors and fails ('got mixed torch.Tensor and DTensor'). Drop experts (and all) from "
+                          f"the targets, fine-tune all weights (lora: null), or set expert_parallel: 1.")
+
+
 def check_positive(value: int, source: str, path: str, example: str | None = None) -> None:
     if value < 1:
         hint = f", e.g. {example}" if example else ""
         raise RecipeError(f"{source}: {path} is {value}; it must be a positive integer{hint}.")
+
+
+def validate_data(data: DataConfig, source: str) -> None:
+    """A data section that cannot work, refused before any file is read."""
+    for key, choices in CHOICES.items():
+        check_choice(getattr(data, key), choices, source, f"data.{key}")
+    if not 0 <= data.test_size < 1:
+        raise RecipeError(f"{source}: data.test_size must be in [0, 1), got {data.test_size}.")
+    for index, item in enumerate(data.sources):
+        where = f"{source}: data.sources[{index}]"
+        check_choice(item.format, FORMATS, source, f"data.sources[{index}].format")
+        if item.format not in GENERATED_FORMATS and (item.path is None) == (item.dataset is None):
+            raise RecipeError(f"{where}: set exactly one of path (a local file) or dataset (a hub id).")
+        if not 0 < item.weight <= 1:
+            raise RecipeError(f"{where}.weight must be in (0, 1], got {item.weight}; use max_rows to cap a source.")
+        if item.format == "onpolicy" and "model" not in item.options:
+            raise RecipeError(f"{where}.options.model is required: the model to sample completions from.")
+        if item.options.get("pairing", PAIRINGS[0]) not in PAIRINGS:
+            raise RecipeError(f"{where}.options.pairing must be one of {', '.join(PAIRINGS)}.")
+
+
+ENVIRONMENT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def validate_eval(config: EvalConfig, source: str) -> None:
+    """An eval section that cannot run, refused before any stage (eval comes last, after hours of training)."""
+    judge = config.judge
+    check_choice(judge.type, JUDGE_TYPES, source, "eval.judge.type")
+    check_choice(judge.mode, JUDGE_MODES, source, "eval.judge.mode")
+    if not config.models:
+        raise RecipeError(f"{source}: eval.models is empty; list the models to evaluate, e.g. [base, sft, dpo].")
+    if judge.type != "programmatic" and (judge.model is None or judge.prompt_file is None):
+        raise RecipeError(f"{source}: eval.judge.type {judge.type} needs eval.judge.model and eval.judge.prompt_file "
+                          "(FastChat's judge_prompts.jsonl).")
+    if judge.api_key_env is not None and not ENVIRONMENT_NAME.fullmatch(judge.api_key_env):
+        # Not repeated: it may be the key itself, pasted where its variable's name goes.
+        raise RecipeError(f"{source}: eval.judge.api_key_env is not the name of an environment variable; it names "
+                          f"the variable that holds the key (e.g. OPENAI_API_KEY), never the key itself.")
+    if judge.mode == "pairwise":
+        if judge.type == "programmatic":
+            raise RecipeError(f"{source}: eval.judge.mode pairwise needs a model judge (type openai or local).")
+        if judge.baseline not in config.models:
+            raise RecipeError(f"{source}: eval.judge.baseline {judge.baseline!r} must be one of eval.models "
+                              f"({', '.join(config.models)}).")
 
 
 def validate_data_needs(recipe: Recipe) -> None:
@@ -108,7 +194,7 @@ def validate_hub(hub: HubConfig, source: str) -> None:
         raise RecipeError(f"{source}: hub.push is true but hub.repo_id is not set; name the repository, "
                           f"e.g. hub.repo_id=my-org/my-model-{{stage}}.")
     for stage in hub.stages:
-        check_repo_id(hub.repo_for(stage), source)
+        check_repo_id(hub.repo_for(stage), f"{source}: hub.repo_id", example="my-org/mixtral-{stage}")
     if len(hub.stages) > 1 and "{stage}" not in hub.repo_id:
         # One repository would hold only the last stage pushed: dpo's upload replaces sft's files.
         raise RecipeError(f"{source}: hub.push uploads {' and '.join(hub.stages)} to one repository "
@@ -116,12 +202,14 @@ def validate_hub(hub: HubConfig, source: str) -> None:
                           f"{hub.repo_id}-{{stage}}) or push a single stage (hub.stages: [dpo]).")
 
 
-def check_repo_id(repo_id: str, source: str) -> None:
-    """Checked before any training that would end in a refused upload."""
+def check_repo_id(repo_id: str, where: str, example: str = "my-org/mixtral-dpo") -> str:
+    """huggingface_hub's own check of a repository id (hub.repo_id before any training that would end in a refused
+    upload; `moetune push --repo-id`), as an error naming where it was given and an example."""
     problem = invalid_repo_id(repo_id)
     if problem:
-        raise RecipeError(f"{source}: hub.repo_id gives {repo_id!r}, which is not a valid Hub repository id, e.g. "
-                          f"my-org/mixtral-{{stage}}: {problem}")
+        raise RecipeError(f"{where} gives {repo_id!r}, which is not a valid Hub repository id, e.g. {example}: "
+                          f"{problem}")
+    return repo_id
 
 
 def invalid_repo_id(repo_id: str) -> str | None:

@@ -16,8 +16,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,15 @@ WORK_INPUTS = "moetune_work_inputs.json"  # in the .partial folder: what the unf
 
 class StageError(RuntimeError):
     """A stage cannot start or finish; the message says which folder and what to do."""
+
+
+class Interrupted(StageError):
+    """Ctrl-C (SIGINT) or SIGTERM stopped a stage after it saved its work; the command exits 128 + the signal's
+    number, as shells expect (130 for Ctrl-C)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = int(signum)
 
 
 def fingerprint(value: Any) -> str:
@@ -49,13 +59,16 @@ class Stage:
     """One stage's output folder. Use `begin()`, write into `.work`, then `commit()`.
 
     `progress` lists glob patterns (relative to the work folder) of the work a re-run resumes from, such as
-    Trainer checkpoints; a stage without any starts over whenever it runs.
+    Trainer checkpoints; a stage without any starts over whenever it runs. `progress_inputs` names, per pattern, the
+    part of `inputs` that work depends on (default: all of them): when only other inputs change, that work is kept,
+    so eval's answers survive a new judge model, which discards only the judgments.
     """
 
     run_dir: Path
     name: str
     inputs: dict[str, Any]
     progress: tuple[str, ...] = ()
+    progress_inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def final(self) -> Path:
@@ -68,6 +81,9 @@ class Stage:
     @property
     def fingerprint(self) -> str:
         return fingerprint(self.inputs)
+
+    def progress_fingerprints(self) -> dict[str, str]:
+        return {pattern: fingerprint(self.progress_inputs.get(pattern, self.inputs)) for pattern in self.progress}
 
     def begin(self, force: bool | str = False) -> bool:
         """Prepare the work folder. Returns False when a complete output with the same inputs already exists.
@@ -98,6 +114,8 @@ class Stage:
                 f"Move it away or choose another run_dir."
             )
         self.claim_work_folder(force)
+        if manifest is not None and not same_inputs and distributed.is_main_process():
+            self.reuse_finished_work(manifest)
         return True
 
     def claim_work_folder(self, force: bool) -> None:
@@ -106,23 +124,60 @@ class Stage:
         if marker.is_file():  # work from before markers existed is kept as it is
             previous = json.loads(marker.read_text())
             if previous.get("fingerprint") != self.fingerprint:
-                changed = ", ".join(changed_keys(previous.get("inputs", {}), self.inputs)) or "unknown"
-                saved = self.saved_progress()
-                if saved and not force:
-                    raise StageError(
-                        f"[{self.name}] {self.work} holds an interrupted run made from different inputs (changed: "
-                        f"{changed}) that saved {', '.join(path.name for path in saved[:3])}"
-                        f"{', ...' if len(saved) > 3 else ''}; resuming it would be wrong. Restore the recipe to "
-                        f"resume, or run again with --force to discard that work and start this stage over."
-                    )
-                if distributed.is_main_process():
-                    if not saved:  # a failed attempt that got nowhere: nothing worth keeping, nothing to ask
-                        print(f"[{self.name}] discarding {self.work}: an earlier attempt made from other inputs "
-                              f"(changed: {changed}) that saved no progress.")
-                    shutil.rmtree(self.work)
+                self.drop_stale_work(previous, force)
         if distributed.is_main_process():  # the other processes find the marker it wrote (same fingerprint)
             self.work.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(marker, {"fingerprint": self.fingerprint, "inputs": self.inputs})
+            write_json_atomic(marker, {"fingerprint": self.fingerprint, "inputs": self.inputs,
+                                       "progress": self.progress_fingerprints()})
+
+    def drop_stale_work(self, previous: dict[str, Any], force: bool) -> None:
+        """Work made from other inputs: keep the progress whose own inputs did not change, refuse (unless force)
+        to discard the rest when it holds progress."""
+        changed = ", ".join(changed_keys(previous.get("inputs", {}), self.inputs)) or "unknown"
+        kept, stale = self.split_progress(self.work, previous.get("progress", {}))
+        if stale and not force:
+            raise StageError(
+                f"[{self.name}] {self.work} holds an interrupted run made from different inputs (changed: "
+                f"{changed}) that saved {', '.join(path.name for path in stale[:3])}"
+                f"{', ...' if len(stale) > 3 else ''}; resuming it would be wrong. Restore the recipe to "
+                f"resume, or run again with --force to discard that work and start this stage over."
+            )
+        if not distributed.is_main_process():
+            return
+        if kept:
+            print(f"[{self.name}] changed: {changed}; keeping {len(kept)} saved files that do not depend on it "
+                  f"({', '.join(path.name for path in kept[:3])}{', ...' if len(kept) > 3 else ''})"
+                  + (f", discarding {len(stale)}." if stale else "."))
+            remove_all_but(self.work, kept)
+            return
+        if not stale:  # a failed attempt that got nowhere: nothing worth keeping, nothing to ask
+            print(f"[{self.name}] discarding {self.work}: an earlier attempt made from other inputs "
+                  f"(changed: {changed}) that saved no progress.")
+        shutil.rmtree(self.work)
+
+    def split_progress(self, folder: Path, fingerprints: dict[str, str]) -> tuple[list[Path], list[Path]]:
+        """(kept, stale): the saved progress in `folder` whose inputs are (are not) those it was made from."""
+        now = self.progress_fingerprints()
+        kept, stale = [], []
+        for pattern in self.progress:
+            paths = sorted(folder.glob(pattern))
+            (kept if fingerprints.get(pattern) == now[pattern] else stale).extend(paths)
+        return kept, stale
+
+    def reuse_finished_work(self, manifest: dict[str, Any]) -> None:
+        """A complete output redone because some inputs changed: copy in the progress that does not depend on them
+        (eval's answers when only the judge changed), unless an interrupted redo already holds it."""
+        kept, _ = self.split_progress(self.final, manifest.get("progress", {}))
+        copied = []
+        for path in kept:
+            target = self.work / path.relative_to(self.final)
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                (shutil.copytree if path.is_dir() else shutil.copy2)(path, target)
+                copied.append(path.name)
+        if copied:
+            print(f"[{self.name}] reusing {', '.join(copied[:3])}{', ...' if len(copied) > 3 else ''} from "
+                  f"{self.final}: made from the same inputs.")
 
     def saved_progress(self) -> list[Path]:
         """What an interrupted run saved that a re-run would resume from (empty: nothing worth keeping)."""
@@ -140,6 +195,7 @@ class Stage:
             "stage": self.name,
             "fingerprint": self.fingerprint,
             "inputs": self.inputs,
+            "progress": self.progress_fingerprints(),
             "outputs": outputs or {},
             "completed_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
@@ -160,6 +216,18 @@ def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     for key in keys:
         out.extend(changed_keys(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else str(key)))
     return out
+
+
+def remove_all_but(folder: Path, kept: list[Path]) -> None:
+    """Delete everything in `folder` except the `kept` files and folders (and the folders holding them)."""
+    for path in sorted(folder.rglob("*"), reverse=True):  # children before their folder
+        if any(path == keep or keep in path.parents for keep in kept):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            if not any(path.iterdir()):
+                path.rmdir()
+        else:
+            path.unlink()
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
@@ -193,3 +261,9 @@ def require_complete(run_dir: Path, name: str, needed_by: str) -> dict[str, Any]
     if manifest is None:
         raise MissingStageOutput(Path(run_dir) / name, needed_by)
     return manifest
+
+
+def require_empty(folder: Path, option: str) -> None:
+    """Refuse to write into a folder that holds files (an output of moetune's folder commands: merge, export, push)."""
+    if folder.exists() and any(folder.iterdir()):
+        raise ValueError(f"{option} {folder} exists and is not empty; moetune will not overwrite it. Choose a new folder.")

@@ -372,3 +372,15 @@ def disable_packed_cpu_path(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
+
+
+def nf4_round_trip(matrix: torch.Tensor, double_quant: bool) -> torch.Tensor:
+    """One (out, in) matrix quantized to NF4 and read back exactly as quantize_parameter stores it for training
+    (rows padded to whole blocks): the weights the adapter was trained against."""
+    import bitsandbytes.functional as bnb_functional
+
+    in_features = matrix.shape[-1]
+    padded = nn.functional.pad(matrix.float(), (0, padded_size(in_features) - in_features)).contiguous()
+    data, state = bnb_functional.quantize_4bit(padded, blocksize=BLOCKSIZE, compress_statistics=double_quant,
+                                               quant_type="nf4")
+    return bnb_functional.dequantize_4bit(data, state)[:, :in_features].to(matrix.dtype)

@@ -8,28 +8,35 @@ parents: the full weights at the root, each adapter merged in on the way.
 from __future__ import annotations
 
 import json
+import os
 import random
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from finetune.modeling import adapters, expert_quant, moe
+from finetune.modeling import adapters, expert_parallel, expert_quant, moe
 from finetune.core import families
-from finetune.config.recipe import MODEL_STAGES, ModelConfig, ModelSource
+from finetune.config.recipe import MODEL_STAGES, ModelConfig, ModelSource, RecipeError
 from finetune.config.parsing import load_recipe
 from finetune.core.rundir import read_manifest, require_complete
 from finetune.modeling.tiny import train_tokenizer
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    """`auto` is fp32 on CPU (bf16 there is ~4x slower), bf16 on GPUs that support it, else fp16."""
+def resolve_dtype(name: str, on_gpu: bool | None = None) -> torch.dtype:
+    """`auto` is fp32 on CPU (bf16 there is ~4x slower), bf16 on GPUs that support it, else fp16.
+
+    `on_gpu`: for a machine other than this one (the plan of a GPU run made on a CPU); None: this machine."""
     if name != "auto":
         return getattr(torch, name)
-    if not torch.cuda.is_available():
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if on_gpu is None:
+        on_gpu = torch.cuda.is_available()
+        if on_gpu and not torch.cuda.is_bf16_supported():
+            return torch.float16
+    return torch.bfloat16 if on_gpu else torch.float32
 
 
 def experts_kernel(model_config: ModelConfig, config) -> dict:
@@ -80,7 +87,8 @@ def load_tokenizer(source: ModelSource, texts=None):
         tokenizer, location = train_tokenizer(texts, source.model.init.vocab_size), "model.init"
     else:
         location = base_location(source)
-        tokenizer = AutoTokenizer.from_pretrained(location, **hub_kwargs(source, location))
+        with naming_remote_code(location):
+            tokenizer = AutoTokenizer.from_pretrained(location, **hub_kwargs(source, location))
     if source.model.chat_template is not None:
         tokenizer.chat_template = source.model.chat_template
     if tokenizer.chat_template is None:
@@ -93,16 +101,38 @@ def load_tokenizer(source: ModelSource, texts=None):
 
 def check_family(source: ModelSource, location: str):
     """The config at `location`; an MoE family moetune does not know is refused before its weights load."""
-    config = AutoConfig.from_pretrained(location, **hub_kwargs(source, location))
+    with naming_remote_code(location):
+        config = AutoConfig.from_pretrained(location, **hub_kwargs(source, location))
     families.check_supported(config)
     return config
 
 
+def remote_code_refused(location: str) -> RecipeError:
+    return RecipeError(
+        f"{location} ships its own Python code (files named by auto_map in its config), which moetune runs only when "
+        f"the recipe sets model.trust_remote_code: true. That code runs with everything your user may do on this "
+        f"machine (read and write files, use the network and your tokens): set it only for a repository you trust, "
+        f"after reading its .py files.")
+
+
+@contextmanager
+def naming_remote_code(location: str) -> Iterator[None]:
+    """transformers' refusal (it says `trust_remote_code=True` and builds a Hub URL from a local path) as the
+    recipe key that allows it."""
+    try:
+        yield
+    except ValueError as error:
+        if "trust_remote_code" in str(error):
+            raise remote_code_refused(location) from None
+        raise
+
+
 def load_pretrained(source: ModelSource, location: str):
+    """Whole, or with its experts split across the processes of a launch (model.expert_parallel)."""
     config = check_family(source, location)
     return AutoModelForCausalLM.from_pretrained(
         location, dtype=resolve_dtype(source.model.dtype), **experts_kernel(source.model, config),
-        **hub_kwargs(source, location),
+        **hub_kwargs(source, location), **expert_parallel.load_kwargs(source.model, config),
     )
 
 
@@ -154,7 +184,9 @@ def load_stage_model(source: ModelSource, name: str):
     outputs = require_complete(source.run_path, name, needed_by="model loading")["outputs"]
     if outputs["kind"] == "full":
         return load_pretrained(source, str(folder))
-    return adapters.merge_adapter(load_stage_model(source, outputs["parent"]), folder)
+    base = load_stage_model(source, outputs["parent"])
+    expert_parallel.refuse_merge_into_split(base, name)
+    return adapters.merge_adapter(base, folder)
 
 
 def load_for_inference(source: ModelSource, name: str):
@@ -178,7 +210,8 @@ def load_external(source: ModelSource, location: str):
         model = adapters.merge_adapter(base, adapter_dir)
     else:
         model = load_pretrained(source, location)
-        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust)
+        with naming_remote_code(location):
+            tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -214,6 +247,9 @@ def load_training_model(source: ModelSource, stage: str, start: str):
     ZeRO-3 the MoE blocks are marked as leaf modules; the family's own needs are met (families.prepare_for_training).
     """
     model, peft_config, parent = load_model_and_adapter(source, stage, start)
+    if getattr(model, "is_distributed_loading_by_transformers", False):
+        print(f"[{stage}] process {os.environ.get('RANK', '0')}: "
+              f"{expert_parallel.describe(model, source.model.expert_parallel)}", flush=True)
     families.prepare_for_training(model)
     moe.mark_moe_blocks_as_zero3_leaves(model)
     return model, peft_config, parent

@@ -42,8 +42,14 @@ def train_tokenizer(texts, vocab_size: int) -> PreTrainedTokenizerFast:
 
 def init_config(init: ModelInit, tokenizer) -> AutoConfig:
     """A config of the named MoE family, with the sizes its registry entry sets."""
+    return family_config(init, len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+
+
+def family_config(init: ModelInit, vocab_size: int, **token_ids) -> AutoConfig:
+    """The config of `init`'s family at a vocabulary size (before the tokenizer exists: its target size)."""
     sizes = families.init_config_kwargs(init)
-    common = dict(vocab_size=len(tokenizer), output_router_logits=True, pad_token_id=tokenizer.pad_token_id,
-                  eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=False)
+    common = dict(vocab_size=vocab_size, output_router_logits=True, bos_token_id=None, tie_word_embeddings=False,
+                  **token_ids)
     return AutoConfig.for_model(families.FAMILIES[families.ALIASES.get(init.architecture, init.architecture)].model_type,
                                 **common, **sizes)

@@ -17,7 +17,7 @@ from finetune.training import balancing, routing_drift
 from finetune.training.expert_load import expert_load_callbacks
 from finetune.core import families
 
-from finetune.modeling import moe
+from finetune.modeling import expert_parallel, moe
 from finetune.modeling.loading import load_stage_model, load_tokenizer, load_training_model, seed_everything
 from finetune.training.packed_dpo import dpo_trainer
 from finetune.config.recipe import Recipe
@@ -49,17 +49,18 @@ def run(recipe: Recipe, needed: dict[str, dict], force: bool | str = False) -> P
     lora = recipe.model.lora_for("dpo")
     # Precomputed reference log-probs need no reference copy: TRL computes them with the model before training.
     needs_copy = not lora and not args.precompute_ref_log_probs
-    trainer = dpo_trainer(
-        recipe.speed,
-        model=model,
-        ref_model=load_reference(recipe) if needs_copy else None,
-        args=args,
-        train_dataset=require_train_split(recipe, "preference", "dpo"),
-        eval_dataset=load_split(recipe, "preference", "test"),
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=expert_load_callbacks(model, stage.work, recipe.routing, "dpo"),
-    )
+    with expert_parallel.hashable_weights(model):
+        trainer = dpo_trainer(
+            recipe.speed,
+            model=model,
+            ref_model=load_reference(recipe) if needs_copy else None,
+            args=args,
+            train_dataset=require_train_split(recipe, "preference", "dpo"),
+            eval_dataset=load_split(recipe, "preference", "test"),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=expert_load_callbacks(model, stage.work, recipe.routing, "dpo"),
+        )
     balancing.attach(trainer, model, recipe.balancing)
     routing_drift.attach(trainer, model, recipe.routing, "dpo", stage.work, recipe.seed)
     train_resuming(trainer, stage, recipe.checkpoints)

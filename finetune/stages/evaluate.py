@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.answer import answer_questions, unanswered
-from finetune.config.evaluation import JUDGE_CALL_SETTINGS, EvalInputError, check_eval_config
+from finetune.config.evaluation import JUDGE_CALL_SETTINGS, EvalInputError
 from eval.judge_prompts import load_judge_prompts
 from eval.judge_backends import JudgeUnreachable, LocalJudge, OpenAICompatibleJudge, programmatic_can_score
 from eval.judging import JudgingContext, judge_pairwise, judge_programmatic, judge_single
@@ -24,7 +24,7 @@ from finetune.core import remote_files
 from finetune.modeling.loading import load_for_inference
 from finetune.config.recipe import MODEL_STAGES, Recipe
 from finetune.core.remote_files import fetch, is_url
-from finetune.core.rundir import Stage, StageError, read_manifest, write_json_atomic
+from finetune.core.rundir import Interrupted, MissingStageOutput, Stage, StageError, read_manifest, write_json_atomic
 
 
 def question_source(recipe: Recipe) -> str:
@@ -49,16 +49,30 @@ def source_fingerprint(source: str) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else source
 
 
+# What an answer is made from: the models, the questions, the seed and these keys of eval:. A new judge (model,
+# prompts, mode) is judged again from the saved answers.
+ANSWER_KEYS = ("question_split", "max_new_tokens", "batch_size", "temperatures")
+# Where the judge is and how it is called: not inputs of anything, so a dead judge's base_url or key variable can
+# be fixed and the same command resumes with every saved answer and judgment.
+NOT_INPUTS = ("base_url", "api_key_env", *JUDGE_CALL_SETTINGS)
+
+
 def stage_inputs(recipe: Recipe, needed: dict[str, dict] | None = None) -> dict[str, Any]:
-    """What the eval depends on: the section (but how judge calls are made), the seed, the questions and each
-    model's producing stage."""
+    """What the eval depends on: the section (but where and how the judge is called), the seed, the questions and
+    each model's producing stage."""
+    section = recipe.section_dict("eval")
+    section["judge"] = {key: value for key, value in section["judge"].items() if key not in NOT_INPUTS}
+    return {"eval": section, **answer_inputs(recipe)}
+
+
+def answer_inputs(recipe: Recipe) -> dict[str, Any]:
+    """What the saved answers depend on (the judge is not part of it)."""
     models = {}
     for name in recipe.eval.models:
         manifest = read_manifest(recipe.run_path / name) if name in MODEL_STAGES else None
         models[name] = manifest["fingerprint"] if manifest else name
     section = recipe.section_dict("eval")
-    section["judge"] = {key: value for key, value in section["judge"].items() if key not in JUDGE_CALL_SETTINGS}
-    return {"eval": section, "seed": recipe.seed, "models": models,
+    return {"answering": {key: section[key] for key in ANSWER_KEYS}, "seed": recipe.seed, "models": models,
             "questions": source_fingerprint(question_source(recipe))}
 
 
@@ -91,20 +105,28 @@ def refuse_unscorable(recipe: Recipe, questions: list[dict[str, Any]]) -> None:
             f"eval.judge.prompt_file) for these questions.")
 
 
+def read_questions(recipe: Recipe) -> list[dict[str, Any]]:
+    """The questions eval answers, every one checked (the preflight reads them before any training, too)."""
+    if recipe.eval.question_file is None and not Path(question_source(recipe)).is_file():
+        if read_manifest(recipe.run_path / "data") is None:
+            raise MissingStageOutput(recipe.run_path / "data", "eval")  # its questions are the prep stage's
+        raise EvalInputError(f"[eval] {question_source(recipe)} does not exist: the prep stage made no eval "
+                             f"questions (the synthetic source makes them). Set eval.question_file to questions "
+                             f"in MT-Bench's format, e.g. FastChat's mt_bench/question.jsonl.")
+    questions = load_questions(question_source(recipe), recipe.eval.question_split)
+    refuse_unscorable(recipe, questions)
+    return questions
+
+
 def run(recipe: Recipe, needed: dict[str, dict] | None = None, force: bool | str = False) -> Path:
     """Run the eval stage; returns run_dir/eval, or the work folder while some judge calls have failed. It needs no
     earlier stage (`needed` is empty): the models it names are loaded, or refused, by name."""
     config = recipe.eval
-    check_eval_config(config)
     check_files(recipe)
-    if config.question_file is None and not Path(question_source(recipe)).is_file():
-        raise EvalInputError(f"[eval] {question_source(recipe)} does not exist: the prep stage made no eval questions "
-                             f"(the synthetic source makes them). Set eval.question_file to questions in MT-Bench's "
-                             f"format, e.g. FastChat's mt_bench/question.jsonl.")
-    questions = load_questions(question_source(recipe), config.question_split)
-    refuse_unscorable(recipe, questions)
+    questions = read_questions(recipe)
     stage = Stage(recipe.run_path, "eval", inputs=stage_inputs(recipe),
-                  progress=("model_answer/*.jsonl", "model_judgment/*.jsonl"))
+                  progress=("model_answer/*.jsonl", "model_judgment/*.jsonl"),
+                  progress_inputs={"model_answer/*.jsonl": answer_inputs(recipe)})
     if not stage.begin(force):
         print((stage.final / "scores.md").read_text().strip(), flush=True)  # what a finished eval has to say
         return stage.final
@@ -112,8 +134,8 @@ def run(recipe: Recipe, needed: dict[str, dict] | None = None, force: bool | str
         answers = {name: answer_model(recipe, name, questions, stage.work) for name in config.models}
         errors, scores_file = judge_and_report(recipe, questions, answers, stage.work)
     except KeyboardInterrupt:
-        raise StageError(f"[eval] interrupted. The answers and judgments finished so far are saved in {stage.work}; "
-                         f"run the same command again to continue from them.") from None
+        raise Interrupted(f"[eval] interrupted. The answers and judgments finished so far are saved in {stage.work}; "
+                          f"run the same command again to continue from them.") from None
     except JudgeUnreachable as error:
         raise StageError(f"[eval] {error} The answers and judgments finished so far are saved in {stage.work}; run "
                          f"the same command again once the judge is up.") from None

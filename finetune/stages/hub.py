@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,17 +15,18 @@ from pathlib import Path
 from huggingface_hub import HfApi, ModelCardData, constants
 
 from finetune.modeling import adapters
+from finetune.core import distributed
 from finetune.modeling.loading import load_adapter_base
 from finetune.config.recipe import Recipe
 from finetune.config.parsing import dump_recipe, load_recipe
-from finetune.config.validation import invalid_repo_id
-from finetune.core.rundir import read_manifest
+from finetune.config.validation import check_repo_id, invalid_repo_id
+from finetune.core.rundir import read_manifest, require_empty
 
 # What a stage folder shares: weights, configs, tokenizer, the resolved recipe. Not the run's bookkeeping
 # (manifest, metrics, expert load, trainer state), which holds local paths and means nothing on the Hub.
 UPLOAD_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "adapter_config.json", "config.json",
                    "generation_config.json", "tokenizer*", "special_tokens_map.json", "chat_template.*",
-                   "*.model", "vocab.*", "merges.txt", "recipe.yaml")
+                   "*.model", "vocab.*", "merges.txt", "recipe.yaml", "delta_report.*")
 
 
 # ---------------------------------------------------------------- merge
@@ -47,11 +47,6 @@ def merge(adapter_dir: str | Path, out: str | Path) -> Path:
     tokenizer.save_pretrained(out)
     print(f"[merge] merged {adapter_dir} into its base; saved to {out}")
     return out
-
-
-def require_empty(folder: Path, option: str) -> None:
-    if folder.exists() and any(folder.iterdir()):
-        raise ValueError(f"{option} {folder} exists and is not empty; moetune will not overwrite it. Choose a new folder.")
 
 
 # ---------------------------------------------------------------- model card
@@ -115,12 +110,6 @@ class HubError(ValueError):
     """An upload the Hub did not take; the message names the endpoint, the repository and what to check."""
 
 
-def check_repo_id(repo_id: str, option: str = "--repo-id") -> str:
-    """huggingface_hub's own check of a repository id, as an error naming the option and the fix."""
-    problem = invalid_repo_id(repo_id)
-    if problem:
-        raise ValueError(f"{option} {repo_id!r} is not a valid Hub repository id, e.g. my-org/mixtral-dpo: {problem}")
-    return repo_id
 
 
 def is_hub_id(name: str) -> bool:
@@ -159,28 +148,54 @@ def refuse_unreachable_base(stage_dir: Path, repo_id: str, parent: str, why: str
     raise ValueError(f"{stage_dir} is an adapter on top of {why}: nobody could load it from {repo_id}. {fix}")
 
 
-def build_upload_folder(stage_dir: Path, folder: Path, repo_id: str, parent_repo_id: str | None = None) -> Path:
-    """Copy what a stage shares into `folder`, its adapter pointing at its base's Hub id, and write its model card."""
+def build_upload_folder(stage_dir: Path, folder: Path, repo_id: str, parent_repo_id: str | None = None,
+                        exporter=None) -> Path:
+    """Copy what a stage shares into `folder`, its adapter pointing at its base's Hub id, and write its model card.
+
+    `exporter(stage_dir, out, repo_id, base_id) -> serving section`: upload the stage as that servable export
+    (`moetune push --format`) instead; an exported adapter sits on the run's base model (a chain is one adapter)."""
     manifest = read_manifest(stage_dir)
     if manifest is None:
         raise ValueError(f"{stage_dir} is not a finished moetune stage (no moetune_stage.json).")
     recipe = load_recipe(stage_dir / "recipe.yaml")
-    base_id, why = hub_parent(stage_dir, recipe, manifest, parent_repo_id)
+    sits_on = manifest if exporter is None else {**manifest, "outputs": {**manifest["outputs"], "parent": "base"}}
+    base_id, why = hub_parent(stage_dir, recipe, sits_on, parent_repo_id if exporter is None else None)
     is_adapter = manifest["outputs"]["kind"] == "adapter"
-    if is_adapter and base_id is None:
-        refuse_unreachable_base(stage_dir, repo_id, manifest["outputs"]["parent"], why)
     require_empty(folder, "--dry-run")
-    folder.mkdir(parents=True, exist_ok=True)
-    for path in sorted(stage_dir.iterdir()):
-        if path.is_file() and any(fnmatch.fnmatch(path.name, pattern) for pattern in UPLOAD_PATTERNS):
-            shutil.copy2(path, folder / path.name)
+    serving = ""
+    if exporter is None:
+        copy_shared(stage_dir, stage_dir, folder, is_adapter and base_id is None and why, repo_id, sits_on)
+    else:
+        source = folder.with_name(folder.name + ".export")
+        shutil.rmtree(source, ignore_errors=True)
+        try:
+            serving = exporter(stage_dir, source, repo_id, base_id)
+            is_adapter = (source / "adapter_config.json").is_file()
+            copy_shared(source, stage_dir, folder, is_adapter and base_id is None and why, repo_id, sits_on)
+        finally:
+            shutil.rmtree(source, ignore_errors=True)
     if is_adapter:
         point_adapter_at(folder / "adapter_config.json", base_id,
                          recipe.model.revision if base_id == recipe.model.name_or_path else None)
     if base_id is None and recipe.model.name_or_path and is_hub_id(recipe.model.name_or_path):
         base_id = recipe.model.name_or_path  # full weights stand alone; the card still says where they came from
-    (folder / "README.md").write_text(model_card(recipe, manifest, stage_dir.parent, base_id))
+    if not is_adapter:  # a merged export is full weights, whatever the stage holds
+        manifest = {**manifest, "outputs": {**manifest["outputs"], "kind": "full"}}
+    card = model_card(recipe, manifest, stage_dir.parent, base_id)
+    (folder / "README.md").write_text(card + (f"\n{serving}" if serving else ""))
     return folder
+
+
+def copy_shared(source: Path, stage_dir: Path, folder: Path, unreachable: str | bool, repo_id: str,
+                manifest: dict) -> None:
+    """Copy the files of `source` (the stage, or its export) that a Hub repository shares, and the stage's recipe;
+    refuse first an adapter whose base is not on the Hub (`unreachable`: why)."""
+    if unreachable:
+        refuse_unreachable_base(stage_dir, repo_id, manifest["outputs"]["parent"], unreachable)
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in sorted({*source.iterdir(), stage_dir / "recipe.yaml"}):
+        if path.is_file() and any(fnmatch.fnmatch(path.name, pattern) for pattern in UPLOAD_PATTERNS):
+            shutil.copy2(path, folder / path.name)
 
 
 def point_adapter_at(config_file: Path, base_id: str, revision: str | None) -> None:
@@ -204,17 +219,17 @@ def chain_depth(stage_dir: Path) -> int:
 
 
 def push(stage_dirs, repo_id: str, private: bool = False, revision: str | None = None,
-         dry_run: str | Path | None = None, parent_repo_id: str | None = None) -> None:
+         dry_run: str | Path | None = None, parent_repo_id: str | None = None, exporter=None) -> None:
     """Upload stage folders, each to `repo_id` ({stage} becomes its name), parents first, each adapter pointing at
     its parent's Hub id. With `dry_run`, only write what would be uploaded (one subfolder per stage for several)."""
     stage_dirs = chain_order([Path(d) for d in ([stage_dirs] if isinstance(stage_dirs, (str, Path)) else stage_dirs)])
     if len(stage_dirs) > 1 and "{stage}" not in repo_id:
         raise ValueError(f"--repo-id {repo_id} for {len(stage_dirs)} stages: put {{stage}} in it (e.g. "
                          f"{repo_id}-{{stage}}) so that each stage gets its own repository.")
-    repos = {d: check_repo_id(repo_id.replace("{stage}", d.name)) for d in stage_dirs}
+    repos = {d: check_repo_id(repo_id.replace("{stage}", d.name), "--repo-id") for d in stage_dirs}
     if parent_repo_id:
         check_repo_id(parent_repo_id, "--parent-repo-id")
-    if dry_run is None and int(os.environ.get("RANK", "0")) != 0:
+    if dry_run is None and not distributed.is_main_process():
         return  # in a multi-process run every rank saves the same stage; only the main process uploads it
     pushed: dict[str, str] = {}
     for stage_dir in stage_dirs:
@@ -223,18 +238,19 @@ def push(stage_dirs, repo_id: str, private: bool = False, revision: str | None =
         parent_id = pushed.get(parent) or (parent_repo_id if stage_dir == stage_dirs[0] else None)
         if dry_run is not None:
             folder = Path(dry_run) / stage_dir.name if len(stage_dirs) > 1 else Path(dry_run)
-            build_upload_folder(stage_dir, folder, repos[stage_dir], parent_id)
+            build_upload_folder(stage_dir, folder, repos[stage_dir], parent_id, exporter)
             print(f"[push] dry run: wrote the upload for {repos[stage_dir]} to {folder}; nothing was uploaded.")
         else:
-            upload(stage_dir, repos[stage_dir], private, revision, parent_id)
+            upload(stage_dir, repos[stage_dir], private, revision, parent_id, exporter)
         pushed[stage_dir.name] = repos[stage_dir]
 
 
-def upload(stage_dir: Path, repo_id: str, private: bool, revision: str | None, parent_repo_id: str | None) -> None:
+def upload(stage_dir: Path, repo_id: str, private: bool, revision: str | None, parent_repo_id: str | None,
+           exporter=None) -> None:
 
     api = HfApi()
     with tempfile.TemporaryDirectory() as tmp:
-        folder = build_upload_folder(stage_dir, Path(tmp) / "upload", repo_id, parent_repo_id)
+        folder = build_upload_folder(stage_dir, Path(tmp) / "upload", repo_id, parent_repo_id, exporter)
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)
             if revision:

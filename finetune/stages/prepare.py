@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from finetune.config.data import DataConfig
-from data_prep.formats import CONVERTERS, GENERATED_FORMATS, PAIRINGS, sft_from_chosen
+from finetune.config.data import GENERATED_FORMATS, DataConfig
+from data_prep.formats import CONVERTERS, sft_from_chosen
 from data_prep.quality import QualityFilter, normalized_text, prompt_of
 from data_prep.records import DataError, Example, Problem, Row, RowError
 from data_prep.source_stats import SourceStats, summary
@@ -32,7 +32,6 @@ def run(recipe: Recipe, needed: dict[str, dict] | None = None, force: bool | str
     """Run the prep stage; returns run_dir/data. It needs no earlier stage (`needed` is empty); `tokenizer`
     overrides the model's (tests)."""
     base_dir = recipe.base_dir
-    check_config(recipe.data, recipe.source)
     stage = Stage(recipe.run_path, "data", inputs=stage_inputs(recipe))
     if not stage.begin(force):
         return stage.final
@@ -135,30 +134,6 @@ def write_questions(path: Path, questions: list[dict]) -> None:
     if questions:
         with open(path, "w", encoding="utf-8") as handle:
             handle.writelines(json.dumps(question, ensure_ascii=False) + "\n" for question in questions)
-
-
-CHOICES = {"on_error": ("fail", "skip"), "dedup": ("exact", "prompt", "none")}
-
-
-def check_config(data: DataConfig, recipe_file: str) -> None:
-    """Reject a data section that cannot work before any file is read."""
-    for key, choices in CHOICES.items():
-        if getattr(data, key) not in choices:
-            raise DataError(f"{recipe_file}: data.{key} is '{getattr(data, key)}'; choose one of {', '.join(choices)}.")
-    if not 0 <= data.test_size < 1:
-        raise DataError(f"{recipe_file}: data.test_size must be in [0, 1), got {data.test_size}.")
-    for index, source in enumerate(data.sources):
-        where = f"{recipe_file}: data.sources[{index}]"
-        if source.format not in CONVERTERS:
-            raise DataError(f"{where}.format is '{source.format}'; choose one of {', '.join(CONVERTERS)}.")
-        if source.format not in GENERATED_FORMATS and (source.path is None) == (source.dataset is None):
-            raise DataError(f"{where}: set exactly one of path (a local file) or dataset (a hub id).")
-        if not 0 < source.weight <= 1:
-            raise DataError(f"{where}.weight must be in (0, 1], got {source.weight}; use max_rows to cap a source.")
-        if source.format == "onpolicy" and "model" not in source.options:
-            raise DataError(f"{where}.options.model is required: the model to sample completions from.")
-        if source.options.get("pairing", PAIRINGS[0]) not in PAIRINGS:
-            raise DataError(f"{where}.options.pairing must be one of {', '.join(PAIRINGS)}.")
 
 
 def stage_inputs(recipe: Recipe, needed: dict[str, dict] | None = None) -> dict[str, Any]:

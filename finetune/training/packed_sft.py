@@ -18,11 +18,16 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from finetune.training.packed_forward import padding_free_for, use_block_attention
 from finetune.training.scored_lm_head import install_scored_lm_head
+from finetune.training.split_checkpoints import SplitModelCheckpoints
 
 SFT_FIELDS = ("log_probs", "entropy", "is_top1")  # TRL's SFT loss and its entropy and token-accuracy metrics
 
 
-class PaddingFreeSFTTrainer(SFTTrainer):
+class CheckpointingSFTTrainer(SplitModelCheckpoints, SFTTrainer):
+    """TRL's SFTTrainer, with checkpoints that also work when the experts are split (model.expert_parallel)."""
+
+
+class PaddingFreeSFTTrainer(CheckpointingSFTTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if not isinstance(self.data_collator, DataCollatorForLanguageModeling):
@@ -39,7 +44,8 @@ def unwrapped(model):
 
 def sft_trainer(speed, **kwargs) -> SFTTrainer:
     """The SFT trainer the recipe's `speed:` section asks for (same loss either way)."""
-    trainer = PaddingFreeSFTTrainer(**kwargs) if padding_free_for(speed, kwargs["model"], "sft") else SFTTrainer(**kwargs)
+    trainer = PaddingFreeSFTTrainer(**kwargs) if padding_free_for(speed, kwargs["model"], "sft") \
+        else CheckpointingSFTTrainer(**kwargs)
     if speed.scored_lm_head:
         install_scored_lm_head(unwrapped(trainer.model), SFT_FIELDS, speed.tiled_lm_head)
     return trainer

@@ -11,8 +11,9 @@ from transformers import TrainerCallback
 from finetune.core import distributed
 from finetune.training.checkpoints import SaveEveryMinutes, SealCheckpoints, newest_usable_checkpoint
 from finetune.config.recipe import CheckpointConfig
-from finetune.core.rundir import Stage, StageError
+from finetune.core.rundir import Interrupted, Stage
 from finetune.training.trainer_config import describe_global_batch
+from finetune.modeling import expert_parallel
 
 
 class StopOnSignal(TrainerCallback):
@@ -20,9 +21,10 @@ class StopOnSignal(TrainerCallback):
 
     def __init__(self):
         self.requested = False
+        self.signum = signal.SIGINT
 
     def request(self, signum, frame) -> None:
-        self.requested = True
+        self.requested, self.signum = True, signum
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.requested:
@@ -60,8 +62,8 @@ def train_resuming(trainer, stage: Stage, schedule: CheckpointConfig) -> None:
         for callback in callbacks:
             trainer.remove_callback(callback)
     if stopper.requested:
-        raise StageError(f"[{stage.name}] interrupted at step {trainer.state.global_step}; checkpoint saved in "
-                         f"{stage.work}. Run the same command again to resume from it.")
+        raise Interrupted(f"[{stage.name}] interrupted at step {trainer.state.global_step}; checkpoint saved in "
+                          f"{stage.work}. Run the same command again to resume from it.", stopper.signum)
 
 
 def restore_full_weights(trainer, checkpoint: Path) -> None:
@@ -73,5 +75,13 @@ def restore_full_weights(trainer, checkpoint: Path) -> None:
     """
     if (checkpoint / "adapter_config.json").is_file() or trainer.is_deepspeed_enabled:
         return  # DeepSpeed restores the weights from its own files (global_step<N>/), in the model's layout
-    saved = type(trainer.model).from_pretrained(str(checkpoint), dtype=trainer.model.dtype)
-    trainer.model.load_state_dict(saved.state_dict())
+    if expert_parallel.is_split(trainer.model):
+        return  # the trainer's own checkpoint loading puts them into the split model (split_checkpoints.py)
+    saved, info = type(trainer.model).from_pretrained(str(checkpoint), dtype=trainer.model.dtype,
+                                                      output_loading_info=True)
+    trainer.model.load_state_dict(saved.state_dict())  # strict: every weight of the model is restored
+    if not any(info.get(key) for key in ("missing_keys", "unexpected_keys", "mismatched_keys")):
+        # from_pretrained used every tensor of the file and filled every weight, so Trainer's own raw load of the
+        # same file, which then reports the fused experts and routers as missing and the per-expert tensors as
+        # unexpected, has nothing to say: its warning would make a bit-identical resume look broken.
+        trainer._issue_warnings_after_load = lambda load_result: None

@@ -16,10 +16,12 @@ from finetune.config.parsing import trainer_config_class
 ASSISTANT_ONLY_LOSS = True  # moetune's SFT default (TRL's is False): loss on the assistant's replies only
 
 
-def device_defaults(recipe: Recipe) -> dict[str, Any]:
-    """Defaults that depend on the machine: TRL's (bf16 on, checkpointing on) fail or crawl on a CPU."""
-    on_gpu = torch.cuda.is_available()
-    weights = resolve_dtype(recipe.model.dtype)
+def device_defaults(recipe: Recipe, on_gpu: bool | None = None) -> dict[str, Any]:
+    """Defaults that depend on the machine: TRL's (bf16 on, checkpointing on) fail or crawl on a CPU.
+
+    `on_gpu`: for a machine other than this one (a plan); None: this machine."""
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    weights = resolve_dtype(recipe.model.dtype, on_gpu)
     return {
         "use_cpu": not on_gpu,
         "bf16": on_gpu and weights == torch.bfloat16,
@@ -30,7 +32,7 @@ def device_defaults(recipe: Recipe) -> dict[str, Any]:
     }
 
 
-def moetune_defaults(stage: str, recipe: Recipe) -> dict[str, Any]:
+def moetune_defaults(stage: str, recipe: Recipe, on_gpu: bool | None = None) -> dict[str, Any]:
     """The TRL fields moetune sets unless the recipe does (what `moetune sft --trl-fields` shows as defaults)."""
     values: dict[str, Any] = {
         "report_to": "none",
@@ -39,7 +41,7 @@ def moetune_defaults(stage: str, recipe: Recipe) -> dict[str, Any]:
         "save_strategy": "no",
         "save_total_limit": 2,  # of either kind: enough to fall back on when the newest was cut short
         "data_seed": recipe.seed,
-        **device_defaults(recipe),
+        **device_defaults(recipe, on_gpu),
     }
     if stage == "sft":
         values["assistant_only_loss"] = ASSISTANT_ONLY_LOSS
@@ -48,13 +50,30 @@ def moetune_defaults(stage: str, recipe: Recipe) -> dict[str, Any]:
     return values
 
 
-def trainer_config(stage: str, recipe: Recipe, output_dir: Path):
-    """TRL's SFTConfig/DPOConfig: moetune's defaults, then every field the recipe sets (the recipe wins)."""
-    values = moetune_defaults(stage, recipe)
+def stage_values(stage: str, recipe: Recipe, on_gpu: bool | None = None) -> dict[str, Any]:
+    """The TRL fields a stage sets: moetune's defaults, then every field the recipe sets (the recipe wins)."""
+    values = moetune_defaults(stage, recipe, on_gpu)
     section = getattr(recipe, stage)
     if "gradient_checkpointing" in section:
         values.pop("activation_checkpointing")  # the recipe's older name would otherwise lose to moetune's default
     values.update(section)
+    return values
+
+
+def stage_value(stage: str, recipe: Recipe, name: str, on_gpu: bool | None = None) -> Any:
+    """One field of a stage's TRL config as it will run (recipe, else moetune's default, else TRL's), without
+    building the config (which checks the machine: bf16 on a CPU fails)."""
+    values = stage_values(stage, recipe, on_gpu)
+    if name == "activation_checkpointing" and "gradient_checkpointing" in values:
+        return values["gradient_checkpointing"]
+    if name in values:
+        return values[name]
+    return next(f for f in dataclasses.fields(trainer_config_class(stage)) if f.name == name).default
+
+
+def trainer_config(stage: str, recipe: Recipe, output_dir: Path):
+    """TRL's SFTConfig/DPOConfig: moetune's defaults, then every field the recipe sets (the recipe wins)."""
+    values = stage_values(stage, recipe)
     values.update(output_dir=str(output_dir), seed=recipe.seed)
     config_class = trainer_config_class(stage)
     return config_class(**as_float_where_declared(config_class, values))

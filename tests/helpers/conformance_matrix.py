@@ -1,4 +1,5 @@
-"""Run the conformance matrix (tests/test_families.py) and print it as a markdown table: family x check.
+"""Run the conformance matrix (tests/test_families.py; tests/test_export.py for the export columns) and print it as
+a markdown table: family x check.
 
     python -m tests.helpers.conformance_matrix [--page docs/families.md] [pytest options]
 
@@ -23,6 +24,8 @@ CHECKS = {  # test function -> column header
     "test_e_nf4_expert_lora_equals_peft_on_rounded_weights": "(e) NF4 experts = PEFT",
     "test_f_save_load_merge_round_trip_gives_identical_logits": "(f) save/load/merge",
     "test_g_zero3_leaf_and_fsdp2_wrap_classes_found": "(g) ZeRO-3/FSDP2 classes",
+    "test_h_export_merged_and_peft_reload_to_the_trained_logits": "(h) export merged/peft",
+    "test_i_export_vllm_reloads_to_the_trained_logits": "(i) export vLLM",
 }
 MARKER = "<!-- conformance-matrix -->"
 
@@ -78,7 +81,9 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--page"]:
         page, argv = Path(argv[1]), argv[2:]
     collector = Collector()
-    code = pytest.main(["-q", "-p", "no:cacheprovider", str(Path(__file__).parents[1] / "test_families.py"), *argv],
+    code = pytest.main(["-q", "-p", "no:cacheprovider", str(Path(__file__).parents[1] / "test_families.py"),
+                        *(f"{Path(__file__).parents[1] / 'test_export.py'}::{check}" for check in CHECKS
+                          if check.startswith(("test_h_", "test_i_"))), *argv],
                        plugins=[collector])
     text = table(collector.cells)
     print(text)

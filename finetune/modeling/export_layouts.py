@@ -1,0 +1,309 @@
+"""A trained LoRA adapter re-laid out for the servers that load it: pure tensor work on PEFT state dicts.
+
+Inside, an adapter is a dict target -> Factors: for a Linear (target_modules) `a` (r, in) and `b` (out, r); for a
+fused expert parameter (target_parameters, `...experts.gate_up_proj`) `a` (E, r, in) and `b` (E, out, r) in the
+logical (out, in) orientation of each expert's matrix, whichever way the family stores it. The LoRA scaling is
+folded into `b`, so the update of a matrix is always b @ a.
+
+PEFT's saved layout of a fused expert parameter (peft 0.19 and later): lora_A (E*r, in) with the experts outer,
+lora_B (out, r*E) with the experts inner; per expert A_e = A.view(E, r, in)[e], B_e = B.view(out, r, E)[..., e].
+Both parameters of one experts module share its name: `experts.base_layer.lora_*` is gate_up_proj and
+`experts.lora_*` is down_proj (PEFT's nesting, which vLLM's loader also assumes). PEFT 0.18 read every 3-D
+parameter as (E, in, out); for the (E, out, in) parameters of most families its lora_A therefore spans `out` and
+its lora_B `in` (PEFT#3165 swapped them in 0.19): such adapters are read with the roles of A and B exchanged.
+
+Per-expert 2-D keys are named as the base checkpoint names each expert's weights on disk (Mixtral's
+`block_sparse_moe.experts.{e}.w1`, Qwen's `mlp.experts.{e}.gate_proj`): transformers' own reverse weight
+conversion (what `save_pretrained` writes) is run on a probe tensor whose entries are (expert, row) indices, so
+which rows of gate_up_proj become which file's gate or up (concatenated or interleaved) is read off, not assumed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from packaging.version import Version
+from torch import nn
+
+PREFIX = "base_model.model."
+LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+GATE_UP, DOWN = "gate_up_proj", "down_proj"
+# PEFT's nesting of two parameters of one module: the inner wrapper (`base_layer`) holds gate_up_proj.
+NESTED = {".base_layer": GATE_UP, "": DOWN}
+SWAP_FIXED_IN = Version("0.19.0")  # PEFT#3165: in/out of (E, out, in) parameters read the right way round
+
+
+FUSED_ON_DISK = ("the base checkpoint stores this family's experts fused (one 3-D tensor, not a matrix per expert): "
+                 "there are no per-expert names to write their LoRA under, and vLLM has no 3-D MoE LoRA for it")
+
+
+class LayoutError(ValueError):
+    """A format cannot express this adapter; the message says why and what to do instead."""
+
+
+@dataclass
+class Factors:
+    a: torch.Tensor  # (r, in) or (E, r, in)
+    b: torch.Tensor  # (out, r) or (E, out, r), scaling folded in
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[-2]
+
+    def delta(self) -> torch.Tensor:
+        return self.b @ self.a
+
+
+@dataclass(frozen=True)
+class ExpertsInfo:
+    """What the re-layout needs to know of one experts module of the base model."""
+
+    num_experts: int
+    transposed: bool  # stored (E, in, out) (gpt-oss) instead of (E, out, in)
+    shapes: dict[str, tuple[int, int]]  # parameter -> logical (out, in)
+
+
+def experts_info(model: nn.Module) -> dict[str, ExpertsInfo]:
+    """Every fused experts module of `model` by qualified name (no "base_model.model." prefix)."""
+    found = {}
+    for name, module in model.named_modules():
+        if all(isinstance(getattr(module, p, None), nn.Parameter) for p in (GATE_UP, DOWN)):
+            transposed = bool(getattr(module, "is_transposed", False))
+            shapes = {}
+            for param in (GATE_UP, DOWN):
+                e, first, second = getattr(module, param).shape
+                shapes[param] = (second, first) if transposed else (first, second)
+            found[name] = ExpertsInfo(getattr(module, param).shape[0], transposed, shapes)
+    return found
+
+
+# ---------------------------------------------------------------- reading PEFT's layout
+
+def scaling(config: dict) -> float:
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise LayoutError("the adapter sets rank_pattern/alpha_pattern, which moetune's export does not read; "
+                          "export it with --format peft, or train with one rank.")
+    r, alpha = config["r"], config["lora_alpha"]
+    return alpha / r ** 0.5 if config.get("use_rslora") else alpha / r
+
+
+def check_plain_lora(config: dict) -> None:
+    """What no per-matrix re-layout can carry: DoRA's magnitudes, LoRA biases, weights of whole modules."""
+    if config.get("peft_type", "LORA") != "LORA":
+        raise LayoutError(f"the adapter is {config['peft_type']}, not LoRA.")
+    if config.get("use_dora"):
+        raise LayoutError("the adapter uses DoRA (a magnitude vector per matrix, not a low-rank update): vLLM does "
+                          "not load DoRA adapters. Use --format merged, or train without DoRA.")
+    if config.get("lora_bias") or config.get("bias", "none") != "none":
+        raise LayoutError("the adapter trains biases; export it with --format merged.")
+    if config.get("modules_to_save"):
+        raise LayoutError(f"the adapter saves whole modules ({config['modules_to_save']}); export it with --format "
+                          f"merged.")
+
+
+def is_old_layout(config: dict) -> bool:
+    """Saved by a PEFT that read (E, out, in) parameters as (E, in, out) (before 0.19)."""
+    version = config.get("peft_version")
+    return version is not None and Version(version.split("+")[0]) < SWAP_FIXED_IN
+
+
+def expert_target(module: str, experts: dict[str, ExpertsInfo], config: dict) -> tuple[str, str] | None:
+    """(experts module, parameter) a wrapper key names, or None for a Linear."""
+    targeted = [p for p in (GATE_UP, DOWN) if any(t.endswith(p) for t in config.get("target_parameters") or ())]
+    for suffix, param in NESTED.items():
+        owner = module.removesuffix(suffix) if suffix else module
+        if owner in experts and (module.endswith(suffix) if suffix else True):
+            return owner, (param if len(targeted) == 2 else targeted[0])
+    return None
+
+
+def read_peft(tensors: dict[str, torch.Tensor], config: dict, experts: dict[str, ExpertsInfo],
+              servable: bool = True) -> dict[str, Factors]:
+    """A saved PEFT adapter (either layout) as target -> Factors. `servable`: refuse what vLLM/SGLang cannot apply
+    (DoRA, biases, whole modules, a router); otherwise (the merged export's delta report) read the LoRA pairs only."""
+    if servable:
+        check_plain_lora(config)
+        router = [t for t in config.get("target_parameters") or () if not t.endswith((GATE_UP, DOWN))]
+        if router:
+            raise LayoutError(f"the adapter trains the router ({', '.join(router)}): vLLM and SGLang apply LoRA to "
+                              f"Linear layers and experts only, not to a router weight. Use --format merged.")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = LORA_KEY.match(key)
+        if match is not None:
+            pairs.setdefault(match["module"], {})[match["ab"]] = tensor.float()
+        elif servable:
+            raise LayoutError(f"the adapter holds {key}, which is not a LoRA A/B matrix; export it with --format "
+                              f"merged.")
+    s, old = scaling(config), is_old_layout(config)
+    factors = {}
+    for module, pair in pairs.items():
+        target = expert_target(module, experts, config)
+        if target is None:
+            factors[module] = Factors(pair["A"], pair["B"] * s)
+            continue
+        owner, param = target
+        info = experts[owner]
+        factors[f"{owner}.{param}"] = expert_factors(pair["A"], pair["B"], info, param, old and not info.transposed, s)
+    return factors
+
+
+def expert_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, info: ExpertsInfo, param: str, swapped: bool,
+                   s: float) -> Factors:
+    """One fused expert parameter's A and B as per-expert (E, r, in) / (E, out, r) factors."""
+    e = info.num_experts
+    out_features, in_features = info.shapes[param]
+    rank = lora_a.shape[0] // e
+    if swapped:  # PEFT 0.18: A spans `out`, B spans `in`, and the update is (B_e A_e)^T
+        a = lora_b.reshape(in_features, rank, e).permute(2, 1, 0)
+        b = lora_a.reshape(e, rank, out_features).permute(0, 2, 1)
+    else:
+        a = lora_a.reshape(e, rank, in_features)
+        b = lora_b.reshape(out_features, rank, e).permute(2, 0, 1)
+    if a.shape != (e, rank, in_features) or b.shape != (e, out_features, rank):
+        raise LayoutError(f"the adapter's {param} factors {tuple(lora_a.shape)}/{tuple(lora_b.shape)} do not fit "
+                          f"{e} experts of ({out_features}, {in_features}): it was trained on another model.")
+    return Factors(a.contiguous(), (b * s).contiguous())
+
+
+# ---------------------------------------------------------------- combining a chain of adapters
+
+def combine(adapters: list[dict[str, Factors]]) -> dict[str, Factors]:
+    """One adapter equal to the sum of the updates of several (SFT then DPO on top of it): the ranks concatenated.
+
+    b1 a1 + b2 a2 = [b1 b2] [a1; a2], exactly; a target only one adapter has gets zeros for the other's share."""
+    if len(adapters) == 1:
+        return adapters[0]
+    combined = {}
+    for target in dict.fromkeys(t for adapter in adapters for t in adapter):
+        parts = [adapter.get(target) for adapter in adapters]
+        shape = next(p for p in parts if p is not None)
+        filled = [p or Factors(shape.a.new_zeros(*shape.a.shape[:-2], 0, shape.a.shape[-1]),
+                               shape.b.new_zeros(*shape.b.shape[:-1], 0)) for p in parts]
+        combined[target] = Factors(torch.cat([p.a for p in filled], -2), torch.cat([p.b for p in filled], -1))
+    return combined
+
+
+def padded(factors: Factors, rank: int) -> Factors:
+    """The same update at a higher rank (zero rows of a, zero columns of b): servers want one rank per adapter."""
+    extra = rank - factors.rank
+    if extra == 0:
+        return factors
+    return Factors(torch.cat([factors.a, factors.a.new_zeros(*factors.a.shape[:-2], extra, factors.a.shape[-1])], -2),
+                   torch.cat([factors.b, factors.b.new_zeros(*factors.b.shape[:-1], extra)], -1))
+
+
+def max_rank(factors: dict[str, Factors]) -> int:
+    return max(f.rank for f in factors.values())
+
+
+# ---------------------------------------------------------------- writing layouts
+
+def lora_config(base: str, rank: int, target_modules: list[str], target_parameters: list[str] | None) -> dict:
+    """adapter_config.json for factors with the scaling folded in (alpha = r: scaling 1)."""
+    import peft
+
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": rank,
+            "lora_alpha": rank, "lora_dropout": 0.0, "use_rslora": False, "use_dora": False, "bias": "none",
+            "fan_in_fan_out": False, "target_modules": sorted(target_modules),
+            "target_parameters": sorted(target_parameters) if target_parameters else None,
+            "modules_to_save": None, "inference_mode": True, "peft_version": peft.__version__}
+
+
+def to_peft(factors: dict[str, Factors], experts: dict[str, ExpertsInfo]) -> tuple[dict[str, torch.Tensor], dict]:
+    """PEFT's current layout (3-D experts through target_parameters): (tensors, config fields r, targets)."""
+    rank = max_rank(factors)
+    tensors, modules, parameters = {}, set(), set()
+    by_owner: dict[str, list[str]] = {}
+    for target in factors:
+        owner, _, param = target.rpartition(".")
+        if owner in experts and param in (GATE_UP, DOWN):
+            by_owner.setdefault(owner, []).append(param)
+    for target, factor in factors.items():
+        factor = padded(factor, rank)
+        owner, _, param = target.rpartition(".")
+        if owner in experts and param in (GATE_UP, DOWN):
+            e = experts[owner].num_experts
+            both = len(by_owner[owner]) == 2
+            module = owner + (".base_layer" if both and param == GATE_UP else "")
+            lora_a = factor.a.reshape(e * rank, factor.a.shape[-1])
+            lora_b = factor.b.permute(1, 2, 0).reshape(factor.b.shape[1], rank * e)
+            parameters.add(".".join(owner.split(".")[-2:] + [param]))
+        else:
+            module, lora_a, lora_b = target, factor.a, factor.b
+            modules.add(target)
+        tensors[f"{PREFIX}{module}.lora_A.weight"] = lora_a.contiguous()
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = lora_b.contiguous()
+    return tensors, {"r": rank, "target_modules": sorted(modules), "target_parameters": sorted(parameters)}
+
+
+def checkpoint_rows(model: nn.Module, names: dict[str, int]) -> dict[str, list[tuple[str, int, torch.Tensor]]]:
+    """How the base checkpoint stores each named weight: name -> [(file key, expert, rows)] for fused experts
+    ((E, out, in) logical names with `out` rows) and Linears ((out, in); expert -1).
+
+    Runs transformers' reverse weight conversion (what save_pretrained writes) on probe tensors holding each row's
+    (expert, row) index; rows that come back in a 2-D tensor of one file key belong to that key."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    probes, ranges, offset = {}, [], 0
+    for name, (experts, rows) in names.items():
+        size = max(experts, 1) * rows
+        index = torch.arange(offset, offset + size, dtype=torch.float64)
+        probes[name] = index.reshape(experts, rows, 1) if experts else index.reshape(rows, 1)
+        ranges.append((offset, offset + size, name))
+        offset += size
+    placed: dict[str, list[tuple[str, int, torch.Tensor]]] = {name: [] for name in names}
+    for key, tensor in revert_weight_conversion(model, dict(probes)).items():
+        if tensor.dim() != 2 or tensor.shape[-1] != 1:
+            continue  # stored fused (3-D) or transposed on disk: no per-matrix 2-D key for it
+        flat = tensor.flatten().long()
+        start, _, name = next(r for r in ranges if r[0] <= flat[0] < r[1])
+        experts, rows = names[name]
+        local = flat - start
+        expert = int(local[0] // rows) if experts else -1
+        if experts and not bool((local // rows == expert).all()):
+            continue  # one file key mixing experts: not a per-expert matrix
+        placed[name].append((key.removesuffix(".weight"), expert, local % rows))
+    return placed
+
+
+def to_per_expert(factors: dict[str, Factors], experts: dict[str, ExpertsInfo],
+                  model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Per-expert 2-D keys (`...experts.{e}.{gate,up,down}` as the checkpoint names them), attention, shared
+    experts and dense MLPs as ordinary Linears; every expert of an adapted experts module gets all three
+    projections (zeros where the adapter has none), as vLLM's packing of experts requires. (tensors, module names)"""
+    rank = max_rank(factors)
+    complete = dict(factors)
+    for owner in {t.rpartition(".")[0] for t in factors} & set(experts):
+        info = experts[owner]
+        for param in (GATE_UP, DOWN):
+            out_features, in_features = info.shapes[param]
+            complete.setdefault(f"{owner}.{param}", Factors(torch.zeros(info.num_experts, rank, in_features),
+                                                            torch.zeros(info.num_experts, out_features, rank)))
+    names = {}
+    for target, factor in complete.items():
+        owner = target.rpartition(".")[0]
+        if owner in experts:
+            names[target] = (experts[owner].num_experts, factor.b.shape[1])
+        else:
+            names[f"{target}.weight"] = (0, factor.b.shape[0])
+    placed = checkpoint_rows(model, names)
+    tensors, modules = {}, []
+    for target, factor in complete.items():
+        factor = padded(factor, rank)
+        owner = target.rpartition(".")[0]
+        pieces = placed[target] if owner in experts else placed[f"{target}.weight"]
+        if not pieces:
+            raise LayoutError(f"{FUSED_ON_DISK} ({target})")
+        covered = sum(len(rows) for _, _, rows in pieces)
+        expected = factor.b.shape[-2] * (factor.b.shape[0] if factor.b.dim() == 3 else 1)
+        if covered != expected:
+            raise LayoutError(f"the base checkpoint splits {target} in a way moetune cannot map row by row.")
+        for key, expert, rows in pieces:
+            a, b = (factor.a[expert], factor.b[expert]) if factor.b.dim() == 3 else (factor.a, factor.b)
+            tensors[f"{PREFIX}{key}.lora_A.weight"] = a.clone()
+            tensors[f"{PREFIX}{key}.lora_B.weight"] = b[rows].contiguous()
+            modules.append(key)
+    return tensors, modules

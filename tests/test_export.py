@@ -1,0 +1,254 @@
+"""`moetune export`: each format, reloaded by code that is not the export's, gives the trained model's logits.
+
+- merged: AutoModelForCausalLM.from_pretrained on the exported folder;
+- peft: PeftModel.from_pretrained on the base;
+- vllm (per-expert families): a reference written here: each exported 2-D key's b @ a * alpha/r added to the base
+  checkpoint's weight of the same name (the per-expert matrices as they lie in the base's safetensors), then
+  from_pretrained on that checkpoint; 3-D families: PeftModel.from_pretrained (vLLM loads PEFT's layout there).
+Columns (h) and (i) of the conformance matrix.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from finetune.core import families
+from finetune.modeling import export_layouts as layouts
+from finetune.stages import export
+from helpers.nf4 import random_lora_on
+from tests.test_families import ROLES, data, models, padded_batch, refused  # noqa: F401 (fixtures)
+
+FAMILIES = list(families.FAMILIES)
+
+
+def trained_adapter(models, data, family, tmp_path, targets=ROLES):
+    """(adapter folder, base folder, batch, the trained model's logits)."""
+    model = models(family)
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    data[0].save_pretrained(base)
+    trained = random_lora_on(model, targets=targets)
+    adapter = tmp_path / "adapter"
+    trained.save_pretrained(adapter)
+    point_at(adapter, base)
+    inputs = padded_batch(data[0])
+    with torch.no_grad():
+        return adapter, base, inputs, trained(**inputs).logits
+
+
+def point_at(adapter, base):
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(base)
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+
+
+def logits_of(model, inputs):
+    with torch.no_grad():
+        return model.eval()(**inputs).logits
+
+
+def per_expert_reference(base, exported, folder):
+    """The base checkpoint with every exported 2-D LoRA key's update added to the file weight of the same name."""
+    config = json.loads((exported / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    adapter = load_file(exported / "adapter_model.safetensors")
+    shutil.copytree(base, folder)
+    weights = load_file(base / "model.safetensors")
+    touched = 0
+    for key, lora_a in adapter.items():
+        if ".lora_A." not in key:
+            continue
+        name = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+        lora_b = adapter[key.replace(".lora_A.", ".lora_B.")]
+        assert weights[name].shape == (lora_b.shape[0], lora_a.shape[1]), name  # a 2-D matrix of the checkpoint
+        weights[name] = weights[name] + scale * lora_b @ lora_a
+        touched += 1
+    assert touched
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return AutoModelForCausalLM.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_h_export_merged_and_peft_reload_to_the_trained_logits(models, data, family, tmp_path):
+    adapter, base, inputs, expected = trained_adapter(models, data, family, tmp_path)
+    export.export(adapter, "merged", tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert (logits_of(merged, inputs) - expected).abs().max() <= 1e-4
+    export.export(adapter, "peft", tmp_path / "peft")
+    loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "peft")
+    assert (logits_of(loaded, inputs) - expected).abs().max() <= 1e-4
+    assert "## Serving" in (tmp_path / "merged" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_i_export_vllm_reloads_to_the_trained_logits(models, data, family, tmp_path):
+    adapter, base, inputs, expected = trained_adapter(models, data, family, tmp_path)
+    out = tmp_path / "vllm"
+    if family not in export.VLLM_3D and families.FAMILIES[family].model_type in ("llama4_text", "granitemoe",
+                                                                                "granitemoeshared", "granitemoehybrid"):
+        refused(lambda: export.export(adapter, "vllm", out), layouts.FUSED_ON_DISK)
+    export.export(adapter, "vllm", out)
+    assert not (tmp_path / "vllm.partial").exists()
+    if family in export.VLLM_3D:
+        reloaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)
+    else:
+        keys = load_file(out / "adapter_model.safetensors")
+        assert any(".experts.3." in key for key in keys)  # per expert
+        reloaded = per_expert_reference(base, out, tmp_path / "reference")
+        export.export(adapter, "sglang", tmp_path / "sglang")
+        assert load_file(tmp_path / "sglang" / "adapter_model.safetensors").keys() == keys.keys()
+    assert (logits_of(reloaded, inputs) - expected).abs().max() <= 1e-4
+    assert "vllm serve" in (out / "README.md").read_text()
+
+
+def test_an_adapter_saved_by_peft_0_18_exports_as_its_own_update(models, data, tmp_path):
+    """PEFT 0.18 read (E, out, in) expert parameters as (E, in, out): its lora_A spans `out`, lora_B `in`, and the
+    update is einsum("o r e, e r i -> e i o", B, A) (peft 0.18's ParamWrapper.get_delta_weight). Exported, the
+    adapter must give that update under today's PEFT, and the same vLLM tensors as its peft export re-exported."""
+    adapter, base, inputs, _ = trained_adapter(models, data, "qwen3_moe", tmp_path, targets=["experts"])
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    rank, scale = config["r"], config["lora_alpha"] / config["r"]
+    generator = torch.Generator().manual_seed(5)
+    base_model = AutoModelForCausalLM.from_pretrained(base)
+    expected = {}
+    for key in [k for k in tensors if k.endswith("lora_A.weight")]:
+        module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        owner, param = (module.removesuffix(".base_layer"), "gate_up_proj") if module.endswith(".base_layer") \
+            else (module, "down_proj")
+        weight = getattr(base_model.get_submodule(owner), param)
+        experts, first, second = weight.shape
+        old_a = torch.randn(experts * rank, first, generator=generator) * 0.1  # spans shape[1] (out)
+        old_b = torch.randn(second, rank * experts, generator=generator) * 0.1  # spans shape[2] (in)
+        tensors[key], tensors[key.replace("lora_A", "lora_B")] = old_a, old_b
+        expected[f"{owner}.{param}"] = weight + scale * torch.einsum(
+            "o r e, e r i -> e i o", old_b.reshape(second, rank, experts), old_a.reshape(experts, rank, first))
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file(tensors, old / "adapter_model.safetensors")
+    (old / "adapter_config.json").write_text(json.dumps({**config, "peft_version": "0.18.0"}))
+    export.export(old, "peft", tmp_path / "peft")
+    merged = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "peft")
+    merged = merged.merge_and_unload()
+    for name, weight in expected.items():
+        torch.testing.assert_close(merged.get_parameter(name), weight, rtol=0, atol=1e-5)
+    export.export(old, "vllm", tmp_path / "vllm-old")
+    export.export(tmp_path / "peft", "vllm", tmp_path / "vllm-new")
+    old_keys = load_file(tmp_path / "vllm-old" / "adapter_model.safetensors")
+    new_keys = load_file(tmp_path / "vllm-new" / "adapter_model.safetensors")
+    assert old_keys.keys() == new_keys.keys()
+    for key in old_keys:
+        torch.testing.assert_close(old_keys[key], new_keys[key], rtol=0, atol=1e-6)
+
+
+def cli(*args):
+    """`moetune ...` as a user runs it, in its own process."""
+    done = subprocess.run([sys.executable, "-m", "finetune", *args], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def chain_batch(run_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "base")
+    tokenizer.padding_side = "right"
+    return tokenizer(["user: sort 3 1 2\nassistant: 1 2 3", "user: hi"], return_tensors="pt", padding=True)
+
+
+@pytest.mark.slow
+def test_lora_sft_then_lora_dpo_exported_through_the_cli_serves_the_trained_model(tmp_path):
+    """prep -> LoRA SFT -> LoRA DPO, then `moetune export run/dpo --format vllm/merged`: the two adapters become one
+    (ranks concatenated) on the base, and both exports give the logits of the model the run trained."""
+    from finetune.modeling.loading import load_stage_model
+    from finetune.config.parsing import load_recipe
+    from tests.helpers.recipes import write_recipe
+
+    recipe = str(write_recipe(tmp_path))
+    cli("run", recipe, "--stages", "prep,sft,dpo", "model.lora.stages=[sft,dpo]")
+    run = tmp_path / "run"
+    cli("export", str(run / "dpo"), "--format", "vllm", "--out", str(tmp_path / "vllm"))
+    cli("export", str(run / "dpo"), "--format", "merged", "--out", str(tmp_path / "merged"))
+    inputs = chain_batch(run)
+    trained = load_stage_model(load_recipe(recipe, ["model.lora.stages=[sft,dpo]"]), "dpo")
+    expected = logits_of(trained, inputs)
+    record = json.loads((tmp_path / "vllm" / "export.json").read_text())
+    assert record["adapters"] == [str(run / "sft"), str(run / "dpo")]
+    reference = per_expert_reference(run / "base", tmp_path / "vllm", tmp_path / "reference")
+    assert (logits_of(reference, inputs) - expected).abs().max() <= 1e-4
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert (logits_of(merged, inputs) - expected).abs().max() <= 1e-4
+    serving = (tmp_path / "vllm" / "README.md").read_text()
+    assert f"vllm serve {run / 'base'} --enable-lora --lora-modules moetune={tmp_path / 'vllm'}" in serving
+    # push --format: the Hub gets the servable artifact, and its card says which and how to serve it
+    cli("push", str(run / "dpo"), "--repo-id", "me/tiny-dpo", "--format", "merged", "--dry-run", str(tmp_path / "up"))
+    card = (tmp_path / "up" / "README.md").read_text()
+    assert "## Serving" in card and "vllm serve me/tiny-dpo" in card and "library_name: transformers" in card
+    assert (tmp_path / "up" / "model.safetensors").is_file() and not (tmp_path / "up" / "adapter_config.json").exists()
+    refused_push = subprocess.run([sys.executable, "-m", "finetune", "push", str(run / "dpo"), "--repo-id", "me/x",
+                                   "--format", "vllm", "--dry-run", str(tmp_path / "up2")], capture_output=True,
+                                  text=True, timeout=900)
+    assert refused_push.returncode == 2 and "model.init" in refused_push.stderr  # its base is not on the Hub
+    assert not (tmp_path / "up2").exists() and not (tmp_path / "up2.export").exists()
+
+
+@pytest.mark.slow
+def test_an_adapter_trained_on_nf4_experts_merges_within_quantization_error_with_a_delta_report(tmp_path):
+    """QLoRA SFT, exported merged: the experts are rounded through NF4 as training stored them, so the merged
+    weights give the training model's logits (up to the NF4 kernels' float error), and delta_report.md measures each
+    update against the NF4 step."""
+    from finetune.modeling import expert_quant
+    from finetune.modeling.loading import load_quantized
+    from finetune.config.parsing import load_recipe
+    from tests.helpers.recipes import write_recipe
+
+    overrides = ["model.lora.stages=[sft]", "model.quantization.bits=4"]
+    recipe = str(write_recipe(tmp_path))
+    cli("run", recipe, "--stages", "prep,sft", *overrides)
+    run = tmp_path / "run"
+    cli("export", str(run / "sft"), "--format", "merged", "--out", str(tmp_path / "merged"))
+    inputs = chain_batch(run)
+    quantized = load_quantized(load_recipe(recipe, overrides), "base")
+    trained = expert_quant.load_adapter(quantized, str(run / "sft"), trainable=False)
+    expected = logits_of(trained, inputs)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert (logits_of(merged, inputs) - expected).abs().max() <= 1e-3
+    full = load_file(run / "base" / "model.safetensors")
+    unrounded = AutoModelForCausalLM.from_pretrained(run / "base")  # the NF4 rounding is what the merge must keep
+    assert full and (logits_of(unrounded, inputs) - expected).abs().max() > 1e-3
+    report = json.loads((tmp_path / "merged" / "delta_report.json").read_text())
+    assert {row["matrix"].rsplit(".", 1)[-1] for row in report} == {"gate_up_proj", "down_proj"}
+    assert all(row["nf4_step"] > 0 and 0 <= row["delta_rms"] for row in report)
+    assert "| matrix | update RMS | NF4 step |" in (tmp_path / "merged" / "delta_report.md").read_text()
+
+
+def test_a_router_adapter_is_refused_for_vllm_with_the_reason_and_nothing_written(models, data, tmp_path, capsys):
+    from finetune.cli import main
+
+    adapter, _, _, _ = trained_adapter(models, data, "qwen3_moe", tmp_path, targets=["experts", "router"])
+    out = tmp_path / "vllm"
+    assert main(["export", str(adapter), "--format", "vllm", "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "trains the router" in error and "--format merged" in error and "Traceback" not in error
+    assert not out.exists() and not (tmp_path / "vllm.partial").exists()
+    assert main(["export", str(adapter), "--format", "merged", "--out", str(out)]) == 0  # the fix it names works
+    assert main(["export", str(adapter), "--format", "merged", "--out", str(out)]) == 2  # never overwrites
+    assert "not empty" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "base"), "--format", "vllm", "--out", str(tmp_path / "x")]) == 2
+    assert "holds no adapter" in capsys.readouterr().err
+
+
+def test_a_dora_adapter_is_refused_for_vllm(models, data, tmp_path):
+    adapter, _, _, _ = trained_adapter(models, data, "mixtral", tmp_path, targets=["attention"])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(ValueError, match="DoRA"):
+        export.export(adapter, "vllm", tmp_path / "vllm")
+    assert not (tmp_path / "vllm").exists()
