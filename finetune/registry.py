@@ -78,10 +78,10 @@ STAGES = (
     StageSpec("base", "finetune.stages.base_model", ("model",), "base", ("prep",), every_process=True,
               description="Train a tokenizer on the data and build the model.init model into run_dir/base.",
               command=False, applies=builds_tiny_model, holds_model=True),
-    StageSpec("sft", "finetune.stages.sft", ("model", "sft", "speed", "checkpoints"), "sft", ("prep", "base"),
+    StageSpec("sft", "finetune.stages.sft", ("model", "sft", "speed", "routing", "checkpoints"), "sft", ("prep", "base"),
               every_process=True, loads_model=True, holds_model=True, reported=True,
               description="Supervised fine-tuning with TRL's SFTTrainer into run_dir/sft."),
-    StageSpec("dpo", "finetune.stages.dpo", ("model", "dpo", "speed", "checkpoints"), "dpo", ("prep", "sft"),
+    StageSpec("dpo", "finetune.stages.dpo", ("model", "dpo", "speed", "routing", "checkpoints"), "dpo", ("prep", "sft"),
               every_process=True, loads_model=True, holds_model=True, reported=True,
               description="DPO from the SFT result with TRL's DPOTrainer into run_dir/dpo."),
     # eval reads the folders of the stages named in eval.models, and the prep stage's questions by default.

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from finetune.training import balancing
+from finetune.training import balancing, expert_load
 from finetune.modeling import moe
 from finetune.config.recipe import ModelInit, RecipeError
 from finetune.config.parsing import parse_recipe
@@ -28,7 +28,7 @@ def load_cv(model, tracker, input_ids) -> float:
     tracker.take()
     model(input_ids=input_ids)
     shares = tracker.take().values()
-    return sum(moe.coefficient_of_variation(s) for s in shares) / len(shares)
+    return sum(expert_load.coefficient_of_variation(s) for s in shares) / len(shares)
 
 
 def test_bias_update_lowers_the_load_imbalance_of_a_skewed_stream(tokenizer):
@@ -40,7 +40,7 @@ def test_bias_update_lowers_the_load_imbalance_of_a_skewed_stream(tokenizer):
         return skewed_tokens[torch.randint(0, len(skewed_tokens), (4, 32), generator=generator)]
 
     evaluation = skewed_batch()
-    tracker = moe.ExpertLoadTracker(model)
+    tracker = expert_load.ExpertLoadTracker(model)
     before = load_cv(model, tracker, evaluation)
     update = balancing.BiasUpdate(model, rate=0.002)
     for _ in range(60):

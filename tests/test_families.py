@@ -18,7 +18,7 @@ from finetune.core import families
 from finetune.modeling import adapters, expert_quant, moe
 from finetune.config.parsing import parse_recipe
 from finetune.config.recipe import BalancingConfig, LoraConfig
-from finetune.training import balancing
+from finetune.training import balancing, expert_load
 from finetune.training.packed_dpo import PackedDPOTrainer
 from finetune.training.packed_forward import padding_free_refusal
 from finetune.training.packed_sft import PaddingFreeSFTTrainer
@@ -79,7 +79,7 @@ def test_b_expert_load_counts_real_tokens_times_top_k(models, data, family):
     inputs = padded_batch(data[0])
     real = int(inputs["attention_mask"].sum())
     assert real < inputs["attention_mask"].numel()  # the batch has padding
-    tracker = moe.ExpertLoadTracker(model)
+    tracker = expert_load.ExpertLoadTracker(model)
     model(**inputs)
     _, top_k = moe.routing_sizes(model)
     assert [int(counts.sum()) for counts in tracker.counts.values()] == [real * top_k] * len(tracker.counts)
@@ -225,7 +225,7 @@ def test_h_router_role_wraps_the_router_and_tracking_reads_through_it(models, da
     assert [name.removeprefix("base_model.model.") for name in moe.routers(trained)] == names
     assert moe.routing_sizes(trained) == sizes
     inputs = padded_batch(data[0])
-    tracker = moe.ExpertLoadTracker(trained)
+    tracker = expert_load.ExpertLoadTracker(trained)
     trained(**inputs)
     real = int(inputs["attention_mask"].sum())
     assert [int(counts.sum()) for counts in tracker.counts.values()] == [real * sizes[1]] * len(names)

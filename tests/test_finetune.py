@@ -7,6 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from finetune.modeling import adapters, moe
+from finetune.training import expert_load
 from finetune.modeling.loading import experts_kernel
 from finetune.config.recipe import LoraConfig, ModelConfig
 from helpers.tiny import ARCHITECTURES, batch, tiny_model
@@ -65,7 +66,7 @@ def test_aux_loss_is_part_of_the_loss_when_router_logits_are_on():
 def test_expert_load_counts_every_real_token_once_per_chosen_expert():
     model, tokenizer = tiny_model()
     inputs = batch(tokenizer)
-    tracker = moe.ExpertLoadTracker(model)
+    tracker = expert_load.ExpertLoadTracker(model)
     model(**inputs)
     real_tokens = int(inputs["attention_mask"].sum())
     assert real_tokens < inputs["attention_mask"].numel()  # the batch has padding, which must not count
@@ -98,8 +99,8 @@ def test_experts_kernel_auto_is_transformers_choice_and_named_kernels_are_checke
 
 
 def test_coefficient_of_variation():
-    assert moe.coefficient_of_variation([0.25] * 4) == 0
-    assert moe.coefficient_of_variation([1, 0, 0, 0]) == pytest.approx(3 ** 0.5)
+    assert expert_load.coefficient_of_variation([0.25] * 4) == 0
+    assert expert_load.coefficient_of_variation([1, 0, 0, 0]) == pytest.approx(3 ** 0.5)
 
 
 def test_adapter_saves_and_loads_back_with_identical_logits(tmp_path):

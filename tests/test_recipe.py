@@ -44,6 +44,11 @@ def test_shipped_demo_recipe_parses():
     ({**TINY, "hub": {"push": True, "repo_id": "me/x"}}, "Put {stage} in hub.repo_id (e.g. me/x-{stage})"),
     ({**TINY, "hub": {"stages": ["sfr"]}}, "Did you mean 'sft'?"),
     ({**TINY, "hub": {"push": True, "repo_id": "my org/x-{stage}"}}, "'my org/x-sft', which is not a valid Hub"),
+    ({**TINY, "routing": {"hot_load": 1}}, "routing.hot_load is 1; it must be above 1"),
+    ({**TINY, "routing": {"dead_load": 1.5}}, "routing.dead_load is 1.5; it must be in [0, 1)"),
+    ({**TINY, "routing": {"max_overhead": 0}}, "routing.max_overhead is 0; it must be in (0, 1]"),
+    ({**TINY, "routing": {"probe_sequences": -1}}, "routing.probe_sequences is -1; it must be >= 0"),
+    ({**TINY, "routing": {"alarm_logs": 0}}, "routing.alarm_logs is 0; it must be a positive integer"),
 ])
 def test_bad_recipes_name_the_file_key_and_fix(raw, message):
     with pytest.raises(RecipeError) as error:

@@ -2,13 +2,11 @@
 
 import json
 import os
-import random
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -19,7 +17,7 @@ from finetune.training.checkpoints import SEAL, checkpoint_problem, checkpoints
 from finetune.cli import main
 from finetune.config.recipe import CheckpointConfig, Recipe
 from finetune.training.trainer_config import moetune_defaults
-from helpers.processes import output_lines
+from helpers.processes import kill_at_random_step, output_lines
 from helpers.recipes import prepared_recipe
 
 pytestmark = pytest.mark.slow  # every test here trains through the pipeline
@@ -27,27 +25,6 @@ pytestmark = pytest.mark.slow  # every test here trains through the pipeline
 SCHEDULE = ["save_strategy=steps", "save_steps=2", "save_total_limit=2", "logging_steps=1"]
 SFT = ["sft.max_steps=12", *(f"sft.{setting}" for setting in SCHEDULE)]
 DPO = ["dpo.max_steps=12", *(f"dpo.{setting}" for setting in SCHEDULE)]
-
-
-def kill_at_random_step(stage, recipe, overrides, log_file, first=5, last=9):
-    """Run `python -m finetune <stage>` and SIGKILL it once it has logged a randomly drawn step (seeded) after the
-    first checkpoints. Returns the step it was killed at (or just after: the kill lands while it runs on) and the
-    wall-clock times at which each step was logged, the last one being the kill."""
-    step = random.Random(8).randint(first, last)
-    command = [sys.executable, "-m", "finetune", stage, recipe, *overrides]
-    logged_at = []
-    with open(log_file, "w") as stderr:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        for line in output_lines(process, seconds=300):  # logging_steps=1: one "{'loss': ...}" line per step
-            if line.startswith("{'loss'"):
-                logged_at.append(time.time())
-            if len(logged_at) == step:
-                process.send_signal(signal.SIGKILL)
-                break
-        process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL, f"{stage} ended before step {step}; see {log_file}"
-    return step, logged_at
 
 
 def losses(stage_folder):

@@ -153,6 +153,34 @@ class BalancingConfig:
 
 
 @dataclass
+class RoutingConfig:
+    """Routing telemetry of SFT and DPO (MoE models): drift from the reference, chosen vs rejected, expert alarms.
+
+    None of it changes the loss or the gradients; it is not an input of a stage's result."""
+
+    probe_sequences: int = help_field(
+        256, help="Held-out sequences (the test split, drawn once per run with the recipe's seed) on which, every "
+        "logging_steps, the routing of the model being trained is compared with the reference's (DPO: the SFT "
+        "model; SFT: the base): per layer, mean Jaccard overlap of the top-k expert sets, KL(policy || reference) "
+        "of the router distributions, share of tokens whose top-1 expert changed (routing_drift.json). 0 is off.")
+    max_overhead: float | None = help_field(
+        0.05, help="Largest share of training time the drift probe may take: at the first log, fewer of the probe "
+        "sequences are kept if all of them would cost more (never fewer than 8). null probes them all.")
+    pair_sample: int = help_field(
+        256, help="DPO: training pairs (drawn once with the recipe's seed) whose chosen and rejected completions' "
+        "expert load is compared per layer (Jensen-Shannon divergence) before and after training. 0 is off.")
+    dead_load: float = help_field(
+        0.1, help="An expert is dead when its share of a layer's routed tokens stays under this fraction of the "
+        "uniform share (1 / experts).")
+    hot_load: float = help_field(
+        3.0, help="An expert is hot when its share stays over this many times the uniform share (an expert takes at "
+        "most 1 / top_k of a layer's routed tokens, so hot needs experts / top_k above this).")
+    alarm_logs: int = help_field(
+        3, help="Logging steps in a row an expert must stay dead or hot before it is named (once) in the log, in "
+        "expert_load.json and in report.md.")
+
+
+@dataclass
 class HubConfig:
     push: bool = help_field(False, help="Push each of `stages` to the Hub as soon as it completes (the upload runs "
                             "while the next stages train; the command ends once it is done).")
@@ -218,6 +246,7 @@ class Recipe:
     hub: HubConfig = help_field(factory=HubConfig, help="Pushing results to the Hugging Face Hub.")
     speed: SpeedConfig = help_field(factory=SpeedConfig, help="Training speed levers (math unchanged).")
     balancing: BalancingConfig = help_field(factory=BalancingConfig, help="Expert load balancing in SFT and DPO.")
+    routing: RoutingConfig = help_field(factory=RoutingConfig, help="Routing telemetry in SFT and DPO (MoE models).")
     checkpoints: CheckpointConfig = help_field(factory=CheckpointConfig, help="Checkpoint schedule of SFT and DPO.")
     plan: PlanConfig = help_field(factory=PlanConfig, help="Memory and time plan, checked before training stages.")
     seed: int = help_field(42, help="Seed for data mixing, splits, initialisation and training.")

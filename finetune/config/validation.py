@@ -10,7 +10,8 @@ import re
 from finetune.config.data import CHOICES, FORMATS, GENERATED_FORMATS, PAIRINGS, DataConfig
 from finetune.config.evaluation import JUDGE_MODES, JUDGE_TYPES, EvalConfig
 from finetune.core import families
-from finetune.config.recipe import TRAINING_STAGES, HubConfig, LoraConfig, ModelConfig, ModelInit, Recipe, RecipeError
+from finetune.config.recipe import (TRAINING_STAGES, HubConfig, LoraConfig, ModelConfig, ModelInit, Recipe,
+                                    RecipeError, RoutingConfig)
 
 LORA_ROLES = ("attention", "experts", "shared_experts", "dense_mlp", "router", "all")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -26,6 +27,7 @@ def validate_recipe(recipe: Recipe) -> None:
     for key in ("bias_update_rate", "router_z_loss_coef"):
         if getattr(recipe.balancing, key) < 0:
             raise RecipeError(f"{source}: balancing.{key} is {getattr(recipe.balancing, key)}; it must be >= 0 (0 is off).")
+    validate_routing(recipe.routing, source)
     validate_plan(recipe, source)
     validate_eval(recipe.eval, source)
 
@@ -50,6 +52,22 @@ def validate_plan(recipe: Recipe, source: str) -> None:
             raise RecipeError(f"{source}: plan.memory: {error}") from None
     if recipe.plan.mfu is not None and not 0 < recipe.plan.mfu <= 1:
         raise RecipeError(f"{source}: plan.mfu is {recipe.plan.mfu}; it must be a fraction in (0, 1], e.g. 0.25.")
+
+
+def validate_routing(routing: RoutingConfig, source: str) -> None:
+    for key in ("probe_sequences", "pair_sample"):
+        if getattr(routing, key) < 0:
+            raise RecipeError(f"{source}: routing.{key} is {getattr(routing, key)}; it must be >= 0 (0 is off), e.g. 256.")
+    check_positive(routing.alarm_logs, source, "routing.alarm_logs", example="3")
+    if routing.max_overhead is not None and not 0 < routing.max_overhead <= 1:
+        raise RecipeError(f"{source}: routing.max_overhead is {routing.max_overhead}; it must be in (0, 1], e.g. 0.05 "
+                          f"(5% of training time), or null to probe every sequence.")
+    if not 0 <= routing.dead_load < 1:
+        raise RecipeError(f"{source}: routing.dead_load is {routing.dead_load}; it must be in [0, 1) (a fraction of the "
+                          f"uniform share), e.g. 0.1.")
+    if routing.hot_load <= 1:
+        raise RecipeError(f"{source}: routing.hot_load is {routing.hot_load}; it must be above 1 (a multiple of the "
+                          f"uniform share), e.g. 3.")
 
 
 def validate_model(model: ModelConfig, source: str) -> None:

@@ -1,4 +1,5 @@
-"""Routers and experts of transformers-5 MoE models: where they are, and how much load each expert gets.
+"""Routers and experts of transformers-5 MoE models: where they are (finetune/training/expert_load.py and
+finetune/training/routing_drift.py watch what they do in training).
 
 Every transformers-5 MoE family has, per MoE layer, a block holding a router and an experts module with the fused
 3-D parameters `gate_up_proj` and `down_proj`; the family registry (finetune/core/families.py) says what the router is
@@ -8,15 +9,12 @@ role are listed beside the adapters (finetune/modeling/adapters.py).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 from torch import nn
 from peft.tuners.tuners_utils import BaseTunerLayer
-from transformers import TrainerCallback
 
 from finetune.core import distributed, families
 
@@ -305,112 +303,3 @@ def structural_ffns(model: nn.Module) -> dict[str, list[str]]:
 
 def is_moe_subtree(module: nn.Module) -> bool:
     return any(is_experts(m) for m in module.modules())
-
-
-def coefficient_of_variation(shares: list[float]) -> float:
-    """Imbalance of one layer's expert load: 0 when balanced, sqrt(E-1) when one expert takes everything."""
-    values = torch.tensor(shares, dtype=torch.float64)
-    mean = values.mean()
-    return float(values.std(unbiased=False) / mean) if mean > 0 else 0.0
-
-
-class RouterHooks:
-    """Forward hooks on every router that see its output for the real (non-padding) tokens of training forwards.
-
-    A pre-hook on the model reads the attention mask so padding is left out; forwards without gradients
-    (reference model, evaluation) are ignored. Subclasses say what to do with each router's output (`observe`).
-    """
-
-    def __init__(self, model: nn.Module):
-        found = routers(model)
-        self.family = families.family_of(model)
-        self.sizes = routing_sizes(model) if found else (0, 0)
-        self.layers = list(found)
-        self.mask: torch.Tensor | None = None
-        self.handles = [model.register_forward_pre_hook(self.remember_mask, with_kwargs=True)]
-        for name, module in found.items():
-            self.handles.append(module.register_forward_hook(self.hook(name)))
-
-    def remember_mask(self, module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        self.mask = mask.reshape(-1).bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-
-    def real_tokens(self, per_token: torch.Tensor) -> torch.Tensor:
-        """The rows of a (tokens, ...) router output that belong to real tokens."""
-        if self.mask is not None and self.mask.numel() == per_token.shape[0]:
-            return per_token[self.mask.to(per_token.device)]
-        return per_token
-
-    def hook(self, name: str):
-        def hook(module, args, output):
-            if torch.is_grad_enabled():
-                self.observe(name, module, output)
-        return hook
-
-    def observe(self, name: str, router: nn.Module, output) -> None:
-        raise NotImplementedError
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
-class ExpertLoadTracker(RouterHooks):
-    """Counts, per MoE layer, how many real (non-padding) tokens each expert receives in training forwards."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__(model)
-        self.counts = {name: torch.zeros(num_experts(model, name, module), dtype=torch.long)
-                       for name, module in routers(model).items()}
-
-    def observe(self, name: str, router: nn.Module, output) -> None:
-        indices = self.real_tokens(top_k_indices(self.family, output, router, self.sizes).detach()).reshape(-1)
-        # indices past the routed experts are LongCat-Flash's zero-computation experts: no expert runs for them
-        indices = indices[indices < len(self.counts[name])]
-        self.counts[name] += torch.bincount(indices.cpu(), minlength=len(self.counts[name]))
-
-    def take(self) -> dict[str, list[float]]:
-        """Each layer's share of routed tokens per expert since the last call, over all processes; resets the counts.
-
-        In a multi-process run every process must call this at the same step (Trainer logs on every process).
-        """
-        shares = {}
-        for name, local_counts in self.counts.items():
-            counts = distributed.sum_across_processes(local_counts.clone())
-            local_counts.zero_()
-            total = int(counts.sum())
-            shares[name] = [round(int(c) / total, 6) for c in counts] if total else [0.0] * len(counts)
-        return shares
-
-
-class ExpertLoadCallback(TrainerCallback):
-    """Adds expert-load imbalance to the trainer logs and writes the history to `expert_load.json`."""
-
-    def __init__(self, model: nn.Module, output_file: Path):
-        self.tracker = ExpertLoadTracker(model)
-        self.output_file = Path(output_file)
-        self.history: list[dict] = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or "loss" not in logs:
-            return
-        shares = self.tracker.take()
-        cvs = {layer: coefficient_of_variation(s) for layer, s in shares.items() if sum(s) > 0}
-        if not cvs:
-            return
-        values = {"expert_load_cv_mean": round(sum(cvs.values()) / len(cvs), 4),
-                  "expert_load_cv_max": round(max(cvs.values()), 4)}
-        logs.update(values)  # printed and sent to loggers
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(values)  # the Trainer copied `logs` into the history before callbacks ran
-        self.history.append({"step": state.global_step, "share": shares, "cv": cvs})
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.tracker.remove()
-        if state.is_world_process_zero:
-            self.output_file.write_text(json.dumps({"layers": self.tracker.layers, "history": self.history}, indent=1))
-
-
-def expert_load_callbacks(model: nn.Module, folder: Path) -> list:
-    """Expert-load tracking into folder/expert_load.json, for MoE models (none for a dense model)."""
-    return [ExpertLoadCallback(model, folder / "expert_load.json")] if is_moe_model(model) else []

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.training import balancing
+from finetune.training import balancing, routing_drift
+from finetune.training.expert_load import expert_load_callbacks
 from finetune.core import families
 
 from finetune.modeling import expert_parallel, moe
@@ -58,9 +59,10 @@ def run(recipe: Recipe, needed: dict[str, dict], force: bool | str = False) -> P
             eval_dataset=load_split(recipe, "preference", "test"),
             processing_class=tokenizer,
             peft_config=peft_config,
-            callbacks=moe.expert_load_callbacks(model, stage.work),
+            callbacks=expert_load_callbacks(model, stage.work, recipe.routing, "dpo"),
         )
     balancing.attach(trainer, model, recipe.balancing)
+    routing_drift.attach(trainer, model, recipe.routing, "dpo", stage.work, recipe.seed)
     train_resuming(trainer, stage, recipe.checkpoints)
     if "ref" in getattr(trainer.model, "peft_config", {}):
         trainer.model.delete_adapter("ref")  # TRL's frozen copy of the SFT adapter (the reference); not an output

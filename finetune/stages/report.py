@@ -1,8 +1,9 @@
-"""`run_dir/report.md`: a run as pictures. Training curves and expert load of each training stage, and the eval.
+"""`run_dir/report.md`: a run as pictures. Training curves, expert load and routing of each training stage, and
+the eval.
 
-Everything here is read from files the stages leave behind (metrics.json, expert_load.json, eval/scores.md and its
-chart), so the report can be rebuilt at any time (`moetune report RUN_DIR`), and each stage rebuilds it as it
-finishes. Plots are PNGs drawn with matplotlib's Agg canvas into `run_dir/report/`.
+Everything here is read from files the stages leave behind (metrics.json, expert_load.json, routing_drift.json,
+eval/scores.md and its chart), so the report can be rebuilt at any time (`moetune report RUN_DIR`), and each stage
+rebuilds it as it finishes. Plots are PNGs drawn with matplotlib's Agg canvas into `run_dir/report/`.
 """
 
 from __future__ import annotations
@@ -60,6 +61,53 @@ def stage_section(run_dir: Path, stage: str, figures: Path) -> list[str]:
     if load and load.get("history"):
         plot_expert_load(load, f"{stage.upper()}: share of routed tokens per expert", heatmap)
         lines += [f"![{stage} expert load per layer](report/{heatmap.name})", ""]
+    if load:
+        lines += alarm_lines(load)
+    lines += routing_lines(read_json(folder / "routing_drift.json"), stage, figures)
+    return lines
+
+
+def alarm_lines(load: dict) -> list[str]:
+    """The experts the load alarms named (expert_load.json), or a line saying none was."""
+    rule = load.get("alarm_rule")
+    if rule is None:
+        return []
+    what = (f"dead: share under {rule['dead_load']}x uniform, hot: over {rule['hot_load']}x uniform, for "
+            f"{rule['alarm_logs']} logging steps in a row")
+    alarms = load.get("alarms", [])
+    if not alarms:
+        return [f"Expert-load alarms ({what}): none.", ""]
+    return [f"Expert-load alarms ({what}):", ""] + [
+        f"- step {a['step']}: {a['kind']} expert {a['expert']} in {short_layer_name(a['layer'])} ({a['layer']}), "
+        f"share {a['share']:.4f}" for a in alarms] + [""]
+
+
+def routing_lines(drift: dict | None, stage: str, figures: Path) -> list[str]:
+    """The routing-drift plot and probe cost, and the chosen-vs-rejected table (routing_drift.json)."""
+    if not drift:
+        return []
+    lines = []
+    name = "the SFT model" if stage == "dpo" else "the base model"
+    if drift.get("history"):
+        path = figures / f"{stage}_routing_drift.png"
+        plot_routing_drift(drift, f"{stage.upper()}: routing against {name} (held-out probe)", path)
+        lines += [f"![{stage} routing drift per layer](report/{path.name})", ""]
+        probe = drift.get("probe") or {}
+        if probe.get("overhead") is not None:
+            lines += [f"Routing probe: {probe['kept']} of {probe['sequences']} held-out sequences every log, "
+                      f"{probe['seconds']:.1f} s of {probe['training_seconds']:.1f} s training "
+                      f"({100 * probe['overhead']:.1f}%).", ""]
+    pairs = drift.get("chosen_vs_rejected") or {}
+    if pairs.get("before"):
+        after = pairs.get("after", {})
+        lines += ["Chosen vs rejected routing: Jensen-Shannon divergence between the expert load of chosen and of "
+                  "rejected completion tokens (sampled training pairs).", "",
+                  "| layer | before | after |", "|---|---|---|"]
+        for layer, before in pairs["before"].items():
+            later = after.get(layer, {}).get("js")
+            lines.append(f"| {short_layer_name(layer)} | {before['js']:.4g} | "
+                         f"{'-' if later is None else format(later, '.4g')} |")
+        lines.append("")
     return lines
 
 
@@ -126,6 +174,31 @@ def plot_expert_load(load: dict, title: str, path: Path) -> None:
     ticks = list(range(0, len(steps), max(1, len(steps) // 10)))
     grid[-1].set_xticks(ticks, [str(steps[i]) for i in ticks])
     grid[-1].set_xlabel("step")
+    figure.savefig(path, dpi=100)
+
+
+ROUTING_PANELS = (("overlap", "top-k overlap with the reference (mean Jaccard)"),
+                  ("kl", "KL(policy || reference) of router distributions"),
+                  ("top1_changed", "share of tokens whose top-1 expert changed"))
+
+
+def plot_routing_drift(drift: dict, title: str, path: Path) -> None:
+    """One panel per drift measure, one line per MoE layer, against the step."""
+    from matplotlib.figure import Figure
+
+    history = drift["history"]
+    steps = [entry["step"] for entry in history]
+    figure = Figure(figsize=(15, 3.4), layout="constrained")
+    figure.suptitle(title)
+    for axes, (key, name) in zip(figure.subplots(1, len(ROUTING_PANELS)), ROUTING_PANELS):
+        for layer in drift["layers"]:
+            axes.plot(steps, [entry["layers"][layer][key] for entry in history],
+                      marker="o" if len(steps) < 20 else None, markersize=3, label=short_layer_name(layer))
+        axes.set_title(name, fontsize=10)
+        axes.set_xlabel("step")
+        axes.grid(alpha=0.3)
+    if len(drift["layers"]) <= 12:
+        axes.legend(fontsize=8)
     figure.savefig(path, dpi=100)
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.training import balancing
+from finetune.training import balancing, routing_drift
 from finetune.config.chat_template import HOW, TURN_BY_TURN, assistant_token_source
 from finetune.core import distributed
 from finetune.modeling.loading import base_location, load_tokenizer, load_training_model, seed_everything
-from finetune.modeling.moe import expert_load_callbacks
+from finetune.training.expert_load import expert_load_callbacks
 from finetune.training.packed_sft import sft_trainer
 from finetune.config.recipe import Recipe
 from finetune.training.assistant_masks import NotPrefixStable, tokenized_with_masks
@@ -51,10 +51,11 @@ def run(recipe: Recipe, needed: dict[str, dict], force: bool | str = False) -> P
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=expert_load_callbacks(model, stage.work),
+        callbacks=expert_load_callbacks(model, stage.work, recipe.routing, "sft"),
     )
     check_replies_left(trainer, tokenizer, conversations)
     balancing.attach(trainer, model, recipe.balancing)
+    routing_drift.attach(trainer, model, recipe.routing, "sft", stage.work, recipe.seed)
     train_resuming(trainer, stage, recipe.checkpoints)
     return save_stage(trainer, tokenizer, recipe, stage, parent=parent)
 

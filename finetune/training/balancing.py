@@ -19,10 +19,11 @@ from torch import nn
 from transformers import TrainerCallback
 
 from finetune.modeling import moe
+from finetune.training.expert_load import ExpertLoadTracker, RouterHooks
 from finetune.config.recipe import BalancingConfig
 
 
-class RouterZLoss(moe.RouterHooks):
+class RouterZLoss(RouterHooks):
     """Collects each router's logits for the real tokens of a training forward; `take()` returns the z-loss."""
 
     def __init__(self, model: nn.Module):
@@ -50,7 +51,7 @@ class BiasUpdate(TrainerCallback):
             raise ValueError("balancing.bias_update_rate is set, but this model has no e_score_correction_bias (its "
                              "family is not balanced by a bias); set balancing.bias_update_rate: 0.")
         self.rate = rate
-        self.tracker = moe.ExpertLoadTracker(model)
+        self.tracker = ExpertLoadTracker(model)
         self.block_of = {router: router.rsplit(".", 1)[0] for router in self.tracker.layers}
 
     def update(self) -> None:

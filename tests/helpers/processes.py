@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import random
+import signal
 import subprocess
+import sys
 import threading
+import time
 from typing import Iterator
 
 import pytest
@@ -28,3 +33,24 @@ def output_lines(process: subprocess.Popen, seconds: float) -> Iterator[str]:
     if expired.is_set():
         process.wait(timeout=30)
         pytest.fail(f"{process.args} printed no awaited line within {seconds:.0f} s and was killed")
+
+
+def kill_at_random_step(stage, recipe, overrides, log_file, first=5, last=9):
+    """Run `python -m finetune <stage>` and SIGKILL it once it has logged a randomly drawn step (seeded) after the
+    first checkpoints. Returns the step it was killed at (or just after: the kill lands while it runs on) and the
+    wall-clock times at which each step was logged, the last one being the kill."""
+    step = random.Random(8).randint(first, last)
+    command = [sys.executable, "-m", "finetune", stage, recipe, *overrides]
+    logged_at = []
+    with open(log_file, "w") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        for line in output_lines(process, seconds=300):  # logging_steps=1: one "{'loss': ...}" line per step
+            if line.startswith("{'loss'"):
+                logged_at.append(time.time())
+            if len(logged_at) == step:
+                process.send_signal(signal.SIGKILL)
+                break
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, f"{stage} ended before step {step}; see {log_file}"
+    return step, logged_at

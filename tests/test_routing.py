@@ -1,0 +1,238 @@
+"""Routing telemetry: drift against the reference on a held-out probe, chosen vs rejected routing, expert-load
+alarms (finetune/training/routing_drift.py, finetune/training/expert_load.py), through the CLI as users run it."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from finetune.cli import main
+from finetune.config.recipe import RoutingConfig
+from finetune.core import families
+from finetune.modeling import moe
+from finetune.training import routing_drift
+from finetune.training.expert_load import LoadAlarms
+from finetune.training.packed_forward import use_block_attention
+from helpers import recipes
+from helpers.processes import kill_at_random_step
+from helpers.tiny import batch, tiny_model
+
+def write_recipe(folder, architecture="mixtral", **routing):
+    """The end-to-end tests' tiny recipe, two MoE layers wide enough to route: SFT trains every weight of a random
+    model (the router included) at a high learning rate; DPO trains LoRA adapters on attention and experts only
+    (the router frozen). Every probe sequence is kept (max_overhead: null), so the numbers do not depend on the
+    machine's speed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = recipes.write_recipe(folder, architecture)
+    raw = yaml.safe_load(path.read_text())
+    raw["model"]["init"].update(hidden_size=64, intermediate_size=64, num_layers=2)
+    raw["data"]["sources"][0]["options"]["pairs"] = 120
+    raw["data"]["test_size"] = 0.2
+    raw["sft"].update(max_steps=12, learning_rate=3.0e-3, logging_steps=3)
+    raw["dpo"]["max_steps"] = 4
+    raw["routing"] = {"probe_sequences": 16, "max_overhead": None, "pair_sample": 16, **routing}
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def moetune(*args, timeout=900) -> str:
+    """`python -m finetune ...` as a user runs it; its output (stdout and stderr)."""
+    done = subprocess.run([sys.executable, "-m", "finetune", *args], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def drift_run(tmp_path_factory):
+    recipe = write_recipe(tmp_path_factory.mktemp("routing"))
+    out = moetune("run", str(recipe), "--stages", "prep,sft,dpo")
+    return recipe, recipe.parent / "run", out
+
+
+def drift_of(run, stage):
+    return json.loads((run / stage / "routing_drift.json").read_text())
+
+
+@pytest.mark.slow
+def test_an_unfrozen_router_drifts_and_a_frozen_one_barely(drift_run):
+    _, run, out = drift_run
+    sft, dpo = drift_of(run, "sft"), drift_of(run, "dpo")
+    overlap = [entry["routing_overlap"] for entry in sft["history"]]
+    kl = [entry["routing_kl"] for entry in sft["history"]]
+    assert [entry["step"] for entry in sft["history"]] == [3, 6, 9, 12]
+    assert overlap[-1] < overlap[0] < 0.9 and kl[-1] > kl[0] > 1e-3  # full fine-tuning moves the router
+    assert all(entry["routing_overlap"] > 0.9 and entry["routing_kl"] < 1e-4 for entry in dpo["history"])
+    assert len(dpo["history"]) == 4 and set(dpo["layers"]) == set(dpo["history"][-1]["layers"]) == \
+        {"model.layers.0.mlp.gate", "model.layers.1.mlp.gate"}
+    # The means are logged with the trainer's metrics, at every logged step.
+    logged = [e for e in json.loads((run / "sft" / "metrics.json").read_text()) if "loss" in e]
+    assert [e["routing_overlap"] for e in logged] == overlap
+    assert sft["probe"]["kept"] == sft["probe"]["sequences"] == 16 and sft["probe"]["overhead"] > 0
+    assert out.count("[sft] routing probe: 16 of 16 held-out sequences") == 1
+    # Chosen vs rejected, per layer, before and after DPO (and none for SFT, which has no pairs).
+    pairs = dpo["chosen_vs_rejected"]
+    assert set(pairs) == {"before", "after"} and not sft["chosen_vs_rejected"]
+    for layer in dpo["layers"]:
+        assert 0 <= pairs["before"][layer]["js"] <= 0.7 and sum(pairs["after"][layer]["chosen"]) == pytest.approx(1)
+    assert not list(run.glob("*/routing_reference*"))  # only needed to resume; not left in the outputs
+
+
+@pytest.mark.slow
+def test_report_draws_the_drift_and_lists_chosen_vs_rejected_and_alarms(drift_run):
+    from PIL import Image
+
+    _, run, _ = drift_run
+    report = (run / "report.md").read_text()
+    images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
+    assert {"report/sft_routing_drift.png", "report/dpo_routing_drift.png"} <= set(images)
+    for image in images:
+        with Image.open(run / image) as png:
+            assert png.format == "PNG" and png.width > 300
+    assert "| layer | before | after |" in report and "| layer 1 |" in report
+    assert report.count("Expert-load alarms (dead: share under 0.1x uniform, hot: over 3.0x uniform") == 2
+    assert "Routing probe: 16 of 16 held-out sequences every log" in report
+
+
+@pytest.mark.slow
+def test_telemetry_off_trains_the_same_weights_with_the_same_losses(drift_run, tmp_path):
+    recipe, run, _ = drift_run
+    off = write_recipe(tmp_path, probe_sequences=0, pair_sample=0)
+    for stage in ("data", "base"):
+        shutil.copytree(run / stage, tmp_path / "run" / stage)
+    moetune("run", str(off), "--stages", "sft,dpo")
+    for stage, weights in (("sft", "model.safetensors"), ("dpo", "adapter_model.safetensors")):
+        assert not (tmp_path / "run" / stage / "routing_drift.json").exists()
+        on, off = (load_file(str(folder / stage / weights)) for folder in (run, tmp_path / "run"))
+        assert on.keys() == off.keys() and all(torch.equal(on[k], off[k]) for k in on), stage
+        logs = [[(e["step"], e["loss"], e["grad_norm"]) for e in json.loads((folder / stage / "metrics.json")
+                 .read_text()) if "loss" in e] for folder in (run, tmp_path / "run")]
+        assert logs[0] == logs[1] and len(logs[0]) >= 4  # the gradients' norms too, step by step
+
+
+@pytest.mark.slow
+def test_an_expert_forced_dead_is_named_once_within_alarm_logs(tmp_path):
+    # DeepSeek-V3 chooses experts by score + e_score_correction_bias (a buffer no gradient moves): a very negative
+    # bias means never chosen. The SFT result gets one; DPO (LoRA) trains on it and must name that expert.
+    recipe = write_recipe(tmp_path, "deepseek_v3", alarm_logs=2, probe_sequences=0, pair_sample=0)
+    assert main(["run", str(recipe), "--stages", "prep,sft", "sft.max_steps=1"]) == 0
+    weights = tmp_path / "run" / "sft" / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["model.layers.1.mlp.gate.e_score_correction_bias"][2] = -1e4
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    out = moetune("dpo", str(recipe))
+    alarm = "[dpo] expert-load alarm at step 2: dead expert 2 in model.layers.1.mlp.gate"
+    assert out.count(alarm) == 1 and out.count("expert-load alarm") == 1
+    load = json.loads((tmp_path / "run" / "dpo" / "expert_load.json").read_text())
+    assert [(a["kind"], a["layer"], a["expert"], a["step"]) for a in load["alarms"]] == \
+        [("dead", "model.layers.1.mlp.gate", 2, 2)]
+    assert "- step 2: dead expert 2 in layer 1 (model.layers.1.mlp.gate), share 0.0000" in \
+        (tmp_path / "run" / "report.md").read_text()
+
+
+# ---------------------------------------------------------------- the parts, in process
+
+def test_alarm_names_each_expert_once_after_its_streak():
+    alarms = LoadAlarms(RoutingConfig(alarm_logs=2), "dpo")
+    dead, hot, fine = [0.01, 0.33, 0.33, 0.33], [0.9, 0.05, 0.05, 0.0], [0.25] * 4
+    alarms.check(1, {"l": dead})
+    assert not alarms.raised
+    alarms.check(2, {"l": fine})  # the streak is broken
+    alarms.check(3, {"l": dead})
+    alarms.check(4, {"l": dead})
+    alarms.check(5, {"l": dead})
+    assert [(a["kind"], a["expert"], a["step"]) for a in alarms.raised] == [("dead", 0, 4)]
+    alarms.check(6, {"l": hot})
+    alarms.check(7, {"l": hot})
+    assert [(a["kind"], a["expert"], a["step"]) for a in alarms.raised[1:]] == [("hot", 0, 7), ("dead", 3, 7)]
+
+
+def test_drift_measures_of_equal_disjoint_and_moved_routing():
+    log_probs = torch.log_softmax(torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 1.0, 0.0]]), dim=-1)
+    top_k = torch.tensor([[0, 1], [1, 2]])
+    assert drift_sums_per_token((log_probs, top_k), (log_probs, top_k)) == [1, 0, 0]
+    flipped = torch.flip(log_probs, dims=[1])
+    overlap, kl, changed = drift_sums_per_token((flipped, torch.tensor([[3, 2], [2, 1]])), (log_probs, top_k))
+    assert overlap == 0.5 and changed == 1  # token 0: disjoint sets; token 1: the same set, its top-1 swapped
+    expected = (flipped.exp() * (flipped - log_probs)).sum(1).mean()
+    assert kl == pytest.approx(float(expected))
+
+
+def drift_sums_per_token(policy, reference):
+    sums = routing_drift.drift_sums(policy, reference)
+    return [float(sums[0] / sums[3]), float(sums[1] / sums[3]), float(sums[2] / sums[3])]
+
+
+def test_top1_is_the_chosen_expert_with_the_highest_logit_even_when_unsorted():
+    log_probs = torch.log_softmax(torch.tensor([[0.0, 2.0, 1.0, 3.0]]), dim=-1)
+    assert routing_drift.top1(log_probs, torch.tensor([[1, 3]])).tolist() == [3]
+    assert routing_drift.top1(log_probs, torch.tensor([[2, 1]])).tolist() == [1]
+
+
+def test_js_divergence_is_zero_for_equal_loads_and_ln2_for_disjoint_ones():
+    assert routing_drift.js_divergence(torch.tensor([0.5, 0.5]), torch.tensor([0.5, 0.5])) == 0
+    disjoint = routing_drift.js_divergence(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))
+    assert disjoint == pytest.approx(0.6931, 1e-4)
+
+
+def test_probe_reads_the_same_routing_on_a_model_set_up_for_padding_free_batches():
+    model, tokenizer = tiny_model()
+    inputs = batch(tokenizer)
+    sequences = [ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
+    capture = routing_drift.RouterCapture(families.family_of(model), moe.routers(model), moe.routing_sizes(model))
+    padded = list(routing_drift.routed(model, capture, sequences, "cpu", tokenizer.pad_token_id, 2))
+    use_block_attention(model)  # what speed.padding_free does to the trained model
+    model.train()
+    blocks = list(routing_drift.routed(model, capture, sequences, "cpu", tokenizer.pad_token_id, 2))
+    assert model.training  # the probe puts the mode back
+    tokens = sum(len(ids) for ids in sequences)
+    for a, b in zip(padded, blocks):
+        for layer in a:
+            assert torch.allclose(a[layer][0], b[layer][0], atol=1e-6) and torch.equal(a[layer][1], b[layer][1])
+    assert sum(batch_[layer][0].shape[0] for batch_ in padded for layer in list(batch_)[:1]) == tokens
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # three DPO runs: about 2 minutes on a quiet machine, 15 on a crowded one
+def test_a_resumed_run_measures_drift_against_the_reference_recorded_at_its_start(drift_run, tmp_path):
+    _, run, _ = drift_run
+    schedule = ["dpo.max_steps=6", "dpo.save_strategy=steps", "dpo.save_steps=2"]
+    histories = []
+    for name in ("whole", "resumed"):
+        recipe = write_recipe(tmp_path / name)
+        for stage in ("data", "base", "sft"):
+            shutil.copytree(run / stage, tmp_path / name / "run" / stage)
+        if name == "resumed":
+            kill_at_random_step("dpo", str(recipe), schedule, tmp_path / "killed.log", first=3, last=4)
+            assert list((tmp_path / name / "run" / ".dpo.partial").glob("routing_reference.rank0.safetensors"))
+        out = moetune("dpo", str(recipe), *schedule)
+        assert ("resuming from" in out) == (name == "resumed")
+        histories.append(drift_of(tmp_path / name / "run", "dpo")["history"])
+    whole, resumed = histories
+    assert [entry["step"] for entry in resumed] == [entry["step"] for entry in whole] == list(range(1, 7))
+    for a, b in zip(whole, resumed):
+        assert b["routing_overlap"] == pytest.approx(a["routing_overlap"], abs=1e-5)
+        assert b["routing_kl"] == pytest.approx(a["routing_kl"], rel=1e-3, abs=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_probe_half_each_and_sum_to_the_one_process_numbers(drift_run, tmp_path):
+    _, run, _ = drift_run
+    recipe = write_recipe(tmp_path)
+    for stage in ("data", "base", "sft"):
+        shutil.copytree(run / stage, tmp_path / "run" / stage)
+    out = moetune("dpo", str(recipe), "--accelerate", "ddp", "--num-processes", "2", "--main-process-port", "0")
+    one, two = drift_of(run, "dpo"), drift_of(tmp_path / "run", "dpo")
+    assert out.count("[dpo] routing probe: 16 of 16 held-out sequences") == 1  # rank 0 reports and writes
+    assert [entry["step"] for entry in two["history"]] == [1, 2, 3, 4]
+    # Before training both see the same model: each process's half of the pairs, summed, gives the same loads.
+    for layer, before in one["chosen_vs_rejected"]["before"].items():
+        for side in ("chosen", "rejected", "js"):
+            assert two["chosen_vs_rejected"]["before"][layer][side] == pytest.approx(before[side], abs=1e-6)
+    assert all(entry["routing_overlap"] > 0.9 for entry in two["history"])
