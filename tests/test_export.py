@@ -23,9 +23,8 @@ from finetune.core import families
 from finetune.modeling import export_layouts as layouts
 from finetune.stages import export
 from helpers.nf4 import random_lora_on
-from helpers.family_models import ROLES, data, models, padded_batch, refused  # noqa: F401 (fixtures)
+from helpers.family_models import FAMILIES, ROLES, data, models, padded_batch, refused  # noqa: F401 (fixtures)
 
-FAMILIES = list(families.FAMILIES)
 
 
 def trained_adapter(models, data, family, tmp_path, targets=ROLES):

@@ -6,7 +6,6 @@ reason it gives, and reported as skipped with that reason. `python -m tests.help
 file and prints the family x check table shown in docs/families.md.
 """
 
-import os
 
 import peft
 import pytest
@@ -22,16 +21,11 @@ from finetune.training import balancing, expert_load
 from finetune.training.packed_dpo import PackedDPOTrainer
 from finetune.training.packed_forward import padding_free_refusal
 from finetune.training.packed_sft import PaddingFreeSFTTrainer
-from helpers.family_models import ROLES, data, models, padded_batch, refused  # noqa: F401 (fixtures)
+from helpers.family_models import FAMILIES, ROLES, data, models, padded_batch, refused  # noqa: F401 (fixtures)
 from helpers.nf4 import dequantized_copy, quantized_copy, random_lora_on
 from helpers.parity import loss_and_gradients
 from helpers.trainers import build, dpo_config, same_math, whole_dataset
 
-# The families the checks run on: the registry's hand-written entries in the suite; with MOETUNE_ALL_FAMILIES=1
-# (`python -m tests.helpers.conformance_matrix`) every MoE causal-LM type of the installed transformers
-# (families.moe_model_types; tests/test_every_family.py runs the fast cell and the CLI chain of each).
-REGISTRY = [name for name, entry in families.FAMILIES.items() if entry.router is not None]
-FAMILIES = list(families.moe_model_types()) if os.environ.get("MOETUNE_ALL_FAMILIES") == "1" else REGISTRY
 
 
 # ---------------------------------------------------------------- the registry and transformers' MoE types

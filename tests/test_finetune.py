@@ -6,7 +6,7 @@ import torch
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from finetune.modeling import adapters, moe
+from finetune.modeling import adapters
 from finetune.training import expert_load
 from finetune.modeling.loading import experts_kernel
 from finetune.config.recipe import LoraConfig, ModelConfig

@@ -2,6 +2,7 @@
 tests/test_export.py import the fixtures from here)."""
 
 import copy
+import os
 import re
 
 import pytest
@@ -15,6 +16,11 @@ from finetune.core import families, synthetic_task
 from finetune.modeling.loading import load_pretrained
 from finetune.modeling.tiny import init_config, train_tokenizer
 
+# The families the checks run on: the registry's hand-written entries in the suite; with MOETUNE_ALL_FAMILIES=1
+# (`python -m tests.helpers.conformance_matrix`) every MoE causal-LM type of the installed transformers
+# (families.moe_model_types; tests/test_every_family.py runs the fast cell and the CLI chain of each).
+REGISTRY = [name for name, entry in families.FAMILIES.items() if entry.router is not None]
+FAMILIES = list(families.moe_model_types()) if os.environ.get("MOETUNE_ALL_FAMILIES") == "1" else REGISTRY
 ROLES = ["attention", "experts", "shared_experts", "dense_mlp"]
 
 
