@@ -33,7 +33,7 @@ def measure(logging_steps: int, probe: int, rounds: int, batch_size: int = 64) -
     train = tokenizer(texts[:batch_size], return_tensors="pt", padding=True)
     sequences = [tokenizer(text)["input_ids"] for text in texts[batch_size:]]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    capture = RouterCapture(families.family_of(model), moe.routers(model))
+    capture = RouterCapture(families.family_of(model), moe.routers(model), moe.routing_sizes(model))
 
     def step():
         model.train()

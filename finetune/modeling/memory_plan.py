@@ -27,7 +27,6 @@ from typing import Callable
 
 from torch import nn
 
-from finetune.core import families
 from finetune.modeling import adapters, moe
 
 GiB = 1024**3
@@ -174,14 +173,15 @@ def lora_per_rank(model: nn.Module) -> dict[str, int]:
         linears = [model.get_submodule(name) for name in names]
         per_rank[role] = sum(linear.in_features + linear.out_features for linear in linears)
     per_rank["experts"] = sum(shape[0] * (shape[1] + shape[2]) for shape in expert_shapes(model))
-    family = families.family_of(model)
-    per_rank["router"] = sum(sum(moe.router_weight(family, router).shape) for router in moe.routers(model).values())
+    per_rank["router"] = sum(sum(moe.shape_of(moe.router_weight(model, name, router)))
+                             for name, router in moe.routers(model).items())
     return per_rank
 
 
 def expert_shapes(model: nn.Module) -> list[tuple[int, ...]]:
-    return [tuple(getattr(module, name).shape) for module in model.modules() if moe.is_experts(module)
-            for name in moe.EXPERT_PARAMETERS]
+    count = moe.config_expert_count(model)
+    return [moe.shape_of(getattr(module, name)) for module in moe.experts_modules(model).values()
+            for name in moe.expert_parameter_names(module, count)]
 
 
 def expert_matrix_elements(model: nn.Module) -> int:
