@@ -20,6 +20,7 @@ from finetune.modeling.loading import load_stage_model
 from finetune.config.parsing import load_recipe
 from finetune.core.rundir import read_manifest
 from helpers.recipes import run_cli
+from helpers.family_models import FAMILIES
 
 RECIPE = """
 run_dir: {run_dir}
@@ -38,7 +39,7 @@ dpo: {{max_steps: 1, per_device_train_batch_size: 2, learning_rate: 1.0e-3, logg
 pytestmark = pytest.mark.slow  # prep, SFT and DPO per family: ~20-25 s each on a shared 2-core machine
 
 
-@pytest.mark.parametrize("architecture", list(families.FAMILIES))
+@pytest.mark.parametrize("architecture", FAMILIES)
 def test_lora_sft_then_lora_dpo_with_default_roles(architecture, tmp_path):
     recipe_path = tmp_path / "recipe.yaml"
     recipe_path.write_text(RECIPE.format(run_dir=tmp_path / "run", architecture=architecture))
