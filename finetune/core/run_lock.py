@@ -9,6 +9,7 @@ multi-process run the command that launched the processes holds the lock for the
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import sys
@@ -19,6 +20,7 @@ from typing import Iterator
 from finetune.core.rundir import StageError
 
 LOCK_FILE = ".moetune.lock"
+REFUSED_WRITES = (errno.EROFS, errno.ENOSPC)  # a read-only run dir, a full disk
 HELD_BY = "MOETUNE_LOCK_HELD_BY"  # set for the processes a locking command launches: they write under its lock
 
 
@@ -33,8 +35,18 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
         yield  # a process launched by the command that holds the lock
         return
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handle = acquire(run_dir / LOCK_FILE)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = acquire(run_dir / LOCK_FILE)
+    except OSError as error:
+        if error.errno not in REFUSED_WRITES:
+            raise
+        handle = None
+    if handle is None:
+        # The disk takes no write at all, so no other command can write here either: the first stage that
+        # writes says what is wrong and what to do, in its own words (finetune/core/disk_errors.py).
+        yield
+        return
     os.environ[HELD_BY] = str(os.getpid())  # inherited by `accelerate launch` and its processes
     try:
         yield
