@@ -100,7 +100,8 @@ def make_target(recipe: Recipe, gpus: str | None = None, gpu_memory: str | None 
 def skeleton_config(recipe: Recipe):
     """The base model's config: its folder or Hub config.json, or model.init's sizes before the base stage built it."""
     if recipe.model.init is not None and read_manifest(recipe.run_path / "base") is None:
-        return family_config(recipe.model.init, recipe.model.init.vocab_size)
+        # shapes only: no token ids (a family default, e.g. FlexOlmo's pad id 100277, may lie past the tiny vocabulary)
+        return family_config(recipe.model.init, recipe.model.init.vocab_size, pad_token_id=None, eos_token_id=None)
     location = base_location(recipe.model_source)
     return AutoConfig.from_pretrained(location, **hub_kwargs(recipe.model_source, location))
 
