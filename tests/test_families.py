@@ -201,14 +201,18 @@ def test_g_zero3_leaf_and_fsdp2_wrap_classes_found(models, family):
     assert layers and {cls.__name__ for cls in layers} <= set(model._no_split_modules)
 
 
-# ---------------------------------------------------------------- (h) the router role
+# ---------------------------------------------------------------- (j) the router role
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_h_router_role_wraps_the_router_and_tracking_reads_through_it(models, data, family, tmp_path):
+def test_j_router_role_wraps_the_router_and_tracking_reads_through_it(models, data, family, tmp_path):
     """`model.lora.targets: [..., router]`: PEFT wraps the router weight; routers, routing sizes and the expert-load
     tracker find the router through the wrapper (they crashed on `ParamWrapper.top_k`, #27); the adapter saves,
-    reloads with identical logits and merges."""
+    reloads with identical logits and merges. A family whose router has no (experts, hidden) weight is refused
+    with the reason."""
     model = models(family)
+    reason = adapters.router_role_refusal(model)
+    if reason:
+        refused(lambda: adapters.peft_config(model, LoraConfig(targets=["attention", "router"])), reason)
     model.save_pretrained(tmp_path / "base")
     names, sizes = list(moe.routers(model)), moe.routing_sizes(model)
     trained = random_lora_on(model, targets=("attention", "experts", "router"))

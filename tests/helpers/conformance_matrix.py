@@ -32,6 +32,7 @@ CHECKS = {  # test function -> column header
     "test_g_zero3_leaf_and_fsdp2_wrap_classes_found": "(g) ZeRO-3/FSDP2 classes",
     "test_h_export_merged_and_peft_reload_to_the_trained_logits": "(h) export merged/peft",
     "test_i_export_vllm_reloads_to_the_trained_logits": "(i) export vLLM",
+    "test_j_router_role_wraps_the_router_and_tracking_reads_through_it": "(j) router role",
 }
 MARKER = "<!-- conformance-matrix -->"
 
