@@ -124,7 +124,7 @@ def part_pipeline(sizes: dict, data: Path, work: Path) -> dict:
     raw["run_dir"] = str(work / "tiny-moe")
     recipe_file = work / "tiny-moe.yaml"
     recipe_file.write_text(yaml.safe_dump(raw))
-    defaults = device_defaults(load_recipe(recipe_file, []))
+    defaults = device_defaults(load_recipe(recipe_file, []).model.dtype)
     start = time.perf_counter()
     code = moetune(["run", str(recipe_file)])
     seconds = time.perf_counter() - start

@@ -143,7 +143,7 @@ def test_checkpoints_every_few_minutes_keep_the_newest(tmp_path, monkeypatch):
 def test_checkpoints_are_on_by_default_and_trl_fields_show_moetunes_defaults(capsys):
     assert CheckpointConfig().every_minutes == 30  # a kill loses at most 30 minutes, with nothing set
     for stage in ("sft", "dpo"):
-        defaults = moetune_defaults(stage, Recipe(run_dir=""))
+        defaults = moetune_defaults(Recipe(run_dir="").trainer_settings(stage))
         # no step schedule unless the recipe sets one; the newest two checkpoints of either kind are kept
         assert defaults["save_strategy"] == "no" and defaults["save_total_limit"] == 2
         assert main([stage, "--trl-fields"]) == 0
