@@ -228,8 +228,8 @@ def chain_batch(run_dir):
 
 @pytest.mark.slow
 def test_lora_sft_then_lora_dpo_exported_through_the_cli_serves_the_trained_model(tmp_path):
-    """prep -> LoRA SFT -> LoRA DPO, then `moetune export run/dpo --format vllm/merged`: the two adapters become one
-    (ranks concatenated) on the base, and both exports give the logits of the model the run trained."""
+    """prep -> LoRA SFT -> LoRA DPO, then `moetune export run/dpo --format vllm/sglang/merged`: the two adapters become
+    one (ranks concatenated) on the base, and every export gives the logits of the model the run trained."""
     from finetune.modeling.loading import load_stage_model
     from finetune.config.parsing import load_recipe
     from tests.helpers.recipes import write_recipe
@@ -239,12 +239,15 @@ def test_lora_sft_then_lora_dpo_exported_through_the_cli_serves_the_trained_mode
     run = tmp_path / "run"
     cli("export", str(run / "dpo"), "--format", "vllm", "--out", str(tmp_path / "vllm"))
     cli("export", str(run / "dpo"), "--format", "merged", "--out", str(tmp_path / "merged"))
+    cli("export", str(run / "dpo"), "--format", "sglang", "--out", str(tmp_path / "sglang"))
     inputs = chain_batch(run)
     trained = load_stage_model(load_recipe(recipe, ["model.lora.stages=[sft,dpo]"]), "dpo")
     expected = logits_of(trained, inputs)
     record = json.loads((tmp_path / "vllm" / "export.json").read_text())
     assert record["adapters"] == [str(run / "sft"), str(run / "dpo")]
     reference = per_expert_reference(run / "base", tmp_path / "vllm", tmp_path / "reference")
+    assert (logits_of(reference, inputs) - expected).abs().max() <= 1e-4
+    reference = sglang_reference(run / "base", tmp_path / "sglang", tmp_path / "sglang-reference")
     assert (logits_of(reference, inputs) - expected).abs().max() <= 1e-4
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert (logits_of(merged, inputs) - expected).abs().max() <= 1e-4
