@@ -122,6 +122,8 @@ def sglang_reference(base, exported, folder):
     rows and B[I:] @ A[r:] to the up rows (FusedMoEWithLoRA's [gate; up] order), added to the checkpoint's matrices
     of that expert (w1/w3/w2 or gate/up/down_proj); other keys as ordinary LoRA Linears."""
     config = json.loads((exported / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and isinstance(config["target_modules"], list)  # what LoRAConfig accepts
+    assert not config.get("rank_pattern") and not config.get("alpha_pattern") and not config["use_dora"]
     targets = {SGLANG_TARGETS.get(name, name) for name in config["target_modules"]}
     assert {"gate_up_proj", "down_proj"} <= targets  # else SGLang leaves the experts without LoRA
     scale = config["lora_alpha"] / config["r"]
@@ -168,7 +170,7 @@ def test_export_sglang_reloads_to_the_trained_logits(models, data, family, tmp_p
     assert (logits_of(reloaded, inputs) - expected).abs().max() <= 1e-4
     readme = (out / "README.md").read_text()
     assert f"python -m sglang.launch_server --model-path {base} --enable-lora --lora-paths moetune={out}" in readme
-    assert export.SGLANG_READ in readme
+    assert export.SGLANG_READ in readme and '"lora_path": "moetune"' in readme
 
 
 def test_an_adapter_saved_by_peft_0_18_exports_as_its_own_update(models, data, tmp_path):

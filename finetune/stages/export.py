@@ -238,8 +238,11 @@ def serving_commands(record: dict, out: str | Path) -> list[str]:
 def serving_section(record: dict, out: str | Path) -> str:
     commands = "\n".join(serving_commands(record, out))
     lines = ["## Serving", "", f"Exported as `{record['format']}`: {record['layout']}.", "", "```bash", commands, "```"]
-    if record["format"] != "merged":
+    if record["format"] == "vllm":
         lines += ["", "Requests name the adapter as the model: `\"model\": \"moetune\"`."]
+    if record["format"] == "sglang":
+        lines += ["", f"Requests name the adapter: `\"lora_path\": \"moetune\"` (/generate, or the OpenAI API's "
+                      f"extra_body), or `\"model\": \"{record['base']}:moetune\"` on the OpenAI API."]
     if record["format"] == "vllm":
         lines += ["", f"Layout chosen from {VLLM_READ}."]
     if record["format"] == "sglang":
