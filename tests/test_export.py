@@ -4,7 +4,9 @@
 - peft: PeftModel.from_pretrained on the base;
 - vllm (per-expert families): a reference written here: each exported 2-D key's b @ a * alpha/r added to the base
   checkpoint's weight of the same name (the per-expert matrices as they lie in the base's safetensors), then
-  from_pretrained on that checkpoint; 3-D families: PeftModel.from_pretrained (vLLM loads PEFT's layout there).
+  from_pretrained on that checkpoint; 3-D families: PeftModel.from_pretrained (vLLM loads PEFT's layout there);
+- sglang: a reference written here that reads the export as SGLang's loader reads it (sglang_reference: its key
+  pattern, gate/up stacking, lora_alpha / r, the target check), its updates added to the base checkpoint.
 Columns (h) and (i) of the conformance matrix.
 """
 
