@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import inspect
 import sys
 import types
 
@@ -146,20 +147,39 @@ AttentionMaskInterface.register(BLOCK_EAGER_ATTENTION, block_eager_mask)
 ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention", "attention"}
 # Entries of a per-layer list that name the FFN, not the token mixer (Nemotron-H's layers_block_type mixes both).
 FFN_LAYER_TYPES = {"moe", "mlp"}
-UNSEGMENTED = ("its {kind} layers mix tokens outside attention with no module keeping a cached convolution, "
-               "recurrent or SSM state, which moetune would run sequence by sequence: their state would flow across "
-               "a packed row's sequence boundaries")
+UNSEGMENTED = ("its {kind} layers are neither attention nor hold a recurrent mixer (a module keeping a cached "
+               "convolution, recurrent or SSM state) that moetune runs sequence by sequence, so tokens could mix "
+               "across a packed row's sequence boundaries")
 
 
 def padding_free_refusal(model) -> str | None:
     """Why `model` cannot run padding-free (packed) batches, or None when it can: its registry entry says, else
     a layer kind mixing tokens neither by attention nor by a recurrent mixer found in each of its layers."""
     config = model.config.get_text_config()
-    reason = families.family_of(model).padding_free or unsegmented_kinds(model)
+    reason = families.family_of(model).padding_free or unsegmented_kinds(model) or row_position_bias(model)
     implementation = config._attn_implementation
     if reason is None and implementation not in BLOCK_ATTENTIONS and implementation not in BLOCK_ATTENTIONS.values():
         reason = f"it runs {implementation} attention; packed rows need sdpa or eager"
     return reason
+
+
+ROW_POSITION_BIAS = ("its attention adds a position bias built over the whole row (from row positions, not the "
+                     "position ids), which block attention does not cut per sequence")
+
+
+def row_position_bias(model) -> str | None:
+    """The reason when the model's attention hands a `position_bias` to the attention function (Inkling's
+    relative logits and log scaling over row positions); None otherwise."""
+    classes = {type(module) for module in model.modules()}
+    return ROW_POSITION_BIAS if any(passes_position_bias(cls) for cls in classes) else None
+
+
+@functools.lru_cache(maxsize=None)
+def passes_position_bias(cls: type) -> bool:
+    try:
+        return "position_bias=position_bias" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
 
 
 def unsegmented_kinds(model) -> str | None:
