@@ -199,10 +199,17 @@ def padding_free_for(speed, model, stage: str) -> bool:
     """Whether a stage runs padding-free: as the recipe asks, unless the model cannot (then padded, with a note)."""
     if not speed.padding_free:
         return False
-    reason = padding_free_refusal(model.get_base_model() if isinstance(model, PeftModel) else model)
+    causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
+    reason = padding_free_refusal(causal_lm)
+    family = model.config.get_text_config().model_type
     if reason is not None and distributed.is_main_process():
-        family = model.config.get_text_config().model_type
         print(f"[{stage}] speed.padding_free is off for {family}: {reason}; batches are padded (same loss, slower).")
+    mixers = recurrent_mixers(causal_lm.base_model)
+    if reason is None and mixers and distributed.is_main_process():
+        names = [type(mixer).__name__ for mixer in mixers.values()]
+        counts = ", ".join(f"{names.count(name)} {name}" for name in sorted(set(names)))
+        print(f"[{stage}] padding-free rows for {family}: its recurrent token mixers ({counts}) run sequence by "
+              f"sequence, each from a fresh state.")
     return reason is None
 
 
