@@ -15,6 +15,7 @@ import shutil
 import pytest
 
 from finetune.cli import main
+from finetune.registry import BY_NAME
 
 from helpers.on_device import CONFORMANCE_FILES
 from helpers.recipes import write_recipe
@@ -54,6 +55,22 @@ def tiny_run_copy(tiny_run, tmp_path):
     recipe = write_recipe(tmp_path)
     shutil.copytree(tiny_run[1], tmp_path / "run")
     return recipe, tmp_path / "run"
+
+
+@pytest.fixture
+def prepared_run(tiny_run):
+    """A function (folder, stages) -> (recipe, run dir): tiny.yaml in `folder` whose run dir holds those stages'
+    output (and the base model they need), copied from the session's finished tiny run instead of trained again."""
+    def prepared(folder, stages=("prep",)):
+        folder.mkdir()
+        recipe = write_recipe(folder)
+        folders = {BY_NAME[name].folder for name in stages}
+        if folders - {"data"}:
+            folders.add("base")
+        for name in folders:
+            shutil.copytree(tiny_run[1] / name, folder / "run" / name)
+        return str(recipe), folder / "run"
+    return prepared
 
 
 @pytest.fixture
