@@ -17,7 +17,7 @@ from finetune.config.recipe import ModelInit
 from finetune.modeling.tiny import family_config
 from finetune.training.packed_forward import ROW_POSITION_BIAS, padding_free_refusal, use_block_attention
 from finetune.training.packed_mixers import recurrent_mixers
-from helpers.recipes import run_cli
+from helpers.recipes import LORA_CHAIN_RECIPE, run_cli
 
 # The MoE families of transformers 5.24 with recurrent token mixers, and the mixer class moetune finds in each.
 HYBRIDS = {
@@ -82,21 +82,6 @@ def test_families_that_still_run_padded_say_what_is_missing(family):
     assert STILL_PADDED[family] in padding_free_refusal(tiny_model(family))
 
 
-RECIPE = """
-run_dir: {run_dir}
-seed: 7
-model:
-  init: {{architecture: jamba, hidden_size: 64, intermediate_size: 64, num_layers: 2, num_heads: 4, num_kv_heads: 2,
-          num_experts: 4, experts_per_token: 2, vocab_size: 280}}
-  lora: {{r: 4, alpha: 8, stages: [sft, dpo]}}
-data:
-  sources: [{{format: synthetic, options: {{sft: 24, pairs: 12, questions: 2}}}}]
-  test_size: 0
-sft: {{max_steps: 2, per_device_train_batch_size: 4, learning_rate: 1.0e-2, logging_steps: 1, max_length: 128}}
-dpo: {{max_steps: 2, per_device_train_batch_size: 2, learning_rate: 1.0e-2, logging_steps: 1, max_length: 128}}
-"""
-
-
 def logged(run, stage: str, key: str) -> list[float]:
     """The per-step values of `key` a stage logged (its metrics.json)."""
     return [entry[key] for entry in json.loads((run / stage / "metrics.json").read_text()) if key in entry]
@@ -104,21 +89,22 @@ def logged(run, stage: str, key: str) -> list[float]:
 
 @pytest.mark.slow  # two runs of prep, SFT and DPO: ~40 s on a shared 2-core machine
 def test_cli_runs_a_hybrid_family_padding_free_with_the_padded_losses(tmp_path):
-    """`moetune run` on a Jamba model.init recipe (Mamba layer with MoE): padding-free by default, it says so, and
-    its SFT and DPO losses step by step are the padded run's (`speed.padding_free=false`)."""
+    """`moetune run` on a Jamba model.init recipe (attention and Mamba layers, MoE in the Mamba ones), LoRA SFT ->
+    LoRA DPO: padding-free by default, it says so, and its SFT and DPO losses and aux losses step by step are the
+    padded run's (`speed.padding_free=false`)."""
     runs = {}
     for padding_free in ("true", "false"):
         folder = tmp_path / padding_free
         folder.mkdir()
-        (folder / "recipe.yaml").write_text(RECIPE.format(run_dir=folder / "run"))
-        printed = run_cli(["run", str(folder / "recipe.yaml"), "--stages", "prep,sft,dpo",
+        (folder / "recipe.yaml").write_text(LORA_CHAIN_RECIPE.format(run_dir=folder / "run", architecture="jamba"))
+        printed = run_cli(["run", str(folder / "recipe.yaml"), "--stages", "prep,sft,dpo", "dpo.max_steps=2",
                            f"speed.padding_free={padding_free}"])
         assert "speed.padding_free is off" not in printed
-        note = "padding-free rows for jamba: its recurrent token mixers (1 JambaMambaMixer) run sequence by sequence"
+        note = "padding-free rows for jamba: its recurrent token mixers (2 JambaMambaMixer) run sequence by sequence"
         assert (note in printed) == (padding_free == "true"), printed[-3000:]
         runs[padding_free] = folder / "run"
     for stage in ("sft", "dpo"):
         for key in ("loss", "aux_loss"):
             packed, padded = (logged(runs[run], stage, key) for run in ("true", "false"))
-            assert len(packed) == 2
+            assert len(packed) == 2  # the second step after an update: DPO's first loss is log 2 either way
             assert packed == pytest.approx(padded, rel=1e-5)
