@@ -87,7 +87,7 @@ def logged(run, stage: str, key: str) -> list[float]:
     return [entry[key] for entry in json.loads((run / stage / "metrics.json").read_text()) if key in entry]
 
 
-@pytest.mark.slow  # two runs of prep, SFT and DPO: ~40 s on a shared 2-core machine
+@pytest.mark.slow  # two runs of prep, SFT and DPO: ~4 min on a busy shared 2-core machine
 def test_cli_runs_a_hybrid_family_padding_free_with_the_padded_losses(tmp_path):
     """`moetune run` on a Jamba model.init recipe (attention and Mamba layers, MoE in the Mamba ones), LoRA SFT ->
     LoRA DPO: padding-free by default, it says so, and its SFT and DPO losses and aux losses step by step are the
