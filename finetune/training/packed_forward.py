@@ -7,8 +7,9 @@ so TRL's DPO loss, reference pass and metrics run unchanged on it. Without packe
 Attention runs block by block (one call per sequence, two per prompt-shared pair; also for TRL's padding-free SFT
 rows): a dense mask over the whole packed row would cost attention quadratic in the batch's total length. The call
 is the model's own attention, sdpa or eager (gpt-oss: eager, for its attention sinks), within the layer's sliding
-window if it has one. Layers with a recurrent state (linear attention, Mamba) cannot be cut into blocks this way:
-such models run padded batches instead (`padding_free_for`). Only the completion tokens' hidden states go through
+window if it has one. Layers with a recurrent state (linear attention, Mamba, short convolutions) run their mixer
+once per sequence instead (finetune/training/packed_mixers.py); a model whose layers mix tokens some other way runs
+padded batches, with a note saying why (`padding_free_for`). Only the completion tokens' hidden states go through
 the LM head (TRL scores every position on CPU), at temperature 1 and without logit scaling, as DPO and the Mixtral,
 Qwen3-MoE and OLMoE heads use. The load-balancing loss weighs each token as the padded batch does: a shared prompt
 counts twice, padding not at all.
