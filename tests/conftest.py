@@ -10,7 +10,13 @@ marked so, and every test of the per-family conformance files.
 
 from __future__ import annotations
 
+import os
 import shutil
+
+# `make test` runs the suite on two pytest-xdist workers, one per core of a CI machine: each worker (and every
+# process it starts, through the environment) computes on one thread, so the two do not fight over the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
 import pytest
 
