@@ -25,15 +25,13 @@ parameter in fp32 training) while the experts themselves are split; the compute 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from peft import PeftConfig, PeftModel
 from peft.tuners.lora.layer import ParamWrapper
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from finetune.modeling import expert_parallel
+from finetune.modeling import expert_parallel, expert_quant, moe
 
 
 class LocalExpertsDelta:
@@ -97,20 +95,12 @@ class SplitExpertsLora(ParamWrapper):
         self.local = local_experts(experts._parameters[parameter_name])
         read_with_local_delta(experts, parameter_name)
 
-    @contextlib.contextmanager
     def _activate_lora(self, active_adapters: list[str]):
-        adapters = [adapter for adapter in active_adapters if adapter in self.lora_A]
-        if not adapters:
-            yield
-            return
-        if len(adapters) > 1:
-            raise ValueError(f"LoRA on split experts supports one active adapter at a time, not {adapters}.")
-        experts = self.get_base_layer()
-        experts.split_lora[self.parameter_name] = LocalExpertsDelta(*self.get_delta_factors(adapters[0]), self.local)
-        try:
-            yield
-        finally:
-            del experts.split_lora[self.parameter_name]
+        return expert_quant.factors_handed_over(self, active_adapters, self.get_base_layer().split_lora,
+                                                self.local_delta, "split experts")
+
+    def local_delta(self, adapter: str) -> LocalExpertsDelta:
+        return LocalExpertsDelta(*self.get_delta_factors(adapter), self.local)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise ValueError("an adapter on split experts is merged by split_expert_lora.merge_adapter")
@@ -126,8 +116,6 @@ def use_split_expert_lora(config: PeftConfig, model: nn.Module) -> PeftConfig:
     config is returned as it is."""
     if not expert_parallel.is_split(model):
         return config
-    from finetune.modeling import moe
-
     classes = {type(module) for module in model.modules() if moe.is_experts(module)
                and any(expert_parallel.is_dtensor(p) for p in module.parameters(recurse=False))}
     if classes:
