@@ -100,6 +100,10 @@ def test_lora_on_split_experts_trains_sft_then_dpo_like_one_process(tmp_path):
     """LoRA on attention, routed experts and shared experts with the experts split: the experts' adapters applied by
     the process holding each expert, a LoRA DPO on the SFT adapter merged into the split weights; the same losses
     and adapters as one process, and the saved adapter is an ordinary PEFT adapter of the whole model."""
+    from transformers import AutoTokenizer
+
+    from helpers.tiny import batch
+
     runs = {}
     for name in ("split", "one"):
         (tmp_path / name).mkdir()
@@ -119,9 +123,6 @@ def test_lora_on_split_experts_trains_sft_then_dpo_like_one_process(tmp_path):
         assert [s for s, _ in split_losses] == [s for s, _ in one_losses] and len(split_losses) >= 3
         assert all(a == pytest.approx(b, abs=TOLERANCE) for (_, a), (_, b) in zip(split_losses, one_losses))
     assert history(split_run, "dpo", "loss")[-1][1] < history(split_run, "dpo", "loss")[0][1]
-    from helpers.tiny import batch
-    from transformers import AutoTokenizer
-
     inputs = batch(AutoTokenizer.from_pretrained(str(one_run / "base")))
     with torch.no_grad():
         split_logits = load_adapter_on_one_process(split_run, "sft")(**inputs).logits
