@@ -91,6 +91,22 @@ def test_llama4_text_full_sft_then_lora_dpo(tmp_path):
     assert any(".experts." in name for name in changed)  # full fine-tuning trained the experts too
 
 
+def test_full_dpo_trains_on_a_merged_lora_sft(tmp_path):
+    """LoRA SFT, then full-fine-tuning DPO on the SFT adapter merged into the base: the merged weights train (PEFT
+    leaves a merged base frozen, and DPO stopped at its first backward)."""
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(RECIPE.format(run_dir=tmp_path / "run", architecture="mixtral")
+                           .replace("stages: [sft, dpo]", "stages: [sft]"))
+    run_cli(["run", str(recipe_path), "--stages", "prep,sft,dpo"])
+    run = tmp_path / "run"
+    assert read_manifest(run / "dpo")["outputs"]["kind"] == "full"
+    recipe = load_recipe(recipe_path)
+    start, tuned = load_stage_model(recipe.model_source, "sft"), load_stage_model(recipe.model_source, "dpo")
+    changed = [name for name, param in tuned.named_parameters()
+               if not torch.equal(param, start.get_parameter(name))]
+    assert any(".experts." in name for name in changed) and any("self_attn" in name for name in changed)
+
+
 @pytest.mark.parametrize("padding_free", [False, True])
 def test_router_role_trains_in_sft_and_dpo_and_merges(tmp_path, padding_free):
     """The documented `router` role: PEFT wraps the router, and the expert-load tracking read `top_k` from the

@@ -185,6 +185,16 @@ def merge_adapter(base: nn.Module, adapter_dir: str | Path) -> nn.Module:
     Merging adds the adapter's update to the full base weight, so under ZeRO-3 each adapted module's weights are
     gathered whole while it merges (one module at a time: a Mixtral layer's experts, 2.8 GB in bf16, not the model).
     """
+    merged = merged_into(base, adapter_dir)
+    # PEFT froze the base weights when it wrapped them and unloading leaves them frozen: the merged model trains like
+    # a freshly loaded one (a full-fine-tuning stage on an adapter stage stopped with 'element 0 of tensors does not
+    # require grad'); a stage that adds an adapter freezes them again.
+    for param in merged.parameters():
+        param.requires_grad_(True)
+    return merged
+
+
+def merged_into(base: nn.Module, adapter_dir: str | Path) -> nn.Module:
     if expert_parallel.is_split(base):
         return split_expert_lora.merge_adapter(base, adapter_dir)
     peft_model = peft.PeftModel.from_pretrained(base, str(adapter_dir))
