@@ -19,22 +19,8 @@ from finetune.core import families
 from finetune.modeling.loading import load_stage_model
 from finetune.config.parsing import load_recipe
 from finetune.core.rundir import read_manifest
-from helpers.recipes import run_cli
+from helpers.recipes import LORA_CHAIN_RECIPE as RECIPE, run_cli
 from helpers.family_models import FAMILIES
-
-RECIPE = """
-run_dir: {run_dir}
-seed: 7
-model:
-  init: {{architecture: {architecture}, hidden_size: 64, intermediate_size: 64, num_layers: 4, num_heads: 4,
-          num_kv_heads: 2, num_experts: 4, experts_per_token: 2, vocab_size: 280}}
-  lora: {{r: 4, alpha: 8, stages: [sft, dpo]}}
-data:
-  sources: [{{format: synthetic, options: {{sft: 24, pairs: 12, questions: 2}}}}]
-  test_size: 0
-sft: {{max_steps: 2, per_device_train_batch_size: 4, learning_rate: 1.0e-2, logging_steps: 1, max_length: 128}}
-dpo: {{max_steps: 1, per_device_train_batch_size: 2, learning_rate: 1.0e-3, logging_steps: 1, max_length: 128}}
-"""
 
 pytestmark = pytest.mark.slow  # prep, SFT and DPO per family: ~20-25 s each on a shared 2-core machine
 
@@ -73,13 +59,18 @@ def test_lora_sft_then_lora_dpo_with_default_roles(architecture, tmp_path):
     torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=1e-4)
 
 
+def run_chain(tmp_path, architecture, lora_stages):
+    """(recipe path, run dir) of RECIPE with these LoRA stages, after `moetune run --stages prep,sft,dpo`."""
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(RECIPE.format(run_dir=tmp_path / "run", architecture=architecture)
+                           .replace("stages: [sft, dpo]", f"stages: {lora_stages}"))
+    run_cli(["run", str(recipe_path), "--stages", "prep,sft,dpo"])
+    return recipe_path, tmp_path / "run"
+
+
 def test_llama4_text_full_sft_then_lora_dpo(tmp_path):
     """Llama 4's experts run their own forward and take no kernel choice: loading with one stopped SFT (#24)."""
-    recipe_path = tmp_path / "recipe.yaml"
-    recipe_path.write_text(RECIPE.format(run_dir=tmp_path / "run", architecture="llama4_text")
-                           .replace("stages: [sft, dpo]", "stages: [dpo]"))
-    run_cli(["run", str(recipe_path), "--stages", "prep,sft,dpo"])
-    run = tmp_path / "run"
+    recipe_path, run = run_chain(tmp_path, "llama4_text", lora_stages="[dpo]")
     assert read_manifest(run / "sft")["outputs"]["kind"] == "full"
     outputs = read_manifest(run / "dpo")["outputs"]
     assert (outputs["kind"], outputs["parent"]) == ("adapter", "sft")
@@ -89,6 +80,18 @@ def test_llama4_text_full_sft_then_lora_dpo(tmp_path):
     changed = [name for name, param in tuned.named_parameters()
                if not torch.equal(param, base.get_parameter(name))]
     assert any(".experts." in name for name in changed)  # full fine-tuning trained the experts too
+
+
+def test_full_dpo_trains_on_a_merged_lora_sft(tmp_path):
+    """LoRA SFT, then full-fine-tuning DPO on the SFT adapter merged into the base: the merged weights train (PEFT
+    leaves a merged base frozen, and DPO stopped at its first backward)."""
+    recipe_path, run = run_chain(tmp_path, "mixtral", lora_stages="[sft]")
+    assert read_manifest(run / "dpo")["outputs"]["kind"] == "full"
+    recipe = load_recipe(recipe_path)
+    start, tuned = load_stage_model(recipe.model_source, "sft"), load_stage_model(recipe.model_source, "dpo")
+    changed = [name for name, param in tuned.named_parameters()
+               if not torch.equal(param, start.get_parameter(name))]
+    assert any(".experts." in name for name in changed) and any("self_attn" in name for name in changed)
 
 
 @pytest.mark.parametrize("padding_free", [False, True])
