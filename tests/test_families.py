@@ -237,3 +237,25 @@ def test_h_router_role_wraps_the_router_and_tracking_reads_through_it(models, da
         base_router = next(iter(moe.routers(AutoModelForCausalLM.from_pretrained(tmp_path / "base")).values()))
         weight = moe.router_weight_name(merged, router_name)
         assert not torch.equal(router.get_parameter(weight), base_router.get_parameter(weight))  # merged into
+
+
+# ---------------------------------------------------------------- adapters whose keys a checkpoint renaming would move
+
+@pytest.mark.parametrize("family", ["laguna", "inkling2_text"])
+def test_an_adapter_reloads_whole_where_the_checkpoint_renamings_would_move_its_keys(models, data, family, tmp_path):
+    """PEFT renames a loaded adapter's keys through the family's checkpoint conversion; Laguna's unescaped
+    `mlp.shared_expert.` and Inkling 2's `sconv.weight_proj` renamings sent the shared experts' and the dynamic
+    convolutions' LoRA to no module (left at zero, logits off by 0.7). Every key loads, the logits are the trained
+    ones."""
+    model = models(family)
+    model.save_pretrained(tmp_path / "base")
+    trained = random_lora_on(model, targets=ROLES)
+    trained.save_pretrained(tmp_path / "adapter")
+    inputs = padded_batch(data[0])
+    loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                            tmp_path / "adapter").eval()
+    expected = {name: p for name, p in trained.named_parameters() if "lora_" in name}
+    assert {name: p for name, p in loaded.named_parameters() if "lora_" in name}.keys() == expected.keys()
+    assert all(torch.equal(p, expected[name]) for name, p in loaded.named_parameters() if "lora_" in name)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, trained(**inputs).logits, rtol=0, atol=1e-5)

@@ -59,8 +59,10 @@ class BiasUpdate(TrainerCallback):
         for router, shares in self.tracker.take().items():
             if sum(shares) == 0:
                 continue
+            bias = self.biases.get(self.block_of[router])
+            if bias is None:  # a block routed without a bias (DeepSeek-V4's hash-routed first layers)
+                continue
             load = torch.tensor(shares, dtype=torch.float32)
-            bias = self.biases[self.block_of[router]]
             with torch.no_grad():
                 bias += (self.rate * torch.sign(load.mean() - load)).to(bias.device, bias.dtype).reshape(bias.shape)
 

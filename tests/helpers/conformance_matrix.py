@@ -94,7 +94,7 @@ def replace_in_page(page: Path, text: str) -> None:
 def cells_from_logs(paths: list[str]) -> dict[tuple[str, str], str]:
     """Cells read back from the output of `pytest -v -rA` runs of the matrix's tests (a run split in parts, or
     one stopped early: its cells not reached stay "not run")."""
-    from tests.test_every_family import KNOWN
+    from tests.helpers.family_models import KNOWN
 
     cells = {}
     for path in paths:
