@@ -21,6 +21,7 @@ from finetune.training import balancing, expert_load
 from finetune.training.packed_dpo import PackedDPOTrainer
 from finetune.training.packed_forward import padding_free_refusal
 from finetune.training.packed_sft import PaddingFreeSFTTrainer
+from finetune.training.scored_lm_head import head_logit_scale, scored_log_probs
 from helpers.family_models import FAMILIES, ROLES, data, models, padded_batch, refused  # noqa: F401 (fixtures)
 from helpers.nf4 import dequantized_copy, quantized_copy, random_lora_on
 from helpers.parity import loss_and_gradients
@@ -129,6 +130,20 @@ def test_d_packed_sft_and_prompt_shared_dpo_equal_trl(models, data, family, tmp_
     trl = build(tiny, tmp_path / "trl")
     same_math(loss_and_gradients(trl, whole_dataset(trl)),
               build(tiny, tmp_path / "packed", PackedDPOTrainer, trainer_options={"share_prompt": True}))
+
+
+def test_packed_log_probs_carry_the_heads_logit_scale(models):
+    """Cohere's head multiplies its logits by `logit_scale` (1/16): the packed forward's log-probs did not, and its
+    DPO gradients were 16 times TRL's (cohere2_moe's (d) cell). They are the log-softmax of the scaled logits."""
+    model = models("cohere2_moe")
+    scale = head_logit_scale(model.config)
+    assert scale == model.config.get_text_config().logit_scale != 1.0
+    hidden, targets = torch.randn(6, model.config.hidden_size, generator=torch.Generator().manual_seed(0)), \
+        torch.arange(6)
+    log_probs = scored_log_probs(model, hidden, targets, ("log_probs",), logit_scale=scale)[0]
+    with torch.no_grad():
+        expected = torch.log_softmax(model.get_output_embeddings()(hidden) * scale, -1)[torch.arange(6), targets]
+    torch.testing.assert_close(log_probs.detach(), expected)
 
 
 def model_for_comparison(models, entry, family):

@@ -9,9 +9,9 @@ rows): a dense mask over the whole packed row would cost attention quadratic in 
 is the model's own attention, sdpa or eager (gpt-oss: eager, for its attention sinks), within the layer's sliding
 window if it has one. Layers with a recurrent state (linear attention, Mamba) cannot be cut into blocks this way:
 such models run padded batches instead (`padding_free_for`). Only the completion tokens' hidden states go through
-the LM head (TRL scores every position on CPU), at temperature 1 and without logit scaling, as DPO and the Mixtral,
-Qwen3-MoE and OLMoE heads use. The load-balancing loss weighs each token as the padded batch does: a shared prompt
-counts twice, padding not at all.
+the LM head (TRL scores every position on CPU), at temperature 1, with the head's logit scale (Cohere's) and
+soft-capping as TRL's fused head applies them. The load-balancing loss weighs each token as the padded batch does: a
+shared prompt counts twice, padding not at all.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from trl.trainer.utils import FusedCausalLMOutput
 
 from finetune.core import distributed, families
 from finetune.training.preference_packing import PACKED_KEYS
-from finetune.training.scored_lm_head import router_loss, scored_log_probs
+from finetune.training.scored_lm_head import head_logit_scale, router_loss, scored_log_probs
 
 # Set while TRL computes reference log-probs: only the log-probs are read then, not the logged metrics' fields.
 LOG_PROBS_ONLY = contextvars.ContextVar("log_probs_only", default=False)
@@ -212,7 +212,7 @@ def packed_forward(model, batch: dict, fields: tuple[str, ...], tiled: bool) -> 
     )
     sources = hidden.last_hidden_state[0].index_select(0, batch["packed_score_source"])
     per_token = scored_log_probs(model, sources, batch["packed_score_token"], fields,
-                                 getattr(config, "final_logit_softcapping", None), tiled)
+                                 getattr(config, "final_logit_softcapping", None), tiled, head_logit_scale(config))
     rows, length = batch["input_ids"].shape
     where = (batch["packed_score_row"], batch["packed_score_col"])
     log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (
