@@ -30,8 +30,9 @@ from torch import nn
 PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 GATE_UP, DOWN = "gate_up_proj", "down_proj"
-# PEFT's nesting of two parameters of one module: the inner wrapper (`base_layer`) holds gate_up_proj.
-NESTED = {".base_layer": GATE_UP, "": DOWN}
+# The experts' input projection: fused gate and up (gated FFNs), or up alone (Nemotron-H's squared-ReLU experts).
+INPUT_PROJECTIONS = (GATE_UP, "up_proj")
+EXPERT_PARAMETERS = (*INPUT_PROJECTIONS, DOWN)
 SWAP_FIXED_IN = Version("0.19.0")  # PEFT#3165: in/out of (E, out, in) parameters read the right way round
 
 
@@ -63,19 +64,24 @@ class ExpertsInfo:
     num_experts: int
     transposed: bool  # stored (E, in, out) (gpt-oss) instead of (E, out, in)
     shapes: dict[str, tuple[int, int]]  # parameter -> logical (out, in)
+    # (input projection, down_proj). PEFT's nesting of the two: the inner wrapper (`base_layer`) holds the first.
+    params: tuple[str, str] = (GATE_UP, DOWN)
 
 
 def experts_info(model: nn.Module) -> dict[str, ExpertsInfo]:
     """Every fused experts module of `model` by qualified name (no "base_model.model." prefix)."""
     found = {}
     for name, module in model.named_modules():
-        if all(isinstance(getattr(module, p, None), nn.Parameter) for p in (GATE_UP, DOWN)):
-            transposed = bool(getattr(module, "is_transposed", False))
-            shapes = {}
-            for param in (GATE_UP, DOWN):
-                e, first, second = getattr(module, param).shape
-                shapes[param] = (second, first) if transposed else (first, second)
-            found[name] = ExpertsInfo(getattr(module, param).shape[0], transposed, shapes)
+        present = [p for p in EXPERT_PARAMETERS if isinstance(getattr(module, p, None), nn.Parameter)]
+        if DOWN not in present or present[0] == DOWN:
+            continue
+        params = (present[0], DOWN)
+        transposed = bool(getattr(module, "is_transposed", False))
+        shapes = {}
+        for param in params:
+            e, first, second = getattr(module, param).shape
+            shapes[param] = (second, first) if transposed else (first, second)
+        found[name] = ExpertsInfo(e, transposed, shapes, params)
     return found
 
 
@@ -111,11 +117,13 @@ def is_old_layout(config: dict) -> bool:
 
 def expert_target(module: str, experts: dict[str, ExpertsInfo], config: dict) -> tuple[str, str] | None:
     """(experts module, parameter) a wrapper key names, or None for a Linear."""
-    targeted = [p for p in (GATE_UP, DOWN) if any(t.endswith(p) for t in config.get("target_parameters") or ())]
-    for suffix, param in NESTED.items():
+    for suffix in (".base_layer", ""):
         owner = module.removesuffix(suffix) if suffix else module
         if owner in experts and (module.endswith(suffix) if suffix else True):
-            return owner, (param if len(targeted) == 2 else targeted[0])
+            params = experts[owner].params
+            targeted = [p for p in params if any(t.endswith("." + p) or t == p
+                                                 for t in config.get("target_parameters") or ())]
+            return owner, (params[0 if suffix else 1] if len(targeted) == 2 else targeted[0])
     return None
 
 
@@ -125,7 +133,7 @@ def read_peft(tensors: dict[str, torch.Tensor], config: dict, experts: dict[str,
     (DoRA, biases, whole modules, a router); otherwise (the merged export's delta report) read the LoRA pairs only."""
     if servable:
         check_plain_lora(config)
-        router = [t for t in config.get("target_parameters") or () if not t.endswith((GATE_UP, DOWN))]
+        router = [t for t in config.get("target_parameters") or () if t.rsplit(".", 1)[-1] not in EXPERT_PARAMETERS]
         if router:
             raise LayoutError(f"the adapter trains the router ({', '.join(router)}): vLLM and SGLang apply LoRA to "
                               f"Linear layers and experts only, not to a router weight. Use --format merged.")
@@ -219,15 +227,15 @@ def to_peft(factors: dict[str, Factors], experts: dict[str, ExpertsInfo]) -> tup
     by_owner: dict[str, list[str]] = {}
     for target in factors:
         owner, _, param = target.rpartition(".")
-        if owner in experts and param in (GATE_UP, DOWN):
+        if owner in experts and param in experts[owner].params:
             by_owner.setdefault(owner, []).append(param)
     for target, factor in factors.items():
         factor = padded(factor, rank)
         owner, _, param = target.rpartition(".")
-        if owner in experts and param in (GATE_UP, DOWN):
+        if owner in experts and param in experts[owner].params:
             e = experts[owner].num_experts
             both = len(by_owner[owner]) == 2
-            module = owner + (".base_layer" if both and param == GATE_UP else "")
+            module = owner + (".base_layer" if both and param == experts[owner].params[0] else "")
             lora_a = factor.a.reshape(e * rank, factor.a.shape[-1])
             lora_b = factor.b.permute(1, 2, 0).reshape(factor.b.shape[1], rank * e)
             parameters.add(".".join(owner.split(".")[-2:] + [param]))
@@ -278,7 +286,7 @@ def to_per_expert(factors: dict[str, Factors], experts: dict[str, ExpertsInfo],
     complete = dict(factors)
     for owner in {t.rpartition(".")[0] for t in factors} & set(experts):
         info = experts[owner]
-        for param in (GATE_UP, DOWN):
+        for param in info.params:
             out_features, in_features = info.shapes[param]
             complete.setdefault(f"{owner}.{param}", Factors(torch.zeros(info.num_experts, rank, in_features),
                                                             torch.zeros(info.num_experts, out_features, rank)))
