@@ -93,7 +93,7 @@ def test_c_balancing_term_present_and_logged(models, data, family, tmp_path):
     tokenizer, _, conversations = data
     args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_length=40,
                      per_device_train_batch_size=4, max_steps=1, logging_steps=1, save_strategy="no", seed=0,
-                     learning_rate=1e-3)
+                     learning_rate=1e-3, activation_checkpointing=model.supports_gradient_checkpointing)
     trainer = SFTTrainer(model=model, args=args, train_dataset=conversations, processing_class=tokenizer,
                          peft_config=adapters.peft_config(model, LoraConfig()))
     biases = {name: bias.clone() for name, bias in moe.bias_tensors(model).items()}
@@ -207,10 +207,9 @@ def test_f_save_load_merge_round_trip_gives_identical_logits(models, data, famil
 @pytest.mark.parametrize("family", FAMILIES)
 def test_g_zero3_leaf_and_fsdp2_wrap_classes_found(models, family):
     model = models(family)
-    leaves = moe.moe_block_classes(model)
-    assert len(leaves) == 1
+    leaves = moe.moe_block_classes(model)  # one class; two where attention routes too (JetMoE's MoA and MoE)
     blocks = moe.moe_blocks(model)
-    assert all(type(block) is leaves[0] for block in blocks.values())
+    assert 1 <= len(leaves) <= 2 and {type(block) for block in blocks.values()} == set(leaves)
     assert all(any(router.startswith(block + ".") for block in blocks) for router in moe.routers(model))
     layers = moe.decoder_layer_classes(model)
     assert layers and {cls.__name__ for cls in layers} <= set(model._no_split_modules)

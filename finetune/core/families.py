@@ -438,7 +438,8 @@ def prepare_for_training(model: nn.Module) -> None:
       for router logits (and Llama 4's carries a coefficient): TRL would add coef * None, or compute Mixtral's aux
       loss in its fused LM head. Router logits off and coefficient 0 is TRL's "no aux loss".
     - TRL's fused LM head computes the aux loss with `config.num_experts`, which Phi-MoE and Granite configs
-      call `num_local_experts`: the count is copied under the name TRL reads.
+      call `num_local_experts`: the count is copied under the name TRL reads. So is the coefficient, which JetMoE
+      calls `aux_loss_coef` (TRL reads `router_aux_loss_coef`, and without it neither adds nor logs the aux loss).
     - Llama4ForCausalLM's `base_model_prefix` ("language_model") names no attribute, so `model.base_model` (what
       TRL's fused LM head and packed DPO call for the decoder) would be the whole model: the instance gets the
       attribute's real name.
@@ -453,6 +454,9 @@ def prepare_for_training(model: nn.Module) -> None:
             config.router_aux_loss_coef = 0.0
     if family.has_aux_loss and getattr(config, "num_experts", None) is None:
         config.num_experts = expert_count(config)
+    if family.has_aux_loss and getattr(config, "router_aux_loss_coef", None) is None \
+            and getattr(config, "aux_loss_coef", None) is not None:
+        config.router_aux_loss_coef = config.aux_loss_coef
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if family.backbone:
         causal_lm.base_model_prefix = family.backbone

@@ -27,12 +27,11 @@ import torch
 from packaging.version import Version
 from torch import nn
 
+from finetune.modeling import moe
+
 PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 GATE_UP, DOWN = "gate_up_proj", "down_proj"
-# The experts' input projection: fused gate and up (gated FFNs), or up alone (Nemotron-H's squared-ReLU experts).
-INPUT_PROJECTIONS = (GATE_UP, "up_proj")
-EXPERT_PARAMETERS = (*INPUT_PROJECTIONS, DOWN)
 SWAP_FIXED_IN = Version("0.19.0")  # PEFT#3165: in/out of (E, out, in) parameters read the right way round
 
 
@@ -64,18 +63,19 @@ class ExpertsInfo:
     num_experts: int
     transposed: bool  # stored (E, in, out) (gpt-oss) instead of (E, out, in)
     shapes: dict[str, tuple[int, int]]  # parameter -> logical (out, in)
-    # (input projection, down_proj). PEFT's nesting of the two: the inner wrapper (`base_layer`) holds the first.
-    params: tuple[str, str] = (GATE_UP, DOWN)
+    # Its 3-D parameters: (input projection, down_proj), as gate_up_proj (or Nemotron-H's up_proj) and down_proj;
+    # PEFT nests the two wrappers, the inner one (`base_layer`) holds the first. One (JetMoE's `weight`) where each
+    # projection is its own experts module.
+    params: tuple[str, ...] = (GATE_UP, DOWN)
 
 
 def experts_info(model: nn.Module) -> dict[str, ExpertsInfo]:
-    """Every fused experts module of `model` by qualified name (no "base_model.model." prefix)."""
+    """Every fused experts module of `model` by qualified name (no "base_model.model." prefix): the modules holding
+    3-D expert parameters, found by structure as training finds them."""
     found = {}
-    for name, module in model.named_modules():
-        present = [p for p in EXPERT_PARAMETERS if isinstance(getattr(module, p, None), nn.Parameter)]
-        if DOWN not in present or present[0] == DOWN:
-            continue
-        params = (present[0], DOWN)
+    count = moe.config_expert_count(model)
+    for name, module in moe.experts_modules(model).items():
+        params = tuple(sorted(moe.expert_parameter_names(module, count), key=lambda param: param == DOWN))
         transposed = bool(getattr(module, "is_transposed", False))
         shapes = {}
         for param in params:
@@ -115,6 +115,13 @@ def is_old_layout(config: dict) -> bool:
     return version is not None and Version(version.split("+")[0]) < SWAP_FIXED_IN
 
 
+def names_experts(target: str, experts: dict[str, ExpertsInfo]) -> bool:
+    """Whether a `target_parameters` entry (`mlp.experts.down_proj`) names a parameter of an experts module."""
+    module, _, param = target.rpartition(".")
+    return any((owner == module or owner.endswith("." + module)) and param in info.params
+               for owner, info in experts.items())
+
+
 def expert_target(module: str, experts: dict[str, ExpertsInfo], config: dict) -> tuple[str, str] | None:
     """(experts module, parameter) a wrapper key names, or None for a Linear."""
     for suffix in (".base_layer", ""):
@@ -133,7 +140,7 @@ def read_peft(tensors: dict[str, torch.Tensor], config: dict, experts: dict[str,
     (DoRA, biases, whole modules, a router); otherwise (the merged export's delta report) read the LoRA pairs only."""
     if servable:
         check_plain_lora(config)
-        router = [t for t in config.get("target_parameters") or () if t.rsplit(".", 1)[-1] not in EXPERT_PARAMETERS]
+        router = [t for t in config.get("target_parameters") or () if not names_experts(t, experts)]
         if router:
             raise LayoutError(f"the adapter trains the router ({', '.join(router)}): vLLM and SGLang apply LoRA to "
                               f"Linear layers and experts only, not to a router weight. Use --format merged.")
