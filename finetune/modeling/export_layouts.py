@@ -60,7 +60,8 @@ class Factors:
 class ExpertsInfo:
     """What the re-layout needs to know of one experts module of the base model."""
 
-    num_experts: int
+    counts: dict[str, int]  # parameter -> experts it holds (LongCat-Flash's gate_up_proj has its zero-computation
+    # experts too, down_proj only the routed ones)
     transposed: bool  # stored (E, in, out) (gpt-oss) instead of (E, out, in)
     shapes: dict[str, tuple[int, int]]  # parameter -> logical (out, in)
     # Its 3-D parameters: (input projection, down_proj), as gate_up_proj (or Nemotron-H's up_proj) and down_proj;
@@ -77,11 +78,11 @@ def experts_info(model: nn.Module) -> dict[str, ExpertsInfo]:
     for name, module in moe.experts_modules(model).items():
         params = tuple(sorted(moe.expert_parameter_names(module, count), key=lambda param: param == DOWN))
         transposed = bool(getattr(module, "is_transposed", False))
-        shapes = {}
+        shapes, counts = {}, {}
         for param in params:
-            e, first, second = getattr(module, param).shape
+            counts[param], first, second = getattr(module, param).shape
             shapes[param] = (second, first) if transposed else (first, second)
-        found[name] = ExpertsInfo(e, transposed, shapes, params)
+        found[name] = ExpertsInfo(counts, transposed, shapes, params)
     return found
 
 
@@ -168,7 +169,7 @@ def read_peft(tensors: dict[str, torch.Tensor], config: dict, experts: dict[str,
 def expert_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, info: ExpertsInfo, param: str, swapped: bool,
                    s: float) -> Factors:
     """One fused expert parameter's A and B as per-expert (E, r, in) / (E, out, r) factors."""
-    e = info.num_experts
+    e = info.counts[param]
     out_features, in_features = info.shapes[param]
     rank = lora_a.shape[0] // e
     if swapped:  # PEFT 0.18: A spans `out`, B spans `in`, and the update is (B_e A_e)^T
@@ -240,7 +241,7 @@ def to_peft(factors: dict[str, Factors], experts: dict[str, ExpertsInfo]) -> tup
         factor = padded(factor, rank)
         owner, _, param = target.rpartition(".")
         if owner in experts and param in experts[owner].params:
-            e = experts[owner].num_experts
+            e = experts[owner].counts[param]
             both = len(by_owner[owner]) == 2
             module = owner + (".base_layer" if both and param == experts[owner].params[0] else "")
             lora_a = factor.a.reshape(e * rank, factor.a.shape[-1])
@@ -295,13 +296,13 @@ def to_per_expert(factors: dict[str, Factors], experts: dict[str, ExpertsInfo],
         info = experts[owner]
         for param in info.params:
             out_features, in_features = info.shapes[param]
-            complete.setdefault(f"{owner}.{param}", Factors(torch.zeros(info.num_experts, rank, in_features),
-                                                            torch.zeros(info.num_experts, out_features, rank)))
+            complete.setdefault(f"{owner}.{param}", Factors(torch.zeros(info.counts[param], rank, in_features),
+                                                            torch.zeros(info.counts[param], out_features, rank)))
     names = {}
     for target, factor in complete.items():
-        owner = target.rpartition(".")[0]
+        owner, _, param = target.rpartition(".")
         if owner in experts:
-            names[target] = (experts[owner].num_experts, factor.b.shape[1])
+            names[target] = (experts[owner].counts[param], factor.b.shape[1])
         else:
             names[f"{target}.weight"] = (0, factor.b.shape[0])
     placed = checkpoint_rows(model, names)
