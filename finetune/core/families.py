@@ -228,6 +228,11 @@ def jamba_sizes(init) -> dict:
 
 HYBRID = ("its {kind} layers carry a recurrent state across a packed row's sequence boundaries, which block "
           "attention does not reset")
+# A layer kind of a config's layer list that is not attention (found generically): a recurrent state (linear
+# attention, Mamba), a short convolution, or attention whose keys an indexer or compressor picks across tokens.
+MIXES_TOKENS = ("its {kind} layers mix tokens outside the attention call that runs per sequence (a recurrent state, "
+                "a short convolution, or a key indexer/compressor over the whole row), so a packed row's sequences "
+                "would see each other")
 OWN_EXPERTS_FORWARD = ("its experts run their own forward, outside transformers' experts interface, so the NF4 "
                        "expert forward cannot replace it; set model.quantization: null")
 

@@ -147,7 +147,7 @@ def padding_free_refusal(model) -> str | None:
     kinds = getattr(config, "layer_types", None) or getattr(config, "layers_block_type", None) or []
     recurrent = sorted(set(kinds) - ATTENTION_LAYER_TYPES - FFN_LAYER_TYPES)
     if reason is None and recurrent:
-        reason = families.HYBRID.format(kind=" and ".join(recurrent))
+        reason = families.MIXES_TOKENS.format(kind=" and ".join(recurrent))
     implementation = config._attn_implementation
     if reason is None and implementation not in BLOCK_ATTENTIONS and implementation not in BLOCK_ATTENTIONS.values():
         reason = f"it runs {implementation} attention; packed rows need sdpa or eager"
