@@ -39,6 +39,10 @@ FUSED_ON_DISK = ("the base checkpoint stores this family's experts fused (one 3-
                  "there are no per-expert names to write their LoRA under, and vLLM has no 3-D MoE LoRA for it")
 
 
+FUSED_LINEAR_ON_DISK = ("the base checkpoint stores this Linear inside one tensor with others (Sarvam's fused "
+                        "query_key_value): it has no weight of its own on disk to write its LoRA under")
+
+
 class LayoutError(ValueError):
     """A format cannot express this adapter; the message says why and what to do instead."""
 
@@ -312,7 +316,7 @@ def to_per_expert(factors: dict[str, Factors], experts: dict[str, ExpertsInfo],
         owner = target.rpartition(".")[0]
         pieces = placed[target] if owner in experts else placed[f"{target}.weight"]
         if not pieces:
-            raise LayoutError(f"{FUSED_ON_DISK} ({target})")
+            raise LayoutError(f"{FUSED_ON_DISK if owner in experts else FUSED_LINEAR_ON_DISK} ({target})")
         covered = sum(len(rows) for _, _, rows in pieces)
         expected = factor.b.shape[-2] * (factor.b.shape[0] if factor.b.dim() == 3 else 1)
         if covered != expected:
