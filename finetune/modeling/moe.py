@@ -84,8 +84,8 @@ def structural_router(model: nn.Module, block_name: str, block: nn.Module, count
 
     for name, module in block.named_modules():
         full = f"{block_name}.{name}" if name else block_name
-        if inside_experts(full):
-            continue
+        if inside_experts(full) or any(part.startswith("lora_") for part in name.split(".")):
+            continue  # PEFT's LoRA matrices (lora_A has r rows: r = expert count would look like a router)
         for weight_name, param in module.named_parameters(recurse=False):
             shape = shape_of(param)
             if len(shape) == 2 and count <= shape[0] < 2 * count and shape[1] != shape[0]:

@@ -2,7 +2,7 @@
 table: family x check, one row per family (families.moe_model_types).
 
     python -m tests.helpers.conformance_matrix [--page docs/families.md] [pytest options]
-    python -m tests.helpers.conformance_matrix [--page docs/families.md] --from-logs LOG...  (`pytest -v -rA` outputs)
+    python -m tests.helpers.conformance_matrix [--page docs/families.md] --from-logs LOG...  (`pytest -vv -rA` outputs)
 
 It runs tests/test_every_family.py (roles through the CLI loader; the CLI chain prep -> LoRA SFT -> LoRA DPO ->
 eval -> merge), tests/test_families.py and tests/test_export.py's export columns with MOETUNE_ALL_FAMILIES=1, so every family, not the suite's sample.
@@ -92,7 +92,7 @@ def replace_in_page(page: Path, text: str) -> None:
 
 
 def cells_from_logs(paths: list[str]) -> dict[tuple[str, str], str]:
-    """Cells read back from the output of `pytest -v -rA` runs of the matrix's tests (a run split in parts, or
+    """Cells read back from the output of `pytest -vv -rA` runs of the matrix's tests (a run split in parts, or
     one stopped early: its cells not reached stay "not run"). A skipped cell's reason is read from its verbose line
     (`SKIPPED (refused: ...)`; `-vv` keeps it whole); a cell in several logs takes the last log's outcome (a
     re-run of a cell after a fix)."""
