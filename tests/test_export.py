@@ -60,11 +60,14 @@ def per_expert_keys(base) -> bool:
 
 
 def linears_fused_on_disk(model, adapter, base) -> bool:
-    """Whether an adapted Linear has no weight of its own in the base checkpoint (stored fused with others)."""
+    """Whether an adapted Linear has no weight of its own in the base checkpoint (stored fused with others): no file
+    key ends with its last two names (`self_attn.q_proj.weight`; the prefix may differ on disk, Nemotron-H's
+    `backbone.`)."""
     on_disk = load_file(base / "model.safetensors")
     modules = {key.removeprefix("base_model.model.").split(".lora_A")[0]
                for key in load_file(adapter / "adapter_model.safetensors") if ".lora_A." in key}
-    return any(isinstance(model.get_submodule(module), torch.nn.Linear) and f"{module}.weight" not in on_disk
+    return any(isinstance(model.get_submodule(module), torch.nn.Linear)
+               and not any(key.endswith("." + ".".join(module.split(".")[-2:]) + ".weight") for key in on_disk)
                for module in modules if ".base_layer" not in module)
 
 
