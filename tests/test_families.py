@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
 from finetune.core import families
-from finetune.modeling import adapters, expert_quant, moe
+from finetune.modeling import adapters, expert_quant, memory_plan, moe
 from finetune.config.parsing import parse_recipe
 from finetune.config.recipe import BalancingConfig, LoraConfig
 from finetune.training import balancing, expert_load
@@ -298,3 +298,20 @@ def test_an_adapter_reloads_whole_where_the_checkpoint_renamings_would_move_its_
     assert all(torch.equal(p, expected[name]) for name, p in loaded.named_parameters() if "lora_" in name)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, trained(**inputs).logits, rtol=0, atol=1e-5)
+
+
+def test_routers_found_on_the_peft_model_are_the_base_models(models):
+    """With LoRA r equal to the expert count, a lora_A (r rows) looked like a router: on Gemma 4 (router beside the
+    MLP in the layer, attention adapted before it) the expert-load and routing-drift hooks went on the attention."""
+    model = models("gemma4_text")
+    names = list(moe.routers(model))
+    peft_model = peft.get_peft_model(model, adapters.peft_config(model, LoraConfig(r=moe.routing_sizes(model)[0])))
+    assert [name.removeprefix("base_model.model.") for name in moe.routers(peft_model)] == names
+
+
+@pytest.mark.parametrize("family", ["jetmoe", "nemotron_h"])
+def test_memory_plan_counts_experts_without_gate_up_proj(models, family):
+    """The plan read every experts module's down_proj and gate_up_proj: Nemotron-H's (up_proj, down_proj) and
+    JetMoE's (one weight per projection module) stopped `moetune run` before its first stage."""
+    census = memory_plan.census(models(family))
+    assert census.expert_lora_elements > 0 and all(elements > 0 for elements in census.layer_elements)
