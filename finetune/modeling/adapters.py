@@ -191,6 +191,34 @@ transformers_weight_conversion.convert_peft_config_for_transformers = convert_on
     transformers_weight_conversion.convert_peft_config_for_transformers)
 
 
+def convert_only_missing_keys(convert):
+    """peft's conversion of a saved adapter's keys through the family's checkpoint renamings (transformers'
+    conversion mapping, meant for adapters named as the original checkpoint), applied only to keys that name no
+    module of the model.
+
+    An adapter PEFT saved from a transformers-5 model names its modules as they are; renaming them again sends
+    some to no module, and their weights are silently left at zero: Laguna's `mlp.shared_expert.` ->
+    `mlp.shared_experts.` (an unescaped dot) turns `shared_experts.down_proj` into `shared_experts..down_proj`,
+    Inkling 2's `sconv.weight_proj` -> `sconv.weight_proj.weight` misses its dynamic convolution's projection. A key
+    whose module exists is kept as it is; only the others (real checkpoint names) are converted.
+    """
+
+    @functools.wraps(convert)
+    def guarded(model, peft_config, adapter_state_dict, *args, **kwargs):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        names = {name for name, _ in base.named_modules()}
+        current = {key: value for key, value in adapter_state_dict.items()
+                   if key.removeprefix("base_model.model.").split(".lora_")[0] in names}
+        others = {key: value for key, value in adapter_state_dict.items() if key not in current}
+        return {**current, **(convert(model, peft_config, others, *args, **kwargs) if others else {})}
+
+    return guarded
+
+
+transformers_weight_conversion.convert_peft_adapter_state_dict_for_transformers = convert_only_missing_keys(
+    transformers_weight_conversion.convert_peft_adapter_state_dict_for_transformers)
+
+
 def trainable_parameter_names(model: nn.Module) -> list[str]:
     return [name for name, param in model.named_parameters() if param.requires_grad]
 

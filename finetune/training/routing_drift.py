@@ -325,9 +325,9 @@ class RoutingDriftCallback(TrainerCallback):
                 completion = torch.tensor([flag for mask in chunk for flag in mask])
                 done += len(chunk)
                 for index, layer in enumerate(self.layers):
-                    top_k = batch[layer][1][completion]
-                    side_counts[index] += torch.bincount(top_k.reshape(-1).long(),
-                                                         minlength=side_counts.shape[1]).double()
+                    top_k = batch[layer][1][completion].reshape(-1).long()
+                    top_k = top_k[top_k < side_counts.shape[1]]  # LongCat-Flash's zero-computation experts: no load
+                    side_counts[index] += torch.bincount(top_k, minlength=side_counts.shape[1]).double()
             counts[side] = distributed.sum_across_processes(side_counts)
         result = {}
         for index, layer in enumerate(self.layers):
