@@ -33,6 +33,7 @@ CHECKS = {  # test function -> column header
     "test_h_export_merged_and_peft_reload_to_the_trained_logits": "(h) export merged/peft",
     "test_i_export_vllm_reloads_to_the_trained_logits": "(i) export vLLM",
     "test_j_router_role_wraps_the_router_and_tracking_reads_through_it": "(j) router role",
+    "test_export_sglang_reloads_to_the_trained_logits": "(k) export SGLang",
 }
 MARKER = "<!-- conformance-matrix -->"
 
