@@ -16,6 +16,12 @@ others report (pipeline and conformance, which time nothing, side by side; then 
                2,048 tokens: real tokens/s, speed-ups, peak memory, MFU against the GPU's bf16 dense peak.
   equality     the packed, prompt-shared DPO batch against TRL's padded one on the same model and pairs: loss and
                adapter gradients within the stated tolerance of the dtype (bf16 on a GPU).
+  plan_memory  `moetune plan`'s peak against the measured one, through the stage a user runs (`moetune sft`, one
+               step, in a process of its own: benchmarks/plan_memory.py): a Mixtral-8x7B-width QLoRA (NF4 experts,
+               LoRA on attention and experts; its real widths and vocabulary, 2 layers) and an OLMoE-1B-7B-shaped
+               full fine-tune (2 of its 16 layers); on a GPU torch.cuda.max_memory_allocated against the plan less
+               its overhead row (the CUDA context and allocator slack, outside torch's counters), on a CPU the
+               resident peak over the post-import baseline; verdict: every row within 20%.
   expert_parallel  `moetune run --accelerate ep --num-processes 2 model.expert_parallel=2` (experts split across
                2 GPUs, NCCL; with --cpu 2 gloo processes), full SFT then full DPO in fp32, against one process with
                the same global batch; verdict: saved weights within the tolerance. Skipped, saying why, on fewer
@@ -77,10 +83,23 @@ GPU_SIZES = {
                             max_position_embeddings=4096),  # OLMoE-1B-7B's widths, 4 of its 16 layers
               "batch": 8, "dpo_steps": 6, "sft_steps": 6, "max_length": 2048, "variants": SPEED_VARIANTS,
               "judge": True},
+    "plan_memory": {"rows": [
+        dict(name="Mixtral-8x7B-width QLoRA SFT, 2 x 1k tokens", stage="sft", model_type="mixtral",
+             lora={"targets": ["attention", "experts"], "r": 16, "alpha": 32}, quantization={"bits": 4}, batch=2,
+             max_length=1024, sizes=dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                                         num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8,
+                                         num_local_experts=8, num_experts_per_tok=2, head_dim=128,
+                                         max_position_embeddings=4096)),
+        dict(name="OLMoE-1B-7B-shaped full SFT, 4 x 1k tokens", stage="sft", model_type="olmoe", lora=None,
+             quantization=None, batch=4, max_length=1024,
+             sizes=dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=2,
+                        num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
+                        head_dim=128, max_position_embeddings=4096))],
+        "tolerance": 0.2, "judge": True},
     "expert_parallel": {"steps": {"sft": 8, "dpo": 3}, "tolerance": 1e-4},
-    # seconds; pipeline and conformance run side by side: at most 110 + 115 + 200 + 45 + 120 + 60 s = 10.8 minutes
-    # in all (expert_parallel skips in seconds on one GPU, serving where vLLM is not importable)
-    "budgets_s": {"pipeline": 110, "conformance": 90, "qlora": 115, "speed": 200, "equality": 45,
+    # seconds; pipeline and conformance run side by side: at most 110 + 115 + 200 + 45 + 90 + 120 + 60 s = 12.3
+    # minutes in all (expert_parallel skips in seconds on one GPU, serving where vLLM is not importable: 9.3 minutes)
+    "budgets_s": {"pipeline": 110, "conformance": 90, "qlora": 115, "speed": 200, "equality": 45, "plan_memory": 90,
                   "expert_parallel": 120, "serving": 60},
 }
 CPU_SIZES = {
@@ -101,10 +120,25 @@ CPU_SIZES = {
                             max_position_embeddings=2048),
               "batch": 2, "dpo_steps": 1, "sft_steps": 1, "max_length": 1024, "variants": SPEED_VARIANTS_CPU,
               "judge": False},
+    # the same two kinds of model, narrower (dims multiples of 64)
+    "plan_memory": {"rows": [
+        dict(name="Mixtral-like QLoRA SFT, 2 x 512 tokens", stage="sft", model_type="mixtral",
+             lora={"targets": ["attention", "experts"], "r": 16, "alpha": 32}, quantization={"bits": 4}, batch=2,
+             max_length=512, sizes=dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, head_dim=64, max_position_embeddings=4096)),
+        dict(name="OLMoE-like full SFT, 4 x 512 tokens", stage="sft", model_type="olmoe", lora=None,
+             quantization=None, batch=4, max_length=512,
+             sizes=dict(vocab_size=1024, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=4, num_experts=16, num_experts_per_tok=4,
+                        head_dim=64, max_position_embeddings=4096))],
+        # not judged: at these sizes the libraries a stage imports after the baseline (bitsandbytes for QLoRA: ~0.1
+        # GiB) outweigh what the plan counts
+        "tolerance": 0.2, "judge": False},
     "expert_parallel": {"steps": {"sft": 4, "dpo": 2}, "tolerance": 1e-5},
     # seconds: only against hangs (on a quiet 2-core machine the parts take a minute or less each)
     "budgets_s": {"pipeline": 600, "conformance": 300, "qlora": 400, "speed": 600, "equality": 300,
-                  "expert_parallel": 600, "serving": 120},
+                  "plan_memory": 400, "expert_parallel": 600, "serving": 120},
 }
 
 
@@ -252,6 +286,25 @@ def part_equality(sizes: dict, data: Path, work: Path) -> dict:
                         "tolerance": tolerance, "pairs": sizes["batch"]}}
 
 
+def part_plan_memory(sizes: dict, data: Path, work: Path) -> dict:
+    import torch
+
+    from benchmarks import plan_memory
+
+    sizes, cuda = sizes["plan_memory"], torch.cuda.is_available()
+    rows = [plan_memory.Row(**row) for row in sizes["rows"]]
+    dtype = torch.bfloat16 if cuda else torch.float32  # moetune's default dtype on each (model.dtype auto)
+    results = plan_memory.measure_rows(rows, work / "plan-memory", cuda=cuda, dtype=dtype)
+    worst = max(abs(result["ratio"] - 1) for result in results)
+    method = "torch.cuda.max_memory_allocated" if cuda else "peak RSS over the post-import baseline"
+    found = "; ".join(f"{r['row']}: plan {r['plan_mib']:,.0f} MiB, measured {r['measured_mib']:,.0f} MiB "
+                      f"({r['ratio']:.2f})" for r in results)
+    return {"ok": worst <= sizes["tolerance"] if sizes["judge"] else None,
+            "verdict": f"{found}; {method}, plan less its overhead row; worst {100 * worst:.0f}% off "
+                       f"(tolerance {100 * sizes['tolerance']:.0f}%)",
+            "figures": {"rows": results, "method": method, "tolerance": sizes["tolerance"]}}
+
+
 def part_expert_parallel(sizes: dict, data: Path, work: Path) -> dict:
     import torch
     import yaml
@@ -301,7 +354,7 @@ def part_serving(sizes: dict, data: Path, work: Path) -> dict:
 # Parts that time nothing: they run side by side, before the others run one at a time.
 UNTIMED = ("pipeline", "conformance")
 PARTS = {"pipeline": part_pipeline, "conformance": part_conformance, "qlora": part_qlora, "speed": part_speed,
-         "equality": part_equality, "expert_parallel": part_expert_parallel,
+         "equality": part_equality, "plan_memory": part_plan_memory, "expert_parallel": part_expert_parallel,
          "serving": part_serving}
 
 
@@ -500,6 +553,13 @@ def render(results: dict, info: dict, mode: str, seconds: float) -> str:
         lines += ["", f"One AdamW step on {qlora['batch']}x{qlora['sequence']} tokens with activation checkpointing, "
                   f"after {qlora['warmup']} untimed step; peak: torch.cuda.max_memory_allocated on a GPU, the resident "
                   "set on a CPU."]
+    plan = results.get("plan_memory", {}).get("figures", {})
+    if plan.get("rows"):
+        lines += ["", "## Memory plan against the measured peak", "", "| row | plan (MiB) | measured (MiB) | "
+                  "plan / measured | largest planned parts (MiB) |", "|---|---|---|---|---|"]
+        lines += [f"| {r['row']} | {r['plan_mib']:,.0f} | {r['measured_mib']:,.0f} | {r['ratio']:.2f} | {r['parts']} |"
+                  for r in plan["rows"]]
+        lines += ["", f"Measured: {plan['method']}; the plan less its overhead row (benchmarks/plan_memory.py)."]
     return "\n".join(lines) + "\n"
 
 
