@@ -1,10 +1,14 @@
-"""The memory plan against the measured peak of a training step, on this CPU (README "Memory plan").
+"""The memory plan against the measured peak of a training stage (docs/memory-plan.md).
 
-Each row builds a look-alike Qwen3-MoE checkpoint (real config class, dims multiples of 64), long conversations that
-fill every sequence to max_length, and a recipe; it runs `moetune prep` (and a 1-step SFT before DPO) unmeasured,
-then the measured stage (1 step) in a subprocess that records its peak resident memory (ru_maxrss) after importing
-moetune and its libraries (the baseline) and at the end. measured = peak - baseline; the plan's figure is its total
-less its framework-overhead row (the baseline is that overhead).
+Each row builds a checkpoint (real config class: a look-alike Qwen3-MoE here, dims multiples of 64; the GPU check's
+part plan_memory passes Mixtral- and OLMoE-shaped ones), long conversations that fill every sequence to max_length,
+and a recipe; it runs `moetune prep` (and a 1-step SFT before DPO) unmeasured, then the measured stage (1 step) in a
+subprocess. On a CPU that process records its peak resident memory (ru_maxrss) after importing moetune and its
+libraries (the baseline) and at the end: measured = peak - baseline, and the plan's figure is its total less its
+framework-overhead row (the baseline is that overhead). On a GPU: torch.cuda.max_memory_allocated of the stage,
+against the plan less its overhead row (the CUDA context and allocator slack, outside torch's counters). The
+expert-parallel rows run `moetune run --accelerate ep` on 2 processes (gloo), each measuring itself
+(benchmarks/peak_site); the larger figure counts.
 
     python -m benchmarks.plan_memory [--rows 0,3] [--keep DIR]
 """
@@ -68,21 +72,16 @@ ROWS = [
         expert_parallel=2, sizes=EXPERT_HEAVY),
 ]
 
+# The stage in a process of its own. On a CPU: its peak resident set over the peak after importing the libraries every
+# stage loads (the baseline); on a GPU: the peak of torch's allocator over the whole stage (nothing allocated before).
 MEASURE = """
-import resource, sys
-import finetune.cli, trl, peft, datasets  # the libraries every stage loads: the baseline
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+import resource, sys, torch
+import finetune.cli, trl, peft, datasets
+cuda = torch.cuda.is_available()
+base = 0 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 code = finetune.cli.main(sys.argv[1:])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print("MEASURED", base * 1024, peak * 1024, code)
-sys.exit(code)
-"""
-# On a GPU: the peak of torch's allocator over the whole stage (nothing is allocated before it)
-MEASURE_CUDA = """
-import sys, torch
-import finetune.cli
-code = finetune.cli.main(sys.argv[1:])
-print("MEASURED", 0, torch.cuda.max_memory_allocated(), code)
+peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print("MEASURED", base, peak, code)
 sys.exit(code)
 """
 PEAK_SITE = Path(__file__).resolve().parent / "peak_site"  # its sitecustomize measures each launched process
@@ -142,9 +141,8 @@ def recipe_for(folder: Path, model: Path, data: Path, row: Row) -> Path:
     return path
 
 
-def moetune(*args: str, cuda: bool = False) -> str:
-    result = subprocess.run([sys.executable, "-c", MEASURE_CUDA if cuda else MEASURE, *args], capture_output=True,
-                            text=True, cwd=ROOT)
+def moetune(*args: str) -> str:
+    result = subprocess.run([sys.executable, "-c", MEASURE, *args], capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0 or "MEASURED" not in result.stdout:
         raise SystemExit(f"moetune {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result.stdout
@@ -166,15 +164,18 @@ def launched(recipe: Path, stage: str, processes: int, folder: Path) -> float:
     return max(m["peak"] - m["base"] for m in measured)
 
 
-def measure(recipe: Path, row: Row, folder: Path, cuda: bool = False) -> float:
+def measure(recipe: Path, row: Row, folder: Path) -> float:
     """The measured stage's peak over its baseline, in bytes (prep, and the SFT before a DPO row, unmeasured)."""
-    moetune("prep", str(recipe))
+    from finetune.cli import main as moetune_here
+
+    if moetune_here(["prep", str(recipe)]) != 0:  # unmeasured: here, without a process start
+        raise SystemExit(f"moetune prep {recipe} failed (its message is above)")
     shutil.rmtree(folder / "run" / row.stage, ignore_errors=True)  # measured afresh when --keep reuses the folder
     if row.stage == "dpo":
-        moetune("sft", str(recipe), cuda=cuda)
+        moetune("sft", str(recipe))
     if row.expert_parallel > 1:
         return launched(recipe, row.stage, row.expert_parallel, folder)
-    line = next(line for line in moetune(row.stage, str(recipe), cuda=cuda).splitlines()
+    line = next(line for line in moetune(row.stage, str(recipe)).splitlines()
                 if line.startswith("MEASURED"))
     _, base, peak, code = line.split()
     return float(peak) - float(base)
@@ -214,7 +215,7 @@ def measure_rows(rows: list[Row], work: Path, cuda: bool = False, dtype=torch.fl
         folder.mkdir(parents=True, exist_ok=True)
         recipe = recipe_for(folder, model, work, row)
         plan_bytes, plan = planned(recipe, row)
-        measured = measure(recipe, row, folder, cuda)
+        measured = measure(recipe, row, folder)
         results.append({"row": row.name, "plan_mib": plan_bytes / 2**20, "measured_mib": measured / 2**20,
                         "ratio": plan_bytes / measured, "parts": largest_parts(plan)})
         print(f"| {row.name} | {plan_bytes / 2**20:.0f} | {measured / 2**20:.0f} | {plan_bytes / measured:.2f} | "
