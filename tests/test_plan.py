@@ -212,6 +212,10 @@ def test_the_ep_layout_splits_what_transformers_splits():
     # model to save a full fine-tune
     cpu = memory_plan.plan_stage(census, dataclasses.replace(full, device="cpu")).rows
     assert cpu["weights"] - rows["weights"] == pytest.approx(census.parameters * 2 / 8 + census.parameters * 2)
+    # over the memory given, more GPUs keep the experts split: a multiple of model.expert_parallel
+    tight = memory_plan.plan_stage(census, full, memory=24 * GiB)
+    memory_plan.cheapest_change(census, tight)
+    assert not tight.fits and tight.change == "16 GPUs under --accelerate ep" and tight.change_total <= 24 * GiB
 
 
 def test_plan_of_an_expert_parallel_launch(capsys):

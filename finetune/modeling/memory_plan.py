@@ -15,8 +15,8 @@ The plan counts what a training step holds at its peak, by component:
 - overhead: the framework's own (CUDA context and allocator slack, or the interpreter and libraries on a CPU).
 
 How the parts spread over devices is a layout (`LAYOUTS`): one function per way of splitting them (DDP, ZeRO-2,
-ZeRO-3, FSDP2, expert parallelism), taking the whole-model `Footprint` and the process count. Nothing here reads a recipe: callers pass
-a `Setup` of plain numbers (finetune/training/stage_plan.py builds it from one).
+ZeRO-3, FSDP2, expert parallelism), taking the whole-model `Footprint` and the process count. Nothing here reads a
+recipe: callers pass a `Setup` of plain numbers (finetune/training/stage_plan.py builds it from one).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class Setup:
     reference: str = "none"  # none (SFT), cached, adapter_off, copy, adapter_copy
     layout: str = "ddp"
     processes: int = 1
-    expert_parallel: int = 1  # the ep layout: processes each MoE layer's experts are split across (model.expert_parallel)
+    expert_parallel: int = 1  # the ep layout: processes each layer's experts are split over (model.expert_parallel)
     device: str = "cuda"  # cuda or cpu: the overhead and the LM head's tiles
 
     @property
@@ -471,9 +471,11 @@ def try_sharding(s: Setup):
 
 
 def try_more_processes(s: Setup):
-    layout = s.layout if s.layout in ("zero3", "fsdp2", "ep") else "zero3"
+    # a recipe that splits its experts keeps doing so (a multiple of model.expert_parallel processes)
+    layout = s.layout if s.layout in ("zero3", "fsdp2") else "ep" if s.expert_parallel > 1 else "zero3"
+    step = s.expert_parallel if layout == "ep" else 1
     return [(dataclasses.replace(s, processes=n, layout=layout), f"{n} GPUs under --accelerate {layout}")
-            for n in (2, 4, 8, 16, 32, 64) if n > s.processes and n % s.expert_parallel == 0]
+            for n in (2, 4, 8, 16, 32, 64) if n > s.processes and n % step == 0]
 
 
 def try_nf4_experts(s: Setup):
