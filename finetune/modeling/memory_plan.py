@@ -372,7 +372,8 @@ def ep(f: Footprint, n: int) -> dict[str, float]:
     this process's group (1/N of them; nothing to gather when n = N); the LM head is kept whole from the forward to
     the backward (transformers' FSDP plan: `keep_full_weight`). Full fine-tuning shards gradients and AdamW's moments
     the same way; LoRA's adapter, added after the model was sharded, is whole on every process with its gradients
-    and moments. A full-FT DPO reference is loaded split like the policy.
+    and moments (a plain replicated tensor whose gradient transformers' Trainer all-reduces:
+    `_sync_replicated_trainable_parameters`). A full-FT DPO reference is loaded split like the policy.
 
     On a CPU two more copies land in the same memory (measured on 2 gloo processes, benchmarks/plan_memory.py): the
     pages of the memory-mapped checkpoint a process read its shard from stay mapped while it trains (1/n of the
