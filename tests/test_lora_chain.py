@@ -19,22 +19,8 @@ from finetune.core import families
 from finetune.modeling.loading import load_stage_model
 from finetune.config.parsing import load_recipe
 from finetune.core.rundir import read_manifest
-from helpers.recipes import run_cli
+from helpers.recipes import LORA_CHAIN_RECIPE as RECIPE, run_cli
 from helpers.family_models import FAMILIES
-
-RECIPE = """
-run_dir: {run_dir}
-seed: 7
-model:
-  init: {{architecture: {architecture}, hidden_size: 64, intermediate_size: 64, num_layers: 4, num_heads: 4,
-          num_kv_heads: 2, num_experts: 4, experts_per_token: 2, vocab_size: 280}}
-  lora: {{r: 4, alpha: 8, stages: [sft, dpo]}}
-data:
-  sources: [{{format: synthetic, options: {{sft: 24, pairs: 12, questions: 2}}}}]
-  test_size: 0
-sft: {{max_steps: 2, per_device_train_batch_size: 4, learning_rate: 1.0e-2, logging_steps: 1, max_length: 128}}
-dpo: {{max_steps: 1, per_device_train_batch_size: 2, learning_rate: 1.0e-3, logging_steps: 1, max_length: 128}}
-"""
 
 pytestmark = pytest.mark.slow  # prep, SFT and DPO per family: ~20-25 s each on a shared 2-core machine
 

@@ -32,15 +32,6 @@ def write_recipe(tmp_path, architecture="mixtral"):
     return path
 
 
-def prepared_recipe(folder, stages=("prep",)):
-    """A tiny recipe in its own folder (so its own run dir), with the given stages done."""
-    folder.mkdir()
-    recipe = str(write_recipe(folder))
-    for stage in stages:
-        assert main([stage, recipe]) == 0
-    return recipe, folder / "run"
-
-
 def make_recipe(tmp_path, sources, **data):
     """A model.init recipe whose data section has these sources (and data settings), for the prep stage."""
     raw = {"run_dir": str(tmp_path / "run"), "model": {"init": {}}, "data": {"sources": sources, **data}}
@@ -79,3 +70,20 @@ def run_cli(argv: list[str], expect: int = 0) -> str:
         code = main(argv)
     assert code == expect, f"moetune {' '.join(argv)} exited {code}:\n{err.getvalue()[-3000:]}"
     return out.getvalue() + err.getvalue()
+
+
+# LoRA SFT -> LoRA DPO with the default roles on a 4-layer model.init of any family (dense-then-MoE layouts and
+# hybrid layers appear): tests/test_lora_chain.py, tests/test_packed_hybrids.py.
+LORA_CHAIN_RECIPE = """
+run_dir: {run_dir}
+seed: 7
+model:
+  init: {{architecture: {architecture}, hidden_size: 64, intermediate_size: 64, num_layers: 4, num_heads: 4,
+          num_kv_heads: 2, num_experts: 4, experts_per_token: 2, vocab_size: 280}}
+  lora: {{r: 4, alpha: 8, stages: [sft, dpo]}}
+data:
+  sources: [{{format: synthetic, options: {{sft: 24, pairs: 12, questions: 2}}}}]
+  test_size: 0
+sft: {{max_steps: 2, per_device_train_batch_size: 4, learning_rate: 1.0e-2, logging_steps: 1, max_length: 128}}
+dpo: {{max_steps: 1, per_device_train_batch_size: 2, learning_rate: 1.0e-3, logging_steps: 1, max_length: 128}}
+"""
