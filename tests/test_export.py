@@ -137,6 +137,13 @@ SGLANG_TARGETS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_pro
 CHECKPOINT_LEAVES = {"gate_proj": ("gate_proj", "w1"), "up_proj": ("up_proj", "w3"), "down_proj": ("down_proj", "w2")}
 
 
+def lone_q_proj(adapter) -> bool:
+    """Whether the trained adapter has a q_proj with no v_proj beside it (MLA, linear attention): SGLang's
+    normalize_qkv_proj reads `v_proj` for every q_proj outside DeepSeek-V2/V3."""
+    keys = load_file(adapter / "adapter_model.safetensors")
+    return any(".q_proj.lora_A." in key and key.replace(".q_proj.", ".v_proj.") not in keys for key in keys)
+
+
 def sglang_reference(base, exported, folder):
     """The base checkpoint plus the update SGLang's loader builds from the exported tensors: per expert, the stacked
     gate_up_proj A = [A_gate; A_up] (2r, in) and B = [B_gate; B_up] (2I, r), applied as B[:I] @ A[:r] to the gate
@@ -184,8 +191,14 @@ def sglang_reference(base, exported, folder):
 def test_export_sglang_reloads_to_the_trained_logits(models, data, family, tmp_path):
     adapter, base, inputs, expected = trained_adapter(models, data, family, tmp_path)
     out = tmp_path / "sglang"
-    if not any(re.search(r"\.experts\.\d+\.", key) for key in load_file(base / "model.safetensors")):
+    if not per_expert_keys(base):
         refused(lambda: export.export(adapter, "sglang", out), layouts.SGLANG_FUSED_ON_DISK)
+    if linears_fused_on_disk(models(family), adapter, base):
+        refused(lambda: export.export(adapter, "sglang", out), layouts.FUSED_LINEAR_ON_DISK)
+    if lone_q_proj(adapter):
+        refused(lambda: export.export(adapter, "sglang", out), layouts.SGLANG_NO_QKV)
+    if not any(re.search(r"\.experts\.\d+\.(gate_proj|w1)\.", key) for key in load_file(base / "model.safetensors")):
+        refused(lambda: export.export(adapter, "sglang", out), layouts.SGLANG_NO_GATE_UP)
     export.export(adapter, "sglang", out)
     reloaded = sglang_reference(base, out, tmp_path / "reference")
     assert (logits_of(reloaded, inputs) - expected).abs().max() <= 1e-4

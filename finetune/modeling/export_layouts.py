@@ -41,6 +41,12 @@ SGLANG_FUSED_ON_DISK = ("the base checkpoint stores this family's experts fused 
                         "expert), and moetune splits gate_up_proj into SGLang's gate_proj/up_proj keys the way the "
                         "checkpoint's per-expert matrices split it; moetune does not write SGLang's 3-D experts keys. "
                         "Use --format merged (`python -m sglang.launch_server --model-path OUT` serves it)")
+SGLANG_NO_QKV = ("this family's q_proj has no v_proj beside it (latent or linear attention), and SGLang's loader "
+                 "stacks every q_proj with its k_proj/v_proj into qkv_proj (only DeepSeek-V2/V3 keep a lone q_proj): "
+                 "it cannot load this adapter. Use --format merged")
+SGLANG_NO_GATE_UP = ("this family's experts are not gated (up_proj and down_proj, no gate_proj), and SGLang's loader "
+                     "applies expert LoRA through a stacked gate_up_proj per expert: it cannot load this adapter. "
+                     "Use --format merged")
 # SGLang's per-expert key leaves: its loader (lora.py, LoRAAdapter._rename_expert_w_to_proj) renames w1/w3/w2 to
 # gate_proj/up_proj/down_proj, stacks gate_proj + up_proj of each expert into gate_up_proj, and wraps an experts
 # module (FusedMoE) only when the adapter's target_modules normalize to both gate_up_proj and down_proj
@@ -300,6 +306,12 @@ def checkpoint_rows(model: nn.Module, names: dict[str, int]) -> dict[str, list[t
     return placed
 
 
+def computed_experts(info: ExpertsInfo) -> int:
+    """The experts every parameter holds: the ones the forward multiplies. LongCat-Flash's gate_up_proj also holds
+    its zero-computation (identity) experts, which vLLM's and SGLang's FusedMoE leave out (routed experts only)."""
+    return min(info.counts.values())
+
+
 def to_per_expert(factors: dict[str, Factors], experts: dict[str, ExpertsInfo],
                   model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Per-expert 2-D keys (`...experts.{e}.{gate,up,down}` as the checkpoint names them), attention, shared
@@ -320,19 +332,24 @@ def to_per_expert(factors: dict[str, Factors], experts: dict[str, ExpertsInfo],
             names[target] = (experts[owner].counts[param], factor.b.shape[1])
         else:
             names[f"{target}.weight"] = (0, factor.b.shape[0])
-    placed = checkpoint_rows(model, names)
+    rows_of = checkpoint_rows(model, names)
+    placed = {t: rows_of[t if t.rpartition(".")[0] in experts else f"{t}.weight"] for t in complete}
+    # nothing of its own on disk: the experts' reason first (a family with both says what matters most)
+    for target in sorted((t for t in complete if not placed[t]), key=lambda t: t.rpartition(".")[0] not in experts):
+        fused_experts = target.rpartition(".")[0] in experts
+        raise LayoutError(f"{FUSED_ON_DISK if fused_experts else FUSED_LINEAR_ON_DISK} ({target})")
     tensors, modules = {}, []
     for target, factor in complete.items():
         factor = padded(factor, rank)
         owner = target.rpartition(".")[0]
-        pieces = placed[target] if owner in experts else placed[f"{target}.weight"]
-        if not pieces:
-            raise LayoutError(f"{FUSED_ON_DISK if owner in experts else FUSED_LINEAR_ON_DISK} ({target})")
+        pieces = placed[target]
         covered = sum(len(rows) for _, _, rows in pieces)
         expected = factor.b.shape[-2] * (factor.b.shape[0] if factor.b.dim() == 3 else 1)
         if covered != expected:
             raise LayoutError(f"the base checkpoint splits {target} in a way moetune cannot map row by row.")
         for key, expert, rows in pieces:
+            if owner in experts and expert >= computed_experts(experts[owner]):
+                continue  # a zero-computation expert: never multiplied, and the servers hold no weights for it
             a, b = (factor.a[expert], factor.b[expert]) if factor.b.dim() == 3 else (factor.a, factor.b)
             tensors[f"{PREFIX}{key}.lora_A.weight"] = a.clone()
             tensors[f"{PREFIX}{key}.lora_B.weight"] = b[rows].contiguous()
@@ -356,4 +373,20 @@ def sglang_names(tensors: dict[str, torch.Tensor], modules: list[str]) -> tuple[
         for ab in "AB":
             renamed[f"{PREFIX}{name}.lora_{ab}.weight"] = tensors[f"{PREFIX}{module}.lora_{ab}.weight"]
         names.append(name)
+    check_sglang_stacking(names)
     return renamed, names
+
+
+def check_sglang_stacking(modules: list[str]) -> None:
+    """SGLang's loader (lora.py LoRAAdapter.normalize_qkv_proj, normalize_gate_up_proj) stacks q_proj with the
+    v_proj beside it (and k_proj, or zeros) into qkv_proj, reading `v_proj` unconditionally outside DeepSeek-V2/V3,
+    and an expert's gate_proj with its up_proj into gate_up_proj; a q_proj without a v_proj sibling (MLA, linear
+    attention) or an expert without both gate and up (Nemotron-H's non-gated up_proj/down_proj) has no slot there."""
+    present = set(modules)
+    for module in modules:
+        head, _, leaf = module.rpartition(".")
+        if leaf == "q_proj" and f"{head}.v_proj" not in present:
+            raise LayoutError(f"{SGLANG_NO_QKV} ({module})")
+        expert = PER_EXPERT.match(module)
+        if expert is not None and not {f"{expert['head']}.gate_proj", f"{expert['head']}.up_proj"} <= present:
+            raise LayoutError(f"{SGLANG_NO_GATE_UP} ({module})")
