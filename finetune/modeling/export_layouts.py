@@ -373,20 +373,27 @@ def sglang_names(tensors: dict[str, torch.Tensor], modules: list[str]) -> tuple[
         for ab in "AB":
             renamed[f"{PREFIX}{name}.lora_{ab}.weight"] = tensors[f"{PREFIX}{module}.lora_{ab}.weight"]
         names.append(name)
-    check_sglang_stacking(names)
+    check_sglang_gate_up(names)
     return renamed, names
 
 
-def check_sglang_stacking(modules: list[str]) -> None:
-    """SGLang's loader (lora.py LoRAAdapter.normalize_qkv_proj, normalize_gate_up_proj) stacks q_proj with the
-    v_proj beside it (and k_proj, or zeros) into qkv_proj, reading `v_proj` unconditionally outside DeepSeek-V2/V3,
-    and an expert's gate_proj with its up_proj into gate_up_proj; a q_proj without a v_proj sibling (MLA, linear
-    attention) or an expert without both gate and up (Nemotron-H's non-gated up_proj/down_proj) has no slot there."""
+def check_sglang_qkv(targets) -> None:
+    """SGLang's loader (lora.py LoRAAdapter.normalize_qkv_proj) stacks every q_proj with the v_proj beside it (and
+    k_proj, or zeros) into qkv_proj, reading `v_proj` unconditionally outside DeepSeek-V2/V3: a q_proj without a
+    v_proj sibling (latent or linear attention) has no slot there. Checked on the adapter's module names, before
+    the re-layout's own refusals."""
+    present = set(targets)
+    for target in targets:
+        head, _, leaf = target.rpartition(".")
+        if leaf == "q_proj" and f"{head}.v_proj" not in present:
+            raise LayoutError(f"{SGLANG_NO_QKV} ({target})")
+
+
+def check_sglang_gate_up(modules: list[str]) -> None:
+    """SGLang's loader (normalize_gate_up_proj) stacks each expert's gate_proj with its up_proj into gate_up_proj;
+    experts without both (Nemotron-H's non-gated up_proj/down_proj) have no slot there."""
     present = set(modules)
     for module in modules:
-        head, _, leaf = module.rpartition(".")
-        if leaf == "q_proj" and f"{head}.v_proj" not in present:
-            raise LayoutError(f"{SGLANG_NO_QKV} ({module})")
         expert = PER_EXPERT.match(module)
         if expert is not None and not {f"{expert['head']}.gate_proj", f"{expert['head']}.up_proj"} <= present:
             raise LayoutError(f"{SGLANG_NO_GATE_UP} ({module})")

@@ -143,6 +143,8 @@ def write_adapter(stage_dir, chain, fmt, factors, experts, base, model_type, wor
 
 def per_expert(fmt, factors, experts, base) -> tuple[dict, list[str]]:
     """vLLM's per-expert keys; for SGLang the same tensors under the projection names its loader reads."""
+    if fmt == "sglang":
+        layouts.check_sglang_qkv(factors)
     try:
         tensors, modules = layouts.to_per_expert(factors, experts, base)
     except layouts.LayoutError as error:
