@@ -62,15 +62,16 @@ def per_expert_keys(base) -> bool:
 
 
 def linears_fused_on_disk(model, adapter, base) -> bool:
-    """Whether an adapted Linear has no weight of its own in the base checkpoint (stored fused with others): no file
-    key ends with its last two names (`self_attn.q_proj.weight`; the prefix may differ on disk, Nemotron-H's
-    `backbone.`)."""
-    on_disk = load_file(base / "model.safetensors")
+    """Whether an adapted Linear has no weight of its own in the base checkpoint (stored fused with others): no 2-D
+    file tensor equals its (randomly initialised) weight. Read by value, not name: checkpoints rename modules on
+    disk (Nemotron-H's `backbone.`, Kimi-Linear's `self_attn.f_a_proj` for `forget_gate.f_a_proj`)."""
+    on_disk = [tensor for tensor in load_file(base / "model.safetensors").values() if tensor.dim() == 2]
     modules = {key.removeprefix("base_model.model.").split(".lora_A")[0]
                for key in load_file(adapter / "adapter_model.safetensors") if ".lora_A." in key}
-    return any(isinstance(model.get_submodule(module), torch.nn.Linear)
-               and not any(key.endswith("." + ".".join(module.split(".")[-2:]) + ".weight") for key in on_disk)
-               for module in modules if ".base_layer" not in module)
+    linears = [model.get_submodule(module).weight for module in modules if ".base_layer" not in module
+               and isinstance(model.get_submodule(module), torch.nn.Linear)]
+    return any(not any(tensor.shape == weight.shape and torch.equal(tensor, weight) for tensor in on_disk)
+               for weight in linears)
 
 
 def per_expert_reference(base, exported, folder):
