@@ -10,6 +10,7 @@ stays frozen, `e_score_correction_bias` included.
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from pathlib import Path
 
@@ -70,7 +71,26 @@ def router_role_refusal(model: nn.Module) -> str | None:
             return (f"its router {name} scores the experts without a (experts, hidden) weight "
                     f"({moe.router_weight_name(model, name)}: {shape}) for LoRA to adapt; "
                     f"leave router out of model.lora.targets")
+        bypassed = reads_child_weight_directly(router, moe.router_weight_name(model, name))
+        if bypassed:
+            return (f"its router {name} reads {bypassed} itself (F.linear on the weight) instead of calling that "
+                    f"module, and PEFT applies a weight's LoRA only inside its module's forward: the adapter would "
+                    f"train nothing and change the model only when merged; leave router out of model.lora.targets")
     return None
+
+
+def reads_child_weight_directly(router: nn.Module, weight_name: str) -> str | None:
+    """`classifier.weight` when the router's forward uses `self.classifier.weight` rather than `self.classifier(x)`
+    (LongCat-Flash): the child's LoRA wrapper, active only during the child's forward, is never applied."""
+    child, _, param = weight_name.rpartition(".")
+    if not child:
+        return None
+    try:
+        source = inspect.getsource(type(router).forward)
+    except (OSError, TypeError):  # no source to read (compiled, built in): assume it calls the module
+        return None
+    calls_child = f"self.{child}(" in source
+    return weight_name if f"self.{child}.{param}" in source and not calls_child else None
 
 
 def linears_under(model: nn.Module, parents: list[str]) -> list[str]:
