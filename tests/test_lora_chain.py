@@ -19,30 +19,15 @@ from finetune.core import families
 from finetune.modeling.loading import load_stage_model
 from finetune.config.parsing import load_recipe
 from finetune.core.rundir import read_manifest
-from helpers.recipes import run_cli
+from helpers.recipes import run_cli, write_lora_chain_recipe
 from helpers.family_models import FAMILIES
-
-RECIPE = """
-run_dir: {run_dir}
-seed: 7
-model:
-  init: {{architecture: {architecture}, hidden_size: 64, intermediate_size: 64, num_layers: 4, num_heads: 4,
-          num_kv_heads: 2, num_experts: 4, experts_per_token: 2, vocab_size: 280}}
-  lora: {{r: 4, alpha: 8, stages: [sft, dpo]}}
-data:
-  sources: [{{format: synthetic, options: {{sft: 24, pairs: 12, questions: 2}}}}]
-  test_size: 0
-sft: {{max_steps: 2, per_device_train_batch_size: 4, learning_rate: 1.0e-2, logging_steps: 1, max_length: 128}}
-dpo: {{max_steps: 1, per_device_train_batch_size: 2, learning_rate: 1.0e-3, logging_steps: 1, max_length: 128}}
-"""
 
 pytestmark = pytest.mark.slow  # prep, SFT and DPO per family: ~20-25 s each on a shared 2-core machine
 
 
 @pytest.mark.parametrize("architecture", FAMILIES)
 def test_lora_sft_then_lora_dpo_with_default_roles(architecture, tmp_path):
-    recipe_path = tmp_path / "recipe.yaml"
-    recipe_path.write_text(RECIPE.format(run_dir=tmp_path / "run", architecture=architecture))
+    recipe_path = write_lora_chain_recipe(tmp_path, architecture)
     run_cli(["run", str(recipe_path), "--stages", "prep,sft,dpo"])
     run = tmp_path / "run"
     outputs = read_manifest(run / "dpo")["outputs"]
@@ -75,9 +60,7 @@ def test_lora_sft_then_lora_dpo_with_default_roles(architecture, tmp_path):
 
 def test_llama4_text_full_sft_then_lora_dpo(tmp_path):
     """Llama 4's experts run their own forward and take no kernel choice: loading with one stopped SFT (#24)."""
-    recipe_path = tmp_path / "recipe.yaml"
-    recipe_path.write_text(RECIPE.format(run_dir=tmp_path / "run", architecture="llama4_text")
-                           .replace("stages: [sft, dpo]", "stages: [dpo]"))
+    recipe_path = write_lora_chain_recipe(tmp_path, "llama4_text", model={"lora": {"stages": ["dpo"]}})
     run_cli(["run", str(recipe_path), "--stages", "prep,sft,dpo"])
     run = tmp_path / "run"
     assert read_manifest(run / "sft")["outputs"]["kind"] == "full"
@@ -95,9 +78,8 @@ def test_llama4_text_full_sft_then_lora_dpo(tmp_path):
 def test_router_role_trains_in_sft_and_dpo_and_merges(tmp_path, padding_free):
     """The documented `router` role: PEFT wraps the router, and the expert-load tracking read `top_k` from the
     wrapper, so the first step crashed (#27). Padded and padding-free (packed rows: their own router hook path)."""
-    recipe_path = tmp_path / "recipe.yaml"
-    recipe_path.write_text(RECIPE.format(run_dir=tmp_path / "run", architecture="mixtral")
-                           .replace("lora: {r: 4", "lora: {targets: [attention, experts, router], r: 4"))
+    recipe_path = write_lora_chain_recipe(tmp_path, "mixtral",
+                                          model={"lora": {"targets": ["attention", "experts", "router"]}})
     run_cli(["run", str(recipe_path), "--stages", "prep,sft,dpo", f"speed.padding_free={str(padding_free).lower()}"])
     run = tmp_path / "run"
     for stage in ("sft", "dpo"):
