@@ -209,8 +209,20 @@ def attention_width(model: nn.Module, layer: nn.Module) -> int:
 
 
 def expert_width(experts: nn.Module) -> int:
-    """One expert's FFN width: down_proj is (E, hidden, I) or (E, I, hidden), the smaller of the two."""
-    return min(experts.down_proj.shape[1:])
+    """One expert's FFN width: down_proj is (E, hidden, I) or (E, I, hidden), the smaller of the two; the smallest
+    inner dimension of the module's expert parameters says the same in every layout (Nemotron-H's up_proj/down_proj,
+    JetMoE's one `weight` per module)."""
+    return min(min(shape[1:]) for shape in module_expert_shapes(experts))
+
+
+def expert_count(experts: nn.Module) -> int:
+    """How many experts a module holds: the leading dimension of its expert parameters."""
+    return module_expert_shapes(experts)[0][0]
+
+
+def module_expert_shapes(experts: nn.Module) -> list[tuple[int, ...]]:
+    """The shapes of one module's 3-D expert parameters, whatever their names."""
+    return [moe.shape_of(getattr(experts, name)) for name in moe.expert_parameter_names(experts, None)]
 
 
 def layer_activation_elements(model: nn.Module, layer: nn.Module, top_k: int) -> int:
@@ -229,7 +241,7 @@ def layer_activation_elements(model: nn.Module, layer: nn.Module, top_k: int) ->
     elements = 2 * linear_outputs + 6 * hidden
     for module in experts:
         width = expert_width(module)
-        elements += top_k * (3 * hidden + 4 * width) + 2 * module.gate_up_proj.shape[0]  # + router scores
+        elements += top_k * (3 * hidden + 4 * width) + 2 * expert_count(module)  # + router scores
     return elements
 
 
