@@ -149,7 +149,7 @@ def trainer_inputs(variant: str, recipe, examples: int, callbacks: list) -> dict
 
     kind = "preference" if VARIANTS[variant][0] == "dpo" else "sft"
     model = load_stage_model(recipe.model_source, "base")
-    return dict(model=model, train_dataset=load_split(recipe, kind, "train").select(range(examples)),
+    return dict(model=model, train_dataset=load_split(recipe.run_path / "data", kind, "train").select(range(examples)),
                 processing_class=load_tokenizer(recipe.model_source),
                 peft_config=adapters.peft_config(model, recipe.model.lora),
                 callbacks=callbacks)
@@ -182,7 +182,7 @@ def trainer_for(variant: str, recipe, output_dir: Path, inputs: dict):
     stage = VARIANTS[variant][0]
     make = dpo_trainer if stage == "dpo" else sft_trainer
     recipe.speed = dataclasses.replace(recipe.speed, **LEVERS_OFF.get(variant, {}))
-    return make(recipe.speed, args=trainer_config(stage, recipe, output_dir), **inputs)
+    return make(recipe.speed, args=trainer_config(recipe.trainer_settings(stage), output_dir), **inputs)
 
 
 def real_tokens(trainer, stage: str) -> int:
@@ -337,10 +337,10 @@ def same_math_check(recipe, batch_size: int) -> tuple[float, float]:
     from finetune.training.trainer_config import trainer_config
 
     base, tokenizer = load_stage_model(recipe.model_source, "base"), load_tokenizer(recipe.model_source)
-    pairs = load_split(recipe, "preference", "train").select(range(batch_size))
+    pairs = load_split(recipe.run_path / "data", "preference", "train").select(range(batch_size))
     results = []
     with tempfile.TemporaryDirectory() as folder:
-        config = trainer_config("dpo", recipe, Path(folder))
+        config = trainer_config(recipe.trainer_settings("dpo"), Path(folder))
         config.precompute_ref_log_probs = False
         for make in (lambda **kw: DPOTrainer(**kw), lambda **kw: dpo_trainer(recipe.speed, **kw)):
             model = copy.deepcopy(base)

@@ -64,7 +64,7 @@ def trl_fields_help(section: str, recipe: Recipe) -> str:
     """Every field of TRL's config for `section`, with the default moetune applies for `recipe` on this machine."""
     from finetune.training.trainer_config import moetune_defaults  # the training stack: see the module's docstring
 
-    ours = moetune_defaults(section, recipe)
+    ours = moetune_defaults(recipe.trainer_settings(section))
     every = recipe.checkpoints.every_minutes
     rows = [f"Defaults are moetune's for this recipe on this machine (use_cpu, bf16 and gradient_checkpointing follow "
             f"the device). Checkpoints: every {every} minutes (checkpoints.every_minutes) and on SIGTERM/Ctrl-C, plus "

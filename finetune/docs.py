@@ -39,7 +39,8 @@ def stage_table() -> str:
     for spec in STAGES:
         name = f"`moetune {spec.name}`" if spec.command else f"{spec.name} (runs before the stages that need it)"
         reads = ", ".join(f"`{section}:`" for section in spec.sections)
-        needs = ", ".join(spec.needs) or "-"
+        needs = ", ".join([*spec.needs, *(["the model stages `eval.models` names"] if spec.needs_named_models else [])])
+        needs = needs or "-"
         rows.append(f"| {name} | {reads} | `run_dir/{spec.folder}/` | {needs} | {cell(spec.description)} |")
     return "\n".join(rows)
 

@@ -48,15 +48,24 @@ class StageSpec:
     loads_model: bool = False  # it loads the recipe's model: model.name_or_path is checked before it runs
     holds_model: bool = False  # its folder is a model (eval.models may name it); a chain is pushed in this order
     reported: bool = False  # run_dir/report.md shows its results: rebuilt each time it commits
+    needs_named_models: bool = False  # it also needs the model stages eval.models (or a local judge) names: eval
 
     def stage_module(self) -> ModuleType:
         return importlib.import_module(self.module)
+
+    def needs_for(self, recipe: Recipe) -> tuple[str, ...]:
+        """The stages whose folders this one reads for this recipe: `needs`, and the model stages it is told to
+        load by name."""
+        if not self.needs_named_models:
+            return self.needs
+        named = {*recipe.eval.models, *([recipe.eval.judge.model] if recipe.eval.judge.type == "local" else [])}
+        return (*self.needs, *(spec.name for spec in STAGES if spec.holds_model and spec.name in named))
 
     def needed(self, recipe: Recipe) -> dict[str, dict[str, Any]]:
         """The manifest of each stage this one needs (those that apply to the recipe), or the error naming the
         command to run first. The one place where stage dependencies are checked."""
         manifests = {}
-        for need in (BY_NAME[name] for name in self.needs):
+        for need in (BY_NAME[name] for name in self.needs_for(recipe)):
             if not need.applies(recipe):
                 continue
             manifest = read_manifest(recipe.run_path / need.folder)
@@ -86,7 +95,7 @@ STAGES = (
               description="DPO from the SFT result with TRL's DPOTrainer into run_dir/dpo."),
     # eval reads the folders of the stages named in eval.models, and the prep stage's questions by default.
     StageSpec("eval", "finetune.stages.evaluate", ("eval",), "eval", (), every_process=False, loads_model=True,
-              reported=True,
+              reported=True, needs_named_models=True,
               description="Answer held-out questions with each model, judge, report into run_dir/eval."),
 )
 BY_NAME = {spec.name: spec for spec in STAGES}
@@ -96,7 +105,8 @@ COMMANDS = tuple(spec.name for spec in STAGES if spec.command)
 
 def hidden_needs(name: str, recipe: Recipe) -> list[StageSpec]:
     """The stages without a command that `name` needs and that apply to this recipe (base, for model.init)."""
-    return [BY_NAME[need] for need in BY_NAME[name].needs if not BY_NAME[need].command and BY_NAME[need].applies(recipe)]
+    return [BY_NAME[need] for need in BY_NAME[name].needs_for(recipe)
+            if not BY_NAME[need].command and BY_NAME[need].applies(recipe)]
 
 
 def command_writing(folder: str) -> str:

@@ -10,11 +10,18 @@ marked so, and every test of the per-family conformance files.
 
 from __future__ import annotations
 
+import os
 import shutil
+
+# `make test` runs the suite on two pytest-xdist workers, one per core of a CI machine: each worker (and every
+# process it starts, through the environment) computes on one thread, so the two do not fight over the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
 import pytest
 
 from finetune.cli import main
+from finetune.registry import BY_NAME
 
 from helpers.on_device import CONFORMANCE_FILES
 from helpers.recipes import write_recipe
@@ -54,6 +61,22 @@ def tiny_run_copy(tiny_run, tmp_path):
     recipe = write_recipe(tmp_path)
     shutil.copytree(tiny_run[1], tmp_path / "run")
     return recipe, tmp_path / "run"
+
+
+@pytest.fixture
+def prepared_run(tiny_run):
+    """A function (folder, stages) -> (recipe, run dir): tiny.yaml in `folder` whose run dir holds those stages'
+    output (and the base model they need), copied from the session's finished tiny run instead of trained again."""
+    def prepared(folder, stages=("prep",)):
+        folder.mkdir()
+        recipe = write_recipe(folder)
+        folders = {BY_NAME[name].folder for name in stages}
+        if folders - {"data"}:
+            folders.add("base")
+        for name in folders:
+            shutil.copytree(tiny_run[1] / name, folder / "run" / name)
+        return str(recipe), folder / "run"
+    return prepared
 
 
 @pytest.fixture

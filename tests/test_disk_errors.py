@@ -18,7 +18,7 @@ import data_prep.writer
 import eval.jsonl
 from finetune.training.checkpoints import checkpoint_problem, checkpoints
 from finetune.cli import main
-from helpers.recipes import prepared_recipe, write_recipe
+from helpers.recipes import write_recipe
 
 @contextmanager
 def mounted(target, *options):
@@ -37,8 +37,8 @@ def folder_bytes(folder):
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
-def test_full_disk_while_saving_a_checkpoint(tmp_path, capsys):
-    recipe, run = prepared_recipe(tmp_path / "full", stages=("prep", "sft"))
+def test_full_disk_while_saving_a_checkpoint(prepared_run, tmp_path, capsys):
+    recipe, run = prepared_run(tmp_path / "full", stages=("prep", "sft"))
     # The run dir on a disk with room for the data and the base model, and 200 KiB more: enough for the model
     # weights of a checkpoint (134 KiB), not for its optimizer state (twice that).
     kept = tmp_path / "kept"
@@ -65,8 +65,8 @@ def test_full_disk_while_saving_a_checkpoint(tmp_path, capsys):
         assert json.loads((run / "sft" / "moetune_stage.json").read_text())["outputs"]["steps"] == 4
 
 
-def test_read_only_run_dir(tmp_path, capsys):
-    recipe, run = prepared_recipe(tmp_path / "read-only")
+def test_read_only_run_dir(prepared_run, tmp_path, capsys):
+    recipe, run = prepared_run(tmp_path / "read-only")
     with mounted(run, "--bind", str(run)):
         subprocess.run(["mount", "-o", "remount,bind,ro", str(run)], check=True, timeout=60)
         capsys.readouterr()

@@ -24,7 +24,6 @@ from finetune.training.packed_dpo import PackedDPOTrainer
 from finetune.training.packed_sft import PaddingFreeSFTTrainer, sft_trainer
 from finetune.training.preference_packing import pack_pairs
 from finetune.config.recipe import LoraConfig, ModelInit, SpeedConfig
-from helpers.recipes import write_recipe
 from helpers.on_device import DTYPE
 from helpers.parity import SAME_MATH, loss_and_gradients
 from helpers.trainers import build, dpo_config, reference_log_probs, same_math, sft_trainers, whole_dataset
@@ -196,23 +195,23 @@ def test_reference_log_probs_are_cached_by_model_and_data(tiny, tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_tiny_dpo_stage_with_levers_on_matches_levers_off(tmp_path, monkeypatch):
+def test_tiny_dpo_stage_with_levers_on_matches_levers_off(tiny_run_copy, tmp_path, monkeypatch):
     """End to end through the CLI: the DPO stage's logged losses are the same with every lever on and off, and a
-    second run with another beta reuses the first run's reference pass."""
+    run with another beta reuses the finished run's reference pass."""
     reference_batches = []
     original = PackedDPOTrainer.compute_ref_log_probs
     monkeypatch.setattr(PackedDPOTrainer, "compute_ref_log_probs",
                         lambda self, *args: reference_batches.append(1) or original(self, *args))
-    recipe = str(write_recipe(tmp_path))
-    assert main(["run", recipe, "--stages", "prep,sft,dpo"]) == 0
-    assert reference_batches
-    reference_batches.clear()
+    recipe = str(tiny_run_copy[0])
     assert main(["dpo", recipe, "--force", "dpo.beta=0.3"]) == 0
-    assert reference_batches == []
+    assert reference_batches  # the copied run's data: its reference pass is computed once
+    reference_batches.clear()
     losses = {}
     for levers in ("true", "false"):
         overrides = [f"speed.{name}={levers}" for name in ("padding_free", "share_prompt", "reference_cache", "tiled_lm_head")]
         assert main(["dpo", recipe, "--force", *overrides]) == 0
+        if levers == "true":
+            assert reference_batches == []  # another beta: the same reference pass, reused
         history = json.loads((tmp_path / "run" / "dpo" / "metrics.json").read_text())
         losses[levers] = [entry["loss"] for entry in history if "loss" in entry]
     assert len(losses["true"]) == 3 and losses["true"] == pytest.approx(losses["false"], rel=1e-3)

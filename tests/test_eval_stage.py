@@ -157,7 +157,7 @@ def openai_recipe(run_dir: Path, server: FakeJudgeServer, question_file: Path, p
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Answers are already saved: loading a model would be a bug."""
-    def refuse(source, name):
+    def refuse(source, name, of_this_run):
         raise AssertionError(f"model {name} loaded although its answers were saved")
     monkeypatch.setattr(finetune.stages.evaluate, "load_for_inference", refuse)
 
@@ -322,7 +322,7 @@ def tiny_models(monkeypatch):
     """finetune.modeling.loading.load_for_inference stand-in: a tiny random MoE per name; counts loads."""
     loads = Counter()
 
-    def load_for_inference(source, name):
+    def load_for_inference(source, name, of_this_run):
         loads[name] += 1
         return tiny_chat_model(seed=len(name))
 

@@ -4,11 +4,14 @@
 - peft: PeftModel.from_pretrained on the base;
 - vllm (per-expert families): a reference written here: each exported 2-D key's b @ a * alpha/r added to the base
   checkpoint's weight of the same name (the per-expert matrices as they lie in the base's safetensors), then
-  from_pretrained on that checkpoint; 3-D families: PeftModel.from_pretrained (vLLM loads PEFT's layout there).
+  from_pretrained on that checkpoint; 3-D families: PeftModel.from_pretrained (vLLM loads PEFT's layout there);
+- sglang: a reference written here that reads the export as SGLang's loader reads it (sglang_reference: its key
+  pattern, gate/up stacking, lora_alpha / r, the target check), its updates added to the base checkpoint.
 Columns (h) and (i) of the conformance matrix.
 """
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -101,10 +104,75 @@ def test_i_export_vllm_reloads_to_the_trained_logits(models, data, family, tmp_p
         keys = load_file(out / "adapter_model.safetensors")
         assert any(".experts.3." in key for key in keys)  # per expert
         reloaded = per_expert_reference(base, out, tmp_path / "reference")
-        export.export(adapter, "sglang", tmp_path / "sglang")
-        assert load_file(tmp_path / "sglang" / "adapter_model.safetensors").keys() == keys.keys()
     assert (logits_of(reloaded, inputs) - expected).abs().max() <= 1e-4
     assert "vllm serve" in (out / "README.md").read_text()
+
+
+# What SGLang's loader reads (python/sglang/srt/lora at 00639c4d): per-expert 2-D keys `layers.{l}...experts.{e}.`
+# (mem_pool.py: `re.search(r"experts\.(\d+)\.", name)`), each expert's gate_proj and up_proj stacked into
+# gate_up_proj (lora.py normalize_gate_up_proj: A and B concatenated, gate first), B scaled by lora_alpha / r, and
+# the experts module wrapped only when target_modules normalize to gate_up_proj and down_proj (lora_manager.py).
+SGLANG_EXPERT_KEY = re.compile(r"layers\.\d+\..*\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.lora_([AB])\.weight$")
+SGLANG_TARGETS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+                  "up_proj": "gate_up_proj"}  # utils.get_normalized_target_modules, the names our adapters hold
+CHECKPOINT_LEAVES = {"gate_proj": ("gate_proj", "w1"), "up_proj": ("up_proj", "w3"), "down_proj": ("down_proj", "w2")}
+
+
+def sglang_reference(base, exported, folder):
+    """The base checkpoint plus the update SGLang's loader builds from the exported tensors: per expert, the stacked
+    gate_up_proj A = [A_gate; A_up] (2r, in) and B = [B_gate; B_up] (2I, r), applied as B[:I] @ A[:r] to the gate
+    rows and B[I:] @ A[r:] to the up rows (FusedMoEWithLoRA's [gate; up] order), added to the checkpoint's matrices
+    of that expert (w1/w3/w2 or gate/up/down_proj); other keys as ordinary LoRA Linears."""
+    config = json.loads((exported / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and isinstance(config["target_modules"], list)  # what LoRAConfig accepts
+    assert not config.get("rank_pattern") and not config.get("alpha_pattern") and not config["use_dora"]
+    targets = {SGLANG_TARGETS.get(name, name) for name in config["target_modules"]}
+    assert {"gate_up_proj", "down_proj"} <= targets  # else SGLang leaves the experts without LoRA
+    scale = config["lora_alpha"] / config["r"]
+    adapter = load_file(exported / "adapter_model.safetensors")
+    weights = load_file(base / "model.safetensors")
+    experts, updates = {}, {}
+    for key, tensor in adapter.items():
+        assert tensor.dim() == 2, key  # the per-expert branch: one matrix per expert, no 3-D tensors
+        module = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+        match = SGLANG_EXPERT_KEY.search(key)
+        if match is not None:
+            experts.setdefault(module.rsplit(".", 1)[0], {})[match[1], match[2]] = tensor
+        elif ".lora_A." in key:
+            if ".q_proj." in key:  # normalize_qkv_proj stacks q, k, v and needs v_proj beside q_proj
+                assert key.replace(".q_proj.", ".v_proj.") in adapter, key
+            updates[f"{module}.weight"] = scale * adapter[key.replace(".lora_A.", ".lora_B.")] @ tensor
+    for head, parts in experts.items():
+        assert len(parts) == 6, head  # gate, up and down, A and B, of every expert
+        a = torch.cat([parts["gate_proj", "A"], parts["up_proj", "A"]])
+        b = torch.cat([parts["gate_proj", "B"], parts["up_proj", "B"]])
+        rank, inter = parts["gate_proj", "A"].shape[0], parts["gate_proj", "B"].shape[0]
+        deltas = {"gate_proj": b[:inter] @ a[:rank], "up_proj": b[inter:] @ a[rank:],
+                  "down_proj": parts["down_proj", "B"] @ parts["down_proj", "A"]}
+        for leaf, delta in deltas.items():
+            name = next(f"{head}.{n}.weight" for n in CHECKPOINT_LEAVES[leaf] if f"{head}.{n}.weight" in weights)
+            updates[name] = scale * delta
+    assert experts
+    shutil.copytree(base, folder)
+    for name, delta in updates.items():
+        assert weights[name].shape == delta.shape, name
+        weights[name] = weights[name] + delta
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return AutoModelForCausalLM.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_sglang_reloads_to_the_trained_logits(models, data, family, tmp_path):
+    adapter, base, inputs, expected = trained_adapter(models, data, family, tmp_path)
+    out = tmp_path / "sglang"
+    if not any(re.search(r"\.experts\.\d+\.", key) for key in load_file(base / "model.safetensors")):
+        refused(lambda: export.export(adapter, "sglang", out), layouts.SGLANG_FUSED_ON_DISK)
+    export.export(adapter, "sglang", out)
+    reloaded = sglang_reference(base, out, tmp_path / "reference")
+    assert (logits_of(reloaded, inputs) - expected).abs().max() <= 1e-4
+    readme = (out / "README.md").read_text()
+    assert f"python -m sglang.launch_server --model-path {base} --enable-lora --lora-paths moetune={out}" in readme
+    assert export.SGLANG_READ in readme and '"lora_path": "moetune"' in readme
 
 
 def test_an_adapter_saved_by_peft_0_18_exports_as_its_own_update(models, data, tmp_path):
@@ -164,8 +232,8 @@ def chain_batch(run_dir):
 
 @pytest.mark.slow
 def test_lora_sft_then_lora_dpo_exported_through_the_cli_serves_the_trained_model(tmp_path):
-    """prep -> LoRA SFT -> LoRA DPO, then `moetune export run/dpo --format vllm/merged`: the two adapters become one
-    (ranks concatenated) on the base, and both exports give the logits of the model the run trained."""
+    """prep -> LoRA SFT -> LoRA DPO, then `moetune export run/dpo --format vllm/sglang/merged`: the two adapters become
+    one (ranks concatenated) on the base, and every export gives the logits of the model the run trained."""
     from finetune.modeling.loading import load_stage_model
     from finetune.config.parsing import load_recipe
     from tests.helpers.recipes import write_recipe
@@ -175,12 +243,15 @@ def test_lora_sft_then_lora_dpo_exported_through_the_cli_serves_the_trained_mode
     run = tmp_path / "run"
     cli("export", str(run / "dpo"), "--format", "vllm", "--out", str(tmp_path / "vllm"))
     cli("export", str(run / "dpo"), "--format", "merged", "--out", str(tmp_path / "merged"))
+    cli("export", str(run / "dpo"), "--format", "sglang", "--out", str(tmp_path / "sglang"))
     inputs = chain_batch(run)
     trained = load_stage_model(load_recipe(recipe, ["model.lora.stages=[sft,dpo]"]), "dpo")
     expected = logits_of(trained, inputs)
     record = json.loads((tmp_path / "vllm" / "export.json").read_text())
     assert record["adapters"] == [str(run / "sft"), str(run / "dpo")]
     reference = per_expert_reference(run / "base", tmp_path / "vllm", tmp_path / "reference")
+    assert (logits_of(reference, inputs) - expected).abs().max() <= 1e-4
+    reference = sglang_reference(run / "base", tmp_path / "sglang", tmp_path / "sglang-reference")
     assert (logits_of(reference, inputs) - expected).abs().max() <= 1e-4
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert (logits_of(merged, inputs) - expected).abs().max() <= 1e-4

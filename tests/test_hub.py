@@ -54,7 +54,7 @@ def test_evaluating_a_stage_of_a_moved_run_loads_its_whole_chain(run, tmp_path):
     moved = tmp_path / "moved-run"
     shutil.copytree(run, moved)
     other_run = load_recipe(run / "dpo" / "recipe.yaml", [f"run_dir={tmp_path / 'other'}"])
-    model, _ = load_for_inference(other_run.model_source, str(moved / "dpo"))
+    model, _ = load_for_inference(other_run.model_source, str(moved / "dpo"), of_this_run=False)
     expected = load_stage_model(load_recipe(run / "dpo" / "recipe.yaml").model_source, "dpo")
     ids = torch.arange(3, 19).reshape(2, 8)
     assert torch.allclose(logits(model, ids), logits(expected, ids), atol=1e-5)

@@ -53,6 +53,24 @@ def test_needs_are_checked_by_the_registry_before_a_stage_runs(tmp_path):
         BY_NAME["sft"].needed(recipe)
 
 
+def test_eval_needs_the_model_stages_it_names(tmp_path):
+    """eval loads the stages eval.models names: the registry checks them (and builds a model.init base) first."""
+    recipe = parse_recipe({"run_dir": str(tmp_path), "model": {"init": {}}, "eval": {"models": ["base", "dpo", "org/m"]}},
+                          str(tmp_path / "recipe.yaml"))
+    assert BY_NAME["eval"].needs_for(recipe) == ("base", "dpo")
+    assert [spec.name for spec in hidden_needs("eval", recipe)] == ["base"]
+    with pytest.raises(MissingStageOutput, match=r"\[eval\] needs the base stage's output"):
+        BY_NAME["eval"].needed(recipe)
+    for folder in ("base", "dpo"):
+        write_json_atomic(tmp_path / folder / "moetune_stage.json", {"stage": folder, "fingerprint": folder[0]})
+    assert BY_NAME["eval"].needed(recipe) == {"base": {"stage": "base", "fingerprint": "b"},
+                                              "dpo": {"stage": "dpo", "fingerprint": "d"}}
+    # a hub model's base is the recipe's model.name_or_path: nothing to check, nothing to build
+    hub_recipe = parse_recipe({"run_dir": str(tmp_path / "hub"), "model": {"name_or_path": "org/base"},
+                               "eval": {"models": ["base"]}}, str(tmp_path / "recipe.yaml"))
+    assert BY_NAME["eval"].needed(hub_recipe) == {} and hidden_needs("eval", hub_recipe) == []
+
+
 def test_commands_and_help_come_from_the_registry():
     assert COMMANDS == ("prep", "sft", "dpo", "eval")  # base has no command of its own
     assert parse_stages("eval,prep") == ["prep", "eval"]

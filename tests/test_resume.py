@@ -18,7 +18,6 @@ from finetune.cli import main
 from finetune.config.recipe import CheckpointConfig, Recipe
 from finetune.training.trainer_config import moetune_defaults
 from helpers.processes import kill_at_random_step, output_lines
-from helpers.recipes import prepared_recipe
 
 pytestmark = pytest.mark.slow  # every test here trains through the pipeline
 
@@ -58,8 +57,8 @@ def uninterrupted(stage, recipe, run, overrides, folder):
     return shutil.move(run / stage, folder)
 
 
-def test_killed_sft_resumes_to_the_same_weights(tmp_path, capsys):
-    recipe, run = prepared_recipe(tmp_path / "run")
+def test_killed_sft_resumes_to_the_same_weights(prepared_run, tmp_path, capsys):
+    recipe, run = prepared_run(tmp_path / "run")
     reference = uninterrupted("sft", recipe, run, SFT, tmp_path / "reference")
     kill_at_random_step("sft", recipe, SFT, tmp_path / "sft.log")
     work = run / ".sft.partial"
@@ -81,8 +80,8 @@ def test_killed_sft_resumes_to_the_same_weights(tmp_path, capsys):
     assert not list((run / "sft").glob("checkpoint-*"))  # the committed output carries no optimizer state
 
 
-def test_killed_dpo_with_adapters_resumes_to_the_same_adapter(tmp_path, capsys):
-    recipe, run = prepared_recipe(tmp_path / "run", stages=("prep", "sft"))
+def test_killed_dpo_with_adapters_resumes_to_the_same_adapter(prepared_run, tmp_path, capsys):
+    recipe, run = prepared_run(tmp_path / "run", stages=("prep", "sft"))
     reference = uninterrupted("dpo", recipe, run, DPO, tmp_path / "reference")
     kill_at_random_step("dpo", recipe, DPO, tmp_path / "dpo.log")
     work = run / ".dpo.partial"
@@ -104,8 +103,8 @@ def test_killed_dpo_with_adapters_resumes_to_the_same_adapter(tmp_path, capsys):
     assert losses(run / "dpo") == losses(reference) and len(losses(reference)) == 12
 
 
-def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
-    recipe, run = prepared_recipe(tmp_path / "terminated")
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(prepared_run, tmp_path):
+    recipe, run = prepared_run(tmp_path / "terminated")
     command = [sys.executable, "-m", "finetune", "sft", recipe, *SFT, "sft.max_steps=1000"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -121,10 +120,10 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     assert not (run / "sft").exists()  # not committed
 
 
-def test_checkpoints_every_few_minutes_keep_the_newest(tmp_path, monkeypatch):
+def test_checkpoints_every_few_minutes_keep_the_newest(prepared_run, tmp_path, monkeypatch):
     """checkpoints.every_minutes saves on a clock, here a fake one that advances 20 seconds whenever it is read
     (once per step, at the start and at each save), so a minute passes every three steps."""
-    recipe, run = prepared_recipe(tmp_path / "timed")
+    recipe, run = prepared_run(tmp_path / "timed")
     now = iter(range(0, 10_000, 20))
     monkeypatch.setattr(finetune.training.checkpoints, "clock", lambda: next(now))
     kept = []
@@ -143,7 +142,7 @@ def test_checkpoints_every_few_minutes_keep_the_newest(tmp_path, monkeypatch):
 def test_checkpoints_are_on_by_default_and_trl_fields_show_moetunes_defaults(capsys):
     assert CheckpointConfig().every_minutes == 30  # a kill loses at most 30 minutes, with nothing set
     for stage in ("sft", "dpo"):
-        defaults = moetune_defaults(stage, Recipe(run_dir=""))
+        defaults = moetune_defaults(Recipe(run_dir="").trainer_settings(stage))
         # no step schedule unless the recipe sets one; the newest two checkpoints of either kind are kept
         assert defaults["save_strategy"] == "no" and defaults["save_total_limit"] == 2
         assert main([stage, "--trl-fields"]) == 0
@@ -158,10 +157,10 @@ def test_checkpoints_are_on_by_default_and_trl_fields_show_moetunes_defaults(cap
         capsys.readouterr().out
 
 
-def test_killed_sft_resumes_from_the_default_time_schedule(tmp_path, capsys):
+def test_killed_sft_resumes_from_the_default_time_schedule(prepared_run, tmp_path, capsys):
     """No step schedule: only checkpoints.every_minutes (made small here) saves. kill -9 at a random step loses at
     most that schedule's interval plus the step (and save) in progress."""
-    recipe, run = prepared_recipe(tmp_path / "run")
+    recipe, run = prepared_run(tmp_path / "run")
     every_minutes = 0.0005  # 30 ms: below one step on any machine, so a checkpoint is due at every step
     overrides = ["sft.max_steps=12", "sft.logging_steps=1", f"checkpoints.every_minutes={every_minutes}"]
     step, logged_at = kill_at_random_step("sft", recipe, overrides, tmp_path / "sft.log", first=6, last=10)

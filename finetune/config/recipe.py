@@ -220,6 +220,18 @@ class ModelSource:
     run_path: Path
 
 
+@dataclass(frozen=True)
+class TrainerSettings:
+    """What a training stage's TRL config is made of: the recipe's section of TRL fields for that stage and the
+    three recipe keys moetune's defaults read. The training layer gets this, not the whole recipe."""
+
+    stage: str  # sft or dpo
+    fields: dict[str, Any]  # the recipe's sft: or dpo: section (TRL's field names)
+    seed: int
+    dtype: str  # model.dtype: mixed precision on a GPU follows it
+    reference_cache: bool  # speed.reference_cache: DPO's precompute_ref_log_probs
+
+
 @dataclass
 class PlanConfig:
     """The memory and time plan (`moetune plan`), which also runs before every training stage that loads a model."""
@@ -274,6 +286,9 @@ class Recipe:
         checkpoint schedule or log interval can change between an interruption and its resume."""
         return {key: value for key, value in getattr(self, stage).items() if key not in NOT_RESULT_TRAINER_KEYS}
 
+    def trainer_settings(self, stage: str) -> TrainerSettings:
+        return TrainerSettings(stage, dict(getattr(self, stage)), self.seed, self.model.dtype, self.speed.reference_cache)
+
     def model_inputs(self, stage: str) -> dict[str, Any]:
         """The model settings a training stage depends on (its own adapter settings, not the other stage's)."""
         return {**self.section_dict("model"), "lora": to_dict(self.model.lora_for(stage))}
@@ -287,7 +302,5 @@ NOT_RESULT_TRAINER_KEYS = frozenset({
 
 # The training stages are the recipe's trainer sections (sft:, dpo:); the stage registry runs them.
 TRAINING_STAGES = tuple(f.name for f in dataclasses.fields(Recipe) if "trl_config" in f.metadata)
-# The stages whose folders hold a model (the model.init base, then the training stages): eval.models may name them.
-MODEL_STAGES = ("base", *TRAINING_STAGES)
 # What `moetune export` and `moetune push --format` write (finetune/stages/export.py).
 EXPORT_FORMATS = ("peft", "vllm", "sglang", "merged")

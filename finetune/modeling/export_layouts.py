@@ -37,6 +37,17 @@ SWAP_FIXED_IN = Version("0.19.0")  # PEFT#3165: in/out of (E, out, in) parameter
 
 FUSED_ON_DISK = ("the base checkpoint stores this family's experts fused (one 3-D tensor, not a matrix per expert): "
                  "there are no per-expert names to write their LoRA under, and vLLM has no 3-D MoE LoRA for it")
+SGLANG_FUSED_ON_DISK = ("the base checkpoint stores this family's experts fused (one 3-D tensor, not a matrix per "
+                        "expert), and moetune splits gate_up_proj into SGLang's gate_proj/up_proj keys the way the "
+                        "checkpoint's per-expert matrices split it; moetune does not write SGLang's 3-D experts keys. "
+                        "Use --format merged (`python -m sglang.launch_server --model-path OUT` serves it)")
+# SGLang's per-expert key leaves: its loader (lora.py, LoRAAdapter._rename_expert_w_to_proj) renames w1/w3/w2 to
+# gate_proj/up_proj/down_proj, stacks gate_proj + up_proj of each expert into gate_up_proj, and wraps an experts
+# module (FusedMoE) only when the adapter's target_modules normalize to both gate_up_proj and down_proj
+# (lora_manager.init_lora_modules): the keys and target_modules carry these names, not the checkpoint's w1/w3/w2.
+SGLANG_EXPERT_LEAVES = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj",
+                        "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+PER_EXPERT = re.compile(r"^(?P<head>.+\.experts\.\d+)\.(?P<leaf>[^.]+)$")
 
 
 class LayoutError(ValueError):
@@ -307,3 +318,22 @@ def to_per_expert(factors: dict[str, Factors], experts: dict[str, ExpertsInfo],
             tensors[f"{PREFIX}{key}.lora_B.weight"] = b[rows].contiguous()
             modules.append(key)
     return tensors, modules
+
+
+def sglang_names(tensors: dict[str, torch.Tensor], modules: list[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Per-expert 2-D keys (to_per_expert) renamed as SGLang's loader looks them up: each expert's projections as
+    gate_proj / up_proj / down_proj (SGLANG_EXPERT_LEAVES); attention, shared experts and dense MLPs unchanged."""
+    renamed, names = {}, []
+    for module in modules:
+        match = PER_EXPERT.match(module)
+        name = module
+        if match is not None:
+            leaf = SGLANG_EXPERT_LEAVES.get(match["leaf"])
+            if leaf is None:
+                raise LayoutError(f"the base checkpoint names an expert matrix {module}; SGLang's loader reads only "
+                                  f"gate_proj/up_proj/down_proj (or w1/w3/w2) per expert. Use --format merged.")
+            name = f"{match['head']}.{leaf}"
+        for ab in "AB":
+            renamed[f"{PREFIX}{name}.lora_{ab}.weight"] = tensors[f"{PREFIX}{module}.lora_{ab}.weight"]
+        names.append(name)
+    return renamed, names

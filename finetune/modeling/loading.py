@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from finetune.modeling import adapters, expert_parallel, expert_quant, moe
 from finetune.core import families
-from finetune.config.recipe import MODEL_STAGES, ModelConfig, ModelSource, RecipeError
+from finetune.config.recipe import ModelConfig, ModelSource, RecipeError
 from finetune.config.parsing import load_recipe
 from finetune.core.rundir import read_manifest, require_complete
 from finetune.modeling.tiny import train_tokenizer
@@ -176,9 +176,14 @@ def skeleton(source: ModelSource, location: str):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=source.model.trust_remote_code)
 
 
+# The name eval.models and the chain's `parent` give the recipe's base model: run_dir/base (model.init), else
+# model.name_or_path.
+BASE_MODEL = "base"
+
+
 def load_stage_model(source: ModelSource, name: str):
     """The model a stage produced, adapters merged in: `base`, `sft`, `dpo`."""
-    if name == "base":
+    if name == BASE_MODEL:
         return load_pretrained(source, base_location(source))
     folder = source.run_path / name
     outputs = require_complete(source.run_path, name, needed_by="model loading")["outputs"]
@@ -189,9 +194,10 @@ def load_stage_model(source: ModelSource, name: str):
     return adapters.merge_adapter(base, folder)
 
 
-def load_for_inference(source: ModelSource, name: str):
-    """(model, tokenizer) ready for generation: a stage of this run, or any local path or hub id (adapters too)."""
-    if name in MODEL_STAGES:
+def load_for_inference(source: ModelSource, name: str, of_this_run: bool):
+    """(model, tokenizer) ready for generation: this run's stage `name` (`of_this_run`: the stage registry says
+    which names are stages), or any local path or hub id (adapters too)."""
+    if of_this_run:
         model = load_stage_model(source, name)
         tokenizer = load_tokenizer(source)
     else:

@@ -20,6 +20,7 @@ from finetune.core import families
 from finetune.modeling import expert_parallel, moe
 from finetune.modeling.loading import load_stage_model, load_tokenizer, load_training_model, seed_everything
 from finetune.training.packed_dpo import dpo_trainer
+from finetune.config.parsing import dump_recipe
 from finetune.config.recipe import Recipe
 from finetune.core.rundir import Stage
 from finetune.training.saving import save_stage
@@ -43,7 +44,7 @@ def run(recipe: Recipe, needed: dict[str, dict], force: bool | str = False) -> P
 
     seed_everything(recipe.seed)
     # The config first: under DeepSpeed ZeRO-3 it makes from_pretrained load each process's shard only.
-    args = trainer_config("dpo", recipe, stage.work)
+    args = trainer_config(recipe.trainer_settings("dpo"), stage.work)
     tokenizer = load_tokenizer(recipe.model_source)
     model, peft_config, parent = load_training_model(recipe.model_source, "dpo", start="sft")
     lora = recipe.model.lora_for("dpo")
@@ -55,8 +56,8 @@ def run(recipe: Recipe, needed: dict[str, dict], force: bool | str = False) -> P
             model=model,
             ref_model=load_reference(recipe) if needs_copy else None,
             args=args,
-            train_dataset=require_train_split(recipe, "preference", "dpo"),
-            eval_dataset=load_split(recipe, "preference", "test"),
+            train_dataset=require_train_split(recipe.run_path / "data", "preference", "dpo"),
+            eval_dataset=load_split(recipe.run_path / "data", "preference", "test"),
             processing_class=tokenizer,
             peft_config=peft_config,
             callbacks=expert_load_callbacks(model, stage.work, recipe.routing, "dpo"),
@@ -66,7 +67,7 @@ def run(recipe: Recipe, needed: dict[str, dict], force: bool | str = False) -> P
     train_resuming(trainer, stage, recipe.checkpoints)
     if "ref" in getattr(trainer.model, "peft_config", {}):
         trainer.model.delete_adapter("ref")  # TRL's frozen copy of the SFT adapter (the reference); not an output
-    return save_stage(trainer, tokenizer, recipe, stage, parent=parent)
+    return save_stage(trainer, tokenizer, dump_recipe(recipe), stage, parent=parent)
 
 
 def load_reference(recipe: Recipe):

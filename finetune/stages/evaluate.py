@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from eval.answer import answer_questions, unanswered
 from finetune.config.evaluation import JUDGE_CALL_SETTINGS, EvalInputError
@@ -21,8 +21,8 @@ from eval.questions import load_questions, load_reference_answers, reference_tur
 from eval.jsonl import file_safe, read_jsonl
 from eval.scores import markdown_table, pairwise_rows, pairwise_scores, radar_plot, single_rows, single_scores
 from finetune.core import remote_files
-from finetune.modeling.loading import load_for_inference
-from finetune.config.recipe import MODEL_STAGES, Recipe
+from finetune.modeling.loading import BASE_MODEL, load_for_inference
+from finetune.config.recipe import Recipe
 from finetune.core.remote_files import fetch, is_url
 from finetune.core.rundir import Interrupted, MissingStageOutput, Stage, StageError, read_manifest, write_json_atomic
 
@@ -62,15 +62,14 @@ def stage_inputs(recipe: Recipe, needed: dict[str, dict] | None = None) -> dict[
     each model's producing stage."""
     section = recipe.section_dict("eval")
     section["judge"] = {key: value for key, value in section["judge"].items() if key not in NOT_INPUTS}
-    return {"eval": section, **answer_inputs(recipe)}
+    return {"eval": section, **answer_inputs(recipe, needed or {})}
 
 
-def answer_inputs(recipe: Recipe) -> dict[str, Any]:
+def answer_inputs(recipe: Recipe, needed: dict[str, dict]) -> dict[str, Any]:
     """What the saved answers depend on (the judge is not part of it)."""
     models = {}
     for name in recipe.eval.models:
-        manifest = read_manifest(recipe.run_path / name) if name in MODEL_STAGES else None
-        models[name] = manifest["fingerprint"] if manifest else name
+        models[name] = needed[name]["fingerprint"] if name in needed else name
     section = recipe.section_dict("eval")
     return {"answering": {key: section[key] for key in ANSWER_KEYS}, "seed": recipe.seed, "models": models,
             "questions": source_fingerprint(question_source(recipe))}
@@ -120,19 +119,22 @@ def read_questions(recipe: Recipe) -> list[dict[str, Any]]:
 
 def run(recipe: Recipe, needed: dict[str, dict] | None = None, force: bool | str = False) -> Path:
     """Run the eval stage; returns run_dir/eval, or the work folder while some judge calls have failed. It needs no
-    earlier stage (`needed` is empty): the models it names are loaded, or refused, by name."""
+    earlier stage but the stages eval.models names (`needed`: their manifests, checked by the registry); the other
+    models it names are loaded, or refused, by name."""
+    needed = needed or {}
     config = recipe.eval
     check_files(recipe)
     questions = read_questions(recipe)
-    stage = Stage(recipe.run_path, "eval", inputs=stage_inputs(recipe),
+    stage = Stage(recipe.run_path, "eval", inputs=stage_inputs(recipe, needed),
                   progress=("model_answer/*.jsonl", "model_judgment/*.jsonl"),
-                  progress_inputs={"model_answer/*.jsonl": answer_inputs(recipe)})
+                  progress_inputs={"model_answer/*.jsonl": answer_inputs(recipe, needed)})
     if not stage.begin(force):
         print((stage.final / "scores.md").read_text().strip(), flush=True)  # what a finished eval has to say
         return stage.final
     try:
-        answers = {name: answer_model(recipe, name, questions, stage.work) for name in config.models}
-        errors, scores_file = judge_and_report(recipe, questions, answers, stage.work)
+        load = model_loader(recipe, needed)
+        answers = {name: answer_model(recipe, name, questions, stage.work, load) for name in config.models}
+        errors, scores_file = judge_and_report(recipe, questions, answers, stage.work, load)
     except KeyboardInterrupt:
         raise Interrupted(f"[eval] interrupted. The answers and judgments finished so far are saved in {stage.work}; "
                           f"run the same command again to continue from them.") from None
@@ -146,27 +148,35 @@ def run(recipe: Recipe, needed: dict[str, dict] | None = None, force: bool | str
     return stage.commit({"scores": scores_file.name})
 
 
-def answer_model(recipe: Recipe, name: str, questions: list[dict[str, Any]], work: Path) -> dict[Any, list[str]]:
+def model_loader(recipe: Recipe, needed: dict[str, dict]) -> Callable[[str], tuple[Any, Any]]:
+    """(model, tokenizer) for a name eval reads: one of this run's stages (those the registry checked, and the
+    recipe's base model), else a local path or hub id."""
+    return lambda name: load_for_inference(recipe.model_source, name, of_this_run=name in needed or name == BASE_MODEL)
+
+
+def answer_model(recipe: Recipe, name: str, questions: list[dict[str, Any]], work: Path,
+                 load: Callable[[str], tuple[Any, Any]]) -> dict[Any, list[str]]:
     """The model's answers by question_id, generating only the missing ones (the model loads only if needed)."""
     config = recipe.eval
     answer_file = work / "model_answer" / f"{file_safe(name)}.jsonl"
     pending = unanswered(questions, answer_file)
     if pending:
-        model, tokenizer = load_for_inference(recipe.model_source, name)
+        model, tokenizer = load(name)
         answer_questions(model, tokenizer, name, pending, answer_file, temperatures=config.temperatures,
                          max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, seed=recipe.seed)
     return {record["question_id"]: record["choices"][0]["turns"] for record in read_jsonl(answer_file)}
 
 
-def make_judge(recipe: Recipe) -> Any:
+def make_judge(recipe: Recipe, load: Callable[[str], tuple[Any, Any]]) -> Any:
     judge = recipe.eval.judge
     if judge.type == "openai":
         return OpenAICompatibleJudge(judge)
-    return LocalJudge(lambda: load_for_inference(recipe.model_source, judge.model), judge.max_tokens,
+    return LocalJudge(lambda: load(judge.model), judge.max_tokens,
                       recipe.eval.batch_size)
 
 
-def judge_and_report(recipe: Recipe, questions: list[dict[str, Any]], answers: dict, work: Path) -> tuple[int, Path]:
+def judge_and_report(recipe: Recipe, questions: list[dict[str, Any]], answers: dict, work: Path,
+                     load: Callable[[str], tuple[Any, Any]]) -> tuple[int, Path]:
     """Make the missing judgments, then write and print the report. Returns (failed judge calls, scores file)."""
     config = recipe.eval
     judge = config.judge
@@ -186,9 +196,9 @@ def judge_and_report(recipe: Recipe, questions: list[dict[str, Any]], answers: d
     if judge.type == "programmatic":
         errors = judge_programmatic(context, config.models)
     elif judge.mode == "pairwise":
-        errors = judge_pairwise(make_judge(recipe), context, config.models, judge.baseline)
+        errors = judge_pairwise(make_judge(recipe, load), context, config.models, judge.baseline)
     else:
-        errors = judge_single(make_judge(recipe), context, config.models)
+        errors = judge_single(make_judge(recipe, load), context, config.models)
     judgments = read_jsonl(context.judgment_file)
     if judge.mode == "pairwise":
         scores = pairwise_scores(judgments, config.models, judge.baseline, errors)

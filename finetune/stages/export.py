@@ -7,7 +7,10 @@
   per-expert 2-D keys named as the base checkpoint names its expert weights (what vLLM's `get_expert_mapping`
   packs). Read from vLLM's main branch (vllm/lora/model_manager.py at 01533aa, vllm/lora/lora_model.py at 0306474;
   vLLM >= 0.26).
-- sglang: per-expert 2-D keys for every family (SGLang's PEFT-3-D loaders were never merged).
+- sglang: vLLM's per-expert 2-D keys with each expert's projections named gate_proj/up_proj/down_proj (SGLang's
+  loader renames w1/w3/w2 to those names, stacks gate_proj + up_proj per expert, and applies expert LoRA only when
+  the targets include gate_up_proj and down_proj); families whose checkpoint stores the experts fused are refused.
+  Read from SGLang's main branch (SGLANG_READ).
 - merged: full-precision weights with the adapter folded in, as from_pretrained loads them; for an adapter trained
   on NF4 experts (model.quantization) the experts are first rounded through NF4 exactly as training stored them,
   and delta_report.md says, per matrix, how large the LoRA update is against the NF4 step and how much of it a
@@ -35,6 +38,9 @@ from finetune.modeling.loading import load_adapter_base
 VLLM_READ = "vLLM main (vllm/lora/model_manager.py 01533aa, vllm/lora/lora_model.py 0306474; >= 0.26)"
 # model_type -> vLLM class with `is_3d_moe_weight = True`: PEFT's 3-D expert layout loads natively there.
 VLLM_3D = {"gpt_oss": "GptOssForCausalLM", "qwen3_5_moe_text": "Qwen3_5MoeForConditionalGeneration"}
+SGLANG_READ = ("SGLang main (python/sglang/srt/lora/mem_pool.py and layers.py at 00639c4d: per-expert keys "
+               "`experts.{e}.` in LoRAMemoryPool.load_lora_weight_to_buffer, gate/up as [gate; up] in "
+               "FusedMoEWithLoRA; lora.py LoRAAdapter.normalize_gate_up_proj; lora_config.py at 0ceb81fe)")
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted --max-lora-rank values
 ADAPTER_FILE, CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
 
@@ -124,14 +130,26 @@ def write_adapter(stage_dir, chain, fmt, factors, experts, base, model_type, wor
         targets, parameters = fields["target_modules"], fields["target_parameters"]
         layout = "PEFT 3-D (target_parameters), PEFT >= 0.19 in/out order"
     else:
-        tensors, modules = layouts.to_per_expert(factors, experts, base)
+        tensors, modules = per_expert(fmt, factors, experts, base)
         targets, parameters = sorted({m.rsplit(".", 1)[-1] for m in modules}), None
-        layout = "per-expert 2-D keys (experts.{e}.<projection> as the checkpoint names them)"
+        layout = ("per-expert 2-D keys (experts.{e}.gate_proj/up_proj/down_proj, as SGLang's loader names them)"
+                  if fmt == "sglang" else "per-expert 2-D keys (experts.{e}.<projection> as the checkpoint names them)")
     rank = layouts.max_rank(factors)
     config = layouts.lora_config(base_name(chain[0]), rank, targets, parameters)
     save_file(tensors, work / ADAPTER_FILE, metadata={"format": "pt"})
     (work / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return {"layout": layout, "rank": rank, "vllm_class_3d": VLLM_3D.get(model_type)}
+
+
+def per_expert(fmt, factors, experts, base) -> tuple[dict, list[str]]:
+    """vLLM's per-expert keys; for SGLang the same tensors under the projection names its loader reads."""
+    try:
+        tensors, modules = layouts.to_per_expert(factors, experts, base)
+    except layouts.LayoutError as error:
+        if fmt == "sglang" and layouts.FUSED_ON_DISK in str(error):
+            raise layouts.LayoutError(layouts.SGLANG_FUSED_ON_DISK) from None
+        raise
+    return layouts.sglang_names(tensors, modules) if fmt == "sglang" else (tensors, modules)
 
 
 # ---------------------------------------------------------------- merged
@@ -220,10 +238,15 @@ def serving_commands(record: dict, out: str | Path) -> list[str]:
 def serving_section(record: dict, out: str | Path) -> str:
     commands = "\n".join(serving_commands(record, out))
     lines = ["## Serving", "", f"Exported as `{record['format']}`: {record['layout']}.", "", "```bash", commands, "```"]
-    if record["format"] != "merged":
+    if record["format"] == "vllm":
         lines += ["", "Requests name the adapter as the model: `\"model\": \"moetune\"`."]
+    if record["format"] == "sglang":
+        lines += ["", f"Requests name the adapter: `\"lora_path\": \"moetune\"` (/generate, or the OpenAI API's "
+                      f"extra_body), or `\"model\": \"{record['base']}:moetune\"` on the OpenAI API."]
     if record["format"] == "vllm":
         lines += ["", f"Layout chosen from {VLLM_READ}."]
+    if record["format"] == "sglang":
+        lines += ["", f"Layout chosen from {SGLANG_READ}."]
     return "\n".join(lines) + "\n"
 
 

@@ -62,7 +62,7 @@ def warn_if_replies_cut(recipe: Recipe, tokenizer: Any, conversations_file: Path
         return
     with conversations_file.open(encoding="utf-8") as rows:
         conversations = [json.loads(line)["messages"] for line, _ in zip(rows, range(PREP_SAMPLE))]
-    warning = prep_warning(recipe, tokenizer, conversations)
+    warning = prep_warning(recipe.sft, tokenizer, conversations)
     if warning:
         print(warning)
 

@@ -10,6 +10,7 @@ from finetune.core import distributed
 from finetune.modeling.loading import base_location, load_tokenizer, load_training_model, seed_everything
 from finetune.training.expert_load import expert_load_callbacks
 from finetune.training.packed_sft import sft_trainer
+from finetune.config.parsing import dump_recipe
 from finetune.config.recipe import Recipe
 from finetune.training.assistant_masks import NotPrefixStable, tokenized_with_masks
 from finetune.training.reply_truncation import PREP_SAMPLE, no_replies_left_message, reply_starts
@@ -31,7 +32,7 @@ def stage_inputs(recipe: Recipe, needed: dict[str, dict]) -> dict:
 def run(recipe: Recipe, needed: dict[str, dict], force: bool | str = False) -> Path:
     # A tokenizer or template that cannot work fails here, before the stage leaves a partial folder behind.
     tokenizer = load_tokenizer(recipe.model_source)
-    conversations = require_train_split(recipe, "sft", "sft")
+    conversations = require_train_split(recipe.run_path / "data", "sft", "sft")
     train_dataset, eval_dataset, source = datasets_for_loss(recipe, tokenizer, conversations)
     stage = Stage(recipe.run_path, "sft", inputs=stage_inputs(recipe, needed), progress=("checkpoint-*",))
     if not stage.begin(force):
@@ -39,7 +40,7 @@ def run(recipe: Recipe, needed: dict[str, dict], force: bool | str = False) -> P
 
     seed_everything(recipe.seed)
     # The config first: under DeepSpeed ZeRO-3 it makes from_pretrained load each process's shard only.
-    args = trainer_config("sft", recipe, stage.work)
+    args = trainer_config(recipe.trainer_settings("sft"), stage.work)
     if source == TURN_BY_TURN:
         args.assistant_only_loss = False  # the rows carry their assistant_masks, which TRL's labels read as they are
     model, peft_config, parent = load_training_model(recipe.model_source, "sft", start="base")
@@ -57,7 +58,7 @@ def run(recipe: Recipe, needed: dict[str, dict], force: bool | str = False) -> P
     balancing.attach(trainer, model, recipe.balancing)
     routing_drift.attach(trainer, model, recipe.routing, "sft", stage.work, recipe.seed)
     train_resuming(trainer, stage, recipe.checkpoints)
-    return save_stage(trainer, tokenizer, recipe, stage, parent=parent)
+    return save_stage(trainer, tokenizer, dump_recipe(recipe), stage, parent=parent)
 
 
 def datasets_for_loss(recipe: Recipe, tokenizer, conversations):
@@ -65,7 +66,7 @@ def datasets_for_loss(recipe: Recipe, tokenizer, conversations):
 
     With a plain template the conversations are tokenized here, each with its assistant mask found turn by turn; a
     template that renders earlier turns differently once later ones follow is refused with the ways out."""
-    test = load_split(recipe, "sft", "test")
+    test = load_split(recipe.run_path / "data", "sft", "test")
     if not recipe.sft.get("assistant_only_loss", ASSISTANT_ONLY_LOSS):
         return conversations, test, None
     source = assistant_token_source(tokenizer)

@@ -12,17 +12,17 @@ from __future__ import annotations
 import dataclasses
 import statistics
 
-from finetune.config.recipe import Recipe
 from finetune.config.parsing import trainer_config_class
 
 PREP_SAMPLE = 200  # conversations prep measures: enough to see "most", cheap for any tokenizer
 
 
-def sft_cut(recipe: Recipe) -> int | None:
-    """The length SFT keeps of each conversation from its start; None when it keeps the replies some other way
-    (packing chunks whole conversations, keep_end keeps the last tokens) or does not truncate."""
+def sft_cut(sft_fields: dict) -> int | None:
+    """The length SFT keeps of each conversation from its start (`sft_fields`: the recipe's sft: section); None
+    when it keeps the replies some other way (packing chunks whole conversations, keep_end keeps the last tokens)
+    or does not truncate."""
     defaults = {f.name: f.default for f in dataclasses.fields(trainer_config_class("sft"))}
-    settings = {**defaults, **recipe.sft}
+    settings = {**defaults, **sft_fields}
     if settings["packing"] or settings["truncation_mode"] != "keep_start":
         return None
     return settings["max_length"]
@@ -58,9 +58,9 @@ def no_replies_left_message(max_length: int, starts: list[int]) -> str:
             f"or shorten the system text of the chat template.")
 
 
-def prep_warning(recipe: Recipe, tokenizer, conversations) -> str | None:
+def prep_warning(sft_fields: dict, tokenizer, conversations) -> str | None:
     """One line when most of the prepared conversations would lose all their assistant tokens to SFT's cut."""
-    max_length = sft_cut(recipe)
+    max_length = sft_cut(sft_fields)
     starts = reply_starts(tokenizer, conversations[:PREP_SAMPLE]) if max_length else []
     share = lost_share(starts, max_length) if starts else 0.0
     if share <= 0.5:

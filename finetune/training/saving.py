@@ -8,8 +8,6 @@ from pathlib import Path
 
 from finetune.core import distributed
 from finetune.training.checkpoints import checkpoints
-from finetune.config.recipe import Recipe
-from finetune.config.parsing import dump_recipe
 from finetune.core.rundir import Stage
 from finetune.training.trainer_config import global_batch
 
@@ -20,8 +18,8 @@ def remove_checkpoints(stage: Stage) -> None:
         shutil.rmtree(path)
 
 
-def save_stage(trainer, tokenizer, recipe: Recipe, stage: Stage, parent: str) -> Path:
-    """Write weights or adapter, tokenizer, resolved recipe and metrics; then commit the stage.
+def save_stage(trainer, tokenizer, recipe_text: str, stage: Stage, parent: str) -> Path:
+    """Write weights or adapter, tokenizer, resolved recipe (`recipe_text`) and metrics; then commit the stage.
 
     Every process calls this: saving gathers ZeRO-3/FSDP shards from all of them, and Trainer writes the weights
     from the main process only. The other files and the summary are the main process's alone.
@@ -31,17 +29,17 @@ def save_stage(trainer, tokenizer, recipe: Recipe, stage: Stage, parent: str) ->
     if main:
         remove_checkpoints(stage)
     trainer.save_model(str(stage.work))
-    summary = write_stage_files(trainer, tokenizer, recipe, stage, parent) if main else {}
+    summary = write_stage_files(trainer, tokenizer, recipe_text, stage, parent) if main else {}
     final = stage.commit(summary)
     if main:
         print_summary(stage.name, summary, final, trainer.state.log_history)
     return final
 
 
-def write_stage_files(trainer, tokenizer, recipe: Recipe, stage: Stage, parent: str) -> dict:
+def write_stage_files(trainer, tokenizer, recipe_text: str, stage: Stage, parent: str) -> dict:
     """Tokenizer, resolved recipe and metrics next to the weights; returns the manifest's summary."""
     tokenizer.save_pretrained(str(stage.work))
-    (stage.work / "recipe.yaml").write_text(dump_recipe(recipe))
+    (stage.work / "recipe.yaml").write_text(recipe_text)
     history = trainer.state.log_history
     (stage.work / "metrics.json").write_text(json.dumps(history, indent=1))
     losses = [entry["loss"] for entry in history if "loss" in entry]

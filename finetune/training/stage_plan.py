@@ -118,14 +118,15 @@ def stage_setup(recipe: Recipe, stage: str, target: Target) -> Setup:
     on_gpu = target.device == "cuda"
     lora = recipe.model.lora_for(stage)
     quantization = recipe.model.quantization if lora else None
-    batch = stage_value(stage, recipe, "per_device_train_batch_size", on_gpu)
+    settings = recipe.trainer_settings(stage)
     return Setup(
         stage=stage, weight_bytes=resolve_dtype(recipe.model.dtype, on_gpu).itemsize,
         lora_roles=frozenset(adapters.expand_roles(lora.targets)) if lora else None, lora_r=lora.r if lora else 0,
         quant_bits=quantization.bits if quantization else None,
         double_quant=quantization.double_quant if quantization else True,
-        batch=batch, max_length=stage_value(stage, recipe, "max_length", on_gpu) or 1024,
-        activation_checkpointing=bool(stage_value(stage, recipe, "activation_checkpointing", on_gpu)),
+        batch=stage_value(settings, "per_device_train_batch_size", on_gpu),
+        max_length=stage_value(settings, "max_length", on_gpu) or 1024,
+        activation_checkpointing=bool(stage_value(settings, "activation_checkpointing", on_gpu)),
         padding_free=recipe.speed.padding_free, reference=reference_kind(recipe, stage, on_gpu),
         layout=target.layout, processes=target.processes, device=target.device)
 
@@ -134,7 +135,7 @@ def reference_kind(recipe: Recipe, stage: str, on_gpu: bool) -> str:
     """What DPO's reference policy costs: see finetune/dpo.py."""
     if stage != "dpo":
         return "none"
-    if stage_value(stage, recipe, "precompute_ref_log_probs", on_gpu):
+    if stage_value(recipe.trainer_settings(stage), "precompute_ref_log_probs", on_gpu):
         return "cached"
     if recipe.model.lora_for("dpo") is None:
         return "copy"

@@ -9,19 +9,19 @@ from typing import Any
 import torch
 
 from finetune.modeling.loading import resolve_dtype
-from finetune.config.recipe import Recipe
+from finetune.config.recipe import TrainerSettings
 from finetune.config.parsing import trainer_config_class
 
 
 ASSISTANT_ONLY_LOSS = True  # moetune's SFT default (TRL's is False): loss on the assistant's replies only
 
 
-def device_defaults(recipe: Recipe, on_gpu: bool | None = None) -> dict[str, Any]:
+def device_defaults(dtype: str, on_gpu: bool | None = None) -> dict[str, Any]:
     """Defaults that depend on the machine: TRL's (bf16 on, checkpointing on) fail or crawl on a CPU.
 
-    `on_gpu`: for a machine other than this one (a plan); None: this machine."""
+    `dtype`: model.dtype. `on_gpu`: for a machine other than this one (a plan); None: this machine."""
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
-    weights = resolve_dtype(recipe.model.dtype, on_gpu)
+    weights = resolve_dtype(dtype, on_gpu)
     return {
         "use_cpu": not on_gpu,
         "bf16": on_gpu and weights == torch.bfloat16,
@@ -32,7 +32,7 @@ def device_defaults(recipe: Recipe, on_gpu: bool | None = None) -> dict[str, Any
     }
 
 
-def moetune_defaults(stage: str, recipe: Recipe, on_gpu: bool | None = None) -> dict[str, Any]:
+def moetune_defaults(settings: TrainerSettings, on_gpu: bool | None = None) -> dict[str, Any]:
     """The TRL fields moetune sets unless the recipe does (what `moetune sft --trl-fields` shows as defaults)."""
     values: dict[str, Any] = {
         "report_to": "none",
@@ -40,42 +40,41 @@ def moetune_defaults(stage: str, recipe: Recipe, on_gpu: bool | None = None) -> 
         # No step schedule: checkpoints come every `checkpoints.every_minutes` and on SIGTERM/Ctrl-C (train_resuming).
         "save_strategy": "no",
         "save_total_limit": 2,  # of either kind: enough to fall back on when the newest was cut short
-        "data_seed": recipe.seed,
-        **device_defaults(recipe, on_gpu),
+        "data_seed": settings.seed,
+        **device_defaults(settings.dtype, on_gpu),
     }
-    if stage == "sft":
+    if settings.stage == "sft":
         values["assistant_only_loss"] = ASSISTANT_ONLY_LOSS
-    if stage == "dpo":
-        values["precompute_ref_log_probs"] = recipe.speed.reference_cache
+    if settings.stage == "dpo":
+        values["precompute_ref_log_probs"] = settings.reference_cache
     return values
 
 
-def stage_values(stage: str, recipe: Recipe, on_gpu: bool | None = None) -> dict[str, Any]:
+def stage_values(settings: TrainerSettings, on_gpu: bool | None = None) -> dict[str, Any]:
     """The TRL fields a stage sets: moetune's defaults, then every field the recipe sets (the recipe wins)."""
-    values = moetune_defaults(stage, recipe, on_gpu)
-    section = getattr(recipe, stage)
-    if "gradient_checkpointing" in section:
+    values = moetune_defaults(settings, on_gpu)
+    if "gradient_checkpointing" in settings.fields:
         values.pop("activation_checkpointing")  # the recipe's older name would otherwise lose to moetune's default
-    values.update(section)
+    values.update(settings.fields)
     return values
 
 
-def stage_value(stage: str, recipe: Recipe, name: str, on_gpu: bool | None = None) -> Any:
+def stage_value(settings: TrainerSettings, name: str, on_gpu: bool | None = None) -> Any:
     """One field of a stage's TRL config as it will run (recipe, else moetune's default, else TRL's), without
     building the config (which checks the machine: bf16 on a CPU fails)."""
-    values = stage_values(stage, recipe, on_gpu)
+    values = stage_values(settings, on_gpu)
     if name == "activation_checkpointing" and "gradient_checkpointing" in values:
         return values["gradient_checkpointing"]
     if name in values:
         return values[name]
-    return next(f for f in dataclasses.fields(trainer_config_class(stage)) if f.name == name).default
+    return next(f for f in dataclasses.fields(trainer_config_class(settings.stage)) if f.name == name).default
 
 
-def trainer_config(stage: str, recipe: Recipe, output_dir: Path):
+def trainer_config(settings: TrainerSettings, output_dir: Path):
     """TRL's SFTConfig/DPOConfig: moetune's defaults, then every field the recipe sets (the recipe wins)."""
-    values = stage_values(stage, recipe)
-    values.update(output_dir=str(output_dir), seed=recipe.seed)
-    config_class = trainer_config_class(stage)
+    values = stage_values(settings)
+    values.update(output_dir=str(output_dir), seed=settings.seed)
+    config_class = trainer_config_class(settings.stage)
     return config_class(**as_float_where_declared(config_class, values))
 
 

@@ -34,15 +34,6 @@ def write_recipe(tmp_path, architecture="mixtral"):
     return path
 
 
-def prepared_recipe(folder, stages=("prep",)):
-    """A tiny recipe in its own folder (so its own run dir), with the given stages done."""
-    folder.mkdir()
-    recipe = str(write_recipe(folder))
-    for stage in stages:
-        assert main([stage, recipe]) == 0
-    return recipe, folder / "run"
-
-
 def make_recipe(tmp_path, sources, **data):
     """A model.init recipe whose data section has these sources (and data settings), for the prep stage."""
     raw = {"run_dir": str(tmp_path / "run"), "model": {"init": {}}, "data": {"sources": sources, **data}}
