@@ -1,10 +1,10 @@
 """Look-alike checkpoints of the newest MoE families through the CLI, as a user runs them on a Hub model.
 
-Each look-alike (tests/helpers/lookalike.py) is saved with save_pretrained: the family's own config class with its default
-config's fields shrunk (3 layers, every layer kind the default has), a tokenizer with the family's special tokens and
-its real chat template. The recipe names the folder as `model.name_or_path`; `moetune run` (prep -> LoRA SFT -> LoRA
-DPO with the default roles -> eval) and `moetune merge` run as subprocesses. Each stage trains on one fixed batch (the
-whole data set), so its logged loss must fall from the first step to the last.
+Each look-alike (tests/helpers/lookalike.py) is saved with save_pretrained: the family's own config class with its
+default config's fields shrunk (3 layers, Nemotron-H 4: every layer kind its default has), a tokenizer with the
+family's special tokens and its real chat template. The recipe names the folder as `model.name_or_path`; `moetune run`
+(prep -> LoRA SFT -> LoRA DPO with the default roles -> eval) and `moetune merge` run as subprocesses. Each stage
+trains on one fixed batch (the whole data set), so its logged loss must fall from the first step to the last.
 """
 
 import json
