@@ -22,15 +22,19 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 demo: install
 	$(BIN)/moetune run recipes/tiny-moe.yaml
 
-# Every test; pytest names the 15 slowest, so that a test that grew slow is seen.
+# Every test, on TEST_WORKERS pytest-xdist workers of one thread each (tests/conftest.py; the default 2 fits the
+# 2-core CI machine: `make test TEST_WORKERS=8` on a larger one, TEST_WORKERS=0 in one process); pytest names the
+# 15 slowest, so that a test that grew slow is seen.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15
 test: install
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(PYTEST) tests
 
 # The same without the tests marked slow (minutes less; `make test` is what CI runs).
 test-quick: install
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -m "not slow" --durations=15 tests
+	$(PYTEST) -m "not slow" tests
 
 # The documentation site, docs/ into site/; --strict fails on a broken link or a page missing from the navigation.
 docs: install

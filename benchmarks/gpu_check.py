@@ -17,8 +17,9 @@ others report (pipeline and conformance, which time nothing, side by side; then 
   equality     the packed, prompt-shared DPO batch against TRL's padded one on the same model and pairs: loss and
                adapter gradients within the stated tolerance of the dtype (bf16 on a GPU).
   expert_parallel  `moetune run --accelerate ep --num-processes 2 model.expert_parallel=2` (experts split across
-               2 GPUs, NCCL; with --cpu 2 gloo processes), full SFT then full DPO in fp32, against one process with
-               the same global batch; verdict: saved weights within the tolerance. Skipped, saying why, on fewer
+               2 GPUs, NCCL; with --cpu 2 gloo processes), full SFT then full DPO, and LoRA SFT then LoRA DPO on
+               attention and experts (--cpu: LoRA only), in fp32, against one process with the same global batch;
+               verdict: saved weights and adapters within the tolerance. Skipped, saying why, on fewer
                than 2 GPUs (NCCL refuses two processes on one GPU, and transformers applies no EP plan to one).
   serving      where vLLM / SGLang is importable: a `moetune export --format vllm` / `--format sglang` adapter
                served by it, prompt log-probs against transformers + PEFT (benchmarks/serving_check.py); each server
@@ -78,12 +79,12 @@ GPU_SIZES = {
                             max_position_embeddings=4096),  # OLMoE-1B-7B's widths, 4 of its 16 layers
               "batch": 8, "dpo_steps": 6, "sft_steps": 6, "max_length": 2048, "variants": SPEED_VARIANTS,
               "judge": True},
-    "expert_parallel": {"steps": {"sft": 8, "dpo": 3}, "tolerance": 1e-4},
-    # seconds; pipeline and conformance run side by side: at most 110 + 115 + 200 + 45 + 120 + 150 s = 12.3 minutes
+    "expert_parallel": {"steps": {"sft": 8, "dpo": 3}, "tolerance": 1e-4, "layouts": ["full", "lora"]},
+    # seconds; pipeline and conformance run side by side: at most 110 + 115 + 200 + 45 + 240 + 150 s = 14.3 minutes
     # in all (expert_parallel skips in seconds on one GPU, serving where neither vLLM nor SGLang is importable; each
     # that is starts an engine, hence 150 s)
     "budgets_s": {"pipeline": 110, "conformance": 90, "qlora": 115, "speed": 200, "equality": 45,
-                  "expert_parallel": 120, "serving": 150},
+                  "expert_parallel": 240, "serving": 150},
 }
 CPU_SIZES = {
     "pipeline": {"recipe_changes": {"data": {"sources": [{"format": "synthetic",
@@ -103,7 +104,8 @@ CPU_SIZES = {
                             max_position_embeddings=2048),
               "batch": 2, "dpo_steps": 1, "sft_steps": 1, "max_length": 1024, "variants": SPEED_VARIANTS_CPU,
               "judge": False},
-    "expert_parallel": {"steps": {"sft": 4, "dpo": 2}, "tolerance": 1e-5},
+    # LoRA only: its runs exercise the part's code; full fine-tuning's comparison is tests/test_expert_parallel.py's
+    "expert_parallel": {"steps": {"sft": 4, "dpo": 2}, "tolerance": 1e-5, "layouts": ["lora"]},
     # seconds: only against hangs (on a quiet 2-core machine the parts take a minute or less each)
     "budgets_s": {"pipeline": 600, "conformance": 300, "qlora": 400, "speed": 600, "equality": 300,
                   "expert_parallel": 600, "serving": 120},
@@ -267,31 +269,49 @@ def part_expert_parallel(sizes: dict, data: Path, work: Path) -> dict:
                            f"runs on CPU processes (gloo) in tests/test_expert_parallel.py and in --cpu mode."}
     raw = yaml.safe_load((ROOT / "recipes" / "tiny-moe.yaml").read_text())
     raw["data"]["sources"] = CPU_SIZES["pipeline"]["recipe_changes"]["data"]["sources"]
-    raw["model"].update(lora=None, dtype="float32", expert_parallel=2)
+    raw["model"].update(dtype="float32", expert_parallel=2)
     for stage, steps in sizes["steps"].items():
         raw[stage].update(max_steps=steps, logging_steps=1, per_device_train_batch_size=8, router_aux_loss_coef=0)
-    runs = {}
-    for name, launch in (("split", ["--accelerate", "ep", "--num-processes", "2", "--main-process-port", "29677"]),
+    differences = {}
+    for port, layout in enumerate(sizes["layouts"], start=29677):
+        raw["model"]["lora"] = lora = EP_LAYOUTS[layout]
+        failed = run_split_and_one(raw, work / f"ep-{layout}", port)
+        if failed:
+            return {"ok": False, "verdict": f"{layout}: {failed}", "figures": {"max_difference": differences}}
+        saved = "adapter_model.safetensors" if lora else "model.safetensors"
+        for stage in ("sft", "dpo"):
+            a, b = (load_file(str(work / f"ep-{layout}" / name / stage / saved)) for name in ("split", "one"))
+            differences[f"{layout} {stage}"] = max((a[key] - b[key]).abs().max().item() for key in a)
+    ok = max(differences.values()) <= sizes["tolerance"]
+    where = "2 GPUs (NCCL)" if torch.cuda.is_available() else "2 CPU processes (gloo)"
+    found = ", ".join(f"{name} within {value:.1e}" for name, value in differences.items())
+    return {"ok": ok, "verdict": f"experts split across {where} against one process, saved weights (full) or adapters "
+                                 f"(lora: attention and experts): {found} (tolerance {sizes['tolerance']:.0e})",
+            "figures": {"max_difference": differences, "tolerance": sizes["tolerance"], "gpus": gpus}}
+
+
+# The expert_parallel part's layouts: full SFT then full DPO; LoRA SFT then LoRA DPO on the SFT adapter merged into
+# the split weights (the experts' adapters applied by the process holding each expert).
+EP_LAYOUTS = {"full": None, "lora": {"targets": ["attention", "experts"], "r": 16, "alpha": 32, "stages": ["sft", "dpo"]}}
+
+
+def run_split_and_one(raw: dict, folder: Path, port: int) -> str | None:
+    """prep, then sft and dpo with the experts split over 2 processes, and on one process with the same global batch
+    (2 accumulation steps); each in its run dir under `folder`. The failure, or None."""
+    import yaml
+
+    for name, launch in (("split", ["--accelerate", "ep", "--num-processes", "2", "--main-process-port", str(port)]),
                          ("one", ["sft.gradient_accumulation_steps=2", "dpo.gradient_accumulation_steps=2"])):
-        recipe = work / f"ep-{name}.yaml"
-        recipe.write_text(yaml.safe_dump({**raw, "run_dir": str(work / f"ep-{name}")}))
+        folder.mkdir(parents=True, exist_ok=True)
+        recipe = folder / f"{name}.yaml"
+        recipe.write_text(yaml.safe_dump({**raw, "run_dir": str(folder / name)}))
         for stages in ("prep", "sft,dpo"):
             command = [sys.executable, "-m", "finetune", "run", str(recipe), "--stages", stages]
             result = subprocess.run(command + (launch if stages != "prep" else []), cwd=ROOT, capture_output=True,
                                     text=True)
             if result.returncode != 0:
-                return {"ok": False, "verdict": f"{name} run: {(result.stderr or result.stdout).strip()[-300:]}",
-                        "figures": {}}
-        runs[name] = work / f"ep-{name}"
-    differences = {}
-    for stage in ("sft", "dpo"):
-        a, b = (load_file(str(runs[name] / stage / "model.safetensors")) for name in ("split", "one"))
-        differences[stage] = max((a[key] - b[key]).abs().max().item() for key in a)
-    ok = max(differences.values()) <= sizes["tolerance"]
-    where = "2 GPUs (NCCL)" if torch.cuda.is_available() else "2 CPU processes (gloo)"
-    return {"ok": ok, "verdict": f"experts split across {where}: SFT weights within {differences['sft']:.1e}, DPO "
-                                 f"within {differences['dpo']:.1e} of one process (tolerance {sizes['tolerance']:.0e})",
-            "figures": {"max_difference": differences, "tolerance": sizes["tolerance"], "gpus": gpus}}
+                return f"{name} run: {(result.stderr or result.stdout).strip()[-300:]}"
+    return None
 
 
 def part_serving(sizes: dict, data: Path, work: Path) -> dict:

@@ -6,6 +6,7 @@ differ only in the order floats are summed: FSDP2 averages the dense gradients a
 gradients arrive through the all-to-all's backward, where one process sums its accumulation steps.
 """
 
+import copy
 import json
 import os
 import signal
@@ -23,10 +24,14 @@ from finetune.core.rundir import StageError
 from helpers.processes import output_lines
 from helpers.recipes import write_recipe
 
-# Full fine-tuning in both stages (PEFT cannot wrap split experts); no router aux loss in the comparisons: it is
-# computed per forward pass and is not linear in the batch (see test_distributed.NO_AUX_LOSS).
-FULL = ["model.lora=null", "sft.router_aux_loss_coef=0", "dpo.router_aux_loss_coef=0"]
-EP = ["model.expert_parallel=2", *FULL]
+# No router aux loss in the comparisons: it is computed per forward pass and is not linear in the batch (see
+# test_distributed.NO_AUX_LOSS).
+NO_AUX = ["sft.router_aux_loss_coef=0", "dpo.router_aux_loss_coef=0"]
+EP = ["model.expert_parallel=2", "model.lora=null", *NO_AUX]  # full fine-tuning in both stages
+# LoRA in both stages (DPO's base: the SFT adapter merged into the split weights) on every role that takes it under
+# EP, on Qwen2-MoE, whose layers hold routed experts and a shared expert.
+EP_LORA = ["model.expert_parallel=2", "model.lora.targets=[attention,experts,shared_experts]",
+           "model.lora.stages=[sft,dpo]", *NO_AUX]
 # Measured on this CPU: 1e-7 (SFT weights) and 1e-6 (DPO weights, Adam's first steps magnify rounding).
 TOLERANCE = 1e-5
 
@@ -80,6 +85,51 @@ def test_split_experts_train_sft_and_dpo_like_one_process(tmp_path):
     assert history(split_run, "sft", "loss")[-1][1] < history(split_run, "sft", "loss")[0][1]
 
 
+def load_adapter_on_one_process(run, stage):
+    """The stage's saved adapter on its whole base, as a user would load it: PeftModel.from_pretrained."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(run / "base"), dtype=torch.float32)
+    return PeftModel.from_pretrained(base, str(run / stage)).eval()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_lora_on_split_experts_trains_sft_then_dpo_like_one_process(tmp_path):
+    """LoRA on attention, routed experts and shared experts with the experts split: the experts' adapters applied by
+    the process holding each expert, a LoRA DPO on the SFT adapter merged into the split weights; the same losses
+    and adapters as one process, and the saved adapter is an ordinary PEFT adapter of the whole model."""
+    from transformers import AutoTokenizer
+
+    from helpers.tiny import batch
+
+    runs = {}
+    for name in ("split", "one"):
+        (tmp_path / name).mkdir()
+        runs[name] = write_recipe(tmp_path / name, architecture="qwen2_moe")
+    run_subprocess(launch(runs["split"], "prep,sft,dpo", *EP_LORA, port=29646))
+    assert main(["run", str(runs["one"]), "--stages", "prep,sft,dpo", *EP_LORA,
+                 "sft.gradient_accumulation_steps=2", "dpo.gradient_accumulation_steps=2"]) == 0
+    split_run, one_run = tmp_path / "split/run", tmp_path / "one/run"
+    for stage in ("sft", "dpo"):
+        split_adapter = load_file(str(split_run / stage / "adapter_model.safetensors"))
+        experts_b = [name for name in split_adapter if ".mlp.experts." in name and "lora_B" in name]
+        assert len(experts_b) == 2 and all(split_adapter[name].abs().max() > 0 for name in experts_b)  # trained
+        assert any(".shared_expert." in name for name in split_adapter)
+        assert max_difference(split_run / stage / "adapter_model.safetensors",
+                              one_run / stage / "adapter_model.safetensors") <= TOLERANCE
+        split_losses, one_losses = history(split_run, stage, "loss"), history(one_run, stage, "loss")
+        assert [s for s, _ in split_losses] == [s for s, _ in one_losses] and len(split_losses) >= 3
+        assert all(a == pytest.approx(b, abs=TOLERANCE) for (_, a), (_, b) in zip(split_losses, one_losses))
+    assert history(split_run, "dpo", "loss")[-1][1] < history(split_run, "dpo", "loss")[0][1]
+    inputs = batch(AutoTokenizer.from_pretrained(str(one_run / "base")))
+    with torch.no_grad():
+        split_logits = load_adapter_on_one_process(split_run, "sft")(**inputs).logits
+        one_logits = load_adapter_on_one_process(one_run, "sft")(**inputs).logits
+    assert (split_logits - one_logits).abs().max().item() <= TOLERANCE
+
+
 def kill_whole_run(command, step, log_file):
     """Start a 2-process launch and SIGKILL the launcher and both training processes once `step` is logged (torchrun
     starts each process in its own session, so killing the launcher's group alone would leave them running)."""
@@ -116,23 +166,26 @@ def descendants(pid):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_killed_split_run_resumes_to_the_same_weights(tmp_path):
-    """kill -9 of every process mid-run; the re-run resumes from the newest sealed checkpoint (weights gathered,
-    each process's optimizer shards) and ends bit-identical to an uninterrupted run."""
+@pytest.mark.parametrize("architecture, layout, saved, port", [
+    ("qwen3_moe", EP, "model.safetensors", 29643),
+    ("qwen2_moe", EP_LORA, "adapter_model.safetensors", 29650),
+], ids=["full", "lora"])
+def test_killed_split_run_resumes_to_the_same_weights(tmp_path, architecture, layout, saved, port):
+    """kill -9 of every process mid-run; the re-run resumes from the newest sealed checkpoint (weights gathered, or
+    the adapter, and each process's optimizer shards) and ends bit-identical to an uninterrupted run."""
     schedule = ["sft.max_steps=12", "sft.logging_steps=1", "checkpoints.every_minutes=0.0005"]
     recipes = {}
     for name in ("whole", "killed"):
         (tmp_path / name).mkdir()
-        recipes[name] = write_recipe(tmp_path / name, architecture="qwen3_moe")
+        recipes[name] = write_recipe(tmp_path / name, architecture=architecture)
         assert main(["prep", str(recipes[name])]) == 0
-    run_subprocess(launch(recipes["whole"], "sft", *EP, *schedule, port=29643))
-    kill_whole_run(launch(recipes["killed"], "sft", *EP, *schedule, port=29644), 7, tmp_path / "killed.log")
+    run_subprocess(launch(recipes["whole"], "sft", *layout, *schedule, port=port))
+    kill_whole_run(launch(recipes["killed"], "sft", *layout, *schedule, port=port + 1), 7, tmp_path / "killed.log")
     work = tmp_path / "killed" / "run" / ".sft.partial"
     assert any((path / "optimizer_shards").is_dir() for path in work.glob("checkpoint-*"))
-    out = run_subprocess(launch(recipes["killed"], "sft", *EP, *schedule, port=29645))
+    out = run_subprocess(launch(recipes["killed"], "sft", *layout, *schedule, port=port + 2))
     assert "resuming from" in out
-    whole, killed = load_file(str(tmp_path / "whole/run/sft/model.safetensors")), \
-        load_file(str(tmp_path / "killed/run/sft/model.safetensors"))
+    whole, killed = load_file(str(tmp_path / "whole/run/sft" / saved)), load_file(str(tmp_path / "killed/run/sft" / saved))
     assert whole.keys() == killed.keys() and all(torch.equal(whole[k], killed[k]) for k in whole)
     assert history(tmp_path / "killed/run", "sft", "loss") == history(tmp_path / "whole/run", "sft", "loss")
 
@@ -140,7 +193,7 @@ def test_killed_split_run_resumes_to_the_same_weights(tmp_path):
 # ---------------------------------------------------------------- what is refused, and the layout, without processes
 
 @pytest.mark.parametrize("override, message", [
-    ("model.lora.targets=[attention,experts]", "PEFT's LoRA on the fused experts"),
+    ("model.lora.targets=[attention,router]", "LoRA on the router weight"),
     ("model.quantization={bits: 4}", "model.expert_parallel and model.quantization do not combine"),
     ("model.expert_parallel=0", "model.expert_parallel is 0; it must be a positive integer"),
 ])
@@ -180,16 +233,6 @@ def test_families_have_an_expert_plan_and_uneven_splits_are_refused(architecture
         expert_parallel.check_experts_divide(config, 3)
 
 
-def test_a_stage_on_top_of_an_adapter_is_refused_when_the_experts_are_split():
-    """Seen on 2 processes: PEFT's merge of the SFT adapter into split weights fails ('aten.add_.Tensor got mixed
-    torch.Tensor and DTensor'); the DPO stage stops before that with the way out."""
-    from types import SimpleNamespace
-
-    expert_parallel.refuse_merge_into_split(SimpleNamespace(), "sft")  # a whole model: merged as usual
-    with pytest.raises(StageError, match="Fine-tune sft fully"):
-        expert_parallel.refuse_merge_into_split(SimpleNamespace(is_distributed_loading_by_transformers=True), "sft")
-
-
 def test_trl_hashes_split_weights_as_it_hashes_whole_ones(tmp_path):
     """TRL's model hash (its reference-log-prob cache key) reads `.numpy()`, which DTensors refuse; while the DPO
     trainer is built it hashes the gathered weights: the digest of the same weights held whole."""
@@ -214,5 +257,59 @@ def test_trl_hashes_split_weights_as_it_hashes_whole_ones(tmp_path):
         with expert_parallel.hashable_weights(model):
             assert dpo_trainer.hash_module(model) == whole_digest
         assert dpo_trainer.hash_module.__module__ == "trl.trainer.utils"  # TRL's own again afterwards
+    finally:
+        dist.destroy_process_group()
+
+
+def test_split_expert_lora_adds_the_local_experts_update_as_peft_adds_the_whole(tmp_path):
+    """In one process (a gloo group of 1, transformers' expert plan applied on a 1-process `ep` mesh, so the experts
+    are DTensors run through the expert-parallel forward): the LoRA wrapper of split experts gives PEFT's logits and
+    adapter gradients on the whole model, its adapter saves as PEFT's, and merging it into the split weights gives
+    PEFT's merged model."""
+    import torch.distributed as dist
+    from peft import PeftModel, get_peft_model
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers.distributed.expert_parallel import apply_expert_parallelism
+
+    from finetune.config.recipe import LoraConfig
+    from finetune.modeling import adapters, split_expert_lora
+    from helpers.tiny import batch, tiny_model
+
+    lora = LoraConfig(targets=["attention", "experts", "shared_experts"], r=4, alpha=8)
+
+    def adapted(model):
+        peft_model = get_peft_model(model, adapters.peft_config(model, lora))
+        generator = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_" in name:  # B is zero at creation: random factors make every update count
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+        return peft_model
+
+    whole, tokenizer = tiny_model("qwen2_moe")
+    split, fresh = copy.deepcopy(whole), copy.deepcopy(whole)
+    inputs = batch(tokenizer)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("ep",))
+        plan = split.model._expand_parallel_plan(split.config.base_model_ep_plan)  # names within split.model
+        apply_expert_parallelism(split.model, mesh, mesh, plan)
+        split._is_distributed_loading_by_transformers = True  # what from_pretrained(distributed_config=...) sets
+        whole_peft, split_peft = adapted(whole), adapted(split)
+        assert sum(type(m) is split_expert_lora.SplitExpertsLora for m in split_peft.modules()) == 4  # 2 per layer
+        whole_peft(**inputs).logits.pow(2).mean().backward()
+        split_logits = split_peft(**inputs).logits
+        split_logits.pow(2).mean().backward()
+        with torch.no_grad():
+            assert torch.allclose(split_logits, whole_peft(**inputs).logits, atol=1e-6)
+        whole_grads = {name: p.grad for name, p in whole_peft.named_parameters() if p.requires_grad}
+        split_grads = {name: p.grad for name, p in split_peft.named_parameters() if p.requires_grad}
+        assert whole_grads.keys() == split_grads.keys()
+        assert all(torch.allclose(split_grads[n], whole_grads[n], atol=1e-7) for n in whole_grads)
+        split_peft.save_pretrained(tmp_path / "adapter")
+        merged = split_expert_lora.merge_adapter(split_peft.unload(), tmp_path / "adapter")
+        expected = PeftModel.from_pretrained(fresh, str(tmp_path / "adapter")).merge_and_unload()
+        with torch.no_grad():
+            assert torch.allclose(merged(**inputs).logits, expected(**inputs).logits, atol=1e-5)
     finally:
         dist.destroy_process_group()

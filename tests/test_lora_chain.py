@@ -58,11 +58,17 @@ def test_lora_sft_then_lora_dpo_with_default_roles(architecture, tmp_path):
     torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=1e-4)
 
 
+def run_chain(tmp_path, architecture, lora_stages):
+    """(recipe path, run dir) of the LoRA chain recipe with these LoRA stages, after `moetune run --stages
+    prep,sft,dpo`."""
+    recipe_path = write_lora_chain_recipe(tmp_path, architecture, model={"lora": {"stages": lora_stages}})
+    run_cli(["run", str(recipe_path), "--stages", "prep,sft,dpo"])
+    return recipe_path, tmp_path / "run"
+
+
 def test_llama4_text_full_sft_then_lora_dpo(tmp_path):
     """Llama 4's experts run their own forward and take no kernel choice: loading with one stopped SFT (#24)."""
-    recipe_path = write_lora_chain_recipe(tmp_path, "llama4_text", model={"lora": {"stages": ["dpo"]}})
-    run_cli(["run", str(recipe_path), "--stages", "prep,sft,dpo"])
-    run = tmp_path / "run"
+    recipe_path, run = run_chain(tmp_path, "llama4_text", lora_stages=["dpo"])
     assert read_manifest(run / "sft")["outputs"]["kind"] == "full"
     outputs = read_manifest(run / "dpo")["outputs"]
     assert (outputs["kind"], outputs["parent"]) == ("adapter", "sft")
@@ -72,6 +78,18 @@ def test_llama4_text_full_sft_then_lora_dpo(tmp_path):
     changed = [name for name, param in tuned.named_parameters()
                if not torch.equal(param, base.get_parameter(name))]
     assert any(".experts." in name for name in changed)  # full fine-tuning trained the experts too
+
+
+def test_full_dpo_trains_on_a_merged_lora_sft(tmp_path):
+    """LoRA SFT, then full-fine-tuning DPO on the SFT adapter merged into the base: the merged weights train (PEFT
+    leaves a merged base frozen, and DPO stopped at its first backward)."""
+    recipe_path, run = run_chain(tmp_path, "mixtral", lora_stages=["sft"])
+    assert read_manifest(run / "dpo")["outputs"]["kind"] == "full"
+    recipe = load_recipe(recipe_path)
+    start, tuned = load_stage_model(recipe.model_source, "sft"), load_stage_model(recipe.model_source, "dpo")
+    changed = [name for name, param in tuned.named_parameters()
+               if not torch.equal(param, start.get_parameter(name))]
+    assert any(".experts." in name for name in changed) and any("self_attn" in name for name in changed)
 
 
 @pytest.mark.parametrize("padding_free", [False, True])

@@ -2,8 +2,9 @@
 
 gpt-oss runs eager attention with attention sinks, and a sliding window in alternate layers: block attention runs its
 own eager attention per block with the window applied, and must give TRL's padded loss, log-probs and gradients.
-Hybrid families (linear attention, Mamba) carry a recurrent state across a packed row: they fall back to padded
-batches with a note that names the family.
+Hybrid families (linear attention, Mamba) run padding-free with their recurrent mixers sequence by sequence, and
+say so (tests/test_packed_hybrids.py checks their math); a family that cannot falls back to padded batches with a
+note that names it and what is missing.
 """
 
 import copy
@@ -65,12 +66,22 @@ def test_padding_free_sft_on_gpt_oss_gives_trl_loss_and_gradients(gpt_oss, tmp_p
 
 
 @pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5_moe_text", "jamba", "granitemoehybrid"])
-def test_hybrid_families_fall_back_to_padded_batches_with_a_note(family, capsys):
+def test_hybrid_families_run_padding_free_with_a_note(family, capsys):
     config = AutoConfig.for_model(family, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=2, vocab_size=128)
     model = AutoModelForCausalLM.from_config(config)
-    assert not padding_free_for(SpeedConfig(), model, "sft")
+    assert padding_free_for(SpeedConfig(), model, "sft")
     note = capsys.readouterr().out
-    assert f"speed.padding_free is off for {family}: its " in note and "layers carry a recurrent state" in note
+    assert f"[sft] padding-free rows for {family}: its recurrent token mixers (" in note
+    assert "run sequence by sequence, each from a fresh state" in note and "padding_free is off" not in note
     assert not padding_free_for(SpeedConfig(padding_free=False), model, "sft")
     assert capsys.readouterr().out == ""
+
+
+def test_a_family_that_cannot_run_padding_free_falls_back_with_a_note(capsys):
+    config = AutoConfig.for_model("deepseek_v4", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  vocab_size=128, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    assert not padding_free_for(SpeedConfig(), AutoModelForCausalLM.from_config(config), "dpo")
+    note = capsys.readouterr().out
+    assert note.startswith("[dpo] speed.padding_free is off for deepseek_v4: its ")
+    assert "are neither attention nor hold a recurrent mixer" in note and "batches are padded" in note

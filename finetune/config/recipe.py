@@ -109,7 +109,8 @@ class ModelConfig:
         1, help="Expert parallelism in launches of several processes (transformers' DistributedConfig): each MoE "
         "layer's experts split across this many processes, tokens sent to them all-to-all, everything else FSDP2-"
         "sharded over all processes. 1 is off. Must divide the process count and the experts per layer; full "
-        "fine-tuning or LoRA without the experts role (PEFT cannot wrap split experts). See docs/scaling-out.md.",
+        "fine-tuning or LoRA (each expert's adapter applied where the expert is; not the router role, not with "
+        "model.quantization). See docs/scaling-out.md.",
     )
 
     def lora_for(self, stage: str) -> LoraConfig | None:

@@ -121,11 +121,12 @@ def validate_expert_parallel(model: ModelConfig, source: str) -> None:
                           f"splits the experts as DTensors while loading, and moetune's NF4 experts replace those "
                           f"parameters after loading. Split the experts (full precision) or quantize them (one "
                           f"process holds them all), not both.")
-    if model.lora is not None and {"experts", "all"} & set(model.lora.targets):
-        raise RecipeError(f"{source}: model.expert_parallel with model.lora.targets {model.lora.targets}: PEFT's "
-                          f"LoRA on the fused experts (target_parameters) adds plain tensors to the experts split as "
-                          f"DTensors and fails ('got mixed torch.Tensor and DTensor'). Drop experts (and all) from "
-                          f"the targets, fine-tune all weights (lora: null), or set expert_parallel: 1.")
+    if model.lora is not None and {"router", "all"} & set(model.lora.targets):
+        raise RecipeError(f"{source}: model.expert_parallel with model.lora.targets {model.lora.targets}: LoRA on the "
+                          f"router weight (PEFT's target_parameters) adds a plain tensor to a weight FSDP2 holds "
+                          f"split ('got mixed torch.Tensor and DTensor'); the experts, attention, shared experts and "
+                          f"dense FFNs take LoRA under expert parallelism. Name those roles instead of router (or "
+                          f"all), or set expert_parallel: 1.")
 
 
 def check_positive(value: int, source: str, path: str, example: str | None = None) -> None:

@@ -217,8 +217,6 @@ def jamba_sizes(init) -> dict:
             "mamba_dt_rank": init.hidden_size // 8}
 
 
-HYBRID = ("its {kind} layers carry a recurrent state across a packed row's sequence boundaries, which block "
-          "attention does not reset")
 OWN_EXPERTS_FORWARD = ("its experts run their own forward, outside transformers' experts interface, so the NF4 "
                        "expert forward cannot replace it; set model.quantization: null")
 
@@ -228,11 +226,9 @@ FAMILIES: dict[str, Family] = {family.model_type: family for family in (
     Family("qwen2_moe", lambda init: qwen_sizes(init, shared=True), shared_experts=("shared_expert",)),
     Family("qwen3_moe", qwen_sizes),
     Family("qwen3_5_moe_text", lambda init: {**qwen_sizes(init, shared=True), **linear_attention_sizes(init)},
-           shared_experts=("shared_expert",), token_mixers=("self_attn", "linear_attn"),
-           padding_free=HYBRID.format(kind="Gated DeltaNet (linear attention)")),
+           shared_experts=("shared_expert",), token_mixers=("self_attn", "linear_attn")),
     Family("qwen3_next", lambda init: {**qwen_sizes(init, shared=True), **linear_attention_sizes(init)},
-           shared_experts=("shared_expert",), token_mixers=("self_attn", "linear_attn"),
-           padding_free=HYBRID.format(kind="Gated DeltaNet (linear attention)")),
+           shared_experts=("shared_expert",), token_mixers=("self_attn", "linear_attn")),
     Family("olmoe", olmo_sizes),
     Family("flex_olmo", olmo_sizes),
     Family("deepseek_v2", deepseek_sizes, shared_experts=("shared_experts",), balancing=()),
@@ -247,12 +243,12 @@ FAMILIES: dict[str, Family] = {family.model_type: family for family in (
     Family("granitemoe", local_experts, router="router"),
     Family("granitemoeshared", granite_shared_sizes, router="router", shared_experts=("shared_mlp",)),
     Family("granitemoehybrid", granite_hybrid_sizes, router="router", shared_experts=("shared_mlp",),
-           token_mixers=("self_attn", "mamba"), padding_free=HYBRID.format(kind="Mamba-2")),
+           token_mixers=("self_attn", "mamba")),
     Family("ernie4_5_moe", ernie_sizes, shared_experts=("shared_experts",), balancing=(AUX_LOSS, BIAS)),
     Family("hunyuan_v1_moe", hunyuan_sizes, router_weight="wg.weight", shared_experts=("shared_mlp",),
            balancing=()),
     Family("jamba", jamba_sizes, router="router", dense_mlp="feed_forward", token_mixers=("self_attn", "mamba"),
-           unreachable_linears=("dt_proj",), padding_free=HYBRID.format(kind="Mamba")),
+           unreachable_linears=("dt_proj",)),
 )}
 
 

@@ -19,7 +19,7 @@ from peft.utils import transformers_weight_conversion
 from torch import nn
 
 from finetune.core import distributed, families
-from finetune.modeling import expert_quant, moe
+from finetune.modeling import expert_parallel, expert_quant, moe, split_expert_lora
 from finetune.config.recipe import LoraConfig
 
 ALL_ROLES = ("attention", "experts", "shared_experts", "dense_mlp", "router")
@@ -129,7 +129,7 @@ def peft_config(model: nn.Module, lora: LoraConfig) -> peft.LoraConfig:
         target_parameters=target_parameters or None,
         task_type="CAUSAL_LM",
     )
-    return expert_quant.use_quantized_expert_lora(config, model)
+    return split_expert_lora.use_split_expert_lora(expert_quant.use_quantized_expert_lora(config, model), model)
 
 
 def convert_only_missing_targets(convert):
@@ -179,11 +179,24 @@ def trainable_parameter_names(model: nn.Module) -> list[str]:
 def merge_adapter(base: nn.Module, adapter_dir: str | Path) -> nn.Module:
     """The one way moetune merges an adapter: `base` with the adapter in `adapter_dir` folded into its weights.
 
-    peft's merge_and_unload, also for a base that ZeRO-3 loaded partitioned (each process holds a shard).
+    peft's merge_and_unload, also for a base that ZeRO-3 loaded partitioned (each process holds a shard) and for one
+    whose experts are split across processes (model.expert_parallel: each process adds the update to its shards).
 
     Merging adds the adapter's update to the full base weight, so under ZeRO-3 each adapted module's weights are
     gathered whole while it merges (one module at a time: a Mixtral layer's experts, 2.8 GB in bf16, not the model).
     """
+    merged = merged_into(base, adapter_dir)
+    # PEFT froze the base weights when it wrapped them and unloading leaves them frozen: the merged model trains like
+    # a freshly loaded one (a full-fine-tuning stage on an adapter stage stopped with 'element 0 of tensors does not
+    # require grad'); a stage that adds an adapter freezes them again.
+    for param in merged.parameters():
+        param.requires_grad_(True)
+    return merged
+
+
+def merged_into(base: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    if expert_parallel.is_split(base):
+        return split_expert_lora.merge_adapter(base, adapter_dir)
     peft_model = peft.PeftModel.from_pretrained(base, str(adapter_dir))
     if not distributed.zero3_enabled():
         return peft_model.merge_and_unload()

@@ -90,21 +90,16 @@ def is_split(model) -> bool:
     return getattr(model, "is_distributed_loading_by_transformers", False)
 
 
-def refuse_merge_into_split(base, adapter_stage: str) -> None:
-    """PEFT merges an adapter with `weight.data += delta`, which a split (DTensor) weight refuses ('aten.add_.Tensor
-    got mixed torch.Tensor and DTensor'): a stage cannot start from an adapter stage while the experts are split."""
-    if is_split(base):
-        raise StageError(f"model.expert_parallel: this stage starts from the {adapter_stage} stage's LoRA adapter, "
-                         f"which would be merged into weights split across processes, and PEFT's merge cannot do "
-                         f"that. Fine-tune {adapter_stage} fully (leave it out of model.lora.stages, e.g. "
-                         f"stages: [dpo]) or set model.expert_parallel: 1.")
+def is_dtensor(tensor) -> bool:
+    """Whether `tensor` is split across processes (a DTensor), without importing torch.distributed for whole ones."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 def whole_tensor(tensor):
     """A DTensor gathered whole (a collective: every process calls it at the same point); other tensors as they are."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    return tensor.full_tensor() if is_dtensor(tensor) else tensor
 
 
 @contextmanager

@@ -296,24 +296,30 @@ class QuantizedExpertsLora(ParamWrapper):
         lora_b = weight_b.reshape(weight_b.shape[0], -1, self.num_experts).permute(2, 0, 1)
         return lora_b, lora_a, self.scaling[adapter]
 
-    @contextlib.contextmanager
     def _activate_lora(self, active_adapters: list[str]):
-        adapters = [adapter for adapter in active_adapters if adapter in self.lora_A]
-        if not adapters:
-            yield
-            return
-        if len(adapters) > 1:
-            raise ValueError(f"LoRA on NF4 experts supports one active adapter at a time, not {adapters}.")
-        experts = self.get_base_layer()
-        experts.active_lora[self.parameter_name] = self.expert_factors(adapters[0])
-        try:
-            yield
-        finally:
-            del experts.active_lora[self.parameter_name]
+        return factors_handed_over(self, active_adapters, self.get_base_layer().active_lora, self.expert_factors,
+                                   "NF4 experts")
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise ValueError("an adapter cannot be merged into NF4 experts (it would be rounded away); merge it into the "
                          "full-precision base: `moetune merge ADAPTER_DIR --out DIR`.")
+
+
+@contextlib.contextmanager
+def factors_handed_over(wrapper: ParamWrapper, active_adapters: list[str], slots: dict, factors, experts_kind: str):
+    """While the wrapped experts run: the active adapter's factors (`factors(adapter)`) in `slots` under the wrapped
+    parameter's name, where the experts' own forward reads them (instead of PEFT's re-parametrization)."""
+    adapters = [adapter for adapter in active_adapters if adapter in wrapper.lora_A]
+    if not adapters:
+        yield
+        return
+    if len(adapters) > 1:
+        raise ValueError(f"LoRA on {experts_kind} supports one active adapter at a time, not {adapters}.")
+    slots[wrapper.parameter_name] = factors(adapters[0])
+    try:
+        yield
+    finally:
+        del slots[wrapper.parameter_name]
 
 
 # peft recognises parameter wrappers by class name (tuners_utils._inject_parameters) when it nests the second expert

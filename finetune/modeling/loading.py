@@ -190,7 +190,6 @@ def load_stage_model(source: ModelSource, name: str):
     if outputs["kind"] == "full":
         return load_pretrained(source, str(folder))
     base = load_stage_model(source, outputs["parent"])
-    expert_parallel.refuse_merge_into_split(base, name)
     return adapters.merge_adapter(base, folder)
 
 

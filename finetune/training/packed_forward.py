@@ -7,8 +7,9 @@ so TRL's DPO loss, reference pass and metrics run unchanged on it. Without packe
 Attention runs block by block (one call per sequence, two per prompt-shared pair; also for TRL's padding-free SFT
 rows): a dense mask over the whole packed row would cost attention quadratic in the batch's total length. The call
 is the model's own attention, sdpa or eager (gpt-oss: eager, for its attention sinks), within the layer's sliding
-window if it has one. Layers with a recurrent state (linear attention, Mamba) cannot be cut into blocks this way:
-such models run padded batches instead (`padding_free_for`). Only the completion tokens' hidden states go through
+window if it has one. Layers with a recurrent state (linear attention, Mamba, short convolutions) run their mixer
+once per sequence instead (finetune/training/packed_mixers.py); a model whose layers mix tokens some other way runs
+padded batches, with a note saying why (`padding_free_for`). Only the completion tokens' hidden states go through
 the LM head (TRL scores every position on CPU), at temperature 1 and without logit scaling, as DPO and the Mixtral,
 Qwen3-MoE and OLMoE heads use. The load-balancing loss weighs each token as the padded batch does: a shared prompt
 counts twice, padding not at all.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import inspect
 import sys
 import types
 
@@ -30,6 +32,8 @@ from transformers.masking_utils import eager_mask, sdpa_mask
 from trl.trainer.utils import FusedCausalLMOutput
 
 from finetune.core import distributed, families
+from finetune.modeling import moe
+from finetune.training.packed_mixers import recurrent_mixers, segment_recurrent_mixers
 from finetune.training.preference_packing import PACKED_KEYS
 from finetune.training.scored_lm_head import router_loss, scored_log_probs
 
@@ -41,19 +45,26 @@ BLOCK_EAGER_ATTENTION = "moetune_eager_blocks"
 
 
 def row_blocks(query, key, attention_mask, kwargs) -> list[tuple[int, int, int, int]] | None:
-    """The blocks of an unpadded row: given (packed preference batches), TRL's padding-free sequence boundaries
-    (`cu_seq_lens_q`), or where the position ids restart at 0. None for padded batches and cached decoding."""
+    """The blocks of an unpadded row seen by attention. None for padded batches and cached decoding."""
     if kwargs.get("packed_blocks") is not None:
         return kwargs["packed_blocks"]
     if attention_mask is not None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return None
+    return sequence_blocks(query.shape[2], kwargs)
+
+
+def sequence_blocks(length: int, kwargs) -> list[tuple[int, int, int, int]]:
+    """The blocks (start, prompt end, split, end) of an unpadded row of `length` tokens: given (packed preference
+    batches), TRL's padding-free sequence boundaries (`cu_seq_lens_q`), or where the position ids restart at 0."""
+    if kwargs.get("packed_blocks") is not None:
+        return kwargs["packed_blocks"]
     if kwargs.get("cu_seq_lens_q") is not None:
         bounds = kwargs["cu_seq_lens_q"].tolist()
     elif kwargs.get("position_ids") is not None:
-        bounds = (kwargs["position_ids"][0] == 0).nonzero().flatten().tolist() + [query.shape[2]]
+        bounds = (kwargs["position_ids"][0] == 0).nonzero().flatten().tolist() + [length]
         bounds = bounds if bounds[0] == 0 else [0] + bounds
     else:
-        bounds = [0, query.shape[2]]
+        bounds = [0, length]
     return [(start, end, end, end) for start, end in zip(bounds, bounds[1:]) if end > start]
 
 
@@ -132,36 +143,74 @@ AttentionInterface.register(BLOCK_ATTENTION, block_attention)
 AttentionMaskInterface.register(BLOCK_ATTENTION, block_mask)
 AttentionInterface.register(BLOCK_EAGER_ATTENTION, block_eager_attention)
 AttentionMaskInterface.register(BLOCK_EAGER_ATTENTION, block_eager_mask)
-# Layer kinds whose attention runs block by block; any other (linear attention, Mamba) carries a recurrent state
-# from one token to the next, which would flow across the sequence boundaries of a packed row.
+# Layer kinds whose attention runs block by block; any other (linear attention, Mamba, short convolutions) mixes
+# tokens through a recurrent state, which runs sequence by sequence (finetune/training/packed_mixers.py).
 ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention", "attention"}
 # Entries of a per-layer list that name the FFN, not the token mixer (Nemotron-H's layers_block_type mixes both).
 FFN_LAYER_TYPES = {"moe", "mlp"}
+UNSEGMENTED = ("its {kind} layers are neither attention nor hold a recurrent mixer (a module keeping a cached "
+               "convolution, recurrent or SSM state) that moetune runs sequence by sequence, so tokens could mix "
+               "across a packed row's sequence boundaries")
 
 
 def padding_free_refusal(model) -> str | None:
     """Why `model` cannot run padding-free (packed) batches, or None when it can: its registry entry says, else
-    its config's layer types (a model the registry does not know)."""
+    a layer kind mixing tokens neither by attention nor by a recurrent mixer found in each of its layers."""
     config = model.config.get_text_config()
-    reason = families.family_of(model).padding_free
-    kinds = getattr(config, "layer_types", None) or getattr(config, "layers_block_type", None) or []
-    recurrent = sorted(set(kinds) - ATTENTION_LAYER_TYPES - FFN_LAYER_TYPES)
-    if reason is None and recurrent:
-        reason = families.HYBRID.format(kind=" and ".join(recurrent))
+    reason = families.family_of(model).padding_free or unsegmented_kinds(model) or row_position_bias(model)
     implementation = config._attn_implementation
     if reason is None and implementation not in BLOCK_ATTENTIONS and implementation not in BLOCK_ATTENTIONS.values():
         reason = f"it runs {implementation} attention; packed rows need sdpa or eager"
     return reason
 
 
+ROW_POSITION_BIAS = ("its attention adds a position bias built over the whole row (from row positions, not the "
+                     "position ids), which block attention does not cut per sequence")
+
+
+def row_position_bias(model) -> str | None:
+    """The reason when the model's attention hands a `position_bias` to the attention function (Inkling's
+    relative logits and log scaling over row positions); None otherwise."""
+    classes = {type(module) for module in model.modules()}
+    return ROW_POSITION_BIAS if any(passes_position_bias(cls) for cls in classes) else None
+
+
+@functools.lru_cache(maxsize=None)
+def passes_position_bias(cls: type) -> bool:
+    try:
+        return "position_bias=position_bias" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+
+
+def unsegmented_kinds(model) -> str | None:
+    """The reason naming the layer kinds (from the config's per-layer list) that are not attention and hold no
+    recurrent mixer packed_mixers can run sequence by sequence; None when there are none."""
+    config = model.config.get_text_config()
+    kinds = getattr(config, "layer_types", None) or getattr(config, "layers_block_type", None) or []
+    layers = [model.get_submodule(name) for name in moe.decoder_layers(model)]
+    if len(layers) != len(kinds):  # no per-layer list to pair with the layers: judge the whole model
+        layers = [model] * len(kinds)
+    missing = sorted({kind for kind, layer in zip(kinds, layers)
+                      if kind not in ATTENTION_LAYER_TYPES | FFN_LAYER_TYPES and not recurrent_mixers(layer)})
+    return UNSEGMENTED.format(kind=" and ".join(missing)) if missing else None
+
+
 def padding_free_for(speed, model, stage: str) -> bool:
     """Whether a stage runs padding-free: as the recipe asks, unless the model cannot (then padded, with a note)."""
     if not speed.padding_free:
         return False
-    reason = padding_free_refusal(model.get_base_model() if isinstance(model, PeftModel) else model)
+    causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
+    reason = padding_free_refusal(causal_lm)
+    family = model.config.get_text_config().model_type
     if reason is not None and distributed.is_main_process():
-        family = model.config.get_text_config().model_type
         print(f"[{stage}] speed.padding_free is off for {family}: {reason}; batches are padded (same loss, slower).")
+    mixers = recurrent_mixers(causal_lm.base_model)
+    if reason is None and mixers and distributed.is_main_process():
+        names = [type(mixer).__name__ for mixer in mixers.values()]
+        counts = ", ".join(f"{names.count(name)} {name}" for name in sorted(set(names)))
+        print(f"[{stage}] padding-free rows for {family}: its recurrent token mixers ({counts}) run sequence by "
+              f"sequence, each from a fresh state.")
     return reason is None
 
 
@@ -173,6 +222,7 @@ def use_block_attention(model) -> None:
                          f"Set speed.padding_free: false.")
     implementation = model.config.get_text_config()._attn_implementation
     model.set_attn_implementation(BLOCK_ATTENTIONS.get(implementation, implementation))
+    segment_recurrent_mixers(model.base_model, sequence_blocks)
 
 
 def install_packed_forward(model, fields: tuple[str, ...] = ("log_probs",), tiled: bool = True) -> None:

@@ -5,14 +5,15 @@ transformers 5.24's Trainer refuses to checkpoint optimizer state for a model sh
 supported for models sharded at load time", trainer.py) and would otherwise write only the main process's shards
 with torch.save. Here every process writes its own shards of the Adam moments (DTensors) into the checkpoint's
 `optimizer_shards/` folder and reads them back on resume; the weights are the gathered safetensors file that
-save_pretrained writes, put back into the split model with `set_model_state_dict`.
+save_pretrained writes, put back into the split model with `set_model_state_dict` (or the adapter, whole on every
+process, which Trainer loads as usual).
 """
 
 from __future__ import annotations
 
 import os
 import torch
-from transformers.trainer import SCHEDULER_NAME
+from transformers.trainer import ADAPTER_SAFE_WEIGHTS_NAME, SCHEDULER_NAME
 
 from finetune.modeling import expert_parallel
 
@@ -39,8 +40,10 @@ class SplitModelCheckpoints:
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         """The checkpoint's gathered weights, read in the fused expert layout by from_pretrained (Trainer's raw
-        load_state_dict would copy plain tensors into DTensors, which they refuse), each process keeping its shards."""
-        if not expert_parallel.is_split(self.model):
+        load_state_dict would copy plain tensors into DTensors, which they refuse), each process keeping its shards.
+        An adapter checkpoint loads as usual: the adapters are plain tensors, whole on every process."""
+        adapter = os.path.isfile(os.path.join(resume_from_checkpoint, ADAPTER_SAFE_WEIGHTS_NAME))
+        if not expert_parallel.is_split(self.model) or adapter:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 

@@ -68,11 +68,14 @@ def write_lookalike_recipe(tmp_path: Path, folder: Path, template: Path | None =
     return update_recipe(path, **merged({"model": lora}, sections))
 
 
+# LoRA SFT -> LoRA DPO with the default roles on a 4-layer model.init of any family (dense-then-MoE layouts and
+# hybrid layers appear): tests/test_lora_chain.py, tests/test_every_family.py (through write_lora_chain_recipe),
+# tests/test_packed_hybrids.py.
 LORA_CHAIN_RECIPE = """
 run_dir: {run_dir}
 seed: 7
 model:
-  init: {{architecture: {architecture}, hidden_size: 64, intermediate_size: 64, num_layers: {num_layers}, num_heads: 4,
+  init: {{architecture: {architecture}, hidden_size: 64, intermediate_size: 64, num_layers: 4, num_heads: 4,
           num_kv_heads: 2, num_experts: 4, experts_per_token: 2, vocab_size: 280}}
   lora: {{r: 4, alpha: 8, stages: [sft, dpo]}}
 data:
@@ -88,9 +91,8 @@ def write_lora_chain_recipe(tmp_path: Path, architecture: str, num_layers: int =
     shared experts appear), LoRA in SFT and DPO with the default roles, a few steps; `sections`: what to change (see
     `update_recipe`). Its run dir is tmp_path/run."""
     path = tmp_path / "recipe.yaml"
-    path.write_text(LORA_CHAIN_RECIPE.format(run_dir=tmp_path / "run", architecture=architecture,
-                                             num_layers=num_layers))
-    return update_recipe(path, **sections)
+    path.write_text(LORA_CHAIN_RECIPE.format(run_dir=tmp_path / "run", architecture=architecture))
+    return update_recipe(path, **merged({"model": {"init": {"num_layers": num_layers}}}, sections))
 
 
 def update_recipe(path: Path, **sections) -> Path:

@@ -1,0 +1,155 @@
+"""Recurrent token mixers on packed rows: each sequence from a fresh state.
+
+A packed row (padding-free SFT, packed DPO) lays sequences end to end. Attention runs block by block
+(finetune/training/packed_forward.py), but a recurrent mixer (Mamba and Mamba-2, Gated DeltaNet and other linear
+attention, lightning attention, short convolutions) carries its convolution and scan state from one token to the
+next, so it would carry it from one sequence into the next. transformers' CUDA kernels can take the boundaries
+(`cu_seqlens`, `seq_idx`); its torch fallbacks, on CPU and on GPUs without those kernels, ignore them. Here each
+such mixer runs once per sequence, starting from a zero state by construction: exact on every device and kernel
+path, at the price of one call per sequence. A prompt-shared pair's rejected completion continues from the prompt:
+its mixer call runs over the prompt's tokens then its own and keeps its own outputs (the prompt is run twice
+through the mixer, once through attention and the MoE layers, which keep running on the whole row).
+
+The mixers are found by structure: the outermost modules inside the decoder whose class reads or writes a
+convolution, recurrent, SSM or linear-attention state of the cache (what every recurrent mixer of transformers
+does for cached generation), outside the MoE blocks.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+import types
+
+import torch
+from torch import nn
+from transformers import Cache, PreTrainedModel
+
+from finetune.modeling import moe
+
+# What a recurrent mixer's class does with the generation cache: the states that flow from token to token.
+CACHED_STATE = re.compile(r"conv_state|recurrent_state|ssm_state|linear_cache")
+# Keyword arguments that describe the whole packed row: a single sequence's call does without them.
+ROW_KWARGS = ("packed_blocks", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+@functools.lru_cache(maxsize=None)
+def carries_state(cls: type) -> bool:
+    """Whether a module class keeps a state across tokens: its source handles a cached recurrent state."""
+    if issubclass(cls, (nn.ModuleList, nn.ModuleDict, PreTrainedModel)) or cls.__module__.startswith(("torch.", "peft.")):
+        return False
+    try:
+        return bool(CACHED_STATE.search(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return False
+
+
+def recurrent_mixers(backbone: nn.Module) -> dict[str, nn.Module]:
+    """The outermost state-carrying modules of a decoder (not the decoder itself, nothing holding experts)."""
+    found: dict[str, nn.Module] = {}
+    for name, module in backbone.named_modules():
+        if not name or any(name.startswith(outer + ".") for outer in found):
+            continue
+        if carries_state(type(module)) and not moe.is_moe_subtree(module):
+            found[name] = module
+    return found
+
+
+class RowSequences:
+    """The sequences of the packed row the decoder is running, shared by its mixers: blocks (start, prompt end,
+    split, end) as in packed_forward.row_blocks, or None for padded batches. Set at each decoder forward and read
+    again when activation checkpointing recomputes a layer in the backward (the same step's batch)."""
+
+    def __init__(self):
+        self.blocks: list[tuple[int, int, int, int]] | None = None
+
+
+def segment_recurrent_mixers(backbone: nn.Module, row_blocks) -> dict[str, nn.Module]:
+    """Patch the decoder `backbone` so that its recurrent mixers run sequence by sequence on packed rows.
+
+    `row_blocks(length, kwargs)` reads a decoder call's blocks (None: a padded batch). Returns the mixers found."""
+    mixers = recurrent_mixers(backbone)
+    if not mixers or hasattr(backbone, "moetune_sequences"):
+        return mixers
+    backbone.moetune_sequences = sequences = RowSequences()
+    backbone.moetune_unsegmented_forward = backbone.forward
+    backbone.moetune_row_blocks = row_blocks
+    backbone.forward = types.MethodType(decoder_forward, backbone)
+    for mixer in mixers.values():
+        mixer.moetune_sequences = sequences
+        mixer.moetune_unsegmented_forward = mixer.forward
+        mixer.forward = types.MethodType(mixer_forward, mixer)
+    return mixers
+
+
+def decoder_forward(self, *args, **kwargs):
+    """The decoder's forward, after noting the sequences of the row it runs."""
+    tokens = kwargs.get("input_ids", args[0] if args else None)
+    tokens = tokens if tokens is not None else kwargs.get("inputs_embeds")
+    blocks = None
+    if tokens is not None and tokens.shape[0] == 1 and kwargs.get("attention_mask") is None:
+        blocks = self.moetune_row_blocks(tokens.shape[1], kwargs)
+    # One plain sequence needs no cutting (a padded batch of one, a generation step).
+    self.moetune_sequences.blocks = blocks if blocks and (len(blocks) > 1 or blocks[0][2] < blocks[0][3]) else None
+    return self.moetune_unsegmented_forward(*args, **kwargs)
+
+
+def mixer_forward(self, *args, **kwargs):
+    """The mixer run once per sequence of a packed row (rejected completions after their prompt), outputs joined."""
+    blocks = self.moetune_sequences.blocks
+    if blocks is None:
+        return self.moetune_unsegmented_forward(*args, **kwargs)
+    length = blocks[-1][3]
+    kwargs = {key: value for key, value in kwargs.items() if key not in ROW_KWARGS}
+    outputs = []
+    for start, prompt_end, split, end in blocks:
+        run = cut((args, kwargs), length, start, split)
+        outputs.append((self.moetune_unsegmented_forward(*run[0], **run[1]), split - start))
+        if end > split:  # rejected: the mixer runs over the prompt, then the completion; the completion's kept
+            index = torch.cat([torch.arange(start, prompt_end), torch.arange(split, end)])
+            run = cut((args, kwargs), length, index=index)
+            outputs.append((tail(self.moetune_unsegmented_forward(*run[0], **run[1]), end - split), end - split))
+    return joined(outputs)
+
+
+def along_row(value, length: int) -> bool:
+    """Whether `value` is a tensor laid along a row of `length` positions: shape (1, length, ...)."""
+    return isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == 1 and value.shape[1] == length
+
+
+def cut(value, length: int, start: int = 0, end: int = 0, index: torch.Tensor | None = None):
+    """`value` with every tensor laid along the row cut to one sequence: positions start..end, or those of
+    `index`; tuples, lists and dicts cut item by item; a generation cache dropped (each sequence starts from a zero
+    state, and a packed row is never a generation step); anything else as it is."""
+    if isinstance(value, Cache):
+        return None
+    if along_row(value, length):
+        return value[:, start:end] if index is None else value.index_select(1, index.to(value.device))
+    if isinstance(value, dict):
+        return {key: cut(item, length, start, end, index) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(cut(item, length, start, end, index) for item in value)
+    return value
+
+
+def tail(output, count: int):
+    """The last `count` positions of a mixer's output over prompt and completion: its tensors laid along that
+    sequence (a tensor, or a tuple's), the rest as it is."""
+    if isinstance(output, torch.Tensor):
+        return output[:, -count:]
+    return type(output)(item[:, -count:] if isinstance(item, torch.Tensor) and item.dim() >= 2 else item
+                        for item in output)
+
+
+def joined(outputs: list[tuple]):
+    """The per-sequence outputs (with their lengths) joined along the row: the tensors laid along each sequence
+    concatenated; any other entry of a tuple output (a state, attention weights: no caller reads them in training)
+    taken from the first sequence."""
+    first = outputs[0][0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat([output for output, _ in outputs], dim=1)
+    return type(first)(
+        torch.cat([output[i] for output, _ in outputs], dim=1)
+        if all(along_row(output[i], size) for output, size in outputs) else item
+        for i, item in enumerate(first))
