@@ -5,7 +5,6 @@ compared with 1-process runs, and the shipped launch configs checked through acc
 moetune's use_cpu default gives two real gloo processes.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -21,14 +20,10 @@ from finetune import launch
 from finetune.modeling import moe
 from finetune.cli import main
 from finetune.core.rundir import StageError
-from helpers.recipes import write_recipe
+from helpers.processes import needs_deepspeed
+from helpers.recipes import NO_AUX_LOSS, write_recipe
 from helpers.tiny import ARCHITECTURES, tiny_model
 
-# The router's load-balancing loss is computed per forward pass (per process, or per accumulation step) and is not
-# linear in the batch, so a run whose forward passes see other batches trains differently (measured here: 2e-3 max
-# difference, 2% of the SFT weights' norm, 20% of the young DPO adapter's), exactly as a 1-process run with
-# accumulation would. The comparisons therefore run without it; expert load and the weights check do not need it.
-NO_AUX_LOSS = ["sft.router_aux_loss_coef=0", "dpo.router_aux_loss_coef=0"]
 # DDP sums the two processes' gradients where one process sums its accumulation steps: the same numbers added in
 # another order, so results agree to float32 rounding (measured: bit-identical on this CPU).
 SAME_MICRO_BATCHES_TOL = 1e-6
@@ -38,8 +33,6 @@ HALVED_BATCH_TOL = 1e-5
 # ZeRO-3 also merges the SFT adapter into gathered shards, and Adam's first steps divide by the root of tiny second
 # moments, which magnifies rounding differences (measured 1.3e-6; merging the adapter wrongly gives 4e-3).
 ZERO3_TOL = 1e-5
-needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                                     reason="deepspeed is an optional extra: pip install -e '.[deepspeed]'")
 
 
 def recipe_in(tmp_path_factory, name):

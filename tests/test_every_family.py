@@ -8,7 +8,8 @@ experts), so a transformers upgrade shows a new family here as a failing cell, n
   with the default roles and 3 layers (dense-then-MoE layouts appear).
 The suite runs the roles cell of the six newest families and the chain of one; MOETUNE_ALL_FAMILIES=1 (what
 `python -m tests.helpers.conformance_matrix` sets) runs both cells for every family.
-A family that cannot pass a cell is listed in KNOWN with the reason; the cell asserts it still fails that way.
+A family that cannot pass a cell is listed in KNOWN (tests/helpers/family_models.py) with the reason; the cell
+asserts it still fails that way.
 """
 
 from __future__ import annotations
@@ -29,32 +30,12 @@ from finetune.core import synthetic_task as synthetic
 from finetune.modeling import adapters, moe
 from finetune.modeling.loading import load_pretrained
 from finetune.modeling.tiny import init_config, train_tokenizer
+from helpers.family_models import known_failure
 from helpers.recipes import write_lora_chain_recipe
 
 MOE_TYPES = list(families.moe_model_types())
 NEWEST = ["deepseek_v4", "gemma4_text", "qwen4_exp_text", "nemotron_h", "glm4_moe_lite", "kimi_linear"]
 ALL = os.environ.get("MOETUNE_ALL_FAMILIES") == "1"
-
-# family -> (cell from which on it fails, a regex of the error it still raises, the reason shown in the matrix)
-KNOWN = {
-    "dbrx": ("roles", "DbrxAttentionConfig' object has no attribute 'rope_theta'",
-             "transformers 5.24 cannot build DbrxForCausalLM, even from its default config (DbrxAttentionConfig "
-             "has no rope_theta)"),
-    "doge": ("roles", "no router|has no MoE layers|moetune run .* failed",
-             "Doge's experts are embedding rows (one vector per expert, retrieved by product keys), not 3-D expert "
-             "weights: no router or routed experts to find"),
-}
-
-
-def known_failure(family: str, cell: str, action):
-    """Run a cell KNOWN to fail: assert it still fails with its error, then report it skipped with its reason."""
-    entry = KNOWN.get(family)
-    if entry is None or entry[0] not in (cell, "roles"):
-        return action()
-    with pytest.raises(Exception, match=entry[1]):
-        action()
-    pytest.skip(f"fails: {entry[2]}")
-
 
 def tiny_init(family: str, layers: int = 3) -> ModelInit:
     return ModelInit(architecture=family, hidden_size=64, intermediate_size=64, num_layers=layers, num_heads=4,

@@ -56,6 +56,23 @@ def logits_of(model, inputs):
         return model.eval()(**inputs).logits
 
 
+def per_expert_keys(base) -> bool:
+    """Whether the base checkpoint stores a matrix per expert (`...experts.3.w1`), not one 3-D tensor per layer."""
+    return any(re.search(r"\.experts\.\d+\.", key) for key in load_file(base / "model.safetensors"))
+
+
+def linears_fused_on_disk(model, adapter, base) -> bool:
+    """Whether an adapted Linear has no weight of its own in the base checkpoint (stored fused with others): no file
+    key ends with its last two names (`self_attn.q_proj.weight`; the prefix may differ on disk, Nemotron-H's
+    `backbone.`)."""
+    on_disk = load_file(base / "model.safetensors")
+    modules = {key.removeprefix("base_model.model.").split(".lora_A")[0]
+               for key in load_file(adapter / "adapter_model.safetensors") if ".lora_A." in key}
+    return any(isinstance(model.get_submodule(module), torch.nn.Linear)
+               and not any(key.endswith("." + ".".join(module.split(".")[-2:]) + ".weight") for key in on_disk)
+               for module in modules if ".base_layer" not in module)
+
+
 def per_expert_reference(base, exported, folder):
     """The base checkpoint with every exported 2-D LoRA key's update added to the file weight of the same name."""
     config = json.loads((exported / "adapter_config.json").read_text())
@@ -93,12 +110,14 @@ def test_h_export_merged_and_peft_reload_to_the_trained_logits(models, data, fam
 def test_i_export_vllm_reloads_to_the_trained_logits(models, data, family, tmp_path):
     adapter, base, inputs, expected = trained_adapter(models, data, family, tmp_path)
     out = tmp_path / "vllm"
-    if family not in export.VLLM_3D and families.FAMILIES[family].model_type in ("llama4_text", "granitemoe",
-                                                                                "granitemoeshared", "granitemoehybrid"):
+    three_d = families.text_model_type(family) in export.VLLM_3D
+    if not three_d and not per_expert_keys(base):  # no per-expert names to write the experts' LoRA under
         refused(lambda: export.export(adapter, "vllm", out), layouts.FUSED_ON_DISK)
+    if not three_d and linears_fused_on_disk(models(family), adapter, base):
+        refused(lambda: export.export(adapter, "vllm", out), layouts.FUSED_LINEAR_ON_DISK)
     export.export(adapter, "vllm", out)
     assert not (tmp_path / "vllm.partial").exists()
-    if family in export.VLLM_3D:
+    if three_d:
         reloaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)
     else:
         keys = load_file(out / "adapter_model.safetensors")

@@ -2,10 +2,12 @@
 alarms (finetune/training/routing_drift.py, finetune/training/expert_load.py), through the CLI as users run it."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,14 +15,15 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from finetune.cli import main
-from finetune.config.recipe import RoutingConfig
+from finetune.config.recipe import LoraConfig, RoutingConfig
 from finetune.core import families
-from finetune.modeling import moe
+from finetune.modeling import adapters, moe
 from finetune.training import routing_drift
 from finetune.training.expert_load import LoadAlarms
 from finetune.training.packed_forward import use_block_attention
 from helpers import recipes
-from helpers.processes import kill_at_random_step
+from helpers.recipes import NO_AUX_LOSS
+from helpers.processes import kill_at_random_step, needs_deepspeed
 from helpers.tiny import batch, tiny_model
 
 def write_recipe(folder, architecture="mixtral", **routing):
@@ -222,17 +225,157 @@ def test_a_resumed_run_measures_drift_against_the_reference_recorded_at_its_star
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_processes_probe_half_each_and_sum_to_the_one_process_numbers(drift_run, tmp_path):
+@pytest.mark.parametrize("layout", ["ddp", "fsdp2"])
+def test_two_processes_probe_half_each_and_sum_to_the_one_process_numbers(drift_run, tmp_path, layout):
+    """ddp, and fsdp2 as a CPU runs it: accelerate runs an FSDP launch without GPUs as DDP, and moetune says so
+    (sharded FSDP2 weights: test_fsdp2_sharded_weights_...)."""
     _, run, _ = drift_run
     recipe = write_recipe(tmp_path)
     for stage in ("data", "base", "sft"):
         shutil.copytree(run / stage, tmp_path / "run" / stage)
-    out = moetune("dpo", str(recipe), "--accelerate", "ddp", "--num-processes", "2", "--main-process-port", "0")
+    out = moetune("dpo", str(recipe), "--accelerate", layout, "--num-processes", "2", "--main-process-port", "0")
     one, two = drift_of(run, "dpo"), drift_of(tmp_path / "run", "dpo")
     assert out.count("[dpo] routing probe: 16 of 16 held-out sequences") == 1  # rank 0 reports and writes
+    assert ("[fsdp] no GPUs: accelerate runs FSDP launches on CPUs as plain DDP" in out) == (layout == "fsdp2")
     assert [entry["step"] for entry in two["history"]] == [1, 2, 3, 4]
     # Before training both see the same model: each process's half of the pairs, summed, gives the same loads.
     for layer, before in one["chosen_vs_rejected"]["before"].items():
         for side in ("chosen", "rejected", "js"):
             assert two["chosen_vs_rejected"]["before"][layer][side] == pytest.approx(before[side], abs=1e-6)
     assert all(entry["routing_overlap"] > 0.9 for entry in two["history"])
+
+
+# ---------------------------------------------------------------- sharded weights (FSDP2, ZeRO-3)
+
+def fsdp2_telemetry(out, processes: int, *flags) -> dict:
+    """tests/helpers/fsdp2_telemetry.py on `processes` gloo processes (torchrun); its losses.json."""
+    tests = Path(__file__).parent
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"] if processes > 1 else []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, *launcher, "-m", "helpers.fsdp2_telemetry", str(out), *flags], env=env,
+                          cwd=tests, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / "losses.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_fsdp2_sharded_weights_give_the_one_process_figures_and_unchanged_training(tmp_path):
+    """FSDP2 (`fully_shard` per decoder layer, as accelerate prepares it) on 2 gloo processes: every process runs the
+    probe's forwards (each layer is gathered collectively), its sums are reduced and rank 0 writes. The figures are
+    those of one unsharded process; with telemetry off the losses and gradient norms are bit-identical."""
+    one = fsdp2_telemetry(tmp_path / "one", 1)
+    sharded = fsdp2_telemetry(tmp_path / "fsdp2", 2)
+    off = fsdp2_telemetry(tmp_path / "off", 2, "--off")
+    assert one["router_shard"] == [4, 64] and sharded["router_shard"] == [2, 64]  # rank 0 holds half the router
+    assert [(e["loss"], e["grad_norm"]) for e in sharded["steps"]] == [(e["loss"], e["grad_norm"]) for e in off["steps"]]
+    for a, b in zip(sharded["steps"], one["steps"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
+        for name in ("routing_overlap", "routing_kl", "routing_top1_changed", "expert_load_cv_mean"):
+            assert a[name] == pytest.approx(b[name], rel=1e-4, abs=1e-6), (a["step"], name)
+    assert sharded["steps"][-1]["routing_overlap"] < 0.9  # the router moved: the figures compare something
+    drift = [json.loads((tmp_path / run / "routing_drift.json").read_text()) for run in ("fsdp2", "one")]
+    for layer, before in drift[1]["chosen_vs_rejected"]["before"].items():
+        assert drift[0]["chosen_vs_rejected"]["before"][layer]["chosen"] == pytest.approx(before["chosen"], abs=1e-6)
+    assert drift[0]["probe"]["kept"] == 8 and not list((tmp_path / "fsdp2").glob("routing_reference*"))
+    loads = [json.loads((tmp_path / run / "expert_load.json").read_text())["history"] for run in ("fsdp2", "one")]
+    assert [h["share"] for h in loads[0]] == [h["share"] for h in loads[1]]
+
+
+# Two ZeRO-3 processes against one process with the same micro-batches (accumulation 2): the weights agree to ~1e-6
+# (test_distributed.ZERO3_TOL), so the probe's routing agrees except for a token whose two best experts were nearly
+# tied. One such flip moves a layer's overlap or top-1 share by 1/(probe tokens), about 5e-4 here. Measured: overlap,
+# top-1 share and expert load equal, KL within 1e-8.
+SHARDED_DRIFT_TOL = {"routing_overlap": 2e-3, "routing_top1_changed": 2e-3, "routing_kl": 1e-5}
+
+
+def largest_drift_difference(a: dict, b: dict) -> dict[str, float]:
+    """Per logged figure, the largest difference between two routing_drift.json histories (same steps)."""
+    assert [entry["step"] for entry in a["history"]] == [entry["step"] for entry in b["history"]]
+    return {name: max(abs(x[name] - y[name]) for x, y in zip(a["history"], b["history"])) for name in SHARDED_DRIFT_TOL}
+
+
+def losses_and_grad_norms(run, stage):
+    return [(e["step"], e["loss"], e["grad_norm"]) for e in json.loads((run / stage / "metrics.json").read_text())
+            if "loss" in e]
+
+
+@needs_deepspeed
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(5400)  # three 2-stage runs, two of them on 2 processes: 10 minutes on a quiet machine
+def test_zero3_probes_sharded_weights_like_one_process_and_training_is_unchanged(tmp_path):
+    """ZeRO-3 on 2 gloo processes: SFT trains every weight (the router too) in shards, DPO trains LoRA on a sharded
+    base. Every process runs the probe's forwards (ZeRO-3 gathers each layer collectively), the sums are reduced,
+    rank 0 writes: the figures are those of one process; with telemetry off the losses and gradients are the same."""
+    short = ["sft.max_steps=6", "sft.logging_steps=2", "dpo.max_steps=2", *NO_AUX_LOSS]
+    zero3 = ["--accelerate", "zero3", "--num-processes", "2", "--main-process-port", "0", *short]
+    runs = {}
+    for name, overrides in (("one", ["sft.gradient_accumulation_steps=2", "dpo.gradient_accumulation_steps=2",
+                                     *short]),
+                            ("zero3", zero3), ("zero3-off", [*zero3, "routing.probe_sequences=0",
+                                                            "routing.pair_sample=0"])):
+        recipe = write_recipe(tmp_path / name)
+        if name != "one":
+            for stage in ("data", "base"):
+                shutil.copytree(runs["one"][0] / stage, tmp_path / name / "run" / stage)
+        out = moetune("run", str(recipe), "--stages", "sft,dpo" if name != "one" else "prep,sft,dpo", *overrides,
+                      timeout=2400)
+        runs[name] = (tmp_path / name / "run", out)
+    (one, _), (sharded, out), (off, _) = runs["one"], runs["zero3"], runs["zero3-off"]
+    assert out.count("[zero3] MoE blocks gathered whole (ZeRO-3 leaf modules): MixtralSparseMoeBlock") == 2
+    for stage in ("sft", "dpo"):
+        assert out.count(f"[{stage}] routing probe: 16 of 16 held-out sequences") == 1  # rank 0 reports
+        differences = largest_drift_difference(drift_of(sharded, stage), drift_of(one, stage))
+        assert all(differences[name] <= tol for name, tol in SHARDED_DRIFT_TOL.items()), (stage, differences)
+        assert losses_and_grad_norms(sharded, stage) == losses_and_grad_norms(off, stage), stage
+        assert not (off / stage / "routing_drift.json").exists()
+        loads = [json.loads((run / stage / "expert_load.json").read_text())["history"] for run in (sharded, one)]
+        for a, b in zip(*loads):
+            for layer in a["share"]:
+                assert a["share"][layer] == pytest.approx(b["share"][layer], abs=1e-3), (stage, a["step"])
+    # Before DPO both see the same SFT model up to ZeRO-3's rounding: each process's half of the pairs, summed.
+    for layer, before in drift_of(one, "dpo")["chosen_vs_rejected"]["before"].items():
+        sharded_before = drift_of(sharded, "dpo")["chosen_vs_rejected"]["before"][layer]
+        assert sharded_before["chosen"] == pytest.approx(before["chosen"], abs=1e-3)
+    assert not [p for p in sharded.rglob("*") if p.name.endswith((".tmp", ".partial")) or "routing_reference" in p.name]
+
+
+# ---------------------------------------------------------------- the router role with NF4 experts
+
+@pytest.mark.slow
+def test_router_role_on_nf4_experts_trains_in_sft_and_dpo_and_merges(tmp_path):
+    """QLoRA (`model.quantization`: NF4 experts) with `router` in model.lora.targets: the router's adapter trains in
+    SFT, DPO continues it on the 4-bit base, it saves as PEFT's own and `moetune merge` adds it to the full-precision
+    router (the router itself is never quantized: bitsandbytes reaches Linear layers only, the router is a bare
+    Parameter)."""
+    recipe = recipes.write_recipe(tmp_path)
+    moetune("run", str(recipe), "--stages", "prep,sft,dpo", "model.lora.stages=[sft,dpo]", "model.quantization.bits=4",
+            "model.lora.targets=[attention,experts,router]", "model.init.hidden_size=64",
+            "model.init.intermediate_size=64", "sft.max_steps=2", "dpo.max_steps=1", "sft.learning_rate=1.0e-2",
+            "dpo.learning_rate=1.0e-2")
+    run, gate = tmp_path / "run", "base_model.model.model.layers.0.mlp.gate"
+    factors = {}
+    for stage in ("sft", "dpo"):
+        assert "mlp.gate.weight" in json.loads((run / stage / "adapter_config.json").read_text())["target_parameters"]
+        tensors = load_file(str(run / stage / "adapter_model.safetensors"))
+        factors[stage] = [tensors[f"{gate}.lora_{part}.weight"].float() for part in "AB"]
+    assert factors["sft"][1].abs().max() > 0  # B starts at zero: the router's adapter trained
+    assert not torch.equal(factors["sft"][1], factors["dpo"][1])  # and DPO trained it further
+    moetune("merge", str(run / "dpo"), "--out", str(tmp_path / "merged"))
+    from transformers import AutoModelForCausalLM
+
+    base, merged = (AutoModelForCausalLM.from_pretrained(str(folder)) for folder in (run / "base", tmp_path / "merged"))
+    (name, router), merged_router = next(iter(moe.routers(base).items())), next(iter(moe.routers(merged).values()))
+    delta = moe.router_weight(merged, name, merged_router) - moe.router_weight(base, name, router)
+    a, b = factors["dpo"]
+    torch.testing.assert_close(delta, 8 / 4 * b @ a, rtol=0, atol=1e-6)  # alpha / r of the tiny recipe
+
+
+def test_a_router_without_an_expert_row_weight_is_refused_by_name_and_left_out_of_all():
+    model, _ = tiny_model()
+    name, router = next(iter(moe.routers(model).items()))
+    router.weight = torch.nn.Parameter(torch.zeros(model.config.num_local_experts))  # scores without (E, H) rows
+    with pytest.raises(ValueError, match=f"router cannot be tuned on this model: its router {name} scores"):
+        adapters.peft_config(model, LoraConfig(targets=["attention", "router"]))
+    assert "router" not in str(adapters.peft_config(model, LoraConfig(targets=["all"])).target_parameters)

@@ -37,6 +37,13 @@ TOP_K_FIELDS = ("num_experts_per_tok", "num_experts_per_token", "moe_k", "moe_to
 
 AUX_LOSS = "aux_loss"  # the model returns `aux_loss` (with output_router_logits); TRL adds coef * aux_loss
 BIAS = "bias"  # aux-loss-free: an `e_score_correction_bias` added to the scores when choosing experts
+# The names of that bias: DeepSeek-V3's, which most families copy, and AFMoE's.
+BIAS_NAMES = ("e_score_correction_bias", "expert_bias")
+
+
+def is_balancing_bias(name: str) -> bool:
+    """Whether a parameter or buffer name is an aux-loss-free balancing bias (a load statistic, not a weight)."""
+    return name.rsplit(".", 1)[-1] in BIAS_NAMES
 
 
 def indices_third(output, router: nn.Module) -> torch.Tensor:
@@ -58,10 +65,12 @@ def tensors_of(output) -> list[torch.Tensor]:
 
 
 def indices_generic(output, router: nn.Module, num_experts: int, top_k: int) -> torch.Tensor:
-    """Any router's output: its integer tensor of top-k indices, else the top-k of its per-token logits."""
+    """Any router's output: its integer tensor of top-k indices, else the top-k of its per-token logits. Per-token
+    tensors have a token dimension and an expert (or top-k) one: 1-D tensors (JetMoE's tokens sorted by expert,
+    its gates) are not read."""
     tensors = tensors_of(output)
     for tensor in tensors:
-        if not tensor.is_floating_point() and tensor.shape[-1] == top_k:
+        if not tensor.is_floating_point() and tensor.dim() >= 2 and tensor.shape[-1] == top_k:
             return tensor.reshape(-1, top_k)
     return logits_generic(output, num_experts).topk(top_k, dim=-1).indices
 
@@ -71,7 +80,7 @@ def logits_generic(output, num_experts: int) -> torch.Tensor:
     LongCat-Flash adds zero-computation experts)."""
     tensors = tensors_of(output)
     for tensor in tensors:
-        if tensor.is_floating_point() and tensor.shape[-1] >= num_experts:
+        if tensor.is_floating_point() and tensor.dim() >= 2 and tensor.shape[-1] >= num_experts:
             return tensor.reshape(-1, tensor.shape[-1])
     raise ValueError(f"a router output without per-expert logits: shapes {[tuple(t.shape) for t in tensors]}")
 
@@ -410,11 +419,10 @@ def prepare_for_generation(model: nn.Module) -> None:
 
 def balancing_of(model: nn.Module) -> tuple[str, ...]:
     """How a model's family balances its experts, read from the model: an aux loss where its modeling module
-    computes one (transformers' `load_balancing_loss_func`), a bias where it has `e_score_correction_bias`."""
+    computes one (transformers' `load_balancing_loss_func`), a bias where it has one (BIAS_NAMES)."""
     module = sys.modules.get(type(model).__module__)
     found = (AUX_LOSS,) if module is not None and hasattr(module, "load_balancing_loss_func") else ()
-    if any(name.endswith("e_score_correction_bias") for name, _ in [*model.named_parameters(),
-                                                                    *model.named_buffers()]):
+    if any(is_balancing_bias(name) for name, _ in [*model.named_parameters(), *model.named_buffers()]):
         found += (BIAS,)
     return found
 
@@ -426,7 +434,8 @@ def prepare_for_training(model: nn.Module) -> None:
       for router logits (and Llama 4's carries a coefficient): TRL would add coef * None, or compute Mixtral's aux
       loss in its fused LM head. Router logits off and coefficient 0 is TRL's "no aux loss".
     - TRL's fused LM head computes the aux loss with `config.num_experts`, which Phi-MoE and Granite configs
-      call `num_local_experts`: the count is copied under the name TRL reads.
+      call `num_local_experts`: the count is copied under the name TRL reads. So is the coefficient, which JetMoE
+      calls `aux_loss_coef` (TRL reads `router_aux_loss_coef`, and without it neither adds nor logs the aux loss).
     - Llama4ForCausalLM's `base_model_prefix` ("language_model") names no attribute, so `model.base_model` (what
       TRL's fused LM head and packed DPO call for the decoder) would be the whole model: the instance gets the
       attribute's real name.
@@ -441,11 +450,14 @@ def prepare_for_training(model: nn.Module) -> None:
             config.router_aux_loss_coef = 0.0
     if family.has_aux_loss and getattr(config, "num_experts", None) is None:
         config.num_experts = expert_count(config)
+    if family.has_aux_loss and getattr(config, "router_aux_loss_coef", None) is None \
+            and getattr(config, "aux_loss_coef", None) is not None:
+        config.router_aux_loss_coef = config.aux_loss_coef
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if family.backbone:
         causal_lm.base_model_prefix = family.backbone
     for name, param in model.named_parameters():
-        if name.endswith("e_score_correction_bias"):
+        if is_balancing_bias(name):
             param.requires_grad_(False)
 
 

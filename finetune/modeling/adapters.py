@@ -59,6 +59,20 @@ def router_parameter_targets(model: nn.Module) -> list[str]:
     return sorted({f"{module_suffix(name)}.{moe.router_weight_name(model, name)}" for name in moe.routers(model)})
 
 
+def router_role_refusal(model: nn.Module) -> str | None:
+    """Why the router role cannot adapt this model's routers, or None. LoRA adds B A to a weight of one row per
+    expert (E, hidden); a router whose scores come from anything else has no such weight to adapt."""
+    for name, router in moe.routers(model).items():
+        weight = moe.router_weight(model, name, router)
+        experts = moe.num_experts(model, name, router)
+        shape = moe.shape_of(weight)  # the whole weight's, also when ZeRO-3 holds a shard
+        if len(shape) != 2 or not weight.is_floating_point() or shape[0] < experts:
+            return (f"its router {name} scores the experts without a (experts, hidden) weight "
+                    f"({moe.router_weight_name(model, name)}: {shape}) for LoRA to adapt; "
+                    f"leave router out of model.lora.targets")
+    return None
+
+
 def linears_under(model: nn.Module, parents: list[str]) -> list[str]:
     """Qualified names of the Linear layers inside the named modules (those a LoRA wrapper can reach). A Linear
     subclass with a forward of its own (DeepSeek-V4's grouped output projection) is left out: LoRA's x @ A^T
@@ -113,6 +127,11 @@ def peft_config(model: nn.Module, lora: LoraConfig) -> peft.LoraConfig:
     roles = expand_roles(lora.targets)
     if roles & set(MOE_ROLES) and not moe.is_moe_model(model):
         raise ValueError("model.lora.targets names experts/router, but this model has no MoE layers; use attention.")
+    refusal = router_role_refusal(model) if "router" in roles else None
+    if refusal and "router" in lora.targets:
+        raise ValueError(f"model.lora.targets: router cannot be tuned on this model: {refusal}.")
+    if refusal:  # `all`: every role this model has
+        roles.discard("router")
     target_modules, target_parameters = role_targets(model, roles)
     if not target_modules and not target_parameters:
         raise ValueError(f"model.lora.targets {lora.targets} finds no layer in this model; add attention or experts.")
@@ -170,6 +189,34 @@ def matches_a_module(target: str, module_names: list[str]) -> bool:
 
 transformers_weight_conversion.convert_peft_config_for_transformers = convert_only_missing_targets(
     transformers_weight_conversion.convert_peft_config_for_transformers)
+
+
+def convert_only_missing_keys(convert):
+    """peft's conversion of a saved adapter's keys through the family's checkpoint renamings (transformers'
+    conversion mapping, meant for adapters named as the original checkpoint), applied only to keys that name no
+    module of the model.
+
+    An adapter PEFT saved from a transformers-5 model names its modules as they are; renaming them again sends
+    some to no module, and their weights are silently left at zero: Laguna's `mlp.shared_expert.` ->
+    `mlp.shared_experts.` (an unescaped dot) turns `shared_experts.down_proj` into `shared_experts..down_proj`,
+    Inkling 2's `sconv.weight_proj` -> `sconv.weight_proj.weight` misses its dynamic convolution's projection. A key
+    whose module exists is kept as it is; only the others (real checkpoint names) are converted.
+    """
+
+    @functools.wraps(convert)
+    def guarded(model, peft_config, adapter_state_dict, *args, **kwargs):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        names = {name for name, _ in base.named_modules()}
+        current = {key: value for key, value in adapter_state_dict.items()
+                   if key.removeprefix("base_model.model.").split(".lora_")[0] in names}
+        others = {key: value for key, value in adapter_state_dict.items() if key not in current}
+        return {**current, **(convert(model, peft_config, others, *args, **kwargs) if others else {})}
+
+    return guarded
+
+
+transformers_weight_conversion.convert_peft_adapter_state_dict_for_transformers = convert_only_missing_keys(
+    transformers_weight_conversion.convert_peft_adapter_state_dict_for_transformers)
 
 
 def trainable_parameter_names(model: nn.Module) -> list[str]:

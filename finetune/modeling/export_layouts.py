@@ -27,11 +27,11 @@ import torch
 from packaging.version import Version
 from torch import nn
 
+from finetune.modeling import moe
+
 PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 GATE_UP, DOWN = "gate_up_proj", "down_proj"
-# PEFT's nesting of two parameters of one module: the inner wrapper (`base_layer`) holds gate_up_proj.
-NESTED = {".base_layer": GATE_UP, "": DOWN}
 SWAP_FIXED_IN = Version("0.19.0")  # PEFT#3165: in/out of (E, out, in) parameters read the right way round
 
 
@@ -48,6 +48,10 @@ SGLANG_FUSED_ON_DISK = ("the base checkpoint stores this family's experts fused 
 SGLANG_EXPERT_LEAVES = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj",
                         "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 PER_EXPERT = re.compile(r"^(?P<head>.+\.experts\.\d+)\.(?P<leaf>[^.]+)$")
+
+
+FUSED_LINEAR_ON_DISK = ("the base checkpoint stores this Linear inside one tensor with others (Sarvam's fused "
+                        "query_key_value): it has no weight of its own on disk to write its LoRA under")
 
 
 class LayoutError(ValueError):
@@ -71,22 +75,29 @@ class Factors:
 class ExpertsInfo:
     """What the re-layout needs to know of one experts module of the base model."""
 
-    num_experts: int
+    counts: dict[str, int]  # parameter -> experts it holds (LongCat-Flash's gate_up_proj has its zero-computation
+    # experts too, down_proj only the routed ones)
     transposed: bool  # stored (E, in, out) (gpt-oss) instead of (E, out, in)
     shapes: dict[str, tuple[int, int]]  # parameter -> logical (out, in)
+    # Its 3-D parameters: (input projection, down_proj), as gate_up_proj (or Nemotron-H's up_proj) and down_proj;
+    # PEFT nests the two wrappers, the inner one (`base_layer`) holds the first. One (JetMoE's `weight`) where each
+    # projection is its own experts module.
+    params: tuple[str, ...] = (GATE_UP, DOWN)
 
 
 def experts_info(model: nn.Module) -> dict[str, ExpertsInfo]:
-    """Every fused experts module of `model` by qualified name (no "base_model.model." prefix)."""
+    """Every fused experts module of `model` by qualified name (no "base_model.model." prefix): the modules holding
+    3-D expert parameters, found by structure as training finds them."""
     found = {}
-    for name, module in model.named_modules():
-        if all(isinstance(getattr(module, p, None), nn.Parameter) for p in (GATE_UP, DOWN)):
-            transposed = bool(getattr(module, "is_transposed", False))
-            shapes = {}
-            for param in (GATE_UP, DOWN):
-                e, first, second = getattr(module, param).shape
-                shapes[param] = (second, first) if transposed else (first, second)
-            found[name] = ExpertsInfo(getattr(module, param).shape[0], transposed, shapes)
+    count = moe.config_expert_count(model)
+    for name, module in moe.experts_modules(model).items():
+        params = tuple(sorted(moe.expert_parameter_names(module, count), key=lambda param: param == DOWN))
+        transposed = bool(getattr(module, "is_transposed", False))
+        shapes, counts = {}, {}
+        for param in params:
+            counts[param], first, second = getattr(module, param).shape
+            shapes[param] = (second, first) if transposed else (first, second)
+        found[name] = ExpertsInfo(counts, transposed, shapes, params)
     return found
 
 
@@ -120,13 +131,22 @@ def is_old_layout(config: dict) -> bool:
     return version is not None and Version(version.split("+")[0]) < SWAP_FIXED_IN
 
 
+def names_experts(target: str, experts: dict[str, ExpertsInfo]) -> bool:
+    """Whether a `target_parameters` entry (`mlp.experts.down_proj`) names a parameter of an experts module."""
+    module, _, param = target.rpartition(".")
+    return any((owner == module or owner.endswith("." + module)) and param in info.params
+               for owner, info in experts.items())
+
+
 def expert_target(module: str, experts: dict[str, ExpertsInfo], config: dict) -> tuple[str, str] | None:
     """(experts module, parameter) a wrapper key names, or None for a Linear."""
-    targeted = [p for p in (GATE_UP, DOWN) if any(t.endswith(p) for t in config.get("target_parameters") or ())]
-    for suffix, param in NESTED.items():
+    for suffix in (".base_layer", ""):
         owner = module.removesuffix(suffix) if suffix else module
         if owner in experts and (module.endswith(suffix) if suffix else True):
-            return owner, (param if len(targeted) == 2 else targeted[0])
+            params = experts[owner].params
+            targeted = [p for p in params if any(t.endswith("." + p) or t == p
+                                                 for t in config.get("target_parameters") or ())]
+            return owner, (params[0 if suffix else 1] if len(targeted) == 2 else targeted[0])
     return None
 
 
@@ -136,7 +156,7 @@ def read_peft(tensors: dict[str, torch.Tensor], config: dict, experts: dict[str,
     (DoRA, biases, whole modules, a router); otherwise (the merged export's delta report) read the LoRA pairs only."""
     if servable:
         check_plain_lora(config)
-        router = [t for t in config.get("target_parameters") or () if not t.endswith((GATE_UP, DOWN))]
+        router = [t for t in config.get("target_parameters") or () if not names_experts(t, experts)]
         if router:
             raise LayoutError(f"the adapter trains the router ({', '.join(router)}): vLLM and SGLang apply LoRA to "
                               f"Linear layers and experts only, not to a router weight. Use --format merged.")
@@ -164,7 +184,7 @@ def read_peft(tensors: dict[str, torch.Tensor], config: dict, experts: dict[str,
 def expert_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, info: ExpertsInfo, param: str, swapped: bool,
                    s: float) -> Factors:
     """One fused expert parameter's A and B as per-expert (E, r, in) / (E, out, r) factors."""
-    e = info.num_experts
+    e = info.counts[param]
     out_features, in_features = info.shapes[param]
     rank = lora_a.shape[0] // e
     if swapped:  # PEFT 0.18: A spans `out`, B spans `in`, and the update is (B_e A_e)^T
@@ -230,15 +250,15 @@ def to_peft(factors: dict[str, Factors], experts: dict[str, ExpertsInfo]) -> tup
     by_owner: dict[str, list[str]] = {}
     for target in factors:
         owner, _, param = target.rpartition(".")
-        if owner in experts and param in (GATE_UP, DOWN):
+        if owner in experts and param in experts[owner].params:
             by_owner.setdefault(owner, []).append(param)
     for target, factor in factors.items():
         factor = padded(factor, rank)
         owner, _, param = target.rpartition(".")
-        if owner in experts and param in (GATE_UP, DOWN):
-            e = experts[owner].num_experts
+        if owner in experts and param in experts[owner].params:
+            e = experts[owner].counts[param]
             both = len(by_owner[owner]) == 2
-            module = owner + (".base_layer" if both and param == GATE_UP else "")
+            module = owner + (".base_layer" if both and param == experts[owner].params[0] else "")
             lora_a = factor.a.reshape(e * rank, factor.a.shape[-1])
             lora_b = factor.b.permute(1, 2, 0).reshape(factor.b.shape[1], rank * e)
             parameters.add(".".join(owner.split(".")[-2:] + [param]))
@@ -289,15 +309,15 @@ def to_per_expert(factors: dict[str, Factors], experts: dict[str, ExpertsInfo],
     complete = dict(factors)
     for owner in {t.rpartition(".")[0] for t in factors} & set(experts):
         info = experts[owner]
-        for param in (GATE_UP, DOWN):
+        for param in info.params:
             out_features, in_features = info.shapes[param]
-            complete.setdefault(f"{owner}.{param}", Factors(torch.zeros(info.num_experts, rank, in_features),
-                                                            torch.zeros(info.num_experts, out_features, rank)))
+            complete.setdefault(f"{owner}.{param}", Factors(torch.zeros(info.counts[param], rank, in_features),
+                                                            torch.zeros(info.counts[param], out_features, rank)))
     names = {}
     for target, factor in complete.items():
-        owner = target.rpartition(".")[0]
+        owner, _, param = target.rpartition(".")
         if owner in experts:
-            names[target] = (experts[owner].num_experts, factor.b.shape[1])
+            names[target] = (experts[owner].counts[param], factor.b.shape[1])
         else:
             names[f"{target}.weight"] = (0, factor.b.shape[0])
     placed = checkpoint_rows(model, names)
@@ -307,7 +327,7 @@ def to_per_expert(factors: dict[str, Factors], experts: dict[str, ExpertsInfo],
         owner = target.rpartition(".")[0]
         pieces = placed[target] if owner in experts else placed[f"{target}.weight"]
         if not pieces:
-            raise LayoutError(f"{FUSED_ON_DISK} ({target})")
+            raise LayoutError(f"{FUSED_ON_DISK if owner in experts else FUSED_LINEAR_ON_DISK} ({target})")
         covered = sum(len(rows) for _, _, rows in pieces)
         expected = factor.b.shape[-2] * (factor.b.shape[0] if factor.b.dim() == 3 else 1)
         if covered != expected:

@@ -131,8 +131,8 @@ def census(model: nn.Module) -> Census:
         total=total, active=active, lora=lora_per_rank(model), nf4_elements=expert_matrix_elements(model),
         linear_elements=quantizable_linear_elements(model),
         layer_elements=[layer_activation_elements(model, layer, top_k) for layer in layers],
-        expert_lora_elements=sum(top_k * (2 * expert_width(m) + text.hidden_size) for m in model.modules()
-                                 if moe.is_experts(m)),
+        expert_lora_elements=sum(top_k * (2 * expert_width(m) + text.hidden_size)
+                                 for m in moe.experts_modules(model).values()),
         layer_weights=[sum(p.numel() for p in layer.parameters()) for layer in layers],
         attention_width=[attention_width(model, layer) for layer in layers],
         hidden=text.hidden_size, vocab=text.vocab_size,
@@ -149,7 +149,7 @@ def parameter_roles(model: nn.Module) -> dict[str, str]:
             for param_name, _ in model.get_submodule(name).named_parameters():
                 roles[f"{name}.{param_name}"] = role
     for name, module in model.named_modules():
-        if moe.is_experts(module):
+        if moe.is_experts(module, moe.config_expert_count(model)):
             roles.update({f"{name}.{p}": "experts" for p, _ in module.named_parameters()})
     for name, router in moe.routers(model).items():
         roles.update({f"{name}.{p}": "router" for p, _ in router.named_parameters()})
@@ -209,20 +209,9 @@ def attention_width(model: nn.Module, layer: nn.Module) -> int:
 
 
 def expert_width(experts: nn.Module) -> int:
-    """One expert's FFN width: down_proj is (E, hidden, I) or (E, I, hidden), the smaller of the two; the smallest
-    inner dimension of the module's expert parameters says the same in every layout (Nemotron-H's up_proj/down_proj,
-    JetMoE's one `weight` per module)."""
-    return min(min(shape[1:]) for shape in module_expert_shapes(experts))
-
-
-def expert_count(experts: nn.Module) -> int:
-    """How many experts a module holds: the leading dimension of its expert parameters."""
-    return module_expert_shapes(experts)[0][0]
-
-
-def module_expert_shapes(experts: nn.Module) -> list[tuple[int, ...]]:
-    """The shapes of one module's 3-D expert parameters, whatever their names."""
-    return [moe.shape_of(getattr(experts, name)) for name in moe.expert_parameter_names(experts, None)]
+    """One expert's FFN width: down_proj is (E, hidden, I) or (E, I, hidden), the smaller of the two (read from the
+    last 3-D parameter: Nemotron-H's up_proj/down_proj, JetMoE's one weight per projection module)."""
+    return min(moe.shape_of(getattr(experts, moe.expert_parameter_names(experts, None)[-1]))[1:])
 
 
 def layer_activation_elements(model: nn.Module, layer: nn.Module, top_k: int) -> int:
@@ -234,14 +223,16 @@ def layer_activation_elements(model: nn.Module, layer: nn.Module, top_k: int) ->
     weighted copy (3 x hidden + 4 x expert width each). Norms and residuals add a few hidden-size vectors.
     """
     hidden = model.config.get_text_config().hidden_size
-    experts = [m for m in layer.modules() if moe.is_experts(m)]
+    count = moe.config_expert_count(model)
+    experts = [m for m in layer.modules() if moe.is_experts(m, count)]
     routed = {id(p) for m in experts for p in m.parameters()}
     linear_outputs = sum(m.out_features for m in layer.modules()
                          if isinstance(m, nn.Linear) and id(m.weight) not in routed)
     elements = 2 * linear_outputs + 6 * hidden
     for module in experts:
         width = expert_width(module)
-        elements += top_k * (3 * hidden + 4 * width) + 2 * expert_count(module)  # + router scores
+        routed_experts = moe.shape_of(getattr(module, moe.expert_parameter_names(module, count)[0]))[0]
+        elements += top_k * (3 * hidden + 4 * width) + 2 * routed_experts  # + router scores
     return elements
 
 

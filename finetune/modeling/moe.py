@@ -76,15 +76,25 @@ def experts_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def structural_router(model: nn.Module, block_name: str, block: nn.Module, count: int, experts: set[str]):
     """(name, weight name) of the router inside an MoE block: the module holding a 2-D weight with one row per
-    expert (LongCat-Flash adds rows for its zero-computation experts), outside the experts."""
+    expert (LongCat-Flash adds rows for its zero-computation experts), outside the experts. Where that weight sits
+    in a Linear of a router module (AFMoE's `router.gate`, Gemma 4's `router.proj`), the router is the block's
+    child holding it: its output has the experts chosen (with the balancing bias), the Linear's only logits."""
+    def inside_experts(full: str) -> bool:
+        return any(full == e or full.startswith(e + ".") for e in experts)
+
     for name, module in block.named_modules():
         full = f"{block_name}.{name}" if name else block_name
-        if any(full == e or full.startswith(e + ".") for e in experts):
-            continue
+        if inside_experts(full) or any(part.startswith("lora_") for part in name.split(".")):
+            continue  # PEFT's LoRA matrices (lora_A has r rows: r = expert count would look like a router)
         for weight_name, param in module.named_parameters(recurse=False):
             shape = shape_of(param)
             if len(shape) == 2 and count <= shape[0] < 2 * count and shape[1] != shape[0]:
-                return full.replace(".base_layer", ""), weight_name  # a router PEFT wrapped: named as before
+                path = name.replace(".base_layer", "").split(".") if name else []  # named as before PEFT wrapped it
+                child = f"{block_name}.{path[0]}"
+                if len(path) > 1 and not inside_experts(child) and not any(
+                        e.startswith(child + ".") for e in experts):
+                    return child, ".".join(path[1:] + [weight_name])
+                return full.replace(".base_layer", ""), weight_name
     return None
 
 
@@ -211,7 +221,7 @@ def bias_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     found = {}
     for block_name, block in moe_blocks(model).items():
         for name, tensor in [*block.named_buffers(), *block.named_parameters()]:
-            if name.endswith("e_score_correction_bias"):
+            if families.is_balancing_bias(name):
                 found[block_name] = tensor
     return found
 

@@ -184,7 +184,7 @@ def round_experts(model, factors: dict[str, layouts.Factors], double_quant: bool
     with torch.no_grad():
         for owner, experts_info in info.items():
             experts = model.get_submodule(owner)
-            for param in (layouts.GATE_UP, layouts.DOWN):
+            for param in experts_info.params:
                 weight = getattr(experts, param)
                 logical = weight.transpose(1, 2) if experts_info.transposed else weight
                 rounded = torch.stack([expert_quant.nf4_round_trip(m, double_quant) for m in logical])

@@ -59,10 +59,15 @@ class BiasUpdate(TrainerCallback):
         for router, shares in self.tracker.take().items():
             if sum(shares) == 0:
                 continue
+            bias = self.biases.get(self.block_of[router])
+            if bias is None:  # a block routed without a bias (DeepSeek-V4's hash-routed first layers)
+                continue
             load = torch.tensor(shares, dtype=torch.float32)
-            bias = self.biases[self.block_of[router]]
+            step = (self.rate * torch.sign(load.mean() - load)).to(bias.device, bias.dtype)
             with torch.no_grad():
-                bias += (self.rate * torch.sign(load.mean() - load)).to(bias.device, bias.dtype).reshape(bias.shape)
+                # LongCat-Flash's bias also has entries for its zero-computation experts, after the routed ones: no
+                # expert runs for them, their load is not counted, and they keep their value.
+                bias.view(-1)[:step.numel()] += step
 
     def on_step_end(self, args, state, control, **kwargs):
         self.update()

@@ -10,9 +10,9 @@ is the model's own attention, sdpa or eager (gpt-oss: eager, for its attention s
 window if it has one. Layers with a recurrent state (linear attention, Mamba, short convolutions) run their mixer
 once per sequence instead (finetune/training/packed_mixers.py); a model whose layers mix tokens some other way runs
 padded batches, with a note saying why (`padding_free_for`). Only the completion tokens' hidden states go through
-the LM head (TRL scores every position on CPU), at temperature 1 and without logit scaling, as DPO and the Mixtral,
-Qwen3-MoE and OLMoE heads use. The load-balancing loss weighs each token as the padded batch does: a shared prompt
-counts twice, padding not at all.
+the LM head (TRL scores every position on CPU), at temperature 1, with the head's logit scale (Cohere's) and
+soft-capping as TRL's fused head applies them. The load-balancing loss weighs each token as the padded batch does: a
+shared prompt counts twice, padding not at all.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from finetune.core import distributed, families
 from finetune.modeling import moe
 from finetune.training.packed_mixers import recurrent_mixers, segment_recurrent_mixers
 from finetune.training.preference_packing import PACKED_KEYS
-from finetune.training.scored_lm_head import router_loss, scored_log_probs
+from finetune.training.scored_lm_head import head_logit_scale, router_loss, scored_log_probs
 
 # Set while TRL computes reference log-probs: only the log-probs are read then, not the logged metrics' fields.
 LOG_PROBS_ONLY = contextvars.ContextVar("log_probs_only", default=False)
@@ -262,7 +262,7 @@ def packed_forward(model, batch: dict, fields: tuple[str, ...], tiled: bool) -> 
     )
     sources = hidden.last_hidden_state[0].index_select(0, batch["packed_score_source"])
     per_token = scored_log_probs(model, sources, batch["packed_score_token"], fields,
-                                 getattr(config, "final_logit_softcapping", None), tiled)
+                                 getattr(config, "final_logit_softcapping", None), tiled, head_logit_scale(config))
     rows, length = batch["input_ids"].shape
     where = (batch["packed_score_row"], batch["packed_score_col"])
     log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (

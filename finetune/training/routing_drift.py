@@ -135,6 +135,20 @@ def routed(model: nn.Module, capture: RouterCapture, sequences: list[list[int]],
                    for name, (log_probs, top_k) in capture.outputs.items()}
 
 
+def restart_zero3_trace(optimizer) -> None:
+    """After probe passes under ZeRO-3: make DeepSpeed record its module trace again at the next training step.
+
+    DeepSpeed ZeRO-3 records the order in which one step's forward and backward use each module, and from then on
+    fetches and frees shards by that record; every forward of the model starts a new record step. Probe forwards
+    run before the first training step would become that record, forward only, and the first backward then finds
+    shards freed that it needs ("The size of tensor a (0) must match the size of tensor b (64)"). Invalidating the
+    record makes the next step record it from the real training step (that one step goes without prefetching)."""
+    offload = getattr(getattr(optimizer, "optimizer", optimizer), "parameter_offload", None)
+    coordinator = offload.get_param_coordinator() if offload is not None else None
+    if coordinator is not None and not coordinator.is_invalid_trace():
+        coordinator._invalidate_trace()
+
+
 def as_sets(top_k: torch.Tensor, experts: int) -> torch.Tensor:
     return torch.zeros(top_k.shape[0], experts, dtype=torch.bool).scatter_(1, top_k.long(), True)
 
@@ -205,11 +219,12 @@ class RoutingDriftCallback(TrainerCallback):
 
     # -- start
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if state.global_step == 0:
             self.record_reference(model, args.device)
             if self.pairs:
                 self.record["chosen_vs_rejected"]["before"] = self.chosen_vs_rejected(model, args.device)
+            restart_zero3_trace(optimizer)
         else:
             self.resume(state.global_step)
         self.write()
@@ -252,13 +267,14 @@ class RoutingDriftCallback(TrainerCallback):
 
     # -- every log
 
-    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+    def on_log(self, args, state, control, logs=None, model=None, optimizer=None, **kwargs):
         if logs is None or "loss" not in logs or not self.reference:
             return
         if self.kept is None:
             self.kept = self.probe_size(time.perf_counter() - self.train_started)
         started = time.perf_counter()
         per_layer = self.drift(model, args.device)
+        restart_zero3_trace(optimizer)
         self.probe_seconds += time.perf_counter() - started
         values = {f"routing_{name}": significant(sum(layer[name] for layer in per_layer.values()) / len(per_layer))
                   for name in ("overlap", "kl", "top1_changed")}
@@ -309,9 +325,9 @@ class RoutingDriftCallback(TrainerCallback):
                 completion = torch.tensor([flag for mask in chunk for flag in mask])
                 done += len(chunk)
                 for index, layer in enumerate(self.layers):
-                    top_k = batch[layer][1][completion]
-                    side_counts[index] += torch.bincount(top_k.reshape(-1).long(),
-                                                         minlength=side_counts.shape[1]).double()
+                    top_k = batch[layer][1][completion].reshape(-1).long()
+                    top_k = top_k[top_k < side_counts.shape[1]]  # LongCat-Flash's zero-computation experts: no load
+                    side_counts[index] += torch.bincount(top_k, minlength=side_counts.shape[1]).double()
             counts[side] = distributed.sum_across_processes(side_counts)
         result = {}
         for index, layer in enumerate(self.layers):

@@ -38,19 +38,34 @@ def plain_lm_head(model) -> bool:
     return all(getattr(config, field, None) is None for field in SCALED_HEAD_FIELDS)
 
 
+def head_logit_scale(config) -> float:
+    """The factor the LM head multiplies its logits by, read as TRL's fused head reads it
+    (trl.trainer.utils.add_fused_lm_head): Cohere's `logit_scale`, `output_multiplier`, Falcon-H1's
+    `lm_head_multiplier`, Granite's 1 / `logits_scaling` (HyperCLOVA X multiplies by it); 1 where none is set."""
+    config = config.get_text_config()
+    for field in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        if getattr(config, field, None) is not None:
+            return getattr(config, field)
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling is None:
+        return 1.0
+    return scaling if config.model_type == "hyperclovax" else 1 / scaling
+
+
 def scored_log_probs(model, hidden: torch.Tensor, targets: torch.Tensor, fields: tuple[str, ...],
-                     softcapping: float | None = None, tiled: bool = True):
+                     softcapping: float | None = None, tiled: bool = True, logit_scale: float = 1.0):
     """TRL's per-token outputs (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1; None where not in
-    `fields`) of the rows of `hidden` (tokens, hidden size) predicting `targets`; `tiled`: by moetune's CPU tiles
-    where they serve the call (speed.tiled_lm_head)."""
+    `fields`) of the rows of `hidden` (tokens, hidden size) predicting `targets`, the logits multiplied by
+    `logit_scale`; `tiled`: by moetune's CPU tiles where they serve the call (speed.tiled_lm_head)."""
     lm_head = model.get_output_embeddings()
     weight, bias = lm_head.weight, lm_head.bias
     if isinstance(weight, DTensor):  # FSDP2 shards the head; the kernels read all of it (as TRL's fused head does)
         weight, bias = weight.full_tensor(), None if bias is None else bias.full_tensor()
     with maybe_gather_lm_head_ctx(weight, bias):  # ZeRO-3 partitions it outside its own module's forward
-        if tiled and lm_head_tiles.supported(hidden, softcapping):
+        if tiled and lm_head_tiles.supported(hidden, softcapping) and logit_scale == 1.0:
             return lm_head_tiles.tiled_log_probs(hidden, weight, bias, targets, fields)
-        return ChunkedLogProbFunction.apply(hidden, weight, bias, targets, 1.0, LOGPROB_CHUNK, softcapping, 1.0, fields)
+        return ChunkedLogProbFunction.apply(hidden, weight, bias, targets, 1.0, LOGPROB_CHUNK, softcapping,
+                                            logit_scale, fields)
 
 
 def router_loss(model, router_logits, attention_mask) -> torch.Tensor:

@@ -2,7 +2,7 @@
 table: family x check, one row per family (families.moe_model_types).
 
     python -m tests.helpers.conformance_matrix [--page docs/families.md] [pytest options]
-    python -m tests.helpers.conformance_matrix [--page docs/families.md] --from-logs LOG...  (`pytest -v -rA` outputs)
+    python -m tests.helpers.conformance_matrix [--page docs/families.md] --from-logs LOG...  (`pytest -vv -rA` outputs)
 
 It runs tests/test_every_family.py (roles through the CLI loader; the CLI chain prep -> LoRA SFT -> LoRA DPO ->
 eval -> merge), tests/test_families.py and tests/test_export.py's export columns with MOETUNE_ALL_FAMILIES=1, so every family, not the suite's sample.
@@ -32,6 +32,8 @@ CHECKS = {  # test function -> column header
     "test_g_zero3_leaf_and_fsdp2_wrap_classes_found": "(g) ZeRO-3/FSDP2 classes",
     "test_h_export_merged_and_peft_reload_to_the_trained_logits": "(h) export merged/peft",
     "test_i_export_vllm_reloads_to_the_trained_logits": "(i) export vLLM",
+    "test_j_router_role_wraps_the_router_and_tracking_reads_through_it": "(j) router role",
+    "test_export_sglang_reloads_to_the_trained_logits": "(k) export SGLang",
 }
 MARKER = "<!-- conformance-matrix -->"
 
@@ -92,23 +94,31 @@ def replace_in_page(page: Path, text: str) -> None:
 
 
 def cells_from_logs(paths: list[str]) -> dict[tuple[str, str], str]:
-    """Cells read back from the output of `pytest -v -rA` runs of the matrix's tests (a run split in parts, or
-    one stopped early: its cells not reached stay "not run")."""
-    from tests.test_every_family import KNOWN
+    """Cells read back from the output of `pytest -vv -rA` runs of the matrix's tests (a run split in parts, or
+    one stopped early: its cells not reached stay "not run"). A skipped cell's reason is read from its verbose line
+    (`SKIPPED (refused: ...)`; `-vv` keeps it whole); a cell in several logs takes the last log's outcome (a
+    re-run of a cell after a fix)."""
+    from tests.helpers.family_models import KNOWN
 
     cells = {}
     for path in paths:
+        found = {}
         for line in Path(path).read_text().splitlines():
-            verbose = re.match(r"\S+::(test_\w+)\[(.+?)\] (PASSED|FAILED|SKIPPED|XFAIL|ERROR)", line)
+            verbose = re.match(r"\S+::(test_\w+)\[(.+?)\] (PASSED|FAILED|SKIPPED|XFAIL|ERROR)(?: \((.*)\))?(?:\s+\[ *\d+%\])?\s*$",
+                               line)
             summary = re.match(r"XFAIL \S+::(test_\w+)\[(.+?)\] - (.*)", line)
             if summary:
-                cells[(summary.group(1), summary.group(2))] = "fails: " + summary.group(3)
+                found[(summary.group(1), summary.group(2))] = "fails: " + summary.group(3)
             elif verbose and verbose.group(1) in CHECKS:
-                key, outcome = (verbose.group(1), verbose.group(2)), verbose.group(3)
+                key, outcome, reason = (verbose.group(1), verbose.group(2)), verbose.group(3), verbose.group(4)
                 known = KNOWN.get(key[1])
-                cells.setdefault(key, {"PASSED": "pass", "SKIPPED": f"fails: {known[2]}" if known else "skipped",
-                                       "XFAIL": "fails: an expected failure (its reason: the log's -rA summary)"}
-                               .get(outcome, "FAIL"))
+                if outcome == "SKIPPED" and reason and reason.startswith(("refused: ", "fails: ")):
+                    cell = reason
+                else:
+                    cell = {"PASSED": "pass", "SKIPPED": f"fails: {known[2]}" if known else "skipped",
+                            "XFAIL": "fails: an expected failure (its reason: the log's -rA summary)"}.get(outcome, "FAIL")
+                found.setdefault(key, cell)
+        cells.update(found)
     return cells
 
 

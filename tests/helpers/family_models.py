@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from finetune.config.parsing import parse_recipe
 from finetune.config.recipe import ModelInit
 from finetune.core import families, synthetic_task
+from finetune.modeling import moe
 from finetune.modeling.loading import load_pretrained
 from finetune.modeling.tiny import init_config, train_tokenizer
 
@@ -22,6 +23,26 @@ from finetune.modeling.tiny import init_config, train_tokenizer
 REGISTRY = [name for name, entry in families.FAMILIES.items() if entry.router is not None]
 FAMILIES = list(families.moe_model_types()) if os.environ.get("MOETUNE_ALL_FAMILIES") == "1" else REGISTRY
 ROLES = ["attention", "experts", "shared_experts", "dense_mlp"]
+
+# family -> (cell from which on it fails, a regex of the error it still raises, the reason shown in the matrix)
+KNOWN = {
+    "dbrx": ("roles", "DbrxAttentionConfig' object has no attribute 'rope_theta'",
+             "transformers 5.24 cannot build DbrxForCausalLM, even from its default config (DbrxAttentionConfig "
+             "has no rope_theta)"),
+    "doge": ("roles", "no router|has no MoE layers|moetune run .* failed",
+             "Doge's experts are embedding rows (one vector per expert, retrieved by product keys), not 3-D expert "
+             "weights: no router or routed experts to find"),
+}
+
+
+def known_failure(family: str, cell: str, action):
+    """Run a cell KNOWN to fail: assert it still fails with its error, then report it skipped with its reason."""
+    entry = KNOWN.get(family)
+    if entry is None or entry[0] not in (cell, "roles"):
+        return action()
+    with pytest.raises(Exception, match=entry[1]):
+        action()
+    pytest.skip(f"fails: {entry[2]}")
 
 
 @pytest.fixture(scope="session")
@@ -42,20 +63,30 @@ def models(data, tmp_path_factory):
     built = {}
 
     def model_of(architecture):
+        if architecture in KNOWN:  # every check of a family that cannot be built or has no router says why
+            known_failure(architecture, "roles", lambda: routed(build(architecture)))
         if architecture not in built:
-            init = ModelInit(architecture=architecture, hidden_size=64, intermediate_size=128, num_layers=3,
-                             num_heads=4, num_kv_heads=2, num_experts=4, experts_per_token=2,
-                             router_aux_loss_coef=0.05)
-            torch.manual_seed(0)
-            folder = tmp_path_factory.mktemp(architecture)
-            AutoModelForCausalLM.from_config(init_config(init, tokenizer)).save_pretrained(folder)
-            recipe = parse_recipe({"run_dir": str(folder / "run"), "model": {"name_or_path": str(folder)}}, "r.yaml")
-            model = load_pretrained(recipe.model_source, str(folder))  # as the CLI loads it: dtype, experts kernel
-            families.prepare_for_training(model)
-            built[architecture] = model
+            built[architecture] = build(architecture)
         return copy.deepcopy(built[architecture])
 
+    def build(architecture):
+        init = ModelInit(architecture=architecture, hidden_size=64, intermediate_size=128, num_layers=3,
+                         num_heads=4, num_kv_heads=2, num_experts=4, experts_per_token=2, router_aux_loss_coef=0.05)
+        torch.manual_seed(0)
+        folder = tmp_path_factory.mktemp(architecture)
+        AutoModelForCausalLM.from_config(init_config(init, tokenizer)).save_pretrained(folder)
+        recipe = parse_recipe({"run_dir": str(folder / "run"), "model": {"name_or_path": str(folder)}}, "r.yaml")
+        model = load_pretrained(recipe.model_source, str(folder))  # as the CLI loads it: dtype, experts kernel
+        families.prepare_for_training(model)
+        return model
+
     return model_of
+
+
+def routed(model):
+    if not moe.routers(model):
+        raise AssertionError(f"{model.config.model_type}: no router found")
+    return model
 
 
 def padded_batch(tokenizer, rows=3):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 import signal
@@ -12,6 +13,9 @@ import time
 from typing import Iterator
 
 import pytest
+
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="deepspeed is an optional extra: pip install -e '.[deepspeed]'")
 
 
 def output_lines(process: subprocess.Popen, seconds: float) -> Iterator[str]:
