@@ -29,7 +29,7 @@ ONE_BATCH = dict(
     dpo={"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1.0e-2},
 )
 
-pytestmark = pytest.mark.slow  # a whole pipeline per family in subprocesses: ~1-2 min each on a shared 2-core machine
+pytestmark = pytest.mark.slow  # a whole pipeline per family in subprocesses: 17-100 s each on a shared 2-core machine
 
 
 @pytest.mark.parametrize("family", list(NEWEST))
