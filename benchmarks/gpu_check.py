@@ -2,11 +2,18 @@
 on one H200, with a one-line verdict per part.
 
 Parts, each in a process of its own under a time budget, so one that fails or runs out of time still lets the
-others report (pipeline and conformance, which time nothing, side by side; then the others one at a time):
+others report (pipeline, conformance and plan_memory, which time nothing, side by side; then the others one at a
+time):
   pipeline     `moetune run recipes/tiny-moe.yaml` with the machine's defaults (on a GPU: bf16, activation
                checkpointing) into a temporary run_dir; verdict: scores base < SFT < DPO.
   conformance  the tests marked `conformance` (and every test in tests/test_conformance*.py, tests/test_famil*.py)
                with MOETUNE_TEST_DEVICE=cuda: tiny MoE models of each family on the GPU in bf16.
+  plan_memory  `moetune plan`'s peak against the measured one, through the stage a user runs (`moetune sft`, one
+               step, in a process of its own: benchmarks/plan_memory.py): a Mixtral-8x7B-width QLoRA (NF4 experts,
+               LoRA on attention and experts; its real widths and vocabulary, 2 layers) and an OLMoE-1B-7B-shaped
+               full fine-tune (2 of its 16 layers); on a GPU torch.cuda.max_memory_allocated against the plan less
+               its overhead row (the CUDA context and allocator slack, outside torch's counters), on a CPU the
+               resident peak over the post-import baseline; verdict: every row within 20%.
   qlora        a Mixtral-8x7B-shaped model (its real widths and vocabulary, 2 decoder layers), one LoRA step of
                (a) NF4 experts (moetune), (b) LoRA on the bf16 base, (c) stock bitsandbytes 4-bit, each in its own
                process (benchmarks/qlora_bench.py): peak torch.cuda.max_memory_allocated, a/b (goal <= 0.35), step
@@ -67,6 +74,18 @@ SPEED_VARIANTS = ["trl_dpo", "trl_dpo_best", "moetune_dpo", "moetune_dpo_no_shar
                   "moetune_dpo_no_cache", "trl_sft", "trl_sft_packing", "moetune_sft"]
 SPEED_VARIANTS_CPU = ["trl_dpo", "trl_dpo_best", "moetune_dpo", "trl_sft", "trl_sft_packing", "moetune_sft"]
 
+
+def plan_rows(names: tuple[str, str], length: int, mixtral: dict, olmoe: dict) -> list[dict]:
+    """The plan_memory part's rows (benchmarks/plan_memory.Row): one SFT step of a Mixtral QLoRA (NF4 experts, LoRA
+    on attention and experts) of 2 sequences and of an OLMoE full fine-tune of 4, each model with 2 layers."""
+    fixed = dict(num_hidden_layers=2, max_position_embeddings=4096)
+    lora = {"targets": ["attention", "experts"], "r": 16, "alpha": 32}
+    return [dict(name=names[0], stage="sft", model_type="mixtral", lora=lora, quantization={"bits": 4}, batch=2,
+                 max_length=length, sizes={**mixtral, **fixed}),
+            dict(name=names[1], stage="sft", model_type="olmoe", lora=None, quantization=None, batch=4,
+                 max_length=length, sizes={**olmoe, **fixed})]
+
+
 GPU_SIZES = {
     "pipeline": {"recipe_changes": {}, "judge": True},
     "conformance": {"pytest_args": []},
@@ -79,11 +98,18 @@ GPU_SIZES = {
                             max_position_embeddings=4096),  # OLMoE-1B-7B's widths, 4 of its 16 layers
               "batch": 8, "dpo_steps": 6, "sft_steps": 6, "max_length": 2048, "variants": SPEED_VARIANTS,
               "judge": True},
+    "plan_memory": {"rows": plan_rows(
+        ("Mixtral-8x7B-width QLoRA SFT, 2 x 1k tokens", "OLMoE-1B-7B-shaped full SFT, 4 x 1k tokens"), 1024,
+        dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+             num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, head_dim=128),  # Mixtral-8x7B's
+        dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_attention_heads=16,
+             num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, head_dim=128)),  # OLMoE-1B-7B's
+        "tolerance": 0.2, "judge": True},
     "expert_parallel": {"steps": {"sft": 8, "dpo": 3}, "tolerance": 1e-4, "layouts": ["full", "lora"]},
-    # seconds; pipeline and conformance run side by side: at most 110 + 115 + 200 + 45 + 240 + 150 s = 14.3 minutes
-    # in all (expert_parallel skips in seconds on one GPU, serving where neither vLLM nor SGLang is importable; each
-    # that is starts an engine, hence 150 s)
-    "budgets_s": {"pipeline": 110, "conformance": 90, "qlora": 115, "speed": 200, "equality": 45,
+    # seconds; pipeline, conformance and plan_memory run side by side: at most 120 + 115 + 200 + 45 + 240 + 150 s =
+    # 14.5 minutes in all (expert_parallel skips in seconds on one GPU, serving where neither vLLM nor SGLang is
+    # importable; each that is starts an engine, hence 150 s)
+    "budgets_s": {"pipeline": 110, "conformance": 90, "plan_memory": 120, "qlora": 115, "speed": 200, "equality": 45,
                   "expert_parallel": 240, "serving": 150},
 }
 CPU_SIZES = {
@@ -104,11 +130,21 @@ CPU_SIZES = {
                             max_position_embeddings=2048),
               "batch": 2, "dpo_steps": 1, "sft_steps": 1, "max_length": 1024, "variants": SPEED_VARIANTS_CPU,
               "judge": False},
+    # the same two kinds of model, narrower (dims multiples of 64)
+    "plan_memory": {"rows": plan_rows(
+        ("Mixtral-like QLoRA SFT, 2 x 512 tokens", "OLMoE-like full SFT, 4 x 512 tokens"), 512,
+        dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+             num_local_experts=4, num_experts_per_tok=2, head_dim=64),
+        dict(vocab_size=1024, hidden_size=256, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4,
+             num_experts=16, num_experts_per_tok=4, head_dim=64)),
+        # not judged: at these sizes the libraries a stage imports after the baseline (bitsandbytes for QLoRA: ~0.1
+        # GiB) outweigh what the plan counts
+        "tolerance": 0.2, "judge": False},
     # LoRA only: its runs exercise the part's code; full fine-tuning's comparison is tests/test_expert_parallel.py's
     "expert_parallel": {"steps": {"sft": 4, "dpo": 2}, "tolerance": 1e-5, "layouts": ["lora"]},
     # seconds: only against hangs (on a quiet 2-core machine the parts take a minute or less each)
     "budgets_s": {"pipeline": 600, "conformance": 300, "qlora": 400, "speed": 600, "equality": 300,
-                  "expert_parallel": 600, "serving": 120},
+                  "plan_memory": 400, "expert_parallel": 600, "serving": 120},
 }
 
 
@@ -256,6 +292,25 @@ def part_equality(sizes: dict, data: Path, work: Path) -> dict:
                         "tolerance": tolerance, "pairs": sizes["batch"]}}
 
 
+def part_plan_memory(sizes: dict, data: Path, work: Path) -> dict:
+    import torch
+
+    from benchmarks import plan_memory
+
+    sizes, cuda = sizes["plan_memory"], torch.cuda.is_available()
+    rows = [plan_memory.Row(**row) for row in sizes["rows"]]
+    dtype = torch.bfloat16 if cuda else torch.float32  # moetune's default dtype on each (model.dtype auto)
+    results = plan_memory.measure_rows(rows, work / "plan-memory", cuda=cuda, dtype=dtype)
+    worst = max(abs(result["ratio"] - 1) for result in results)
+    method = "torch.cuda.max_memory_allocated" if cuda else "peak RSS over the post-import baseline"
+    found = "; ".join(f"{r['row']}: plan {r['plan_mib']:,.0f} MiB, measured {r['measured_mib']:,.0f} MiB "
+                      f"({r['ratio']:.2f})" for r in results)
+    return {"ok": worst <= sizes["tolerance"] if sizes["judge"] else None,
+            "verdict": f"{found}; {method}, plan less its overhead row; worst {100 * worst:.0f}% off "
+                       f"(tolerance {100 * sizes['tolerance']:.0f}%)",
+            "figures": {"rows": results, "method": method, "tolerance": sizes["tolerance"]}}
+
+
 def part_expert_parallel(sizes: dict, data: Path, work: Path) -> dict:
     import torch
     import yaml
@@ -320,10 +375,11 @@ def part_serving(sizes: dict, data: Path, work: Path) -> dict:
     return serving_check.check(work)
 
 
-# Parts that time nothing: they run side by side, before the others run one at a time.
-UNTIMED = ("pipeline", "conformance")
-PARTS = {"pipeline": part_pipeline, "conformance": part_conformance, "qlora": part_qlora, "speed": part_speed,
-         "equality": part_equality, "expert_parallel": part_expert_parallel,
+# Parts that time nothing: they run side by side, before the others run one at a time (plan_memory's figure is its
+# own processes' peak: torch's allocator counts per process, and the GPU holds all three).
+UNTIMED = ("pipeline", "conformance", "plan_memory")
+PARTS = {"pipeline": part_pipeline, "conformance": part_conformance, "plan_memory": part_plan_memory,
+         "qlora": part_qlora, "speed": part_speed, "equality": part_equality, "expert_parallel": part_expert_parallel,
          "serving": part_serving}
 
 
@@ -522,6 +578,13 @@ def render(results: dict, info: dict, mode: str, seconds: float) -> str:
         lines += ["", f"One AdamW step on {qlora['batch']}x{qlora['sequence']} tokens with activation checkpointing, "
                   f"after {qlora['warmup']} untimed step; peak: torch.cuda.max_memory_allocated on a GPU, the resident "
                   "set on a CPU."]
+    plan = results.get("plan_memory", {}).get("figures", {})
+    if plan.get("rows"):
+        lines += ["", "## Memory plan against the measured peak", "", "| row | plan (MiB) | measured (MiB) | "
+                  "plan / measured | largest planned parts (MiB) |", "|---|---|---|---|---|"]
+        lines += [f"| {r['row']} | {r['plan_mib']:,.0f} | {r['measured_mib']:,.0f} | {r['ratio']:.2f} | {r['parts']} |"
+                  for r in plan["rows"]]
+        lines += ["", f"Measured: {plan['method']}; the plan less its overhead row (benchmarks/plan_memory.py)."]
     return "\n".join(lines) + "\n"
 
 

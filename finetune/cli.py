@@ -135,8 +135,9 @@ def add_plan_command(commands) -> None:
                                                            "L40S, RTX4090, A10G.")
     plan.add_argument("--gpu-memory", metavar="SIZE", help="Memory per GPU, e.g. 24GiB (with --num-processes).")
     plan.add_argument("--num-processes", type=int, metavar="N", help="Processes (GPUs) the run uses (default 1).")
-    plan.add_argument("--accelerate", metavar="CONFIG", help="Layout of the launch: ddp, zero2, zero3, fsdp2 "
-                                                             "(recipes/accelerate/) or a config file's path.")
+    plan.add_argument("--accelerate", metavar="CONFIG", help="Layout of the launch: ddp, zero2, zero3, fsdp2, ep "
+                                                             "(with model.expert_parallel; recipes/accelerate/) or a "
+                                                             "config file's path.")
     plan.add_argument("--json", action="store_true", help="Print the same figures as JSON.")
 
 

@@ -38,7 +38,10 @@ def config_path(name: str) -> Path:
 
 def layout_of(name: str) -> str:
     """The memory layout (finetune/modeling/memory_plan.py LAYOUTS) of an accelerate config: ddp, zero2, zero3,
-    fsdp2, read off a shipped config's name or a config file's distributed type and ZeRO stage."""
+    fsdp2, read off a shipped config's name or a config file's distributed type and ZeRO stage; ep for the shipped
+    ep config (a plain launch: the plan splits the experts where the recipe sets model.expert_parallel)."""
+    if name == "ep":
+        return "ep"
     config = yaml.safe_load(config_path(name).read_text()) or {}
     if config.get("distributed_type") == "DEEPSPEED":
         return "zero3" if config.get("deepspeed_config", {}).get("zero_stage") == 3 else "zero2"

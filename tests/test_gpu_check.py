@@ -28,7 +28,7 @@ def test_cpu_mode_runs_every_part_and_writes_its_figures(tmp_path):
     statuses = {name: part["status"] for name, part in parts.items()}
     # at tiny sizes only the equality and the one conformance test run on the CPU are judged; the rest is measured
     assert statuses == {"pipeline": "MEASURED", "conformance": "PASS", "qlora": "MEASURED", "speed": "MEASURED",
-                        "equality": "PASS", "expert_parallel": "PASS",
+                        "equality": "PASS", "plan_memory": "MEASURED", "expert_parallel": "PASS",
                         "serving": "SKIPPED"}, result.stderr[-5000:]
     assert parts["conformance"]["figures"]["passed"] == 1
     assert set(parts["pipeline"]["figures"]["overall"]) == {"base", "sft", "dpo"}
@@ -39,6 +39,23 @@ def test_cpu_mode_runs_every_part_and_writes_its_figures(tmp_path):
     markdown = (tmp_path / "results-gpu.md").read_text()
     assert all(f"| {name} | {status} |" in markdown for name, status in statuses.items())
     assert (committed.read_text() if committed.is_file() else None) == before
+
+
+@pytest.mark.slow
+def test_plan_memory_part_measures_the_plan_through_the_stage(tmp_path):
+    """The part that sets the plan against the device's peak, alone, at its CPU sizes: both rows run the stage a user
+    runs and report plan and measured figures; the full fine-tune (no library imported after the baseline) lands
+    within the GPU verdict's 20%."""
+    result = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--cpu", "--parts", "plan_memory", "--out",
+                             str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    part = json.loads((tmp_path / "results-gpu.json").read_text())["parts"]["plan_memory"]
+    assert part["status"] == "MEASURED", part
+    rows = {row["row"]: row for row in part["figures"]["rows"]}
+    assert list(rows) == [row["name"] for row in gpu_check.CPU_SIZES["plan_memory"]["rows"]]
+    assert all(row["plan_mib"] > 0 and row["measured_mib"] > 0 for row in rows.values())
+    assert rows["OLMoE-like full SFT, 4 x 512 tokens"]["ratio"] == pytest.approx(1, abs=0.2)
+    assert "## Memory plan against the measured peak" in (tmp_path / "results-gpu.md").read_text()
 
 
 def test_a_part_past_its_budget_is_stopped_and_reported(tmp_path):

@@ -3,6 +3,7 @@ does not fit (before any weight is read), and the estimator's arithmetic."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -192,3 +193,72 @@ def test_a_run_over_the_memory_given_refuses_before_loading_weights(tmp_path, ca
                  for row in rows)
     assert sft["epoch_tokens"] == tokens
     assert sft["epoch_seconds"] == pytest.approx(tokens * sft["flops_per_token"] / (989e12 * 0.25))
+
+
+def qwen3_census():
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(CONFIGS / "qwen3-30b-a3b"))
+    return memory_plan.census(model)
+
+
+def test_the_ep_layout_splits_what_transformers_splits():
+    """model.expert_parallel N over n processes (DistributedConfig(fsdp_size=n, ep_size=N)): every weight 1/n at rest,
+    a layer's dense part gathered twice (in use, prefetched) and its experts only within the process's group of N,
+    the LM head kept whole through the backward; full fine-tuning's gradients and moments sharded, LoRA's whole."""
+    census = qwen3_census()
+    full = memory_plan.Setup(stage="sft", weight_bytes=2, lora_roles=None, batch=1, max_length=2048,
+                             activation_checkpointing=True, layout="ep", processes=8, expert_parallel=8)
+    rows = memory_plan.plan_stage(census, full).rows
+    experts = census.total["experts"]
+    dense_layer = max(w - e for w, e in zip(census.layer_weights, census.layer_expert_weights))
+    expert_layer = max(census.layer_expert_weights)
+    assert experts == sum(census.layer_expert_weights) and expert_layer == experts / 48  # 48 MoE layers
+    # n = N: each process holds 1/8 of every layer's experts whole (nothing of them to gather) and 1/8 of the rest
+    experts_per_process, rest_per_process = experts * 2 / 8, (census.parameters - experts) * 2 / 8
+    head = census.head_frozen_elements * 2
+    assert rows["weights"] == pytest.approx(experts_per_process + rest_per_process + 2 * dense_layer * 2 + head * 7 / 8)
+    assert rows["gradients"] == pytest.approx(census.parameters * 2 / 8)
+    assert rows["optimizer"] == pytest.approx(2 * census.parameters * 2 / 8)  # torch AdamW: bf16 moments, no master
+    # 16 processes, experts in groups of 8: each expert FSDP-sharded over its 2 holders, gathered within its group
+    wider = memory_plan.plan_stage(census, dataclasses.replace(full, processes=16)).rows
+    assert wider["weights"] == pytest.approx(census.parameters * 2 / 16 + 2 * dense_layer * 2
+                                             + 2 * expert_layer * 2 / 8 + head * 15 / 16)
+    assert wider["optimizer"] == pytest.approx(rows["optimizer"] / 2)
+    # fsdp2 gathers whole layers, experts included: EP's split is what spares it
+    fsdp2 = memory_plan.plan_stage(census, dataclasses.replace(full, layout="fsdp2")).rows
+    assert fsdp2["weights"] - rows["weights"] == pytest.approx(2 * expert_layer * 2 - head * 7 / 8)
+    # LoRA on attention: PEFT adds the adapter after transformers sharded the model, so it is whole on each process
+    lora = dataclasses.replace(full, lora_roles=frozenset({"attention"}), lora_r=8)
+    lora_rows = memory_plan.plan_stage(census, lora).rows
+    adapter = census.lora["attention"] * 8
+    assert (lora_rows["adapter"], lora_rows["gradients"], lora_rows["optimizer"]) == (
+        adapter * 4, adapter * 4, 2 * adapter * 4)
+    # on a CPU the process also keeps its share of the mapped checkpoint, and the main process gathers the whole
+    # model to save a full fine-tune
+    cpu = memory_plan.plan_stage(census, dataclasses.replace(full, device="cpu")).rows
+    assert cpu["weights"] - rows["weights"] == pytest.approx(census.parameters * 2 / 8 + census.parameters * 2)
+    # over the memory given, more GPUs keep the experts split: a multiple of model.expert_parallel
+    tight = memory_plan.plan_stage(census, full, memory=24 * GiB)
+    memory_plan.cheapest_change(census, tight)
+    assert not tight.fits and tight.change == "16 GPUs under --accelerate ep" and tight.change_total <= 24 * GiB
+
+
+def test_plan_of_an_expert_parallel_launch(capsys):
+    """`moetune plan RECIPE --accelerate ep --gpus 8x... model.expert_parallel=8` plans the ep layout; an ep launch
+    that splits nothing (expert_parallel 1) is planned as ddp and says so."""
+    recipe = str(ROOT / "recipes" / "plans" / "olmoe-1b-7b-full.yaml")
+    model = f"model.name_or_path={CONFIGS / 'olmoe-1b-7b'}"
+    gpus = ["--gpus", "8xH100-80GB", "--json"]
+    assert main(["plan", recipe, model, "--accelerate", "ep", "model.expert_parallel=8", *gpus]) == 0
+    ep = json.loads(capsys.readouterr().out)["stages"][0]
+    assert main(["plan", recipe, model, "--accelerate", "fsdp2", *gpus]) == 0
+    fsdp2 = json.loads(capsys.readouterr().out)["stages"][0]
+    assert (ep["setup"]["layout"], ep["setup"]["expert_parallel"], fsdp2["setup"]["layout"]) == ("ep", 8, "fsdp2")
+    assert ep["memory_gib"]["optimizer"] == fsdp2["memory_gib"]["optimizer"]  # the same 1/8 of the moments
+    assert ep["memory_gib"]["weights"] < fsdp2["memory_gib"]["weights"]  # no whole expert layer gathered
+    assert main(["plan", recipe, model, "--accelerate", "ep", *gpus]) == 0
+    unsplit = json.loads(capsys.readouterr().out)["stages"][0]
+    assert unsplit["setup"]["layout"] == "ddp" and any("planned as ddp" in note for note in unsplit["notes"])

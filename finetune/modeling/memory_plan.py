@@ -15,8 +15,8 @@ The plan counts what a training step holds at its peak, by component:
 - overhead: the framework's own (CUDA context and allocator slack, or the interpreter and libraries on a CPU).
 
 How the parts spread over devices is a layout (`LAYOUTS`): one function per way of splitting them (DDP, ZeRO-2,
-ZeRO-3, FSDP2), taking the whole-model `Footprint` and the process count. Nothing here reads a recipe: callers pass
-a `Setup` of plain numbers (finetune/training/stage_plan.py builds it from one).
+ZeRO-3, FSDP2, expert parallelism), taking the whole-model `Footprint` and the process count. Nothing here reads a
+recipe: callers pass a `Setup` of plain numbers (finetune/training/stage_plan.py builds it from one).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ class Setup:
     reference: str = "none"  # none (SFT), cached, adapter_off, copy, adapter_copy
     layout: str = "ddp"
     processes: int = 1
+    expert_parallel: int = 1  # the ep layout: processes each layer's experts are split over (model.expert_parallel)
     device: str = "cuda"  # cuda or cpu: the overhead and the LM head's tiles
 
     @property
@@ -82,6 +83,7 @@ class Census:
     layer_elements: list[int]  # per decoder layer: activation elements kept per token for the backward
     expert_lora_elements: int  # per token, whole model: what LoRA on the fused experts keeps besides (see below)
     layer_weights: list[int]  # per decoder layer: parameters (what ZeRO-3/FSDP2 gather at once)
+    layer_expert_weights: list[int]  # per decoder layer: the routed experts' parameters among them
     attention_width: list[int]  # per decoder layer: query width attending over the context (0: no attention)
     hidden: int
     vocab: int
@@ -107,6 +109,12 @@ class Footprint:
     reference: float
     largest_layer: float  # bytes of the biggest decoder layer: what a sharded layout gathers at once
     device: str
+    # the ep layout: the largest layer's bytes outside its routed experts and in them, the LM head's bytes, the
+    # processes each layer's experts are split across
+    largest_layer_dense: float = 0.0
+    largest_layer_experts: float = 0.0
+    lm_head_weights: float = 0.0
+    expert_parallel: int = 1
 
     def overhead(self, rest: float) -> float:
         if self.device == "cpu":
@@ -134,6 +142,8 @@ def census(model: nn.Module) -> Census:
         expert_lora_elements=sum(top_k * (2 * expert_width(m) + text.hidden_size)
                                  for m in moe.experts_modules(model).values()),
         layer_weights=[sum(p.numel() for p in layer.parameters()) for layer in layers],
+        layer_expert_weights=[sum(p.numel() for m in layer.modules() if moe.is_experts(m) for p in m.parameters())
+                              for layer in layers],
         attention_width=[attention_width(model, layer) for layer in layers],
         hidden=text.hidden_size, vocab=text.vocab_size,
         head_frozen_elements=model.get_output_embeddings().weight.numel())
@@ -263,7 +273,11 @@ def footprint(c: Census, s: Setup) -> Footprint:
         reference=reference_bytes(c, s, frozen_bytes, adapter_params),
         # at the model's mean bytes per weight (NF4 experts make a quantized layer about a quarter of a bf16 one)
         largest_layer=max(c.layer_weights, default=0) * (frozen_bytes / frozen if lora else s.weight_bytes),
-        device=s.device)
+        device=s.device,
+        largest_layer_dense=max((w - e for w, e in zip(c.layer_weights, c.layer_expert_weights)), default=0)
+        * s.weight_bytes,
+        largest_layer_experts=max(c.layer_expert_weights, default=0) * s.weight_bytes,
+        lm_head_weights=c.head_frozen_elements * s.weight_bytes, expert_parallel=s.expert_parallel)
 
 
 def nf4_bytes(elements: int, double_quant: bool) -> float:
@@ -325,7 +339,11 @@ def layout_rows(f: Footprint, shard_weights: bool, shard_gradients: bool, master
         "lm_head": f.lm_head,
         "reference": f.reference / n if shard_weights else f.reference,
     }
-    rows["overhead"] = f.overhead(sum(rows.values()))
+    return with_overhead(f, rows)
+
+
+def with_overhead(f: Footprint, rows: dict[str, float]) -> dict[str, float]:
+    rows["overhead"] = f.overhead(sum(size for name, size in rows.items() if name != "overhead"))
     return rows
 
 
@@ -349,8 +367,38 @@ def fsdp2(f: Footprint, n: int) -> dict[str, float]:
     return layout_rows(f, shard_weights=True, shard_gradients=True, master=False, n=n)
 
 
+def ep(f: Footprint, n: int) -> dict[str, float]:
+    """Expert parallelism as transformers lays it out (finetune/modeling/expert_parallel.py:
+    DistributedConfig(fsdp_size=n, ep_size=N)): each layer's experts cut into N groups, each group FSDP2-sharded over
+    its n / N holders, everything else FSDP2-sharded over all n. At rest every weight is 1/n per process; in use, a
+    layer's dense part is gathered (the one running and the one prefetched, as fsdp2) and its experts only up to
+    this process's group (1/N of them; nothing to gather when n = N); the LM head is kept whole from the forward to
+    the backward (transformers' FSDP plan: `keep_full_weight`). Full fine-tuning shards gradients and AdamW's moments
+    the same way; LoRA's adapter, added after the model was sharded, is whole on every process with its gradients
+    and moments (a plain replicated tensor whose gradient transformers' Trainer all-reduces:
+    `_sync_replicated_trainable_parameters`). A full-FT DPO reference is loaded split like the policy.
+
+    On a CPU two more copies land in the same memory (measured on 2 gloo processes, benchmarks/plan_memory.py): the
+    pages of the memory-mapped checkpoint a process read its shard from stay mapped while it trains (1/n of the
+    weights), and saving a full fine-tune gathers the whole model into the main process's memory
+    (transformers' gather_full_state_dict) while its optimizer state lives, and the allocator keeps the training
+    step's freed memory; the plan is the main process's."""
+    lora = f.adapter > 0
+    rows = layout_rows(f, shard_weights=True, shard_gradients=not lora, master=False, n=n)
+    if n > 1:
+        groups = f.expert_parallel
+        weights = f.frozen_weights + f.trained_weights
+        experts_gathered = 2 * f.largest_layer_experts / groups if n > groups else 0.0
+        rows["weights"] = weights / n + 2 * f.largest_layer_dense + experts_gathered + f.lm_head_weights * (1 - 1 / n)
+        if f.device == "cpu":
+            rows["weights"] += weights / n + f.trained_weights
+    if lora:
+        rows["adapter"] = f.adapter
+    return with_overhead(f, rows)
+
+
 LAYOUTS: dict[str, Callable[[Footprint, int], dict[str, float]]] = {
-    "ddp": ddp, "zero2": zero2, "zero3": zero3, "fsdp2": fsdp2}
+    "ddp": ddp, "zero2": zero2, "zero3": zero3, "fsdp2": fsdp2, "ep": ep}
 
 
 # ---------------------------------------------------------------- FLOPs
@@ -427,13 +475,15 @@ def try_sharding(s: Setup):
 
 
 def try_more_processes(s: Setup):
-    layout = s.layout if s.layout in ("zero3", "fsdp2") else "zero3"
+    # a recipe that splits its experts keeps doing so (a multiple of model.expert_parallel processes)
+    layout = s.layout if s.layout in ("zero3", "fsdp2") else "ep" if s.expert_parallel > 1 else "zero3"
+    step = s.expert_parallel if layout == "ep" else 1
     return [(dataclasses.replace(s, processes=n, layout=layout), f"{n} GPUs under --accelerate {layout}")
-            for n in (2, 4, 8, 16, 32, 64) if n > s.processes]
+            for n in (2, 4, 8, 16, 32, 64) if n > s.processes and n % step == 0]
 
 
 def try_nf4_experts(s: Setup):
-    if s.lora_roles is not None and s.quant_bits is None:
+    if s.lora_roles is not None and s.quant_bits is None and s.layout != "ep":  # NF4 experts cannot be split
         return dataclasses.replace(s, quant_bits=4), "model.quantization={bits: 4} (QLoRA: NF4 experts)"
 
 

@@ -128,7 +128,18 @@ def stage_setup(recipe: Recipe, stage: str, target: Target) -> Setup:
         max_length=stage_value(settings, "max_length", on_gpu) or 1024,
         activation_checkpointing=bool(stage_value(settings, "activation_checkpointing", on_gpu)),
         padding_free=recipe.speed.padding_free, reference=reference_kind(recipe, stage, on_gpu),
-        layout=target.layout, processes=target.processes, device=target.device)
+        layout=layout_of_recipe(recipe, target), processes=target.processes, device=target.device,
+        expert_parallel=recipe.model.expert_parallel)
+
+
+def layout_of_recipe(recipe: Recipe, target: Target) -> str:
+    """ep where the recipe splits the experts (model.expert_parallel) over a plain launch of several processes
+    (--accelerate ep or ddp: finetune/modeling/expert_parallel.py); else the target's layout, ddp for an ep launch
+    that splits nothing (expert_parallel 1, or one process, which loads the model whole). A DeepSpeed or FSDP launch
+    with expert_parallel is refused before loading."""
+    if target.layout in ("ddp", "ep"):
+        return "ep" if recipe.model.expert_parallel > 1 and target.processes > 1 else "ddp"
+    return target.layout
 
 
 def reference_kind(recipe: Recipe, stage: str, on_gpu: bool) -> str:
@@ -191,6 +202,10 @@ def plan_recipe(recipe: Recipe, target: Target, stages: list[str] | None = None,
     for stage in planned_stages(recipe, stages or list(TRAINING_STAGES)):
         setup = stage_setup(recipe, stage, target)
         plan = memory_plan.plan_stage(census, setup, target.memory)
+        if target.layout == "ep" and setup.layout != "ep":
+            plan.notes.append(f"planned as ddp: --accelerate ep splits the experts only with model.expert_parallel "
+                              f"above 1 and several processes (here {recipe.model.expert_parallel} and "
+                              f"{target.processes})")
         memory_plan.cheapest_change(census, plan)
         if with_time:
             add_time(recipe, plan, target)
@@ -243,6 +258,9 @@ def describe_setup(s: Setup) -> str:
     parts = [training, f"{s.batch} {unit} x {s.max_length} tokens per step",
              f"activation checkpointing {'on' if s.activation_checkpointing else 'off'}",
              "padding-free" if s.padding_free else "padded"]
+    if s.layout == "ep":
+        parts.append(f"each MoE layer's experts split across {s.expert_parallel} processes, the rest FSDP2-sharded "
+                     f"over {s.processes}")
     if s.stage == "dpo":
         parts.append(f"reference: {REFERENCES[s.reference]}")
     return "; ".join(parts)
@@ -284,7 +302,7 @@ def duration(seconds: float) -> str:
 
 def render(plans: list[StagePlan], target: Target, source: str) -> str:
     lines = [f"moetune plan {source}: {target.name}, {target.processes} process"
-             f"{'es' if target.processes > 1 else ''}, layout {target.layout}"]
+             f"{'es' if target.processes > 1 else ''}, layout {plans[0].setup.layout if plans else target.layout}"]
     for plan in plans:
         lines += ["", f"{plan.stage}: {describe_setup(plan.setup)}", "",
                   f"  {'parameters':<16}{'total':>12}{'active/token':>14}{'trainable':>12}"]
