@@ -31,6 +31,7 @@ from finetune.modeling import adapters, moe
 from finetune.modeling.loading import load_pretrained
 from finetune.modeling.tiny import init_config, train_tokenizer
 from helpers.family_models import known_failure
+from helpers.recipes import write_lora_chain_recipe
 
 MOE_TYPES = list(families.moe_model_types())
 NEWEST = ["deepseek_v4", "gemma4_text", "qwen4_exp_text", "nemotron_h", "glm4_moe_lite", "kimi_linear"]
@@ -100,27 +101,11 @@ def test_roles_found_and_default_lora_trains_with_the_router_frozen(family, toke
     known_failure(family, "roles", cell)
 
 
-CHAIN = """
-run_dir: {run_dir}
-seed: 3
-model:
-  init: {{architecture: {family}, hidden_size: 64, intermediate_size: 64, num_layers: 3, num_heads: 4,
-          num_kv_heads: 2, num_experts: 4, experts_per_token: 2, vocab_size: 200}}
-  lora: {{r: 4, alpha: 8, stages: [sft, dpo]}}
-data:
-  sources: [{{format: synthetic, options: {{sft: 24, pairs: 12, questions: 3}}}}]
-  dedup: exact
-sft: {{max_steps: 2, per_device_train_batch_size: 4, learning_rate: 1.0e-3, logging_steps: 1, max_length: 96}}
-dpo: {{max_steps: 2, per_device_train_batch_size: 2, learning_rate: 1.0e-3, logging_steps: 1, max_length: 96}}
-eval: {{models: [dpo], max_new_tokens: 4, batch_size: 4}}
-"""
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("family", MOE_TYPES if ALL else ["qwen4_exp_text"])
 def test_cli_chain_lora_sft_dpo_eval_merge(family, tmp_path):
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(CHAIN.format(run_dir=tmp_path / "run", family=family))
+    recipe = write_lora_chain_recipe(tmp_path, family, num_layers=3,
+                                     eval={"models": ["dpo"], "max_new_tokens": 4, "batch_size": 4})
 
     def cell():
         for command in (["run", str(recipe)], ["merge", str(tmp_path / "run" / "dpo"), "--out",

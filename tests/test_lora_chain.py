@@ -19,7 +19,7 @@ from finetune.core import families
 from finetune.modeling.loading import load_stage_model
 from finetune.config.parsing import load_recipe
 from finetune.core.rundir import read_manifest
-from helpers.recipes import LORA_CHAIN_RECIPE as RECIPE, run_cli
+from helpers.recipes import run_cli, write_lora_chain_recipe
 from helpers.family_models import FAMILIES
 
 pytestmark = pytest.mark.slow  # prep, SFT and DPO per family: ~20-25 s each on a shared 2-core machine
@@ -27,8 +27,7 @@ pytestmark = pytest.mark.slow  # prep, SFT and DPO per family: ~20-25 s each on 
 
 @pytest.mark.parametrize("architecture", FAMILIES)
 def test_lora_sft_then_lora_dpo_with_default_roles(architecture, tmp_path):
-    recipe_path = tmp_path / "recipe.yaml"
-    recipe_path.write_text(RECIPE.format(run_dir=tmp_path / "run", architecture=architecture))
+    recipe_path = write_lora_chain_recipe(tmp_path, architecture)
     run_cli(["run", str(recipe_path), "--stages", "prep,sft,dpo"])
     run = tmp_path / "run"
     outputs = read_manifest(run / "dpo")["outputs"]
@@ -60,17 +59,16 @@ def test_lora_sft_then_lora_dpo_with_default_roles(architecture, tmp_path):
 
 
 def run_chain(tmp_path, architecture, lora_stages):
-    """(recipe path, run dir) of RECIPE with these LoRA stages, after `moetune run --stages prep,sft,dpo`."""
-    recipe_path = tmp_path / "recipe.yaml"
-    recipe_path.write_text(RECIPE.format(run_dir=tmp_path / "run", architecture=architecture)
-                           .replace("stages: [sft, dpo]", f"stages: {lora_stages}"))
+    """(recipe path, run dir) of the LoRA chain recipe with these LoRA stages, after `moetune run --stages
+    prep,sft,dpo`."""
+    recipe_path = write_lora_chain_recipe(tmp_path, architecture, model={"lora": {"stages": lora_stages}})
     run_cli(["run", str(recipe_path), "--stages", "prep,sft,dpo"])
     return recipe_path, tmp_path / "run"
 
 
 def test_llama4_text_full_sft_then_lora_dpo(tmp_path):
     """Llama 4's experts run their own forward and take no kernel choice: loading with one stopped SFT (#24)."""
-    recipe_path, run = run_chain(tmp_path, "llama4_text", lora_stages="[dpo]")
+    recipe_path, run = run_chain(tmp_path, "llama4_text", lora_stages=["dpo"])
     assert read_manifest(run / "sft")["outputs"]["kind"] == "full"
     outputs = read_manifest(run / "dpo")["outputs"]
     assert (outputs["kind"], outputs["parent"]) == ("adapter", "sft")
@@ -85,7 +83,7 @@ def test_llama4_text_full_sft_then_lora_dpo(tmp_path):
 def test_full_dpo_trains_on_a_merged_lora_sft(tmp_path):
     """LoRA SFT, then full-fine-tuning DPO on the SFT adapter merged into the base: the merged weights train (PEFT
     leaves a merged base frozen, and DPO stopped at its first backward)."""
-    recipe_path, run = run_chain(tmp_path, "mixtral", lora_stages="[sft]")
+    recipe_path, run = run_chain(tmp_path, "mixtral", lora_stages=["sft"])
     assert read_manifest(run / "dpo")["outputs"]["kind"] == "full"
     recipe = load_recipe(recipe_path)
     start, tuned = load_stage_model(recipe.model_source, "sft"), load_stage_model(recipe.model_source, "dpo")
@@ -98,9 +96,8 @@ def test_full_dpo_trains_on_a_merged_lora_sft(tmp_path):
 def test_router_role_trains_in_sft_and_dpo_and_merges(tmp_path, padding_free):
     """The documented `router` role: PEFT wraps the router, and the expert-load tracking read `top_k` from the
     wrapper, so the first step crashed (#27). Padded and padding-free (packed rows: their own router hook path)."""
-    recipe_path = tmp_path / "recipe.yaml"
-    recipe_path.write_text(RECIPE.format(run_dir=tmp_path / "run", architecture="mixtral")
-                           .replace("lora: {r: 4", "lora: {targets: [attention, experts, router], r: 4"))
+    recipe_path = write_lora_chain_recipe(tmp_path, "mixtral",
+                                          model={"lora": {"targets": ["attention", "experts", "router"]}})
     run_cli(["run", str(recipe_path), "--stages", "prep,sft,dpo", f"speed.padding_free={str(padding_free).lower()}"])
     run = tmp_path / "run"
     for stage in ("sft", "dpo"):

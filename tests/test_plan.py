@@ -58,6 +58,34 @@ def test_real_recipe_plans_as_its_comment_says(name):
         assert line[5].startswith("fits") == plan.fits
 
 
+def test_census_of_every_moe_family_whatever_its_expert_layout():
+    """Every `moetune run` plans its memory first (a census of the model on the meta device), so a family whose
+    experts the census could not read stopped before any stage with a traceback: Nemotron-H's plain up_proj/down_proj,
+    JetMoE's one `weight` per expert module. Families transformers cannot build at all (DBRX) are left out."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune.config.recipe import ModelInit
+    from finetune.core import families
+    from finetune.modeling import moe
+    from finetune.modeling.tiny import family_config
+
+    counted = 0
+    for model_type in families.moe_model_types():
+        init = ModelInit(architecture=model_type, hidden_size=64, intermediate_size=64, num_layers=3, num_experts=4,
+                         experts_per_token=2)
+        try:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(family_config(init, 280, pad_token_id=None, eos_token_id=None))
+        except AttributeError:  # transformers' own config cannot build this family (DBRX)
+            continue
+        census = memory_plan.census(model)
+        if moe.experts_modules(model):  # all but Doge, whose experts are embedding rows
+            assert census.total["experts"] > 0 and census.expert_lora_elements > 0, model_type
+            counted += 1
+    assert counted >= 60
+
+
 # Published sizes (model cards): total and activated parameters, and whether the card's activated count includes
 # the input embeddings (DeepSeek's and OpenAI's do not).
 PUBLISHED = {"mixtral-8x7b": (46.7e9, 12.9e9, True), "qwen3-30b-a3b": (30.5e9, 3.3e9, True),

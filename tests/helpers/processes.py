@@ -58,3 +58,10 @@ def kill_at_random_step(stage, recipe, overrides, log_file, first=5, last=9):
         process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL, f"{stage} ended before step {step}; see {log_file}"
     return step, logged_at
+
+
+def moetune(*args: str, timeout: float = 900) -> str:
+    """`python -m finetune ARGS` in a subprocess, as a user runs it; asserts it exits 0, returns what it printed."""
+    done = subprocess.run([sys.executable, "-m", "finetune", *args], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"moetune {' '.join(args)} exited {done.returncode}:\n{done.stderr[-3000:]}"
+    return done.stdout + done.stderr

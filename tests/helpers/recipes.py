@@ -6,6 +6,8 @@ import contextlib
 import io
 from pathlib import Path
 
+import yaml
+
 from finetune.cli import main
 from finetune.config.parsing import parse_recipe
 
@@ -49,7 +51,7 @@ run_dir: {run_dir}
 seed: 7
 model:
   name_or_path: {folder}
-  lora: {{targets: [attention, experts], r: 4, alpha: 8}}
+  lora: {{r: 4, alpha: 8}}
 {template}data:
   sources: [{{format: synthetic, options: {{sft: 24, pairs: 12, questions: 2}}}}]
   dedup: exact
@@ -60,26 +62,21 @@ eval: {{models: [dpo], max_new_tokens: 4, batch_size: 2}}
 """
 
 
-def write_lookalike_recipe(tmp_path: Path, folder: Path, template: Path | None = None) -> Path:
-    """recipe.yaml in `tmp_path` for a look-alike checkpoint folder (helpers.lookalike), LoRA on attention and experts,
-    a few steps of each stage; `template`: a chat template file for a model without one."""
+def write_lookalike_recipe(tmp_path: Path, folder: Path, template: Path | None = None,
+                           targets: tuple[str, ...] | None = ("attention", "experts"), **sections) -> Path:
+    """recipe.yaml in `tmp_path` for a look-alike checkpoint folder (helpers.lookalike): LoRA on `targets` (None: the
+    default roles), a few steps of each stage; `template`: a chat template file for a model without one; `sections`:
+    what to change (see `update_recipe`)."""
     path = tmp_path / "recipe.yaml"
     line = f"  chat_template: {template}\n" if template else ""
     path.write_text(LOOKALIKE_RECIPE.format(run_dir=tmp_path / "run", folder=folder, template=line))
-    return path
-
-
-def run_cli(argv: list[str], expect: int = 0) -> str:
-    """`moetune ARGV` in this process; what it printed."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    assert code == expect, f"moetune {' '.join(argv)} exited {code}:\n{err.getvalue()[-3000:]}"
-    return out.getvalue() + err.getvalue()
+    lora = {"lora": {"targets": list(targets)}} if targets else {}
+    return update_recipe(path, **merged({"model": lora}, sections))
 
 
 # LoRA SFT -> LoRA DPO with the default roles on a 4-layer model.init of any family (dense-then-MoE layouts and
-# hybrid layers appear): tests/test_lora_chain.py, tests/test_packed_hybrids.py.
+# hybrid layers appear): tests/test_lora_chain.py, tests/test_every_family.py (through write_lora_chain_recipe),
+# tests/test_packed_hybrids.py.
 LORA_CHAIN_RECIPE = """
 run_dir: {run_dir}
 seed: 7
@@ -93,3 +90,38 @@ data:
 sft: {{max_steps: 2, per_device_train_batch_size: 4, learning_rate: 1.0e-2, logging_steps: 1, max_length: 128}}
 dpo: {{max_steps: 1, per_device_train_batch_size: 2, learning_rate: 1.0e-3, logging_steps: 1, max_length: 128}}
 """
+
+
+def write_lora_chain_recipe(tmp_path: Path, architecture: str, num_layers: int = 4, **sections) -> Path:
+    """recipe.yaml in `tmp_path`: a model.init MoE of `num_layers` layers (more than 2, so dense-then-MoE layouts and
+    shared experts appear), LoRA in SFT and DPO with the default roles, a few steps; `sections`: what to change (see
+    `update_recipe`). Its run dir is tmp_path/run."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(LORA_CHAIN_RECIPE.format(run_dir=tmp_path / "run", architecture=architecture))
+    return update_recipe(path, **merged({"model": {"init": {"num_layers": num_layers}}}, sections))
+
+
+def update_recipe(path: Path, **sections) -> Path:
+    """The recipe at `path` with `sections` merged in: a mapping into the section's mapping (key by key, nested
+    mappings too), anything else in place of the value."""
+    if sections:
+        path.write_text(yaml.safe_dump(merged(yaml.safe_load(path.read_text()), sections), sort_keys=False))
+    return path
+
+
+def merged(base: dict, changes: dict) -> dict:
+    """`base` with `changes` on top, mappings merged key by key."""
+    out = dict(base)
+    for key, value in changes.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merged(out[key], value) if both else value
+    return out
+
+
+def run_cli(argv: list[str], expect: int = 0) -> str:
+    """`moetune ARGV` in this process; what it printed."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    assert code == expect, f"moetune {' '.join(argv)} exited {code}:\n{err.getvalue()[-3000:]}"
+    return out.getvalue() + err.getvalue()
