@@ -143,15 +143,19 @@ def write_adapter(stage_dir, chain, fmt, factors, experts, base, model_type, wor
 
 def per_expert(fmt, factors, experts, base) -> tuple[dict, list[str]]:
     """vLLM's per-expert keys; for SGLang the same tensors under the projection names its loader reads."""
-    if fmt == "sglang":
-        layouts.check_sglang_qkv(factors)
     try:
         tensors, modules = layouts.to_per_expert(factors, experts, base)
     except layouts.LayoutError as error:
-        if fmt == "sglang" and layouts.FUSED_ON_DISK in str(error):
+        if fmt != "sglang":
+            raise
+        if layouts.FUSED_ON_DISK in str(error):
             raise layouts.LayoutError(layouts.SGLANG_FUSED_ON_DISK) from None
+        layouts.check_sglang_qkv(factors)  # a lone q_proj is named before a Linear fused on disk
         raise
-    return layouts.sglang_names(tensors, modules) if fmt == "sglang" else (tensors, modules)
+    if fmt != "sglang":
+        return tensors, modules
+    layouts.check_sglang_qkv(factors)
+    return layouts.sglang_names(tensors, modules)
 
 
 # ---------------------------------------------------------------- merged
