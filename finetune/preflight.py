@@ -28,7 +28,7 @@ from finetune.config.recipe import Recipe, RecipeError
 from finetune.core.remote_files import is_url
 from finetune.core.rundir import StageError, read_manifest
 from finetune.modeling.loading import remote_code_refused
-from finetune.registry import BY_NAME, STAGES
+from finetune.registry import BY_NAME
 from finetune.stages.evaluate import check_files, question_source, read_questions, recipe_file
 from finetune.training import stage_plan
 
@@ -69,9 +69,9 @@ def check_eval_inputs(recipe: Recipe, stages: list[str]) -> None:
     named = {f"eval.models[{index}]": name for index, name in enumerate(config.models)}
     if judge.type == "local":
         named["eval.judge.model"] = judge.model
-    model_stages = {spec.name for spec in STAGES if spec.holds_model}  # a name of these is this run's folder
+    this_run = BY_NAME["eval"].needs_for(recipe)  # the names that are this run's stages: the registry checks them
     for key, name in named.items():
-        if name in model_stages or (key != "eval.judge.model" and answers_saved(recipe, name)):
+        if name in this_run or (key != "eval.judge.model" and answers_saved(recipe, name)):
             continue
         check_model(name, None, f"{recipe.source}: {key}", recipe.model.trust_remote_code)
 
