@@ -29,11 +29,12 @@ import inspect
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import Cache, PreTrainedModel
 from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, sliding_window_causal_mask_function)
 
 from finetune.modeling import moe
+from finetune.training.packed_mixers import along_row
 
 # Layer kinds whose attention is only its attention call; any other kind holds a recurrent mixer (packed_mixers) or
 # an attention module run whole per sequence (here), or is refused.
@@ -98,10 +99,10 @@ def class_source(cls: type) -> str:
 
 
 class WholeAttention:
-    """How packed_mixers runs one such module: with the model's own attention implementation, and on one sequence
-    with the causal mask transformers builds for a batch of that sequence alone."""
+    """How packed_mixers runs one such module: as transformers runs it, with the model's own attention
+    implementation; on a packed row, on the padded batch of the row's sequences."""
 
-    # A row holding a single sequence still goes through `sequence`: the block mask leaves unpadded rows without one.
+    # A row holding a single sequence still goes through `row`: the block mask leaves unpadded rows without one.
     cuts_single_sequence = True
 
     def __init__(self, module: nn.Module, config, implementation: str):
@@ -110,27 +111,88 @@ class WholeAttention:
         self.signature = inspect.signature(module.forward)
 
     def whole(self, forward, args, kwargs):
-        """A padded batch (its mask made by the model) or a generation step, as transformers runs it."""
+        """A padded batch (its mask made by the model) or a generation step."""
         with own_attention(self.config, self.implementation):
             return forward(*args, **kwargs)
 
-    def sequence(self, forward, args, kwargs, length: int):
+    def row(self, forward, args, kwargs, blocks):
+        """The module once over the padded batch of the row's sequences, its outputs laid back along the row."""
+        length = blocks[-1][3]
+        positions = sequence_positions(blocks)
+        width = max(len(sequence) for sequence in positions)
+        index = torch.stack([torch.cat([sequence, sequence.new_zeros(width - len(sequence))]) for sequence in positions])
+        real = torch.arange(width)[None] < torch.tensor([len(sequence) for sequence in positions])[:, None]
         bound = self.signature.bind(*args, **kwargs)
+        arguments = padded(dict(bound.arguments), length, index, real)
         if "attention_mask" in self.signature.parameters:
-            hidden = next(value for value in bound.arguments.values() if isinstance(value, torch.Tensor))
-            bound.arguments["attention_mask"] = sequence_mask(
-                self.implementation, length, self.window, hidden.dtype, hidden.device)
+            hidden = next(value for value in arguments.values() if isinstance(value, torch.Tensor))
+            arguments["attention_mask"] = padded_mask(
+                self.implementation, real.to(hidden.device), self.window, hidden.dtype)
+        bound.arguments.update(arguments)
         with own_attention(self.config, self.implementation):
-            return forward(*bound.args, **bound.kwargs)
+            output = forward(*bound.args, **bound.kwargs)
+        return unpadded(output, blocks, len(positions), width)
 
 
-def sequence_mask(implementation: str, length: int, window: int | None, dtype: torch.dtype, device) -> torch.Tensor:
-    """The (1, 1, length, length) mask transformers makes for one unpadded sequence: causal, within `window` when
-    the layer slides; boolean for sdpa, additive for eager. Never None: the indexers read it."""
+def sequence_positions(blocks) -> list[torch.Tensor]:
+    """The row positions of each sequence of a packed row: a block's sequence, then its rejected completion after
+    the prompt when the block is a prompt-shared pair."""
+    positions = []
+    for start, prompt_end, split, end in blocks:
+        positions.append(torch.arange(start, split))
+        if end > split:
+            positions.append(torch.cat([torch.arange(start, prompt_end), torch.arange(split, end)]))
+    return positions
+
+
+def padded(value, length: int, index: torch.Tensor, real: torch.Tensor):
+    """`value` as the padded batch of the row's sequences: each tensor laid along the row, (1, length, ...), to
+    (sequences, width, ...), sequence i at row positions index[i], zero where `real` is False (the padding); a
+    (length, length) table over the row's query and key indices (Inkling's relative distances) to its
+    (width, width) corner, the same table over a row of width positions; tuples, lists and dicts item by item; a
+    generation cache dropped (a packed row is never a generation step); anything else as it is."""
+    if isinstance(value, Cache):
+        return None
+    if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == (length, length) and length > 1:
+        return value[:index.shape[1], :index.shape[1]]
+    if along_row(value, length):
+        rows = value[0][index.to(value.device)]
+        fill = real.to(value.device).view(*real.shape, *[1] * (rows.dim() - 2))
+        return torch.where(fill, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+    if isinstance(value, dict):
+        return {key: padded(item, length, index, real) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(padded(item, length, index, real) for item in value)
+    return value
+
+
+def unpadded(output, blocks, sequences: int, width: int):
+    """The module's output over the padded batch laid back along the row: each sequence's real positions (a
+    rejected completion's own, after its prompt), joined in row order; entries not laid along the batch's sequences
+    (attention weights, which no caller reads in training) as they are."""
+    if isinstance(output, (tuple, list)):
+        return type(output)(unpadded(item, blocks, sequences, width) for item in output)
+    if not (isinstance(output, torch.Tensor) and output.dim() >= 2 and output.shape[:2] == (sequences, width)):
+        return output
+    pieces, row = [], 0
+    for start, prompt_end, split, end in blocks:
+        pieces.append(output[row, :split - start])
+        row += 1
+        if end > split:
+            pieces.append(output[row, prompt_end - start:prompt_end - start + end - split])
+            row += 1
+    return torch.cat(pieces)[None]
+
+
+def padded_mask(implementation: str, real: torch.Tensor, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """The (sequences, 1, width, width) mask transformers makes for a right-padded batch (`real`: its real
+    positions): causal, within `window` when the layer slides, padding keys masked; boolean for sdpa, additive for
+    eager. Never None: the indexers read it."""
     mask_function = causal_mask_function if window is None else sliding_window_causal_mask_function(window)
+    sequences, width = real.shape
     return ALL_MASK_ATTENTION_FUNCTIONS[implementation](
-        batch_size=1, q_length=length, kv_length=length, mask_function=mask_function, attention_mask=None,
-        allow_is_causal_skip=False, local_size=window, dtype=dtype, device=device)
+        batch_size=sequences, q_length=width, kv_length=width, mask_function=mask_function, attention_mask=real,
+        allow_is_causal_skip=False, local_size=window, dtype=dtype, device=real.device)
 
 
 @contextlib.contextmanager

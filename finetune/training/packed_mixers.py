@@ -47,15 +47,15 @@ def carries_state(cls: type) -> bool:
 
 
 class Recurrent:
-    """How a recurrent mixer runs: as it is, on the whole row or on one sequence (then from a zero state)."""
+    """How a recurrent mixer runs: as it is on a padded batch, once per sequence (from a zero state) on a row."""
 
     cuts_single_sequence = False  # a row of one plain sequence runs whole, with the row's own kernel inputs
 
     def whole(self, forward, args, kwargs):
         return forward(*args, **kwargs)
 
-    def sequence(self, forward, args, kwargs, length: int):
-        return forward(*args, **kwargs)
+    def row(self, forward, args, kwargs, blocks):
+        return per_sequence(forward, args, kwargs, blocks)
 
 
 RECURRENT = Recurrent()
@@ -126,21 +126,25 @@ def decoder_forward(self, *args, **kwargs):
 
 
 def mixer_forward(self, *args, **kwargs):
-    """The mixer run once per sequence of a packed row (rejected completions after their prompt), outputs joined."""
+    """The mixer on the sequences of a packed row (see its runner's `row`), or as it is on a padded batch."""
     blocks, runner, forward = self.moetune_sequences.blocks, self.moetune_runner, self.moetune_unsegmented_forward
     # One plain sequence needs no cutting for a recurrent mixer (a padded batch of one).
     if blocks is None or (not runner.cuts_single_sequence and len(blocks) == 1 and blocks[0][2] == blocks[0][3]):
         return runner.whole(forward, args, kwargs)
+    return runner.row(forward, args, {key: value for key, value in kwargs.items() if key not in ROW_KWARGS}, blocks)
+
+
+def per_sequence(forward, args, kwargs, blocks):
+    """`forward` run once per sequence of a packed row (rejected completions after their prompt), outputs joined."""
     length = blocks[-1][3]
-    kwargs = {key: value for key, value in kwargs.items() if key not in ROW_KWARGS}
     outputs = []
     for start, prompt_end, split, end in blocks:
         run = cut((args, kwargs), length, start, split)
-        outputs.append((runner.sequence(forward, *run, split - start), split - start))
+        outputs.append((forward(*run[0], **run[1]), split - start))
         if end > split:  # rejected: the mixer runs over the prompt, then the completion; the completion's kept
             index = torch.cat([torch.arange(start, prompt_end), torch.arange(split, end)])
             run = cut((args, kwargs), length, index=index)
-            outputs.append((tail(runner.sequence(forward, *run, len(index)), end - split), end - split))
+            outputs.append((tail(forward(*run[0], **run[1]), end - split), end - split))
     return joined(outputs)
 
 
@@ -151,15 +155,10 @@ def along_row(value, length: int) -> bool:
 
 def cut(value, length: int, start: int = 0, end: int = 0, index: torch.Tensor | None = None):
     """`value` with every tensor laid along the row cut to one sequence: positions start..end, or those of
-    `index`; a (length, length) table over the row's query and key indices (Inkling's relative distances) to that
-    of a row holding the sequence alone, its corner; tuples, lists and dicts cut item by item; a generation cache
-    dropped (each sequence starts from a zero state, and a packed row is never a generation step); anything else as
-    it is."""
+    `index`; tuples, lists and dicts cut item by item; a generation cache dropped (each sequence starts from a zero
+    state, and a packed row is never a generation step); anything else as it is."""
     if isinstance(value, Cache):
         return None
-    if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == (length, length) and length > 1:
-        size = end - start if index is None else len(index)
-        return value[:size, :size]
     if along_row(value, length):
         return value[:, start:end] if index is None else value.index_select(1, index.to(value.device))
     if isinstance(value, dict):
@@ -185,19 +184,7 @@ def joined(outputs: list[tuple]):
     first = outputs[0][0]
     if isinstance(first, torch.Tensor):
         return torch.cat([output for output, _ in outputs], dim=1)
-    return type(first)(joined_entry([output[i] for output, _ in outputs], [size for _, size in outputs])
-                       for i in range(len(first)))
-
-
-def joined_entry(items: list, sizes: list[int]):
-    """One entry of the per-sequence outputs joined along the row (see joined). Integer (1, length, k) tensors
-    whose k grows with the sequence (a DSA layer's top-k key indices, min(k, length) per query, which GLM-5's
-    shared-indexer layers reuse as a set) are widened to the widest by repeating each query's last index."""
-    if not all(along_row(item, size) for item, size in zip(items, sizes)):
-        return items[0]
-    if len({item.shape[2:] for item in items}) > 1:
-        if items[0].is_floating_point() or items[0].dim() != 3:
-            return items[0]
-        width = max(item.shape[2] for item in items)
-        items = [torch.cat([item, item[..., -1:].expand(-1, -1, width - item.shape[2])], dim=2) for item in items]
-    return torch.cat(items, dim=1)
+    return type(first)(
+        torch.cat([output[i] for output, _ in outputs], dim=1)
+        if all(along_row(output[i], size) for output, size in outputs) else item
+        for i, item in enumerate(first))
