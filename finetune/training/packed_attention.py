@@ -1,20 +1,26 @@
-"""Attention that mixes tokens beyond its attention call, on packed rows: the whole module once per sequence.
+"""Attention that mixes tokens outside its attention call, on packed rows: the whole module on the padded batch.
 
 Block attention (finetune/training/packed_forward.py) cuts a packed row's attention call into one call per sequence.
 That is exact for attention whose only token mixing is that call. Some attention modules also mix tokens before it,
 over the whole tensor they are given: DeepSeek Sparse Attention's indexer (deepseek_v32, glm_moe_dsa, hy_v4, axk2,
-dots3_note, qwen4_exp) scores every key of the row and keeps the top k under its own causal mask; DeepSeek-V4's
-compressors pool every `compress_rate` tokens of the row into one key and index them; Inkling's relative-position
-bias and log scaling are built from row indices (0 at the row's start, not the position ids). On a packed row these
-would read across sequence boundaries, or need the boundaries threaded into each family's indexer, pooling and bias
-code (design 2). Instead each such module runs whole, once per sequence, as transformers runs it on a batch holding
-only that sequence: its inputs cut to the sequence (packed_mixers.cut), a generation cache dropped, the causal mask
-transformers builds for one unpadded sequence (sliding within the module's `sliding_window`), and the model's own
-attention implementation (sdpa or eager: the DSA modules only fold their top-k mask in for those two). That is exact
-by construction on every device and kernel path, and needs no family code; a prompt-shared pair's rejected
-completion runs over the prompt then its own tokens, as recurrent mixers do (packed_mixers.mixer_forward), so
-the prompt goes through these modules twice. The cost is that of the padded batch for these modules' indexer and
-bias terms (quadratic per sequence, as there), one call per sequence.
+dots3_note, qwen4_exp) scores every key and keeps the top k under its own causal mask; DeepSeek-V4's compressors
+pool every `compress_rate` tokens into one key and index them; Inkling's relative-position bias and log scaling are
+built from row indices (0 at the row's start, not the position ids). On a packed row they would read across
+sequence boundaries.
+
+Two ways were weighed. Passing the boundaries into each family's indexer, pooling and bias code (masks per
+sequence, pooling windows restarting at each boundary, biases from sequence positions) means patching family code
+that transformers changes release by release, for each family. Running the whole module per sequence needs no
+family code, and is what is done here, in one form: each module runs once per packed row on the padded batch of the
+row's sequences, each sequence gathered into its own row (a prompt-shared pair's rejected completion after its
+prompt, as recurrent mixers run it, packed_mixers.per_sequence), right-padded to the longest, with the
+causal-and-padding mask transformers builds for such a batch (sliding within the module's `sliding_window`), the
+model's own attention implementation (sdpa or eager: the DSA modules fold their top-k mask in only under those),
+and no generation cache; its outputs are laid back along the row. That is the batch TRL's padded training hands the
+module, so its result is the padded batch's by construction, on every device and kernel path, down to top-k ties:
+one call per unpadded sequence is not, since torch.topk breaks ties (a tiny indexer scores many keys exactly 0) by
+the row's length. The cost is the padded batch's for these modules only; the MoE layers, plain attention layers,
+recurrent mixers and the LM head still run on the unpadded row.
 
 Found by structure: in decoder layers whose kind (the config's per-layer list) is not plain attention, the
 outermost modules whose class calls an attention function (transformers' ALL_ATTENTION_FUNCTIONS); anywhere, the
@@ -59,7 +65,7 @@ def plain_kind(kind: str) -> bool:
 
 
 def whole_sequence_attention(model) -> list[nn.Module]:
-    """The attention modules of `model` to run whole, once per sequence (see the module docstring)."""
+    """The attention modules of `model` to run on the padded batch of a packed row (see the module docstring)."""
     found = {id(module): module for module in model.modules() if passes_position_bias(type(module))}
     for kind, layer in layers_with_kinds(model):
         if not plain_kind(kind):

@@ -8,10 +8,10 @@ Attention runs block by block (one call per sequence, two per prompt-shared pair
 rows): a dense mask over the whole packed row would cost attention quadratic in the batch's total length. The call
 is the model's own attention, sdpa or eager (gpt-oss: eager, for its attention sinks), within the layer's sliding
 window if it has one. Layers with a recurrent state (linear attention, Mamba, short convolutions) run their mixer
-once per sequence instead (finetune/training/packed_mixers.py), and so do, whole, attention modules that also mix
-tokens outside their attention call (DeepSeek Sparse Attention's indexer, DeepSeek-V4's compressors, Inkling's
-row-position bias: finetune/training/packed_attention.py); a model whose layers mix tokens some other way runs
-padded batches, with a note saying why (`padding_free_for`). Only the completion tokens' hidden states go through
+once per sequence instead (finetune/training/packed_mixers.py); attention modules that also mix tokens outside their
+attention call (DeepSeek Sparse Attention's indexer, DeepSeek-V4's compressors, Inkling's row-position bias) run
+whole on the padded batch of the row's sequences (finetune/training/packed_attention.py); a model whose layers mix
+tokens some other way runs padded batches, with a note saying why (`padding_free_for`). Only the completion tokens' hidden states go through
 the LM head (TRL scores every position on CPU), at temperature 1, with the head's logit scale (Cohere's) and
 soft-capping as TRL's fused head applies them. The load-balancing loss weighs each token as the padded batch does: a
 shared prompt counts twice, padding not at all.
@@ -198,8 +198,8 @@ def per_sequence_note(model) -> str:
         notes.append(f"its recurrent token mixers ({counted(recurrent)}) run sequence by sequence, each from a fresh "
                      f"state")
     if whole:
-        notes.append(f"its attention modules that also mix tokens outside their attention call ({counted(whole)}: "
-                     f"indexers, compressors, row-position biases) run whole, once per sequence")
+        notes.append(f"its attention modules that also mix tokens outside their attention call ({counted(whole)}) "
+                     f"run on the padded batch of the row's sequences")
     return "; ".join(notes)
 
 

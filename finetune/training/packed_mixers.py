@@ -12,8 +12,9 @@ through the mixer, once through attention and the MoE layers, which keep running
 
 The mixers are found by structure: the outermost modules inside the decoder whose class reads or writes a
 convolution, recurrent, SSM or linear-attention state of the cache (what every recurrent mixer of transformers
-does for cached generation), outside the MoE blocks. The same per-sequence run serves attention modules that mix
-tokens beyond their attention call (finetune/training/packed_attention.py), which run whole once per sequence.
+does for cached generation), outside the MoE blocks. The same patching serves attention modules that mix tokens
+outside their attention call (finetune/training/packed_attention.py), which run on the padded batch of the row's
+sequences instead.
 """
 
 from __future__ import annotations
