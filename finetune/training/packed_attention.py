@@ -35,12 +35,12 @@ import inspect
 
 import torch
 from torch import nn
-from transformers import Cache, PreTrainedModel
+from transformers import Cache
 from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, sliding_window_causal_mask_function)
 
 from finetune.modeling import moe
-from finetune.training.packed_mixers import along_row
+from finetune.training.packed_mixers import along_row, class_source
 
 # Layer kinds whose attention is only its attention call; any other kind holds a recurrent mixer (packed_mixers) or
 # an attention module run whole per sequence (here), or is refused.
@@ -93,15 +93,6 @@ def calls_attention(cls: type) -> bool:
 def passes_position_bias(cls: type) -> bool:
     """Whether the class hands a `position_bias` to its attention function (Inkling's relative logits)."""
     return "position_bias=position_bias" in class_source(cls)
-
-
-def class_source(cls: type) -> str:
-    if issubclass(cls, (nn.ModuleList, nn.ModuleDict, PreTrainedModel)) or cls.__module__.startswith(("torch.", "peft.")):
-        return ""
-    try:
-        return inspect.getsource(cls)
-    except (OSError, TypeError):
-        return ""
 
 
 class WholeAttention:

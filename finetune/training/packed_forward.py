@@ -33,7 +33,6 @@ from transformers.masking_utils import eager_mask, sdpa_mask
 from trl.trainer.utils import FusedCausalLMOutput
 
 from finetune.core import distributed, families
-from finetune.modeling import moe
 from finetune.training.packed_attention import (
     WholeAttention, attention_modules, layers_with_kinds, plain_kind, whole_sequence_attention)
 from finetune.training.packed_mixers import recurrent_mixers, segment_mixers, sequence_mixers

@@ -39,12 +39,17 @@ ROW_KWARGS = ("packed_blocks", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
 @functools.lru_cache(maxsize=None)
 def carries_state(cls: type) -> bool:
     """Whether a module class keeps a state across tokens: its source handles a cached recurrent state."""
+    return bool(CACHED_STATE.search(class_source(cls)))
+
+
+def class_source(cls: type) -> str:
+    """The source of a model's own module class; "" for containers, whole models, torch's and peft's modules."""
     if issubclass(cls, (nn.ModuleList, nn.ModuleDict, PreTrainedModel)) or cls.__module__.startswith(("torch.", "peft.")):
-        return False
+        return ""
     try:
-        return bool(CACHED_STATE.search(inspect.getsource(cls)))
+        return inspect.getsource(cls)
     except (OSError, TypeError):
-        return False
+        return ""
 
 
 class Recurrent:
