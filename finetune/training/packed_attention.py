@@ -22,9 +22,10 @@ one call per unpadded sequence is not, since torch.topk breaks ties (a tiny inde
 the row's length. The cost is the padded batch's for these modules only; the MoE layers, plain attention layers,
 recurrent mixers and the LM head still run on the unpadded row.
 
-Found by structure: in decoder layers whose kind (the config's per-layer list) is not plain attention, the
-outermost modules whose class calls an attention function (transformers' ALL_ATTENTION_FUNCTIONS); anywhere, the
-modules whose class hands a `position_bias` to that function.
+Found by structure: in decoder layers whose kind (the config's per-layer list) is not plain attention and that hold
+no recurrent mixer (the token mixer of linear-attention and Mamba layers, packed_mixers), the outermost modules whose
+class calls an attention function (transformers' ALL_ATTENTION_FUNCTIONS); anywhere, the modules whose class hands a
+`position_bias` to that function.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, sliding_window_causal_mask_function)
 
 from finetune.modeling import moe
-from finetune.training.packed_mixers import along_row, class_source
+from finetune.training.packed_mixers import along_row, class_source, recurrent_mixers
 
 # Layer kinds whose attention is only its attention call; any other kind holds a recurrent mixer (packed_mixers) or
 # an attention module run whole per sequence (here), or is refused.
@@ -68,7 +69,7 @@ def whole_sequence_attention(model) -> list[nn.Module]:
     """The attention modules of `model` to run on the padded batch of a packed row (see the module docstring)."""
     found = {id(module): module for module in model.modules() if passes_position_bias(type(module))}
     for kind, layer in layers_with_kinds(model):
-        if not plain_kind(kind):
+        if not plain_kind(kind) and not recurrent_mixers(layer):
             found.update((id(module), module) for module in attention_modules(layer))
     return list(found.values())
 
