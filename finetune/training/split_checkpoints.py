@@ -70,7 +70,8 @@ class SplitModelCheckpoints:
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         """The checkpoint's gathered weights, read in the fused expert layout by from_pretrained (Trainer's raw
         load_state_dict would copy plain tensors into DTensors, which they refuse), each process keeping its shards.
-        An adapter checkpoint loads as usual: the adapters are plain tensors, whole on every process."""
+        An adapter checkpoint loads as usual (PEFT's load_adapter): the whole factors of split experts are cut to
+        each process's part as they load (split_expert_lora.part_of_loaded)."""
         adapter = os.path.isfile(os.path.join(resume_from_checkpoint, ADAPTER_SAFE_WEIGHTS_NAME))
         if not expert_parallel.is_split(self.model) or adapter:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
