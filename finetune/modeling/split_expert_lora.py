@@ -62,13 +62,13 @@ def experts_mesh(parameter):
     return parameter.device_mesh["ep"]
 
 
-def factor_placements(rank: int):
+def factor_placements(lora_rank: int):
     """How lora_A (E r, in) and lora_B (out, r E) split with their experts over the `ep` mesh: lora_A's rows are
     expert-major (a contiguous block per process), lora_B's columns rank-major (r runs of E, each run cut alike)."""
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor.placement_types import _StridedShard
 
-    return [Shard(0)], [_StridedShard(1, split_factor=rank)]
+    return [Shard(0)], [_StridedShard(1, split_factor=lora_rank)]
 
 
 def split_factor(layer: nn.Linear, mesh, placements) -> None:

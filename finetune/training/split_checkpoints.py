@@ -34,9 +34,12 @@ def checkpoint_layout(state):
 
     if isinstance(state, dict):
         return {key: checkpoint_layout(value) for key, value in state.items()}
-    if not isinstance(state, DTensor) or not isinstance(state.placements[0], _StridedShard):
+    # only a factor's 1-D layout on the experts' `ep` mesh: FSDP2's own strided shards of split experts (full
+    # fine-tuning: efsdp then ep) are read and written right
+    if not isinstance(state, DTensor) or len(state.placements) != 1 \
+            or not isinstance(state.placements[0], _StridedShard):
         return state
-    (placement,) = state.placements  # the experts' 1-D `ep` mesh
+    (placement,) = state.placements
     dim, runs = placement.dim, placement.split_factor
     shape = (*state.shape[:dim], runs, state.shape[dim] // runs, *state.shape[dim + 1:])
     local = state.to_local().unflatten(dim, (runs, -1))
