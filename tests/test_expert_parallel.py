@@ -307,6 +307,10 @@ def test_split_expert_lora_adds_the_local_experts_update_as_peft_adds_the_whole(
         split._is_distributed_loading_by_transformers = True  # what from_pretrained(distributed_config=...) sets
         whole_peft, split_peft = adapted(whole), adapted(split)
         assert sum(type(m) is split_expert_lora.SplitExpertsLora for m in split_peft.modules()) == 4  # 2 per layer
+        # the experts' factors are split with their experts (whole here: a 1-process mesh), the others plain tensors
+        factors = {name: param for name, param in split_peft.named_parameters() if "lora_" in name}
+        assert {name for name, param in factors.items() if expert_parallel.is_dtensor(param)} == {
+            name for name in factors if ".mlp.experts." in name} != set()
         whole_peft(**inputs).logits.pow(2).mean().backward()
         split_logits = split_peft(**inputs).logits
         split_logits.pow(2).mean().backward()
