@@ -129,6 +129,9 @@ def test_lora_on_split_experts_trains_sft_then_dpo_like_one_process(tmp_path):
         split_losses, one_losses = history(split_run, stage, "loss"), history(one_run, stage, "loss")
         assert [s for s, _ in split_losses] == [s for s, _ in one_losses] and len(split_losses) >= 3
         assert all(a == pytest.approx(b, abs=TOLERANCE) for (_, a), (_, b) in zip(split_losses, one_losses))
+        split_load, one_load = (json.loads((run / stage / "expert_load.json").read_text())["history"]
+                                for run in (split_run, one_run))
+        assert [h["share"] for h in split_load] == [h["share"] for h in one_load]  # summed over processes
     assert out.count("elements of the routed experts' LoRA factors") == 4  # each stage, each process
     assert history(split_run, "dpo", "loss")[-1][1] < history(split_run, "dpo", "loss")[0][1]
     inputs = batch(AutoTokenizer.from_pretrained(str(one_run / "base")))
