@@ -11,8 +11,8 @@ window if it has one. Layers with a recurrent state (linear attention, Mamba, sh
 once per sequence instead (finetune/training/packed_mixers.py); attention modules that also mix tokens outside their
 attention call (DeepSeek Sparse Attention's indexer, DeepSeek-V4's compressors, Inkling's row-position bias) run
 whole on the padded batch of the row's sequences (finetune/training/packed_attention.py); a model whose layers mix
-tokens some other way runs padded batches, with a note saying why (`padding_free_for`). Only the completion tokens' hidden states go through
-the LM head (TRL scores every position on CPU), at temperature 1, with the head's logit scale (Cohere's) and
+tokens some other way runs padded batches, with a note saying why (`padding_free_for`). Only the completion tokens'
+hidden states go through the LM head (TRL scores every position on CPU), at temperature 1, with the head's logit scale (Cohere's) and
 soft-capping as TRL's fused head applies them. The load-balancing loss weighs each token as the padded batch does: a
 shared prompt counts twice, padding not at all.
 """
@@ -147,8 +147,8 @@ AttentionMaskInterface.register(BLOCK_ATTENTION, block_mask)
 AttentionInterface.register(BLOCK_EAGER_ATTENTION, block_eager_attention)
 AttentionMaskInterface.register(BLOCK_EAGER_ATTENTION, block_eager_mask)
 UNSEGMENTED = ("its {kind} layers are neither attention nor hold a recurrent mixer (a module keeping a cached "
-               "convolution, recurrent or SSM state) or an attention module that moetune runs sequence by sequence, "
-               "so tokens could mix across a packed row's sequence boundaries")
+               "convolution, recurrent or SSM state) or an attention module that moetune runs per sequence, so tokens "
+               "could mix across a packed row's sequence boundaries")
 
 
 def padding_free_refusal(model) -> str | None:
@@ -164,7 +164,8 @@ def padding_free_refusal(model) -> str | None:
 
 def unsegmented_kinds(model) -> str | None:
     """The reason naming the layer kinds (from the config's per-layer list) that are not plain attention and hold
-    neither a recurrent mixer nor an attention module run whole per sequence; None when there are none."""
+    neither a recurrent mixer nor an attention module (run on the padded batch of the row's sequences); None when
+    there are none."""
     missing = sorted({kind for kind, layer in layers_with_kinds(model)
                       if not plain_kind(kind) and not recurrent_mixers(layer) and not attention_modules(layer)})
     return UNSEGMENTED.format(kind=" and ".join(missing)) if missing else None
