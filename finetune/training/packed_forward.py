@@ -12,9 +12,9 @@ once per sequence instead (finetune/training/packed_mixers.py); attention module
 attention call (DeepSeek Sparse Attention's indexer, DeepSeek-V4's compressors, Inkling's row-position bias) run
 whole on the padded batch of the row's sequences (finetune/training/packed_attention.py); a model whose layers mix
 tokens some other way runs padded batches, with a note saying why (`padding_free_for`). Only the completion tokens'
-hidden states go through the LM head (TRL scores every position on CPU), at temperature 1, with the head's logit scale (Cohere's) and
-soft-capping as TRL's fused head applies them. The load-balancing loss weighs each token as the padded batch does: a
-shared prompt counts twice, padding not at all.
+hidden states go through the LM head (TRL scores every position on CPU), at temperature 1, with the head's logit
+scale (Cohere's) and soft-capping as TRL's fused head applies them. The load-balancing loss weighs each token as the
+padded batch does: a shared prompt counts twice, padding not at all.
 """
 
 from __future__ import annotations
