@@ -101,7 +101,8 @@ def assert_packed_rows_equal_padded_batch(model, lengths: tuple[int, ...], pair:
         row = model.base_model(
             input_ids=torch.cat(sequences)[None], position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
             cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=max(lengths), max_length_k=max(lengths),
-            use_cache=False, seq_idx=torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), sizes)[None],
+            use_cache=False,
+            seq_idx=torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), sizes)[None],
         ).last_hidden_state[0]
         shared = model.base_model(
             input_ids=torch.cat([prompt, chosen, rejected])[None], packed_blocks=[(0, len(prompt), split, end)],

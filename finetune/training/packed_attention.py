@@ -118,7 +118,8 @@ class WholeAttention:
         length = blocks[-1][3]
         positions = sequence_positions(blocks)
         width = max(len(sequence) for sequence in positions)
-        index = torch.stack([torch.cat([sequence, sequence.new_zeros(width - len(sequence))]) for sequence in positions])
+        index = torch.stack([torch.cat([sequence, sequence.new_zeros(width - len(sequence))])
+                             for sequence in positions])
         real = torch.arange(width)[None] < torch.tensor([len(sequence) for sequence in positions])[:, None]
         bound = self.signature.bind(*args, **kwargs)
         arguments = padded(dict(bound.arguments), length, index, real)
