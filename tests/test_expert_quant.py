@@ -1,6 +1,8 @@
 """QLoRA on the experts: NF4 expert storage and forward, LoRA over it as a standard PEFT adapter, SFT then DPO."""
 
+import gc
 import json
+import weakref
 
 import bitsandbytes as bnb
 import peft
@@ -78,14 +80,39 @@ def test_nf4_experts_run_each_familys_own_expert_math_on_the_rounded_weights(fam
         assert relative_error(with_lora, logits) > 1e-3
 
 
-def test_nf4_refuses_experts_outside_the_experts_interface_naming_the_family():
-    # the registry says so first; expert_quant.check_expert_layout also refuses such experts of an unknown family
+def test_experts_with_their_own_forward_train_on_nf4_weights_read_again_in_backward(monkeypatch, tmp_path):
+    """Llama 4's experts (one bmm over all experts, outside transformers' experts interface) run their own forward on
+    NF4 weights read dequantized: only the 4-bit bytes are stored, the adapters' gradients are PEFT's on the rounded
+    weights, and no full-precision weight lives from the forward to the backward: what the backward needs of one is
+    dequantized again there. (JetMoE's and LongCat-Flash's experts read the same way: their (e) cells.)"""
     config = AutoConfig.for_model("llama4_text", vocab_size=64, hidden_size=64, intermediate_size=64,
-                                  intermediate_size_mlp=128, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size_mlp=128, num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=2, head_dim=16, num_local_experts=4)
-    with pytest.raises(ValueError, match="cannot run llama4_text: its experts run their own forward.*"
-                                         "model.quantization: null"):
-        quantized_copy(AutoModelForCausalLM.from_config(config))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    quantized = quantized_copy(model)
+    rounded = dequantized_copy(model, quantized)
+    assert all(p.dtype == torch.uint8 for m in experts_modules(quantized) for p in m.parameters(recurse=False))
+    peft_model = random_lora_on(quantized).train()
+    peft_model.save_pretrained(tmp_path)
+    reference = peft.PeftModel.from_pretrained(rounded, tmp_path, is_trainable=True).train()
+    reads = []
+    read = expert_quant.adapted_weight
+    monkeypatch.setattr(expert_quant, "adapted_weight",
+                        lambda *args: reads.append(weakref.ref(weight := read(*args))) or weight)
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    loss = peft_model(input_ids=ids, labels=ids).loss
+    assert len(reads) == 2 * 2  # one read per weight (2 layers x 2) and forward
+    gc.collect()
+    assert not [ref for ref in reads if ref() is not None]  # none kept for the backward
+    loss.backward()
+    assert len(reads) == 2 * 2 * 2  # the backward read each again
+    reference(input_ids=ids, labels=ids).loss.backward()
+    expected = {name: p.grad for name, p in reference.named_parameters() if p.grad is not None}
+    got = {name: p.grad for name, p in peft_model.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys() and sum(".experts." in name for name in got) == 2 * 2 * 2
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("double_quant, most_bits", [(True, 4.2), (False, 4.6)])

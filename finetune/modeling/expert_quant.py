@@ -331,6 +331,9 @@ def saved_as_recipes(experts: nn.Module):
     if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
         yield
         return
+    # One dequantization per weight in the backward too (JetMoE saves a view per expert): kept while this forward's
+    # saved tensors are (autograd frees them as the layer's backward runs).
+    read_again = {}
 
     def pack(tensor: torch.Tensor):
         for name, (weight, factors) in (experts.nf4_reads or {}).items():
@@ -342,8 +345,10 @@ def saved_as_recipes(experts: nn.Module):
     def unpack(saved):
         if not isinstance(saved, WeightRecipe):
             return saved
-        with torch.no_grad():
-            weight = adapted_weight(experts, saved.name, saved.factors)
+        if saved.name not in read_again:
+            with torch.no_grad():
+                read_again[saved.name] = adapted_weight(experts, saved.name, saved.factors)
+        weight = read_again[saved.name]
         return weight.as_strided(saved.size, saved.stride, saved.offset)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
