@@ -2,12 +2,16 @@
 
 import gc
 import json
+import os
+import subprocess
+import sys
 import weakref
 
 import bitsandbytes as bnb
 import peft
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -16,7 +20,7 @@ from finetune.cli import main
 from finetune.modeling.loading import load_quantized, load_stage_model
 from finetune.config.recipe import RecipeError
 from finetune.config.parsing import load_recipe, parse_recipe
-from helpers.recipes import write_recipe
+from helpers.recipes import write_lora_chain_recipe, write_recipe
 from helpers.tiny import ARCHITECTURES, batch, tiny_model
 from helpers.bnb_kernel_paths import bnb_kernel_path, row_blocked_dequantize_4bit, use_dequantize_kernel  # noqa: F401
 from helpers.on_device import DEVICE, DTYPE, SAME_RESULT, relative_error
@@ -322,3 +326,33 @@ def test_adapter_trained_on_nf4_loads_on_the_full_precision_base_and_merges(qlor
     with torch.no_grad():
         merged_logits = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(**inputs).logits
     assert torch.allclose(merged_logits, full_logits, atol=1e-4)
+
+
+OWN_FORWARD = ["llama4_text", "jetmoe", "longcat_flash", "nemotron_h"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("MOETUNE_ALL_FAMILIES") != "1",
+                    reason="a few minutes per family: runs with MOETUNE_ALL_FAMILIES=1 (the conformance run)")
+@pytest.mark.parametrize("family", OWN_FORWARD)
+def test_qlora_sft_then_dpo_through_the_cli_where_experts_run_their_own_forward(family, tmp_path):
+    """`moetune run` (a subprocess, as a user runs it) of a QLoRA recipe, `model.quantization: {bits: 4}`, LoRA SFT
+    then LoRA DPO with the default roles on a 4-layer model.init: Llama 4's experts run their own forward on NF4
+    weights read dequantized (JetMoE's, LongCat-Flash's too; Nemotron-H's non-gated ones run the NF4 forward). The
+    suite has the mechanism's in-process test above and Mixtral's QLoRA chain. SFT activation checkpointing off (the backward dequantizes again), DPO on."""
+    recipe = write_lora_chain_recipe(tmp_path, family, model={"quantization": {"bits": 4}},
+                                     sft={"max_steps": 4, "activation_checkpointing": False},
+                                     dpo={"max_steps": 2, "activation_checkpointing": True})
+    done = subprocess.run([sys.executable, "-m", "finetune", "run", str(recipe), "--stages", "prep,sft,dpo"],
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run"
+    assert losses(run / "sft")[-1] < losses(run / "sft")[0]
+    assert json.loads((run / "dpo" / "moetune_stage.json").read_text())["outputs"]["parent"] == "base"
+    for stage in ("sft", "dpo"):
+        config = json.loads((run / stage / "adapter_config.json").read_text())
+        modules = {target.rsplit(".", 1)[0] for target in config["target_parameters"]}
+        assert any(m.endswith("experts") or "linear" in m for m in modules), modules  # the routed experts' weights
+        tensors = load_file(str(run / stage / "adapter_model.safetensors"))
+        expert_b = {k: v for k, v in tensors.items() if "lora_B" in k and any(f".{m}." in k for m in modules)}
+        assert expert_b and all(v.abs().max() > 0 for v in expert_b.values()), stage  # B starts at zero: trained

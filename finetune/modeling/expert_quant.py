@@ -318,7 +318,8 @@ def adapted_weight(experts: nn.Module, name: str, factors) -> torch.Tensor:
     if factors is None:
         return weight
     lora_b, lora_a, scaling = factors
-    return torch.baddbmm(weight, lora_b.to(weight.dtype), lora_a.to(weight.dtype), alpha=scaling)
+    # in place: the dequantized copy is this function's own, and a second one would double the layer's transient
+    return weight.baddbmm_(lora_b.to(weight.dtype), lora_a.to(weight.dtype), alpha=scaling)
 
 
 @contextlib.contextmanager

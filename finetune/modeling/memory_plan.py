@@ -206,8 +206,9 @@ def quantizable_linear_elements(model: nn.Module) -> int:
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-    return list(getattr(backbone, "layers", []))
+    """The decoder layers, found as moe.py finds them (Llama 4's get_decoder() is the whole model: its
+    base_model_prefix names no attribute, and a plan with no layers divided by zero)."""
+    return [model.get_submodule(name) for name in moe.decoder_layers(model)]
 
 
 def attention_width(model: nn.Module, layer: nn.Module) -> int:
