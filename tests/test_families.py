@@ -321,6 +321,13 @@ def test_routers_found_on_the_peft_model_are_the_base_models(models):
 @pytest.mark.parametrize("family", ["jetmoe", "nemotron_h"])
 def test_memory_plan_counts_experts_without_gate_up_proj(models, family):
     """The plan read every experts module's down_proj and gate_up_proj: Nemotron-H's (up_proj, down_proj) and
-    JetMoE's (one weight per projection module) stopped `moetune run` before its first stage."""
+    JetMoE's (one weight per projection module) stopped `moetune run` before its first stage. Under QLoRA it counts
+    the experts a family reads dequantized whole."""
     census = memory_plan.census(models(family))
     assert census.expert_lora_elements > 0 and all(elements > 0 for elements in census.layer_elements)
+    # QLoRA: JetMoE's experts run their own forward on weights read dequantized, a layer's at once (Nemotron-H's
+    # non-gated ones run the NF4 forward, a matrix at a time)
+    assert census.experts_read_whole == (family == "jetmoe")
+    qlora = memory_plan.Setup(stage="sft", weight_bytes=2, lora_roles=frozenset({"experts"}), quant_bits=4)
+    read_whole = memory_plan.footprint(census, qlora).activations - memory_plan.activation_bytes(census, qlora)
+    assert read_whole == (2 * max(census.layer_expert_weights) if family == "jetmoe" else 0)

@@ -7,7 +7,8 @@ The plan counts what a training step holds at its peak, by component:
   two moments (DeepSpeed adds an fp32 master copy of 16-bit weights);
 - activations: what the forward keeps for the backward, per token and decoder layer, read off the layer's own
   Linear shapes (token mixers, routed experts times top-k, shared experts, dense FFNs); with activation
-  checkpointing, each layer's input plus one layer recomputed;
+  checkpointing, each layer's input plus one layer recomputed; under QLoRA, where the experts run their own forward
+  on weights read dequantized (Llama 4, LongCat-Flash, JetMoE), one layer's experts in the compute dtype;
 - LM head: moetune's scored LM head (finetune/scored_lm_head.py) on every scored token: the logits of one
   vocabulary tile and, for a frozen head, W[target] - E_p[W] per token (finetune/lm_head_tiles.py);
 - reference: DPO's reference policy, nothing when its log-probs are cached or when it is the policy with the adapter
@@ -27,7 +28,7 @@ from typing import Callable
 
 from torch import nn
 
-from finetune.modeling import adapters, moe
+from finetune.modeling import adapters, expert_quant, moe
 
 GiB = 1024**3
 ROWS = ("weights", "adapter", "gradients", "optimizer", "activations", "lm_head", "reference", "overhead")
@@ -88,6 +89,9 @@ class Census:
     hidden: int
     vocab: int
     head_frozen_elements: int  # LM head parameters
+    # QLoRA: the experts run their own forward on weights read dequantized (Llama 4, LongCat-Flash, JetMoE:
+    # expert_quant.read_dequantized), a whole layer's at once, instead of the NF4 forward's one matrix at a time
+    experts_read_whole: bool = False
 
     @property
     def parameters(self) -> int:
@@ -146,7 +150,8 @@ def census(model: nn.Module) -> Census:
                               for layer in layers],
         attention_width=[attention_width(model, layer) for layer in layers],
         hidden=text.hidden_size, vocab=text.vocab_size,
-        head_frozen_elements=model.get_output_embeddings().weight.numel())
+        head_frozen_elements=model.get_output_embeddings().weight.numel(),
+        experts_read_whole=not expert_quant.runs_nf4_forward(model, list(moe.experts_modules(model).values())))
 
 
 def parameter_roles(model: nn.Module) -> dict[str, str]:
@@ -269,7 +274,7 @@ def footprint(c: Census, s: Setup) -> Footprint:
         gradients=trained * trained_bytes,
         optimizer=2 * trained * trained_bytes,
         master_optimizer=trained * (12 if trained_bytes < 4 else 8),
-        activations=activation_bytes(c, s),
+        activations=activation_bytes(c, s) + dequantized_experts_bytes(c, s, quantized),
         lm_head=lm_head_bytes(c, s),
         reference=reference_bytes(c, s, frozen_bytes, adapter_params),
         # at the model's mean bytes per weight (NF4 experts make a quantized layer about a quarter of a bf16 one)
@@ -285,6 +290,12 @@ def nf4_bytes(elements: int, double_quant: bool) -> float:
     """4 bits per weight, plus one scale per block: an fp32, or with double quantization a byte and an fp32 per 256."""
     scales = elements / NF4_BLOCK
     return elements / 2 + (scales + 4 * scales / NESTED_BLOCK if double_quant else 4 * scales)
+
+
+def dequantized_experts_bytes(c: Census, s: Setup, quantized: bool) -> float:
+    """Under QLoRA, experts that run their own forward read one layer's experts dequantized, in the compute dtype,
+    while that layer runs (forward, and again in its backward); nothing of it is kept in between."""
+    return max(c.layer_expert_weights, default=0) * s.weight_bytes if quantized and c.experts_read_whole else 0.0
 
 
 def activation_bytes(c: Census, s: Setup) -> float:
