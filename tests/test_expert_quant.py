@@ -342,7 +342,7 @@ def test_qlora_sft_then_dpo_through_the_cli_where_experts_run_their_own_forward(
     suite has the mechanism's in-process test above and Mixtral's QLoRA chain. SFT activation checkpointing off (the backward dequantizes again), DPO on."""
     recipe = write_lora_chain_recipe(tmp_path, family, model={"quantization": {"bits": 4}},
                                      sft={"max_steps": 4, "activation_checkpointing": False},
-                                     dpo={"max_steps": 2, "activation_checkpointing": True})
+                                     dpo={"max_steps": 2, "activation_checkpointing": family != "jetmoe"})
     done = subprocess.run([sys.executable, "-m", "finetune", "run", str(recipe), "--stages", "prep,sft,dpo"],
                           capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]

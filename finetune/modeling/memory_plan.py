@@ -89,6 +89,7 @@ class Census:
     hidden: int
     vocab: int
     head_frozen_elements: int  # LM head parameters
+    checkpointing: bool = True  # whether transformers can checkpoint its activations (JetMoE cannot)
     # QLoRA: the experts run their own forward on weights read dequantized (Llama 4, LongCat-Flash, JetMoE:
     # expert_quant.read_dequantized), a whole layer's at once, instead of the NF4 forward's one matrix at a time
     experts_read_whole: bool = False
@@ -151,6 +152,7 @@ def census(model: nn.Module) -> Census:
         attention_width=[attention_width(model, layer) for layer in layers],
         hidden=text.hidden_size, vocab=text.vocab_size,
         head_frozen_elements=model.get_output_embeddings().weight.numel(),
+        checkpointing=getattr(model, "supports_gradient_checkpointing", True),
         experts_read_whole=not expert_quant.runs_nf4_forward(model, list(moe.experts_modules(model).values())))
 
 
@@ -454,6 +456,8 @@ class StagePlan:
 
 
 def plan_stage(c: Census, s: Setup, memory: float | None = None) -> StagePlan:
+    if not c.checkpointing:  # the stage turns moetune's default off for this model (a recipe asking is refused)
+        s = dataclasses.replace(s, activation_checkpointing=False)
     rows = LAYOUTS[s.layout](footprint(c, s), s.processes)
     trainable = ({role: c.lora[role] * s.lora_r for role in s.lora_roles if c.lora.get(role)}
                  if s.lora_roles is not None else dict(c.total))
@@ -512,7 +516,7 @@ def cheapest_change(c: Census, plan: StagePlan) -> None:
     """Fill `plan.change` with the first change (in CHANGES' order) under which the stage fits."""
     if plan.fits:
         return
-    for make in CHANGES:
+    for make in (m for m in CHANGES if c.checkpointing or m is not try_checkpointing):
         found = make(plan.setup) or []
         for setup, text in found if isinstance(found, list) else [found]:
             total = sum(LAYOUTS[setup.layout](footprint(c, setup), setup.processes).values())
