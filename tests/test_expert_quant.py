@@ -339,7 +339,8 @@ def test_qlora_sft_then_dpo_through_the_cli_where_experts_run_their_own_forward(
     """`moetune run` (a subprocess, as a user runs it) of a QLoRA recipe, `model.quantization: {bits: 4}`, LoRA SFT
     then LoRA DPO with the default roles on a 4-layer model.init: Llama 4's experts run their own forward on NF4
     weights read dequantized (JetMoE's, LongCat-Flash's too; Nemotron-H's non-gated ones run the NF4 forward). The
-    suite has the mechanism's in-process test above and Mixtral's QLoRA chain. SFT activation checkpointing off (the backward dequantizes again), DPO on."""
+    suite has the mechanism's in-process test above and Mixtral's QLoRA chain. SFT activation checkpointing off (the
+    backward dequantizes again), DPO on (JetMoE cannot be checkpointed)."""
     recipe = write_lora_chain_recipe(tmp_path, family, model={"quantization": {"bits": 4}},
                                      sft={"max_steps": 4, "activation_checkpointing": False},
                                      dpo={"max_steps": 2, "activation_checkpointing": family != "jetmoe"})
