@@ -1,5 +1,6 @@
 """QLoRA that reaches the experts: NF4 storage of the fused expert weights, a forward that dequantizes one expert at a
-time, and LoRA on those experts that saves as a standard PEFT adapter.
+time (or, for experts that run their own forward, their weights read dequantized), and LoRA on those experts that
+saves as a standard PEFT adapter.
 
 bitsandbytes quantizes `nn.Linear` layers only. In transformers 5 the experts of Mixtral, Qwen3-MoE and OLMoE are
 fused 3-D Parameters, `gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I) (gpt-oss stores them transposed, with
@@ -19,11 +20,16 @@ The forward is registered with transformers' experts interface as "moetune_nf4".
 tokens, `bitsandbytes.matmul_4bit` dequantizes that expert's matrix, multiplies and drops it, then the family's own
 `_apply_gate` runs (Mixtral's SwiGLU; gpt-oss's interleaved gate/up and clamped SwiGLU); its backward
 dequantizes again instead of keeping the matrix for later, so training never holds a layer's experts in full
-precision.
+precision. Non-gated experts (Nemotron-H's up_proj, `has_gate=False`) go through the activation instead.
+
+Experts this forward cannot stand in for (Llama 4's and LongCat-Flash's own forwards, outside the experts interface;
+JetMoE's one weight per projection module; a per-expert output norm) keep their forward, and reading a quantized
+parameter gives it dequantized, plus the active adapter's update (read_dequantized): one layer's experts exist in
+full precision while that layer runs, and autograd keeps a recipe instead of them for the backward.
 
 LoRA: PEFT's ParamWrapper (what `target_parameters` creates) adds its delta by re-parametrizing the whole parameter
 as W + B A, which needs W in full precision. `QuantizedExpertsLora` is a ParamWrapper that hands its factors to the
-forward instead, which adds scaling * (x A_e^T) B_e^T for each expert e. Its weights, their names and the config are
+forward (or the dequantized read, which adds B A per expert) instead; the NF4 forward which adds scaling * (x A_e^T) B_e^T for each expert e. Its weights, their names and the config are
 PEFT's own, so the saved adapter is a standard PEFT adapter that `PeftModel.from_pretrained` loads onto the
 full-precision base (and `moetune merge` merges there).
 """
