@@ -30,8 +30,8 @@ full precision while that layer runs, and autograd keeps a recipe instead of the
 LoRA: PEFT's ParamWrapper (what `target_parameters` creates) adds its delta by re-parametrizing the whole parameter
 as W + B A, which needs W in full precision. `QuantizedExpertsLora` is a ParamWrapper that hands its factors to the
 forward instead, which adds scaling * (x A_e^T) B_e^T for each expert e (the dequantized read adds scaling * B_e A_e
-to the weights). Its weights, their names and the config are PEFT's own, so the saved adapter is a standard PEFT adapter that `PeftModel.from_pretrained` loads onto the
-full-precision base (and `moetune merge` merges there).
+to the weights). Its weights, their names and the config are PEFT's own, so the saved adapter is a standard PEFT
+adapter that `PeftModel.from_pretrained` loads onto the full-precision base (and `moetune merge` merges there).
 """
 
 from __future__ import annotations
