@@ -287,6 +287,26 @@ def test_j_router_role_wraps_the_router_and_tracking_reads_through_it(models, da
         assert not torch.equal(router.get_parameter(weight), base_router.get_parameter(weight))  # merged into
 
 
+def test_a_router_reading_its_weight_itself_trains_its_lora_once_its_reads_are_routed(models, data):
+    """LongCat-Flash's router computes F.linear(x, self.classifier.weight): PEFT applies the LoRA of classifier.weight
+    only inside the classifier's own forward, which never runs. A model built outside moetune's loaders is refused
+    with that reason; moetune's loaders (the `models` fixture loads as the CLI does) route the router's reads through
+    the LoRA: its adapter gets gradients, and a disabled adapter leaves the model as it was. (The suite's sample of
+    (j); with MOETUNE_ALL_FAMILIES=1 the (j) cell runs LongCat-Flash whole.)"""
+    model = models("longcat_flash")
+    with pytest.raises(ValueError, match="reads classifier.weight itself"):
+        adapters.peft_config(AutoModelForCausalLM.from_config(model.config), LoraConfig(targets=["attention", "router"]))
+    peft_model = random_lora_on(model, targets=("attention", "router"))
+    inputs = padded_batch(data[0])
+    with peft_model.disable_adapter(), torch.no_grad():
+        plain = peft_model(**inputs).logits
+    peft_model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    router_lora = [p for n, p in peft_model.named_parameters() if ".router.classifier.lora_" in n]
+    assert router_lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in router_lora)
+    with peft_model.disable_adapter(), torch.no_grad():
+        assert torch.equal(peft_model(**inputs).logits, plain)  # the hooks honour a disabled adapter
+
+
 # ---------------------------------------------------------------- adapters whose keys a checkpoint renaming would move
 
 @pytest.mark.parametrize("family", ["laguna", "inkling2_text"])

@@ -380,25 +380,3 @@ def test_a_router_without_an_expert_row_weight_is_refused_by_name_and_left_out_o
         adapters.peft_config(model, LoraConfig(targets=["attention", "router"]))
     assert "router" not in str(adapters.peft_config(model, LoraConfig(targets=["all"])).target_parameters)
 
-
-def test_a_router_reading_its_weight_itself_trains_its_lora_once_its_reads_are_routed():
-    """LongCat-Flash's router computes F.linear(x, self.classifier.weight): PEFT applies the LoRA of classifier.weight
-    only inside the classifier's own forward, which never runs. A model built outside moetune's loaders is refused
-    with that reason; moetune's loaders route the router's reads through the LoRA, and then its adapter gets
-    gradients, and a disabled adapter leaves the model as it was."""
-    from helpers.nf4 import random_lora_on
-
-    model, tokenizer = tiny_model("longcat_flash")
-    with pytest.raises(ValueError, match="reads classifier.weight itself"):
-        adapters.peft_config(model, LoraConfig(targets=["attention", "router"]))
-    adapters.route_router_reads_through_lora(model)
-    peft_model = random_lora_on(model, targets=("attention", "router"))
-    inputs = batch(tokenizer)
-    with peft_model.disable_adapter(), torch.no_grad():
-        plain = peft_model(**inputs).logits
-    loss = peft_model(**inputs, labels=inputs["input_ids"]).loss
-    loss.backward()
-    router_lora = [p for n, p in peft_model.named_parameters() if ".router.classifier.lora_" in n]
-    assert router_lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in router_lora)
-    with peft_model.disable_adapter(), torch.no_grad():
-        assert torch.equal(peft_model(**inputs).logits, plain)  # the hooks honour a disabled adapter
