@@ -476,21 +476,37 @@ def bitsandbytes_config(bits: int, double_quant: bool, compute_dtype: torch.dtyp
 
 
 def linears_to_keep(skeleton: nn.Module) -> list[str] | None:
-    """The Linear layers of `skeleton` (a model on the meta device) that 4-bit loading keeps in full precision:
-    transformers' own choice (the output head) plus those whose in_features is not a whole number of blocks, which
-    bitsandbytes' AVX-512 CPU kernel would read back wrong (see the module docstring). None when there are none of
-    the latter: transformers' default applies."""
+    """The Linear layers of `skeleton` (a model on the meta device) that quantized loading keeps in full precision:
+    transformers' own choice (the output head), the routers' Linears, and those whose in_features is not a whole
+    number of blocks, which bitsandbytes' AVX-512 CPU kernel would read back wrong (see the module docstring). None
+    when there are none of the latter two: transformers' default applies."""
     from transformers.quantizers.base import get_keys_to_not_convert
 
     kept = get_keys_to_not_convert(skeleton)
     odd = [name for name, module in skeleton.named_modules()
            if isinstance(module, nn.Linear) and module.in_features % BLOCKSIZE and name not in kept]
-    if not odd:
+    routers = router_linears(skeleton)
+    if not odd and not routers:
         return None
-    shapes = sorted({skeleton.get_submodule(name).in_features for name in odd})
-    print(f"[quantization] {len(odd)} Linear layers with in_features {shapes} (not a multiple of bitsandbytes' "
-          f"{BLOCKSIZE}-weight block) stay in full precision, e.g. {odd[0]}.", flush=True)
-    return sorted({*kept, *odd})
+    if odd:
+        shapes = sorted({skeleton.get_submodule(name).in_features for name in odd})
+        print(f"[quantization] {len(odd)} Linear layers with in_features {shapes} (not a multiple of bitsandbytes' "
+              f"{BLOCKSIZE}-weight block) stay in full precision, e.g. {odd[0]}.", flush=True)
+    return sorted({*kept, *odd, *routers})
+
+
+def router_linears(model: nn.Module) -> list[str]:
+    """The Linear layers that hold a router's weight (LongCat-Flash's `router.classifier`, JetMoE's `router.layer`,
+    Llama 4's router itself): kept in full precision like the routers held as bare Parameters. Quantized, their weight
+    became packed bytes, and routing, the router role and the detection of the router (a weight of one row per
+    expert) were lost."""
+    found = []
+    for name, router in moe.routers(model).items():
+        owner = moe.router_weight_name(model, name).rpartition(".")[0]
+        owner = f"{name}.{owner}" if owner else name
+        if isinstance(model.get_submodule(owner), nn.Linear):
+            found.append(owner)
+    return found
 
 
 def disable_packed_cpu_path(model: nn.Module) -> None:

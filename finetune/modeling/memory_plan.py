@@ -206,10 +206,12 @@ def expert_matrix_elements(model: nn.Module) -> int:
 
 
 def quantizable_linear_elements(model: nn.Module) -> int:
-    """Linear weights bitsandbytes quantizes: all but the LM head and those whose input is not whole blocks."""
+    """Linear weights bitsandbytes quantizes: all but the LM head, the routers' and those whose input is not whole
+    blocks (expert_quant.linears_to_keep)."""
     head = model.get_output_embeddings()
-    return sum(module.weight.numel() for module in model.modules()
-               if isinstance(module, nn.Linear) and module is not head and module.in_features % NF4_BLOCK == 0)
+    routers = {id(model.get_submodule(name)) for name in expert_quant.router_linears(model)}
+    return sum(module.weight.numel() for module in model.modules() if isinstance(module, nn.Linear)
+               and module is not head and id(module) not in routers and module.in_features % NF4_BLOCK == 0)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
