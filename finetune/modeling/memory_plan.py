@@ -120,6 +120,7 @@ class Footprint:
     largest_layer_experts: float = 0.0
     lm_head_weights: float = 0.0
     expert_parallel: int = 1
+    expert_adapter: float = 0.0  # the part of `adapter` on the routed experts (split with them under ep)
 
     def overhead(self, rest: float) -> float:
         if self.device == "cpu":
@@ -287,7 +288,8 @@ def footprint(c: Census, s: Setup) -> Footprint:
         largest_layer_dense=max((w - e for w, e in zip(c.layer_weights, c.layer_expert_weights)), default=0)
         * s.weight_bytes,
         largest_layer_experts=max(c.layer_expert_weights, default=0) * s.weight_bytes,
-        lm_head_weights=c.head_frozen_elements * s.weight_bytes, expert_parallel=s.expert_parallel)
+        lm_head_weights=c.head_frozen_elements * s.weight_bytes, expert_parallel=s.expert_parallel,
+        expert_adapter=c.lora.get("experts", 0) * s.lora_r * LORA_BYTES if lora and "experts" in s.lora_roles else 0)
 
 
 def nf4_bytes(elements: int, double_quant: bool) -> float:
@@ -390,9 +392,11 @@ def ep(f: Footprint, n: int) -> dict[str, float]:
     layer's dense part is gathered (the one running and the one prefetched, as fsdp2) and its experts only up to
     this process's group (1/N of them; nothing to gather when n = N); the LM head is kept whole from the forward to
     the backward (transformers' FSDP plan: `keep_full_weight`). Full fine-tuning shards gradients and AdamW's moments
-    the same way; LoRA's adapter, added after the model was sharded, is whole on every process with its gradients
+    the same way. LoRA's adapter, added after the model was sharded, is whole on every process with its gradients
     and moments (a plain replicated tensor whose gradient transformers' Trainer all-reduces:
-    `_sync_replicated_trainable_parameters`). A full-FT DPO reference is loaded split like the policy.
+    `_sync_replicated_trainable_parameters`), except the routed experts' factors, split with their experts (1/N of
+    them per process, with their gradients and moments: finetune/modeling/split_expert_lora.py). A full-FT DPO
+    reference is loaded split like the policy.
 
     On a CPU two more copies land in the same memory (measured on 2 gloo processes, benchmarks/plan_memory.py): the
     pages of the memory-mapped checkpoint a process read its shard from stay mapped while it trains (1/n of the
@@ -409,7 +413,10 @@ def ep(f: Footprint, n: int) -> dict[str, float]:
         if f.device == "cpu":
             rows["weights"] += weights / n + f.trained_weights
     if lora:
-        rows["adapter"] = f.adapter
+        # the experts' factors, and so their gradients and moments, 1/N per process; the other adapters whole
+        held = 1 - f.expert_adapter / f.adapter * (1 - 1 / f.expert_parallel) if n > 1 else 1.0
+        rows["adapter"], rows["gradients"], rows["optimizer"] = (f.adapter * held, f.gradients * held,
+                                                                 f.optimizer * held)
     return with_overhead(f, rows)
 
 
