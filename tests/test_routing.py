@@ -376,3 +376,4 @@ def test_a_router_without_an_expert_row_weight_is_refused_by_name_and_left_out_o
     with pytest.raises(ValueError, match=f"router cannot be tuned on this model: its router {name} scores"):
         adapters.peft_config(model, LoraConfig(targets=["attention", "router"]))
     assert "router" not in str(adapters.peft_config(model, LoraConfig(targets=["all"])).target_parameters)
+
