@@ -118,7 +118,6 @@ class Family:
     padding_free: str | None = None  # why speed.padding_free cannot run this family; None: it can
     # Phi-MoE's router samples experts at random in training (SparseMixer): two forwards of a batch differ.
     samples_experts_in_training: bool = False
-    nf4_experts: str | None = None  # why NF4 experts cannot run this family; None: they can
 
     @property
     def has_aux_loss(self) -> bool:

@@ -48,7 +48,6 @@ from torch import nn
 from transformers import BitsAndBytesConfig
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from finetune.core import families
 from finetune.modeling import moe
 
 # bitsandbytes is imported by the functions that quantize, not with this module: importing it prints warnings about
@@ -87,9 +86,6 @@ def quantize_experts(model: nn.Module, double_quant: bool, compute_dtype: torch.
     `device`: where to quantize and keep the NF4 experts (default: where the weights are). Quantizing on a GPU takes
     milliseconds per matrix; bitsandbytes' CPU kernel takes seconds for one of Mixtral-8x7B's.
     """
-    refusal = nf4_refusal(model)
-    if refusal:
-        raise ValueError(f"model.quantization cannot run {model.config.get_text_config().model_type}: {refusal}.")
     found = moe.experts_modules(model)
     if not found:
         raise ValueError("model.quantization: this model has no routed experts (3-D expert weights) to quantize; it "
@@ -106,12 +102,6 @@ def quantize_experts(model: nn.Module, double_quant: bool, compute_dtype: torch.
             read_dequantized(module)
     if nf4_forward:
         model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
-
-
-def nf4_refusal(model: nn.Module) -> str | None:
-    """Why NF4 experts cannot run this model, or None: the registry's reason (no family has one today: experts
-    outside transformers' experts interface read their weights dequantized, see read_dequantized)."""
-    return families.family_of(model).nf4_experts
 
 
 def projections(experts: nn.Module) -> tuple[str, str]:
