@@ -133,6 +133,12 @@ def test_i_export_vllm_reloads_to_the_trained_logits(models, data, family, tmp_p
 # gate_up_proj (lora.py normalize_gate_up_proj: A and B concatenated, gate first), B scaled by lora_alpha / r, and
 # the experts module wrapped only when target_modules normalize to gate_up_proj and down_proj (lora_manager.py).
 SGLANG_EXPERT_KEY = re.compile(r"layers\.\d+\..*\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.lora_([AB])\.weight$")
+# The stacked 3-D keys (families whose checkpoint stores the experts fused): mem_pool.py's `elif "experts" in name
+# and weights.dim() == 3` branch; lora.py normalize_gate_up_proj repeats a stacked gate_up_proj A twice along the
+# rank; FusedMoEWithLoRA reads B's first half as gate rows, its second as up rows, and re-interleaves them for a base
+# that interleaves (gpt-oss, whose checkpoint's gate_up_proj alternates gate and up rows).
+SGLANG_STACKED_KEY = re.compile(r"layers\.\d+\..*\.experts\.(gate_up_proj|down_proj)\.lora_([AB])\.weight$")
+INTERLEAVED_GATE_UP = {"gpt_oss"}
 SGLANG_TARGETS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
                   "up_proj": "gate_up_proj"}  # utils.get_normalized_target_modules, the names our adapters hold
 CHECKPOINT_LEAVES = {"gate_proj": ("gate_proj", "w1"), "up_proj": ("up_proj", "w3"), "down_proj": ("down_proj", "w2")}
@@ -145,11 +151,48 @@ def lone_q_proj(adapter) -> bool:
     return any(".q_proj.lora_A." in key and key.replace(".q_proj.", ".v_proj.") not in keys for key in keys)
 
 
-def sglang_reference(base, exported, folder):
+def stacked_experts(model) -> bool:
+    """Whether the model's experts are modules holding gate_up_proj and down_proj (SGLang's stacked key names)."""
+    return any(hasattr(module, "gate_up_proj") and hasattr(module, "down_proj") for module in model.modules())
+
+
+def add_stacked_updates(model, adapter, scale, family):
+    """SGLang's stacked experts keys read as its loader reads them (SGLANG_STACKED_KEY), each expert's gate, up and
+    down update added to the experts module the key names, in whichever orientation and gate/up order it stores."""
+    stacked = {}
+    for key, tensor in adapter.items():
+        match = SGLANG_STACKED_KEY.search(key)
+        if match is not None:
+            assert tensor.dim() == 3, key
+            owner = key.removeprefix("base_model.model.").split(f".{match[1]}.lora_")[0]
+            stacked.setdefault(owner, {})[match[1], match[2]] = tensor
+    hidden = model.config.get_text_config().hidden_size
+    for owner, parts in stacked.items():
+        rank = parts["gate_up_proj", "A"].shape[1]
+        a = parts["gate_up_proj", "A"].repeat(1, 2, 1)  # normalize_gate_up_proj: [E, 2r, in]
+        b = parts["gate_up_proj", "B"]
+        inter = b.shape[1] // 2
+        # the pool's buffers (get_hidden_dim): gate_up_proj_moe (hidden -> 2 I), down_proj_moe (I -> hidden)
+        assert a.shape[2] == hidden and parts["down_proj", "A"].shape[2] == inter, owner
+        assert parts["down_proj", "B"].shape[1] == hidden, owner
+        gate, up = b[:, :inter] @ a[:, :rank], b[:, inter:] @ a[:, rank:]
+        gate_up = (torch.stack([gate, up], 2).flatten(1, 2) if family in INTERLEAVED_GATE_UP
+                   else torch.cat([gate, up], 1))
+        experts = model.get_submodule(owner)
+        for name, delta in (("gate_up_proj", gate_up), ("down_proj", parts["down_proj", "B"] @ parts["down_proj", "A"])):
+            weight = getattr(experts, name)
+            assert weight.shape[1] != weight.shape[2], name  # the orientation is read off the shape
+            with torch.no_grad():
+                weight += scale * (delta if weight.shape[1:] == delta.shape[1:] else delta.transpose(1, 2))
+    return bool(stacked)
+
+
+def sglang_reference(base, exported, folder, family=None):
     """The base checkpoint plus the update SGLang's loader builds from the exported tensors: per expert, the stacked
     gate_up_proj A = [A_gate; A_up] (2r, in) and B = [B_gate; B_up] (2I, r), applied as B[:I] @ A[:r] to the gate
     rows and B[I:] @ A[r:] to the up rows (FusedMoEWithLoRA's [gate; up] order), added to the checkpoint's matrices
-    of that expert (w1/w3/w2 or gate/up/down_proj); other keys as ordinary LoRA Linears."""
+    of that expert (w1/w3/w2 or gate/up/down_proj), or for stacked 3-D keys to the fused experts
+    (add_stacked_updates); other keys as ordinary LoRA Linears."""
     config = json.loads((exported / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and isinstance(config["target_modules"], list)  # what LoRAConfig accepts
     assert not config.get("rank_pattern") and not config.get("alpha_pattern") and not config["use_dora"]
@@ -160,7 +203,9 @@ def sglang_reference(base, exported, folder):
     weights = load_file(base / "model.safetensors")
     experts, updates = {}, {}
     for key, tensor in adapter.items():
-        assert tensor.dim() == 2, key  # the per-expert branch: one matrix per expert, no 3-D tensors
+        if SGLANG_STACKED_KEY.search(key) is not None:
+            continue  # add_stacked_updates
+        assert tensor.dim() == 2, key  # the per-expert branch: one matrix per expert
         module = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
         match = SGLANG_EXPERT_KEY.search(key)
         if match is not None:
@@ -179,29 +224,34 @@ def sglang_reference(base, exported, folder):
         for leaf, delta in deltas.items():
             name = next(f"{head}.{n}.weight" for n in CHECKPOINT_LEAVES[leaf] if f"{head}.{n}.weight" in weights)
             updates[name] = scale * delta
-    assert experts
     shutil.copytree(base, folder)
     for name, delta in updates.items():
         assert weights[name].shape == delta.shape, name
         weights[name] = weights[name] + delta
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    return AutoModelForCausalLM.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert add_stacked_updates(model, adapter, scale, family) or experts
+    return model
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_sglang_reloads_to_the_trained_logits(models, data, family, tmp_path):
     adapter, base, inputs, expected = trained_adapter(models, data, family, tmp_path)
     out = tmp_path / "sglang"
-    if not per_expert_keys(base):
-        refused(lambda: export.export(adapter, "sglang", out), layouts.SGLANG_FUSED_ON_DISK)
     if lone_q_proj(adapter):  # checked before the re-layout
         refused(lambda: export.export(adapter, "sglang", out), layouts.SGLANG_NO_QKV)
+    per_expert = per_expert_keys(base)
+    if not per_expert and not stacked_experts(models(family)):
+        refused(lambda: export.export(adapter, "sglang", out), layouts.SGLANG_NO_STACKED)
     if linears_fused_on_disk(models(family), adapter, base):
         refused(lambda: export.export(adapter, "sglang", out), layouts.FUSED_LINEAR_ON_DISK)
-    if not any(re.search(r"\.experts\.\d+\.(gate_proj|w1)\.", key) for key in load_file(base / "model.safetensors")):
+    keys = load_file(base / "model.safetensors")
+    if per_expert and not any(re.search(r"\.experts\.\d+\.(gate_proj|w1)\.", key) for key in keys):
         refused(lambda: export.export(adapter, "sglang", out), layouts.SGLANG_NO_GATE_UP)
     export.export(adapter, "sglang", out)
-    reloaded = sglang_reference(base, out, tmp_path / "reference")
+    exported = load_file(out / "adapter_model.safetensors")
+    assert any(SGLANG_STACKED_KEY.search(key) for key in exported) == (not per_expert)  # 3-D only where fused
+    reloaded = sglang_reference(base, out, tmp_path / "reference", family)
     assert (logits_of(reloaded, inputs) - expected).abs().max() <= 1e-4
     readme = (out / "README.md").read_text()
     assert f"python -m sglang.launch_server --model-path {base} --enable-lora --lora-paths moetune={out}" in readme

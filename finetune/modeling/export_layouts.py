@@ -16,6 +16,18 @@ Per-expert 2-D keys are named as the base checkpoint names each expert's weights
 `block_sparse_moe.experts.{e}.w1`, Qwen's `mlp.experts.{e}.gate_proj`): transformers' own reverse weight
 conversion (what `save_pretrained` writes) is run on a probe tensor whose entries are (expert, row) indices, so
 which rows of gate_up_proj become which file's gate or up (concatenated or interleaved) is read off, not assumed.
+
+SGLang's stacked experts keys (families whose checkpoint stores the experts fused, so there are no per-expert names),
+read from SGLang's source as the code index stores it: LoRAMemoryPool.load_lora_weight_to_buffer (mem_pool.py at
+00639c4d) takes a 3-D tensor whose name holds `experts` (`elif "experts" in name and weights.dim() == 3`) into the
+`gate_up_proj_moe` / `down_proj_moe` buffer of the layer its `layers.{l}.` names, one [c*r, in] A and one [out, r]
+B per expert (_iter_local_expert_weights walks the leading experts dimension), B times lora_alpha / r;
+LoRAAdapter.normalize_gate_up_proj (lora.py, the version with _is_non_gated_moe_weight) repeats an already stacked
+`gate_up_proj` lora_A twice along its rank dimension, so gate and up share A_e as in PEFT's 3-D layout;
+FusedMoEWithLoRA._slice_moe_b_2d (layers.py, the version with _uses_interleaved_gate_up) reads B's first half as
+the gate rows and its second as the up rows, and interleaves them itself where the base interleaves (gpt-oss,
+gemm1_alpha set). So: `...experts.gate_up_proj.lora_A` (E, r, H), `...lora_B` (E, 2I, r) as [gate; up],
+`...experts.down_proj.lora_A` (E, r, I), `...lora_B` (E, H, r), in each expert's (out, in) orientation.
 """
 
 from __future__ import annotations
@@ -36,11 +48,14 @@ SWAP_FIXED_IN = Version("0.19.0")  # PEFT#3165: in/out of (E, out, in) parameter
 
 
 FUSED_ON_DISK = ("the base checkpoint stores this family's experts fused (one 3-D tensor, not a matrix per expert): "
-                 "there are no per-expert names to write their LoRA under, and vLLM has no 3-D MoE LoRA for it")
-SGLANG_FUSED_ON_DISK = ("the base checkpoint stores this family's experts fused (one 3-D tensor, not a matrix per "
-                        "expert), and moetune splits gate_up_proj into SGLang's gate_proj/up_proj keys the way the "
-                        "checkpoint's per-expert matrices split it; moetune does not write SGLang's 3-D experts keys. "
-                        "Use --format merged (`python -m sglang.launch_server --model-path OUT` serves it)")
+                 "there are no per-expert names to write their LoRA under, and its vLLM class does not load PEFT's "
+                 "3-D layout natively (vLLM reads it natively only where the model class sets is_3d_moe_weight = "
+                 "True: GptOssForCausalLM, Qwen3_5MoeForConditionalGeneration; vllm/lora/model_manager.py at "
+                 "01533aa). Use --format merged")
+SGLANG_NO_STACKED = ("this family's experts are not one experts module holding gate_up_proj and down_proj (JetMoE's "
+                     "input_linear/output_linear hold one `weight` each), and its checkpoint stores them fused: "
+                     "SGLang reads stacked expert LoRA only as `...experts.gate_up_proj` / `...experts.down_proj` "
+                     "(and SGLang has no JetMoE model class). Use --format merged")
 SGLANG_NO_QKV = ("this family's q_proj has no v_proj beside it (latent or linear attention), and SGLang's loader "
                  "stacks every q_proj with its k_proj/v_proj into qkv_proj (only DeepSeek-V2/V3 keep a lone q_proj): "
                  "it cannot load this adapter. Use --format merged")
@@ -62,6 +77,10 @@ FUSED_LINEAR_ON_DISK = ("the base checkpoint stores this Linear inside one tenso
 
 class LayoutError(ValueError):
     """A format cannot express this adapter; the message says why and what to do instead."""
+
+
+class FusedOnDisk(LayoutError):
+    """The base checkpoint has no per-expert matrices to name the experts' LoRA after."""
 
 
 @dataclass
@@ -89,6 +108,11 @@ class ExpertsInfo:
     # PEFT nests the two wrappers, the inner one (`base_layer`) holds the first. One (JetMoE's `weight`) where each
     # projection is its own experts module.
     params: tuple[str, ...] = (GATE_UP, DOWN)
+    # gate_up_proj's rows [gate; up] (transformers' is_concatenated, its default) or interleaved (gpt-oss)
+    concatenated: bool = True
+    # stored (E, in, out) without transformers' is_transposed flag (Llama 4's bmm experts): `shapes` and the factors
+    # are then in the stored orientation, and each expert's (out, in) matrix is their transpose
+    unflagged_transpose: bool = False
 
 
 def experts_info(model: nn.Module) -> dict[str, ExpertsInfo]:
@@ -96,6 +120,7 @@ def experts_info(model: nn.Module) -> dict[str, ExpertsInfo]:
     3-D expert parameters, found by structure as training finds them."""
     found = {}
     count = moe.config_expert_count(model)
+    hidden = model.config.get_text_config().hidden_size
     for name, module in moe.experts_modules(model).items():
         params = tuple(sorted(moe.expert_parameter_names(module, count), key=lambda param: param == DOWN))
         transposed = bool(getattr(module, "is_transposed", False))
@@ -103,7 +128,10 @@ def experts_info(model: nn.Module) -> dict[str, ExpertsInfo]:
         for param in params:
             counts[param], first, second = getattr(module, param).shape
             shapes[param] = (second, first) if transposed else (first, second)
-        found[name] = ExpertsInfo(counts, transposed, shapes, params)
+        out_features, in_features = shapes[params[0]]
+        unflagged = len(params) == 2 and out_features == hidden != in_features  # the input projection reads hidden
+        found[name] = ExpertsInfo(counts, transposed, shapes, params, bool(getattr(module, "is_concatenated", True)),
+                                  unflagged)
     return found
 
 
@@ -336,8 +364,9 @@ def to_per_expert(factors: dict[str, Factors], experts: dict[str, ExpertsInfo],
     placed = {t: rows_of[t if t.rpartition(".")[0] in experts else f"{t}.weight"] for t in complete}
     # nothing of its own on disk: the experts' reason first (a family with both says what matters most)
     for target in sorted((t for t in complete if not placed[t]), key=lambda t: t.rpartition(".")[0] not in experts):
-        fused_experts = target.rpartition(".")[0] in experts
-        raise LayoutError(f"{FUSED_ON_DISK if fused_experts else FUSED_LINEAR_ON_DISK} ({target})")
+        if target.rpartition(".")[0] in experts:
+            raise FusedOnDisk(f"{FUSED_ON_DISK} ({target})")
+        raise LayoutError(f"{FUSED_LINEAR_ON_DISK} ({target})")
     tensors, modules = {}, []
     for target, factor in complete.items():
         factor = padded(factor, rank)
@@ -355,6 +384,32 @@ def to_per_expert(factors: dict[str, Factors], experts: dict[str, ExpertsInfo],
             tensors[f"{PREFIX}{key}.lora_B.weight"] = b[rows].contiguous()
             modules.append(key)
     return tensors, modules
+
+
+def to_sglang_stacked(factors: dict[str, Factors], experts: dict[str, ExpertsInfo],
+                      model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """SGLang's stacked experts keys (module docstring) for experts fused on disk; attention, shared experts and
+    dense MLPs as SGLang's 2-D keys (to_per_expert, sglang_names). (tensors, module names)"""
+    rank = max_rank(factors)
+    factors = {target: padded(factor, rank) for target, factor in factors.items()}
+    linears = {t: f for t, f in factors.items() if t.rpartition(".")[0] not in experts}
+    tensors, modules = sglang_names(*to_per_expert(linears, experts, model)) if linears else ({}, [])
+    for target, factor in factors.items():
+        owner, _, param = target.rpartition(".")
+        if owner not in experts:
+            continue
+        info = experts[owner]
+        if info.params != (GATE_UP, DOWN):
+            raise LayoutError(f"{SGLANG_NO_STACKED} ({target})")
+        a, b = (factor.b.transpose(1, 2), factor.a.transpose(1, 2)) if info.unflagged_transpose else (factor.a,
+                                                                                                     factor.b)
+        if param == GATE_UP and not info.concatenated:  # SGLang wants [gate; up] and interleaves for such bases
+            b = torch.cat([b[:, 0::2], b[:, 1::2]], 1)
+        kept = computed_experts(info)  # SGLang's FusedMoE holds the routed experts only
+        tensors[f"{PREFIX}{target}.lora_A.weight"] = a[:kept].contiguous()
+        tensors[f"{PREFIX}{target}.lora_B.weight"] = b[:kept].contiguous()
+        modules += [f"{owner}.{GATE_UP}", f"{owner}.{DOWN}"]  # SGLang wraps the experts only when both are targets
+    return tensors, list(dict.fromkeys(modules))
 
 
 def sglang_names(tensors: dict[str, torch.Tensor], modules: list[str]) -> tuple[dict[str, torch.Tensor], list[str]]:

@@ -9,8 +9,9 @@
   vLLM >= 0.26).
 - sglang: vLLM's per-expert 2-D keys with each expert's projections named gate_proj/up_proj/down_proj (SGLang's
   loader renames w1/w3/w2 to those names, stacks gate_proj + up_proj per expert, and applies expert LoRA only when
-  the targets include gate_up_proj and down_proj); families whose checkpoint stores the experts fused are refused.
-  Read from SGLang's main branch (SGLANG_READ).
+  the targets include gate_up_proj and down_proj); for families whose checkpoint stores the experts fused, SGLang's
+  stacked 3-D keys `...experts.gate_up_proj` / `...experts.down_proj` (export_layouts' docstring). Read from
+  SGLang's main branch (SGLANG_READ).
 - merged: full-precision weights with the adapter folded in, as from_pretrained loads them; for an adapter trained
   on NF4 experts (model.quantization) the experts are first rounded through NF4 exactly as training stored them,
   and delta_report.md says, per matrix, how large the LoRA update is against the NF4 step and how much of it a
@@ -39,8 +40,14 @@ VLLM_READ = "vLLM main (vllm/lora/model_manager.py 01533aa, vllm/lora/lora_model
 # model_type -> vLLM class with `is_3d_moe_weight = True`: PEFT's 3-D expert layout loads natively there.
 VLLM_3D = {"gpt_oss": "GptOssForCausalLM", "qwen3_5_moe_text": "Qwen3_5MoeForConditionalGeneration"}
 SGLANG_READ = ("SGLang main (python/sglang/srt/lora/mem_pool.py and layers.py at 00639c4d: per-expert keys "
-               "`experts.{e}.` in LoRAMemoryPool.load_lora_weight_to_buffer, gate/up as [gate; up] in "
-               "FusedMoEWithLoRA; lora.py LoRAAdapter.normalize_gate_up_proj; lora_config.py at 0ceb81fe)")
+               "`experts.{e}.`, or a 3-D `experts.gate_up_proj`/`experts.down_proj` tensor, in "
+               "LoRAMemoryPool.load_lora_weight_to_buffer, gate/up as [gate; up] in FusedMoEWithLoRA; lora.py "
+               "LoRAAdapter.normalize_gate_up_proj; lora_config.py at 0ceb81fe)")
+LAYOUTS = {("vllm", False): "per-expert 2-D keys (experts.{e}.<projection> as the checkpoint names them)",
+           ("sglang", False): "per-expert 2-D keys (experts.{e}.gate_proj/up_proj/down_proj, as SGLang's loader "
+                              "names them)",
+           ("sglang", True): "SGLang's stacked experts keys (experts.gate_up_proj / experts.down_proj: A (E, r, in), "
+                             "B (E, out, r), gate_up's B rows [gate; up]), the checkpoint storing the experts fused"}
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted --max-lora-rank values
 ADAPTER_FILE, CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
 
@@ -132,8 +139,7 @@ def write_adapter(stage_dir, chain, fmt, factors, experts, base, model_type, wor
     else:
         tensors, modules = per_expert(fmt, factors, experts, base)
         targets, parameters = sorted({m.rsplit(".", 1)[-1] for m in modules}), None
-        layout = ("per-expert 2-D keys (experts.{e}.gate_proj/up_proj/down_proj, as SGLang's loader names them)"
-                  if fmt == "sglang" else "per-expert 2-D keys (experts.{e}.<projection> as the checkpoint names them)")
+        layout = LAYOUTS[fmt, any(tensor.dim() == 3 for tensor in tensors.values())]
     rank = layouts.max_rank(factors)
     config = layouts.lora_config(base_name(chain[0]), rank, targets, parameters)
     save_file(tensors, work / ADAPTER_FILE, metadata={"format": "pt"})
@@ -142,19 +148,18 @@ def write_adapter(stage_dir, chain, fmt, factors, experts, base, model_type, wor
 
 
 def per_expert(fmt, factors, experts, base) -> tuple[dict, list[str]]:
-    """vLLM's per-expert keys; for SGLang the same tensors under the projection names its loader reads."""
+    """vLLM's per-expert keys; for SGLang the same tensors under the projection names its loader reads, or its
+    stacked 3-D experts keys where the checkpoint stores the experts fused."""
+    if fmt == "sglang":
+        layouts.check_sglang_qkv(factors)  # a lone q_proj is named before anything fused on disk
     try:
         tensors, modules = layouts.to_per_expert(factors, experts, base)
-    except layouts.LayoutError as error:
+    except layouts.FusedOnDisk:
         if fmt != "sglang":
             raise
-        if layouts.FUSED_ON_DISK in str(error):
-            raise layouts.LayoutError(layouts.SGLANG_FUSED_ON_DISK) from None
-        layouts.check_sglang_qkv(factors)  # a lone q_proj is named before a Linear fused on disk
-        raise
+        return layouts.to_sglang_stacked(factors, experts, base)
     if fmt != "sglang":
         return tensors, modules
-    layouts.check_sglang_qkv(factors)
     return layouts.sglang_names(tensors, modules)
 
 
