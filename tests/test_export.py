@@ -107,19 +107,55 @@ def test_h_export_merged_and_peft_reload_to_the_trained_logits(models, data, fam
     assert "## Serving" in (tmp_path / "merged" / "README.md").read_text()
 
 
+def vllm_mixed_reference(base, exported, family):
+    """The base model plus the update vLLM's mixed-format loader builds from a PEFT 3-D file
+    (LoRAModelManager._convert_3d_to_2d_moe_lora, vllm/lora/model_manager.py at 01533aa): per experts module M,
+    `M.base_layer.lora_A` (r*E, in) -> (E, r, in), `lora_B` (out, r*E) -> (E, out, r), w1 = B's first half, w3 its
+    second (interleaved only for GptOssForCausalLM), both on the shared A; `M.lora_*` likewise for w2; scaled by
+    lora_alpha / r; other keys as LoRA Linears on the modules they name."""
+    config = json.loads((exported / "adapter_config.json").read_text())
+    scale, rank = config["lora_alpha"] / config["r"], config["r"]
+    adapter = load_file(exported / "adapter_model.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    pairs = {}
+    for key, tensor in adapter.items():
+        module, ab = key.removeprefix("base_model.model.").removesuffix(".weight").rsplit(".lora_", 1)
+        pairs.setdefault(module, {})[ab] = tensor
+    updates = {}
+    for module in [m for m in pairs if m + ".base_layer" in pairs]:
+        (gate_up_a, gate_up_b), (down_a, down_b) = [(pairs[m]["A"], pairs[m]["B"]) for m in (module + ".base_layer",
+                                                                                             module)]
+        count = gate_up_a.shape[0] // rank
+        a = gate_up_a.reshape(count, rank, -1)
+        b = gate_up_b.reshape(gate_up_b.shape[0], rank, count).permute(2, 0, 1)
+        inter = b.shape[1] // 2
+        down = down_b.reshape(down_b.shape[0], rank, count).permute(2, 0, 1) @ down_a.reshape(count, rank, -1)
+        updates[module] = (b[:, :inter] @ a, b[:, inter:] @ a, down)
+        del pairs[module], pairs[module + ".base_layer"]
+    assert add_expert_updates(model, updates, scale, family)
+    with torch.no_grad():
+        for module, pair in pairs.items():
+            model.get_submodule(module).weight += scale * pair["B"] @ pair["A"]
+    return model
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_i_export_vllm_reloads_to_the_trained_logits(models, data, family, tmp_path):
     adapter, base, inputs, expected = trained_adapter(models, data, family, tmp_path)
     out = tmp_path / "vllm"
     three_d = families.text_model_type(family) in export.VLLM_3D
-    if not three_d and not per_expert_keys(base):  # no per-expert names to write the experts' LoRA under
-        refused(lambda: export.export(adapter, "vllm", out), layouts.FUSED_ON_DISK)
-    if not three_d and linears_fused_on_disk(models(family), adapter, base):
+    fused = not three_d and not per_expert_keys(base)  # no per-expert names: vLLM's mixed-format 3-D loader
+    if fused and not stacked_experts(models(family)):
+        refused(lambda: export.export(adapter, "vllm", out), layouts.VLLM_NO_STACKED)
+    if not three_d and not fused and linears_fused_on_disk(models(family), adapter, base):
         refused(lambda: export.export(adapter, "vllm", out), layouts.FUSED_LINEAR_ON_DISK)
     export.export(adapter, "vllm", out)
     assert not (tmp_path / "vllm.partial").exists()
     if three_d:
         reloaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)
+    elif fused:
+        assert "--enable-mixed-moe-lora-format" in (out / "README.md").read_text()
+        reloaded = vllm_mixed_reference(base, out, family)
     else:
         keys = load_file(out / "adapter_model.safetensors")
         assert any(".experts.3." in key for key in keys)  # per expert
@@ -156,9 +192,27 @@ def stacked_experts(model) -> bool:
     return any(hasattr(module, "gate_up_proj") and hasattr(module, "down_proj") for module in model.modules())
 
 
-def add_stacked_updates(model, adapter, scale, family):
-    """SGLang's stacked experts keys read as its loader reads them (SGLANG_STACKED_KEY), each expert's gate, up and
-    down update added to the experts module the key names, in whichever orientation and gate/up order it stores."""
+def add_expert_updates(model, updates, scale, family):
+    """Each expert's gate, up and down update ({experts module: (E, I, H), (E, I, H), (E, H, I)}) added to the fused
+    experts module, in whichever orientation and gate/up order the family stores it; the shapes a server's buffers
+    hold checked first (gate/up read the hidden size, down returns to it)."""
+    hidden = model.config.get_text_config().hidden_size
+    for owner, (gate, up, down) in updates.items():
+        assert gate.shape[2] == hidden and down.shape[1] == hidden and down.shape[2] == gate.shape[1], owner
+        gate_up = (torch.stack([gate, up], 2).flatten(1, 2) if family in INTERLEAVED_GATE_UP
+                   else torch.cat([gate, up], 1))
+        experts = model.get_submodule(owner)
+        for name, delta in (("gate_up_proj", gate_up), ("down_proj", down)):
+            weight = getattr(experts, name)
+            assert weight.shape[1] != weight.shape[2], name  # the orientation is read off the shape
+            with torch.no_grad():
+                weight += scale * (delta if weight.shape[1:] == delta.shape[1:] else delta.transpose(1, 2))
+    return bool(updates)
+
+
+def sglang_stacked_updates(adapter):
+    """SGLang's stacked experts keys read as its loader reads them (SGLANG_STACKED_KEY): per experts module, each
+    expert's gate, up and down update."""
     stacked = {}
     for key, tensor in adapter.items():
         match = SGLANG_STACKED_KEY.search(key)
@@ -166,25 +220,15 @@ def add_stacked_updates(model, adapter, scale, family):
             assert tensor.dim() == 3, key
             owner = key.removeprefix("base_model.model.").split(f".{match[1]}.lora_")[0]
             stacked.setdefault(owner, {})[match[1], match[2]] = tensor
-    hidden = model.config.get_text_config().hidden_size
+    updates = {}
     for owner, parts in stacked.items():
         rank = parts["gate_up_proj", "A"].shape[1]
         a = parts["gate_up_proj", "A"].repeat(1, 2, 1)  # normalize_gate_up_proj: [E, 2r, in]
         b = parts["gate_up_proj", "B"]
         inter = b.shape[1] // 2
-        # the pool's buffers (get_hidden_dim): gate_up_proj_moe (hidden -> 2 I), down_proj_moe (I -> hidden)
-        assert a.shape[2] == hidden and parts["down_proj", "A"].shape[2] == inter, owner
-        assert parts["down_proj", "B"].shape[1] == hidden, owner
-        gate, up = b[:, :inter] @ a[:, :rank], b[:, inter:] @ a[:, rank:]
-        gate_up = (torch.stack([gate, up], 2).flatten(1, 2) if family in INTERLEAVED_GATE_UP
-                   else torch.cat([gate, up], 1))
-        experts = model.get_submodule(owner)
-        for name, delta in (("gate_up_proj", gate_up), ("down_proj", parts["down_proj", "B"] @ parts["down_proj", "A"])):
-            weight = getattr(experts, name)
-            assert weight.shape[1] != weight.shape[2], name  # the orientation is read off the shape
-            with torch.no_grad():
-                weight += scale * (delta if weight.shape[1:] == delta.shape[1:] else delta.transpose(1, 2))
-    return bool(stacked)
+        updates[owner] = (b[:, :inter] @ a[:, :rank], b[:, inter:] @ a[:, rank:],
+                          parts["down_proj", "B"] @ parts["down_proj", "A"])
+    return updates
 
 
 def sglang_reference(base, exported, folder, family=None):
@@ -230,7 +274,7 @@ def sglang_reference(base, exported, folder, family=None):
         weights[name] = weights[name] + delta
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     model = AutoModelForCausalLM.from_pretrained(folder)
-    assert add_stacked_updates(model, adapter, scale, family) or experts
+    assert add_expert_updates(model, sglang_stacked_updates(adapter), scale, family) or experts
     return model
 
 
@@ -350,6 +394,30 @@ def test_lora_sft_then_lora_dpo_exported_through_the_cli_serves_the_trained_mode
                                   text=True, timeout=900)
     assert refused_push.returncode == 2 and "model.init" in refused_push.stderr  # its base is not on the Hub
     assert not (tmp_path / "up2").exists() and not (tmp_path / "up2.export").exists()
+
+
+@pytest.mark.slow
+def test_a_lora_run_of_a_family_with_experts_fused_on_disk_exports_for_sglang_and_vllm_through_the_cli(
+        prepared_run, tmp_path):
+    """granitemoe's checkpoint stores the experts fused: `moetune export --format sglang` writes SGLang's stacked 3-D
+    keys and `--format vllm` PEFT's 3-D layout for vLLM's mixed-format loader, each giving the run's SFT logits."""
+    from finetune.cli import main
+
+    recipe, run = prepared_run(tmp_path / "fused")
+    overrides = ["model.init.architecture=granitemoe", "model.init.intermediate_size=64", "model.lora.stages=[sft]",
+                 "sft.max_steps=2"]
+    assert main(["run", recipe, "--stages", "sft", *overrides]) == 0
+    assert main(["export", str(run / "sft"), "--format", "sglang", "--out", str(tmp_path / "sglang")]) == 0
+    assert main(["export", str(run / "sft"), "--format", "vllm", "--out", str(tmp_path / "vllm")]) == 0
+    inputs = chain_batch(run)
+    trained = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "base"), run / "sft")
+    expected = logits_of(trained, inputs)
+    assert any(SGLANG_STACKED_KEY.search(key) for key in load_file(tmp_path / "sglang" / "adapter_model.safetensors"))
+    reference = sglang_reference(run / "base", tmp_path / "sglang", tmp_path / "sglang-reference", "granitemoe")
+    assert (logits_of(reference, inputs) - expected).abs().max() <= 1e-4
+    reference = vllm_mixed_reference(run / "base", tmp_path / "vllm", "granitemoe")
+    assert (logits_of(reference, inputs) - expected).abs().max() <= 1e-4
+    assert '"is_3d_lora_weight": true' in (tmp_path / "vllm" / "README.md").read_text()
 
 
 @pytest.mark.slow

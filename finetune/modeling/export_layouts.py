@@ -48,14 +48,20 @@ SWAP_FIXED_IN = Version("0.19.0")  # PEFT#3165: in/out of (E, out, in) parameter
 
 
 FUSED_ON_DISK = ("the base checkpoint stores this family's experts fused (one 3-D tensor, not a matrix per expert): "
-                 "there are no per-expert names to write their LoRA under, and its vLLM class does not load PEFT's "
-                 "3-D layout natively (vLLM reads it natively only where the model class sets is_3d_moe_weight = "
-                 "True: GptOssForCausalLM, Qwen3_5MoeForConditionalGeneration; vllm/lora/model_manager.py at "
-                 "01533aa). Use --format merged")
-SGLANG_NO_STACKED = ("this family's experts are not one experts module holding gate_up_proj and down_proj (JetMoE's "
-                     "input_linear/output_linear hold one `weight` each), and its checkpoint stores them fused: "
-                     "SGLang reads stacked expert LoRA only as `...experts.gate_up_proj` / `...experts.down_proj` "
-                     "(and SGLang has no JetMoE model class). Use --format merged")
+                 "there are no per-expert names to write their LoRA under")
+NOT_ONE_EXPERTS_MODULE = ("this family's experts are not one experts module holding gate_up_proj and down_proj "
+                          "(JetMoE's input_linear and output_linear hold one `weight` each) and its checkpoint stores "
+                          "them fused, so there are no per-expert names either")
+SGLANG_NO_STACKED = (f"{NOT_ONE_EXPERTS_MODULE}: SGLang reads stacked expert LoRA only as `...experts.gate_up_proj` / "
+                     f"`...experts.down_proj` of one FusedMoE (mem_pool.py at 00639c4d), and SGLang has no JetMoE "
+                     f"model class (no python/sglang/srt/models/jetmoe.py). Use --format merged")
+VLLM_NO_STACKED = (f"{NOT_ONE_EXPERTS_MODULE}: vLLM reads PEFT's 3-D experts layout only as `<experts>.base_layer` "
+                   f"(gate_up_proj) and `<experts>` (down_proj) of one FusedMoE module (vllm/lora/model_manager.py "
+                   f"at 01533aa, _stack_moe_lora_weights and _convert_3d_to_2d_moe_lora), and vLLM has no JetMoE "
+                   f"model class (no vllm/model_executor/models/jetmoe.py). Use --format merged")
+VLLM_INTERLEAVED = ("this family's gate_up_proj interleaves gate and up rows, and vLLM's mixed-format loader "
+                    "(_convert_3d_to_2d_moe_lora) splits it into halves for every class but GptOssForCausalLM. "
+                    "Use --format merged")
 SGLANG_NO_QKV = ("this family's q_proj has no v_proj beside it (latent or linear attention), and SGLang's loader "
                  "stacks every q_proj with its k_proj/v_proj into qkv_proj (only DeepSeek-V2/V3 keep a lone q_proj): "
                  "it cannot load this adapter. Use --format merged")
@@ -386,6 +392,24 @@ def to_per_expert(factors: dict[str, Factors], experts: dict[str, ExpertsInfo],
     return tensors, modules
 
 
+def stacked_experts(factors: dict[str, Factors], experts: dict[str, ExpertsInfo],
+                    refusal: str) -> dict[str, Factors]:
+    """The expert targets as a server reads one fused experts module (gate_up_proj, down_proj), each in its experts'
+    (out, in) orientation (Llama 4's stored (E, in, out) transposed); `refusal` where the experts are not one such
+    module."""
+    found = {}
+    for target, factor in factors.items():
+        owner = target.rpartition(".")[0]
+        if owner not in experts:
+            continue
+        info = experts[owner]
+        if info.params != (GATE_UP, DOWN):
+            raise LayoutError(f"{refusal} ({target})")
+        found[target] = Factors(factor.b.transpose(1, 2), factor.a.transpose(1, 2)) if info.unflagged_transpose \
+            else factor
+    return found
+
+
 def to_sglang_stacked(factors: dict[str, Factors], experts: dict[str, ExpertsInfo],
                       model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
     """SGLang's stacked experts keys (module docstring) for experts fused on disk; attention, shared experts and
@@ -394,22 +418,31 @@ def to_sglang_stacked(factors: dict[str, Factors], experts: dict[str, ExpertsInf
     factors = {target: padded(factor, rank) for target, factor in factors.items()}
     linears = {t: f for t, f in factors.items() if t.rpartition(".")[0] not in experts}
     tensors, modules = sglang_names(*to_per_expert(linears, experts, model)) if linears else ({}, [])
-    for target, factor in factors.items():
+    for target, factor in stacked_experts(factors, experts, SGLANG_NO_STACKED).items():
         owner, _, param = target.rpartition(".")
-        if owner not in experts:
-            continue
-        info = experts[owner]
-        if info.params != (GATE_UP, DOWN):
-            raise LayoutError(f"{SGLANG_NO_STACKED} ({target})")
-        a, b = (factor.b.transpose(1, 2), factor.a.transpose(1, 2)) if info.unflagged_transpose else (factor.a,
-                                                                                                     factor.b)
+        info, b = experts[owner], factor.b
         if param == GATE_UP and not info.concatenated:  # SGLang wants [gate; up] and interleaves for such bases
             b = torch.cat([b[:, 0::2], b[:, 1::2]], 1)
         kept = computed_experts(info)  # SGLang's FusedMoE holds the routed experts only
-        tensors[f"{PREFIX}{target}.lora_A.weight"] = a[:kept].contiguous()
+        tensors[f"{PREFIX}{target}.lora_A.weight"] = factor.a[:kept].contiguous()
         tensors[f"{PREFIX}{target}.lora_B.weight"] = b[:kept].contiguous()
         modules += [f"{owner}.{GATE_UP}", f"{owner}.{DOWN}"]  # SGLang wraps the experts only when both are targets
     return tensors, list(dict.fromkeys(modules))
+
+
+def to_vllm_mixed(factors: dict[str, Factors], experts: dict[str, ExpertsInfo]) -> tuple[dict[str, torch.Tensor],
+                                                                                             dict]:
+    """PEFT's 3-D layout as vLLM's mixed-format loader reads it (vllm/lora/model_manager.py at 01533aa,
+    LoRAModelManager._convert_3d_to_2d_moe_lora, used with --enable-mixed-moe-lora-format for a request declaring
+    is_3d_lora_weight): `<experts>.base_layer.lora_A` (r*E, hidden) / `lora_B` (2I, r*E) for gate_up_proj, gate and
+    up sharing A and split as B's halves (w1 first; interleaved only for GptOssForCausalLM), `<experts>.lora_*`
+    (r*E, I) / (hidden, r*E) for down_proj: each expert's (out, in) orientation, which is PEFT's own file for every
+    family but Llama 4. (tensors, config fields) as to_peft."""
+    stacked = stacked_experts(factors, experts, VLLM_NO_STACKED)
+    for target in stacked:
+        if not experts[target.rpartition(".")[0]].concatenated:
+            raise LayoutError(f"{VLLM_INTERLEAVED} ({target})")
+    return to_peft({**factors, **stacked}, experts)
 
 
 def sglang_names(tensors: dict[str, torch.Tensor], modules: list[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
