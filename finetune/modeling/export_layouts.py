@@ -63,11 +63,9 @@ VLLM_INTERLEAVED = ("this family's gate_up_proj interleaves gate and up rows, an
                     "(_convert_3d_to_2d_moe_lora) splits it into halves for every class but GptOssForCausalLM. "
                     "Use --format merged")
 SGLANG_NO_QKV = ("this family's q_proj has no v_proj beside it (latent or linear attention), and SGLang's loader "
-                 "stacks every q_proj with its k_proj/v_proj into qkv_proj (only DeepSeek-V2/V3 keep a lone q_proj): "
-                 "it cannot load this adapter. Use --format merged")
-SGLANG_NO_GATE_UP = ("this family's experts are not gated (up_proj and down_proj, no gate_proj), and SGLang's loader "
-                     "applies expert LoRA through a stacked gate_up_proj per expert: it cannot load this adapter. "
-                     "Use --format merged")
+                 "stacks every q_proj with its k_proj/v_proj into qkv_proj (lora.py LoRAAdapter.normalize_qkv_proj "
+                 "reads `weights[v_name]` for every key holding `q_proj`; only its DeepSeek-V2/V3 MLA branch keeps a "
+                 "lone q_proj): it cannot load this adapter. Use --format merged")
 # SGLang's per-expert key leaves: its loader (lora.py, LoRAAdapter._rename_expert_w_to_proj) renames w1/w3/w2 to
 # gate_proj/up_proj/down_proj, stacks gate_proj + up_proj of each expert into gate_up_proj, and wraps an experts
 # module (FusedMoE) only when the adapter's target_modules normalize to both gate_up_proj and down_proj
@@ -78,7 +76,10 @@ PER_EXPERT = re.compile(r"^(?P<head>.+\.experts\.\d+)\.(?P<leaf>[^.]+)$")
 
 
 FUSED_LINEAR_ON_DISK = ("the base checkpoint stores this Linear inside one tensor with others (Sarvam's fused "
-                        "query_key_value): it has no weight of its own on disk to write its LoRA under")
+                        "query_key_value): it has no weight of its own on disk to write its LoRA under. vLLM's "
+                        "SarvamMoEForCausalLM (a BailingMoeForCausalLM, packed_modules_mapping query_key_value -> "
+                        "[query_key_value]) would take one LoRA on the fused query_key_value (q/k/v's A stacked, B "
+                        "block-diagonal), which moetune does not write yet. Use --format merged")
 
 
 class LayoutError(ValueError):
@@ -447,21 +448,34 @@ def to_vllm_mixed(factors: dict[str, Factors], experts: dict[str, ExpertsInfo]) 
 
 def sglang_names(tensors: dict[str, torch.Tensor], modules: list[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Per-expert 2-D keys (to_per_expert) renamed as SGLang's loader looks them up: each expert's projections as
-    gate_proj / up_proj / down_proj (SGLANG_EXPERT_LEAVES); attention, shared experts and dense MLPs unchanged."""
-    renamed, names = {}, []
+    gate_proj / up_proj / down_proj (SGLANG_EXPERT_LEAVES), a non-gated expert's one input projection (Nemotron-H's
+    up_proj) as gate_proj; attention, shared experts and dense MLPs unchanged.
+
+    Non-gated experts, as SGLang reads them: LoRAAdapter.normalize_gate_up_proj (lora.py, the version with
+    _is_non_gated_moe_weight) renames an expert's gate_proj that has no up_proj to gate_up_proj unstacked when the
+    layer's FusedMoE is not gated (moe_runner_config.is_gated), NemotronHForCausalLM.get_stacked_multiply gives
+    gate_up_proj_moe one slot ("Non-gated: only w1, no w3"), and FusedMoEWithLoRA._slice_moe_b_2d takes that B as
+    the expert's [intermediate, r] w1; an expert up_proj without a gate_proj is left as `up_proj`, for which the
+    pool makes no per-expert buffer (only gate_up_proj_moe / down_proj_moe)."""
+    leaves = {}
     for module in modules:
         match = PER_EXPERT.match(module)
-        name = module
         if match is not None:
             leaf = SGLANG_EXPERT_LEAVES.get(match["leaf"])
             if leaf is None:
                 raise LayoutError(f"the base checkpoint names an expert matrix {module}; SGLang's loader reads only "
                                   f"gate_proj/up_proj/down_proj (or w1/w3/w2) per expert. Use --format merged.")
-            name = f"{match['head']}.{leaf}"
+            leaves[module] = (match["head"], leaf)
+    gated = {head for head, leaf in leaves.values() if leaf == "gate_proj"}
+    renamed, names = {}, []
+    for module in modules:
+        name = module
+        if module in leaves:
+            head, leaf = leaves[module]
+            name = f"{head}.{'gate_proj' if leaf == 'up_proj' and head not in gated else leaf}"
         for ab in "AB":
             renamed[f"{PREFIX}{name}.lora_{ab}.weight"] = tensors[f"{PREFIX}{module}.lora_{ab}.weight"]
         names.append(name)
-    check_sglang_gate_up(names)
     return renamed, names
 
 
@@ -475,13 +489,3 @@ def check_sglang_qkv(targets) -> None:
         head, _, leaf = target.rpartition(".")
         if leaf == "q_proj" and f"{head}.v_proj" not in present:
             raise LayoutError(f"{SGLANG_NO_QKV} ({target})")
-
-
-def check_sglang_gate_up(modules: list[str]) -> None:
-    """SGLang's loader (normalize_gate_up_proj) stacks each expert's gate_proj with its up_proj into gate_up_proj;
-    experts without both (Nemotron-H's non-gated up_proj/down_proj) have no slot there."""
-    present = set(modules)
-    for module in modules:
-        expert = PER_EXPERT.match(module)
-        if expert is not None and not {f"{expert['head']}.gate_proj", f"{expert['head']}.up_proj"} <= present:
-            raise LayoutError(f"{SGLANG_NO_GATE_UP} ({module})")
