@@ -65,7 +65,8 @@ def linears_fused_on_disk(model, adapter, base) -> bool:
     """Whether an adapted Linear has no weight of its own in the base checkpoint (stored fused with others): no 2-D
     file tensor equals its (randomly initialised) weight. Read by value, not name: checkpoints rename modules on
     disk (Nemotron-H's `backbone.`, Kimi-Linear's `self_attn.f_a_proj` for `forget_gate.f_a_proj`)."""
-    on_disk = [tensor for tensor in load_file(base / "model.safetensors").values() if tensor.dim() == 2]
+    on_disk = [tensor for key, tensor in load_file(base / "model.safetensors").items()
+               if tensor.dim() == 2 and key.endswith(".weight")]  # a module's weight: a LoRA module name
     modules = {key.removeprefix("base_model.model.").split(".lora_A")[0]
                for key in load_file(adapter / "adapter_model.safetensors") if ".lora_A." in key}
     linears = [model.get_submodule(module).weight for module in modules if ".base_layer" not in module
@@ -173,7 +174,7 @@ SGLANG_EXPERT_KEY = re.compile(r"layers\.\d+\..*\.experts\.\d+\.(gate_proj|up_pr
 # and weights.dim() == 3` branch; lora.py normalize_gate_up_proj repeats a stacked gate_up_proj A twice along the
 # rank; FusedMoEWithLoRA reads B's first half as gate rows, its second as up rows, and re-interleaves them for a base
 # that interleaves (gpt-oss, whose checkpoint's gate_up_proj alternates gate and up rows).
-SGLANG_STACKED_KEY = re.compile(r"layers\.\d+\..*\.experts\.(gate_up_proj|down_proj)\.lora_([AB])\.weight$")
+SGLANG_STACKED_KEY = re.compile(r"layers\.\d+\.(.*\.)?experts\.(gate_up_proj|down_proj)\.lora_([AB])\.weight$")
 INTERLEAVED_GATE_UP = {"gpt_oss"}
 SGLANG_TARGETS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
                   "up_proj": "gate_up_proj"}  # utils.get_normalized_target_modules, the names our adapters hold
@@ -218,8 +219,8 @@ def sglang_stacked_updates(adapter):
         match = SGLANG_STACKED_KEY.search(key)
         if match is not None:
             assert tensor.dim() == 3, key
-            owner = key.removeprefix("base_model.model.").split(f".{match[1]}.lora_")[0]
-            stacked.setdefault(owner, {})[match[1], match[2]] = tensor
+            owner = key.removeprefix("base_model.model.").split(f".{match[2]}.lora_")[0]
+            stacked.setdefault(owner, {})[match[2], match[3]] = tensor
     updates = {}
     for owner, parts in stacked.items():
         rank = parts["gate_up_proj", "A"].shape[1]

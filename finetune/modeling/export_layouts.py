@@ -75,11 +75,13 @@ SGLANG_EXPERT_LEAVES = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_pr
 PER_EXPERT = re.compile(r"^(?P<head>.+\.experts\.\d+)\.(?P<leaf>[^.]+)$")
 
 
-FUSED_LINEAR_ON_DISK = ("the base checkpoint stores this Linear inside one tensor with others (Sarvam's fused "
-                        "query_key_value): it has no weight of its own on disk to write its LoRA under. vLLM's "
-                        "SarvamMoEForCausalLM (a BailingMoeForCausalLM, packed_modules_mapping query_key_value -> "
-                        "[query_key_value]) would take one LoRA on the fused query_key_value (q/k/v's A stacked, B "
-                        "block-diagonal), which moetune does not write yet. Use --format merged")
+FUSED_LINEAR_ON_DISK = ("the base checkpoint has no `<module>.weight` of this Linear's own: it stores it inside one "
+                        "tensor with others (Sarvam's fused query_key_value, LaraMini's linear-attention in_proj) or "
+                        "under a parameter name (Inkling 2's `k_sconv.weight_proj`), so there is no module name on "
+                        "disk to write its LoRA under (vLLM's SarvamMoEForCausalLM, a BailingMoeForCausalLM with "
+                        "packed_modules_mapping query_key_value -> [query_key_value], would take one LoRA on the fused "
+                        "query_key_value, q/k/v's A stacked and B block-diagonal, which moetune does not write yet). "
+                        "Use --format merged")
 
 
 class LayoutError(ValueError):
@@ -328,8 +330,8 @@ def checkpoint_rows(model: nn.Module, names: dict[str, int]) -> dict[str, list[t
         offset += size
     placed: dict[str, list[tuple[str, int, torch.Tensor]]] = {name: [] for name in names}
     for key, tensor in revert_weight_conversion(model, dict(probes)).items():
-        if tensor.dim() != 2 or tensor.shape[-1] != 1:
-            continue  # stored fused (3-D) or transposed on disk: no per-matrix 2-D key for it
+        if tensor.dim() != 2 or tensor.shape[-1] != 1 or not key.endswith(".weight"):
+            continue  # fused (3-D), transposed, or not a module's weight on disk: no LoRA module name for it
         flat = tensor.flatten().long()
         start, _, name = next(r for r in ranges if r[0] <= flat[0] < r[1])
         experts, rows = names[name]
