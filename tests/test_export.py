@@ -61,18 +61,28 @@ def per_expert_keys(base) -> bool:
     return any(re.search(r"\.experts\.\d+\.", key) for key in load_file(base / "model.safetensors"))
 
 
-def linears_fused_on_disk(model, adapter, base) -> bool:
-    """Whether an adapted Linear has no weight of its own in the base checkpoint (stored fused with others): no 2-D
-    file tensor equals its (randomly initialised) weight. Read by value, not name: checkpoints rename modules on
-    disk (Nemotron-H's `backbone.`, Kimi-Linear's `self_attn.f_a_proj` for `forget_gate.f_a_proj`)."""
+def linear_storage(model, adapter, base) -> set[str]:
+    """How the base checkpoint stores the adapted Linears: "own" (a file tensor `<...>.weight` equal to its
+    randomly initialised weight), "shared" (all its rows inside a bigger `.weight` tensor, with other Linears':
+    Sarvam's query_key_value), "none" (no `.weight` tensor holds it: Inkling 2's `k_sconv.weight_proj`). Read by
+    value, not name: checkpoints rename modules on disk (Nemotron-H's `backbone.`, Kimi-Linear's
+    `self_attn.f_a_proj` for `forget_gate.f_a_proj`)."""
     on_disk = [tensor for key, tensor in load_file(base / "model.safetensors").items()
                if tensor.dim() == 2 and key.endswith(".weight")]  # a module's weight: a LoRA module name
     modules = {key.removeprefix("base_model.model.").split(".lora_A")[0]
                for key in load_file(adapter / "adapter_model.safetensors") if ".lora_A." in key}
     linears = [model.get_submodule(module).weight for module in modules if ".base_layer" not in module
                and isinstance(model.get_submodule(module), torch.nn.Linear)]
-    return any(not any(tensor.shape == weight.shape and torch.equal(tensor, weight) for tensor in on_disk)
-               for weight in linears)
+    found = set()
+    for weight in linears:
+        if any(tensor.shape == weight.shape and torch.equal(tensor, weight) for tensor in on_disk):
+            found.add("own")
+        elif any(tensor.shape[1] == weight.shape[1] and tensor.shape[0] > weight.shape[0]
+                 and bool((tensor[:, None] == weight[None]).all(-1).any(0).all()) for tensor in on_disk):
+            found.add("shared")
+        else:
+            found.add("none")
+    return found
 
 
 def per_expert_reference(base, exported, folder):
@@ -148,7 +158,7 @@ def test_i_export_vllm_reloads_to_the_trained_logits(models, data, family, tmp_p
     fused = not three_d and not per_expert_keys(base)  # no per-expert names: vLLM's mixed-format 3-D loader
     if fused and not stacked_experts(models(family)):
         refused(lambda: export.export(adapter, "vllm", out), layouts.VLLM_NO_STACKED)
-    if not three_d and not fused and linears_fused_on_disk(models(family), adapter, base):
+    if not three_d and not fused and "none" in linear_storage(models(family), adapter, base):
         refused(lambda: export.export(adapter, "vllm", out), layouts.FUSED_LINEAR_ON_DISK)
     export.export(adapter, "vllm", out)
     assert not (tmp_path / "vllm.partial").exists()
@@ -292,8 +302,11 @@ def test_export_sglang_reloads_to_the_trained_logits(models, data, family, tmp_p
     per_expert = per_expert_keys(base)
     if not per_expert and not stacked_experts(models(family)):
         refused(lambda: export.export(adapter, "sglang", out), layouts.SGLANG_NO_STACKED)
-    if linears_fused_on_disk(models(family), adapter, base):
+    storage = linear_storage(models(family), adapter, base)
+    if "none" in storage:
         refused(lambda: export.export(adapter, "sglang", out), layouts.FUSED_LINEAR_ON_DISK)
+    if "shared" in storage:
+        refused(lambda: export.export(adapter, "sglang", out), layouts.SGLANG_SHARED_LINEAR)
     export.export(adapter, "sglang", out)
     exported = load_file(out / "adapter_model.safetensors")
     assert any(SGLANG_STACKED_KEY.search(key) for key in exported) == (not per_expert)  # 3-D only where fused

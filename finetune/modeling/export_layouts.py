@@ -75,13 +75,17 @@ SGLANG_EXPERT_LEAVES = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_pr
 PER_EXPERT = re.compile(r"^(?P<head>.+\.experts\.\d+)\.(?P<leaf>[^.]+)$")
 
 
-FUSED_LINEAR_ON_DISK = ("the base checkpoint has no `<module>.weight` of this Linear's own: it stores it inside one "
-                        "tensor with others (Sarvam's fused query_key_value, LaraMini's linear-attention in_proj) or "
-                        "under a parameter name (Inkling 2's `k_sconv.weight_proj`), so there is no module name on "
-                        "disk to write its LoRA under (vLLM's SarvamMoEForCausalLM, a BailingMoeForCausalLM with "
-                        "packed_modules_mapping query_key_value -> [query_key_value], would take one LoRA on the fused "
-                        "query_key_value, q/k/v's A stacked and B block-diagonal, which moetune does not write yet). "
-                        "Use --format merged")
+FUSED_LINEAR_ON_DISK = ("the base checkpoint has no tensor named `<module>.weight` holding this Linear's rows (Inkling "
+                        "2 stores it under a parameter name, `k_sconv.weight_proj`): there is no module name on disk "
+                        "to write its LoRA under. Use --format merged")
+SGLANG_SHARED_LINEAR = ("the base checkpoint stores this Linear inside one tensor with others (Sarvam's "
+                        "query_key_value, LaraMini's linear-attention in_proj), which a server can only take as one "
+                        "LoRA module on that tensor (moetune writes it so for vLLM, whose SarvamMoEForCausalLM, a "
+                        "BailingMoeForCausalLM, maps query_key_value -> [query_key_value]); SGLang's LoRA code knows "
+                        "q/k/v only as q_proj/k_proj/v_proj stacked into qkv_proj (utils.get_normalized_target_modules "
+                        "at 01235a16 has no query_key_value) and sizes a module's buffers by get_hidden_dim, whose "
+                        "default raises NotImplementedError for other names; moetune has not found that SGLang's "
+                        "model classes define it for these. Use --format merged")
 
 
 class LayoutError(ValueError):
@@ -313,9 +317,11 @@ def to_peft(factors: dict[str, Factors], experts: dict[str, ExpertsInfo]) -> tup
     return tensors, {"r": rank, "target_modules": sorted(modules), "target_parameters": sorted(parameters)}
 
 
-def checkpoint_rows(model: nn.Module, names: dict[str, int]) -> dict[str, list[tuple[str, int, torch.Tensor]]]:
-    """How the base checkpoint stores each named weight: name -> [(file key, expert, rows)] for fused experts
-    ((E, out, in) logical names with `out` rows) and Linears ((out, in); expert -1).
+def checkpoint_rows(model: nn.Module, names: dict[str, int]) -> dict[str, list[tuple[str, int, torch.Tensor,
+                                                                                   torch.Tensor]]]:
+    """How the base checkpoint stores each named weight: name -> [(file key, expert, rows, where)] for fused experts
+    ((E, out, in) logical names with `out` rows) and Linears ((out, in); expert -1): the name's `rows` lie at rows
+    `where` of the file tensor (all of it, unless several Linears share one tensor, as Sarvam's query_key_value).
 
     Runs transformers' reverse weight conversion (what save_pretrained writes) on probe tensors holding each row's
     (expert, row) index; rows that come back in a 2-D tensor of one file key belong to that key."""
@@ -328,18 +334,26 @@ def checkpoint_rows(model: nn.Module, names: dict[str, int]) -> dict[str, list[t
         probes[name] = index.reshape(experts, rows, 1) if experts else index.reshape(rows, 1)
         ranges.append((offset, offset + size, name))
         offset += size
-    placed: dict[str, list[tuple[str, int, torch.Tensor]]] = {name: [] for name in names}
+    placed: dict[str, list] = {name: [] for name in names}
+    starts = torch.tensor([start for start, _, _ in ranges])
     for key, tensor in revert_weight_conversion(model, dict(probes)).items():
         if tensor.dim() != 2 or tensor.shape[-1] != 1 or not key.endswith(".weight"):
             continue  # fused (3-D), transposed, or not a module's weight on disk: no LoRA module name for it
         flat = tensor.flatten().long()
-        start, _, name = next(r for r in ranges if r[0] <= flat[0] < r[1])
-        experts, rows = names[name]
-        local = flat - start
-        expert = int(local[0] // rows) if experts else -1
-        if experts and not bool((local // rows == expert).all()):
-            continue  # one file key mixing experts: not a per-expert matrix
-        placed[name].append((key.removesuffix(".weight"), expert, local % rows))
+        owners = torch.searchsorted(starts, flat, right=True) - 1  # which name each row of the file tensor holds
+        pieces = []
+        for index in owners.unique().tolist():
+            start, _, name = ranges[index]
+            where = (owners == index).nonzero().flatten()
+            experts, rows = names[name]
+            local = flat[where] - start
+            expert = int(local[0] // rows) if experts else -1
+            if experts and (len(where) != len(flat) or not bool((local // rows == expert).all())):
+                break  # one file key mixing experts: not a per-expert matrix
+            pieces.append((name, (key.removesuffix(".weight"), expert, local % rows, where)))
+        else:
+            for name, piece in pieces:
+                placed[name].append(piece)
     return placed
 
 
@@ -349,11 +363,13 @@ def computed_experts(info: ExpertsInfo) -> int:
     return min(info.counts.values())
 
 
-def to_per_expert(factors: dict[str, Factors], experts: dict[str, ExpertsInfo],
-                  model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+def to_per_expert(factors: dict[str, Factors], experts: dict[str, ExpertsInfo], model: nn.Module,
+                  shared_linears: bool = True) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Per-expert 2-D keys (`...experts.{e}.{gate,up,down}` as the checkpoint names them), attention, shared
     experts and dense MLPs as ordinary Linears; every expert of an adapted experts module gets all three
-    projections (zeros where the adapter has none), as vLLM's packing of experts requires. (tensors, module names)"""
+    projections (zeros where the adapter has none), as vLLM's packing of experts requires. Linears the checkpoint
+    stores in one tensor become one LoRA on it (one_lora), or, without `shared_linears`, are refused for SGLang.
+    Ranks as the factors' (pad_ranks evens them). (tensors, module names)"""
     rank = max_rank(factors)
     complete = dict(factors)
     for owner in {t.rpartition(".")[0] for t in factors} & set(experts):
@@ -376,23 +392,49 @@ def to_per_expert(factors: dict[str, Factors], experts: dict[str, ExpertsInfo],
         if target.rpartition(".")[0] in experts:
             raise FusedOnDisk(f"{FUSED_ON_DISK} ({target})")
         raise LayoutError(f"{FUSED_LINEAR_ON_DISK} ({target})")
-    tensors, modules = {}, []
+    by_key: dict[str, list[Factors]] = {}
     for target, factor in complete.items():
         factor = padded(factor, rank)
         owner = target.rpartition(".")[0]
         pieces = placed[target]
-        covered = sum(len(rows) for _, _, rows in pieces)
+        covered = sum(len(rows) for _, _, rows, _ in pieces)
         expected = factor.b.shape[-2] * (factor.b.shape[0] if factor.b.dim() == 3 else 1)
         if covered != expected:
             raise LayoutError(f"the base checkpoint splits {target} in a way moetune cannot map row by row.")
-        for key, expert, rows in pieces:
+        for key, expert, rows, where in pieces:
             if owner in experts and expert >= computed_experts(experts[owner]):
                 continue  # a zero-computation expert: never multiplied, and the servers hold no weights for it
             a, b = (factor.a[expert], factor.b[expert]) if factor.b.dim() == 3 else (factor.a, factor.b)
-            tensors[f"{PREFIX}{key}.lora_A.weight"] = a.clone()
-            tensors[f"{PREFIX}{key}.lora_B.weight"] = b[rows].contiguous()
-            modules.append(key)
-    return tensors, modules
+            placed_b = b.new_zeros(int(where.max()) + 1, b.shape[1])
+            placed_b[where] = b[rows]
+            by_key.setdefault(key, []).append(Factors(a, placed_b))
+            if len(by_key[key]) > 1 and not shared_linears:
+                raise LayoutError(f"{SGLANG_SHARED_LINEAR} ({target})")
+    return {name: tensor for key, parts in by_key.items() for name, tensor in one_lora(key, parts).items()}, \
+        list(by_key)
+
+
+def one_lora(key: str, parts: list[Factors]) -> dict[str, torch.Tensor]:
+    """One file tensor's LoRA: a Linear's or an expert matrix's own; for Linears stored in one tensor (Sarvam's
+    query_key_value) their A's stacked and their B's side by side, each on its own rows (zeros elsewhere), so
+    B @ A is each one's update on its rows. Its rank is then the sum of theirs (pad_ranks evens the adapter)."""
+    rows = max(part.b.shape[0] for part in parts)
+    b = torch.cat([torch.cat([part.b, part.b.new_zeros(rows - part.b.shape[0], part.b.shape[1])]) for part in parts],
+                  1)
+    return {f"{PREFIX}{key}.lora_A.weight": torch.cat([part.a for part in parts]).contiguous(),
+            f"{PREFIX}{key}.lora_B.weight": b.contiguous()}
+
+
+def pad_ranks(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """2-D LoRA keys padded to the highest rank among them (zero rows of A, zero columns of B): one rank per
+    adapter, as the servers want. (tensors, rank)"""
+    rank = max(tensor.shape[0] for name, tensor in tensors.items() if ".lora_A." in name)
+    padded_keys = {}
+    for name, tensor in tensors.items():
+        extra = rank - (tensor.shape[0] if ".lora_A." in name else tensor.shape[1])
+        zeros = tensor.new_zeros((extra, tensor.shape[1]) if ".lora_A." in name else (tensor.shape[0], extra))
+        padded_keys[name] = torch.cat([tensor, zeros], 0 if ".lora_A." in name else 1) if extra else tensor
+    return padded_keys, rank
 
 
 def stacked_experts(factors: dict[str, Factors], experts: dict[str, ExpertsInfo],
@@ -420,7 +462,7 @@ def to_sglang_stacked(factors: dict[str, Factors], experts: dict[str, ExpertsInf
     rank = max_rank(factors)
     factors = {target: padded(factor, rank) for target, factor in factors.items()}
     linears = {t: f for t, f in factors.items() if t.rpartition(".")[0] not in experts}
-    tensors, modules = sglang_names(*to_per_expert(linears, experts, model)) if linears else ({}, [])
+    tensors, modules = sglang_names(*to_per_expert(linears, experts, model, False)) if linears else ({}, [])
     for target, factor in stacked_experts(factors, experts, SGLANG_NO_STACKED).items():
         owner, _, param = target.rpartition(".")
         info, b = experts[owner], factor.b

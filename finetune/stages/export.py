@@ -150,7 +150,7 @@ def write_adapter(stage_dir, chain, fmt, factors, experts, base, model_type, wor
             tensors, fields = stacked(fmt, factors, experts, base)
             mixed = fmt == "vllm"
         layout = LAYOUTS[fmt, any(tensor.dim() == 3 for tensor in tensors.values()) or mixed]
-    rank = layouts.max_rank(factors)
+    rank = fields.get("r") or layouts.max_rank(factors)
     config = layouts.lora_config(base_name(chain[0]), rank, fields["target_modules"], fields["target_parameters"])
     save_file(tensors, work / ADAPTER_FILE, metadata={"format": "pt"})
     (work / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
@@ -159,10 +159,12 @@ def write_adapter(stage_dir, chain, fmt, factors, experts, base, model_type, wor
 
 def per_expert(fmt, factors, experts, base) -> tuple[dict, dict]:
     """vLLM's per-expert keys; for SGLang the same tensors under the projection names its loader reads."""
-    tensors, modules = layouts.to_per_expert(factors, experts, base)
+    tensors, modules = layouts.to_per_expert(factors, experts, base, shared_linears=fmt == "vllm")
     if fmt == "sglang":
         tensors, modules = layouts.sglang_names(tensors, modules)
-    return tensors, {"target_modules": sorted({m.rsplit(".", 1)[-1] for m in modules}), "target_parameters": None}
+    tensors, rank = layouts.pad_ranks(tensors)  # Linears sharing a tensor (Sarvam's query_key_value) sum their ranks
+    return tensors, {"target_modules": sorted({m.rsplit(".", 1)[-1] for m in modules}), "target_parameters": None,
+                     "r": rank}
 
 
 def stacked(fmt, factors, experts, base) -> tuple[dict, dict]:
