@@ -61,7 +61,7 @@ def test_real_recipe_plans_as_its_comment_says(name):
 def test_census_of_every_moe_family_whatever_its_expert_layout():
     """Every `moetune run` plans its memory first (a census of the model on the meta device), so a family whose
     experts the census could not read stopped before any stage with a traceback: Nemotron-H's plain up_proj/down_proj,
-    JetMoE's one `weight` per expert module. Families transformers cannot build at all (DBRX) are left out."""
+    JetMoE's one `weight` per expert module. DBRX's 2-D experts and Doge's embedding rows are not counted."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -74,13 +74,10 @@ def test_census_of_every_moe_family_whatever_its_expert_layout():
     for model_type in families.moe_model_types():
         init = ModelInit(architecture=model_type, hidden_size=64, intermediate_size=64, num_layers=3, num_experts=4,
                          experts_per_token=2)
-        try:
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(family_config(init, 280, pad_token_id=None, eos_token_id=None))
-        except AttributeError:  # transformers' own config cannot build this family (DBRX)
-            continue
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(family_config(init, 280, pad_token_id=None, eos_token_id=None))
         census = memory_plan.census(model)
-        if moe.experts_modules(model):  # all but Doge, whose experts are embedding rows
+        if moe.experts_modules(model):  # all but DBRX and Doge
             assert census.total["experts"] > 0 and census.expert_lora_elements > 0, model_type
             counted += 1
     assert counted >= 60
@@ -262,3 +259,34 @@ def test_plan_of_an_expert_parallel_launch(capsys):
     assert main(["plan", recipe, model, "--accelerate", "ep", *gpus]) == 0
     unsplit = json.loads(capsys.readouterr().out)["stages"][0]
     assert unsplit["setup"]["layout"] == "ddp" and any("planned as ddp" in note for note in unsplit["notes"])
+
+
+def test_a_model_that_cannot_checkpoint_activations_is_planned_and_trained_without_them(tmp_path, capsys):
+    """moetune checkpoints activations by default on a GPU, and JetMoE refuses it (transformers): the plan counts
+    its activations unchecked and never proposes checkpointing, the stage drops the default with a note, and a
+    recipe asking for it stops naming its key (exit 2), before any step."""
+    from types import SimpleNamespace
+
+    from helpers.recipes import write_lora_chain_recipe
+
+    from finetune.config.recipe import TrainerSettings
+    from finetune.training.trainer_config import checkpointing_the_model_runs
+
+    recipe = write_lora_chain_recipe(tmp_path, "jetmoe", num_layers=3)
+    assert main(["plan", str(recipe), "--gpus", "1xH100-80GB", "--json"]) == 0
+    jetmoe = json.loads(capsys.readouterr().out)["stages"][0]
+    assert jetmoe["setup"]["activation_checkpointing"] is False
+    (tmp_path / "mixtral").mkdir()
+    mixtral = write_lora_chain_recipe(tmp_path / "mixtral", "mixtral", num_layers=3)
+    assert main(["plan", str(mixtral), "--gpus", "1xH100-80GB", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stages"][0]["setup"]["activation_checkpointing"] is True
+
+    model = SimpleNamespace(supports_gradient_checkpointing=False)
+    args = SimpleNamespace(activation_checkpointing=True)
+    checkpointing_the_model_runs(args, model, TrainerSettings("sft", {}, 0, "auto", False))
+    assert args.activation_checkpointing is False and "activation checkpointing off" in capsys.readouterr().out
+
+    assert main(["run", str(recipe), "--stages", "prep,sft", "sft.activation_checkpointing=true"]) == 2
+    error = capsys.readouterr().err
+    assert "sft.activation_checkpointing: JetMoeForCausalLM does not support activation checkpointing" in error
+    assert "Traceback" not in error

@@ -88,6 +88,7 @@ class Census:
     hidden: int
     vocab: int
     head_frozen_elements: int  # LM head parameters
+    checkpointing: bool = True  # whether transformers can checkpoint its activations (JetMoE cannot)
 
     @property
     def parameters(self) -> int:
@@ -146,7 +147,8 @@ def census(model: nn.Module) -> Census:
                               for layer in layers],
         attention_width=[attention_width(model, layer) for layer in layers],
         hidden=text.hidden_size, vocab=text.vocab_size,
-        head_frozen_elements=model.get_output_embeddings().weight.numel())
+        head_frozen_elements=model.get_output_embeddings().weight.numel(),
+        checkpointing=getattr(model, "supports_gradient_checkpointing", True))
 
 
 def parameter_roles(model: nn.Module) -> dict[str, str]:
@@ -442,6 +444,8 @@ class StagePlan:
 
 
 def plan_stage(c: Census, s: Setup, memory: float | None = None) -> StagePlan:
+    if not c.checkpointing:  # the stage turns moetune's default off for this model (a recipe asking is refused)
+        s = dataclasses.replace(s, activation_checkpointing=False)
     rows = LAYOUTS[s.layout](footprint(c, s), s.processes)
     trainable = ({role: c.lora[role] * s.lora_r for role in s.lora_roles if c.lora.get(role)}
                  if s.lora_roles is not None else dict(c.total))
@@ -500,7 +504,7 @@ def cheapest_change(c: Census, plan: StagePlan) -> None:
     """Fill `plan.change` with the first change (in CHANGES' order) under which the stage fits."""
     if plan.fits:
         return
-    for make in CHANGES:
+    for make in (m for m in CHANGES if c.checkpointing or m is not try_checkpointing):
         found = make(plan.setup) or []
         for setup, text in found if isinstance(found, list) else [found]:
             total = sum(LAYOUTS[setup.layout](footprint(c, setup), setup.processes).values())
