@@ -204,7 +204,8 @@ def qwen3_census():
 def test_the_ep_layout_splits_what_transformers_splits():
     """model.expert_parallel N over n processes (DistributedConfig(fsdp_size=n, ep_size=N)): every weight 1/n at rest,
     a layer's dense part gathered twice (in use, prefetched) and its experts only within the process's group of N,
-    the LM head kept whole through the backward; full fine-tuning's gradients and moments sharded, LoRA's whole."""
+    the LM head kept whole through the backward; full fine-tuning's gradients and moments sharded, LoRA's whole but
+    for the routed experts' factors."""
     census = qwen3_census()
     full = memory_plan.Setup(stage="sft", weight_bytes=2, lora_roles=None, batch=1, max_length=2048,
                              activation_checkpointing=True, layout="ep", processes=8, expert_parallel=8)
@@ -233,6 +234,13 @@ def test_the_ep_layout_splits_what_transformers_splits():
     adapter = census.lora["attention"] * 8
     assert (lora_rows["adapter"], lora_rows["gradients"], lora_rows["optimizer"]) == (
         adapter * 4, adapter * 4, 2 * adapter * 4)
+    # ... except the routed experts' factors, split with their experts: 1/8 of them per process, gradients and moments
+    # alike (finetune/modeling/split_expert_lora.py)
+    experts_too = memory_plan.plan_stage(census, dataclasses.replace(lora, lora_roles=frozenset({"attention",
+                                                                                                 "experts"}))).rows
+    held = adapter + census.lora["experts"] * 8 / 8
+    assert (experts_too["adapter"], experts_too["gradients"], experts_too["optimizer"]) == pytest.approx(
+        (held * 4, held * 4, 2 * held * 4))
     # on a CPU the process also keeps its share of the mapped checkpoint, and the main process gathers the whole
     # model to save a full fine-tune
     cpu = memory_plan.plan_stage(census, dataclasses.replace(full, device="cpu")).rows
