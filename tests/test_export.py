@@ -416,14 +416,12 @@ def test_a_lora_run_of_a_family_with_experts_fused_on_disk_exports_for_sglang_an
         prepared_run, tmp_path):
     """granitemoe's checkpoint stores the experts fused: `moetune export --format sglang` writes SGLang's stacked 3-D
     keys and `--format vllm` PEFT's 3-D layout for vLLM's mixed-format loader, each giving the run's SFT logits."""
-    from finetune.cli import main
-
     recipe, run = prepared_run(tmp_path / "fused")
     overrides = ["model.init.architecture=granitemoe", "model.init.intermediate_size=64", "model.lora.stages=[sft]",
                  "sft.max_steps=2"]
-    assert main(["run", recipe, "--stages", "sft", *overrides]) == 0
-    assert main(["export", str(run / "sft"), "--format", "sglang", "--out", str(tmp_path / "sglang")]) == 0
-    assert main(["export", str(run / "sft"), "--format", "vllm", "--out", str(tmp_path / "vllm")]) == 0
+    cli("run", recipe, "--stages", "sft", *overrides)
+    cli("export", str(run / "sft"), "--format", "sglang", "--out", str(tmp_path / "sglang"))
+    cli("export", str(run / "sft"), "--format", "vllm", "--out", str(tmp_path / "vllm"))
     inputs = chain_batch(run)
     trained = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "base"), run / "sft")
     expected = logits_of(trained, inputs)
