@@ -3,8 +3,8 @@
 gpt-oss runs eager attention with attention sinks, and a sliding window in alternate layers: block attention runs its
 own eager attention per block with the window applied, and must give TRL's padded loss, log-probs and gradients.
 Hybrid families (linear attention, Mamba) run padding-free with their recurrent mixers sequence by sequence, and
-say so (tests/test_packed_hybrids.py checks their math); a family that cannot falls back to padded batches with a
-note that names it and what is missing.
+say so (tests/test_packed_hybrids.py checks their math); a model that cannot (an attention implementation other
+than sdpa or eager) falls back to padded batches with a note that names it and what is missing.
 """
 
 import copy
@@ -78,10 +78,14 @@ def test_hybrid_families_run_padding_free_with_a_note(family, capsys):
     assert capsys.readouterr().out == ""
 
 
-def test_a_family_that_cannot_run_padding_free_falls_back_with_a_note(capsys):
-    config = AutoConfig.for_model("deepseek_v4", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  vocab_size=128, pad_token_id=0, eos_token_id=1, bos_token_id=None)
-    assert not padding_free_for(SpeedConfig(), AutoModelForCausalLM.from_config(config), "dpo")
+def test_a_model_that_cannot_run_padding_free_falls_back_with_a_note(capsys):
+    """Every MoE family of transformers 5.24 runs padding-free with sdpa or eager attention; another attention
+    implementation cannot be cut into blocks, so its batches are padded, with a note saying why."""
+    config = AutoConfig.for_model("qwen3_moe", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=128, num_experts=4, num_experts_per_tok=2,
+                                  moe_intermediate_size=64, intermediate_size=128)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="flex_attention")
+    assert not padding_free_for(SpeedConfig(), model, "dpo")
     note = capsys.readouterr().out
-    assert note.startswith("[dpo] speed.padding_free is off for deepseek_v4: its ")
-    assert "are neither attention nor hold a recurrent mixer" in note and "batches are padded" in note
+    assert note.startswith("[dpo] speed.padding_free is off for qwen3_moe: it runs flex_attention attention; ")
+    assert "packed rows need sdpa or eager" in note and "batches are padded" in note

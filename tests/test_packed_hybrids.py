@@ -4,10 +4,12 @@ gives what the padded batch gives.
 
 tests/test_families.py (d) checks padding-free SFT and packed prompt-shared DPO against TRL's padded loss and
 adapter gradients for the registry's hybrids (and, with MOETUNE_ALL_FAMILIES=1, every family); here the decoder's
-hidden states of every hybrid family transformers 5.24 has, in both packed layouts, and a CLI run.
+hidden states of every hybrid family transformers 5.24 has, and of the families whose attention modules run on the
+padded batch of the row's sequences (finetune/training/packed_attention.py), in both packed layouts, and a CLI run.
 """
 
 import json
+import os
 
 import pytest
 import torch
@@ -15,9 +17,12 @@ from transformers import AutoModelForCausalLM
 
 from finetune.config.recipe import ModelInit
 from finetune.modeling.tiny import family_config
-from finetune.training.packed_forward import ROW_POSITION_BIAS, padding_free_refusal, use_block_attention
+from finetune.training.packed_attention import whole_sequence_attention
+from finetune.training.packed_forward import padding_free_refusal, use_block_attention
 from finetune.training.packed_mixers import recurrent_mixers
 from helpers.recipes import LORA_CHAIN_RECIPE, run_cli
+
+ALL_FAMILIES = os.environ.get("MOETUNE_ALL_FAMILIES") == "1"
 
 # The MoE families of transformers 5.24 with recurrent token mixers, and the mixer class moetune finds in each.
 HYBRIDS = {
@@ -27,16 +32,28 @@ HYBRIDS = {
     "bailing_hybrid": "BailingHybridDeltaAttention", "lfm2_moe": "Lfm2MoeShortConv",
     "lara_mini": "LaraMiniGatedDeltaNet", "minimax": "MiniMaxLightningAttention", "zaya": "ZayaCCAProjection",
 }
-# Families with recurrent mixers that still run padded, and what their reason names.
-STILL_PADDED = {"qwen4_exp_text": "indexed_attention layers", "inkling_text": ROW_POSITION_BIAS,
-                "deepseek_v4": "compressed_sparse_attention and heavily_compressed_attention layers"}
+# The MoE families whose attention modules mix tokens outside their attention call, run on the padded batch of a
+# packed row's sequences (finetune/training/packed_attention.py), and the module class moetune finds in each:
+# DeepSeek Sparse Attention indexers, DeepSeek-V4's compressors, Inkling's row-position biases. The suite runs one;
+# MOETUNE_ALL_FAMILIES=1 all of them, and GLM-5's layers that reuse the previous layer's top-k ("shared" indexer).
+WHOLE_ATTENTION = {
+    "deepseek_v32": "DeepseekV32Attention", "glm_moe_dsa": "GlmMoeDsaAttention", "hy_v4": "HYV4Attention",
+    "axk2": "AXK2Attention", "dots3_note_text": "Dots3NoteTextAttention", "qwen4_exp_text": "Qwen4ExpTextAttention",
+    "deepseek_v4": "DeepseekV4Attention", "inkling_text": "InklingAttention",
+    "inkling2_text": "Inkling2FullAttention", "inkling2_loop_text": "Inkling2LoopFullAttention",
+    "glm_moe_dsa/shared": "GlmMoeDsaAttention",
+}
+CONFIG_CHANGES = {"glm_moe_dsa/shared": {"indexer_types": ["full", "shared", "shared"]}}
 
 
-def tiny_model(architecture: str):
+def tiny_model(architecture: str, **changes):
     init = ModelInit(architecture=architecture, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
                      num_kv_heads=2, num_experts=4, experts_per_token=2)
+    config = family_config(init, 200, pad_token_id=0, eos_token_id=1)
+    for key, value in changes.items():
+        setattr(config, key, value)
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(family_config(init, 200, pad_token_id=0, eos_token_id=1)).eval()
+    return AutoModelForCausalLM.from_config(config).eval()
 
 
 def padded_hidden(model, sequences):
@@ -56,30 +73,44 @@ def test_packed_rows_equal_padded_batch_in_hybrid_families(family):
     model = tiny_model(family)
     assert padding_free_refusal(model) is None
     assert {type(mixer).__name__ for mixer in recurrent_mixers(model.base_model).values()} == {HYBRIDS[family]}
+    assert_packed_rows_equal_padded_batch(model, lengths=(7, 12, 5), pair=(6, 4, 5))
+
+
+@pytest.mark.parametrize("family", sorted(WHOLE_ATTENTION) if ALL_FAMILIES else ["deepseek_v32"])
+def test_packed_rows_equal_padded_batch_where_attention_mixes_tokens_outside_its_call(family):
+    """The same for the families whose attention modules run on the padded batch of the row's sequences, with
+    sequences longer than the indexers' top-k (16, with ties at zero that torch.topk breaks by the row's length:
+    one call per unpadded sequence picks other keys), the sliding windows (16) and many compression blocks (4)."""
+    model = tiny_model(family.split("/")[0], **CONFIG_CHANGES.get(family, {}))
+    assert padding_free_refusal(model) is None
+    assert WHOLE_ATTENTION[family] in {type(module).__name__ for module in whole_sequence_attention(model)}
+    assert_packed_rows_equal_padded_batch(model, lengths=(40, 70, 25), pair=(40, 20, 30))
+
+
+def assert_packed_rows_equal_padded_batch(model, lengths: tuple[int, ...], pair: tuple[int, int, int]):
     generator = torch.Generator().manual_seed(1)
-    sequences = [torch.randint(3, 200, (n,), generator=generator) for n in (7, 12, 5)]
-    prompt, chosen, rejected = (torch.randint(3, 200, (n,), generator=generator) for n in (6, 4, 5))
+    sequences = [torch.randint(3, 200, (n,), generator=generator) for n in lengths]
+    prompt, chosen, rejected = (torch.randint(3, 200, (n,), generator=generator) for n in pair)
+    split, end = len(prompt) + len(chosen), sum(pair)
     with torch.no_grad():
         expected = padded_hidden(model, sequences)
-        pair = padded_hidden(model, [torch.cat([prompt, chosen]), torch.cat([prompt, rejected])])
+        padded_pair = padded_hidden(model, [torch.cat([prompt, chosen]), torch.cat([prompt, rejected])])
         use_block_attention(model)
-        lengths = torch.tensor([len(s) for s in sequences])
-        bounds = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).int()])
+        sizes = torch.tensor(lengths)
+        bounds = torch.cat([torch.zeros(1, dtype=torch.int32), sizes.cumsum(0).int()])
         row = model.base_model(
             input_ids=torch.cat(sequences)[None], position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
-            cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=12, max_length_k=12, use_cache=False,
-            seq_idx=torch.repeat_interleave(torch.arange(3, dtype=torch.int32), lengths)[None]).last_hidden_state[0]
+            cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=max(lengths), max_length_k=max(lengths),
+            use_cache=False,
+            seq_idx=torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), sizes)[None],
+        ).last_hidden_state[0]
         shared = model.base_model(
-            input_ids=torch.cat([prompt, chosen, rejected])[None], packed_blocks=[(0, 6, 10, 15)], use_cache=False,
-            position_ids=torch.cat([torch.arange(10), torch.arange(6, 11)])[None]).last_hidden_state[0]
+            input_ids=torch.cat([prompt, chosen, rejected])[None], packed_blocks=[(0, len(prompt), split, end)],
+            position_ids=torch.cat([torch.arange(split), torch.arange(len(prompt), len(prompt) + len(rejected))])[None],
+            use_cache=False).last_hidden_state[0]
     torch.testing.assert_close(row, torch.cat(expected), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(shared[:10], pair[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(shared[10:], pair[1][6:], rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("family", sorted(STILL_PADDED))
-def test_families_that_still_run_padded_say_what_is_missing(family):
-    assert STILL_PADDED[family] in padding_free_refusal(tiny_model(family))
+    torch.testing.assert_close(shared[:split], padded_pair[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared[split:], padded_pair[1][len(prompt):], rtol=1e-5, atol=1e-5)
 
 
 def logged(run, stage: str, key: str) -> list[float]:

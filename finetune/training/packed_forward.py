@@ -8,11 +8,13 @@ Attention runs block by block (one call per sequence, two per prompt-shared pair
 rows): a dense mask over the whole packed row would cost attention quadratic in the batch's total length. The call
 is the model's own attention, sdpa or eager (gpt-oss: eager, for its attention sinks), within the layer's sliding
 window if it has one. Layers with a recurrent state (linear attention, Mamba, short convolutions) run their mixer
-once per sequence instead (finetune/training/packed_mixers.py); a model whose layers mix tokens some other way runs
-padded batches, with a note saying why (`padding_free_for`). Only the completion tokens' hidden states go through
-the LM head (TRL scores every position on CPU), at temperature 1, with the head's logit scale (Cohere's) and
-soft-capping as TRL's fused head applies them. The load-balancing loss weighs each token as the padded batch does: a
-shared prompt counts twice, padding not at all.
+once per sequence instead (finetune/training/packed_mixers.py); attention modules that also mix tokens outside their
+attention call (DeepSeek Sparse Attention's indexer, DeepSeek-V4's compressors, Inkling's row-position bias) run
+whole on the padded batch of the row's sequences (finetune/training/packed_attention.py); a model whose layers mix
+tokens some other way runs padded batches, with a note saying why (`padding_free_for`). Only the completion tokens'
+hidden states go through the LM head (TRL scores every position on CPU), at temperature 1, with the head's logit
+scale (Cohere's) and soft-capping as TRL's fused head applies them. The load-balancing loss weighs each token as the
+padded batch does: a shared prompt counts twice, padding not at all.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import inspect
 import sys
 import types
 
@@ -32,8 +33,9 @@ from transformers.masking_utils import eager_mask, sdpa_mask
 from trl.trainer.utils import FusedCausalLMOutput
 
 from finetune.core import distributed, families
-from finetune.modeling import moe
-from finetune.training.packed_mixers import recurrent_mixers, segment_recurrent_mixers
+from finetune.training.packed_attention import (
+    WholeAttention, attention_modules, layers_with_kinds, plain_kind, whole_sequence_attention)
+from finetune.training.packed_mixers import recurrent_mixers, segment_mixers, sequence_mixers
 from finetune.training.preference_packing import PACKED_KEYS
 from finetune.training.scored_lm_head import head_logit_scale, router_loss, scored_log_probs
 
@@ -85,7 +87,8 @@ def attention_by_block(attention, module, query, key, value, attention_mask, **k
     A block is a sequence (chosen, with its prompt), then, when prompt-shared, its rejected completion attending to
     the prompt and itself. Within each, attention is causal and limited to the layer's sliding window if it has one.
     """
-    blocks = row_blocks(query, key, attention_mask, kwargs)
+    # Attention that is not causal (Inkling 2's attention over a token's earlier layer outputs) is no row's.
+    blocks = row_blocks(query, key, attention_mask, kwargs) if getattr(module, "is_causal", True) else None
     kwargs.pop("packed_blocks", None)
     if blocks is None:
         return attention(module, query, key, value, attention_mask, **kwargs)
@@ -143,56 +146,28 @@ AttentionInterface.register(BLOCK_ATTENTION, block_attention)
 AttentionMaskInterface.register(BLOCK_ATTENTION, block_mask)
 AttentionInterface.register(BLOCK_EAGER_ATTENTION, block_eager_attention)
 AttentionMaskInterface.register(BLOCK_EAGER_ATTENTION, block_eager_mask)
-# Layer kinds whose attention runs block by block; any other (linear attention, Mamba, short convolutions) mixes
-# tokens through a recurrent state, which runs sequence by sequence (finetune/training/packed_mixers.py).
-ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention", "attention"}
-# Entries of a per-layer list that name the FFN, not the token mixer (Nemotron-H's layers_block_type mixes both).
-FFN_LAYER_TYPES = {"moe", "mlp"}
 UNSEGMENTED = ("its {kind} layers are neither attention nor hold a recurrent mixer (a module keeping a cached "
-               "convolution, recurrent or SSM state) that moetune runs sequence by sequence, so tokens could mix "
-               "across a packed row's sequence boundaries")
+               "convolution, recurrent or SSM state) or an attention module that moetune runs per sequence, so tokens "
+               "could mix across a packed row's sequence boundaries")
 
 
 def padding_free_refusal(model) -> str | None:
     """Why `model` cannot run padding-free (packed) batches, or None when it can: its registry entry says, else
-    a layer kind mixing tokens neither by attention nor by a recurrent mixer found in each of its layers."""
+    a layer kind mixing tokens neither by attention nor by a module run sequence by sequence."""
     config = model.config.get_text_config()
-    reason = families.family_of(model).padding_free or unsegmented_kinds(model) or row_position_bias(model)
+    reason = families.family_of(model).padding_free or unsegmented_kinds(model)
     implementation = config._attn_implementation
     if reason is None and implementation not in BLOCK_ATTENTIONS and implementation not in BLOCK_ATTENTIONS.values():
         reason = f"it runs {implementation} attention; packed rows need sdpa or eager"
     return reason
 
 
-ROW_POSITION_BIAS = ("its attention adds a position bias built over the whole row (from row positions, not the "
-                     "position ids), which block attention does not cut per sequence")
-
-
-def row_position_bias(model) -> str | None:
-    """The reason when the model's attention hands a `position_bias` to the attention function (Inkling's
-    relative logits and log scaling over row positions); None otherwise."""
-    classes = {type(module) for module in model.modules()}
-    return ROW_POSITION_BIAS if any(passes_position_bias(cls) for cls in classes) else None
-
-
-@functools.lru_cache(maxsize=None)
-def passes_position_bias(cls: type) -> bool:
-    try:
-        return "position_bias=position_bias" in inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return False
-
-
 def unsegmented_kinds(model) -> str | None:
-    """The reason naming the layer kinds (from the config's per-layer list) that are not attention and hold no
-    recurrent mixer packed_mixers can run sequence by sequence; None when there are none."""
-    config = model.config.get_text_config()
-    kinds = getattr(config, "layer_types", None) or getattr(config, "layers_block_type", None) or []
-    layers = [model.get_submodule(name) for name in moe.decoder_layers(model)]
-    if len(layers) != len(kinds):  # no per-layer list to pair with the layers: judge the whole model
-        layers = [model] * len(kinds)
-    missing = sorted({kind for kind, layer in zip(kinds, layers)
-                      if kind not in ATTENTION_LAYER_TYPES | FFN_LAYER_TYPES and not recurrent_mixers(layer)})
+    """The reason naming the layer kinds (from the config's per-layer list) that are not plain attention and hold
+    neither a recurrent mixer nor an attention module (run on the padded batch of the row's sequences); None when
+    there are none."""
+    missing = sorted({kind for kind, layer in layers_with_kinds(model)
+                      if not plain_kind(kind) and not recurrent_mixers(layer) and not attention_modules(layer)})
     return UNSEGMENTED.format(kind=" and ".join(missing)) if missing else None
 
 
@@ -205,13 +180,31 @@ def padding_free_for(speed, model, stage: str) -> bool:
     family = model.config.get_text_config().model_type
     if reason is not None and distributed.is_main_process():
         print(f"[{stage}] speed.padding_free is off for {family}: {reason}; batches are padded (same loss, slower).")
-    mixers = recurrent_mixers(causal_lm.base_model)
-    if reason is None and mixers and distributed.is_main_process():
-        names = [type(mixer).__name__ for mixer in mixers.values()]
-        counts = ", ".join(f"{names.count(name)} {name}" for name in sorted(set(names)))
-        print(f"[{stage}] padding-free rows for {family}: its recurrent token mixers ({counts}) run sequence by "
-              f"sequence, each from a fresh state.")
+    if reason is None and distributed.is_main_process():
+        note = per_sequence_note(causal_lm)
+        if note:
+            print(f"[{stage}] padding-free rows for {family}: {note}.")
     return reason is None
+
+
+def per_sequence_note(model) -> str:
+    """What runs sequence by sequence in `model` on packed rows, in words ("" when only attention, by blocks)."""
+    attention = {id(module) for module in whole_sequence_attention(model)}
+    found = sequence_mixers(model.base_model, dict.fromkeys(attention))
+    recurrent = [type(module).__name__ for module, _ in found.values() if id(module) not in attention]
+    whole = [type(module).__name__ for module, _ in found.values() if id(module) in attention]
+    notes = []
+    if recurrent:
+        notes.append(f"its recurrent token mixers ({counted(recurrent)}) run sequence by sequence, each from a fresh "
+                     f"state")
+    if whole:
+        notes.append(f"its attention modules that also mix tokens outside their attention call ({counted(whole)}) "
+                     f"run on the padded batch of the row's sequences")
+    return "; ".join(notes)
+
+
+def counted(names: list[str]) -> str:
+    return ", ".join(f"{names.count(name)} {name}" for name in sorted(set(names)))
 
 
 def use_block_attention(model) -> None:
@@ -220,9 +213,13 @@ def use_block_attention(model) -> None:
     if reason is not None:
         raise ValueError(f"speed.padding_free cannot run {model.config.get_text_config().model_type}: {reason}. "
                          f"Set speed.padding_free: false.")
-    implementation = model.config.get_text_config()._attn_implementation
-    model.set_attn_implementation(BLOCK_ATTENTIONS.get(implementation, implementation))
-    segment_recurrent_mixers(model.base_model, sequence_blocks)
+    config = model.config.get_text_config()
+    implementation = config._attn_implementation
+    implementation = next((own for own, block in BLOCK_ATTENTIONS.items() if block == implementation), implementation)
+    whole = {id(module): WholeAttention(module, getattr(module, "config", config), implementation)
+             for module in whole_sequence_attention(model)}
+    model.set_attn_implementation(BLOCK_ATTENTIONS[implementation])
+    segment_mixers(model.base_model, sequence_blocks, whole)
 
 
 def install_packed_forward(model, fields: tuple[str, ...] = ("log_probs",), tiled: bool = True) -> None:

@@ -12,7 +12,9 @@ through the mixer, once through attention and the MoE layers, which keep running
 
 The mixers are found by structure: the outermost modules inside the decoder whose class reads or writes a
 convolution, recurrent, SSM or linear-attention state of the cache (what every recurrent mixer of transformers
-does for cached generation), outside the MoE blocks.
+does for cached generation), outside the MoE blocks. The same patching serves attention modules that mix tokens
+outside their attention call (finetune/training/packed_attention.py), which run on the padded batch of the row's
+sequences instead.
 """
 
 from __future__ import annotations
@@ -37,79 +39,118 @@ ROW_KWARGS = ("packed_blocks", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
 @functools.lru_cache(maxsize=None)
 def carries_state(cls: type) -> bool:
     """Whether a module class keeps a state across tokens: its source handles a cached recurrent state."""
+    return bool(CACHED_STATE.search(class_source(cls)))
+
+
+def class_source(cls: type) -> str:
+    """The source of a model's own module class; "" for containers, whole models, torch's and peft's modules."""
     if issubclass(cls, (nn.ModuleList, nn.ModuleDict, PreTrainedModel)) or cls.__module__.startswith(("torch.", "peft.")):
-        return False
+        return ""
     try:
-        return bool(CACHED_STATE.search(inspect.getsource(cls)))
+        return inspect.getsource(cls)
     except (OSError, TypeError):
-        return False
+        return ""
+
+
+class Recurrent:
+    """How a recurrent mixer runs: as it is on a padded batch, once per sequence (from a zero state) on a row."""
+
+    cuts_single_sequence = False  # a row of one plain sequence runs whole, with the row's own kernel inputs
+
+    def whole(self, forward, args, kwargs):
+        return forward(*args, **kwargs)
+
+    def row(self, forward, args, kwargs, blocks):
+        return per_sequence(forward, args, kwargs, blocks)
+
+
+RECURRENT = Recurrent()
+
+
+def sequence_mixers(backbone: nn.Module, others: dict | None = None) -> dict[str, tuple[nn.Module, object]]:
+    """The outermost modules of a decoder that run sequence by sequence, with how each runs: its recurrent mixers
+    (state-carrying modules, outside the MoE blocks) and `others` (id(module) -> how it runs: attention modules
+    run whole per sequence, finetune/training/packed_attention.py)."""
+    others = others or {}
+    found: dict[str, tuple[nn.Module, object]] = {}
+    for name, module in backbone.named_modules():
+        if not name or any(name.startswith(outer + ".") for outer in found):
+            continue
+        if id(module) in others:
+            found[name] = (module, others[id(module)])
+        elif carries_state(type(module)) and not moe.is_moe_subtree(module):
+            found[name] = (module, RECURRENT)
+    return found
 
 
 def recurrent_mixers(backbone: nn.Module) -> dict[str, nn.Module]:
     """The outermost state-carrying modules of a decoder (not the decoder itself, nothing holding experts)."""
-    found: dict[str, nn.Module] = {}
-    for name, module in backbone.named_modules():
-        if not name or any(name.startswith(outer + ".") for outer in found):
-            continue
-        if carries_state(type(module)) and not moe.is_moe_subtree(module):
-            found[name] = module
-    return found
+    return {name: module for name, (module, _) in sequence_mixers(backbone).items()}
 
 
 class RowSequences:
     """The sequences of the packed row the decoder is running, shared by its mixers: blocks (start, prompt end,
-    split, end) as in packed_forward.row_blocks, or None for padded batches. Set at each decoder forward and read
-    again when activation checkpointing recomputes a layer in the backward (the same step's batch)."""
+    split, end) as in packed_forward.row_blocks, or None for padded batches and generation steps. Set at each
+    decoder forward and read again when activation checkpointing recomputes a layer in the backward (the same
+    step's batch)."""
 
     def __init__(self):
         self.blocks: list[tuple[int, int, int, int]] | None = None
 
 
-def segment_recurrent_mixers(backbone: nn.Module, row_blocks) -> dict[str, nn.Module]:
-    """Patch the decoder `backbone` so that its recurrent mixers run sequence by sequence on packed rows.
+def segment_mixers(backbone: nn.Module, row_blocks, others: dict | None = None) -> dict[str, nn.Module]:
+    """Patch the decoder `backbone` so that its recurrent mixers and `others` (see sequence_mixers) run sequence
+    by sequence on packed rows.
 
-    `row_blocks(length, kwargs)` reads a decoder call's blocks (None: a padded batch). Returns the mixers found."""
-    mixers = recurrent_mixers(backbone)
-    if not mixers or hasattr(backbone, "moetune_sequences"):
-        return mixers
+    `row_blocks(length, kwargs)` reads a decoder call's blocks (None: a padded batch). Returns the modules found."""
+    found = sequence_mixers(backbone, others)
+    if not found or hasattr(backbone, "moetune_sequences"):
+        return {name: module for name, (module, _) in found.items()}
     backbone.moetune_sequences = sequences = RowSequences()
     backbone.moetune_unsegmented_forward = backbone.forward
     backbone.moetune_row_blocks = row_blocks
     backbone.forward = types.MethodType(decoder_forward, backbone)
-    for mixer in mixers.values():
+    for mixer, runner in found.values():
         mixer.moetune_sequences = sequences
+        mixer.moetune_runner = runner
         mixer.moetune_unsegmented_forward = mixer.forward
         mixer.forward = types.MethodType(mixer_forward, mixer)
-    return mixers
+    return {name: module for name, (module, _) in found.items()}
 
 
 def decoder_forward(self, *args, **kwargs):
-    """The decoder's forward, after noting the sequences of the row it runs."""
+    """The decoder's forward, after noting the sequences of the row it runs (none for a padded batch or a step of
+    cached generation)."""
     tokens = kwargs.get("input_ids", args[0] if args else None)
     tokens = tokens if tokens is not None else kwargs.get("inputs_embeds")
+    cached = kwargs.get("cache", kwargs.get("past_key_values")) is not None
     blocks = None
-    if tokens is not None and tokens.shape[0] == 1 and kwargs.get("attention_mask") is None:
+    if tokens is not None and tokens.shape[0] == 1 and kwargs.get("attention_mask") is None and not cached:
         blocks = self.moetune_row_blocks(tokens.shape[1], kwargs)
-    # One plain sequence needs no cutting (a padded batch of one, a generation step).
-    self.moetune_sequences.blocks = blocks if blocks and (len(blocks) > 1 or blocks[0][2] < blocks[0][3]) else None
+    self.moetune_sequences.blocks = blocks or None
     return self.moetune_unsegmented_forward(*args, **kwargs)
 
 
 def mixer_forward(self, *args, **kwargs):
-    """The mixer run once per sequence of a packed row (rejected completions after their prompt), outputs joined."""
-    blocks = self.moetune_sequences.blocks
-    if blocks is None:
-        return self.moetune_unsegmented_forward(*args, **kwargs)
+    """The mixer on the sequences of a packed row (see its runner's `row`), or as it is on a padded batch."""
+    blocks, runner, forward = self.moetune_sequences.blocks, self.moetune_runner, self.moetune_unsegmented_forward
+    # One plain sequence needs no cutting for a recurrent mixer (a padded batch of one).
+    if blocks is None or (not runner.cuts_single_sequence and len(blocks) == 1 and blocks[0][2] == blocks[0][3]):
+        return runner.whole(forward, args, kwargs)
+    return runner.row(forward, args, {key: value for key, value in kwargs.items() if key not in ROW_KWARGS}, blocks)
+
+
+def per_sequence(forward, args, kwargs, blocks):
+    """`forward` run once per sequence of a packed row (rejected completions after their prompt), outputs joined."""
     length = blocks[-1][3]
-    kwargs = {key: value for key, value in kwargs.items() if key not in ROW_KWARGS}
     outputs = []
     for start, prompt_end, split, end in blocks:
         run = cut((args, kwargs), length, start, split)
-        outputs.append((self.moetune_unsegmented_forward(*run[0], **run[1]), split - start))
+        outputs.append((forward(*run[0], **run[1]), split - start))
         if end > split:  # rejected: the mixer runs over the prompt, then the completion; the completion's kept
             index = torch.cat([torch.arange(start, prompt_end), torch.arange(split, end)])
             run = cut((args, kwargs), length, index=index)
-            outputs.append((tail(self.moetune_unsegmented_forward(*run[0], **run[1]), end - split), end - split))
+            outputs.append((tail(forward(*run[0], **run[1]), end - split), end - split))
     return joined(outputs)
 
 

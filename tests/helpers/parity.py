@@ -5,14 +5,18 @@ benchmarks/gpu_check.py), which import this module as tests.helpers.parity (it i
 
 from __future__ import annotations
 
+import torch
+
 
 def loss_and_gradients(trainer, examples: list[dict]):
-    """The training loss on one batch and the gradient of every trainable parameter."""
+    """The training loss on one batch and the gradient of every trainable parameter: zero for one the loss does not
+    reach (a DeepSeek Sparse Attention indexer runs under no_grad in transformers)."""
     batch = trainer.data_collator(examples)
     trainer.model.train()
     loss = trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch))
     loss.backward()
-    grads = {name: param.grad.clone() for name, param in trainer.model.named_parameters() if param.requires_grad}
+    grads = {name: param.grad.clone() if param.grad is not None else torch.zeros_like(param)
+             for name, param in trainer.model.named_parameters() if param.requires_grad}
     return loss.detach(), grads
 
 
