@@ -26,7 +26,8 @@ time):
   expert_parallel  `moetune run --accelerate ep --num-processes 2 model.expert_parallel=2` (experts split across
                2 GPUs, NCCL; with --cpu 2 gloo processes), full SFT then full DPO, and LoRA SFT then LoRA DPO on
                attention and experts (--cpu: LoRA only), in fp32, against one process with the same global batch;
-               verdict: saved weights and adapters within the tolerance. Skipped, saying why, on fewer
+               verdict: saved weights and adapters within the tolerance, and each process holding half of
+               the routed experts' LoRA factor elements one process holds. Skipped, saying why, on fewer
                than 2 GPUs (NCCL refuses two processes on one GPU, and transformers applies no EP plan to one).
   serving      where vLLM / SGLang is importable: a `moetune export --format vllm` / `--format sglang` adapter
                served by it, prompt log-probs against transformers + PEFT (benchmarks/serving_check.py); each server
@@ -52,6 +53,7 @@ import copy
 import datetime
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -327,22 +329,36 @@ def part_expert_parallel(sizes: dict, data: Path, work: Path) -> dict:
     raw["model"].update(dtype="float32", expert_parallel=2)
     for stage, steps in sizes["steps"].items():
         raw[stage].update(max_steps=steps, logging_steps=1, per_device_train_batch_size=8, router_aux_loss_coef=0)
-    differences = {}
+    differences, held = {}, {}
     for port, layout in enumerate(sizes["layouts"], start=29677):
         raw["model"]["lora"] = lora = EP_LAYOUTS[layout]
-        failed = run_split_and_one(raw, work / f"ep-{layout}", port)
+        failed, printed = run_split_and_one(raw, work / f"ep-{layout}", port)
         if failed:
             return {"ok": False, "verdict": f"{layout}: {failed}", "figures": {"max_difference": differences}}
         saved = "adapter_model.safetensors" if lora else "model.safetensors"
         for stage in ("sft", "dpo"):
             a, b = (load_file(str(work / f"ep-{layout}" / name / stage / saved)) for name in ("split", "one"))
             differences[f"{layout} {stage}"] = max((a[key] - b[key]).abs().max().item() for key in a)
-    ok = max(differences.values()) <= sizes["tolerance"]
+            if lora:  # what the split run's processes said they hold of the experts' factors, against one process's
+                held[stage] = {"processes": held_factor_elements(printed),
+                               "one_process": sum(b[key].numel() for key in b if ".mlp.experts." in key)}
+    halved = all(sorted(h["processes"].values()) == [h["one_process"] // 2] * 2 for h in held.values())
+    ok = max(differences.values()) <= sizes["tolerance"] and halved
     where = "2 GPUs (NCCL)" if torch.cuda.is_available() else "2 CPU processes (gloo)"
     found = ", ".join(f"{name} within {value:.1e}" for name, value in differences.items())
+    split = "; ".join(f"{stage}: per process {sorted(h['processes'].values())} of the experts' LoRA factor elements, "
+                      f"one process {h['one_process']}" for stage, h in held.items())
     return {"ok": ok, "verdict": f"experts split across {where} against one process, saved weights (full) or adapters "
-                                 f"(lora: attention and experts): {found} (tolerance {sizes['tolerance']:.0e})",
-            "figures": {"max_difference": differences, "tolerance": sizes["tolerance"], "gpus": gpus}}
+                                 f"(lora: attention and experts): {found} (tolerance {sizes['tolerance']:.0e}); "
+                                 f"{split} ({'halved' if halved else 'NOT halved'})",
+            "figures": {"max_difference": differences, "tolerance": sizes["tolerance"], "gpus": gpus,
+                        "expert_factor_elements": held}}
+
+
+def held_factor_elements(printed: str) -> dict[str, int]:
+    """{process: elements} from the lines a split LoRA stage prints (split_checkpoints.SplitModelCheckpoints)."""
+    found = re.findall(r"process (\d+) holds (\d+) of the \d+ elements of the routed experts' LoRA factors", printed)
+    return {process: int(elements) for process, elements in found}
 
 
 # The expert_parallel part's layouts: full SFT then full DPO; LoRA SFT then LoRA DPO on the SFT adapter merged into
@@ -350,10 +366,13 @@ def part_expert_parallel(sizes: dict, data: Path, work: Path) -> dict:
 EP_LAYOUTS = {"full": None, "lora": {"targets": ["attention", "experts"], "r": 16, "alpha": 32, "stages": ["sft", "dpo"]}}
 
 
-def run_split_and_one(raw: dict, folder: Path, port: int) -> str | None:
+def run_split_and_one(raw: dict, folder: Path, port: int) -> tuple[str | None, str]:
     """prep, then sft and dpo with the experts split over 2 processes, and on one process with the same global batch
-    (2 accumulation steps); each in its run dir under `folder`. The failure, or None."""
+    (2 accumulation steps); each in its run dir under `folder`. (The failure or None, what the split sft,dpo run
+    printed.)"""
     import yaml
+
+    printed = ""
 
     for name, launch in (("split", ["--accelerate", "ep", "--num-processes", "2", "--main-process-port", str(port)]),
                          ("one", ["sft.gradient_accumulation_steps=2", "dpo.gradient_accumulation_steps=2"])):
@@ -365,8 +384,9 @@ def run_split_and_one(raw: dict, folder: Path, port: int) -> str | None:
             result = subprocess.run(command + (launch if stages != "prep" else []), cwd=ROOT, capture_output=True,
                                     text=True)
             if result.returncode != 0:
-                return f"{name} run: {(result.stderr or result.stdout).strip()[-300:]}"
-    return None
+                return f"{name} run: {(result.stderr or result.stdout).strip()[-300:]}", printed
+            printed += result.stdout if name == "split" else ""
+    return None, printed
 
 
 def part_serving(sizes: dict, data: Path, work: Path) -> dict:

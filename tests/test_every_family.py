@@ -64,6 +64,15 @@ def test_enumeration_comes_from_transformers_and_every_expert_field_is_known():
             "num_shared_experts", "n_shared_experts"}, model_type
 
 
+def test_experts_stored_another_way_are_refused_with_what_the_config_declares(tokenizer):
+    """DBRX builds from model.init (the real checkpoints' attention fields) but keeps each projection of all its
+    experts in one 2-D matrix: LoRA on the experts is refused naming the declared experts, not 'no MoE layers'."""
+    model = AutoModelForCausalLM.from_config(init_config(tiny_init("dbrx"), tokenizer))
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, len(tokenizer))
+    with pytest.raises(ValueError, match="declares 4 routed experts and moetune finds no 3-D expert weights"):
+        adapters.peft_config(model, LoraConfig())
+
+
 def saved_and_loaded(family: str, tokenizer, folder):
     """The tiny model saved with save_pretrained, loaded back through the CLI's loader (dtype, experts kernel)."""
     torch.manual_seed(0)

@@ -108,7 +108,7 @@ def test_lora_on_split_experts_trains_sft_then_dpo_like_one_process(tmp_path):
     for name in ("split", "one"):
         (tmp_path / name).mkdir()
         runs[name] = write_recipe(tmp_path / name, architecture="qwen2_moe")
-    run_subprocess(launch(runs["split"], "prep,sft,dpo", *EP_LORA, port=29646))
+    out = run_subprocess(launch(runs["split"], "prep,sft,dpo", *EP_LORA, port=29646))
     assert main(["run", str(runs["one"]), "--stages", "prep,sft,dpo", *EP_LORA,
                  "sft.gradient_accumulation_steps=2", "dpo.gradient_accumulation_steps=2"]) == 0
     split_run, one_run = tmp_path / "split/run", tmp_path / "one/run"
@@ -119,9 +119,20 @@ def test_lora_on_split_experts_trains_sft_then_dpo_like_one_process(tmp_path):
         assert any(".shared_expert." in name for name in split_adapter)
         assert max_difference(split_run / stage / "adapter_model.safetensors",
                               one_run / stage / "adapter_model.safetensors") <= TOLERANCE
+        # The experts' factors are split with their experts: each process holds half of the elements one process
+        # holds (the whole tensors, as saved), and trains only those.
+        one_adapter = load_file(str(one_run / stage / "adapter_model.safetensors"))
+        whole = sum(tensor.numel() for name, tensor in one_adapter.items() if ".mlp.experts." in name)
+        for process in (0, 1):
+            assert f"process {process} holds {whole // 2} of the {whole} elements of the routed experts' LoRA " \
+                   f"factors" in out
         split_losses, one_losses = history(split_run, stage, "loss"), history(one_run, stage, "loss")
         assert [s for s, _ in split_losses] == [s for s, _ in one_losses] and len(split_losses) >= 3
         assert all(a == pytest.approx(b, abs=TOLERANCE) for (_, a), (_, b) in zip(split_losses, one_losses))
+        split_load, one_load = (json.loads((run / stage / "expert_load.json").read_text())["history"]
+                                for run in (split_run, one_run))
+        assert [h["share"] for h in split_load] == [h["share"] for h in one_load]  # summed over processes
+    assert out.count("elements of the routed experts' LoRA factors") == 4  # each stage, each process
     assert history(split_run, "dpo", "loss")[-1][1] < history(split_run, "dpo", "loss")[0][1]
     inputs = batch(AutoTokenizer.from_pretrained(str(one_run / "base")))
     with torch.no_grad():
@@ -283,7 +294,9 @@ def test_split_expert_lora_adds_the_local_experts_update_as_peft_adds_the_whole(
         with torch.no_grad():
             for name, param in peft_model.named_parameters():
                 if "lora_" in name:  # B is zero at creation: random factors make every update count
-                    param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+                    # (a split factor's part on a 1-process mesh is the whole tensor)
+                    local = param.to_local() if expert_parallel.is_dtensor(param) else param
+                    local.copy_(torch.randn(param.shape, generator=generator) * 0.1)
         return peft_model
 
     whole, tokenizer = tiny_model("qwen2_moe")
@@ -297,13 +310,18 @@ def test_split_expert_lora_adds_the_local_experts_update_as_peft_adds_the_whole(
         split._is_distributed_loading_by_transformers = True  # what from_pretrained(distributed_config=...) sets
         whole_peft, split_peft = adapted(whole), adapted(split)
         assert sum(type(m) is split_expert_lora.SplitExpertsLora for m in split_peft.modules()) == 4  # 2 per layer
+        # the experts' factors are split with their experts (whole here: a 1-process mesh), the others plain tensors
+        factors = {name: param for name, param in split_peft.named_parameters() if "lora_" in name}
+        assert {name for name, param in factors.items() if expert_parallel.is_dtensor(param)} == {
+            name for name in factors if ".mlp.experts." in name} != set()
         whole_peft(**inputs).logits.pow(2).mean().backward()
         split_logits = split_peft(**inputs).logits
         split_logits.pow(2).mean().backward()
         with torch.no_grad():
             assert torch.allclose(split_logits, whole_peft(**inputs).logits, atol=1e-6)
         whole_grads = {name: p.grad for name, p in whole_peft.named_parameters() if p.requires_grad}
-        split_grads = {name: p.grad for name, p in split_peft.named_parameters() if p.requires_grad}
+        split_grads = {name: expert_parallel.whole_tensor(p.grad) for name, p in split_peft.named_parameters()
+                       if p.requires_grad}
         assert whole_grads.keys() == split_grads.keys()
         assert all(torch.allclose(split_grads[n], whole_grads[n], atol=1e-7) for n in whole_grads)
         split_peft.save_pretrained(tmp_path / "adapter")

@@ -61,7 +61,7 @@ def test_real_recipe_plans_as_its_comment_says(name):
 def test_census_of_every_moe_family_whatever_its_expert_layout():
     """Every `moetune run` plans its memory first (a census of the model on the meta device), so a family whose
     experts the census could not read stopped before any stage with a traceback: Nemotron-H's plain up_proj/down_proj,
-    JetMoE's one `weight` per expert module. Families transformers cannot build at all (DBRX) are left out."""
+    JetMoE's one `weight` per expert module. DBRX's 2-D experts and Doge's embedding rows are not counted."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -74,13 +74,10 @@ def test_census_of_every_moe_family_whatever_its_expert_layout():
     for model_type in families.moe_model_types():
         init = ModelInit(architecture=model_type, hidden_size=64, intermediate_size=64, num_layers=3, num_experts=4,
                          experts_per_token=2)
-        try:
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(family_config(init, 280, pad_token_id=None, eos_token_id=None))
-        except AttributeError:  # transformers' own config cannot build this family (DBRX)
-            continue
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(family_config(init, 280, pad_token_id=None, eos_token_id=None))
         census = memory_plan.census(model)
-        if moe.experts_modules(model):  # all but Doge, whose experts are embedding rows
+        if moe.experts_modules(model):  # all but DBRX and Doge
             assert census.total["experts"] > 0 and census.expert_lora_elements > 0, model_type
             counted += 1
     assert counted >= 60
@@ -207,7 +204,8 @@ def qwen3_census():
 def test_the_ep_layout_splits_what_transformers_splits():
     """model.expert_parallel N over n processes (DistributedConfig(fsdp_size=n, ep_size=N)): every weight 1/n at rest,
     a layer's dense part gathered twice (in use, prefetched) and its experts only within the process's group of N,
-    the LM head kept whole through the backward; full fine-tuning's gradients and moments sharded, LoRA's whole."""
+    the LM head kept whole through the backward; full fine-tuning's gradients and moments sharded, LoRA's whole but
+    for the routed experts' factors."""
     census = qwen3_census()
     full = memory_plan.Setup(stage="sft", weight_bytes=2, lora_roles=None, batch=1, max_length=2048,
                              activation_checkpointing=True, layout="ep", processes=8, expert_parallel=8)
@@ -236,6 +234,13 @@ def test_the_ep_layout_splits_what_transformers_splits():
     adapter = census.lora["attention"] * 8
     assert (lora_rows["adapter"], lora_rows["gradients"], lora_rows["optimizer"]) == (
         adapter * 4, adapter * 4, 2 * adapter * 4)
+    # ... except the routed experts' factors, split with their experts: 1/8 of them per process, gradients and moments
+    # alike (finetune/modeling/split_expert_lora.py)
+    experts_too = memory_plan.plan_stage(census, dataclasses.replace(lora, lora_roles=frozenset({"attention",
+                                                                                                 "experts"}))).rows
+    held = adapter + census.lora["experts"] * 8 / 8
+    assert (experts_too["adapter"], experts_too["gradients"], experts_too["optimizer"]) == pytest.approx(
+        (held * 4, held * 4, 2 * held * 4))
     # on a CPU the process also keeps its share of the mapped checkpoint, and the main process gathers the whole
     # model to save a full fine-tune
     cpu = memory_plan.plan_stage(census, dataclasses.replace(full, device="cpu")).rows
@@ -262,3 +267,34 @@ def test_plan_of_an_expert_parallel_launch(capsys):
     assert main(["plan", recipe, model, "--accelerate", "ep", *gpus]) == 0
     unsplit = json.loads(capsys.readouterr().out)["stages"][0]
     assert unsplit["setup"]["layout"] == "ddp" and any("planned as ddp" in note for note in unsplit["notes"])
+
+
+def test_a_model_that_cannot_checkpoint_activations_is_planned_and_trained_without_them(tmp_path, capsys):
+    """moetune checkpoints activations by default on a GPU, and JetMoE refuses it (transformers): the plan counts
+    its activations unchecked and never proposes checkpointing, the stage drops the default with a note, and a
+    recipe asking for it stops naming its key (exit 2), before any step."""
+    from types import SimpleNamespace
+
+    from helpers.recipes import write_lora_chain_recipe
+
+    from finetune.config.recipe import TrainerSettings
+    from finetune.training.trainer_config import checkpointing_the_model_runs
+
+    recipe = write_lora_chain_recipe(tmp_path, "jetmoe", num_layers=3)
+    assert main(["plan", str(recipe), "--gpus", "1xH100-80GB", "--json"]) == 0
+    jetmoe = json.loads(capsys.readouterr().out)["stages"][0]
+    assert jetmoe["setup"]["activation_checkpointing"] is False
+    (tmp_path / "mixtral").mkdir()
+    mixtral = write_lora_chain_recipe(tmp_path / "mixtral", "mixtral", num_layers=3)
+    assert main(["plan", str(mixtral), "--gpus", "1xH100-80GB", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stages"][0]["setup"]["activation_checkpointing"] is True
+
+    model = SimpleNamespace(supports_gradient_checkpointing=False)
+    args = SimpleNamespace(activation_checkpointing=True)
+    checkpointing_the_model_runs(args, model, TrainerSettings("sft", {}, 0, "auto", False))
+    assert args.activation_checkpointing is False and "activation checkpointing off" in capsys.readouterr().out
+
+    assert main(["run", str(recipe), "--stages", "prep,sft", "sft.activation_checkpointing=true"]) == 2
+    error = capsys.readouterr().err
+    assert "sft.activation_checkpointing: JetMoeForCausalLM does not support activation checkpointing" in error
+    assert "Traceback" not in error

@@ -281,6 +281,18 @@ def qwen4_exp_indexer(init) -> dict:
                 indexer_budget=16, indexer_compress_ratio=4)
 
 
+def dbrx_sizes(init) -> dict:
+    """DBRX names its sizes its own way and nests attention and FFN configs. Its checkpoints set rope_theta and
+    clip_qkv in attn_config (transformers 5.24's defaults have neither and its attention cannot run without them):
+    the values of databricks/dbrx-instruct."""
+    return dict(d_model=init.hidden_size, n_heads=init.num_heads, n_layers=init.num_layers,
+                max_seq_len=init.max_position_embeddings, router_aux_loss_coef=init.router_aux_loss_coef,
+                rope_parameters=dict(rope_type="default", rope_theta=500000.0),
+                attn_config=dict(kv_n_heads=init.num_kv_heads, rope_theta=500000.0, clip_qkv=8.0),
+                ffn_config=dict(ffn_hidden_size=init.intermediate_size, moe_num_experts=init.num_experts,
+                                moe_top_k=init.experts_per_token, moe_loss_weight=init.router_aux_loss_coef))
+
+
 def lfm2_layers(init) -> dict:
     """LFM2-MoE: short-convolution layers with full attention every few layers (its default computes the list)."""
     pattern = ["conv", "full_attention"]
@@ -291,6 +303,7 @@ NEW_FAMILIES = (
     found_by_structure("gemma4_text", overrides=gemma4_moe),
     found_by_structure("qwen4_exp_text", overrides=qwen4_exp_indexer),
     found_by_structure("lfm2_moe", overrides=lfm2_layers),
+    found_by_structure("dbrx", sizes=dbrx_sizes),
     found_by_structure("zaya", overrides=lambda init: dict(num_experts_per_tok=1)),  # ZAYA routes to one expert
     found_by_structure("doge", overrides=lambda init: dict(is_moe=True)),  # Doge's default config is dense
     # PEFT refuses LoRA on the Mamba mixers' out_proj of nemotron_h (its fused Mamba kernel reads the weight)

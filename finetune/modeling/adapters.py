@@ -143,10 +143,20 @@ def dense_mlp_targets(model: nn.Module) -> list[str]:
     return linears_under(model, dense)
 
 
+def no_moe_layers(model: nn.Module) -> str:
+    """Why a model has no experts to adapt: a dense model, or routed experts stored in a way moetune cannot find."""
+    declared = families.expert_count(model.config)
+    if declared is None:
+        return "this model has no MoE layers"
+    return (f"this model's config declares {declared} routed experts and moetune finds no 3-D expert weights (one "
+            f"matrix per expert along a leading experts dimension) in it: {model.config.model_type} stores its "
+            "experts another way, which moetune does not adapt")
+
+
 def peft_config(model: nn.Module, lora: LoraConfig) -> peft.LoraConfig:
     roles = expand_roles(lora.targets)
     if roles & set(MOE_ROLES) and not moe.is_moe_model(model):
-        raise ValueError("model.lora.targets names experts/router, but this model has no MoE layers; use attention.")
+        raise ValueError(f"model.lora.targets names experts/router, but {no_moe_layers(model)}; use attention.")
     refusal = router_role_refusal(model) if "router" in roles else None
     if refusal and "router" in lora.targets:
         raise ValueError(f"model.lora.targets: router cannot be tuned on this model: {refusal}.")

@@ -88,6 +88,7 @@ class Census:
     hidden: int
     vocab: int
     head_frozen_elements: int  # LM head parameters
+    checkpointing: bool = True  # whether transformers can checkpoint its activations (JetMoE cannot)
 
     @property
     def parameters(self) -> int:
@@ -115,6 +116,7 @@ class Footprint:
     largest_layer_experts: float = 0.0
     lm_head_weights: float = 0.0
     expert_parallel: int = 1
+    expert_adapter: float = 0.0  # the part of `adapter` on the routed experts (split with them under ep)
 
     def overhead(self, rest: float) -> float:
         if self.device == "cpu":
@@ -146,7 +148,8 @@ def census(model: nn.Module) -> Census:
                               for layer in layers],
         attention_width=[attention_width(model, layer) for layer in layers],
         hidden=text.hidden_size, vocab=text.vocab_size,
-        head_frozen_elements=model.get_output_embeddings().weight.numel())
+        head_frozen_elements=model.get_output_embeddings().weight.numel(),
+        checkpointing=getattr(model, "supports_gradient_checkpointing", True))
 
 
 def parameter_roles(model: nn.Module) -> dict[str, str]:
@@ -277,7 +280,8 @@ def footprint(c: Census, s: Setup) -> Footprint:
         largest_layer_dense=max((w - e for w, e in zip(c.layer_weights, c.layer_expert_weights)), default=0)
         * s.weight_bytes,
         largest_layer_experts=max(c.layer_expert_weights, default=0) * s.weight_bytes,
-        lm_head_weights=c.head_frozen_elements * s.weight_bytes, expert_parallel=s.expert_parallel)
+        lm_head_weights=c.head_frozen_elements * s.weight_bytes, expert_parallel=s.expert_parallel,
+        expert_adapter=c.lora.get("experts", 0) * s.lora_r * LORA_BYTES if lora and "experts" in s.lora_roles else 0)
 
 
 def nf4_bytes(elements: int, double_quant: bool) -> float:
@@ -374,9 +378,11 @@ def ep(f: Footprint, n: int) -> dict[str, float]:
     layer's dense part is gathered (the one running and the one prefetched, as fsdp2) and its experts only up to
     this process's group (1/N of them; nothing to gather when n = N); the LM head is kept whole from the forward to
     the backward (transformers' FSDP plan: `keep_full_weight`). Full fine-tuning shards gradients and AdamW's moments
-    the same way; LoRA's adapter, added after the model was sharded, is whole on every process with its gradients
+    the same way. LoRA's adapter, added after the model was sharded, is whole on every process with its gradients
     and moments (a plain replicated tensor whose gradient transformers' Trainer all-reduces:
-    `_sync_replicated_trainable_parameters`). A full-FT DPO reference is loaded split like the policy.
+    `_sync_replicated_trainable_parameters`), except the routed experts' factors, split with their experts (1/N of
+    them per process, with their gradients and moments: finetune/modeling/split_expert_lora.py). A full-FT DPO
+    reference is loaded split like the policy.
 
     On a CPU two more copies land in the same memory (measured on 2 gloo processes, benchmarks/plan_memory.py): the
     pages of the memory-mapped checkpoint a process read its shard from stay mapped while it trains (1/n of the
@@ -393,7 +399,10 @@ def ep(f: Footprint, n: int) -> dict[str, float]:
         if f.device == "cpu":
             rows["weights"] += weights / n + f.trained_weights
     if lora:
-        rows["adapter"] = f.adapter
+        # the experts' factors, and so their gradients and moments, 1/N per process; the other adapters whole
+        held = 1 - f.expert_adapter / f.adapter * (1 - 1 / f.expert_parallel) if n > 1 else 1.0
+        rows["adapter"], rows["gradients"], rows["optimizer"] = (f.adapter * held, f.gradients * held,
+                                                                 f.optimizer * held)
     return with_overhead(f, rows)
 
 
@@ -442,6 +451,8 @@ class StagePlan:
 
 
 def plan_stage(c: Census, s: Setup, memory: float | None = None) -> StagePlan:
+    if not c.checkpointing:  # the stage turns moetune's default off for this model (a recipe asking is refused)
+        s = dataclasses.replace(s, activation_checkpointing=False)
     rows = LAYOUTS[s.layout](footprint(c, s), s.processes)
     trainable = ({role: c.lora[role] * s.lora_r for role in s.lora_roles if c.lora.get(role)}
                  if s.lora_roles is not None else dict(c.total))
@@ -500,7 +511,7 @@ def cheapest_change(c: Census, plan: StagePlan) -> None:
     """Fill `plan.change` with the first change (in CHANGES' order) under which the stage fits."""
     if plan.fits:
         return
-    for make in CHANGES:
+    for make in (m for m in CHANGES if c.checkpointing or m is not try_checkpointing):
         found = make(plan.setup) or []
         for setup, text in found if isinstance(found, list) else [found]:
             total = sum(LAYOUTS[setup.layout](footprint(c, setup), setup.processes).values())

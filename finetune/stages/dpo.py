@@ -25,7 +25,7 @@ from finetune.config.recipe import Recipe
 from finetune.core.rundir import Stage
 from finetune.training.saving import save_stage
 from finetune.training.data_splits import load_split, require_train_split
-from finetune.training.trainer_config import trainer_config
+from finetune.training.trainer_config import checkpointing_the_model_runs, trainer_config
 from finetune.training.resume import train_resuming
 
 
@@ -47,6 +47,7 @@ def run(recipe: Recipe, needed: dict[str, dict], force: bool | str = False) -> P
     args = trainer_config(recipe.trainer_settings("dpo"), stage.work)
     tokenizer = load_tokenizer(recipe.model_source)
     model, peft_config, parent = load_training_model(recipe.model_source, "dpo", start="sft")
+    checkpointing_the_model_runs(args, model, recipe.trainer_settings("dpo"))
     lora = recipe.model.lora_for("dpo")
     # Precomputed reference log-probs need no reference copy: TRL computes them with the model before training.
     needs_copy = not lora and not args.precompute_ref_log_probs

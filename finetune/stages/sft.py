@@ -17,7 +17,7 @@ from finetune.training.reply_truncation import PREP_SAMPLE, no_replies_left_mess
 from finetune.core.rundir import Stage
 from finetune.training.saving import save_stage
 from finetune.training.data_splits import load_split, require_train_split
-from finetune.training.trainer_config import ASSISTANT_ONLY_LOSS, trainer_config
+from finetune.training.trainer_config import ASSISTANT_ONLY_LOSS, checkpointing_the_model_runs, trainer_config
 from finetune.training.resume import train_resuming
 
 
@@ -44,6 +44,7 @@ def run(recipe: Recipe, needed: dict[str, dict], force: bool | str = False) -> P
     if source == TURN_BY_TURN:
         args.assistant_only_loss = False  # the rows carry their assistant_masks, which TRL's labels read as they are
     model, peft_config, parent = load_training_model(recipe.model_source, "sft", start="base")
+    checkpointing_the_model_runs(args, model, recipe.trainer_settings("sft"))
     trainer = sft_trainer(
         recipe.speed,
         model=model,

@@ -78,6 +78,22 @@ def trainer_config(settings: TrainerSettings, output_dir: Path):
     return config_class(**as_float_where_declared(config_class, values))
 
 
+def checkpointing_the_model_runs(args, model, settings: TrainerSettings) -> None:
+    """Activation checkpointing is moetune's GPU default, but transformers refuses it for some models (JetMoE:
+    `supports_gradient_checkpointing = False`, and the trainer would stop with a traceback when it turns it on).
+    moetune's default is dropped with a note; a recipe that asks for it is refused naming its key."""
+    if not args.activation_checkpointing or getattr(model, "supports_gradient_checkpointing", True):
+        return
+    name = type(getattr(model, "get_base_model", lambda: model)()).__name__
+    asked = next((key for key in ("activation_checkpointing", "gradient_checkpointing") if settings.fields.get(key)), None)
+    if asked:
+        raise ValueError(f"{settings.stage}.{asked}: {name} does not support activation checkpointing "
+                         f"(transformers); set {settings.stage}.{asked}: false")
+    args.activation_checkpointing = False
+    print(f"[{settings.stage}] activation checkpointing off: {name} does not support it (its activations stay in "
+          "memory; `moetune plan` counts them)", flush=True)
+
+
 def as_float_where_declared(config_class: type, values: dict[str, Any]) -> dict[str, Any]:
     """The recipe keeps `logging_steps: 25` an integer (manifests, recipe.yaml); TRL's float fields get floats, since
     some reach strictly typed model configs (`router_aux_loss_coef: 0` would be refused there)."""
