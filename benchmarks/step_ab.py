@@ -17,9 +17,11 @@ Run: python -m benchmarks.step_ab OLD_TREE NEW_TREE [--recipe recipes/tiny-moe.y
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import random
+import runpy
 import statistics
 import subprocess
 import sys
@@ -34,10 +36,7 @@ STEPTIMES = "STEPTIMES "
 
 def child(argv: list[str]) -> None:
     """Run `moetune` with `argv` in this process, taking turns with the twin after every optimizer step."""
-    import atexit
-    import runpy
-
-    import torch
+    import torch  # here, not at the top: only the children train, the parent process stays light
     from transformers import trainer_callback
 
     fd_in = os.open(os.environ["STEP_AB_IN"], os.O_RDWR)  # O_RDWR: opening never blocks, nor does a write
