@@ -107,7 +107,8 @@ GPU_SIZES = {
         dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_attention_heads=16,
              num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, head_dim=128)),  # OLMoE-1B-7B's
         "tolerance": 0.2, "judge": True},
-    "expert_parallel": {"steps": {"sft": 8, "dpo": 3}, "tolerance": 1e-4, "layouts": ["full", "lora"]},
+    "expert_parallel": {"steps": {"sft": 8, "dpo": 3}, "tolerance": 1e-4, "layouts": ["full", "lora"],
+                        "data": {"sft": 300, "pairs": 100, "questions": 8}},
     # seconds; pipeline, conformance and plan_memory run side by side: at most 120 + 115 + 200 + 45 + 240 + 150 s =
     # 14.5 minutes in all (expert_parallel skips in seconds on one GPU, serving where neither vLLM nor SGLang is
     # importable; each that is starts an engine, hence 150 s)
@@ -115,11 +116,12 @@ GPU_SIZES = {
                   "expert_parallel": 240, "serving": 150},
 }
 CPU_SIZES = {
+    # the data just covers the steps: DPO precomputes the reference log-probs of every training pair
     "pipeline": {"recipe_changes": {"data": {"sources": [{"format": "synthetic",
-                                                          "options": {"sft": 300, "pairs": 100, "questions": 8}}]},
-                                    "sft": {"max_steps": 8, "per_device_train_batch_size": 8, "logging_steps": 4},
+                                                          "options": {"sft": 64, "pairs": 24, "questions": 4}}]},
+                                    "sft": {"max_steps": 4, "per_device_train_batch_size": 8, "logging_steps": 2},
                                     "dpo": {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1},
-                                    "eval": {"max_new_tokens": 8, "batch_size": 16}},
+                                    "eval": {"max_new_tokens": 4, "batch_size": 16}},
                  "judge": False},
     # `make test` runs the whole conformance selection on the CPU: here one test shows the part works
     "conformance": {"pytest_args": ["-k", "test_padding_free_sft"]},
@@ -143,7 +145,8 @@ CPU_SIZES = {
         # GiB) outweigh what the plan counts
         "tolerance": 0.2, "judge": False},
     # LoRA only: its runs exercise the part's code; full fine-tuning's comparison is tests/test_expert_parallel.py's
-    "expert_parallel": {"steps": {"sft": 4, "dpo": 2}, "tolerance": 1e-5, "layouts": ["lora"]},
+    "expert_parallel": {"steps": {"sft": 4, "dpo": 2}, "tolerance": 1e-5, "layouts": ["lora"],
+                        "data": {"sft": 80, "pairs": 40, "questions": 4}},  # 2 x 8 per step
     # seconds: only against hangs (on a quiet 2-core machine the parts take a minute or less each)
     "budgets_s": {"pipeline": 600, "conformance": 300, "qlora": 400, "speed": 600, "equality": 300,
                   "plan_memory": 400, "expert_parallel": 600, "serving": 120},
@@ -325,7 +328,7 @@ def part_expert_parallel(sizes: dict, data: Path, work: Path) -> dict:
                            f"and transformers applies no expert plan to a single process. The 2-process comparison "
                            f"runs on CPU processes (gloo) in tests/test_expert_parallel.py and in --cpu mode."}
     raw = yaml.safe_load((ROOT / "recipes" / "tiny-moe.yaml").read_text())
-    raw["data"]["sources"] = CPU_SIZES["pipeline"]["recipe_changes"]["data"]["sources"]
+    raw["data"]["sources"] = [{"format": "synthetic", "options": sizes["data"]}]
     raw["model"].update(dtype="float32", expert_parallel=2)
     for stage, steps in sizes["steps"].items():
         raw[stage].update(max_steps=steps, logging_steps=1, per_device_train_batch_size=8, router_aux_loss_coef=0)

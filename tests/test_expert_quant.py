@@ -1,11 +1,17 @@
 """QLoRA on the experts: NF4 expert storage and forward, LoRA over it as a standard PEFT adapter, SFT then DPO."""
 
+import gc
 import json
+import os
+import subprocess
+import sys
+import weakref
 
 import bitsandbytes as bnb
 import peft
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -14,7 +20,7 @@ from finetune.cli import main
 from finetune.modeling.loading import load_quantized, load_stage_model
 from finetune.config.recipe import RecipeError
 from finetune.config.parsing import load_recipe, parse_recipe
-from helpers.recipes import write_recipe
+from helpers.recipes import write_lora_chain_recipe, write_recipe
 from helpers.tiny import ARCHITECTURES, batch, tiny_model
 from helpers.bnb_kernel_paths import bnb_kernel_path, row_blocked_dequantize_4bit, use_dequantize_kernel  # noqa: F401
 from helpers.on_device import DEVICE, DTYPE, SAME_RESULT, relative_error
@@ -78,14 +84,39 @@ def test_nf4_experts_run_each_familys_own_expert_math_on_the_rounded_weights(fam
         assert relative_error(with_lora, logits) > 1e-3
 
 
-def test_nf4_refuses_experts_outside_the_experts_interface_naming_the_family():
-    # the registry says so first; expert_quant.check_expert_layout also refuses such experts of an unknown family
+def test_experts_with_their_own_forward_train_on_nf4_weights_read_again_in_backward(monkeypatch, tmp_path):
+    """Llama 4's experts (one bmm over all experts, outside transformers' experts interface) run their own forward on
+    NF4 weights read dequantized: only the 4-bit bytes are stored, the adapters' gradients are PEFT's on the rounded
+    weights, and no full-precision weight lives from the forward to the backward: what the backward needs of one is
+    dequantized again there. (JetMoE's and LongCat-Flash's experts read the same way: their (e) cells.)"""
     config = AutoConfig.for_model("llama4_text", vocab_size=64, hidden_size=64, intermediate_size=64,
-                                  intermediate_size_mlp=128, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size_mlp=128, num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=2, head_dim=16, num_local_experts=4)
-    with pytest.raises(ValueError, match="cannot run llama4_text: its experts run their own forward.*"
-                                         "model.quantization: null"):
-        quantized_copy(AutoModelForCausalLM.from_config(config))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    quantized = quantized_copy(model)
+    rounded = dequantized_copy(model, quantized)
+    assert all(p.dtype == torch.uint8 for m in experts_modules(quantized) for p in m.parameters(recurse=False))
+    peft_model = random_lora_on(quantized).train()
+    peft_model.save_pretrained(tmp_path)
+    reference = peft.PeftModel.from_pretrained(rounded, tmp_path, is_trainable=True).train()
+    reads = []
+    read = expert_quant.adapted_weight
+    monkeypatch.setattr(expert_quant, "adapted_weight",
+                        lambda *args: reads.append(weakref.ref(weight := read(*args))) or weight)
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    loss = peft_model(input_ids=ids, labels=ids).loss
+    assert len(reads) == 2 * 2  # one read per weight (2 layers x 2) and forward
+    gc.collect()
+    assert not [ref for ref in reads if ref() is not None]  # none kept for the backward
+    loss.backward()
+    assert len(reads) == 2 * 2 * 2  # the backward read each again
+    reference(input_ids=ids, labels=ids).loss.backward()
+    expected = {name: p.grad for name, p in reference.named_parameters() if p.grad is not None}
+    got = {name: p.grad for name, p in peft_model.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys() and sum(".experts." in name for name in got) == 2 * 2 * 2
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("double_quant, most_bits", [(True, 4.2), (False, 4.6)])
@@ -295,3 +326,34 @@ def test_adapter_trained_on_nf4_loads_on_the_full_precision_base_and_merges(qlor
     with torch.no_grad():
         merged_logits = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(**inputs).logits
     assert torch.allclose(merged_logits, full_logits, atol=1e-4)
+
+
+OWN_FORWARD = ["llama4_text", "jetmoe", "longcat_flash", "nemotron_h"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("MOETUNE_ALL_FAMILIES") != "1",
+                    reason="a few minutes per family: runs with MOETUNE_ALL_FAMILIES=1 (the conformance run)")
+@pytest.mark.parametrize("family", OWN_FORWARD)
+def test_qlora_sft_then_dpo_through_the_cli_where_experts_run_their_own_forward(family, tmp_path):
+    """`moetune run` (a subprocess, as a user runs it) of a QLoRA recipe, `model.quantization: {bits: 4}`, LoRA SFT
+    then LoRA DPO with the default roles on a 4-layer model.init: Llama 4's experts run their own forward on NF4
+    weights read dequantized (JetMoE's, LongCat-Flash's too; Nemotron-H's non-gated ones run the NF4 forward). The
+    suite has the mechanism's in-process test above and Mixtral's QLoRA chain. SFT activation checkpointing off (the
+    backward dequantizes again), DPO on (JetMoE cannot be checkpointed)."""
+    recipe = write_lora_chain_recipe(tmp_path, family, model={"quantization": {"bits": 4}},
+                                     sft={"max_steps": 4, "activation_checkpointing": False},
+                                     dpo={"max_steps": 2, "activation_checkpointing": family != "jetmoe"})
+    done = subprocess.run([sys.executable, "-m", "finetune", "run", str(recipe), "--stages", "prep,sft,dpo"],
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run"
+    assert losses(run / "sft")[-1] < losses(run / "sft")[0]
+    assert json.loads((run / "dpo" / "moetune_stage.json").read_text())["outputs"]["parent"] == "base"
+    for stage in ("sft", "dpo"):
+        config = json.loads((run / stage / "adapter_config.json").read_text())
+        modules = {target.rsplit(".", 1)[0] for target in config["target_parameters"]}
+        assert any(m.endswith("experts") or "linear" in m for m in modules), modules  # the routed experts' weights
+        tensors = load_file(str(run / stage / "adapter_model.safetensors"))
+        expert_b = {k: v for k, v in tensors.items() if "lora_B" in k and any(f".{m}." in k for m in modules)}
+        assert expert_b and all(v.abs().max() > 0 for v in expert_b.values()), stage  # B starts at zero: trained

@@ -26,6 +26,7 @@ from finetune.core import families
 from finetune.modeling import export_layouts as layouts
 from finetune.stages import export
 from helpers.nf4 import random_lora_on
+from helpers.recipes import run_cli
 from helpers.family_models import FAMILIES, ROLES, data, models, padded_batch, refused  # noqa: F401 (fixtures)
 
 
@@ -61,17 +62,28 @@ def per_expert_keys(base) -> bool:
     return any(re.search(r"\.experts\.\d+\.", key) for key in load_file(base / "model.safetensors"))
 
 
-def linears_fused_on_disk(model, adapter, base) -> bool:
-    """Whether an adapted Linear has no weight of its own in the base checkpoint (stored fused with others): no 2-D
-    file tensor equals its (randomly initialised) weight. Read by value, not name: checkpoints rename modules on
-    disk (Nemotron-H's `backbone.`, Kimi-Linear's `self_attn.f_a_proj` for `forget_gate.f_a_proj`)."""
-    on_disk = [tensor for tensor in load_file(base / "model.safetensors").values() if tensor.dim() == 2]
+def linear_storage(model, adapter, base) -> set[str]:
+    """How the base checkpoint stores the adapted Linears: "own" (a file tensor `<...>.weight` equal to its
+    randomly initialised weight), "shared" (all its rows inside a bigger `.weight` tensor, with other Linears':
+    Sarvam's query_key_value), "none" (no `.weight` tensor holds it: Inkling 2's `k_sconv.weight_proj`). Read by
+    value, not name: checkpoints rename modules on disk (Nemotron-H's `backbone.`, Kimi-Linear's
+    `self_attn.f_a_proj` for `forget_gate.f_a_proj`)."""
+    on_disk = [tensor for key, tensor in load_file(base / "model.safetensors").items()
+               if tensor.dim() == 2 and key.endswith(".weight")]  # a module's weight: a LoRA module name
     modules = {key.removeprefix("base_model.model.").split(".lora_A")[0]
                for key in load_file(adapter / "adapter_model.safetensors") if ".lora_A." in key}
     linears = [model.get_submodule(module).weight for module in modules if ".base_layer" not in module
                and isinstance(model.get_submodule(module), torch.nn.Linear)]
-    return any(not any(tensor.shape == weight.shape and torch.equal(tensor, weight) for tensor in on_disk)
-               for weight in linears)
+    found = set()
+    for weight in linears:
+        if any(tensor.shape == weight.shape and torch.equal(tensor, weight) for tensor in on_disk):
+            found.add("own")
+        elif any(tensor.shape[1] == weight.shape[1] and tensor.shape[0] > weight.shape[0]
+                 and bool((tensor[:, None] == weight[None]).all(-1).any(0).all()) for tensor in on_disk):
+            found.add("shared")
+        else:
+            found.add("none")
+    return found
 
 
 def per_expert_reference(base, exported, folder):
@@ -107,19 +119,55 @@ def test_h_export_merged_and_peft_reload_to_the_trained_logits(models, data, fam
     assert "## Serving" in (tmp_path / "merged" / "README.md").read_text()
 
 
+def vllm_mixed_reference(base, exported, family):
+    """The base model plus the update vLLM's mixed-format loader builds from a PEFT 3-D file
+    (LoRAModelManager._convert_3d_to_2d_moe_lora, vllm/lora/model_manager.py at 01533aa): per experts module M,
+    `M.base_layer.lora_A` (r*E, in) -> (E, r, in), `lora_B` (out, r*E) -> (E, out, r), w1 = B's first half, w3 its
+    second (interleaved only for GptOssForCausalLM), both on the shared A; `M.lora_*` likewise for w2; scaled by
+    lora_alpha / r; other keys as LoRA Linears on the modules they name."""
+    config = json.loads((exported / "adapter_config.json").read_text())
+    scale, rank = config["lora_alpha"] / config["r"], config["r"]
+    adapter = load_file(exported / "adapter_model.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    pairs = {}
+    for key, tensor in adapter.items():
+        module, ab = key.removeprefix("base_model.model.").removesuffix(".weight").rsplit(".lora_", 1)
+        pairs.setdefault(module, {})[ab] = tensor
+    updates = {}
+    for module in [m for m in pairs if m + ".base_layer" in pairs]:
+        (gate_up_a, gate_up_b), (down_a, down_b) = [(pairs[m]["A"], pairs[m]["B"]) for m in (module + ".base_layer",
+                                                                                             module)]
+        count = gate_up_a.shape[0] // rank
+        a = gate_up_a.reshape(count, rank, -1)
+        b = gate_up_b.reshape(gate_up_b.shape[0], rank, count).permute(2, 0, 1)
+        inter = b.shape[1] // 2
+        down = down_b.reshape(down_b.shape[0], rank, count).permute(2, 0, 1) @ down_a.reshape(count, rank, -1)
+        updates[module] = (b[:, :inter] @ a, b[:, inter:] @ a, down)
+        del pairs[module], pairs[module + ".base_layer"]
+    assert add_expert_updates(model, updates, scale, family)
+    with torch.no_grad():
+        for module, pair in pairs.items():
+            model.get_submodule(module).weight += scale * pair["B"] @ pair["A"]
+    return model
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_i_export_vllm_reloads_to_the_trained_logits(models, data, family, tmp_path):
     adapter, base, inputs, expected = trained_adapter(models, data, family, tmp_path)
     out = tmp_path / "vllm"
     three_d = families.text_model_type(family) in export.VLLM_3D
-    if not three_d and not per_expert_keys(base):  # no per-expert names to write the experts' LoRA under
-        refused(lambda: export.export(adapter, "vllm", out), layouts.FUSED_ON_DISK)
-    if not three_d and linears_fused_on_disk(models(family), adapter, base):
+    fused = not three_d and not per_expert_keys(base)  # no per-expert names: vLLM's mixed-format 3-D loader
+    if fused and not stacked_experts(models(family)):
+        refused(lambda: export.export(adapter, "vllm", out), layouts.VLLM_NO_STACKED)
+    if not three_d and not fused and "none" in linear_storage(models(family), adapter, base):
         refused(lambda: export.export(adapter, "vllm", out), layouts.FUSED_LINEAR_ON_DISK)
     export.export(adapter, "vllm", out)
     assert not (tmp_path / "vllm.partial").exists()
     if three_d:
         reloaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)
+    elif fused:
+        assert "--enable-mixed-moe-lora-format" in (out / "README.md").read_text()
+        reloaded = vllm_mixed_reference(base, out, family)
     else:
         keys = load_file(out / "adapter_model.safetensors")
         assert any(".experts.3." in key for key in keys)  # per expert
@@ -133,6 +181,12 @@ def test_i_export_vllm_reloads_to_the_trained_logits(models, data, family, tmp_p
 # gate_up_proj (lora.py normalize_gate_up_proj: A and B concatenated, gate first), B scaled by lora_alpha / r, and
 # the experts module wrapped only when target_modules normalize to gate_up_proj and down_proj (lora_manager.py).
 SGLANG_EXPERT_KEY = re.compile(r"layers\.\d+\..*\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.lora_([AB])\.weight$")
+# The stacked 3-D keys (families whose checkpoint stores the experts fused): mem_pool.py's `elif "experts" in name
+# and weights.dim() == 3` branch; lora.py normalize_gate_up_proj repeats a stacked gate_up_proj A twice along the
+# rank; FusedMoEWithLoRA reads B's first half as gate rows, its second as up rows, and re-interleaves them for a base
+# that interleaves (gpt-oss, whose checkpoint's gate_up_proj alternates gate and up rows).
+SGLANG_STACKED_KEY = re.compile(r"layers\.\d+\.(.*\.)?experts\.(gate_up_proj|down_proj)\.lora_([AB])\.weight$")
+INTERLEAVED_GATE_UP = {"gpt_oss"}
 SGLANG_TARGETS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
                   "up_proj": "gate_up_proj"}  # utils.get_normalized_target_modules, the names our adapters hold
 CHECKPOINT_LEAVES = {"gate_proj": ("gate_proj", "w1"), "up_proj": ("up_proj", "w3"), "down_proj": ("down_proj", "w2")}
@@ -145,11 +199,56 @@ def lone_q_proj(adapter) -> bool:
     return any(".q_proj.lora_A." in key and key.replace(".q_proj.", ".v_proj.") not in keys for key in keys)
 
 
-def sglang_reference(base, exported, folder):
+def stacked_experts(model) -> bool:
+    """Whether the model's experts are modules holding gate_up_proj and down_proj (SGLang's stacked key names)."""
+    return any(hasattr(module, "gate_up_proj") and hasattr(module, "down_proj") for module in model.modules())
+
+
+def add_expert_updates(model, updates, scale, family):
+    """Each expert's gate, up and down update ({experts module: (E, I, H), (E, I, H), (E, H, I)}) added to the fused
+    experts module, in whichever orientation and gate/up order the family stores it; the shapes a server's buffers
+    hold checked first (gate/up read the hidden size, down returns to it)."""
+    hidden = model.config.get_text_config().hidden_size
+    for owner, (gate, up, down) in updates.items():
+        assert gate.shape[2] == hidden and down.shape[1] == hidden and down.shape[2] == gate.shape[1], owner
+        gate_up = (torch.stack([gate, up], 2).flatten(1, 2) if family in INTERLEAVED_GATE_UP
+                   else torch.cat([gate, up], 1))
+        experts = model.get_submodule(owner)
+        for name, delta in (("gate_up_proj", gate_up), ("down_proj", down)):
+            weight = getattr(experts, name)
+            assert weight.shape[1] != weight.shape[2], name  # the orientation is read off the shape
+            with torch.no_grad():
+                weight += scale * (delta if weight.shape[1:] == delta.shape[1:] else delta.transpose(1, 2))
+    return bool(updates)
+
+
+def sglang_stacked_updates(adapter):
+    """SGLang's stacked experts keys read as its loader reads them (SGLANG_STACKED_KEY): per experts module, each
+    expert's gate, up and down update."""
+    stacked = {}
+    for key, tensor in adapter.items():
+        match = SGLANG_STACKED_KEY.search(key)
+        if match is not None:
+            assert tensor.dim() == 3, key
+            owner = key.removeprefix("base_model.model.").split(f".{match[2]}.lora_")[0]
+            stacked.setdefault(owner, {})[match[2], match[3]] = tensor
+    updates = {}
+    for owner, parts in stacked.items():
+        rank = parts["gate_up_proj", "A"].shape[1]
+        a = parts["gate_up_proj", "A"].repeat(1, 2, 1)  # normalize_gate_up_proj: [E, 2r, in]
+        b = parts["gate_up_proj", "B"]
+        inter = b.shape[1] // 2
+        updates[owner] = (b[:, :inter] @ a[:, :rank], b[:, inter:] @ a[:, rank:],
+                          parts["down_proj", "B"] @ parts["down_proj", "A"])
+    return updates
+
+
+def sglang_reference(base, exported, folder, family=None):
     """The base checkpoint plus the update SGLang's loader builds from the exported tensors: per expert, the stacked
     gate_up_proj A = [A_gate; A_up] (2r, in) and B = [B_gate; B_up] (2I, r), applied as B[:I] @ A[:r] to the gate
     rows and B[I:] @ A[r:] to the up rows (FusedMoEWithLoRA's [gate; up] order), added to the checkpoint's matrices
-    of that expert (w1/w3/w2 or gate/up/down_proj); other keys as ordinary LoRA Linears."""
+    of that expert (w1/w3/w2 or gate/up/down_proj), or for stacked 3-D keys to the fused experts
+    (add_stacked_updates); other keys as ordinary LoRA Linears."""
     config = json.loads((exported / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and isinstance(config["target_modules"], list)  # what LoRAConfig accepts
     assert not config.get("rank_pattern") and not config.get("alpha_pattern") and not config["use_dora"]
@@ -160,7 +259,9 @@ def sglang_reference(base, exported, folder):
     weights = load_file(base / "model.safetensors")
     experts, updates = {}, {}
     for key, tensor in adapter.items():
-        assert tensor.dim() == 2, key  # the per-expert branch: one matrix per expert, no 3-D tensors
+        if SGLANG_STACKED_KEY.search(key) is not None:
+            continue  # add_stacked_updates
+        assert tensor.dim() == 2, key  # the per-expert branch: one matrix per expert
         module = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
         match = SGLANG_EXPERT_KEY.search(key)
         if match is not None:
@@ -170,38 +271,47 @@ def sglang_reference(base, exported, folder):
                 assert key.replace(".q_proj.", ".v_proj.") in adapter, key
             updates[f"{module}.weight"] = scale * adapter[key.replace(".lora_A.", ".lora_B.")] @ tensor
     for head, parts in experts.items():
-        assert len(parts) == 6, head  # gate, up and down, A and B, of every expert
-        a = torch.cat([parts["gate_proj", "A"], parts["up_proj", "A"]])
-        b = torch.cat([parts["gate_proj", "B"], parts["up_proj", "B"]])
-        rank, inter = parts["gate_proj", "A"].shape[0], parts["gate_proj", "B"].shape[0]
-        deltas = {"gate_proj": b[:inter] @ a[:rank], "up_proj": b[inter:] @ a[rank:],
-                  "down_proj": parts["down_proj", "B"] @ parts["down_proj", "A"]}
+        down = parts["down_proj", "B"] @ parts["down_proj", "A"]
+        if ("up_proj", "A") not in parts:  # a non-gated expert: its gate_proj is w1, unstacked (c = 1)
+            assert len(parts) == 4 and not any(f"{head}.{n}.weight" in weights for n in CHECKPOINT_LEAVES["gate_proj"])
+            deltas = {"up_proj": parts["gate_proj", "B"] @ parts["gate_proj", "A"], "down_proj": down}
+        else:
+            assert len(parts) == 6, head  # gate, up and down, A and B, of every expert
+            a = torch.cat([parts["gate_proj", "A"], parts["up_proj", "A"]])
+            b = torch.cat([parts["gate_proj", "B"], parts["up_proj", "B"]])
+            rank, inter = parts["gate_proj", "A"].shape[0], parts["gate_proj", "B"].shape[0]
+            deltas = {"gate_proj": b[:inter] @ a[:rank], "up_proj": b[inter:] @ a[rank:], "down_proj": down}
         for leaf, delta in deltas.items():
             name = next(f"{head}.{n}.weight" for n in CHECKPOINT_LEAVES[leaf] if f"{head}.{n}.weight" in weights)
             updates[name] = scale * delta
-    assert experts
     shutil.copytree(base, folder)
     for name, delta in updates.items():
         assert weights[name].shape == delta.shape, name
         weights[name] = weights[name] + delta
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    return AutoModelForCausalLM.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert add_expert_updates(model, sglang_stacked_updates(adapter), scale, family) or experts
+    return model
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_sglang_reloads_to_the_trained_logits(models, data, family, tmp_path):
     adapter, base, inputs, expected = trained_adapter(models, data, family, tmp_path)
     out = tmp_path / "sglang"
-    if not per_expert_keys(base):
-        refused(lambda: export.export(adapter, "sglang", out), layouts.SGLANG_FUSED_ON_DISK)
     if lone_q_proj(adapter):  # checked before the re-layout
         refused(lambda: export.export(adapter, "sglang", out), layouts.SGLANG_NO_QKV)
-    if linears_fused_on_disk(models(family), adapter, base):
+    per_expert = per_expert_keys(base)
+    if not per_expert and not stacked_experts(models(family)):
+        refused(lambda: export.export(adapter, "sglang", out), layouts.SGLANG_NO_STACKED)
+    storage = linear_storage(models(family), adapter, base)
+    if "none" in storage:
         refused(lambda: export.export(adapter, "sglang", out), layouts.FUSED_LINEAR_ON_DISK)
-    if not any(re.search(r"\.experts\.\d+\.(gate_proj|w1)\.", key) for key in load_file(base / "model.safetensors")):
-        refused(lambda: export.export(adapter, "sglang", out), layouts.SGLANG_NO_GATE_UP)
+    if "shared" in storage:
+        refused(lambda: export.export(adapter, "sglang", out), layouts.SGLANG_SHARED_LINEAR)
     export.export(adapter, "sglang", out)
-    reloaded = sglang_reference(base, out, tmp_path / "reference")
+    exported = load_file(out / "adapter_model.safetensors")
+    assert any(SGLANG_STACKED_KEY.search(key) for key in exported) == (not per_expert)  # 3-D only where fused
+    reloaded = sglang_reference(base, out, tmp_path / "reference", family)
     assert (logits_of(reloaded, inputs) - expected).abs().max() <= 1e-4
     readme = (out / "README.md").read_text()
     assert f"python -m sglang.launch_server --model-path {base} --enable-lora --lora-paths moetune={out}" in readme
@@ -249,10 +359,9 @@ def test_an_adapter_saved_by_peft_0_18_exports_as_its_own_update(models, data, t
 
 
 def cli(*args):
-    """`moetune ...` as a user runs it, in its own process."""
-    done = subprocess.run([sys.executable, "-m", "finetune", *args], capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
+    """`moetune ...` through the CLI's entry point, in this process (a process of its own would start the libraries
+    again, ~10 s a command); what it printed."""
+    return run_cli(list(args))
 
 
 def chain_batch(run_dir):
@@ -300,6 +409,28 @@ def test_lora_sft_then_lora_dpo_exported_through_the_cli_serves_the_trained_mode
                                   text=True, timeout=900)
     assert refused_push.returncode == 2 and "model.init" in refused_push.stderr  # its base is not on the Hub
     assert not (tmp_path / "up2").exists() and not (tmp_path / "up2.export").exists()
+
+
+@pytest.mark.slow
+def test_a_lora_run_of_a_family_with_experts_fused_on_disk_exports_for_sglang_and_vllm_through_the_cli(
+        prepared_run, tmp_path):
+    """granitemoe's checkpoint stores the experts fused: `moetune export --format sglang` writes SGLang's stacked 3-D
+    keys and `--format vllm` PEFT's 3-D layout for vLLM's mixed-format loader, each giving the run's SFT logits."""
+    recipe, run = prepared_run(tmp_path / "fused")
+    overrides = ["model.init.architecture=granitemoe", "model.init.intermediate_size=64", "model.lora.stages=[sft]",
+                 "sft.max_steps=2"]
+    cli("run", recipe, "--stages", "sft", *overrides)
+    cli("export", str(run / "sft"), "--format", "sglang", "--out", str(tmp_path / "sglang"))
+    cli("export", str(run / "sft"), "--format", "vllm", "--out", str(tmp_path / "vllm"))
+    inputs = chain_batch(run)
+    trained = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "base"), run / "sft")
+    expected = logits_of(trained, inputs)
+    assert any(SGLANG_STACKED_KEY.search(key) for key in load_file(tmp_path / "sglang" / "adapter_model.safetensors"))
+    reference = sglang_reference(run / "base", tmp_path / "sglang", tmp_path / "sglang-reference", "granitemoe")
+    assert (logits_of(reference, inputs) - expected).abs().max() <= 1e-4
+    reference = vllm_mixed_reference(run / "base", tmp_path / "vllm", "granitemoe")
+    assert (logits_of(reference, inputs) - expected).abs().max() <= 1e-4
+    assert '"is_3d_lora_weight": true' in (tmp_path / "vllm" / "README.md").read_text()
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
 from finetune.core import families
-from finetune.modeling import adapters, expert_quant, memory_plan, moe
+from finetune.modeling import adapters, memory_plan, moe
 from finetune.config.parsing import parse_recipe
 from finetune.config.recipe import BalancingConfig, LoraConfig
 from finetune.training import balancing, expert_load
@@ -24,7 +24,7 @@ from finetune.training.packed_dpo import PackedDPOTrainer
 from finetune.training.packed_forward import padding_free_refusal
 from finetune.training.packed_sft import PaddingFreeSFTTrainer
 from finetune.training.scored_lm_head import head_logit_scale, scored_log_probs
-from helpers.family_models import FAMILIES, ROLES, data, models, padded_batch, refused  # noqa: F401 (fixtures)
+from helpers.family_models import FAMILIES, ROLES, data, load_as_cli, models, padded_batch, refused  # noqa: F401 (fixtures)
 from helpers.nf4 import dequantized_copy, quantized_copy, random_lora_on
 from helpers.parity import loss_and_gradients
 from helpers.trainers import build, dpo_config, same_math, whole_dataset
@@ -192,9 +192,6 @@ def dpo_arguments(model, tokenizer, pairs, tmp_path) -> dict:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_e_nf4_expert_lora_equals_peft_on_rounded_weights(models, data, family, tmp_path):
     model = models(family)
-    reason = expert_quant.nf4_refusal(model)
-    if reason:
-        refused(lambda: quantized_copy(model), reason)
     quantized = quantized_copy(model)
     rounded = dequantized_copy(model, quantized)
     inputs = padded_batch(data[0])
@@ -245,8 +242,9 @@ def test_g_zero3_leaf_and_fsdp2_wrap_classes_found(models, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_j_router_role_wraps_the_router_and_tracking_reads_through_it(models, data, family, tmp_path):
     """`model.lora.targets: [..., router]`: PEFT wraps the router weight; routers, routing sizes and the expert-load
-    tracker find the router through the wrapper (they crashed on `ParamWrapper.top_k`, #27); the adapter saves,
-    reloads with identical logits and merges. A family whose router has no (experts, hidden) weight is refused
+    tracker find the router through the wrapper (they crashed on `ParamWrapper.top_k`, #27); the router's adapter
+    gets gradients (also where the router reads its weight itself: LongCat-Flash), saves, reloads (as the CLI loads
+    a model) with identical logits and merges. A family whose router has no (experts, hidden) weight is refused
     with the reason."""
     model = models(family)
     reason = adapters.router_role_refusal(model)
@@ -264,7 +262,9 @@ def test_j_router_role_wraps_the_router_and_tracking_reads_through_it(models, da
     inputs = padded_batch(data[0])
     zero_computation = zero_computation_picks(trained, inputs)  # through the wrapped routers, as (b) counts them
     tracker = expert_load.ExpertLoadTracker(trained)
-    trained(**inputs)
+    trained(**inputs, labels=inputs["input_ids"]).loss.backward()
+    assert all(any(name.startswith(f"base_model.model.{router}.") and ".lora_" in name and param.grad is not None
+                   and param.grad.abs().sum() > 0 for name, param in trained.named_parameters()) for router in names)
     real = int(inputs["attention_mask"].sum())
     assert [int(counts.sum()) for counts in tracker.counts.values()] == [real * sizes[1] - zero_computation[name]
                                                                          for name in tracker.counts]
@@ -273,15 +273,35 @@ def test_j_router_role_wraps_the_router_and_tracking_reads_through_it(models, da
     trained.save_pretrained(tmp_path / "adapter")
     with torch.no_grad():
         expected = trained(**inputs).logits
-        loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+        loaded = peft.PeftModel.from_pretrained(load_as_cli(tmp_path / "base"),
                                                 tmp_path / "adapter").eval()
         torch.testing.assert_close(loaded(**inputs).logits, expected, rtol=0, atol=1e-5)
-        merged = adapters.merge_adapter(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+        merged = adapters.merge_adapter(load_as_cli(tmp_path / "base"), tmp_path / "adapter")
         torch.testing.assert_close(merged.eval()(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
         router_name, router = next(iter(moe.routers(merged).items()))
-        base_router = next(iter(moe.routers(AutoModelForCausalLM.from_pretrained(tmp_path / "base")).values()))
+        base_router = next(iter(moe.routers(load_as_cli(tmp_path / "base")).values()))
         weight = moe.router_weight_name(merged, router_name)
         assert not torch.equal(router.get_parameter(weight), base_router.get_parameter(weight))  # merged into
+
+
+def test_a_router_reading_its_weight_itself_trains_its_lora_once_its_reads_are_routed(models, data):
+    """LongCat-Flash's router computes F.linear(x, self.classifier.weight): PEFT applies the LoRA of classifier.weight
+    only inside the classifier's own forward, which never runs. A model built outside moetune's loaders is refused
+    with that reason; moetune's loaders (the `models` fixture loads as the CLI does) route the router's reads through
+    the LoRA: its adapter gets gradients, and a disabled adapter leaves the model as it was. (The suite's sample of
+    (j); with MOETUNE_ALL_FAMILIES=1 the (j) cell runs LongCat-Flash whole.)"""
+    model = models("longcat_flash")
+    with pytest.raises(ValueError, match="reads classifier.weight itself"):
+        adapters.peft_config(AutoModelForCausalLM.from_config(model.config), LoraConfig(targets=["attention", "router"]))
+    peft_model = random_lora_on(model, targets=("attention", "router"))
+    inputs = padded_batch(data[0])
+    with peft_model.disable_adapter(), torch.no_grad():
+        plain = peft_model(**inputs).logits
+    peft_model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    router_lora = [p for n, p in peft_model.named_parameters() if ".router.classifier.lora_" in n]
+    assert router_lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in router_lora)
+    with peft_model.disable_adapter(), torch.no_grad():
+        assert torch.equal(peft_model(**inputs).logits, plain)  # the hooks honour a disabled adapter
 
 
 # ---------------------------------------------------------------- adapters whose keys a checkpoint renaming would move
@@ -318,6 +338,13 @@ def test_routers_found_on_the_peft_model_are_the_base_models(models):
 @pytest.mark.parametrize("family", ["jetmoe", "nemotron_h"])
 def test_memory_plan_counts_experts_without_gate_up_proj(models, family):
     """The plan read every experts module's down_proj and gate_up_proj: Nemotron-H's (up_proj, down_proj) and
-    JetMoE's (one weight per projection module) stopped `moetune run` before its first stage."""
+    JetMoE's (one weight per projection module) stopped `moetune run` before its first stage. Under QLoRA it counts
+    the experts a family reads dequantized whole."""
     census = memory_plan.census(models(family))
     assert census.expert_lora_elements > 0 and all(elements > 0 for elements in census.layer_elements)
+    # QLoRA: JetMoE's experts run their own forward on weights read dequantized, a layer's at once (Nemotron-H's
+    # non-gated ones run the NF4 forward, a matrix at a time)
+    assert census.experts_read_whole == (family == "jetmoe")
+    qlora = memory_plan.Setup(stage="sft", weight_bytes=2, lora_roles=frozenset({"experts"}), quant_bits=4)
+    read_whole = memory_plan.footprint(census, qlora).activations - memory_plan.activation_bytes(census, qlora)
+    assert read_whole == (2 * max(census.layer_expert_weights) if family == "jetmoe" else 0)

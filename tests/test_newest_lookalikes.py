@@ -3,8 +3,10 @@
 Each look-alike (tests/helpers/lookalike.py) is saved with save_pretrained: the family's own config class with its
 default config's fields shrunk (3 layers, Nemotron-H 4: every layer kind its default has), a tokenizer with the
 family's special tokens and its real chat template. The recipe names the folder as `model.name_or_path`; `moetune run`
-(prep -> LoRA SFT -> LoRA DPO with the default roles -> eval) and `moetune merge` run as subprocesses. Each stage
-trains on one fixed batch (the whole data set), so its logged loss must fall from the first step to the last.
+(prep -> LoRA SFT -> LoRA DPO with the default roles -> eval) and `moetune merge` run through the CLI's entry point in
+this process (a subprocess would add ~10 s of imports per command and family; the CLI in its own process is
+tests/test_cli.py's and the other subprocess tests'). Each stage trains on one fixed batch (the whole data set), so its
+logged loss must fall from the first step to the last.
 """
 
 import json
@@ -19,8 +21,7 @@ from finetune.config.parsing import load_recipe
 from finetune.modeling import adapters
 from finetune.modeling.loading import load_stage_model
 from helpers.lookalike import NEWEST, build_lookalike
-from helpers.processes import moetune
-from helpers.recipes import write_lookalike_recipe
+from helpers.recipes import run_cli, write_lookalike_recipe
 
 # Every step sees the same batch: 8 conversations and 4 preference pairs, each stage's batch the whole set.
 ONE_BATCH = dict(
@@ -29,7 +30,7 @@ ONE_BATCH = dict(
     dpo={"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1.0e-2},
 )
 
-pytestmark = pytest.mark.slow  # a whole pipeline per family in subprocesses: 17-100 s each on a shared 2-core machine
+pytestmark = pytest.mark.slow  # a whole pipeline per family: 50-60 s each on a 2-core machine at load 15
 
 
 @pytest.mark.parametrize("family", list(NEWEST))
@@ -37,8 +38,8 @@ def test_lookalike_runs_prep_sft_dpo_eval_merge_through_name_or_path(family, tmp
     folder = build_lookalike(family, tmp_path / "checkpoint")
     recipe = write_lookalike_recipe(tmp_path, folder, targets=None, **ONE_BATCH)  # targets=None: the default roles
     run, merged_folder = tmp_path / "run", tmp_path / "merged"
-    moetune("run", str(recipe))
-    moetune("merge", str(run / "dpo"), "--out", str(merged_folder))
+    run_cli(["run", str(recipe)])
+    run_cli(["merge", str(run / "dpo"), "--out", str(merged_folder)])
     merged = AutoModelForCausalLM.from_pretrained(merged_folder).eval()  # the family's own class, no adapter left
     assert merged.config.model_type == NEWEST[family].model_type
     assert not any("lora_" in name for name, _ in merged.named_parameters())

@@ -22,7 +22,7 @@ from finetune.training import routing_drift
 from finetune.training.expert_load import LoadAlarms
 from finetune.training.packed_forward import use_block_attention
 from helpers import recipes
-from helpers.recipes import NO_AUX_LOSS
+from helpers.recipes import NO_AUX_LOSS, run_cli
 from helpers.processes import kill_at_random_step, needs_deepspeed
 from helpers.tiny import batch, tiny_model
 
@@ -54,7 +54,7 @@ def moetune(*args, timeout=900) -> str:
 @pytest.fixture(scope="module")
 def drift_run(tmp_path_factory):
     recipe = write_recipe(tmp_path_factory.mktemp("routing"))
-    out = moetune("run", str(recipe), "--stages", "prep,sft,dpo")
+    out = run_cli(["run", str(recipe), "--stages", "prep,sft,dpo"])  # in this process: no second start of the libraries
     return recipe, recipe.parent / "run", out
 
 
@@ -108,7 +108,7 @@ def test_telemetry_off_trains_the_same_weights_with_the_same_losses(drift_run, t
     off = write_recipe(tmp_path, probe_sequences=0, pair_sample=0)
     for stage in ("data", "base"):
         shutil.copytree(run / stage, tmp_path / "run" / stage)
-    moetune("run", str(off), "--stages", "sft,dpo")
+    run_cli(["run", str(off), "--stages", "sft,dpo"])
     for stage, weights in (("sft", "model.safetensors"), ("dpo", "adapter_model.safetensors")):
         assert not (tmp_path / "run" / stage / "routing_drift.json").exists()
         on, off = (load_file(str(folder / stage / weights)) for folder in (run, tmp_path / "run"))
@@ -128,7 +128,7 @@ def test_an_expert_forced_dead_is_named_once_within_alarm_logs(tmp_path):
     tensors = load_file(str(weights))
     tensors["model.layers.1.mlp.gate.e_score_correction_bias"][2] = -1e4
     save_file(tensors, str(weights), metadata={"format": "pt"})
-    out = moetune("dpo", str(recipe))
+    out = run_cli(["dpo", str(recipe)])
     alarm = "[dpo] expert-load alarm at step 2: dead expert 2 in model.layers.1.mlp.gate"
     assert out.count(alarm) == 1 and out.count("expert-load alarm") == 1
     load = json.loads((tmp_path / "run" / "dpo" / "expert_load.json").read_text())
@@ -201,23 +201,20 @@ def test_probe_reads_the_same_routing_on_a_model_set_up_for_padding_free_batches
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # three DPO runs: about 2 minutes on a quiet machine, 15 on a crowded one
+@pytest.mark.timeout(1800)  # two DPO runs: about a minute on a quiet machine, 10 on a crowded one
 def test_a_resumed_run_measures_drift_against_the_reference_recorded_at_its_start(drift_run, tmp_path):
+    """The whole run is drift_run's DPO (same recipe, 4 steps, in one go); this one saves every 2 steps, is killed at
+    step 3 and resumed from step 2's checkpoint: it must read the reference its start recorded, not re-record it."""
     _, run, _ = drift_run
-    schedule = ["dpo.max_steps=6", "dpo.save_strategy=steps", "dpo.save_steps=2"]
-    histories = []
-    for name in ("whole", "resumed"):
-        recipe = write_recipe(tmp_path / name)
-        for stage in ("data", "base", "sft"):
-            shutil.copytree(run / stage, tmp_path / name / "run" / stage)
-        if name == "resumed":
-            kill_at_random_step("dpo", str(recipe), schedule, tmp_path / "killed.log", first=3, last=4)
-            assert list((tmp_path / name / "run" / ".dpo.partial").glob("routing_reference.rank0.safetensors"))
-        out = moetune("dpo", str(recipe), *schedule)
-        assert ("resuming from" in out) == (name == "resumed")
-        histories.append(drift_of(tmp_path / name / "run", "dpo")["history"])
-    whole, resumed = histories
-    assert [entry["step"] for entry in resumed] == [entry["step"] for entry in whole] == list(range(1, 7))
+    schedule = ["dpo.save_strategy=steps", "dpo.save_steps=2"]  # checkpoints change no number
+    recipe = write_recipe(tmp_path)
+    for stage in ("data", "base", "sft"):
+        shutil.copytree(run / stage, tmp_path / "run" / stage)
+    kill_at_random_step("dpo", str(recipe), schedule, tmp_path / "killed.log", first=3, last=3)
+    assert list((tmp_path / "run" / ".dpo.partial").glob("routing_reference.rank0.safetensors"))
+    assert "resuming from" in moetune("dpo", str(recipe), *schedule)
+    whole, resumed = (drift_of(folder, "dpo")["history"] for folder in (run, tmp_path / "run"))
+    assert [entry["step"] for entry in resumed] == [entry["step"] for entry in whole] == list(range(1, 5))
     for a, b in zip(whole, resumed):
         assert b["routing_overlap"] == pytest.approx(a["routing_overlap"], abs=1e-5)
         assert b["routing_kl"] == pytest.approx(a["routing_kl"], rel=1e-3, abs=1e-9)
@@ -350,10 +347,10 @@ def test_router_role_on_nf4_experts_trains_in_sft_and_dpo_and_merges(tmp_path):
     router (the router itself is never quantized: bitsandbytes reaches Linear layers only, the router is a bare
     Parameter)."""
     recipe = recipes.write_recipe(tmp_path)
-    moetune("run", str(recipe), "--stages", "prep,sft,dpo", "model.lora.stages=[sft,dpo]", "model.quantization.bits=4",
-            "model.lora.targets=[attention,experts,router]", "model.init.hidden_size=64",
-            "model.init.intermediate_size=64", "sft.max_steps=2", "dpo.max_steps=1", "sft.learning_rate=1.0e-2",
-            "dpo.learning_rate=1.0e-2")
+    run_cli(["run", str(recipe), "--stages", "prep,sft,dpo", "model.lora.stages=[sft,dpo]", "model.quantization.bits=4",
+             "model.lora.targets=[attention,experts,router]", "model.init.hidden_size=64",
+             "model.init.intermediate_size=64", "sft.max_steps=2", "dpo.max_steps=1", "sft.learning_rate=1.0e-2",
+             "dpo.learning_rate=1.0e-2"])
     run, gate = tmp_path / "run", "base_model.model.model.layers.0.mlp.gate"
     factors = {}
     for stage in ("sft", "dpo"):
@@ -362,7 +359,7 @@ def test_router_role_on_nf4_experts_trains_in_sft_and_dpo_and_merges(tmp_path):
         factors[stage] = [tensors[f"{gate}.lora_{part}.weight"].float() for part in "AB"]
     assert factors["sft"][1].abs().max() > 0  # B starts at zero: the router's adapter trained
     assert not torch.equal(factors["sft"][1], factors["dpo"][1])  # and DPO trained it further
-    moetune("merge", str(run / "dpo"), "--out", str(tmp_path / "merged"))
+    run_cli(["merge", str(run / "dpo"), "--out", str(tmp_path / "merged")])
     from transformers import AutoModelForCausalLM
 
     base, merged = (AutoModelForCausalLM.from_pretrained(str(folder)) for folder in (run / "base", tmp_path / "merged"))
@@ -379,3 +376,4 @@ def test_a_router_without_an_expert_row_weight_is_refused_by_name_and_left_out_o
     with pytest.raises(ValueError, match=f"router cannot be tuned on this model: its router {name} scores"):
         adapters.peft_config(model, LoraConfig(targets=["attention", "router"]))
     assert "router" not in str(adapters.peft_config(model, LoraConfig(targets=["all"])).target_parameters)
+

@@ -98,7 +98,8 @@ class ModelConfig:
     )
     experts_implementation: str = help_field(
         "auto", help="Expert kernel: auto (grouped_mm), eager, grouped_mm, batched_mm (never on CPU: 30x slower). "
-        "Quantized experts (model.quantization) use moetune's NF4 kernel instead."
+        "Quantized experts (model.quantization) use moetune's NF4 kernel instead (experts with a forward of their "
+        "own, e.g. Llama 4's: that forward on the NF4 weights read dequantized)."
     )
     lora: LoraConfig | None = help_field(None, help="LoRA adapters; null means full fine-tuning.")
     quantization: QuantizationConfig | None = help_field(

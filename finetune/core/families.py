@@ -118,7 +118,6 @@ class Family:
     padding_free: str | None = None  # why speed.padding_free cannot run this family; None: it can
     # Phi-MoE's router samples experts at random in training (SparseMixer): two forwards of a batch differ.
     samples_experts_in_training: bool = False
-    nf4_experts: str | None = None  # why NF4 experts cannot run this family; None: they can
 
     @property
     def has_aux_loss(self) -> bool:
@@ -226,9 +225,6 @@ def jamba_sizes(init) -> dict:
             "mamba_dt_rank": init.hidden_size // 8}
 
 
-OWN_EXPERTS_FORWARD = ("its experts run their own forward, outside transformers' experts interface, so the NF4 "
-                       "expert forward cannot replace it; set model.quantization: null")
-
 FAMILIES: dict[str, Family] = {family.model_type: family for family in (
     Family("mixtral", local_experts),
     Family("phimoe", local_experts, router="router", samples_experts_in_training=True),
@@ -246,8 +242,7 @@ FAMILIES: dict[str, Family] = {family.model_type: family for family in (
     Family("dots1", glm_sizes, shared_experts=("shared_experts",), balancing=(BIAS,)),
     Family("gpt_oss", gpt_oss_sizes, router="router"),
     Family("llama4_text", llama4_sizes, router="router", shared_experts=("shared_expert",), dense_mlp="feed_forward",
-           top_k_indices=indices_from_logits, router_logits=logits_second, balancing=(), backbone="model",
-           nf4_experts=OWN_EXPERTS_FORWARD),
+           top_k_indices=indices_from_logits, router_logits=logits_second, balancing=(), backbone="model"),
     Family("minimax_m2", local_experts, balancing=(AUX_LOSS, BIAS)),
     Family("granitemoe", local_experts, router="router"),
     Family("granitemoeshared", granite_shared_sizes, router="router", shared_experts=("shared_mlp",)),

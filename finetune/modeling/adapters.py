@@ -9,12 +9,14 @@ stays frozen, `e_score_correction_bias` included.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import warnings
 from pathlib import Path
 
 import peft
+from peft.tuners.lora.layer import ParamWrapper
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import transformers_weight_conversion
 from torch import nn
@@ -72,7 +74,7 @@ def router_role_refusal(model: nn.Module) -> str | None:
                     f"({moe.router_weight_name(model, name)}: {shape}) for LoRA to adapt; "
                     f"leave router out of model.lora.targets")
         bypassed = reads_child_weight_directly(router, moe.router_weight_name(model, name))
-        if bypassed:
+        if bypassed and not hasattr(router, "lora_read_child"):  # models moetune loads read it through the LoRA
             return (f"its router {name} reads {bypassed} itself (F.linear on the weight) instead of calling that "
                     f"module, and PEFT applies a weight's LoRA only inside its module's forward: the adapter would "
                     f"train nothing and change the model only when merged; leave router out of model.lora.targets")
@@ -91,6 +93,37 @@ def reads_child_weight_directly(router: nn.Module, weight_name: str) -> str | No
         return None
     calls_child = f"self.{child}(" in source
     return weight_name if f"self.{child}.{param}" in source and not calls_child else None
+
+
+def route_router_reads_through_lora(model: nn.Module) -> None:
+    """Where a router reads its child's weight itself (LongCat-Flash: `F.linear(x, self.classifier.weight)`), the
+    weight's LoRA is made active for the whole forward of the router, as PEFT makes it active for the forward of the
+    module holding the weight: reads of `classifier.weight` then give W + scaling * B A (PEFT's own parametrization),
+    so the router's adapter trains, and the unmerged model equals the merged one. moetune's loaders call this; hooks
+    on the router, which PEFT leaves in place (it wraps the child), so any adapter added or loaded later is seen."""
+    for name, router in moe.routers(model).items():
+        bypassed = reads_child_weight_directly(router, moe.router_weight_name(model, name))
+        if bypassed and not hasattr(router, "lora_read_child"):
+            router.lora_read_child = bypassed.rpartition(".")[0]
+            router.register_forward_pre_hook(activate_child_lora)
+            router.register_forward_hook(deactivate_child_lora, always_call=True)
+
+
+def activate_child_lora(router: nn.Module, args) -> None:
+    """What ParamWrapper.forward does around its module's forward, around the router's (hooks take no closure over
+    the router: a deep copy of the model keeps hooks that act on the copy)."""
+    child = router.get_submodule(router.lora_read_child)
+    if not isinstance(child, ParamWrapper) or child.disable_adapters or child.merged:
+        return
+    active = contextlib.ExitStack()
+    active.enter_context(child._activate_lora(child.active_adapters))
+    router.lora_reads_active = active
+
+
+def deactivate_child_lora(router: nn.Module, args, output) -> None:
+    active = router.__dict__.pop("lora_reads_active", None)
+    if active is not None:
+        active.close()
 
 
 def linears_under(model: nn.Module, parents: list[str]) -> list[str]:

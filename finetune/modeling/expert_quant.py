@@ -1,5 +1,6 @@
 """QLoRA that reaches the experts: NF4 storage of the fused expert weights, a forward that dequantizes one expert at a
-time, and LoRA on those experts that saves as a standard PEFT adapter.
+time (or, for experts that run their own forward, their weights read dequantized), and LoRA on those experts that
+saves as a standard PEFT adapter.
 
 bitsandbytes quantizes `nn.Linear` layers only. In transformers 5 the experts of Mixtral, Qwen3-MoE and OLMoE are
 fused 3-D Parameters, `gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I) (gpt-oss stores them transposed, with
@@ -19,18 +20,24 @@ The forward is registered with transformers' experts interface as "moetune_nf4".
 tokens, `bitsandbytes.matmul_4bit` dequantizes that expert's matrix, multiplies and drops it, then the family's own
 `_apply_gate` runs (Mixtral's SwiGLU; gpt-oss's interleaved gate/up and clamped SwiGLU); its backward
 dequantizes again instead of keeping the matrix for later, so training never holds a layer's experts in full
-precision.
+precision. Non-gated experts (Nemotron-H's up_proj, `has_gate=False`) go through the activation instead.
+
+Experts this forward cannot stand in for (Llama 4's and LongCat-Flash's own forwards, outside the experts interface;
+JetMoE's one weight per projection module; a per-expert output norm) keep their forward, and reading a quantized
+parameter gives it dequantized, plus the active adapter's update (read_dequantized): one layer's experts exist in
+full precision while that layer runs, and autograd keeps a recipe instead of them for the backward.
 
 LoRA: PEFT's ParamWrapper (what `target_parameters` creates) adds its delta by re-parametrizing the whole parameter
 as W + B A, which needs W in full precision. `QuantizedExpertsLora` is a ParamWrapper that hands its factors to the
-forward instead, which adds scaling * (x A_e^T) B_e^T for each expert e. Its weights, their names and the config are
-PEFT's own, so the saved adapter is a standard PEFT adapter that `PeftModel.from_pretrained` loads onto the
-full-precision base (and `moetune merge` merges there).
+forward instead, which adds scaling * (x A_e^T) B_e^T for each expert e (the dequantized read adds scaling * B_e A_e
+to the weights). Its weights, their names and the config are PEFT's own, so the saved adapter is a standard PEFT
+adapter that `PeftModel.from_pretrained` loads onto the full-precision base (and `moetune merge` merges there).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +48,6 @@ from torch import nn
 from transformers import BitsAndBytesConfig
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from finetune.core import families
 from finetune.modeling import moe
 
 # bitsandbytes is imported by the functions that quantize, not with this module: importing it prints warnings about
@@ -63,6 +69,7 @@ class NF4Layout:
     double_quant: bool
     compute_dtype: torch.dtype
     padded_in: int  # `in` rounded up to whole blocks: what is stored and what the kernels multiply
+    dtype: torch.dtype  # the weights' own dtype: what a read of the dequantized parameter gives
 
     @property
     def stored_shape(self) -> tuple[int, int]:
@@ -73,64 +80,44 @@ class NF4Layout:
 
 def quantize_experts(model: nn.Module, double_quant: bool, compute_dtype: torch.dtype,
                      device: torch.device | str | None = None) -> None:
-    """Replace every fused expert weight of `model` by its NF4 form and switch the experts to the NF4 forward.
+    """Replace every routed-expert weight of `model` by its NF4 form; the experts then run the NF4 forward, or their
+    own forward reading the weights dequantized (see the module docstring).
 
     `device`: where to quantize and keep the NF4 experts (default: where the weights are). Quantizing on a GPU takes
     milliseconds per matrix; bitsandbytes' CPU kernel takes seconds for one of Mixtral-8x7B's.
     """
-    refusal = nf4_refusal(model)
-    if refusal:
-        raise ValueError(f"model.quantization cannot run {model.config.get_text_config().model_type}: {refusal}.")
-    found = False
-    for module_name, module in model.named_modules():
-        if moe.is_fused_gate_up(module):
-            check_expert_layout(model, module)
-            for name in moe.EXPERT_PARAMETERS:
-                weight = logical_matrices(module, name)
-                quantize_parameter(module, name, double_quant, compute_dtype, device)
-                check_round_trip(module, name, weight, f"{module_name}.{name}")
-            module.active_lora = {}  # parameter name -> LoRA factors, set by QuantizedExpertsLora around its forward
-            found = True
+    found = moe.experts_modules(model)
     if not found:
-        raise ValueError("model.quantization: this model has no fused experts (mlp.experts.gate_up_proj/down_proj) "
-                         "to quantize; it is not a transformers-5 MoE model.")
-    model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+        raise ValueError("model.quantization: this model has no routed experts (3-D expert weights) to quantize; it "
+                         "is not a transformers-5 MoE model.")
+    count = moe.config_expert_count(model)
+    nf4_forward = runs_nf4_forward(model, list(found.values()))
+    for module_name, module in found.items():
+        for name in moe.expert_parameter_names(module, count):
+            weight = logical_matrices(module, name)
+            quantize_parameter(module, name, double_quant, compute_dtype, device)
+            check_round_trip(module, name, weight, f"{module_name}.{name}")
+        module.active_lora = {}  # parameter name -> LoRA factors, set by QuantizedExpertsLora around its forward
+        if not nf4_forward:
+            read_dequantized(module)
+    if nf4_forward:
+        model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
 
 
-def nf4_refusal(model: nn.Module) -> str | None:
-    """Why the NF4 expert forward cannot run this model's experts, or None: the registry's reason, or experts
-    that are not in transformers' gate_up_proj/down_proj layout, or a model class that runs its own experts
-    forward (it cannot switch to the NF4 one)."""
-    reason = families.family_of(model).nf4_experts
-    if reason:
-        return reason
-    other = [name for name, module in moe.experts_modules(model).items() if not moe.is_fused_gate_up(module)]
-    if other:
-        return (f"its experts ({other[0].split('.')[-1]}: "
-                f"{', '.join(moe.expert_parameter_names(moe.experts_modules(model)[other[0]], None))}) are not in "
-                f"transformers' gate_up_proj/down_proj layout that the NF4 expert forward runs; set "
-                f"model.quantization: null")
+def projections(experts: nn.Module) -> tuple[str, str]:
+    """The two weights of an expert in transformers' experts interface: (gate_up_proj or up_proj, down_proj)."""
+    return "gate_up_proj" if getattr(experts, "has_gate", True) else "up_proj", "down_proj"
+
+
+def runs_nf4_forward(model: nn.Module, experts: list[nn.Module]) -> bool:
+    """Whether the NF4 expert forward reproduces every experts module of `model`: all of them in transformers'
+    experts interface (its flags say how the weights are stored; gated or not), without a norm after each expert,
+    holding exactly the two projections, and a model class that lets its experts forward be chosen. Others run
+    their own forward on weights read dequantized."""
     if not type(model)._can_set_experts_implementation():
-        return families.OWN_EXPERTS_FORWARD
-    return None
-
-
-def check_expert_layout(model: nn.Module, experts: nn.Module) -> None:
-    """Refuse experts the NF4 forward does not reproduce, naming the family.
-
-    It covers what transformers' experts interface describes with flags (biases, weights stored (E, in, out)) and
-    calls the class's own `_apply_gate` (Mixtral's SwiGLU, gpt-oss's interleaved, clamped one). Routing weights
-    (DeepSeek's routed scaling included) come from the router, outside the experts.
-    """
-    family = model.config.get_text_config().model_type
-    if not hasattr(experts, "is_transposed"):
-        problem = "do not run through transformers' experts interface, so moetune's NF4 forward cannot replace theirs"
-    elif getattr(experts, "has_post_expert_norm", False):
-        problem = "normalise each expert's output, which moetune's NF4 forward does not do"
-    else:
-        return
-    raise ValueError(f"model.quantization: {family}'s experts ({type(experts).__name__}) {problem}. Set "
-                     f"model.quantization: null to train LoRA on the full-precision {family} model.")
+        return False
+    return all(hasattr(module, "is_transposed") and not getattr(module, "has_post_expert_norm", False)
+               and set(moe.expert_parameter_names(module, None)) == set(projections(module)) for module in experts)
 
 
 def logical_matrices(experts: nn.Module, name: str) -> torch.Tensor:
@@ -165,7 +152,8 @@ def quantize_parameter(experts: nn.Module, name: str, double_quant: bool, comput
         experts.register_buffer(f"{name}_offset", torch.stack(offsets))
         experts.register_buffer("nf4_nested_code", state.state2.code)
     layouts = getattr(experts, "nf4_layouts", {})
-    layouts[name] = NF4Layout(tuple(weight.shape[1:]), double_quant, compute_dtype, in_features + padding)
+    layouts[name] = NF4Layout(tuple(weight.shape[1:]), double_quant, compute_dtype, in_features + padding,
+                              weight.dtype)
     experts.nf4_layouts = layouts
 
 
@@ -215,14 +203,21 @@ def dequantize_expert(experts: nn.Module, name: str, expert: int) -> torch.Tenso
     """One expert's (out, in) matrix in the compute dtype."""
     import bitsandbytes.functional as bnb_functional
 
-    packed = getattr(experts, name)[expert].reshape(-1, 1)
+    packed = packed_weight(experts, name)[expert].reshape(-1, 1)
     in_features = experts.nf4_layouts[name].shape[1]
     return bnb_functional.dequantize_4bit(packed, expert_quant_state(experts, name, expert))[:, :in_features]
 
 
+def packed_weight(experts: nn.Module, name: str) -> nn.Parameter:
+    """The NF4 bytes registered under the parameter's name (attribute access may read them dequantized)."""
+    return experts._parameters[name]
+
+
 def dequantized_parameter(experts: nn.Module, name: str) -> torch.Tensor:
-    """The whole fused parameter back in full precision, in the family's own layout (what it held before NF4)."""
-    matrices = torch.stack([dequantize_expert(experts, name, expert) for expert in range(experts.num_experts)])
+    """The whole fused parameter back in full precision, in the family's own layout (what it held before NF4).
+    Counted from the stored matrices: LongCat-Flash's gate_up_proj has rows for its zero-computation experts too."""
+    matrices = torch.stack([dequantize_expert(experts, name, expert)
+                            for expert in range(len(packed_weight(experts, name)))])
     return matrices.transpose(1, 2) if getattr(experts, "is_transposed", False) else matrices
 
 
@@ -233,7 +228,7 @@ def expert_linear(experts: nn.Module, name: str, expert: int, x: torch.Tensor) -
     import bitsandbytes as bnb
 
     layout = experts.nf4_layouts[name]
-    packed = getattr(experts, name)[expert].reshape(-1, 1)
+    packed = packed_weight(experts, name)[expert].reshape(-1, 1)
     # matmul_4bit's backward dequantizes again rather than saving W_e for it; it takes the packed weight transposed.
     # The padded columns of W_e are zero; x gets as many zero features.
     padded = nn.functional.pad(x.to(layout.compute_dtype), (0, layout.padded_in - layout.shape[1]))
@@ -256,16 +251,114 @@ def nf4_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_inde
     with torch.no_grad():
         expert_mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
         experts_hit = expert_mask.sum(dim=(-1, -2)).nonzero().flatten().tolist()
+    up_name, down_name = projections(self)
     for expert in experts_hit:
         top_k_pos, token_idx = torch.where(expert_mask[expert])
-        gate_up = expert_linear(self, "gate_up_proj", expert, hidden_states[token_idx])
-        current = expert_linear(self, "down_proj", expert, self._apply_gate(gate_up))
+        up = expert_linear(self, up_name, expert, hidden_states[token_idx])
+        # gated experts (Mixtral's SwiGLU, gpt-oss's clamped one) through the class's own gate; others (Nemotron-H's
+        # up_proj) through the activation, as transformers' own experts forwards do
+        current = expert_linear(self, down_name, expert, self._apply_gate(up) if self.has_gate else self.act_fn(up))
         current = current * top_k_weights[token_idx, top_k_pos, None]
         final_hidden_states.index_add_(0, token_idx, current.to(final_hidden_states.dtype))
     return final_hidden_states
 
 
 ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, nf4_experts_forward)
+
+
+# ---------------------------------------------------------------- experts that run their own forward
+
+def read_dequantized(experts: nn.Module) -> None:
+    """Make `experts.<name>` of each quantized parameter read as its full-precision weights, plus the active
+    adapter's update: experts outside the NF4 forward's reach (Llama 4's and LongCat-Flash's own forwards, JetMoE's
+    one weight per projection module, a family's kernel choice) then run their own forward, unchanged.
+
+    The bytes stay registered under the parameter's name (PEFT finds its targets there, state_dict saves them); a
+    property on a subclass of the module's class (as torch's parametrizations do) reads them. Within one forward of
+    the module each weight is dequantized once (JetMoE reads its weight once per expert) and dropped when it ends;
+    what autograd would keep of it for the backward is kept as a recipe and dequantized again there (saved_as_recipes).
+    """
+    experts.__class__ = dequantizing_class(type(experts), tuple(experts.nf4_layouts))
+    experts.nf4_reads = None
+
+
+@functools.lru_cache(maxsize=None)
+def dequantizing_class(cls: type, names: tuple[str, ...]) -> type:
+    def forward(self, *args, **kwargs):
+        self.nf4_reads = {}
+        try:
+            with saved_as_recipes(self):
+                return cls.forward(self, *args, **kwargs)
+        finally:
+            self.nf4_reads = None
+
+    attributes = {name: property(functools.partial(read_weight, name=name)) for name in names}
+    return type(cls.__name__, (cls,), {"__module__": cls.__module__, "forward": forward, **attributes})
+
+
+def read_weight(experts: nn.Module, name: str) -> torch.Tensor:
+    reads = experts.nf4_reads
+    if reads is not None and name in reads:
+        return reads[name][0]
+    factors = experts.active_lora.get(name)
+    weight = adapted_weight(experts, name, factors)
+    if reads is not None:
+        reads[name] = (weight, factors)
+    return weight
+
+
+def adapted_weight(experts: nn.Module, name: str, factors) -> torch.Tensor:
+    """The dequantized parameter (E, ...) in its own layout and dtype, plus scaling * B_e A_e per expert: PEFT's
+    W + delta (ParamWrapper's baddbmm), in the orientation its factors have for this parameter."""
+    weight = dequantized_parameter(experts, name).to(experts.nf4_layouts[name].dtype)
+    if factors is None:
+        return weight
+    lora_b, lora_a, scaling = factors
+    # in place: the dequantized copy is this function's own, and a second one would double the layer's transient
+    return weight.baddbmm_(lora_b.to(weight.dtype), lora_a.to(weight.dtype), alpha=scaling)
+
+
+@contextlib.contextmanager
+def saved_as_recipes(experts: nn.Module):
+    """While the experts' own forward runs: a weight read dequantized that autograd saves for the backward (bmm and
+    linear keep their operands), or a view of one, is saved as how to read it again (its name, the adapter factors it
+    had, the view's geometry) and dequantized again in the backward, so training never holds the layer's experts in
+    full precision between forward and backward. Where saved tensors are handled already (activation checkpointing
+    keeps none of the layer's and recomputes its forward for the backward), they are left to that."""
+    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        yield
+        return
+    # One dequantization per weight in the backward too (JetMoE saves a view per expert): kept while this forward's
+    # saved tensors are (autograd frees them as the layer's backward runs).
+    read_again = {}
+
+    def pack(tensor: torch.Tensor):
+        for name, (weight, factors) in (experts.nf4_reads or {}).items():
+            if tensor.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr():
+                detached = None if factors is None else tuple(f.detach() if torch.is_tensor(f) else f for f in factors)
+                return WeightRecipe(name, detached, tensor.size(), tensor.stride(), tensor.storage_offset())
+        return tensor
+
+    def unpack(saved):
+        if not isinstance(saved, WeightRecipe):
+            return saved
+        if saved.name not in read_again:
+            with torch.no_grad():
+                read_again[saved.name] = adapted_weight(experts, saved.name, saved.factors)
+        weight = read_again[saved.name]
+        return weight.as_strided(saved.size, saved.stride, saved.offset)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+@dataclass(frozen=True)
+class WeightRecipe:
+    name: str
+    factors: tuple | None
+    size: torch.Size
+    stride: tuple[int, ...]
+    offset: int
 
 
 # ---------------------------------------------------------------- LoRA on quantized experts
@@ -282,11 +375,16 @@ class QuantizedExpertsLora(ParamWrapper):
         # The stored parameter holds packed bytes; the logical shape is (E, out, in). ParamWrapper reads a 3-D
         # parameter as (E, in, out) and swaps the two unless the family stores (E, in, out) (`is_transposed`).
         out_features, in_features = module.nf4_layouts[self.parameter_name].shape
-        self.num_experts = module.num_experts
+        self.num_experts = len(packed_weight(module, self.parameter_name))
         self._param_ndim = 3
         if getattr(module, "is_transposed", False):
             return in_features, out_features
         return out_features, in_features
+
+    def get_param(self) -> nn.Parameter:
+        # the stored bytes, not a read of the dequantized weights (experts that run their own forward): PEFT asks for
+        # the parameter to place the adapter (device; the dtype only of a floating-point weight) and to merge
+        return packed_weight(self.get_base_layer(), self.parameter_name)
 
     def expert_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(B (E, out, r), A (E, r, in), scaling): the layout ParamWrapper.get_delta_factors reads."""
@@ -368,21 +466,37 @@ def bitsandbytes_config(bits: int, double_quant: bool, compute_dtype: torch.dtyp
 
 
 def linears_to_keep(skeleton: nn.Module) -> list[str] | None:
-    """The Linear layers of `skeleton` (a model on the meta device) that 4-bit loading keeps in full precision:
-    transformers' own choice (the output head) plus those whose in_features is not a whole number of blocks, which
-    bitsandbytes' AVX-512 CPU kernel would read back wrong (see the module docstring). None when there are none of
-    the latter: transformers' default applies."""
+    """The Linear layers of `skeleton` (a model on the meta device) that quantized loading keeps in full precision:
+    transformers' own choice (the output head), the routers' Linears, and those whose in_features is not a whole
+    number of blocks, which bitsandbytes' AVX-512 CPU kernel would read back wrong (see the module docstring). None
+    when there are none of the latter two: transformers' default applies."""
     from transformers.quantizers.base import get_keys_to_not_convert
 
     kept = get_keys_to_not_convert(skeleton)
     odd = [name for name, module in skeleton.named_modules()
            if isinstance(module, nn.Linear) and module.in_features % BLOCKSIZE and name not in kept]
-    if not odd:
+    routers = router_linears(skeleton)
+    if not odd and not routers:
         return None
-    shapes = sorted({skeleton.get_submodule(name).in_features for name in odd})
-    print(f"[quantization] {len(odd)} Linear layers with in_features {shapes} (not a multiple of bitsandbytes' "
-          f"{BLOCKSIZE}-weight block) stay in full precision, e.g. {odd[0]}.", flush=True)
-    return sorted({*kept, *odd})
+    if odd:
+        shapes = sorted({skeleton.get_submodule(name).in_features for name in odd})
+        print(f"[quantization] {len(odd)} Linear layers with in_features {shapes} (not a multiple of bitsandbytes' "
+              f"{BLOCKSIZE}-weight block) stay in full precision, e.g. {odd[0]}.", flush=True)
+    return sorted({*kept, *odd, *routers})
+
+
+def router_linears(model: nn.Module) -> list[str]:
+    """The Linear layers that hold a router's weight (LongCat-Flash's `router.classifier`, JetMoE's `router.layer`,
+    Llama 4's router itself): kept in full precision like the routers held as bare Parameters. Quantized, their weight
+    became packed bytes, and routing, the router role and the detection of the router (a weight of one row per
+    expert) were lost."""
+    found = []
+    for name, router in moe.routers(model).items():
+        owner = moe.router_weight_name(model, name).rpartition(".")[0]
+        owner = f"{name}.{owner}" if owner else name
+        if isinstance(model.get_submodule(owner), nn.Linear):
+            found.append(owner)
+    return found
 
 
 def disable_packed_cpu_path(model: nn.Module) -> None:

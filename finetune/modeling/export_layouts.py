@@ -16,6 +16,18 @@ Per-expert 2-D keys are named as the base checkpoint names each expert's weights
 `block_sparse_moe.experts.{e}.w1`, Qwen's `mlp.experts.{e}.gate_proj`): transformers' own reverse weight
 conversion (what `save_pretrained` writes) is run on a probe tensor whose entries are (expert, row) indices, so
 which rows of gate_up_proj become which file's gate or up (concatenated or interleaved) is read off, not assumed.
+
+SGLang's stacked experts keys (families whose checkpoint stores the experts fused, so there are no per-expert names),
+read from SGLang's source as the code index stores it: LoRAMemoryPool.load_lora_weight_to_buffer (mem_pool.py at
+00639c4d) takes a 3-D tensor whose name holds `experts` (`elif "experts" in name and weights.dim() == 3`) into the
+`gate_up_proj_moe` / `down_proj_moe` buffer of the layer its `layers.{l}.` names, one [c*r, in] A and one [out, r]
+B per expert (_iter_local_expert_weights walks the leading experts dimension), B times lora_alpha / r;
+LoRAAdapter.normalize_gate_up_proj (lora.py, the version with _is_non_gated_moe_weight) repeats an already stacked
+`gate_up_proj` lora_A twice along its rank dimension, so gate and up share A_e as in PEFT's 3-D layout;
+FusedMoEWithLoRA._slice_moe_b_2d (layers.py, the version with _uses_interleaved_gate_up) reads B's first half as
+the gate rows and its second as the up rows, and interleaves them itself where the base interleaves (gpt-oss,
+gemm1_alpha set). So: `...experts.gate_up_proj.lora_A` (E, r, H), `...lora_B` (E, 2I, r) as [gate; up],
+`...experts.down_proj.lora_A` (E, r, I), `...lora_B` (E, H, r), in each expert's (out, in) orientation.
 """
 
 from __future__ import annotations
@@ -36,17 +48,24 @@ SWAP_FIXED_IN = Version("0.19.0")  # PEFT#3165: in/out of (E, out, in) parameter
 
 
 FUSED_ON_DISK = ("the base checkpoint stores this family's experts fused (one 3-D tensor, not a matrix per expert): "
-                 "there are no per-expert names to write their LoRA under, and vLLM has no 3-D MoE LoRA for it")
-SGLANG_FUSED_ON_DISK = ("the base checkpoint stores this family's experts fused (one 3-D tensor, not a matrix per "
-                        "expert), and moetune splits gate_up_proj into SGLang's gate_proj/up_proj keys the way the "
-                        "checkpoint's per-expert matrices split it; moetune does not write SGLang's 3-D experts keys. "
-                        "Use --format merged (`python -m sglang.launch_server --model-path OUT` serves it)")
+                 "there are no per-expert names to write their LoRA under")
+NOT_ONE_EXPERTS_MODULE = ("this family's experts are not one experts module holding gate_up_proj and down_proj "
+                          "(JetMoE's input_linear and output_linear hold one `weight` each) and its checkpoint stores "
+                          "them fused, so there are no per-expert names either")
+SGLANG_NO_STACKED = (f"{NOT_ONE_EXPERTS_MODULE}: SGLang reads stacked expert LoRA only as `...experts.gate_up_proj` / "
+                     f"`...experts.down_proj` of one FusedMoE (mem_pool.py at 00639c4d), and SGLang has no JetMoE "
+                     f"model class (no python/sglang/srt/models/jetmoe.py). Use --format merged")
+VLLM_NO_STACKED = (f"{NOT_ONE_EXPERTS_MODULE}: vLLM reads PEFT's 3-D experts layout only as `<experts>.base_layer` "
+                   f"(gate_up_proj) and `<experts>` (down_proj) of one FusedMoE module (vllm/lora/model_manager.py "
+                   f"at 01533aa, _stack_moe_lora_weights and _convert_3d_to_2d_moe_lora), and vLLM has no JetMoE "
+                   f"model class (no vllm/model_executor/models/jetmoe.py). Use --format merged")
+VLLM_INTERLEAVED = ("this family's gate_up_proj interleaves gate and up rows, and vLLM's mixed-format loader "
+                    "(_convert_3d_to_2d_moe_lora) splits it into halves for every class but GptOssForCausalLM. "
+                    "Use --format merged")
 SGLANG_NO_QKV = ("this family's q_proj has no v_proj beside it (latent or linear attention), and SGLang's loader "
-                 "stacks every q_proj with its k_proj/v_proj into qkv_proj (only DeepSeek-V2/V3 keep a lone q_proj): "
-                 "it cannot load this adapter. Use --format merged")
-SGLANG_NO_GATE_UP = ("this family's experts are not gated (up_proj and down_proj, no gate_proj), and SGLang's loader "
-                     "applies expert LoRA through a stacked gate_up_proj per expert: it cannot load this adapter. "
-                     "Use --format merged")
+                 "stacks every q_proj with its k_proj/v_proj into qkv_proj (lora.py LoRAAdapter.normalize_qkv_proj "
+                 "reads `weights[v_name]` for every key holding `q_proj`; only its DeepSeek-V2/V3 MLA branch keeps a "
+                 "lone q_proj): it cannot load this adapter. Use --format merged")
 # SGLang's per-expert key leaves: its loader (lora.py, LoRAAdapter._rename_expert_w_to_proj) renames w1/w3/w2 to
 # gate_proj/up_proj/down_proj, stacks gate_proj + up_proj of each expert into gate_up_proj, and wraps an experts
 # module (FusedMoE) only when the adapter's target_modules normalize to both gate_up_proj and down_proj
@@ -56,12 +75,25 @@ SGLANG_EXPERT_LEAVES = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_pr
 PER_EXPERT = re.compile(r"^(?P<head>.+\.experts\.\d+)\.(?P<leaf>[^.]+)$")
 
 
-FUSED_LINEAR_ON_DISK = ("the base checkpoint stores this Linear inside one tensor with others (Sarvam's fused "
-                        "query_key_value): it has no weight of its own on disk to write its LoRA under")
+FUSED_LINEAR_ON_DISK = ("the base checkpoint has no tensor named `<module>.weight` holding this Linear's rows (Inkling "
+                        "2 stores it under a parameter name, `k_sconv.weight_proj`): there is no module name on disk "
+                        "to write its LoRA under. Use --format merged")
+SGLANG_SHARED_LINEAR = ("the base checkpoint stores this Linear inside one tensor with others (Sarvam's "
+                        "query_key_value, LaraMini's linear-attention in_proj), which a server can only take as one "
+                        "LoRA module on that tensor (moetune writes it so for vLLM, whose SarvamMoEForCausalLM, a "
+                        "BailingMoeForCausalLM, maps query_key_value -> [query_key_value]); SGLang's LoRA code knows "
+                        "q/k/v only as q_proj/k_proj/v_proj stacked into qkv_proj (utils.get_normalized_target_modules "
+                        "at 01235a16 has no query_key_value) and sizes a module's buffers by get_hidden_dim, whose "
+                        "default raises NotImplementedError for other names; moetune has not found that SGLang's "
+                        "model classes define it for these. Use --format merged")
 
 
 class LayoutError(ValueError):
     """A format cannot express this adapter; the message says why and what to do instead."""
+
+
+class FusedOnDisk(LayoutError):
+    """The base checkpoint has no per-expert matrices to name the experts' LoRA after."""
 
 
 @dataclass
@@ -89,6 +121,11 @@ class ExpertsInfo:
     # PEFT nests the two wrappers, the inner one (`base_layer`) holds the first. One (JetMoE's `weight`) where each
     # projection is its own experts module.
     params: tuple[str, ...] = (GATE_UP, DOWN)
+    # gate_up_proj's rows [gate; up] (transformers' is_concatenated, its default) or interleaved (gpt-oss)
+    concatenated: bool = True
+    # stored (E, in, out) without transformers' is_transposed flag (Llama 4's bmm experts): `shapes` and the factors
+    # are then in the stored orientation, and each expert's (out, in) matrix is their transpose
+    unflagged_transpose: bool = False
 
 
 def experts_info(model: nn.Module) -> dict[str, ExpertsInfo]:
@@ -96,6 +133,7 @@ def experts_info(model: nn.Module) -> dict[str, ExpertsInfo]:
     3-D expert parameters, found by structure as training finds them."""
     found = {}
     count = moe.config_expert_count(model)
+    hidden = model.config.get_text_config().hidden_size
     for name, module in moe.experts_modules(model).items():
         params = tuple(sorted(moe.expert_parameter_names(module, count), key=lambda param: param == DOWN))
         transposed = bool(getattr(module, "is_transposed", False))
@@ -103,7 +141,10 @@ def experts_info(model: nn.Module) -> dict[str, ExpertsInfo]:
         for param in params:
             counts[param], first, second = getattr(module, param).shape
             shapes[param] = (second, first) if transposed else (first, second)
-        found[name] = ExpertsInfo(counts, transposed, shapes, params)
+        out_features, in_features = shapes[params[0]]
+        unflagged = len(params) == 2 and out_features == hidden != in_features  # the input projection reads hidden
+        found[name] = ExpertsInfo(counts, transposed, shapes, params, bool(getattr(module, "is_concatenated", True)),
+                                  unflagged)
     return found
 
 
@@ -276,9 +317,11 @@ def to_peft(factors: dict[str, Factors], experts: dict[str, ExpertsInfo]) -> tup
     return tensors, {"r": rank, "target_modules": sorted(modules), "target_parameters": sorted(parameters)}
 
 
-def checkpoint_rows(model: nn.Module, names: dict[str, int]) -> dict[str, list[tuple[str, int, torch.Tensor]]]:
-    """How the base checkpoint stores each named weight: name -> [(file key, expert, rows)] for fused experts
-    ((E, out, in) logical names with `out` rows) and Linears ((out, in); expert -1).
+def checkpoint_rows(model: nn.Module, names: dict[str, int]) -> dict[str, list[tuple[str, int, torch.Tensor,
+                                                                                   torch.Tensor]]]:
+    """How the base checkpoint stores each named weight: name -> [(file key, expert, rows, where)] for fused experts
+    ((E, out, in) logical names with `out` rows) and Linears ((out, in); expert -1): the name's `rows` lie at rows
+    `where` of the file tensor (all of it, unless several Linears share one tensor, as Sarvam's query_key_value).
 
     Runs transformers' reverse weight conversion (what save_pretrained writes) on probe tensors holding each row's
     (expert, row) index; rows that come back in a 2-D tensor of one file key belong to that key."""
@@ -291,18 +334,26 @@ def checkpoint_rows(model: nn.Module, names: dict[str, int]) -> dict[str, list[t
         probes[name] = index.reshape(experts, rows, 1) if experts else index.reshape(rows, 1)
         ranges.append((offset, offset + size, name))
         offset += size
-    placed: dict[str, list[tuple[str, int, torch.Tensor]]] = {name: [] for name in names}
+    placed: dict[str, list] = {name: [] for name in names}
+    starts = torch.tensor([start for start, _, _ in ranges])
     for key, tensor in revert_weight_conversion(model, dict(probes)).items():
-        if tensor.dim() != 2 or tensor.shape[-1] != 1:
-            continue  # stored fused (3-D) or transposed on disk: no per-matrix 2-D key for it
+        if tensor.dim() != 2 or tensor.shape[-1] != 1 or not key.endswith(".weight"):
+            continue  # fused (3-D), transposed, or not a module's weight on disk: no LoRA module name for it
         flat = tensor.flatten().long()
-        start, _, name = next(r for r in ranges if r[0] <= flat[0] < r[1])
-        experts, rows = names[name]
-        local = flat - start
-        expert = int(local[0] // rows) if experts else -1
-        if experts and not bool((local // rows == expert).all()):
-            continue  # one file key mixing experts: not a per-expert matrix
-        placed[name].append((key.removesuffix(".weight"), expert, local % rows))
+        owners = torch.searchsorted(starts, flat, right=True) - 1  # which name each row of the file tensor holds
+        pieces = []
+        for index in owners.unique().tolist():
+            start, _, name = ranges[index]
+            where = (owners == index).nonzero().flatten()
+            experts, rows = names[name]
+            local = flat[where] - start
+            expert = int(local[0] // rows) if experts else -1
+            if experts and (len(where) != len(flat) or not bool((local // rows == expert).all())):
+                break  # one file key mixing experts: not a per-expert matrix
+            pieces.append((name, (key.removesuffix(".weight"), expert, local % rows, where)))
+        else:
+            for name, piece in pieces:
+                placed[name].append(piece)
     return placed
 
 
@@ -312,11 +363,13 @@ def computed_experts(info: ExpertsInfo) -> int:
     return min(info.counts.values())
 
 
-def to_per_expert(factors: dict[str, Factors], experts: dict[str, ExpertsInfo],
-                  model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+def to_per_expert(factors: dict[str, Factors], experts: dict[str, ExpertsInfo], model: nn.Module,
+                  shared_linears: bool = True) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Per-expert 2-D keys (`...experts.{e}.{gate,up,down}` as the checkpoint names them), attention, shared
     experts and dense MLPs as ordinary Linears; every expert of an adapted experts module gets all three
-    projections (zeros where the adapter has none), as vLLM's packing of experts requires. (tensors, module names)"""
+    projections (zeros where the adapter has none), as vLLM's packing of experts requires. Linears the checkpoint
+    stores in one tensor become one LoRA on it (one_lora), or, without `shared_linears`, are refused for SGLang.
+    Ranks as the factors' (pad_ranks evens them). (tensors, module names)"""
     rank = max_rank(factors)
     complete = dict(factors)
     for owner in {t.rpartition(".")[0] for t in factors} & set(experts):
@@ -336,44 +389,137 @@ def to_per_expert(factors: dict[str, Factors], experts: dict[str, ExpertsInfo],
     placed = {t: rows_of[t if t.rpartition(".")[0] in experts else f"{t}.weight"] for t in complete}
     # nothing of its own on disk: the experts' reason first (a family with both says what matters most)
     for target in sorted((t for t in complete if not placed[t]), key=lambda t: t.rpartition(".")[0] not in experts):
-        fused_experts = target.rpartition(".")[0] in experts
-        raise LayoutError(f"{FUSED_ON_DISK if fused_experts else FUSED_LINEAR_ON_DISK} ({target})")
-    tensors, modules = {}, []
+        if target.rpartition(".")[0] in experts:
+            raise FusedOnDisk(f"{FUSED_ON_DISK} ({target})")
+        raise LayoutError(f"{FUSED_LINEAR_ON_DISK} ({target})")
+    by_key: dict[str, list[Factors]] = {}
     for target, factor in complete.items():
         factor = padded(factor, rank)
         owner = target.rpartition(".")[0]
         pieces = placed[target]
-        covered = sum(len(rows) for _, _, rows in pieces)
+        covered = sum(len(rows) for _, _, rows, _ in pieces)
         expected = factor.b.shape[-2] * (factor.b.shape[0] if factor.b.dim() == 3 else 1)
         if covered != expected:
             raise LayoutError(f"the base checkpoint splits {target} in a way moetune cannot map row by row.")
-        for key, expert, rows in pieces:
+        for key, expert, rows, where in pieces:
             if owner in experts and expert >= computed_experts(experts[owner]):
                 continue  # a zero-computation expert: never multiplied, and the servers hold no weights for it
             a, b = (factor.a[expert], factor.b[expert]) if factor.b.dim() == 3 else (factor.a, factor.b)
-            tensors[f"{PREFIX}{key}.lora_A.weight"] = a.clone()
-            tensors[f"{PREFIX}{key}.lora_B.weight"] = b[rows].contiguous()
-            modules.append(key)
-    return tensors, modules
+            placed_b = b.new_zeros(int(where.max()) + 1, b.shape[1])
+            placed_b[where] = b[rows]
+            by_key.setdefault(key, []).append(Factors(a, placed_b))
+            if len(by_key[key]) > 1 and not shared_linears:
+                raise LayoutError(f"{SGLANG_SHARED_LINEAR} ({target})")
+    return {name: tensor for key, parts in by_key.items() for name, tensor in one_lora(key, parts).items()}, \
+        list(by_key)
+
+
+def one_lora(key: str, parts: list[Factors]) -> dict[str, torch.Tensor]:
+    """One file tensor's LoRA: a Linear's or an expert matrix's own; for Linears stored in one tensor (Sarvam's
+    query_key_value) their A's stacked and their B's side by side, each on its own rows (zeros elsewhere), so
+    B @ A is each one's update on its rows. Its rank is then the sum of theirs (pad_ranks evens the adapter)."""
+    rows = max(part.b.shape[0] for part in parts)
+    b = torch.cat([torch.cat([part.b, part.b.new_zeros(rows - part.b.shape[0], part.b.shape[1])]) for part in parts],
+                  1)
+    return {f"{PREFIX}{key}.lora_A.weight": torch.cat([part.a for part in parts]).contiguous(),
+            f"{PREFIX}{key}.lora_B.weight": b.contiguous()}
+
+
+def pad_ranks(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """2-D LoRA keys padded to the highest rank among them (zero rows of A, zero columns of B): one rank per
+    adapter, as the servers want. (tensors, rank)"""
+    rank = max(tensor.shape[0] for name, tensor in tensors.items() if ".lora_A." in name)
+    padded_keys = {}
+    for name, tensor in tensors.items():
+        extra = rank - (tensor.shape[0] if ".lora_A." in name else tensor.shape[1])
+        zeros = tensor.new_zeros((extra, tensor.shape[1]) if ".lora_A." in name else (tensor.shape[0], extra))
+        padded_keys[name] = torch.cat([tensor, zeros], 0 if ".lora_A." in name else 1) if extra else tensor
+    return padded_keys, rank
+
+
+def stacked_experts(factors: dict[str, Factors], experts: dict[str, ExpertsInfo],
+                    refusal: str) -> dict[str, Factors]:
+    """The expert targets as a server reads one fused experts module (gate_up_proj, down_proj), each in its experts'
+    (out, in) orientation (Llama 4's stored (E, in, out) transposed); `refusal` where the experts are not one such
+    module."""
+    found = {}
+    for target, factor in factors.items():
+        owner = target.rpartition(".")[0]
+        if owner not in experts:
+            continue
+        info = experts[owner]
+        if info.params != (GATE_UP, DOWN):
+            raise LayoutError(f"{refusal} ({target})")
+        found[target] = Factors(factor.b.transpose(1, 2), factor.a.transpose(1, 2)) if info.unflagged_transpose \
+            else factor
+    return found
+
+
+def to_sglang_stacked(factors: dict[str, Factors], experts: dict[str, ExpertsInfo],
+                      model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """SGLang's stacked experts keys (module docstring) for experts fused on disk; attention, shared experts and
+    dense MLPs as SGLang's 2-D keys (to_per_expert, sglang_names). (tensors, module names)"""
+    rank = max_rank(factors)
+    factors = {target: padded(factor, rank) for target, factor in factors.items()}
+    linears = {t: f for t, f in factors.items() if t.rpartition(".")[0] not in experts}
+    tensors, modules = sglang_names(*to_per_expert(linears, experts, model, False)) if linears else ({}, [])
+    for target, factor in stacked_experts(factors, experts, SGLANG_NO_STACKED).items():
+        owner, _, param = target.rpartition(".")
+        info, b = experts[owner], factor.b
+        if param == GATE_UP and not info.concatenated:  # SGLang wants [gate; up] and interleaves for such bases
+            b = torch.cat([b[:, 0::2], b[:, 1::2]], 1)
+        kept = computed_experts(info)  # SGLang's FusedMoE holds the routed experts only
+        tensors[f"{PREFIX}{target}.lora_A.weight"] = factor.a[:kept].contiguous()
+        tensors[f"{PREFIX}{target}.lora_B.weight"] = b[:kept].contiguous()
+        modules += [f"{owner}.{GATE_UP}", f"{owner}.{DOWN}"]  # SGLang wraps the experts only when both are targets
+    return tensors, list(dict.fromkeys(modules))
+
+
+def to_vllm_mixed(factors: dict[str, Factors], experts: dict[str, ExpertsInfo]) -> tuple[dict[str, torch.Tensor],
+                                                                                             dict]:
+    """PEFT's 3-D layout as vLLM's mixed-format loader reads it (vllm/lora/model_manager.py at 01533aa,
+    LoRAModelManager._convert_3d_to_2d_moe_lora, used with --enable-mixed-moe-lora-format for a request declaring
+    is_3d_lora_weight): `<experts>.base_layer.lora_A` (r*E, hidden) / `lora_B` (2I, r*E) for gate_up_proj, gate and
+    up sharing A and split as B's halves (w1 first; interleaved only for GptOssForCausalLM), `<experts>.lora_*`
+    (r*E, I) / (hidden, r*E) for down_proj: each expert's (out, in) orientation, which is PEFT's own file for every
+    family but Llama 4. (tensors, config fields) as to_peft."""
+    stacked = stacked_experts(factors, experts, VLLM_NO_STACKED)
+    for target in stacked:
+        if not experts[target.rpartition(".")[0]].concatenated:
+            raise LayoutError(f"{VLLM_INTERLEAVED} ({target})")
+    return to_peft({**factors, **stacked}, experts)
 
 
 def sglang_names(tensors: dict[str, torch.Tensor], modules: list[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Per-expert 2-D keys (to_per_expert) renamed as SGLang's loader looks them up: each expert's projections as
-    gate_proj / up_proj / down_proj (SGLANG_EXPERT_LEAVES); attention, shared experts and dense MLPs unchanged."""
-    renamed, names = {}, []
+    gate_proj / up_proj / down_proj (SGLANG_EXPERT_LEAVES), a non-gated expert's one input projection (Nemotron-H's
+    up_proj) as gate_proj; attention, shared experts and dense MLPs unchanged.
+
+    Non-gated experts, as SGLang reads them: LoRAAdapter.normalize_gate_up_proj (lora.py, the version with
+    _is_non_gated_moe_weight) renames an expert's gate_proj that has no up_proj to gate_up_proj unstacked when the
+    layer's FusedMoE is not gated (moe_runner_config.is_gated), NemotronHForCausalLM.get_stacked_multiply gives
+    gate_up_proj_moe one slot ("Non-gated: only w1, no w3"), and FusedMoEWithLoRA._slice_moe_b_2d takes that B as
+    the expert's [intermediate, r] w1; an expert up_proj without a gate_proj is left as `up_proj`, for which the
+    pool makes no per-expert buffer (only gate_up_proj_moe / down_proj_moe)."""
+    leaves = {}
     for module in modules:
         match = PER_EXPERT.match(module)
-        name = module
         if match is not None:
             leaf = SGLANG_EXPERT_LEAVES.get(match["leaf"])
             if leaf is None:
                 raise LayoutError(f"the base checkpoint names an expert matrix {module}; SGLang's loader reads only "
                                   f"gate_proj/up_proj/down_proj (or w1/w3/w2) per expert. Use --format merged.")
-            name = f"{match['head']}.{leaf}"
+            leaves[module] = (match["head"], leaf)
+    gated = {head for head, leaf in leaves.values() if leaf == "gate_proj"}
+    renamed, names = {}, []
+    for module in modules:
+        name = module
+        if module in leaves:
+            head, leaf = leaves[module]
+            name = f"{head}.{'gate_proj' if leaf == 'up_proj' and head not in gated else leaf}"
         for ab in "AB":
             renamed[f"{PREFIX}{name}.lora_{ab}.weight"] = tensors[f"{PREFIX}{module}.lora_{ab}.weight"]
         names.append(name)
-    check_sglang_gate_up(names)
     return renamed, names
 
 
@@ -387,13 +533,3 @@ def check_sglang_qkv(targets) -> None:
         head, _, leaf = target.rpartition(".")
         if leaf == "q_proj" and f"{head}.v_proj" not in present:
             raise LayoutError(f"{SGLANG_NO_QKV} ({target})")
-
-
-def check_sglang_gate_up(modules: list[str]) -> None:
-    """SGLang's loader (normalize_gate_up_proj) stacks each expert's gate_proj with its up_proj into gate_up_proj;
-    experts without both (Nemotron-H's non-gated up_proj/down_proj) have no slot there."""
-    present = set(modules)
-    for module in modules:
-        expert = PER_EXPERT.match(module)
-        if expert is not None and not {f"{expert['head']}.gate_proj", f"{expert['head']}.up_proj"} <= present:
-            raise LayoutError(f"{SGLANG_NO_GATE_UP} ({module})")

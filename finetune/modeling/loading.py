@@ -130,10 +130,12 @@ def naming_remote_code(location: str) -> Iterator[None]:
 def load_pretrained(source: ModelSource, location: str):
     """Whole, or with its experts split across the processes of a launch (model.expert_parallel)."""
     config = check_family(source, location)
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         location, dtype=resolve_dtype(source.model.dtype), **experts_kernel(source.model, config),
         **hub_kwargs(source, location), **expert_parallel.load_kwargs(source.model, config),
     )
+    adapters.route_router_reads_through_lora(model)
+    return model
 
 
 def load_quantized(source: ModelSource, name: str):
@@ -154,6 +156,7 @@ def load_quantized(source: ModelSource, name: str):
                                                              compute_dtype, skip),
     )
     expert_quant.disable_packed_cpu_path(model)
+    adapters.route_router_reads_through_lora(model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     expert_quant.quantize_experts(model, quantization.double_quant, compute_dtype, device)
     if device == "cuda":

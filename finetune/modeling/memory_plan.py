@@ -7,7 +7,8 @@ The plan counts what a training step holds at its peak, by component:
   two moments (DeepSpeed adds an fp32 master copy of 16-bit weights);
 - activations: what the forward keeps for the backward, per token and decoder layer, read off the layer's own
   Linear shapes (token mixers, routed experts times top-k, shared experts, dense FFNs); with activation
-  checkpointing, each layer's input plus one layer recomputed;
+  checkpointing, each layer's input plus one layer recomputed; under QLoRA, where the experts run their own forward
+  on weights read dequantized (Llama 4, LongCat-Flash, JetMoE), one layer's experts in the compute dtype;
 - LM head: moetune's scored LM head (finetune/scored_lm_head.py) on every scored token: the logits of one
   vocabulary tile and, for a frozen head, W[target] - E_p[W] per token (finetune/lm_head_tiles.py);
 - reference: DPO's reference policy, nothing when its log-probs are cached or when it is the policy with the adapter
@@ -27,7 +28,7 @@ from typing import Callable
 
 from torch import nn
 
-from finetune.modeling import adapters, moe
+from finetune.modeling import adapters, expert_quant, moe
 
 GiB = 1024**3
 ROWS = ("weights", "adapter", "gradients", "optimizer", "activations", "lm_head", "reference", "overhead")
@@ -89,6 +90,9 @@ class Census:
     vocab: int
     head_frozen_elements: int  # LM head parameters
     checkpointing: bool = True  # whether transformers can checkpoint its activations (JetMoE cannot)
+    # QLoRA: the experts run their own forward on weights read dequantized (Llama 4, LongCat-Flash, JetMoE:
+    # expert_quant.read_dequantized), a whole layer's at once, instead of the NF4 forward's one matrix at a time
+    experts_read_whole: bool = False
 
     @property
     def parameters(self) -> int:
@@ -149,7 +153,8 @@ def census(model: nn.Module) -> Census:
         attention_width=[attention_width(model, layer) for layer in layers],
         hidden=text.hidden_size, vocab=text.vocab_size,
         head_frozen_elements=model.get_output_embeddings().weight.numel(),
-        checkpointing=getattr(model, "supports_gradient_checkpointing", True))
+        checkpointing=getattr(model, "supports_gradient_checkpointing", True),
+        experts_read_whole=not expert_quant.runs_nf4_forward(model, list(moe.experts_modules(model).values())))
 
 
 def parameter_roles(model: nn.Module) -> dict[str, str]:
@@ -202,15 +207,18 @@ def expert_matrix_elements(model: nn.Module) -> int:
 
 
 def quantizable_linear_elements(model: nn.Module) -> int:
-    """Linear weights bitsandbytes quantizes: all but the LM head and those whose input is not whole blocks."""
+    """Linear weights bitsandbytes quantizes: all but the LM head, the routers' and those whose input is not whole
+    blocks (expert_quant.linears_to_keep)."""
     head = model.get_output_embeddings()
-    return sum(module.weight.numel() for module in model.modules()
-               if isinstance(module, nn.Linear) and module is not head and module.in_features % NF4_BLOCK == 0)
+    routers = {id(model.get_submodule(name)) for name in expert_quant.router_linears(model)}
+    return sum(module.weight.numel() for module in model.modules() if isinstance(module, nn.Linear)
+               and module is not head and id(module) not in routers and module.in_features % NF4_BLOCK == 0)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-    return list(getattr(backbone, "layers", []))
+    """The decoder layers, found as moe.py finds them (Llama 4's get_decoder() is the whole model: its
+    base_model_prefix names no attribute, and a plan with no layers divided by zero)."""
+    return [model.get_submodule(name) for name in moe.decoder_layers(model)]
 
 
 def attention_width(model: nn.Module, layer: nn.Module) -> int:
@@ -271,7 +279,7 @@ def footprint(c: Census, s: Setup) -> Footprint:
         gradients=trained * trained_bytes,
         optimizer=2 * trained * trained_bytes,
         master_optimizer=trained * (12 if trained_bytes < 4 else 8),
-        activations=activation_bytes(c, s),
+        activations=activation_bytes(c, s) + dequantized_experts_bytes(c, s, quantized),
         lm_head=lm_head_bytes(c, s),
         reference=reference_bytes(c, s, frozen_bytes, adapter_params),
         # at the model's mean bytes per weight (NF4 experts make a quantized layer about a quarter of a bf16 one)
@@ -288,6 +296,12 @@ def nf4_bytes(elements: int, double_quant: bool) -> float:
     """4 bits per weight, plus one scale per block: an fp32, or with double quantization a byte and an fp32 per 256."""
     scales = elements / NF4_BLOCK
     return elements / 2 + (scales + 4 * scales / NESTED_BLOCK if double_quant else 4 * scales)
+
+
+def dequantized_experts_bytes(c: Census, s: Setup, quantized: bool) -> float:
+    """Under QLoRA, experts that run their own forward read one layer's experts dequantized, in the compute dtype,
+    while that layer runs (forward, and again in its backward); nothing of it is kept in between."""
+    return max(c.layer_expert_weights, default=0) * s.weight_bytes if quantized and c.experts_read_whole else 0.0
 
 
 def activation_bytes(c: Census, s: Setup) -> float:

@@ -5,12 +5,15 @@
 - vllm: for the families whose vLLM model class loads PEFT's 3-D expert layout natively (`is_3d_moe_weight = True`
   in vLLM's source: GptOssForCausalLM, Qwen3_5MoeForConditionalGeneration) that layout; for every other family
   per-expert 2-D keys named as the base checkpoint names its expert weights (what vLLM's `get_expert_mapping`
-  packs). Read from vLLM's main branch (vllm/lora/model_manager.py at 01533aa, vllm/lora/lora_model.py at 0306474;
-  vLLM >= 0.26).
+  packs), or, where the checkpoint stores the experts fused (no per-expert names), PEFT's 3-D layout for vLLM's
+  mixed-format loader (`--enable-mixed-moe-lora-format`, the adapter declared `is_3d_lora_weight`; the README's
+  command says so). Read from vLLM's main branch (vllm/lora/model_manager.py at 01533aa, vllm/lora/lora_model.py
+  at 0306474; vLLM >= 0.26).
 - sglang: vLLM's per-expert 2-D keys with each expert's projections named gate_proj/up_proj/down_proj (SGLang's
   loader renames w1/w3/w2 to those names, stacks gate_proj + up_proj per expert, and applies expert LoRA only when
-  the targets include gate_up_proj and down_proj); families whose checkpoint stores the experts fused are refused.
-  Read from SGLang's main branch (SGLANG_READ).
+  the targets include gate_up_proj and down_proj); for families whose checkpoint stores the experts fused, SGLang's
+  stacked 3-D keys `...experts.gate_up_proj` / `...experts.down_proj` (export_layouts' docstring). Read from
+  SGLang's main branch (SGLANG_READ).
 - merged: full-precision weights with the adapter folded in, as from_pretrained loads them; for an adapter trained
   on NF4 experts (model.quantization) the experts are first rounded through NF4 exactly as training stored them,
   and delta_report.md says, per matrix, how large the LoRA update is against the NF4 step and how much of it a
@@ -39,8 +42,17 @@ VLLM_READ = "vLLM main (vllm/lora/model_manager.py 01533aa, vllm/lora/lora_model
 # model_type -> vLLM class with `is_3d_moe_weight = True`: PEFT's 3-D expert layout loads natively there.
 VLLM_3D = {"gpt_oss": "GptOssForCausalLM", "qwen3_5_moe_text": "Qwen3_5MoeForConditionalGeneration"}
 SGLANG_READ = ("SGLang main (python/sglang/srt/lora/mem_pool.py and layers.py at 00639c4d: per-expert keys "
-               "`experts.{e}.` in LoRAMemoryPool.load_lora_weight_to_buffer, gate/up as [gate; up] in "
-               "FusedMoEWithLoRA; lora.py LoRAAdapter.normalize_gate_up_proj; lora_config.py at 0ceb81fe)")
+               "`experts.{e}.`, or a 3-D `experts.gate_up_proj`/`experts.down_proj` tensor, in "
+               "LoRAMemoryPool.load_lora_weight_to_buffer, gate/up as [gate; up] in FusedMoEWithLoRA; lora.py "
+               "LoRAAdapter.normalize_gate_up_proj; lora_config.py at 0ceb81fe)")
+LAYOUTS = {("vllm", False): "per-expert 2-D keys (experts.{e}.<projection> as the checkpoint names them)",
+           ("vllm", True): "PEFT 3-D layout in each expert's (out, in) orientation, for vLLM's mixed-format loader "
+                           "(--enable-mixed-moe-lora-format, is_3d_lora_weight), the checkpoint storing the experts "
+                           "fused",
+           ("sglang", False): "per-expert 2-D keys (experts.{e}.gate_proj/up_proj/down_proj, as SGLang's loader "
+                              "names them)",
+           ("sglang", True): "SGLang's stacked experts keys (experts.gate_up_proj / experts.down_proj: A (E, r, in), "
+                             "B (E, out, r), gate_up's B rows [gate; up]), the checkpoint storing the experts fused"}
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted --max-lora-rank values
 ADAPTER_FILE, CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
 
@@ -125,37 +137,42 @@ def write_adapter(stage_dir, chain, fmt, factors, experts, base, model_type, wor
         for name in (ADAPTER_FILE, CONFIG_FILE):
             shutil.copy2(stage_dir / name, work / name)
         return {"layout": "PEFT 3-D (target_parameters), as trained", "rank": layouts.max_rank(factors)}
+    mixed = False
     if fmt == "peft" or fmt == "vllm" and model_type in VLLM_3D:
         tensors, fields = layouts.to_peft(factors, experts)
-        targets, parameters = fields["target_modules"], fields["target_parameters"]
         layout = "PEFT 3-D (target_parameters), PEFT >= 0.19 in/out order"
     else:
-        tensors, modules = per_expert(fmt, factors, experts, base)
-        targets, parameters = sorted({m.rsplit(".", 1)[-1] for m in modules}), None
-        layout = ("per-expert 2-D keys (experts.{e}.gate_proj/up_proj/down_proj, as SGLang's loader names them)"
-                  if fmt == "sglang" else "per-expert 2-D keys (experts.{e}.<projection> as the checkpoint names them)")
-    rank = layouts.max_rank(factors)
-    config = layouts.lora_config(base_name(chain[0]), rank, targets, parameters)
+        if fmt == "sglang":
+            layouts.check_sglang_qkv(factors)  # a lone q_proj is named before anything fused on disk
+        try:
+            tensors, fields = per_expert(fmt, factors, experts, base)
+        except layouts.FusedOnDisk:  # no per-expert names: the servers' 3-D keys
+            tensors, fields = stacked(fmt, factors, experts, base)
+            mixed = fmt == "vllm"
+        layout = LAYOUTS[fmt, any(tensor.dim() == 3 for tensor in tensors.values()) or mixed]
+    rank = fields.get("r") or layouts.max_rank(factors)
+    config = layouts.lora_config(base_name(chain[0]), rank, fields["target_modules"], fields["target_parameters"])
     save_file(tensors, work / ADAPTER_FILE, metadata={"format": "pt"})
     (work / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    return {"layout": layout, "rank": rank, "vllm_class_3d": VLLM_3D.get(model_type)}
+    return {"layout": layout, "rank": rank, "vllm_class_3d": VLLM_3D.get(model_type), "vllm_mixed_format": mixed}
 
 
-def per_expert(fmt, factors, experts, base) -> tuple[dict, list[str]]:
+def per_expert(fmt, factors, experts, base) -> tuple[dict, dict]:
     """vLLM's per-expert keys; for SGLang the same tensors under the projection names its loader reads."""
-    try:
-        tensors, modules = layouts.to_per_expert(factors, experts, base)
-    except layouts.LayoutError as error:
-        if fmt != "sglang":
-            raise
-        if layouts.FUSED_ON_DISK in str(error):
-            raise layouts.LayoutError(layouts.SGLANG_FUSED_ON_DISK) from None
-        layouts.check_sglang_qkv(factors)  # a lone q_proj is named before a Linear fused on disk
-        raise
-    if fmt != "sglang":
-        return tensors, modules
-    layouts.check_sglang_qkv(factors)
-    return layouts.sglang_names(tensors, modules)
+    tensors, modules = layouts.to_per_expert(factors, experts, base, shared_linears=fmt == "vllm")
+    if fmt == "sglang":
+        tensors, modules = layouts.sglang_names(tensors, modules)
+    tensors, rank = layouts.pad_ranks(tensors)  # Linears sharing a tensor (Sarvam's query_key_value) sum their ranks
+    return tensors, {"target_modules": sorted({m.rsplit(".", 1)[-1] for m in modules}), "target_parameters": None,
+                     "r": rank}
+
+
+def stacked(fmt, factors, experts, base) -> tuple[dict, dict]:
+    """Experts fused on disk: SGLang's stacked 3-D keys, or PEFT's 3-D layout for vLLM's mixed-format loader."""
+    if fmt == "vllm":
+        return layouts.to_vllm_mixed(factors, experts)
+    tensors, modules = layouts.to_sglang_stacked(factors, experts, base)
+    return tensors, {"target_modules": sorted({m.rsplit(".", 1)[-1] for m in modules}), "target_parameters": None}
 
 
 # ---------------------------------------------------------------- merged
@@ -238,6 +255,10 @@ def serving_commands(record: dict, out: str | Path) -> list[str]:
         return [f"python -m sglang.launch_server --model-path {base} --enable-lora --lora-paths moetune={out} "
                 f"--max-lora-rank {rank}"]
     vllm_rank = next((r for r in VLLM_RANKS if r >= rank), rank)
+    if record.get("vllm_mixed_format"):
+        module = json.dumps({"name": "moetune", "path": str(out), "is_3d_lora_weight": True})
+        return [f"vllm serve {base} --enable-lora --enable-mixed-moe-lora-format --lora-modules '{module}' "
+                f"--max-lora-rank {vllm_rank}"]
     return [f"vllm serve {base} --enable-lora --lora-modules moetune={out} --max-lora-rank {vllm_rank}"]
 
 

@@ -77,12 +77,18 @@ def models(data, tmp_path_factory):
         torch.manual_seed(0)
         folder = tmp_path_factory.mktemp(architecture)
         AutoModelForCausalLM.from_config(init_config(init, tokenizer)).save_pretrained(folder)
-        recipe = parse_recipe({"run_dir": str(folder / "run"), "model": {"name_or_path": str(folder)}}, "r.yaml")
-        model = load_pretrained(recipe.model_source, str(folder))  # as the CLI loads it: dtype, experts kernel
+        model = load_as_cli(folder)
         families.prepare_for_training(model)
         return model
 
     return model_of
+
+
+def load_as_cli(folder):
+    """A saved model loaded as the CLI loads a checkpoint (model.name_or_path): dtype, experts kernel, and what
+    moetune's loaders set up (a router that reads its weight itself reads it through its LoRA)."""
+    recipe = parse_recipe({"run_dir": str(folder / "run"), "model": {"name_or_path": str(folder)}}, "r.yaml")
+    return load_pretrained(recipe.model_source, str(folder))
 
 
 def routed(model):

@@ -19,7 +19,8 @@ def quantized_copy(model, double_quant=True):
 
 
 def experts_modules(model):
-    return [module for module in model.modules() if expert_quant.is_quantized_experts(module) or moe.is_fused_gate_up(module)]
+    """The routed-expert modules (NF4 or not), in the model's order."""
+    return list(moe.experts_modules(model).values())
 
 
 def dequantized_copy(model, quantized):
@@ -27,7 +28,7 @@ def dequantized_copy(model, quantized):
     rounded = copy.deepcopy(model)
     with torch.no_grad():
         for target, source in zip(experts_modules(rounded), experts_modules(quantized)):
-            for name in moe.EXPERT_PARAMETERS:
+            for name in source.nf4_layouts:
                 getattr(target, name).copy_(expert_quant.dequantized_parameter(source, name))
     return rounded
 
