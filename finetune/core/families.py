@@ -118,6 +118,9 @@ class Family:
     padding_free: str | None = None  # why speed.padding_free cannot run this family; None: it can
     # Phi-MoE's router samples experts at random in training (SparseMixer): two forwards of a batch differ.
     samples_experts_in_training: bool = False
+    # Expert weights stored flat, one (experts x rows, cols) matrix per projection (DBRX's w1, v1, w2): moetune
+    # views them as 3-D at load and writes them back flat (finetune/modeling/flat_experts.py)
+    flat_experts: tuple[str, ...] = ()
 
     @property
     def has_aux_loss(self) -> bool:
@@ -298,7 +301,9 @@ NEW_FAMILIES = (
     found_by_structure("gemma4_text", overrides=gemma4_moe),
     found_by_structure("qwen4_exp_text", overrides=qwen4_exp_indexer),
     found_by_structure("lfm2_moe", overrides=lfm2_layers),
-    found_by_structure("dbrx", sizes=dbrx_sizes),
+    # DBRX's attention sits in a module whose class name says Norm (DbrxNormAttentionNorm), which the generic
+    # detection takes for a norm: its `attn` is named
+    found_by_structure("dbrx", sizes=dbrx_sizes, flat_experts=("w1", "v1", "w2"), token_mixers=("attn",)),
     found_by_structure("zaya", overrides=lambda init: dict(num_experts_per_tok=1)),  # ZAYA routes to one expert
     found_by_structure("doge", overrides=lambda init: dict(is_moe=True)),  # Doge's default config is dense
     # PEFT refuses LoRA on the Mamba mixers' out_proj of nemotron_h (its fused Mamba kernel reads the weight)

@@ -285,15 +285,27 @@ def read_dequantized(experts: nn.Module) -> None:
 @functools.lru_cache(maxsize=None)
 def dequantizing_class(cls: type, names: tuple[str, ...]) -> type:
     def forward(self, *args, **kwargs):
-        self.nf4_reads = {}
-        try:
-            with saved_as_recipes(self):
-                return cls.forward(self, *args, **kwargs)
-        finally:
-            self.nf4_reads = None
+        with reading_dequantized(self):
+            return cls.forward(self, *args, **kwargs)
 
     attributes = {name: property(functools.partial(read_weight, name=name)) for name in names}
     return type(cls.__name__, (cls,), {"__module__": cls.__module__, "forward": forward, **attributes})
+
+
+@contextlib.contextmanager
+def reading_dequantized(experts: nn.Module):
+    """While the experts' forward runs (or that of a parent reading their weights: DBRX's, finetune/modeling/
+    flat_experts.py): each weight dequantized once, and saved for the backward as a recipe. Re-entered (the
+    parent's forward calls the experts' own), it leaves the outer one's reads in place."""
+    if experts.nf4_reads is not None:
+        yield
+        return
+    experts.nf4_reads = {}
+    try:
+        with saved_as_recipes(experts):
+            yield
+    finally:
+        experts.nf4_reads = None
 
 
 def read_weight(experts: nn.Module, name: str) -> torch.Tensor:

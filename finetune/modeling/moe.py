@@ -213,7 +213,9 @@ def decoder_layer_classes(model: nn.Module) -> list[type]:
 
     Hybrid models have two (e.g. Jamba's attention and Mamba layers)."""
     layers = getattr(getattr(model, "model", model), "layers", None)
-    return list(dict.fromkeys(type(layer) for layer in layers)) if layers is not None else []
+    if layers is None:  # a backbone not called `model` (DBRX's `transformer.blocks`)
+        layers = [model.get_submodule(name) for name in decoder_layers(model)]
+    return list(dict.fromkeys(type(layer) for layer in layers))
 
 
 def bias_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -248,11 +250,17 @@ def mark_moe_blocks_as_zero3_leaves(model: nn.Module) -> None:
             print(f"[zero3] MoE blocks gathered whole (ZeRO-3 leaf modules): {', '.join(c.__name__ for c in classes)}")
 
 
+# What families call the ModuleList of their decoder layers: `layers`, DBRX's `blocks`.
+DECODER_LAYER_LISTS = ("layers", "blocks")
+
+
 def decoder_layers(model: nn.Module) -> list[str]:
-    """Qualified names of the decoder layers: the entries of the model's first `layers` ModuleList."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers" and len(module):
-            return [f"{name}.{index}" for index in range(len(module))]
+    """Qualified names of the decoder layers: the entries of the model's first `layers` ModuleList (else of its
+    first `blocks` one)."""
+    for list_name in DECODER_LAYER_LISTS:
+        for name, module in model.named_modules():
+            if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == list_name and len(module):
+                return [f"{name}.{index}" for index in range(len(module))]
     return []
 
 

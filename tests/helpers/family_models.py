@@ -26,11 +26,6 @@ ROLES = ["attention", "experts", "shared_experts", "dense_mlp"]
 
 # family -> (cell from which on it fails, a regex of the error it still raises, the reason shown in the matrix)
 KNOWN = {
-    "dbrx": ("roles", "no router found|no 3-D expert weights|moetune run .* failed",
-             "DBRX stores each projection of all its experts as one 2-D (experts x ffn, hidden) matrix, sliced "
-             "per expert by its own loop, not as 3-D expert weights: moetune finds no routed experts to adapt "
-             "(model.init builds it with the real checkpoints' attention rope_theta and clip_qkv, which transformers "
-             "5.24's default config lacks)"),
     "doge": ("roles", "no router|has no MoE layers|moetune run .* failed",
              "Doge's experts are embedding rows (one vector per expert, retrieved by product keys), not 3-D expert "
              "weights: no router or routed experts to find"),
