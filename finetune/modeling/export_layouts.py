@@ -59,6 +59,16 @@ VLLM_NO_STACKED = (f"{NOT_ONE_EXPERTS_MODULE}: vLLM reads PEFT's 3-D experts lay
                    f"(gate_up_proj) and `<experts>` (down_proj) of one FusedMoE module (vllm/lora/model_manager.py "
                    f"at 01533aa, _stack_moe_lora_weights and _convert_3d_to_2d_moe_lora), and vLLM has no JetMoE "
                    f"model class (no vllm/model_executor/models/jetmoe.py). Use --format merged")
+FLAT_EXPERTS = ("this family's experts are three flat matrices per layer (DBRX's w1, v1, w2, each (experts x ffn, "
+                "hidden) on disk; moetune views them as 3-D), not one experts module holding gate_up_proj and "
+                "down_proj, and the checkpoint has no per-expert names")
+VLLM_FLAT = (f"{FLAT_EXPERTS}: vLLM's DbrxForCausalLM (vllm/model_executor/models/dbrx.py, every copy the code index "
+             f"holds, the newest `class DbrxForCausalLM(nn.Module, SupportsPP)` over `DbrxExperts(FusedMoE)`) does not "
+             f"implement SupportsLoRA, and vLLM refuses LoRA on such a class. Use --format merged")
+SGLANG_FLAT = (f"{FLAT_EXPERTS}: SGLang's DbrxForCausalLM (python/sglang/srt/models/dbrx.py at 9c60ab42, and the "
+               f"newer copy with ForwardBatch the code index holds) is a plain nn.Module whose experts are its own "
+               f"`ws`/`w2s` Parameters (load_weights maps experts.mlp.w1/v1 -> ws, w2 -> w2s) run by fused_moe, not a "
+               f"FusedMoE module, which is what SGLang's LoRA code wraps. Use --format merged")
 VLLM_INTERLEAVED = ("this family's gate_up_proj interleaves gate and up rows, and vLLM's mixed-format loader "
                     "(_convert_3d_to_2d_moe_lora) splits it into halves for every class but GptOssForCausalLM. "
                     "Use --format merged")
@@ -126,6 +136,8 @@ class ExpertsInfo:
     # stored (E, in, out) without transformers' is_transposed flag (Llama 4's bmm experts): `shapes` and the factors
     # are then in the stored orientation, and each expert's (out, in) matrix is their transpose
     unflagged_transpose: bool = False
+    # flat on disk (DBRX's w1, v1, w2: finetune/modeling/flat_experts.py): no server's expert LoRA layout fits
+    flat: bool = False
 
 
 def experts_info(model: nn.Module) -> dict[str, ExpertsInfo]:
@@ -144,7 +156,7 @@ def experts_info(model: nn.Module) -> dict[str, ExpertsInfo]:
         out_features, in_features = shapes[params[0]]
         unflagged = len(params) == 2 and out_features == hidden != in_features  # the input projection reads hidden
         found[name] = ExpertsInfo(counts, transposed, shapes, params, bool(getattr(module, "is_concatenated", True)),
-                                  unflagged)
+                                  unflagged, hasattr(module, "flat_experts"))
     return found
 
 
@@ -438,10 +450,10 @@ def pad_ranks(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
 
 
 def stacked_experts(factors: dict[str, Factors], experts: dict[str, ExpertsInfo],
-                    refusal: str) -> dict[str, Factors]:
+                    refusals: tuple[str, str]) -> dict[str, Factors]:
     """The expert targets as a server reads one fused experts module (gate_up_proj, down_proj), each in its experts'
-    (out, in) orientation (Llama 4's stored (E, in, out) transposed); `refusal` where the experts are not one such
-    module."""
+    (out, in) orientation (Llama 4's stored (E, in, out) transposed); refused where the experts are not one such
+    module: `refusals` (experts of another layout, flat experts)."""
     found = {}
     for target, factor in factors.items():
         owner = target.rpartition(".")[0]
@@ -449,7 +461,7 @@ def stacked_experts(factors: dict[str, Factors], experts: dict[str, ExpertsInfo]
             continue
         info = experts[owner]
         if info.params != (GATE_UP, DOWN):
-            raise LayoutError(f"{refusal} ({target})")
+            raise LayoutError(f"{refusals[info.flat]} ({target})")
         found[target] = Factors(factor.b.transpose(1, 2), factor.a.transpose(1, 2)) if info.unflagged_transpose \
             else factor
     return found
@@ -463,7 +475,7 @@ def to_sglang_stacked(factors: dict[str, Factors], experts: dict[str, ExpertsInf
     factors = {target: padded(factor, rank) for target, factor in factors.items()}
     linears = {t: f for t, f in factors.items() if t.rpartition(".")[0] not in experts}
     tensors, modules = sglang_names(*to_per_expert(linears, experts, model, False)) if linears else ({}, [])
-    for target, factor in stacked_experts(factors, experts, SGLANG_NO_STACKED).items():
+    for target, factor in stacked_experts(factors, experts, (SGLANG_NO_STACKED, SGLANG_FLAT)).items():
         owner, _, param = target.rpartition(".")
         info, b = experts[owner], factor.b
         if param == GATE_UP and not info.concatenated:  # SGLang wants [gate; up] and interleaves for such bases
@@ -483,7 +495,7 @@ def to_vllm_mixed(factors: dict[str, Factors], experts: dict[str, ExpertsInfo]) 
     up sharing A and split as B's halves (w1 first; interleaved only for GptOssForCausalLM), `<experts>.lora_*`
     (r*E, I) / (hidden, r*E) for down_proj: each expert's (out, in) orientation, which is PEFT's own file for every
     family but Llama 4. (tensors, config fields) as to_peft."""
-    stacked = stacked_experts(factors, experts, VLLM_NO_STACKED)
+    stacked = stacked_experts(factors, experts, (VLLM_NO_STACKED, VLLM_FLAT))
     for target in stacked:
         if not experts[target.rpartition(".")[0]].concatenated:
             raise LayoutError(f"{VLLM_INTERLEAVED} ({target})")

@@ -100,7 +100,8 @@ def structural_router(model: nn.Module, block_name: str, block: nn.Module, count
 
 def structural_routers(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
     """Router name -> (weight name, MoE block name) found by structure: for each experts module, the router in its
-    parent (the MoE block), or in the grandparent where the router sits beside the block."""
+    parent (the MoE block), or in the grandparent, then the block (DBRX's DbrxFFN holds its router and DbrxExperts,
+    which holds the module with the expert weights)."""
     count = config_expert_count(model)
     experts = experts_modules(model)
     found = {}
@@ -111,7 +112,7 @@ def structural_routers(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
                 break
             router = structural_router(model, block_name, model.get_submodule(block_name), count, set(experts))
             if router is not None:
-                found.setdefault(router[0], (router[1], parent))
+                found.setdefault(router[0], (router[1], block_name))
                 break
     return found
 
