@@ -1,0 +1,119 @@
+"""DBRX's flat expert matrices (finetune/modeling/flat_experts.py): trained as 3-D experts through moetune's loader,
+written back as DBRX's own 2-D checkpoint tensors that the unpatched transformers class loads.
+
+The conformance cells run DBRX through every check (tests/test_families.py, tests/test_export.py, and the CLI chain
+in tests/test_every_family.py with MOETUNE_ALL_FAMILIES=1); here the round trip itself, in a few seconds, and with
+MOETUNE_ALL_FAMILIES=1 the CLI chain's stage outputs looked into.
+"""
+
+from __future__ import annotations
+
+import os
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from finetune.cli import main
+from finetune.config.recipe import LoraConfig
+from finetune.core import synthetic_task as synthetic
+from finetune.core.rundir import read_manifest
+from finetune.modeling import adapters, moe
+from finetune.modeling.loading import load_stage_model
+from finetune.config.parsing import load_recipe
+from finetune.modeling.tiny import init_config, train_tokenizer
+from helpers.family_models import load_as_cli
+from helpers.recipes import write_lora_chain_recipe
+from test_every_family import tiny_init
+
+EXPERTS, HIDDEN, FFN = 4, 64, 64  # tiny_init's sizes
+FLAT = ("w1", "v1", "w2")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [m["content"] for row in synthetic.sft_conversations(20, 0) for m in row["messages"]]
+    return train_tokenizer(texts, vocab_size=160)
+
+
+def expert_weights(model, name: str) -> torch.Tensor:
+    return model.get_submodule("transformer.blocks.1.ffn.experts.mlp").get_parameter(name)
+
+
+def test_dbrx_experts_train_as_3d_and_save_as_the_checkpoint_names_them(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(init_config(tiny_init("dbrx", layers=2), tokenizer)).save_pretrained(tmp_path / "base")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    model = load_as_cli(tmp_path / "base").eval()
+    ids = torch.tensor([tokenizer("12 + 34 = 46")["input_ids"]])
+    with torch.no_grad():
+        base_logits = plain(ids).logits
+        torch.testing.assert_close(model(ids).logits, base_logits, rtol=0, atol=0)  # DBRX's own forward, unchanged
+    assert expert_weights(model, "w1").shape == (EXPERTS, FFN, HIDDEN)
+    assert expert_weights(plain, "w1").shape == (EXPERTS * FFN, HIDDEN)
+
+    config = adapters.peft_config(model, LoraConfig(r=4, alpha=8))  # the default roles
+    assert sorted(config.target_parameters) == [f"experts.mlp.{name}" for name in sorted(FLAT)]
+    assert {name.rsplit(".", 1)[-1] for name in config.target_modules} == {"Wqkv", "out_proj"}
+    trained = peft.get_peft_model(model, config)
+    torch.manual_seed(1)
+    for name, param in trained.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    trained.train()
+    trained(input_ids=ids, labels=ids).loss.backward()
+    expert_grads = [n for n, p in trained.named_parameters() if "experts.mlp" in n and p.grad is not None
+                    and p.grad.abs().sum() > 0]
+    assert len(expert_grads) == 2 * 3 * 2  # lora_A and lora_B of w1, v1, w2 in both layers: all get gradients
+    assert not any(p.requires_grad for n, p in trained.named_parameters() if ".router." in n)
+    trained.eval()
+    with torch.no_grad():
+        expected = trained(ids).logits
+        with trained.disable_adapter():  # DPO's reference policy: the base exactly
+            torch.testing.assert_close(trained(ids).logits, base_logits, rtol=0, atol=0)
+    assert (expected - base_logits).abs().max() > 1e-3  # the experts' adapter changes the model
+
+    trained.save_pretrained(tmp_path / "adapter")
+    reloaded = peft.PeftModel.from_pretrained(load_as_cli(tmp_path / "base"), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=0)
+
+    trained.merge_and_unload().save_pretrained(tmp_path / "merged")
+    on_disk = load_file(tmp_path / "merged" / "model.safetensors")
+    assert all(on_disk[f"transformer.blocks.1.ffn.experts.mlp.{name}"].shape == (EXPERTS * FFN, HIDDEN) for name in FLAT)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()  # transformers' own class, unpatched
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    stacked = load_as_cli(tmp_path / "base")
+    stacked.load_state_dict(merged.state_dict())  # a checkpoint's 2-D tensors into the 3-D view (Trainer's resume)
+    assert torch.equal(expert_weights(stacked, "w2").reshape(-1, HIDDEN), expert_weights(merged, "w2"))
+    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert torch.equal(stacked.eval().generate(ids, **greedy), merged.generate(ids, **greedy))  # eval's generate
+
+
+@pytest.mark.skipif(os.environ.get("MOETUNE_ALL_FAMILIES") != "1", reason="the CLI chain runs with the conformance "
+                    "matrix (MOETUNE_ALL_FAMILIES=1); the default suite runs the round trip above")
+def test_dbrx_cli_chain_adapts_its_experts_and_merges_to_a_dbrx_checkpoint(tmp_path):
+    """`moetune run` (prep -> LoRA SFT -> LoRA DPO, default roles -> eval) and `moetune merge` on a model.init DBRX:
+    both adapters hold LoRA on the experts' w1/v1/w2, the merged folder is DBRX's own layout, and transformers'
+    class loads it to the logits of the DPO stage as moetune loads it (base -> sft -> dpo merged on the way)."""
+    recipe = write_lora_chain_recipe(tmp_path, "dbrx", num_layers=3,
+                                     eval={"models": ["dpo"], "max_new_tokens": 4, "batch_size": 4})
+    assert main(["run", str(recipe)]) == 0
+    assert main(["merge", str(tmp_path / "run" / "dpo"), "--out", str(tmp_path / "merged")]) == 0
+    for stage in ("sft", "dpo"):
+        keys = load_file(tmp_path / "run" / stage / "adapter_model.safetensors")
+        assert sum(".ffn.experts.mlp." in key and "lora_A" in key for key in keys) == 3 * 3  # w1, v1, w2 x 3 layers
+        assert read_manifest(tmp_path / "run" / stage)["outputs"]["kind"] == "adapter"
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert expert_weights(merged, "w1").shape == (EXPERTS * FFN, HIDDEN)
+    source = load_recipe(recipe).model_source
+    dpo, base = load_stage_model(source, "dpo").eval(), load_stage_model(source, "base")
+    assert not torch.equal(expert_weights(dpo, "v1").reshape(-1, HIDDEN), expert_weights(base, "v1").reshape(-1, HIDDEN))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, dpo(ids).logits, rtol=1e-5, atol=1e-5)
+    assert (tmp_path / "run" / "eval" / "scores.json").is_file()
+    assert moe.experts_modules(dpo)
