@@ -468,7 +468,7 @@ def prepare_for_training(model: nn.Module) -> None:
             config.router_aux_loss_coef = 0.0
     if family.has_aux_loss and getattr(config, "num_experts", None) is None:
         config.num_experts = expert_count(config)
-    if family.has_aux_loss and getattr(config, "num_experts_per_tok", None) is None:
+    if family.has_aux_loss and "num_experts_per_tok" not in vars(config):  # not a per-layer value either
         config.num_experts_per_tok = experts_per_token(config)
     if family.has_aux_loss and getattr(config, "router_aux_loss_coef", None) is None \
             and config_value(config, AUX_COEF_FIELDS) is not None:
