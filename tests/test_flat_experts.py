@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from finetune.cli import main
-from finetune.config.recipe import LoraConfig
+from finetune.config.recipe import LoraConfig, ModelInit
 from finetune.core import synthetic_task as synthetic
 from finetune.core.rundir import read_manifest
 from finetune.modeling import adapters, moe
@@ -26,10 +26,14 @@ from finetune.config.parsing import load_recipe
 from finetune.modeling.tiny import init_config, train_tokenizer
 from helpers.family_models import load_as_cli
 from helpers.recipes import write_lora_chain_recipe
-from test_every_family import tiny_init
 
-EXPERTS, HIDDEN, FFN = 4, 64, 64  # tiny_init's sizes
+EXPERTS, HIDDEN, FFN = 4, 64, 128  # ffn != hidden: an orientation mixed up shows as a shape error
 FLAT = ("w1", "v1", "w2")
+
+
+def dbrx_init(layers: int = 2) -> ModelInit:
+    return ModelInit(architecture="dbrx", hidden_size=HIDDEN, intermediate_size=FFN, num_layers=layers, num_heads=4,
+                     num_kv_heads=2, num_experts=EXPERTS, experts_per_token=2, router_aux_loss_coef=0.01)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +48,7 @@ def expert_weights(model, name: str) -> torch.Tensor:
 
 def test_dbrx_experts_train_as_3d_and_save_as_the_checkpoint_names_them(tokenizer, tmp_path):
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(init_config(tiny_init("dbrx", layers=2), tokenizer)).save_pretrained(tmp_path / "base")
+    AutoModelForCausalLM.from_config(init_config(dbrx_init(), tokenizer)).save_pretrained(tmp_path / "base")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
     model = load_as_cli(tmp_path / "base").eval()
     ids = torch.tensor([tokenizer("12 + 34 = 46")["input_ids"]])
@@ -99,10 +103,14 @@ def test_dbrx_cli_chain_adapts_its_experts_and_merges_to_a_dbrx_checkpoint(tmp_p
     """`moetune run` (prep -> LoRA SFT -> LoRA DPO, default roles -> eval) and `moetune merge` on a model.init DBRX:
     both adapters hold LoRA on the experts' w1/v1/w2, the merged folder is DBRX's own layout, and transformers'
     class loads it to the logits of the DPO stage as moetune loads it (base -> sft -> dpo merged on the way)."""
-    recipe = write_lora_chain_recipe(tmp_path, "dbrx", num_layers=3,
+    recipe = write_lora_chain_recipe(tmp_path, "dbrx", num_layers=3, model={"init": {"intermediate_size": FFN}},
                                      eval={"models": ["dpo"], "max_new_tokens": 4, "batch_size": 4})
     assert main(["run", str(recipe)]) == 0
     assert main(["merge", str(tmp_path / "run" / "dpo"), "--out", str(tmp_path / "merged")]) == 0
+    # the chain as one PEFT adapter (ranks concatenated), merged back through moetune's loader as its README says
+    assert main(["export", str(tmp_path / "run" / "dpo"), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
+    assert f"moetune merge {tmp_path / 'peft'}" in (tmp_path / "peft" / "README.md").read_text()
+    assert main(["merge", str(tmp_path / "peft"), "--out", str(tmp_path / "peft-merged")]) == 0
     for stage in ("sft", "dpo"):
         keys = load_file(tmp_path / "run" / stage / "adapter_model.safetensors")
         assert sum(".ffn.experts.mlp." in key and "lora_A" in key for key in keys) == 3 * 3  # w1, v1, w2 x 3 layers
@@ -113,7 +121,9 @@ def test_dbrx_cli_chain_adapts_its_experts_and_merges_to_a_dbrx_checkpoint(tmp_p
     dpo, base = load_stage_model(source, "dpo").eval(), load_stage_model(source, "base")
     assert not torch.equal(expert_weights(dpo, "v1").reshape(-1, HIDDEN), expert_weights(base, "v1").reshape(-1, HIDDEN))
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    from_export = AutoModelForCausalLM.from_pretrained(tmp_path / "peft-merged").eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, dpo(ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(from_export(ids).logits, dpo(ids).logits, rtol=1e-5, atol=1e-5)
     assert (tmp_path / "run" / "eval" / "scores.json").is_file()
     assert moe.experts_modules(dpo)

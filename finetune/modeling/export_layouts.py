@@ -129,7 +129,7 @@ class ExpertsInfo:
     shapes: dict[str, tuple[int, int]]  # parameter -> logical (out, in)
     # Its 3-D parameters: (input projection, down_proj), as gate_up_proj (or Nemotron-H's up_proj) and down_proj;
     # PEFT nests the two wrappers, the inner one (`base_layer`) holds the first. One (JetMoE's `weight`) where each
-    # projection is its own experts module.
+    # projection is its own experts module; three (DBRX's w1, v1, w2, as PEFT sees them: (E, ffn, hidden) each).
     params: tuple[str, ...] = (GATE_UP, DOWN)
     # gate_up_proj's rows [gate; up] (transformers' is_concatenated, its default) or interleaved (gpt-oss)
     concatenated: bool = True
@@ -198,15 +198,23 @@ def names_experts(target: str, experts: dict[str, ExpertsInfo]) -> bool:
 
 
 def expert_target(module: str, experts: dict[str, ExpertsInfo], config: dict) -> tuple[str, str] | None:
-    """(experts module, parameter) a wrapper key names, or None for a Linear."""
-    for suffix in (".base_layer", ""):
-        owner = module.removesuffix(suffix) if suffix else module
-        if owner in experts and (module.endswith(suffix) if suffix else True):
-            params = experts[owner].params
-            targeted = [p for p in params if any(t.endswith("." + p) or t == p
-                                                 for t in config.get("target_parameters") or ())]
-            return owner, (params[0 if suffix else 1] if len(targeted) == 2 else targeted[0])
-    return None
+    """(experts module, parameter) a wrapper key names, or None for a Linear. PEFT nests one wrapper per targeted
+    parameter of a module, the first registered innermost: with n targeted, the i-th (in registration order) is under
+    n - 1 - i `.base_layer`s (gate_up_proj under one, down_proj under none; DBRX's w1, v1, w2 under two, one, none)."""
+    owner, depth = module, 0
+    while owner not in experts and owner.endswith(".base_layer"):
+        owner, depth = owner.removesuffix(".base_layer"), depth + 1
+    if owner not in experts:
+        return None
+    targeted = [p for p in experts[owner].params if any(t.endswith("." + p) or t == p
+                                                        for t in config.get("target_parameters") or ())]
+    return owner, targeted[len(targeted) - 1 - depth]
+
+
+def wrapper_depth(info: ExpertsInfo, targeted: list[str], param: str) -> int:
+    """How many `.base_layer`s PEFT puts between an experts module's name and `param`'s wrapper (expert_target)."""
+    ordered = [p for p in info.params if p in targeted]
+    return len(ordered) - 1 - ordered.index(param)
 
 
 def read_peft(tensors: dict[str, torch.Tensor], config: dict, experts: dict[str, ExpertsInfo],
@@ -316,8 +324,7 @@ def to_peft(factors: dict[str, Factors], experts: dict[str, ExpertsInfo]) -> tup
         owner, _, param = target.rpartition(".")
         if owner in experts and param in experts[owner].params:
             e = experts[owner].counts[param]
-            both = len(by_owner[owner]) == 2
-            module = owner + (".base_layer" if both and param == experts[owner].params[0] else "")
+            module = owner + ".base_layer" * wrapper_depth(experts[owner], by_owner[owner], param)
             lora_a = factor.a.reshape(e * rank, factor.a.shape[-1])
             lora_b = factor.b.permute(1, 2, 0).reshape(factor.b.shape[1], rank * e)
             parameters.add(".".join(owner.split(".")[-2:] + [param]))

@@ -48,16 +48,25 @@ def stack_flat_experts(model: nn.Module) -> None:
                     parent.register_forward_hook(deactivate_child_lora, always_call=True)
 
 
+# DeepSpeed ZeRO-3 partitions every parameter as it is created (from_pretrained under zero.Init): a flat shard with
+# the logical shape kept in `ds_shape`, which this module has not been tested re-shaping.
+ZERO3 = ("DBRX's flat expert matrices (w1, v1, w2) were partitioned by DeepSpeed ZeRO-3 at load, and moetune views "
+         "them as 3-D experts only on whole tensors (re-shaping ZeRO-3 partitions is untested): launch DBRX with "
+         "--accelerate fsdp2 (or zero2, ddp) instead of zero3")
+
+
 def holds_flat(module: nn.Module, names: tuple[str, ...], count: int) -> bool:
     """A module holding every one of `names` as a Parameter of E*rows rows (2-D), or already stacked (3-D)."""
     params = [module._parameters.get(name) for name in names]
-    return all(isinstance(p, nn.Parameter) and p.dim() in (2, 3) and moe.shape_of(p)[0] % count == 0
+    return all(isinstance(p, nn.Parameter) and len(moe.shape_of(p)) in (2, 3) and moe.shape_of(p)[0] % count == 0
                for p in params)
 
 
 def stack(module: nn.Module, names: tuple[str, ...], count: int) -> None:
     for name in names:
         param = module._parameters[name]
+        if hasattr(param, "ds_shape"):
+            raise ValueError(ZERO3)
         if param.dim() == 2:
             stacked = nn.Parameter(param.detach().view(count, -1, param.shape[-1]), requires_grad=param.requires_grad)
             module._parameters[name] = stacked

@@ -263,6 +263,8 @@ def serving_commands(record: dict, out: str | Path) -> list[str]:
     base, fmt = record["base"], record["format"]
     if fmt == "merged":
         return [f"vllm serve {out}", f"python -m sglang.launch_server --model-path {out}"]
+    if record.get("loads_with"):  # DBRX: no server takes its expert LoRA; merged through moetune's loader
+        return [f"moetune merge {out} --out {out}-merged", f"vllm serve {out}-merged"]
     rank = record["rank"]
     if fmt == "sglang":
         return [f"python -m sglang.launch_server --model-path {base} --enable-lora --lora-paths moetune={out} "
