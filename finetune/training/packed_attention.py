@@ -13,7 +13,7 @@ sequence, pooling windows restarting at each boundary, biases from sequence posi
 that transformers changes release by release, for each family. Running the whole module per sequence needs no
 family code, and is what is done here, in one form: each module runs once per packed row on the padded batch of the
 row's sequences, each sequence gathered into its own row (a prompt-shared pair's rejected completion after its
-prompt, as recurrent mixers run it, packed_mixers.per_sequence), right-padded to the longest, with the
+prompt, as recurrent mixers run it: packed_mixers.segments), right-padded to the longest, with the
 causal-and-padding mask transformers builds for such a batch (sliding within the module's `sliding_window`), the
 model's own attention implementation (sdpa or eager: the DSA modules fold their top-k mask in only under those),
 and no generation cache; its outputs are laid back along the row. That is the batch TRL's padded training hands the
