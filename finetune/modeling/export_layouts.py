@@ -94,9 +94,9 @@ SGLANG_SHARED_LINEAR = ("the base checkpoint stores this Linear inside one tenso
                         "module's LoRA buffers only through the model class's get_hidden_dim, and "
                         "utils.get_default_hidden_dim (utils.py at 300a92ca) raises NotImplementedError for "
                         "query_key_value and in_proj: SGLang's SarvamMoEForCausalLM (models/sarvam_moe.py at "
-                        "d7b80314) is a BailingMoEForCausalLM, which defines no get_hidden_dim (models/bailing_moe.py at "
-                        "b0f07a55, nor its later stored version with set_eagle3_layers_to_capture), and the code "
-                        "index holds no SGLang model class for LaraMini. "
+                        "d7b80314) is a BailingMoEForCausalLM, which defines no get_hidden_dim "
+                        "(models/bailing_moe.py at b0f07a55, nor its later stored version with "
+                        "set_eagle3_layers_to_capture), and the code index holds no SGLang model class for LaraMini. "
                         "Use --format merged")
 # model_type -> why SGLang has no model class to load an adapter on (checked before anything else for SGLang).
 SGLANG_NO_INKLING2 = ("SGLang has no Inkling 2 model class: models/inkling.py (at e5283137) registers "
