@@ -197,7 +197,9 @@ CHECKPOINT_LEAVES = {"gate_proj": ("gate_proj", "w1"), "up_proj": ("up_proj", "w
 
 def lone_q_proj(adapter) -> bool:
     """Whether the trained adapter has a q_proj with no v_proj beside it (MLA, linear attention): SGLang's
-    normalize_qkv_proj reads `v_proj` for every q_proj outside DeepSeek-V2/V3."""
+    normalize_qkv_proj (lora.py, the version lora_manager.py at 300a92ca constructs with base_model=) reads
+    `weights[v_name]` for every key holding `q_proj`, and a q projection that is its own module is never wrapped
+    (q_proj normalizes to qkv_proj, utils.py at 300a92ca)."""
     keys = load_file(adapter / "adapter_model.safetensors")
     return any(".q_proj.lora_A." in key and key.replace(".q_proj.", ".v_proj.") not in keys for key in keys)
 
@@ -275,7 +277,7 @@ def sglang_reference(base, exported, folder, family=None):
         if match is not None:
             experts.setdefault(module.rsplit(".", 1)[0], {})[match[1], match[2]] = tensor
         elif ".lora_A." in key:
-            if ".q_proj." in key:  # normalize_qkv_proj stacks q, k, v and needs v_proj beside q_proj
+            if ".q_proj." in key:  # normalize_qkv_proj stacks q, k, v and reads v_proj beside q_proj (lone_q_proj)
                 assert key.replace(".q_proj.", ".v_proj.") in adapter, key
             updates[f"{module}.weight"] = scale * adapter[key.replace(".lora_A.", ".lora_B.")] @ tensor
     for head, parts in experts.items():
@@ -306,6 +308,9 @@ def sglang_reference(base, exported, folder, family=None):
 def test_export_sglang_reloads_to_the_trained_logits(models, data, family, tmp_path):
     adapter, base, inputs, expected = trained_adapter(models, data, family, tmp_path)
     out = tmp_path / "sglang"
+    model_type = families.text_model_type(family)
+    if model_type in layouts.SGLANG_NO_MODEL_CLASS:  # no SGLang class to load on, whatever the adapter trains
+        refused(lambda: export.export(adapter, "sglang", out), layouts.SGLANG_NO_MODEL_CLASS[model_type])
     if lone_q_proj(adapter):  # checked before the re-layout
         refused(lambda: export.export(adapter, "sglang", out), layouts.SGLANG_NO_QKV)
     per_expert = per_expert_keys(base)
@@ -486,6 +491,22 @@ def test_a_router_adapter_is_refused_for_vllm_with_the_reason_and_nothing_writte
     assert "not empty" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "base"), "--format", "vllm", "--out", str(tmp_path / "x")]) == 2
     assert "holds no adapter" in capsys.readouterr().err
+
+
+def test_sglang_refuses_a_family_it_has_no_model_class_for_whatever_the_adapter_trains(models, data, tmp_path,
+                                                                                       capsys):
+    """Inkling 2 has no SGLang class: an experts-only adapter (no short-convolution weight_proj, whose missing module
+    name on disk refuses the attention adapter of column (k)) is refused too, with SGLang's reason, nothing written;
+    the vllm export of the same adapter still works."""
+    from finetune.cli import main
+
+    adapter, _, _, _ = trained_adapter(models, data, "inkling2_text", tmp_path, targets=["experts"])
+    out = tmp_path / "sglang"
+    assert main(["export", str(adapter), "--format", "sglang", "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert layouts.SGLANG_NO_INKLING2 in error and "Traceback" not in error
+    assert not out.exists() and not (tmp_path / "sglang.partial").exists()
+    assert main(["export", str(adapter), "--format", "vllm", "--out", str(tmp_path / "vllm")]) == 0
 
 
 def test_a_dora_adapter_is_refused_for_vllm(models, data, tmp_path):

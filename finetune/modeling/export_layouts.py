@@ -72,10 +72,19 @@ SGLANG_FLAT = (f"{FLAT_EXPERTS}: SGLang's DbrxForCausalLM (python/sglang/srt/mod
 VLLM_INTERLEAVED = ("this family's gate_up_proj interleaves gate and up rows, and vLLM's mixed-format loader "
                     "(_convert_3d_to_2d_moe_lora) splits it into halves for every class but GptOssForCausalLM. "
                     "Use --format merged")
-SGLANG_NO_QKV = ("this family's q_proj has no v_proj beside it (latent or linear attention), and SGLang's loader "
-                 "stacks every q_proj with its k_proj/v_proj into qkv_proj (lora.py LoRAAdapter.normalize_qkv_proj "
-                 "reads `weights[v_name]` for every key holding `q_proj`; only its DeepSeek-V2/V3 MLA branch keeps a "
-                 "lone q_proj): it cannot load this adapter. Use --format merged")
+# The newest SGLang LoRA code the code index holds: python/sglang/srt/lora/utils.py and lora_manager.py at 300a92ca
+# (the dense-LoRA runner's commit, lora/dense/runner.py; utils there defines Phase and get_default_hidden_dim), and
+# the lora.py whose LoRAAdapter takes `base_model=` as that lora_manager constructs it (the other stored lora.py
+# versions either lack that parameter, the one with a DeepSeek-V2/V3 MLA branch keeping a lone q_proj, or import
+# utils.normalize_lora_qkv_weights, which utils.py at 300a92ca does not define).
+SGLANG_NO_QKV = ("this family's q_proj has no v_proj beside it (latent or linear attention), and SGLang cannot "
+                 "load it: LoRAAdapter.normalize_qkv_proj (lora.py, the version whose LoRAAdapter takes base_model= "
+                 "as lora_manager.py at 300a92ca builds it) stacks every key holding `q_proj` with `weights[v_name]` "
+                 "into qkv_proj, a KeyError without a v_proj (the zero-filled v_proj of sgl-project/sglang#28199 is "
+                 "an open pull request), and even stacked, get_normalized_target_modules (utils.py at 300a92ca) "
+                 "maps q_proj to qkv_proj while LoRAManager.init_lora_modules (lora_manager.py at 300a92ca) wraps a "
+                 "module only when its own name is a normalized target, so a q projection that is a module of its "
+                 "own (MLA without q_lora_rank, linear attention) gets no LoRA. Use --format merged")
 # SGLang's per-expert key leaves: its loader (lora.py, LoRAAdapter._rename_expert_w_to_proj) renames w1/w3/w2 to
 # gate_proj/up_proj/down_proj, stacks gate_proj + up_proj of each expert into gate_up_proj, and wraps an experts
 # module (FusedMoE) only when the adapter's target_modules normalize to both gate_up_proj and down_proj
@@ -91,11 +100,21 @@ FUSED_LINEAR_ON_DISK = ("the base checkpoint has no tensor named `<module>.weigh
 SGLANG_SHARED_LINEAR = ("the base checkpoint stores this Linear inside one tensor with others (Sarvam's "
                         "query_key_value, LaraMini's linear-attention in_proj), which a server can only take as one "
                         "LoRA module on that tensor (moetune writes it so for vLLM, whose SarvamMoEForCausalLM, a "
-                        "BailingMoeForCausalLM, maps query_key_value -> [query_key_value]); SGLang's LoRA code knows "
-                        "q/k/v only as q_proj/k_proj/v_proj stacked into qkv_proj (utils.get_normalized_target_modules "
-                        "at 01235a16 has no query_key_value) and sizes a module's buffers by get_hidden_dim, whose "
-                        "default raises NotImplementedError for other names; moetune has not found that SGLang's "
-                        "model classes define it for these. Use --format merged")
+                        "BailingMoeForCausalLM, maps query_key_value -> [query_key_value]); SGLang sizes such a "
+                        "module's LoRA buffers only through the model class's get_hidden_dim, and "
+                        "utils.get_default_hidden_dim (utils.py at 300a92ca) raises NotImplementedError for "
+                        "query_key_value and in_proj: SGLang's SarvamMoEForCausalLM (models/sarvam_moe.py at "
+                        "d7b80314) is a BailingMoEForCausalLM, which defines no get_hidden_dim "
+                        "(models/bailing_moe.py at b0f07a55, nor its later stored version with "
+                        "set_eagle3_layers_to_capture), and the code index holds no SGLang model class for LaraMini. "
+                        "Use --format merged")
+# model_type -> why SGLang has no model class to load an adapter on (checked before anything else for SGLang).
+SGLANG_NO_INKLING2 = ("SGLang has no Inkling 2 model class: models/inkling.py (at e5283137) registers "
+                      "InklingForConditionalGeneration and its MTP draft only (EntryClass), and that class's LoRA "
+                      "(its get_hidden_dim) sizes only qkvr (wq_du, wk_dv, wv_dv, wr_du stacked), wo_ud, the dense "
+                      "gate_up_proj/down_proj, the experts and the embeddings, raising NotImplementedError for "
+                      "gate_attn, attn_sink_proj and the short convolutions' weight_proj. Use --format merged")
+SGLANG_NO_MODEL_CLASS = {"inkling2_text": SGLANG_NO_INKLING2, "inkling2_loop_text": SGLANG_NO_INKLING2}
 
 
 class LayoutError(ValueError):
@@ -542,11 +561,17 @@ def sglang_names(tensors: dict[str, torch.Tensor], modules: list[str]) -> tuple[
     return renamed, names
 
 
+def check_sglang_model(model_type: str) -> None:
+    """Refuse a family SGLang has no model class for (SGLANG_NO_MODEL_CLASS), whatever the adapter trains."""
+    if model_type in SGLANG_NO_MODEL_CLASS:
+        raise LayoutError(f"{SGLANG_NO_MODEL_CLASS[model_type]} ({model_type})")
+
+
 def check_sglang_qkv(targets) -> None:
-    """SGLang's loader (lora.py LoRAAdapter.normalize_qkv_proj) stacks every q_proj with the v_proj beside it (and
-    k_proj, or zeros) into qkv_proj, reading `v_proj` unconditionally outside DeepSeek-V2/V3: a q_proj without a
-    v_proj sibling (latent or linear attention) has no slot there. Checked on the adapter's module names, before
-    the re-layout's own refusals."""
+    """SGLang's loader (lora.py LoRAAdapter.normalize_qkv_proj, SGLANG_NO_QKV) stacks every q_proj with the v_proj
+    beside it (and k_proj, or zeros) into qkv_proj, reading `v_proj` unconditionally: a q_proj without a v_proj
+    sibling (latent or linear attention) has no slot there. Checked on the adapter's module names, before the
+    re-layout's own refusals."""
     present = set(targets)
     for target in targets:
         head, _, leaf = target.rpartition(".")

@@ -144,6 +144,7 @@ def write_adapter(stage_dir, chain, fmt, factors, experts, base, model_type, wor
         layout = "PEFT 3-D (target_parameters), PEFT >= 0.19 in/out order"
     else:
         if fmt == "sglang":
+            layouts.check_sglang_model(model_type)  # no SGLang class at all: nothing else matters
             layouts.check_sglang_qkv(factors)  # a lone q_proj is named before anything fused on disk
         try:
             tensors, fields = per_expert(fmt, factors, experts, base)
