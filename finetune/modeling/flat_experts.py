@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 
-import torch
 from peft.tuners.lora.layer import ParamWrapper
 from torch import nn
 
