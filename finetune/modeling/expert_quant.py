@@ -23,7 +23,8 @@ dequantizes again instead of keeping the matrix for later, so training never hol
 precision. Non-gated experts (Nemotron-H's up_proj, `has_gate=False`) go through the activation instead.
 
 Experts this forward cannot stand in for (Llama 4's and LongCat-Flash's own forwards, outside the experts interface;
-JetMoE's one weight per projection module; a per-expert output norm) keep their forward, and reading a quantized
+JetMoE's one weight per projection module; DBRX's flat weights, read by its DbrxExperts; a per-expert output norm)
+keep their forward, and reading a quantized
 parameter gives it dequantized, plus the active adapter's update (read_dequantized): one layer's experts exist in
 full precision while that layer runs, and autograd keeps a recipe instead of them for the backward.
 
