@@ -64,7 +64,8 @@ FLAT_EXPERTS = ("this family's experts are three flat matrices per layer (DBRX's
                 "down_proj, and the checkpoint has no per-expert names")
 VLLM_FLAT = (f"{FLAT_EXPERTS}: vLLM's DbrxForCausalLM (vllm/model_executor/models/dbrx.py, every copy the code index "
              f"holds, the newest `class DbrxForCausalLM(nn.Module, SupportsPP)` over `DbrxExperts(FusedMoE)`) does not "
-             f"implement SupportsLoRA, and vLLM refuses LoRA on such a class. Use --format merged")
+             f"implement SupportsLoRA, and vLLM's LoRA runner (vllm/v1/worker/lora_model_runner_mixin.py) stops with "
+             f"'DbrxForCausalLM does not support LoRA yet'. Use --format merged")
 SGLANG_FLAT = (f"{FLAT_EXPERTS}: SGLang's DbrxForCausalLM (python/sglang/srt/models/dbrx.py at 9c60ab42, and the "
                f"newer copy with ForwardBatch the code index holds) is a plain nn.Module whose experts are its own "
                f"`ws`/`w2s` Parameters (load_weights maps experts.mlp.w1/v1 -> ws, w2 -> w2s) run by fused_moe, not a "
