@@ -136,4 +136,3 @@ def test_dbrx_experts_partitioned_by_zero3_are_refused_by_name(tokenizer):
     expert_weights(model, "w1").ds_shape = expert_weights(model, "w1").shape
     with pytest.raises(ValueError, match="partitioned by DeepSpeed ZeRO-3 .* --accelerate fsdp2"):
         set_up_loaded(model)
-

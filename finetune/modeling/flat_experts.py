@@ -130,4 +130,3 @@ def deactivate_child_lora(parent: nn.Module, args, output) -> None:
     active = parent.__dict__.pop("flat_experts_active", None)
     if active is not None:
         active.close()
-
