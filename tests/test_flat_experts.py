@@ -9,6 +9,9 @@ MOETUNE_ALL_FAMILIES=1 the CLI chain's stage outputs looked into.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import peft
 import pytest
@@ -136,3 +139,44 @@ def test_dbrx_experts_partitioned_by_zero3_are_refused_by_name(tokenizer):
     expert_weights(model, "w1").ds_shape = expert_weights(model, "w1").shape
     with pytest.raises(ValueError, match="partitioned by DeepSpeed ZeRO-3 .* --accelerate fsdp2"):
         set_up_loaded(model)
+
+
+# Two gloo processes: DBRX loaded as moetune loads it, each block and the model sharded with FSDP2 (torch's
+# fully_shard, what `--accelerate fsdp2` applies on GPUs), a forward and backward, then the full state dict that a
+# save writes: DBRX's own 2-D names and shapes, equal to the checkpoint's tensors.
+FSDP2_WORKER = """
+import sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
+from transformers import AutoModelForCausalLM
+from finetune.modeling.loading import set_up_loaded
+dist.init_process_group("gloo")
+plain = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+saved = {key: tensor.clone() for key, tensor in plain.state_dict().items()}
+model = set_up_loaded(plain)
+mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+for block in model.transformer.blocks:
+    fully_shard(block, mesh=mesh)
+fully_shard(model, mesh=mesh)
+model(torch.tensor([[5, 6, 7, 8]])).logits.sum().backward()
+assert all(p.grad is not None for p in model.parameters())
+state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+if dist.get_rank() == 0:
+    assert set(state) == set(saved) and all(torch.equal(state[key], saved[key]) for key in saved)
+    print("fsdp2 state dict as the checkpoint")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(os.environ.get("MOETUNE_ALL_FAMILIES") != "1", reason="two processes: runs with the "
+                    "conformance matrix (MOETUNE_ALL_FAMILIES=1)")
+def test_dbrx_sharded_by_fsdp2_trains_and_saves_as_the_checkpoint(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(init_config(dbrx_init(), tokenizer)).save_pretrained(tmp_path / "base")
+    (tmp_path / "worker.py").write_text(FSDP2_WORKER)
+    root = Path(__file__).parents[1]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             str(tmp_path / "worker.py"), str(tmp_path / "base")], capture_output=True, text=True,
+                            timeout=300, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    assert result.returncode == 0 and "fsdp2 state dict as the checkpoint" in result.stdout, result.stderr[-3000:]
