@@ -165,6 +165,7 @@ state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=Tru
 if dist.get_rank() == 0:
     assert set(state) == set(saved) and all(torch.equal(state[key], saved[key]) for key in saved)
     print("fsdp2 state dict as the checkpoint")
+dist.barrier()  # neither process leaves the group while the other still uses it
 dist.destroy_process_group()
 """
 
@@ -176,7 +177,7 @@ def test_dbrx_sharded_by_fsdp2_trains_and_saves_as_the_checkpoint(tokenizer, tmp
     AutoModelForCausalLM.from_config(init_config(dbrx_init(), tokenizer)).save_pretrained(tmp_path / "base")
     (tmp_path / "worker.py").write_text(FSDP2_WORKER)
     root = Path(__file__).parents[1]
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              str(tmp_path / "worker.py"), str(tmp_path / "base")], capture_output=True, text=True,
                             timeout=300, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
     assert result.returncode == 0 and "fsdp2 state dict as the checkpoint" in result.stdout, result.stderr[-3000:]
