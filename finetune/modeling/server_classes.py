@@ -193,3 +193,24 @@ def warning(fmt: str, names) -> str | None:
                 f"in its bases, {cls.source}): these files follow {server}'s LoRA loader, but serving them needs a "
                 f"{server} whose {cls.name} supports LoRA; or use --format merged")
     return None
+
+
+def family_architectures(model_type: str) -> tuple[str, ...]:
+    """The `architectures` a checkpoint of the family may carry: the names its released checkpoints carry
+    (CHECKPOINT_ARCHITECTURES), transformers' causal-LM class of its text model, and its multimodal class."""
+    from finetune.core import families
+    from transformers.models.auto import modeling_auto
+
+    names = [*CHECKPOINT_ARCHITECTURES.get(model_type, ()),
+             modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(families.text_model_type(model_type)),
+             modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type)]
+    return tuple(dict.fromkeys(name for name in names if name))
+
+
+def cell(fmt: str, names) -> str:
+    """A server's class for these architectures, as the docs' table shows it."""
+    found = server_class(fmt, names)
+    if found is None:
+        return "none"
+    lora = {True: "LoRA", False: "**no LoRA**", None: "LoRA not read"}[found[1].lora]
+    return f"`{found[1].name}` ({lora})"
