@@ -3,7 +3,6 @@ by turn (finetune/training/assistant_masks.py), compared with the marker-based m
 and a base-model look-alike trained through the CLI (issue #24)."""
 
 import copy
-import json
 
 import pytest
 from datasets import Dataset
@@ -12,7 +11,7 @@ from trl.data_utils import common_prefix_length
 from finetune.core import synthetic_task
 from finetune.training.assistant_masks import NotPrefixStable, assistant_mask, token_ids, tokenized_with_masks
 from helpers.lookalike import FAMILIES, TRL_TEMPLATES, build_lookalike, train_family_tokenizer
-from helpers.recipes import run_cli, write_lookalike_recipe
+from helpers.recipes import logged, run_cli, write_lookalike_recipe
 
 TWO_TURNS = [{"role": "user", "content": "Sort 3 1 2."}, {"role": "assistant", "content": "1 2 3"},
              {"role": "user", "content": "And 9 8?"}, {"role": "assistant", "content": "8 9"}]
@@ -132,6 +131,5 @@ def test_base_model_with_a_plain_template_trains_sft_on_assistant_tokens_through
     marked_recipe = write_lookalike_recipe(marked_folder, folder, template=marked_template)
     printed = run_cli(["run", str(marked_recipe), "--stages", "prep,sft"])
     assert "[sft] assistant-only loss: the chat template's {% generation %} markers" in printed
-    losses = [[row["loss"] for row in json.loads((run / "sft" / "metrics.json").read_text()) if "loss" in row]
-              for run in (tmp_path / "run", marked_folder / "run")]
+    losses = [logged(run / "sft") for run in (tmp_path / "run", marked_folder / "run")]
     assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-5)

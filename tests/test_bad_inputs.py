@@ -30,6 +30,7 @@ from finetune.stages.base_model import write_base_model
 from finetune.config.parsing import load_recipe
 from finetune.core.rundir import Stage
 from helpers.processes import output_lines
+from helpers.recipes import logged, merged
 from helpers.shared_data import mt_bench_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,13 +42,6 @@ ROWS = [{"messages": [{"role": "user", "content": f"add {i} and {i}"},
 
 def jsonl(rows) -> str:
     return "".join(json.dumps(row) + "\n" for row in rows)
-
-
-def merged(base: dict, changes: dict) -> dict:
-    out = dict(base)
-    for key, value in changes.items():
-        out[key] = merged(out.get(key) or {}, value) if isinstance(value, dict) else value
-    return out
 
 
 def write_recipe(folder: Path, **changes) -> Path:
@@ -210,11 +204,7 @@ def test_two_runs_on_one_run_dir_one_runs_the_other_refuses_at_once(folder, caps
     assert moetune(capsys, "run", write_recipe(lone, sft={"max_steps": 6}), "--stages", "prep,sft")[0] == 0
     for name in ("data/sft/train.jsonl", "sft/model.safetensors"):
         assert (folder / "run" / name).read_bytes() == (lone / "run" / name).read_bytes(), name
-    assert losses(folder / "run" / "sft") == losses(lone / "run" / "sft") != []
-
-
-def losses(stage: Path) -> list[float]:
-    return [entry["loss"] for entry in json.loads((stage / "metrics.json").read_text()) if "loss" in entry]
+    assert logged(folder / "run" / "sft") == logged(lone / "run" / "sft") != []
 
 
 def test_the_lock_dies_with_its_process_and_reading_needs_none(folder, capsys):

@@ -6,8 +6,6 @@ moetune's use_cpu default gives two real gloo processes.
 """
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
@@ -20,7 +18,7 @@ from finetune import launch
 from finetune.modeling import moe
 from finetune.cli import main
 from finetune.core.rundir import StageError
-from helpers.processes import needs_deepspeed
+from helpers.processes import needs_deepspeed, run_subprocess
 from helpers.recipes import NO_AUX_LOSS, write_recipe
 from helpers.tiny import ARCHITECTURES, tiny_model
 
@@ -37,12 +35,6 @@ ZERO3_TOL = 1e-5
 
 def recipe_in(tmp_path_factory, name):
     return write_recipe(tmp_path_factory.mktemp(name))
-
-
-def run_subprocess(command, **env):
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
 
 
 @pytest.fixture(scope="module")

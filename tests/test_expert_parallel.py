@@ -21,7 +21,7 @@ from finetune.cli import main
 from finetune.modeling import expert_parallel
 from finetune.config.recipe import ModelConfig
 from finetune.core.rundir import StageError
-from helpers.processes import output_lines
+from helpers.processes import output_lines, run_subprocess
 from helpers.recipes import write_recipe
 
 # No router aux loss in the comparisons: it is computed per forward pass and is not linear in the batch (see
@@ -41,12 +41,6 @@ def launch(recipe, stages, *overrides, port):
             "--num-processes", "2", "--main-process-port", str(port), *overrides]
 
 
-def run_subprocess(command):
-    result = subprocess.run(command, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
-
-
 def history(run, stage, key):
     return [(entry["step"], entry[key]) for entry in json.loads((run / stage / "metrics.json").read_text())
             if key in entry]
@@ -63,7 +57,7 @@ def max_difference(file_a, file_b):
 def test_split_experts_train_sft_and_dpo_like_one_process(tmp_path):
     (tmp_path / "split").mkdir()
     split = write_recipe(tmp_path / "split", architecture="qwen3_moe")
-    out = run_subprocess(launch(split, "prep,sft,dpo", *EP, port=29641))
+    out = run_subprocess(launch(split, "prep,sft,dpo", *EP, port=29641), timeout=400)
     for stage in ("sft", "dpo"):  # each process holds half of every layer's experts, and says which
         assert f"[{stage}] process 0: experts 0-1 of 4 in each of 1 MoE layers (model.expert_parallel 2)" in out
         assert f"[{stage}] process 1: experts 2-3 of 4 in each of 1 MoE layers (model.expert_parallel 2)" in out
@@ -108,7 +102,7 @@ def test_lora_on_split_experts_trains_sft_then_dpo_like_one_process(tmp_path):
     for name in ("split", "one"):
         (tmp_path / name).mkdir()
         runs[name] = write_recipe(tmp_path / name, architecture="qwen2_moe")
-    out = run_subprocess(launch(runs["split"], "prep,sft,dpo", *EP_LORA, port=29646))
+    out = run_subprocess(launch(runs["split"], "prep,sft,dpo", *EP_LORA, port=29646), timeout=400)
     assert main(["run", str(runs["one"]), "--stages", "prep,sft,dpo", *EP_LORA,
                  "sft.gradient_accumulation_steps=2", "dpo.gradient_accumulation_steps=2"]) == 0
     split_run, one_run = tmp_path / "split/run", tmp_path / "one/run"
@@ -190,11 +184,11 @@ def test_killed_split_run_resumes_to_the_same_weights(tmp_path, architecture, la
         (tmp_path / name).mkdir()
         recipes[name] = write_recipe(tmp_path / name, architecture=architecture)
         assert main(["prep", str(recipes[name])]) == 0
-    run_subprocess(launch(recipes["whole"], "sft", *layout, *schedule, port=port))
+    run_subprocess(launch(recipes["whole"], "sft", *layout, *schedule, port=port), timeout=400)
     kill_whole_run(launch(recipes["killed"], "sft", *layout, *schedule, port=port + 1), 7, tmp_path / "killed.log")
     work = tmp_path / "killed" / "run" / ".sft.partial"
     assert any((path / "optimizer_shards").is_dir() for path in work.glob("checkpoint-*"))
-    out = run_subprocess(launch(recipes["killed"], "sft", *layout, *schedule, port=port + 2))
+    out = run_subprocess(launch(recipes["killed"], "sft", *layout, *schedule, port=port + 2), timeout=400)
     assert "resuming from" in out
     whole, killed = load_file(str(tmp_path / "whole/run/sft" / saved)), load_file(str(tmp_path / "killed/run/sft" / saved))
     assert whole.keys() == killed.keys() and all(torch.equal(whole[k], killed[k]) for k in whole)

@@ -20,7 +20,7 @@ from finetune.cli import main
 from finetune.modeling.loading import load_quantized, load_stage_model
 from finetune.config.recipe import RecipeError
 from finetune.config.parsing import load_recipe, parse_recipe
-from helpers.recipes import write_lora_chain_recipe, write_recipe
+from helpers.recipes import logged, write_lora_chain_recipe, write_recipe
 from helpers.tiny import ARCHITECTURES, batch, tiny_model
 from helpers.bnb_kernel_paths import bnb_kernel_path, row_blocked_dequantize_4bit, use_dequantize_kernel  # noqa: F401
 from helpers.on_device import DEVICE, DTYPE, SAME_RESULT, relative_error
@@ -286,16 +286,12 @@ def qlora_run(tmp_path_factory, bnb_kernel_path):
     return load_recipe(recipe, QLORA), tmp_path / "run"
 
 
-def losses(stage_dir):
-    return [entry["loss"] for entry in json.loads((stage_dir / "metrics.json").read_text()) if "loss" in entry]
-
-
 @pytest.mark.slow
 def test_sft_then_dpo_train_adapters_on_the_quantized_base(qlora_run):
     _, run = qlora_run
     for stage in ("sft", "dpo"):
         assert (run / stage / "adapter_model.safetensors").is_file()
-        assert losses(run / stage)[-1] < losses(run / stage)[0]
+        assert logged(run / stage)[-1] < logged(run / stage)[0]
     manifest = json.loads((run / "dpo" / "moetune_stage.json").read_text())
     # DPO continued the SFT adapter (never merged into the 4-bit base): its adapter sits on the base directly
     assert manifest["outputs"]["parent"] == "base"
@@ -348,7 +344,7 @@ def test_qlora_sft_then_dpo_through_the_cli_where_experts_run_their_own_forward(
                           capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "run"
-    assert losses(run / "sft")[-1] < losses(run / "sft")[0]
+    assert logged(run / "sft")[-1] < logged(run / "sft")[0]
     assert json.loads((run / "dpo" / "moetune_stage.json").read_text())["outputs"]["parent"] == "base"
     for stage in ("sft", "dpo"):
         config = json.loads((run / stage / "adapter_config.json").read_text())

@@ -21,7 +21,7 @@ from finetune.config.parsing import load_recipe
 from finetune.modeling import adapters
 from finetune.modeling.loading import load_stage_model
 from helpers.lookalike import NEWEST, build_lookalike
-from helpers.recipes import run_cli, write_lookalike_recipe
+from helpers.recipes import logged, run_cli, write_lookalike_recipe
 
 # Every step sees the same batch: 8 conversations and 4 preference pairs, each stage's batch the whole set.
 ONE_BATCH = dict(
@@ -47,7 +47,7 @@ def test_lookalike_runs_prep_sft_dpo_eval_merge_through_name_or_path(family, tmp
     for stage in ("sft", "dpo"):
         outputs = json.loads((run / stage / "moetune_stage.json").read_text())["outputs"]
         assert outputs["kind"] == "adapter" and outputs["steps"] == 3
-        losses = [row["loss"] for row in json.loads((run / stage / "metrics.json").read_text()) if "loss" in row]
+        losses = logged(run / stage)
         assert len(losses) == 3 and losses[-1] < losses[0], (stage, losses)
         adapter = load_file(run / stage / "adapter_model.safetensors")
         assert any(".experts." in name for name in adapter), stage  # the routed experts are adapted

@@ -8,7 +8,6 @@ hidden states of every hybrid family transformers 5.24 has, and of the families 
 padded batch of the row's sequences (finetune/training/packed_attention.py), in both packed layouts, and a CLI run.
 """
 
-import json
 import os
 
 import pytest
@@ -20,7 +19,7 @@ from finetune.modeling.tiny import family_config
 from finetune.training.packed_attention import whole_sequence_attention
 from finetune.training.packed_forward import padding_free_refusal, use_block_attention
 from finetune.training.packed_mixers import recurrent_mixers
-from helpers.recipes import LORA_CHAIN_RECIPE, run_cli
+from helpers.recipes import LORA_CHAIN_RECIPE, logged, run_cli
 
 ALL_FAMILIES = os.environ.get("MOETUNE_ALL_FAMILIES") == "1"
 
@@ -113,11 +112,6 @@ def assert_packed_rows_equal_padded_batch(model, lengths: tuple[int, ...], pair:
     torch.testing.assert_close(shared[split:], padded_pair[1][len(prompt):], rtol=1e-5, atol=1e-5)
 
 
-def logged(run, stage: str, key: str) -> list[float]:
-    """The per-step values of `key` a stage logged (its metrics.json)."""
-    return [entry[key] for entry in json.loads((run / stage / "metrics.json").read_text()) if key in entry]
-
-
 @pytest.mark.slow  # two runs of prep, SFT and DPO: ~4 min on a busy shared 2-core machine
 def test_cli_runs_a_hybrid_family_padding_free_with_the_padded_losses(tmp_path):
     """`moetune run` on a Jamba model.init recipe (attention and Mamba layers, MoE in the Mamba ones), LoRA SFT ->
@@ -136,6 +130,6 @@ def test_cli_runs_a_hybrid_family_padding_free_with_the_padded_losses(tmp_path):
         runs[padding_free] = folder / "run"
     for stage in ("sft", "dpo"):
         for key in ("loss", "aux_loss"):
-            packed, padded = (logged(runs[run], stage, key) for run in ("true", "false"))
+            packed, padded = (logged(runs[run] / stage, key) for run in ("true", "false"))
             assert len(packed) == 2  # the second step after an update: DPO's first loss is log 2 either way
             assert packed == pytest.approx(padded, rel=1e-5)

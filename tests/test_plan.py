@@ -288,6 +288,16 @@ def test_a_model_that_cannot_checkpoint_activations_is_planned_and_trained_witho
     mixtral = write_lora_chain_recipe(tmp_path / "mixtral", "mixtral", num_layers=3)
     assert main(["plan", str(mixtral), "--gpus", "1xH100-80GB", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["stages"][0]["setup"]["activation_checkpointing"] is True
+    # over the memory that checkpointing alone fits in, the cheapest change is checkpointing only where it can run
+    census = qwen3_census()
+    setup = memory_plan.Setup(stage="sft", weight_bytes=2, lora_roles=frozenset({"attention"}), batch=1,
+                              max_length=4096)
+    checkpointed = memory_plan.plan_stage(census, dataclasses.replace(setup, activation_checkpointing=True))
+    for model_census, change in ((census, "sft.activation_checkpointing=true"),
+                                 (dataclasses.replace(census, checkpointing=False), "4 GPUs under --accelerate zero3")):
+        plan = memory_plan.plan_stage(model_census, setup, memory=sum(checkpointed.rows.values()))
+        memory_plan.cheapest_change(model_census, plan)
+        assert not plan.fits and plan.change == change
 
     model = SimpleNamespace(supports_gradient_checkpointing=False)
     args = SimpleNamespace(activation_checkpointing=True)

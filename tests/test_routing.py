@@ -23,7 +23,7 @@ from finetune.training.expert_load import LoadAlarms
 from finetune.training.packed_forward import use_block_attention
 from helpers import recipes
 from helpers.recipes import NO_AUX_LOSS, run_cli
-from helpers.processes import kill_at_random_step, needs_deepspeed
+from helpers.processes import kill_at_random_step, moetune, needs_deepspeed
 from helpers.tiny import batch, tiny_model
 
 def write_recipe(folder, architecture="mixtral", **routing):
@@ -42,13 +42,6 @@ def write_recipe(folder, architecture="mixtral", **routing):
     raw["routing"] = {"probe_sequences": 16, "max_overhead": None, "pair_sample": 16, **routing}
     path.write_text(yaml.safe_dump(raw))
     return path
-
-
-def moetune(*args, timeout=900) -> str:
-    """`python -m finetune ...` as a user runs it; its output (stdout and stderr)."""
-    done = subprocess.run([sys.executable, "-m", "finetune", *args], capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout + done.stderr
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,17 @@ def fingerprint(value: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def file_digest(path: Path) -> str:
+    """sha256 of a file's content, read in blocks (a data file may be large); "missing" where there is no file."""
+    if not path.is_file():
+        return "missing"
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_manifest(folder: Path) -> dict[str, Any] | None:
     path = Path(folder) / MANIFEST
     if not path.is_file():

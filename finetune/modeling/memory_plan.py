@@ -477,29 +477,30 @@ def plan_stage(c: Census, s: Setup, memory: float | None = None) -> StagePlan:
 
 # The changes tried when a plan does not fit, cheapest first: those that keep the math (checkpointing, the reference
 # cache, the same global batch in smaller steps, a sharded layout), then more GPUs, then NF4 experts (the frozen
-# base's precision), then shorter sequences (the data). Each returns the changed setup and what to type, or None.
-def try_checkpointing(s: Setup):
-    if not s.activation_checkpointing:
+# base's precision), then shorter sequences (the data). Each takes the model's census and the setup and returns the
+# changed setup and what to type (or a list of them), or None where it does not apply to this model and setup.
+def try_checkpointing(c: Census, s: Setup):
+    if c.checkpointing and not s.activation_checkpointing:  # a class that cannot checkpoint (JetMoE) keeps its setup
         return dataclasses.replace(s, activation_checkpointing=True), f"{s.stage}.activation_checkpointing=true"
 
 
-def try_reference_cache(s: Setup):
+def try_reference_cache(c: Census, s: Setup):
     if s.reference == "copy":
         return dataclasses.replace(s, reference="cached"), "speed.reference_cache=true"
 
 
-def try_smaller_batch(s: Setup):
+def try_smaller_batch(c: Census, s: Setup):
     if s.batch > 1:
         return (dataclasses.replace(s, batch=1), f"{s.stage}.per_device_train_batch_size=1 with "
                 f"{s.stage}.gradient_accumulation_steps x{s.batch} (the same global batch)")
 
 
-def try_sharding(s: Setup):
+def try_sharding(c: Census, s: Setup):
     if s.processes > 1 and s.layout in ("ddp", "zero2"):
         return dataclasses.replace(s, layout="zero3"), "--accelerate zero3 (weights sharded too)"
 
 
-def try_more_processes(s: Setup):
+def try_more_processes(c: Census, s: Setup):
     # a recipe that splits its experts keeps doing so (a multiple of model.expert_parallel processes)
     layout = s.layout if s.layout in ("zero3", "fsdp2") else "ep" if s.expert_parallel > 1 else "zero3"
     step = s.expert_parallel if layout == "ep" else 1
@@ -507,12 +508,12 @@ def try_more_processes(s: Setup):
             for n in (2, 4, 8, 16, 32, 64) if n > s.processes and n % step == 0]
 
 
-def try_nf4_experts(s: Setup):
+def try_nf4_experts(c: Census, s: Setup):
     if s.lora_roles is not None and s.quant_bits is None and s.layout != "ep":  # NF4 experts cannot be split
         return dataclasses.replace(s, quant_bits=4), "model.quantization={bits: 4} (QLoRA: NF4 experts)"
 
 
-def try_shorter(s: Setup):
+def try_shorter(c: Census, s: Setup):
     lengths = [n for n in (8192, 4096, 2048, 1024, 512, 256) if n < s.max_length]
     return [(dataclasses.replace(s, max_length=n), f"{s.stage}.max_length={n}") for n in lengths]
 
@@ -525,8 +526,8 @@ def cheapest_change(c: Census, plan: StagePlan) -> None:
     """Fill `plan.change` with the first change (in CHANGES' order) under which the stage fits."""
     if plan.fits:
         return
-    for make in (m for m in CHANGES if c.checkpointing or m is not try_checkpointing):
-        found = make(plan.setup) or []
+    for make in CHANGES:
+        found = make(c, plan.setup) or []
         for setup, text in found if isinstance(found, list) else [found]:
             total = sum(LAYOUTS[setup.layout](footprint(c, setup), setup.processes).values())
             if total <= plan.memory:

@@ -8,7 +8,6 @@ after failed judge calls only does what is missing. While any judge call has fai
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +23,8 @@ from finetune.core import remote_files
 from finetune.modeling.loading import BASE_MODEL, load_for_inference
 from finetune.config.recipe import Recipe
 from finetune.core.remote_files import fetch, is_url
-from finetune.core.rundir import Interrupted, MissingStageOutput, Stage, StageError, read_manifest, write_json_atomic
+from finetune.core.rundir import (
+    Interrupted, MissingStageOutput, Stage, StageError, file_digest, read_manifest, write_json_atomic)
 
 
 def question_source(recipe: Recipe) -> str:
@@ -46,7 +46,7 @@ def recipe_file(recipe: Recipe, name: str | None) -> Path | None:
 def source_fingerprint(source: str) -> str:
     """A local file's content hash (the same file elsewhere is the same input), else the hub id itself."""
     path = Path(source)
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else source
+    return file_digest(path) if path.is_file() else source
 
 
 # What an answer is made from: the models, the questions, the seed and these keys of eval:. A new judge (model,

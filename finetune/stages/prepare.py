@@ -6,7 +6,6 @@ questions) and report.json. Same recipe and seed give byte-identical files; unch
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,7 +22,7 @@ from finetune.modeling.loading import load_tokenizer
 from finetune.config.recipe import Recipe
 from finetune.core.remote_files import recipe_file
 from finetune.training.reply_truncation import PREP_SAMPLE, prep_warning
-from finetune.core.rundir import Stage, write_json_atomic
+from finetune.core.rundir import Stage, file_digest, write_json_atomic
 
 KINDS = ("sft", "preference")
 
@@ -148,14 +147,3 @@ def stage_inputs(recipe: Recipe, needed: dict[str, dict] | None = None) -> dict[
     if data.max_length is not None:
         inputs["tokenizer"] = recipe.section_dict("model")
     return inputs
-
-
-def file_digest(path: Path) -> str:
-    if not path.is_file():
-        return "missing"
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-

@@ -13,7 +13,7 @@ sequence, pooling windows restarting at each boundary, biases from sequence posi
 that transformers changes release by release, for each family. Running the whole module per sequence needs no
 family code, and is what is done here, in one form: each module runs once per packed row on the padded batch of the
 row's sequences, each sequence gathered into its own row (a prompt-shared pair's rejected completion after its
-prompt, as recurrent mixers run it, packed_mixers.per_sequence), right-padded to the longest, with the
+prompt, as recurrent mixers run it: packed_mixers.segments), right-padded to the longest, with the
 causal-and-padding mask transformers builds for such a batch (sliding within the module's `sliding_window`), the
 model's own attention implementation (sdpa or eager: the DSA modules fold their top-k mask in only under those),
 and no generation cache; its outputs are laid back along the row. That is the batch TRL's padded training hands the
@@ -41,7 +41,7 @@ from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, sliding_window_causal_mask_function)
 
 from finetune.modeling import moe
-from finetune.training.packed_mixers import along_row, class_source, recurrent_mixers
+from finetune.training.packed_mixers import along_row, class_source, Segment, recurrent_mixers, segments
 
 # Layer kinds whose attention is only its attention call; any other kind holds a recurrent mixer (packed_mixers) or
 # an attention module run whole per sequence (here), or is refused.
@@ -115,12 +115,11 @@ class WholeAttention:
 
     def row(self, forward, args, kwargs, blocks):
         """The module once over the padded batch of the row's sequences, its outputs laid back along the row."""
-        length = blocks[-1][3]
-        positions = sequence_positions(blocks)
-        width = max(len(sequence) for sequence in positions)
-        index = torch.stack([torch.cat([sequence, sequence.new_zeros(width - len(sequence))])
-                             for sequence in positions])
-        real = torch.arange(width)[None] < torch.tensor([len(sequence) for sequence in positions])[:, None]
+        length, sequences = blocks[-1][3], segments(blocks)
+        width = max(sequence.size for sequence in sequences)
+        index = torch.stack([torch.cat([positions, positions.new_zeros(width - len(positions))])
+                             for positions in (sequence.positions() for sequence in sequences)])
+        real = torch.arange(width)[None] < torch.tensor([sequence.size for sequence in sequences])[:, None]
         bound = self.signature.bind(*args, **kwargs)
         arguments = padded(dict(bound.arguments), length, index, real)
         if "attention_mask" in self.signature.parameters:
@@ -130,18 +129,7 @@ class WholeAttention:
         bound.arguments.update(arguments)
         with own_attention(self.config, self.implementation):
             output = forward(*bound.args, **bound.kwargs)
-        return unpadded(output, blocks, len(positions), width)
-
-
-def sequence_positions(blocks) -> list[torch.Tensor]:
-    """The row positions of each sequence of a packed row: a block's sequence, then its rejected completion after
-    the prompt when the block is a prompt-shared pair."""
-    positions = []
-    for start, prompt_end, split, end in blocks:
-        positions.append(torch.arange(start, split))
-        if end > split:
-            positions.append(torch.cat([torch.arange(start, prompt_end), torch.arange(split, end)]))
-    return positions
+        return unpadded(output, sequences, width)
 
 
 def padded(value, length: int, index: torch.Tensor, real: torch.Tensor):
@@ -165,22 +153,16 @@ def padded(value, length: int, index: torch.Tensor, real: torch.Tensor):
     return value
 
 
-def unpadded(output, blocks, sequences: int, width: int):
-    """The module's output over the padded batch laid back along the row: each sequence's real positions (a
-    rejected completion's own, after its prompt), joined in row order; entries not laid along the batch's sequences
-    (attention weights, which no caller reads in training) as they are."""
+def unpadded(output, sequences: list[Segment], width: int):
+    """The module's output over the padded batch of the row's `sequences` laid back along the row: each sequence's
+    own positions (a rejected completion's, after its prompt), joined in row order; entries not laid along the
+    batch's sequences (attention weights, which no caller reads in training) as they are."""
     if isinstance(output, (tuple, list)):
-        return type(output)(unpadded(item, blocks, sequences, width) for item in output)
-    if not (isinstance(output, torch.Tensor) and output.dim() >= 2 and output.shape[:2] == (sequences, width)):
+        return type(output)(unpadded(item, sequences, width) for item in output)
+    if not (isinstance(output, torch.Tensor) and output.dim() >= 2 and output.shape[:2] == (len(sequences), width)):
         return output
-    pieces, row = [], 0
-    for start, prompt_end, split, end in blocks:
-        pieces.append(output[row, :split - start])
-        row += 1
-        if end > split:
-            pieces.append(output[row, prompt_end - start:prompt_end - start + end - split])
-            row += 1
-    return torch.cat(pieces)[None]
+    return torch.cat([output[row, sequence.size - sequence.kept:sequence.size]
+                      for row, sequence in enumerate(sequences)])[None]
 
 
 def padded_mask(implementation: str, real: torch.Tensor, window: int | None, dtype: torch.dtype) -> torch.Tensor:

@@ -23,6 +23,7 @@ import functools
 import inspect
 import re
 import types
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -140,17 +141,46 @@ def mixer_forward(self, *args, **kwargs):
     return runner.row(forward, args, {key: value for key, value in kwargs.items() if key not in ROW_KWARGS}, blocks)
 
 
+class Segment(NamedTuple):
+    """One sequence of a packed row as a mixer runs it: the row's ranges (start, end) it runs over, in order (a
+    block's sequence; a prompt-shared pair's rejected completion after its prompt), and how many of its last
+    positions are its own outputs (all of a block's sequence; the completion's of a rejected one)."""
+
+    ranges: tuple[tuple[int, int], ...]
+    kept: int
+
+    @property
+    def size(self) -> int:
+        return sum(end - start for start, end in self.ranges)
+
+    def positions(self) -> torch.Tensor:
+        return torch.cat([torch.arange(start, end) for start, end in self.ranges])
+
+    def where(self) -> slice | torch.Tensor:
+        """Its positions as cut takes them: a slice (a view of the row) when they are one range."""
+        return slice(*self.ranges[0]) if len(self.ranges) == 1 else self.positions()
+
+
+def segments(blocks) -> list[Segment]:
+    """The sequences of a packed row of blocks (start, prompt end, split, end), in row order: each block's sequence,
+    then its rejected completion after the prompt when the block is a prompt-shared pair."""
+    found = []
+    for start, prompt_end, split, end in blocks:
+        found.append(Segment(((start, split),), split - start))
+        if end > split:
+            found.append(Segment(((start, prompt_end), (split, end)), end - split))
+    return found
+
+
 def per_sequence(forward, args, kwargs, blocks):
     """`forward` run once per sequence of a packed row (rejected completions after their prompt), outputs joined."""
     length = blocks[-1][3]
     outputs = []
-    for start, prompt_end, split, end in blocks:
-        run = cut((args, kwargs), length, start, split)
-        outputs.append((forward(*run[0], **run[1]), split - start))
-        if end > split:  # rejected: the mixer runs over the prompt, then the completion; the completion's kept
-            index = torch.cat([torch.arange(start, prompt_end), torch.arange(split, end)])
-            run = cut((args, kwargs), length, index=index)
-            outputs.append((tail(forward(*run[0], **run[1]), end - split), end - split))
+    for segment in segments(blocks):
+        run = cut((args, kwargs), length, segment.where())
+        output = forward(*run[0], **run[1])
+        # rejected: the mixer ran over the prompt, then the completion; the completion's outputs are kept
+        outputs.append((output if segment.kept == segment.size else tail(output, segment.kept), segment.kept))
     return joined(outputs)
 
 
@@ -159,18 +189,18 @@ def along_row(value, length: int) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == 1 and value.shape[1] == length
 
 
-def cut(value, length: int, start: int = 0, end: int = 0, index: torch.Tensor | None = None):
-    """`value` with every tensor laid along the row cut to one sequence: positions start..end, or those of
-    `index`; tuples, lists and dicts cut item by item; a generation cache dropped (each sequence starts from a zero
-    state, and a packed row is never a generation step); anything else as it is."""
+def cut(value, length: int, where: slice | torch.Tensor):
+    """`value` with every tensor laid along the row cut to one sequence: the row positions `where` (a slice, or a
+    tensor of indices); tuples, lists and dicts cut item by item; a generation cache dropped (each sequence starts
+    from a zero state, and a packed row is never a generation step); anything else as it is."""
     if isinstance(value, Cache):
         return None
     if along_row(value, length):
-        return value[:, start:end] if index is None else value.index_select(1, index.to(value.device))
+        return value[:, where] if isinstance(where, slice) else value.index_select(1, where.to(value.device))
     if isinstance(value, dict):
-        return {key: cut(item, length, start, end, index) for key, item in value.items()}
+        return {key: cut(item, length, where) for key, item in value.items()}
     if isinstance(value, (tuple, list)):
-        return type(value)(cut(item, length, start, end, index) for item in value)
+        return type(value)(cut(item, length, where) for item in value)
     return value
 
 

@@ -60,6 +60,14 @@ def kill_at_random_step(stage, recipe, overrides, log_file, first=5, last=9):
     return step, logged_at
 
 
+def run_subprocess(command: list[str], timeout: float = 300, **env: str) -> str:
+    """Run `command` (a launcher or `python -m finetune ...`) to its end with `env` added to the environment;
+    asserts it exits 0, showing the end of what it printed otherwise; returns its stdout."""
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env}, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
 def moetune(*args: str, timeout: float = 900) -> str:
     """`python -m finetune ARGS` in a subprocess, as a user runs it; asserts it exits 0, returns what it printed."""
     done = subprocess.run([sys.executable, "-m", "finetune", *args], capture_output=True, text=True, timeout=timeout)

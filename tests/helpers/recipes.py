@@ -1,9 +1,11 @@
-"""Tiny recipes: the YAML recipe of the end-to-end tests and in-memory recipes for the prep stage."""
+"""Tiny recipes: the YAML recipe of the end-to-end tests and in-memory recipes for the prep stage; running them
+through the CLI and reading what a stage logged."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 from pathlib import Path
 
 import yaml
@@ -116,6 +118,11 @@ def merged(base: dict, changes: dict) -> dict:
         both = isinstance(value, dict) and isinstance(out.get(key), dict)
         out[key] = merged(out[key], value) if both else value
     return out
+
+
+def logged(stage_dir: Path, key: str = "loss") -> list[float]:
+    """The values of `key` a stage logged step by step (its metrics.json), in order."""
+    return [entry[key] for entry in json.loads((stage_dir / "metrics.json").read_text()) if key in entry]
 
 
 def run_cli(argv: list[str], expect: int = 0) -> str:
