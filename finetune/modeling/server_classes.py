@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 VLLM_COMMIT = "685269b95260cfb5c425f7649befc8f76870b976"
-SGLANG_READ = "the newest stored copy of each python/sglang/srt/models file"
+SGLANG_READ = "EntryClass of python/sglang/srt/models/*.py as the code index holds them"
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,9 @@
   on NF4 experts (model.quantization) the experts are first rounded through NF4 exactly as training stored them,
   and delta_report.md says, per matrix, how large the LoRA update is against the NF4 step and how much of it a
   re-quantization of the merged weights would keep.
+For vllm/sglang the base's `architectures` are looked up in the classes each server registers (server_classes):
+where it has none, or one without LoRA, the files are still written (the layout is the loader's) and the export
+warns on one line, in the README's Serving section and in export.json (`server_class`, `server_warning`).
 Everything is written to `OUT.partial` and renamed when complete: a refusal or a crash leaves no OUT behind.
 """
 
