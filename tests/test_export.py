@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM
 
 from finetune.core import families
 from finetune.modeling import export_layouts as layouts
+from finetune.modeling import server_classes
 from finetune.stages import export
 from helpers.nf4 import random_lora_on
 from helpers.recipes import run_cli
@@ -493,20 +494,52 @@ def test_a_router_adapter_is_refused_for_vllm_with_the_reason_and_nothing_writte
     assert "holds no adapter" in capsys.readouterr().err
 
 
-def test_sglang_refuses_a_family_it_has_no_model_class_for_whatever_the_adapter_trains(models, data, tmp_path,
-                                                                                       capsys):
-    """Inkling 2 has no SGLang class: an experts-only adapter (no short-convolution weight_proj, whose missing module
-    name on disk refuses the attention adapter of column (k)) is refused too, with SGLang's reason, nothing written;
-    the vllm export of the same adapter still works."""
+def test_an_export_for_a_server_without_the_familys_class_warns_in_its_output_and_readme(models, data, tmp_path,
+                                                                                            capsys):
+    """Inkling 2 has no vLLM or SGLang class (server_classes): an experts-only adapter is written for both, each
+    export printing one warning line and saying it in its README and export.json; an adapter on Inkling 2's own
+    Linears is refused for SGLang (no class sizes them), nothing written."""
     from finetune.cli import main
 
     adapter, _, _, _ = trained_adapter(models, data, "inkling2_text", tmp_path, targets=["experts"])
-    out = tmp_path / "sglang"
-    assert main(["export", str(adapter), "--format", "sglang", "--out", str(out)]) == 2
+    for fmt, server in (("sglang", "SGLang"), ("vllm", "vLLM")):
+        out = tmp_path / fmt
+        assert main(["export", str(adapter), "--format", fmt, "--out", str(out)]) == 0
+        said = f"{server} ({server_classes.READ_AT[fmt]}) registers no class for Inkling2ForCausalLM"
+        printed = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+        assert len(printed) == 1 and printed[0].startswith(f"[export] warning: {said}")
+        assert "--format merged" in printed[0]
+        assert f"**Warning:** {said}" in (out / "README.md").read_text()
+        record = json.loads((out / "export.json").read_text())
+        assert record["server_class"] is None and said in record["server_warning"]
+    attention, _, _, _ = trained_adapter(models, data, "inkling2_text", tmp_path / "attention", targets=["attention"])
+    out = tmp_path / "sglang-attention"
+    assert main(["export", str(attention), "--format", "sglang", "--out", str(out)]) == 2
     error = capsys.readouterr().err
     assert layouts.SGLANG_NO_INKLING2 in error and "Traceback" not in error
-    assert not out.exists() and not (tmp_path / "sglang.partial").exists()
+    assert not out.exists() and not (tmp_path / "sglang-attention.partial").exists()
+
+
+def test_an_export_for_a_server_with_the_familys_class_gives_no_warning(models, data, tmp_path, capsys):
+    from finetune.cli import main
+
+    adapter, _, _, _ = trained_adapter(models, data, "qwen3_moe", tmp_path, targets=["experts"])
     assert main(["export", str(adapter), "--format", "vllm", "--out", str(tmp_path / "vllm")]) == 0
+    assert "warning" not in capsys.readouterr().out
+    assert "Warning" not in (tmp_path / "vllm" / "README.md").read_text()
+    record = json.loads((tmp_path / "vllm" / "export.json").read_text())
+    assert record["server_class"]["class"] == "Qwen3MoeForCausalLM" and record["server_class"]["lora"] is True
+    assert record["server_warning"] is None
+
+
+def test_a_server_class_without_lora_and_a_checkpoints_own_architecture_name():
+    """vLLM's Cohere2MoeForCausalLM has no SupportsLoRA (cohere2_moe.py at 055e47c2): a warning; Sarvam's released
+    checkpoints say SarvamMoEForCausalLM where transformers builds Glm4MoeForCausalLM, and SGLang registers the
+    former only: no warning."""
+    assert "without LoRA support" in server_classes.warning("vllm", ("Cohere2MoeForCausalLM",))
+    names = server_classes.architectures(type("Config", (), {"architectures": ["Glm4MoeForCausalLM"]}), "sarvam_moe")
+    assert names == ("Glm4MoeForCausalLM", "SarvamMoEForCausalLM")
+    assert server_classes.warning("sglang", names) is None
 
 
 def test_a_dora_adapter_is_refused_for_vllm(models, data, tmp_path):

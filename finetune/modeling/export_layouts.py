@@ -62,9 +62,10 @@ VLLM_NO_STACKED = (f"{NOT_ONE_EXPERTS_MODULE}: vLLM reads PEFT's 3-D experts lay
 FLAT_EXPERTS = ("this family's experts are three flat matrices per layer (DBRX's w1, v1, w2, each (experts x ffn, "
                 "hidden) on disk; moetune views them as 3-D), not one experts module holding gate_up_proj and "
                 "down_proj, and the checkpoint has no per-expert names")
-VLLM_FLAT = (f"{FLAT_EXPERTS}: vLLM's DbrxForCausalLM (vllm/model_executor/models/dbrx.py, every copy the code index "
-             f"holds, the newest `class DbrxForCausalLM(nn.Module, SupportsPP)` over `DbrxExperts(FusedMoE)`) does not "
-             f"implement SupportsLoRA, and vLLM's LoRA runner (vllm/v1/worker/lora_model_runner_mixin.py) stops with "
+VLLM_FLAT = (f"{FLAT_EXPERTS}: vLLM's DbrxForCausalLM (vllm/model_executor/models/dbrx.py at 055e47c2, the class "
+             f"registry.py at 685269b9 maps DbrxForCausalLM to, and every other copy the code index holds: "
+             f"`class DbrxForCausalLM(nn.Module, SupportsPP)` over `DbrxExperts(FusedMoE)`) does not implement "
+             f"SupportsLoRA, and vLLM's LoRA runner (vllm/v1/worker/lora_model_runner_mixin.py) stops with "
              f"'DbrxForCausalLM does not support LoRA yet'. Use --format merged")
 SGLANG_FLAT = (f"{FLAT_EXPERTS}: SGLang's DbrxForCausalLM (python/sglang/srt/models/dbrx.py at 9c60ab42, and the "
                f"newer copy with ForwardBatch the code index holds) is a plain nn.Module whose experts are its own "
@@ -109,12 +110,17 @@ SGLANG_SHARED_LINEAR = ("the base checkpoint stores this Linear inside one tenso
                         "(models/bailing_moe.py at b0f07a55, nor its later stored version with "
                         "set_eagle3_layers_to_capture), and the code index holds no SGLang model class for LaraMini. "
                         "Use --format merged")
-# model_type -> why SGLang has no model class to load an adapter on (checked before anything else for SGLang).
-SGLANG_NO_INKLING2 = ("SGLang has no Inkling 2 model class: models/inkling.py (at e5283137) registers "
-                      "InklingForConditionalGeneration and its MTP draft only (EntryClass), and that class's LoRA "
-                      "(its get_hidden_dim) sizes only qkvr (wq_du, wk_dv, wv_dv, wr_du stacked), wo_ud, the dense "
-                      "gate_up_proj/down_proj, the experts and the embeddings, raising NotImplementedError for "
-                      "gate_attn, attn_sink_proj and the short convolutions' weight_proj. Use --format merged")
+# model_type -> why SGLang cannot load LoRA on the family's own Linears: it has no model class for the family, and
+# none of its classes sizes those modules. An adapter on the experts only is still written (SGLang's stacked 3-D
+# keys are sized from the FusedMoE module, mem_pool.py at 00639c4d), and the export warns that SGLang registers no
+# class for the architecture (server_classes): the layout is expressible, serving it needs an SGLang with the class.
+SGLANG_NO_INKLING2 = ("SGLang has no Inkling 2 model class to size the LoRA of Inkling 2's own Linears (the short "
+                      "convolutions' weight_proj, the attention sink and gate projections): models/inkling.py (at "
+                      "e5283137) registers InklingForConditionalGeneration and its MTP draft only (EntryClass), and "
+                      "that class's LoRA (its get_hidden_dim) sizes only qkvr (wq_du, wk_dv, wv_dv, wr_du stacked), "
+                      "wo_ud, the dense gate_up_proj/down_proj, the experts and the embeddings, raising "
+                      "NotImplementedError for gate_attn, attn_sink_proj and the short convolutions' weight_proj. "
+                      "Train the experts only (exported with a warning), or use --format merged")
 SGLANG_NO_MODEL_CLASS = {"inkling2_text": SGLANG_NO_INKLING2, "inkling2_loop_text": SGLANG_NO_INKLING2}
 
 
@@ -562,10 +568,12 @@ def sglang_names(tensors: dict[str, torch.Tensor], modules: list[str]) -> tuple[
     return renamed, names
 
 
-def check_sglang_model(model_type: str) -> None:
-    """Refuse a family SGLang has no model class for (SGLANG_NO_MODEL_CLASS), whatever the adapter trains."""
-    if model_type in SGLANG_NO_MODEL_CLASS:
-        raise LayoutError(f"{SGLANG_NO_MODEL_CLASS[model_type]} ({model_type})")
+def check_sglang_model(model_type: str, targets, experts: dict[str, ExpertsInfo]) -> None:
+    """Refuse an adapter on a Linear of a family SGLang has no model class for (SGLANG_NO_MODEL_CLASS); an
+    experts-only adapter passes (the export warns that SGLang registers no class for the architecture)."""
+    linears = sorted(target for target in targets if target.rpartition(".")[0] not in experts)
+    if model_type in SGLANG_NO_MODEL_CLASS and linears:
+        raise LayoutError(f"{SGLANG_NO_MODEL_CLASS[model_type]} ({linears[0]})")
 
 
 def check_sglang_qkv(targets) -> None:

@@ -18,6 +18,9 @@
   on NF4 experts (model.quantization) the experts are first rounded through NF4 exactly as training stored them,
   and delta_report.md says, per matrix, how large the LoRA update is against the NF4 step and how much of it a
   re-quantization of the merged weights would keep.
+For vllm/sglang the base's `architectures` are looked up in the classes each server registers (server_classes):
+where it has none, or one without LoRA, the files are still written (the layout is the loader's) and the export
+warns on one line, in the README's Serving section and in export.json (`server_class`, `server_warning`).
 Everything is written to `OUT.partial` and renamed when complete: a refusal or a crash leaves no OUT behind.
 """
 
@@ -34,7 +37,7 @@ from finetune.config.parsing import load_recipe
 from finetune.config.recipe import EXPORT_FORMATS as FORMATS
 from finetune.core import families
 from finetune.core.rundir import read_manifest, require_empty
-from finetune.modeling import adapters, expert_quant
+from finetune.modeling import adapters, expert_quant, server_classes
 from finetune.modeling import export_layouts as layouts
 from finetune.modeling.loading import load_adapter_base
 
@@ -103,6 +106,8 @@ def export(stage_dir: str | Path, fmt: str, out: str | Path) -> Path:
         out.rmdir()  # empty (require_empty)
     work.rename(out)
     print(f"[export] {stage_dir} as {fmt} ({record['layout']}) in {out}")
+    if record.get("server_warning"):
+        print(f"[export] warning: {record['server_warning']}")
     return out
 
 
@@ -119,8 +124,22 @@ def write_format(stage_dir: Path, fmt: str, work: Path) -> dict:
         experts = layouts.experts_info(base)
         factors = layouts.combine([read_adapter(d, experts) for d in chain])
         record.update(write_adapter(stage_dir, chain, fmt, factors, experts, base, model_type, work))
+        record.update(server_record(fmt, base.config, model_type))
     tokenizer.save_pretrained(work)
     return record
+
+
+def server_record(fmt: str, config, model_type: str) -> dict:
+    """The server's model class for the base's architectures as read from its source (server_classes), and the
+    warning when it has none, or one without LoRA: the files are still what its LoRA loader reads."""
+    if fmt not in server_classes.SERVER_CLASSES:
+        return {}
+    names = server_classes.architectures(config, model_type)
+    found = server_classes.server_class(fmt, names)
+    server_class = None if found is None else {"architecture": found[0], "class": found[1].name,
+                                               "lora": found[1].lora, "read": found[1].source}
+    return {"architectures": list(names), "server_class": server_class,
+            "server_warning": server_classes.warning(fmt, names)}
 
 
 def peft_version(adapter_dir: Path) -> str | None:
@@ -144,7 +163,7 @@ def write_adapter(stage_dir, chain, fmt, factors, experts, base, model_type, wor
         layout = "PEFT 3-D (target_parameters), PEFT >= 0.19 in/out order"
     else:
         if fmt == "sglang":
-            layouts.check_sglang_model(model_type)  # no SGLang class at all: nothing else matters
+            layouts.check_sglang_model(model_type, factors, experts)  # no SGLang class sizes its Linears
             layouts.check_sglang_qkv(factors)  # a lone q_proj is named before anything fused on disk
         try:
             tensors, fields = per_expert(fmt, factors, experts, base)
@@ -292,6 +311,8 @@ def serving_section(record: dict, out: str | Path) -> str:
         lines += ["", f"Layout chosen from {VLLM_READ}."]
     if record["format"] == "sglang":
         lines += ["", f"Layout chosen from {SGLANG_READ}."]
+    if record.get("server_warning"):
+        lines += ["", f"**Warning:** {record['server_warning']}."]
     return "\n".join(lines) + "\n"
 
 
