@@ -65,9 +65,9 @@ def test_enumeration_comes_from_transformers_and_every_expert_field_is_known():
 
 
 def test_experts_stored_another_way_are_refused_with_what_the_config_declares(tokenizer):
-    """DBRX builds from model.init (the real checkpoints' attention fields) but keeps each projection of all its
-    experts in one 2-D matrix: LoRA on the experts is refused naming the declared experts, not 'no MoE layers'."""
-    model = AutoModelForCausalLM.from_config(init_config(tiny_init("dbrx"), tokenizer))
+    """Doge declares routed experts but keeps them as embedding rows: LoRA on the experts is refused naming the
+    declared experts, not 'no MoE layers'."""
+    model = AutoModelForCausalLM.from_config(init_config(tiny_init("doge", layers=2), tokenizer))
     assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, len(tokenizer))
     with pytest.raises(ValueError, match="declares 4 routed experts and moetune finds no 3-D expert weights"):
         adapters.peft_config(model, LoraConfig())

@@ -28,7 +28,7 @@ from finetune.modeling import server_classes
 from finetune.stages import export
 from helpers.nf4 import random_lora_on
 from helpers.recipes import run_cli
-from helpers.family_models import FAMILIES, ROLES, data, models, padded_batch, refused  # noqa: F401 (fixtures)
+from helpers.family_models import FAMILIES, ROLES, base_under_adapter, data, models, padded_batch, refused  # noqa: F401 (fixtures)
 
 
 
@@ -115,9 +115,11 @@ def test_h_export_merged_and_peft_reload_to_the_trained_logits(models, data, fam
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert (logits_of(merged, inputs) - expected).abs().max() <= 1e-4
     export.export(adapter, "peft", tmp_path / "peft")
-    loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "peft")
+    loaded = peft.PeftModel.from_pretrained(base_under_adapter(base, tmp_path / "peft"), tmp_path / "peft")
     assert (logits_of(loaded, inputs) - expected).abs().max() <= 1e-4
     assert "## Serving" in (tmp_path / "merged" / "README.md").read_text()
+    if flat_experts(models(family)):  # the export says that only moetune's loader applies it
+        assert "moetune's loader only" in (tmp_path / "peft" / "README.md").read_text()
 
 
 def vllm_mixed_reference(base, exported, family):
@@ -159,7 +161,8 @@ def test_i_export_vllm_reloads_to_the_trained_logits(models, data, family, tmp_p
     three_d = families.text_model_type(family) in export.VLLM_3D
     fused = not three_d and not per_expert_keys(base)  # no per-expert names: vLLM's mixed-format 3-D loader
     if fused and not stacked_experts(models(family)):
-        refused(lambda: export.export(adapter, "vllm", out), layouts.VLLM_NO_STACKED)
+        refused(lambda: export.export(adapter, "vllm", out), layouts.VLLM_FLAT if flat_experts(models(family))
+                else layouts.VLLM_NO_STACKED)
     if not three_d and not fused and "none" in linear_storage(models(family), adapter, base):
         refused(lambda: export.export(adapter, "vllm", out), layouts.FUSED_LINEAR_ON_DISK)
     export.export(adapter, "vllm", out)
@@ -205,6 +208,11 @@ def lone_q_proj(adapter) -> bool:
 def stacked_experts(model) -> bool:
     """Whether the model's experts are modules holding gate_up_proj and down_proj (SGLang's stacked key names)."""
     return any(hasattr(module, "gate_up_proj") and hasattr(module, "down_proj") for module in model.modules())
+
+
+def flat_experts(model) -> bool:
+    """Whether the model's experts are flat matrices moetune views as 3-D (DBRX)."""
+    return bool(families.family_of(model).flat_experts)
 
 
 def add_expert_updates(model, updates, scale, family):
@@ -308,7 +316,8 @@ def test_export_sglang_reloads_to_the_trained_logits(models, data, family, tmp_p
         refused(lambda: export.export(adapter, "sglang", out), layouts.SGLANG_NO_QKV)
     per_expert = per_expert_keys(base)
     if not per_expert and not stacked_experts(models(family)):
-        refused(lambda: export.export(adapter, "sglang", out), layouts.SGLANG_NO_STACKED)
+        refused(lambda: export.export(adapter, "sglang", out), layouts.SGLANG_FLAT if flat_experts(models(family))
+                else layouts.SGLANG_NO_STACKED)
     storage = linear_storage(models(family), adapter, base)
     if "none" in storage:
         refused(lambda: export.export(adapter, "sglang", out), layouts.FUSED_LINEAR_ON_DISK)

@@ -24,7 +24,7 @@ from finetune.training.packed_dpo import PackedDPOTrainer
 from finetune.training.packed_forward import padding_free_refusal
 from finetune.training.packed_sft import PaddingFreeSFTTrainer
 from finetune.training.scored_lm_head import head_logit_scale, scored_log_probs
-from helpers.family_models import FAMILIES, ROLES, data, load_as_cli, models, padded_batch, refused  # noqa: F401 (fixtures)
+from helpers.family_models import FAMILIES, ROLES, base_under_adapter, data, load_as_cli, models, padded_batch, refused  # noqa: F401 (fixtures)
 from helpers.nf4 import dequantized_copy, quantized_copy, random_lora_on
 from helpers.parity import loss_and_gradients
 from helpers.trainers import build, dpo_config, same_math, whole_dataset
@@ -216,7 +216,7 @@ def test_f_save_load_merge_round_trip_gives_identical_logits(models, data, famil
     trained.save_pretrained(tmp_path / "adapter")
     with torch.no_grad():
         expected = trained(**inputs).logits
-        base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        base = base_under_adapter(tmp_path / "base", tmp_path / "adapter")
         loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
         torch.testing.assert_close(loaded(**inputs).logits, expected, rtol=0, atol=1e-5)
         merged = loaded.merge_and_unload()

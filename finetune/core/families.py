@@ -32,6 +32,9 @@ if TYPE_CHECKING:  # annotations only: the recipe's checks read this registry wi
 # cover every MoE config of transformers 5.24 (mistral4's and deepseek's n_routed_experts, ernie's and dbrx's
 # moe_num_experts, ...); test_families checks that no config declares experts under a name missing here.
 EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+# Config fields (or nested config fields) that give the aux-loss coefficient under another name than TRL's
+# `router_aux_loss_coef`: JetMoE's, DBRX's ffn_config.
+AUX_COEF_FIELDS = ("aux_loss_coef", "moe_loss_weight")
 # Config fields that give the experts each token is routed to.
 TOP_K_FIELDS = ("num_experts_per_tok", "num_experts_per_token", "moe_k", "moe_topk", "top_k_experts", "moe_top_k")
 
@@ -118,6 +121,9 @@ class Family:
     padding_free: str | None = None  # why speed.padding_free cannot run this family; None: it can
     # Phi-MoE's router samples experts at random in training (SparseMixer): two forwards of a batch differ.
     samples_experts_in_training: bool = False
+    # Expert weights stored flat, one (experts x rows, cols) matrix per projection (DBRX's w1, v1, w2): moetune
+    # views them as 3-D at load and writes them back flat (finetune/modeling/flat_experts.py)
+    flat_experts: tuple[str, ...] = ()
 
     @property
     def has_aux_loss(self) -> bool:
@@ -298,7 +304,9 @@ NEW_FAMILIES = (
     found_by_structure("gemma4_text", overrides=gemma4_moe),
     found_by_structure("qwen4_exp_text", overrides=qwen4_exp_indexer),
     found_by_structure("lfm2_moe", overrides=lfm2_layers),
-    found_by_structure("dbrx", sizes=dbrx_sizes),
+    # DBRX's attention sits in a module whose class name says Norm (DbrxNormAttentionNorm), which the generic
+    # detection takes for a norm: its `attn` is named
+    found_by_structure("dbrx", sizes=dbrx_sizes, flat_experts=("w1", "v1", "w2"), token_mixers=("attn",)),
     found_by_structure("zaya", overrides=lambda init: dict(num_experts_per_tok=1)),  # ZAYA routes to one expert
     found_by_structure("doge", overrides=lambda init: dict(is_moe=True)),  # Doge's default config is dense
     # PEFT refuses LoRA on the Mamba mixers' out_proj of nemotron_h (its fused Mamba kernel reads the weight)
@@ -441,9 +449,11 @@ def prepare_for_training(model: nn.Module) -> None:
     - Families without an aux loss (Llama 4, Hunyuan, DeepSeek, GLM-4.5, dots1) compute none, yet their configs ask
       for router logits (and Llama 4's carries a coefficient): TRL would add coef * None, or compute Mixtral's aux
       loss in its fused LM head. Router logits off and coefficient 0 is TRL's "no aux loss".
-    - TRL's fused LM head computes the aux loss with `config.num_experts`, which Phi-MoE and Granite configs
-      call `num_local_experts`: the count is copied under the name TRL reads. So is the coefficient, which JetMoE
-      calls `aux_loss_coef` (TRL reads `router_aux_loss_coef`, and without it neither adds nor logs the aux loss).
+    - TRL's fused LM head computes the aux loss with `config.num_experts` and `config.num_experts_per_tok`, which
+      Phi-MoE and Granite configs call `num_local_experts` and DBRX's ffn_config `moe_num_experts` / `moe_top_k`:
+      they are copied under the names TRL reads. So is the coefficient, which JetMoE calls `aux_loss_coef` and
+      DBRX's ffn_config `moe_loss_weight` (TRL reads `router_aux_loss_coef`, and without it neither adds nor logs
+      the aux loss).
     - Llama4ForCausalLM's `base_model_prefix` ("language_model") names no attribute, so `model.base_model` (what
       TRL's fused LM head and packed DPO call for the decoder) would be the whole model: the instance gets the
       attribute's real name.
@@ -458,9 +468,11 @@ def prepare_for_training(model: nn.Module) -> None:
             config.router_aux_loss_coef = 0.0
     if family.has_aux_loss and getattr(config, "num_experts", None) is None:
         config.num_experts = expert_count(config)
+    if family.has_aux_loss and "num_experts_per_tok" not in vars(config):  # not a per-layer value either
+        config.num_experts_per_tok = experts_per_token(config)
     if family.has_aux_loss and getattr(config, "router_aux_loss_coef", None) is None \
-            and getattr(config, "aux_loss_coef", None) is not None:
-        config.router_aux_loss_coef = config.aux_loss_coef
+            and config_value(config, AUX_COEF_FIELDS) is not None:
+        config.router_aux_loss_coef = config_value(config, AUX_COEF_FIELDS)
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if family.backbone:
         causal_lm.base_model_prefix = family.backbone

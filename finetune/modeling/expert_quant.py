@@ -23,7 +23,8 @@ dequantizes again instead of keeping the matrix for later, so training never hol
 precision. Non-gated experts (Nemotron-H's up_proj, `has_gate=False`) go through the activation instead.
 
 Experts this forward cannot stand in for (Llama 4's and LongCat-Flash's own forwards, outside the experts interface;
-JetMoE's one weight per projection module; a per-expert output norm) keep their forward, and reading a quantized
+JetMoE's one weight per projection module; DBRX's flat weights, read by its DbrxExperts; a per-expert output norm)
+keep their forward, and reading a quantized
 parameter gives it dequantized, plus the active adapter's update (read_dequantized): one layer's experts exist in
 full precision while that layer runs, and autograd keeps a recipe instead of them for the backward.
 
@@ -285,15 +286,27 @@ def read_dequantized(experts: nn.Module) -> None:
 @functools.lru_cache(maxsize=None)
 def dequantizing_class(cls: type, names: tuple[str, ...]) -> type:
     def forward(self, *args, **kwargs):
-        self.nf4_reads = {}
-        try:
-            with saved_as_recipes(self):
-                return cls.forward(self, *args, **kwargs)
-        finally:
-            self.nf4_reads = None
+        with reading_dequantized(self):
+            return cls.forward(self, *args, **kwargs)
 
     attributes = {name: property(functools.partial(read_weight, name=name)) for name in names}
     return type(cls.__name__, (cls,), {"__module__": cls.__module__, "forward": forward, **attributes})
+
+
+@contextlib.contextmanager
+def reading_dequantized(experts: nn.Module):
+    """While the experts' forward runs (or that of a parent reading their weights: DBRX's, finetune/modeling/
+    flat_experts.py): each weight dequantized once, and saved for the backward as a recipe. Re-entered (the
+    parent's forward calls the experts' own), it leaves the outer one's reads in place."""
+    if experts.nf4_reads is not None:
+        yield
+        return
+    experts.nf4_reads = {}
+    try:
+        with saved_as_recipes(experts):
+            yield
+    finally:
+        experts.nf4_reads = None
 
 
 def read_weight(experts: nn.Module, name: str) -> torch.Tensor:

@@ -59,6 +59,18 @@ VLLM_NO_STACKED = (f"{NOT_ONE_EXPERTS_MODULE}: vLLM reads PEFT's 3-D experts lay
                    f"(gate_up_proj) and `<experts>` (down_proj) of one FusedMoE module (vllm/lora/model_manager.py "
                    f"at 01533aa, _stack_moe_lora_weights and _convert_3d_to_2d_moe_lora), and vLLM has no JetMoE "
                    f"model class (no vllm/model_executor/models/jetmoe.py). Use --format merged")
+FLAT_EXPERTS = ("this family's experts are three flat matrices per layer (DBRX's w1, v1, w2, each (experts x ffn, "
+                "hidden) on disk; moetune views them as 3-D), not one experts module holding gate_up_proj and "
+                "down_proj, and the checkpoint has no per-expert names")
+VLLM_FLAT = (f"{FLAT_EXPERTS}: vLLM's DbrxForCausalLM (vllm/model_executor/models/dbrx.py at 055e47c2, the class "
+             f"registry.py at 685269b9 maps DbrxForCausalLM to, and every other copy the code index holds: "
+             f"`class DbrxForCausalLM(nn.Module, SupportsPP)` over `DbrxExperts(FusedMoE)`) does not implement "
+             f"SupportsLoRA, and vLLM's LoRA runner (vllm/v1/worker/lora_model_runner_mixin.py) stops with "
+             f"'DbrxForCausalLM does not support LoRA yet'. Use --format merged")
+SGLANG_FLAT = (f"{FLAT_EXPERTS}: SGLang's DbrxForCausalLM (python/sglang/srt/models/dbrx.py at 9c60ab42, and the "
+               f"newer copy with ForwardBatch the code index holds) is a plain nn.Module whose experts are its own "
+               f"`ws`/`w2s` Parameters (load_weights maps experts.mlp.w1/v1 -> ws, w2 -> w2s) run by fused_moe, not a "
+               f"FusedMoE module, which is what SGLang's LoRA code wraps. Use --format merged")
 VLLM_INTERLEAVED = ("this family's gate_up_proj interleaves gate and up rows, and vLLM's mixed-format loader "
                     "(_convert_3d_to_2d_moe_lora) splits it into halves for every class but GptOssForCausalLM. "
                     "Use --format merged")
@@ -143,13 +155,15 @@ class ExpertsInfo:
     shapes: dict[str, tuple[int, int]]  # parameter -> logical (out, in)
     # Its 3-D parameters: (input projection, down_proj), as gate_up_proj (or Nemotron-H's up_proj) and down_proj;
     # PEFT nests the two wrappers, the inner one (`base_layer`) holds the first. One (JetMoE's `weight`) where each
-    # projection is its own experts module.
+    # projection is its own experts module; three (DBRX's w1, v1, w2, as PEFT sees them: (E, ffn, hidden) each).
     params: tuple[str, ...] = (GATE_UP, DOWN)
     # gate_up_proj's rows [gate; up] (transformers' is_concatenated, its default) or interleaved (gpt-oss)
     concatenated: bool = True
     # stored (E, in, out) without transformers' is_transposed flag (Llama 4's bmm experts): `shapes` and the factors
     # are then in the stored orientation, and each expert's (out, in) matrix is their transpose
     unflagged_transpose: bool = False
+    # flat on disk (DBRX's w1, v1, w2: finetune/modeling/flat_experts.py): no server's expert LoRA layout fits
+    flat: bool = False
 
 
 def experts_info(model: nn.Module) -> dict[str, ExpertsInfo]:
@@ -168,7 +182,7 @@ def experts_info(model: nn.Module) -> dict[str, ExpertsInfo]:
         out_features, in_features = shapes[params[0]]
         unflagged = len(params) == 2 and out_features == hidden != in_features  # the input projection reads hidden
         found[name] = ExpertsInfo(counts, transposed, shapes, params, bool(getattr(module, "is_concatenated", True)),
-                                  unflagged)
+                                  unflagged, hasattr(module, "flat_experts"))
     return found
 
 
@@ -210,15 +224,23 @@ def names_experts(target: str, experts: dict[str, ExpertsInfo]) -> bool:
 
 
 def expert_target(module: str, experts: dict[str, ExpertsInfo], config: dict) -> tuple[str, str] | None:
-    """(experts module, parameter) a wrapper key names, or None for a Linear."""
-    for suffix in (".base_layer", ""):
-        owner = module.removesuffix(suffix) if suffix else module
-        if owner in experts and (module.endswith(suffix) if suffix else True):
-            params = experts[owner].params
-            targeted = [p for p in params if any(t.endswith("." + p) or t == p
-                                                 for t in config.get("target_parameters") or ())]
-            return owner, (params[0 if suffix else 1] if len(targeted) == 2 else targeted[0])
-    return None
+    """(experts module, parameter) a wrapper key names, or None for a Linear. PEFT nests one wrapper per targeted
+    parameter of a module, the first registered innermost: with n targeted, the i-th (in registration order) is under
+    n - 1 - i `.base_layer`s (gate_up_proj under one, down_proj under none; DBRX's w1, v1, w2 under two, one, none)."""
+    owner, depth = module, 0
+    while owner not in experts and owner.endswith(".base_layer"):
+        owner, depth = owner.removesuffix(".base_layer"), depth + 1
+    if owner not in experts:
+        return None
+    targeted = [p for p in experts[owner].params if any(t.endswith("." + p) or t == p
+                                                        for t in config.get("target_parameters") or ())]
+    return owner, targeted[len(targeted) - 1 - depth]
+
+
+def wrapper_depth(info: ExpertsInfo, targeted: list[str], param: str) -> int:
+    """How many `.base_layer`s PEFT puts between an experts module's name and `param`'s wrapper (expert_target)."""
+    ordered = [p for p in info.params if p in targeted]
+    return len(ordered) - 1 - ordered.index(param)
 
 
 def read_peft(tensors: dict[str, torch.Tensor], config: dict, experts: dict[str, ExpertsInfo],
@@ -328,8 +350,7 @@ def to_peft(factors: dict[str, Factors], experts: dict[str, ExpertsInfo]) -> tup
         owner, _, param = target.rpartition(".")
         if owner in experts and param in experts[owner].params:
             e = experts[owner].counts[param]
-            both = len(by_owner[owner]) == 2
-            module = owner + (".base_layer" if both and param == experts[owner].params[0] else "")
+            module = owner + ".base_layer" * wrapper_depth(experts[owner], by_owner[owner], param)
             lora_a = factor.a.reshape(e * rank, factor.a.shape[-1])
             lora_b = factor.b.permute(1, 2, 0).reshape(factor.b.shape[1], rank * e)
             parameters.add(".".join(owner.split(".")[-2:] + [param]))
@@ -462,10 +483,10 @@ def pad_ranks(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
 
 
 def stacked_experts(factors: dict[str, Factors], experts: dict[str, ExpertsInfo],
-                    refusal: str) -> dict[str, Factors]:
+                    refusals: tuple[str, str]) -> dict[str, Factors]:
     """The expert targets as a server reads one fused experts module (gate_up_proj, down_proj), each in its experts'
-    (out, in) orientation (Llama 4's stored (E, in, out) transposed); `refusal` where the experts are not one such
-    module."""
+    (out, in) orientation (Llama 4's stored (E, in, out) transposed); refused where the experts are not one such
+    module: `refusals` (experts of another layout, flat experts)."""
     found = {}
     for target, factor in factors.items():
         owner = target.rpartition(".")[0]
@@ -473,7 +494,7 @@ def stacked_experts(factors: dict[str, Factors], experts: dict[str, ExpertsInfo]
             continue
         info = experts[owner]
         if info.params != (GATE_UP, DOWN):
-            raise LayoutError(f"{refusal} ({target})")
+            raise LayoutError(f"{refusals[info.flat]} ({target})")
         found[target] = Factors(factor.b.transpose(1, 2), factor.a.transpose(1, 2)) if info.unflagged_transpose \
             else factor
     return found
@@ -487,7 +508,7 @@ def to_sglang_stacked(factors: dict[str, Factors], experts: dict[str, ExpertsInf
     factors = {target: padded(factor, rank) for target, factor in factors.items()}
     linears = {t: f for t, f in factors.items() if t.rpartition(".")[0] not in experts}
     tensors, modules = sglang_names(*to_per_expert(linears, experts, model, False)) if linears else ({}, [])
-    for target, factor in stacked_experts(factors, experts, SGLANG_NO_STACKED).items():
+    for target, factor in stacked_experts(factors, experts, (SGLANG_NO_STACKED, SGLANG_FLAT)).items():
         owner, _, param = target.rpartition(".")
         info, b = experts[owner], factor.b
         if param == GATE_UP and not info.concatenated:  # SGLang wants [gate; up] and interleaves for such bases
@@ -507,7 +528,7 @@ def to_vllm_mixed(factors: dict[str, Factors], experts: dict[str, ExpertsInfo]) 
     up sharing A and split as B's halves (w1 first; interleaved only for GptOssForCausalLM), `<experts>.lora_*`
     (r*E, I) / (hidden, r*E) for down_proj: each expert's (out, in) orientation, which is PEFT's own file for every
     family but Llama 4. (tensors, config fields) as to_peft."""
-    stacked = stacked_experts(factors, experts, VLLM_NO_STACKED)
+    stacked = stacked_experts(factors, experts, (VLLM_NO_STACKED, VLLM_FLAT))
     for target in stacked:
         if not experts[target.rpartition(".")[0]].concatenated:
             raise LayoutError(f"{VLLM_INTERLEAVED} ({target})")

@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from finetune.modeling import adapters, expert_parallel, expert_quant, moe
+from finetune.modeling import adapters, expert_parallel, expert_quant, flat_experts, moe
 from finetune.core import families
 from finetune.config.recipe import ModelConfig, ModelSource, RecipeError
 from finetune.config.parsing import load_recipe
@@ -134,6 +134,13 @@ def load_pretrained(source: ModelSource, location: str):
         location, dtype=resolve_dtype(source.model.dtype), **experts_kernel(source.model, config),
         **hub_kwargs(source, location), **expert_parallel.load_kwargs(source.model, config),
     )
+    return set_up_loaded(model)
+
+
+def set_up_loaded(model):
+    """What every model moetune loads gets before anything reads its experts: flat expert matrices (DBRX) seen as
+    3-D, and routers or experts whose weights another module reads made to read them through their LoRA."""
+    flat_experts.stack_flat_experts(model)
     adapters.route_router_reads_through_lora(model)
     return model
 
@@ -156,7 +163,7 @@ def load_quantized(source: ModelSource, name: str):
                                                              compute_dtype, skip),
     )
     expert_quant.disable_packed_cpu_path(model)
-    adapters.route_router_reads_through_lora(model)
+    set_up_loaded(model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     expert_quant.quantize_experts(model, quantization.double_quant, compute_dtype, device)
     if device == "cuda":
@@ -176,7 +183,7 @@ def skeleton(source: ModelSource, location: str):
     """The model at `location` built on the meta device: its modules and shapes, no weights read."""
     config = AutoConfig.from_pretrained(location, **hub_kwargs(source, location))
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=source.model.trust_remote_code)
+        return set_up_loaded(AutoModelForCausalLM.from_config(config, trust_remote_code=source.model.trust_remote_code))
 
 
 # The name eval.models and the chain's `parent` give the recipe's base model: run_dir/base (model.init), else
@@ -238,7 +245,7 @@ def load_adapter_base(adapter_dir: Path, dtype: torch.dtype | str = "auto", trus
         return parent, AutoTokenizer.from_pretrained(adapter_dir)
     base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
     # dtype "auto" keeps the checkpoint's own precision instead of upcasting a large model to fp32.
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = set_up_loaded(AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code))
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
     return model, AutoTokenizer.from_pretrained(adapter_dir if has_tokenizer else base, trust_remote_code=trust_remote_code)
 

@@ -100,7 +100,8 @@ def structural_router(model: nn.Module, block_name: str, block: nn.Module, count
 
 def structural_routers(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
     """Router name -> (weight name, MoE block name) found by structure: for each experts module, the router in its
-    parent (the MoE block), or in the grandparent where the router sits beside the block."""
+    parent (the MoE block), or in the grandparent, then the block (DBRX's DbrxFFN holds its router and DbrxExperts,
+    which holds the module with the expert weights)."""
     count = config_expert_count(model)
     experts = experts_modules(model)
     found = {}
@@ -111,7 +112,7 @@ def structural_routers(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
                 break
             router = structural_router(model, block_name, model.get_submodule(block_name), count, set(experts))
             if router is not None:
-                found.setdefault(router[0], (router[1], parent))
+                found.setdefault(router[0], (router[1], block_name))
                 break
     return found
 
@@ -213,7 +214,9 @@ def decoder_layer_classes(model: nn.Module) -> list[type]:
 
     Hybrid models have two (e.g. Jamba's attention and Mamba layers)."""
     layers = getattr(getattr(model, "model", model), "layers", None)
-    return list(dict.fromkeys(type(layer) for layer in layers)) if layers is not None else []
+    if layers is None:  # a backbone not called `model` (DBRX's `transformer.blocks`)
+        layers = [model.get_submodule(name) for name in decoder_layers(model)]
+    return list(dict.fromkeys(type(layer) for layer in layers))
 
 
 def bias_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -248,11 +251,17 @@ def mark_moe_blocks_as_zero3_leaves(model: nn.Module) -> None:
             print(f"[zero3] MoE blocks gathered whole (ZeRO-3 leaf modules): {', '.join(c.__name__ for c in classes)}")
 
 
+# What families call the ModuleList of their decoder layers: `layers`, DBRX's `blocks`.
+DECODER_LAYER_LISTS = ("layers", "blocks")
+
+
 def decoder_layers(model: nn.Module) -> list[str]:
-    """Qualified names of the decoder layers: the entries of the model's first `layers` ModuleList."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers" and len(module):
-            return [f"{name}.{index}" for index in range(len(module))]
+    """Qualified names of the decoder layers: the entries of the model's first `layers` ModuleList (else of its
+    first `blocks` one)."""
+    for list_name in DECODER_LAYER_LISTS:
+        for name, module in model.named_modules():
+            if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == list_name and len(module):
+                return [f"{name}.{index}" for index in range(len(module))]
     return []
 
 

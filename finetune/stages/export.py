@@ -155,7 +155,8 @@ def write_adapter(stage_dir, chain, fmt, factors, experts, base, model_type, wor
     if fmt == "peft" and as_trained(chain):
         for name in (ADAPTER_FILE, CONFIG_FILE):
             shutil.copy2(stage_dir / name, work / name)
-        return {"layout": "PEFT 3-D (target_parameters), as trained", "rank": layouts.max_rank(factors)}
+        return {"layout": "PEFT 3-D (target_parameters), as trained", "rank": layouts.max_rank(factors),
+                "loads_with": loads_with(experts)}
     mixed = False
     if fmt == "peft" or fmt == "vllm" and model_type in VLLM_3D:
         tensors, fields = layouts.to_peft(factors, experts)
@@ -174,7 +175,19 @@ def write_adapter(stage_dir, chain, fmt, factors, experts, base, model_type, wor
     config = layouts.lora_config(base_name(chain[0]), rank, fields["target_modules"], fields["target_parameters"])
     save_file(tensors, work / ADAPTER_FILE, metadata={"format": "pt"})
     (work / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    return {"layout": layout, "rank": rank, "vllm_class_3d": VLLM_3D.get(model_type), "vllm_mixed_format": mixed}
+    return {"layout": layout, "rank": rank, "vllm_class_3d": VLLM_3D.get(model_type), "vllm_mixed_format": mixed,
+            "loads_with": loads_with(experts) if fmt == "peft" else None}
+
+
+# What loads a peft export of flat experts (DBRX): plain PEFT on transformers' class cannot apply it.
+MOETUNE_LOADER = ("moetune's loader only (`moetune merge ADAPTER_DIR --out DIR`, `eval.models`): transformers' "
+                  "DbrxExperts slices its experts' flat w1/v1/w2 itself, outside the module PEFT wraps, so "
+                  "`PeftModel.from_pretrained` on `AutoModelForCausalLM.from_pretrained(BASE)` refuses the expert "
+                  "LoRA (size mismatch); moetune views those weights as 3-D experts and reads them through the LoRA")
+
+
+def loads_with(experts: dict) -> str | None:
+    return MOETUNE_LOADER if any(info.flat for info in experts.values()) else None
 
 
 def per_expert(fmt, factors, experts, base) -> tuple[dict, dict]:
@@ -270,6 +283,8 @@ def serving_commands(record: dict, out: str | Path) -> list[str]:
     base, fmt = record["base"], record["format"]
     if fmt == "merged":
         return [f"vllm serve {out}", f"python -m sglang.launch_server --model-path {out}"]
+    if record.get("loads_with"):  # DBRX: no server takes its expert LoRA; merged through moetune's loader
+        return [f"moetune merge {out} --out {out}-merged", f"vllm serve {out}-merged"]
     rank = record["rank"]
     if fmt == "sglang":
         return [f"python -m sglang.launch_server --model-path {base} --enable-lora --lora-paths moetune={out} "
@@ -285,6 +300,8 @@ def serving_commands(record: dict, out: str | Path) -> list[str]:
 def serving_section(record: dict, out: str | Path) -> str:
     commands = "\n".join(serving_commands(record, out))
     lines = ["## Serving", "", f"Exported as `{record['format']}`: {record['layout']}.", "", "```bash", commands, "```"]
+    if record.get("loads_with"):
+        lines += ["", f"This adapter applies through {record['loads_with']}."]
     if record["format"] == "vllm":
         lines += ["", "Requests name the adapter as the model: `\"model\": \"moetune\"`."]
     if record["format"] == "sglang":

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from finetune.modeling import adapters
 from finetune.modeling import memory_plan
 from finetune.modeling.memory_plan import GiB, ROWS, Census, Setup, StagePlan
-from finetune.modeling.loading import base_location, hub_kwargs, resolve_dtype
+from finetune.modeling.loading import base_location, hub_kwargs, resolve_dtype, set_up_loaded
 from finetune.config.recipe import TRAINING_STAGES, Recipe, RecipeError
 from finetune.config.validation import parse_memory
 from finetune.core.rundir import read_manifest
@@ -110,7 +110,7 @@ def model_census(recipe: Recipe) -> Census:
     """The base model's counts, from a model built on the meta device (no weights read)."""
     config = skeleton_config(recipe)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+        model = set_up_loaded(AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code))
     return memory_plan.census(model)
 
 

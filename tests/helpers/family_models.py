@@ -5,6 +5,7 @@ import copy
 import os
 import re
 
+import peft
 import pytest
 import torch
 from datasets import Dataset
@@ -26,11 +27,6 @@ ROLES = ["attention", "experts", "shared_experts", "dense_mlp"]
 
 # family -> (cell from which on it fails, a regex of the error it still raises, the reason shown in the matrix)
 KNOWN = {
-    "dbrx": ("roles", "no router found|no 3-D expert weights|moetune run .* failed",
-             "DBRX stores each projection of all its experts as one 2-D (experts x ffn, hidden) matrix, sliced "
-             "per expert by its own loop, not as 3-D expert weights: moetune finds no routed experts to adapt "
-             "(model.init builds it with the real checkpoints' attention rope_theta and clip_qkv, which transformers "
-             "5.24's default config lacks)"),
     "doge": ("roles", "no router|has no MoE layers|moetune run .* failed",
              "Doge's experts are embedding rows (one vector per expert, retrieved by product keys), not 3-D expert "
              "weights: no router or routed experts to find"),
@@ -89,6 +85,19 @@ def load_as_cli(folder):
     moetune's loaders set up (a router that reads its weight itself reads it through its LoRA)."""
     recipe = parse_recipe({"run_dir": str(folder / "run"), "model": {"name_or_path": str(folder)}}, "r.yaml")
     return load_pretrained(recipe.model_source, str(folder))
+
+
+def base_under_adapter(folder, adapter):
+    """The base at `folder` as PEFT users load it (plain from_pretrained) to put `adapter` on. A family with flat
+    expert matrices (DBRX) is the exception: transformers' class slices its experts' weights outside the module PEFT
+    wraps, so plain PEFT refuses the expert adapter (loud, not silently wrong), and it applies through moetune's
+    loader, which `moetune merge` and eval use."""
+    base = AutoModelForCausalLM.from_pretrained(folder)
+    if not families.family_of(base).flat_experts:
+        return base
+    with pytest.raises(RuntimeError, match="size mismatch for .*experts"):
+        peft.PeftModel.from_pretrained(base, adapter)
+    return load_as_cli(folder)
 
 
 def routed(model):
