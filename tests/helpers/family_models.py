@@ -29,7 +29,9 @@ ROLES = ["attention", "experts", "shared_experts", "dense_mlp"]
 KNOWN = {
     "doge": ("roles", "no router|has no MoE layers|moetune run .* failed",
              "Doge's experts are embedding rows (one vector per expert, retrieved by product keys), not 3-D expert "
-             "weights: no router or routed experts to find"),
+             "weights: no router or routed experts to find; and its router reshapes the whole batch's logits "
+             "(`view(2, bsz * seq_len, -1)`), so a token's experts depend on the other rows of its batch, which "
+             "no padding-free or per-sequence check can reproduce"),
 }
 
 
