@@ -8,7 +8,9 @@ experts dimension (finetune/modeling/moe.py), so at load each of them is re-regi
 of the same storage (no copy): DBRX's own forward is unchanged, as `.view(-1, ffn, hidden)` of that 3-D tensor is
 the tensor itself. What writes or reads a state dict keeps DBRX's 2-D names and shapes (a state-dict hook
 flattens them, a load hook re-stacks a 2-D tensor), so a merged save is a DBRX checkpoint that the unpatched class
-loads, and a DBRX checkpoint loads into the patched model.
+loads, and a DBRX checkpoint loads into the patched model. Under DeepSpeed ZeRO-3 the view is the partitioned
+parameter's logical shape (`stacked`), and the state dict DeepSpeed gathers for a save, past those hooks, is
+flattened before Trainer writes it (`flatten_state_dict`, finetune/training/saving.py).
 
 The weights are read by the parent, outside the forward of the module holding them, where PEFT applies a wrapped
 parameter's LoRA (ParamWrapper re-parametrizes the weight only around its module's forward); the parent also
