@@ -132,6 +132,7 @@ def test_zero3_on_two_processes_trains_like_one_process(tmp_path_factory):
 
 
 @needs_deepspeed
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_zero3_trains_dbrx_flat_experts_like_one_process_and_saves_dbrx_checkpoints(tmp_path_factory):
     """DBRX's experts are flat 2-D matrices that ZeRO-3 partitions as the model is built; moetune views them as 3-D
