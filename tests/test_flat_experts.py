@@ -139,16 +139,19 @@ def test_dbrx_experts_partitioned_by_zero3_are_viewed_3d_by_their_logical_shape(
     knows it by identity) and makes its `ds_shape` 3-D; PEFT sizes the experts' LoRA from it. The real run:
     tests/test_distributed.py::test_zero3_trains_dbrx_flat_experts_like_one_process_and_saves_dbrx_checkpoints."""
     model = AutoModelForCausalLM.from_config(init_config(dbrx_init(), tokenizer))
-    partitioned = {}
+    partitioned, gathered = {}, expert_weights(model, "w2").detach().clone()
     for name in FLAT:
         param = expert_weights(model, name)
-        param.ds_shape, param.ds_numel, param.data = param.shape, param.numel(), torch.empty(0)
+        param.ds_shape, param.ds_numel = param.shape, param.numel()
+        if name != "w2":  # w2 as if gathered at this moment: its data whole
+            param.data = torch.empty(0)
         partitioned[name] = param
     set_up_loaded(model)
     for name in FLAT:
         assert expert_weights(model, name) is partitioned[name]
-        assert partitioned[name].ds_shape == (EXPERTS, FFN, HIDDEN) and partitioned[name].numel() == 0
-    assert moe.shape_of(expert_weights(model, "w2")) == (EXPERTS, FFN, HIDDEN)
+        assert partitioned[name].ds_shape == (EXPERTS, FFN, HIDDEN)
+    assert partitioned["w1"].numel() == 0 and moe.shape_of(partitioned["w1"]) == (EXPERTS, FFN, HIDDEN)
+    assert torch.equal(partitioned["w2"].data, gathered.view(EXPERTS, FFN, HIDDEN))
 
 
 def test_a_state_dict_gathered_past_the_hooks_is_written_2d(tokenizer):
