@@ -24,6 +24,7 @@ from finetune.config.recipe import LoraConfig, ModelInit
 from finetune.core import synthetic_task as synthetic
 from finetune.core.rundir import read_manifest
 from finetune.modeling import adapters, moe
+from finetune.modeling.flat_experts import flatten_state_dict
 from finetune.modeling.loading import load_stage_model, set_up_loaded
 from finetune.config.parsing import load_recipe
 from finetune.modeling.tiny import init_config, train_tokenizer
@@ -132,13 +133,38 @@ def test_dbrx_cli_chain_adapts_its_experts_and_merges_to_a_dbrx_checkpoint(tmp_p
     assert moe.experts_modules(dpo)
 
 
-def test_dbrx_experts_partitioned_by_zero3_are_refused_by_name(tokenizer):
-    """Under DeepSpeed ZeRO-3 every parameter is a flat shard when the model is built (its shape in `ds_shape`):
-    viewing those as 3-D experts is untested, so the load stops naming what to launch instead."""
+def test_dbrx_experts_partitioned_by_zero3_are_viewed_3d_by_their_logical_shape(tokenizer):
+    """Under DeepSpeed ZeRO-3 every parameter is a flat shard when the model is built: `.data` an empty placeholder,
+    the logical shape in `ds_shape`, which every gather views the shards as. Stacking keeps each Parameter (DeepSpeed
+    knows it by identity) and makes its `ds_shape` 3-D; PEFT sizes the experts' LoRA from it. The real run:
+    tests/test_distributed.py::test_zero3_trains_dbrx_flat_experts_like_one_process_and_saves_dbrx_checkpoints."""
     model = AutoModelForCausalLM.from_config(init_config(dbrx_init(), tokenizer))
-    expert_weights(model, "w1").ds_shape = expert_weights(model, "w1").shape
-    with pytest.raises(ValueError, match="partitioned by DeepSpeed ZeRO-3 .* --accelerate fsdp2"):
-        set_up_loaded(model)
+    partitioned, gathered = {}, expert_weights(model, "w2").detach().clone()
+    for name in FLAT:
+        param = expert_weights(model, name)
+        param.ds_shape, param.ds_numel = param.shape, param.numel()
+        if name != "w2":  # w2 as if gathered at this moment: its data whole
+            param.data = torch.empty(0)
+        partitioned[name] = param
+    set_up_loaded(model)
+    for name in FLAT:
+        assert expert_weights(model, name) is partitioned[name]
+        assert partitioned[name].ds_shape == (EXPERTS, FFN, HIDDEN)
+    assert partitioned["w1"].numel() == 0 and moe.shape_of(partitioned["w1"]) == (EXPERTS, FFN, HIDDEN)
+    assert torch.equal(partitioned["w2"].data, gathered.view(EXPERTS, FFN, HIDDEN))
+
+
+def test_a_state_dict_gathered_past_the_hooks_is_written_2d(tokenizer):
+    """DeepSpeed ZeRO-3's 16-bit save gathers each parameter in its (3-D) `ds_shape` without `state_dict()` and
+    its hooks; what Trainer then saves is flattened to the checkpoint's tensors, which the unpatched class loads."""
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(init_config(dbrx_init(), tokenizer))
+    checkpoint = {key: tensor.clone() for key, tensor in plain.state_dict().items()}
+    stacked = set_up_loaded(plain)
+    gathered = {name: param.detach() for name, param in stacked.named_parameters()}  # as DeepSpeed collects them
+    assert gathered["transformer.blocks.1.ffn.experts.mlp.v1"].dim() == 3
+    flatten_state_dict(stacked, gathered)
+    assert all(torch.equal(gathered[key], checkpoint[key]) for key in gathered)
 
 
 # Two gloo processes: DBRX loaded as moetune loads it, each block and the model sharded with FSDP2 (torch's

@@ -8,7 +8,9 @@ experts dimension (finetune/modeling/moe.py), so at load each of them is re-regi
 of the same storage (no copy): DBRX's own forward is unchanged, as `.view(-1, ffn, hidden)` of that 3-D tensor is
 the tensor itself. What writes or reads a state dict keeps DBRX's 2-D names and shapes (a state-dict hook
 flattens them, a load hook re-stacks a 2-D tensor), so a merged save is a DBRX checkpoint that the unpatched class
-loads, and a DBRX checkpoint loads into the patched model.
+loads, and a DBRX checkpoint loads into the patched model. Under DeepSpeed ZeRO-3 the view is the partitioned
+parameter's logical shape (`stacked`), and the state dict DeepSpeed gathers for a save, past those hooks, is
+flattened before Trainer writes it (`flatten_state_dict`, finetune/training/saving.py).
 
 The weights are read by the parent, outside the forward of the module holding them, where PEFT applies a wrapped
 parameter's LoRA (ParamWrapper re-parametrizes the weight only around its module's forward); the parent also
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 
+import torch
 from peft.tuners.lora.layer import ParamWrapper
 from torch import nn
 
@@ -47,13 +50,6 @@ def stack_flat_experts(model: nn.Module) -> None:
                     parent.register_forward_hook(deactivate_child_lora, always_call=True)
 
 
-# DeepSpeed ZeRO-3 partitions every parameter as it is created (from_pretrained under zero.Init): a flat shard with
-# the logical shape kept in `ds_shape`, which this module has not been tested re-shaping.
-ZERO3 = ("DBRX's flat expert matrices (w1, v1, w2) were partitioned by DeepSpeed ZeRO-3 at load, and moetune views "
-         "them as 3-D experts only on whole tensors (re-shaping ZeRO-3 partitions is untested): launch DBRX with "
-         "--accelerate fsdp2 (or zero2, ddp) instead of zero3")
-
-
 def holds_flat(module: nn.Module, names: tuple[str, ...], count: int) -> bool:
     """A module holding every one of `names` as a Parameter of E*rows rows (2-D), or already stacked (3-D)."""
     params = [module._parameters.get(name) for name in names]
@@ -64,15 +60,30 @@ def holds_flat(module: nn.Module, names: tuple[str, ...], count: int) -> bool:
 def stack(module: nn.Module, names: tuple[str, ...], count: int) -> None:
     for name in names:
         param = module._parameters[name]
-        if hasattr(param, "ds_shape"):
-            raise ValueError(ZERO3)
-        if param.dim() == 2:
-            stacked = nn.Parameter(param.detach().view(count, -1, param.shape[-1]), requires_grad=param.requires_grad)
-            module._parameters[name] = stacked
+        if len(moe.shape_of(param)) == 2:
+            module._parameters[name] = stacked(param, count)
     if not hasattr(module, "flat_experts"):
         module.flat_experts = names
         module.register_state_dict_post_hook(flatten_on_save)
         module.register_load_state_dict_pre_hook(stack_on_load)
+
+
+def stacked(param: nn.Parameter, count: int) -> nn.Parameter:
+    """`param` (E*rows, cols) as (E, rows, cols): a view of the same storage, or under DeepSpeed ZeRO-3 the same
+    Parameter with its logical shape changed.
+
+    ZeRO-3 (from_pretrained under zero.Init) holds each parameter as a flat 1-D shard per process (`ds_tensor`),
+    leaves an empty placeholder in `.data` and keeps the logical shape in `ds_shape`; every gather (forward,
+    GatheredParameters, the 16-bit save) concatenates the shards and views them as `ds_shape`. A 2-D (E*rows, cols)
+    and a 3-D (E, rows, cols) tensor have the same elements in the same order, so changing `ds_shape` alone makes
+    every later gather 3-D; the Parameter itself must stay (DeepSpeed and its optimizer know it by identity)."""
+    if not hasattr(param, "ds_shape"):
+        return nn.Parameter(param.detach().view(count, -1, param.shape[-1]), requires_grad=param.requires_grad)
+    rows, cols = param.ds_shape
+    param.ds_shape = torch.Size((count, rows // count, cols))
+    if param.data.numel() == param.ds_numel:  # gathered at this moment (at load every parameter is partitioned)
+        param.data = param.data.view(param.ds_shape)
+    return param
 
 
 def flatten_on_save(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
@@ -80,7 +91,23 @@ def flatten_on_save(module: nn.Module, state_dict: dict, prefix: str, local_meta
     for name in module.flat_experts:
         tensor = state_dict.get(prefix + name)
         if tensor is not None and tensor.dim() == 3:
-            state_dict[prefix + name] = tensor.reshape(-1, tensor.shape[-1])
+            state_dict[prefix + name] = flat(tensor)
+
+
+def flatten_state_dict(model: nn.Module, state_dict: dict) -> dict:
+    """A state dict of `model` gathered without `model.state_dict()` (DeepSpeed ZeRO-3's 16-bit save gathers each
+    parameter in its `ds_shape` and skips the state-dict hooks), with the flat experts in the checkpoint's 2-D
+    shapes, as flatten_on_save writes them. In place; returns it."""
+    for prefix, module in model.named_modules():
+        for name in getattr(module, "flat_experts", ()):
+            key = f"{prefix}.{name}" if prefix else name
+            if key in state_dict and state_dict[key].dim() == 3:
+                state_dict[key] = flat(state_dict[key])
+    return state_dict
+
+
+def flat(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.reshape(-1, tensor.shape[-1])
 
 
 def stack_on_load(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:

@@ -18,13 +18,15 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from finetune.training.packed_forward import padding_free_for, use_block_attention
 from finetune.training.scored_lm_head import install_scored_lm_head
+from finetune.training.saving import CheckpointLayoutSaves
 from finetune.training.split_checkpoints import SplitModelCheckpoints
 
 SFT_FIELDS = ("log_probs", "entropy", "is_top1")  # TRL's SFT loss and its entropy and token-accuracy metrics
 
 
-class CheckpointingSFTTrainer(SplitModelCheckpoints, SFTTrainer):
-    """TRL's SFTTrainer, with checkpoints that also work when the experts are split (model.expert_parallel)."""
+class CheckpointingSFTTrainer(SplitModelCheckpoints, CheckpointLayoutSaves, SFTTrainer):
+    """TRL's SFTTrainer, with checkpoints that also work when the experts are split (model.expert_parallel) and
+    weights saved in the checkpoint's layout."""
 
 
 class PaddingFreeSFTTrainer(CheckpointingSFTTrainer):

@@ -16,12 +16,13 @@ import pyarrow.compute as pc
 from datasets import Dataset
 from trl import DPOTrainer
 
+from finetune.training.saving import CheckpointLayoutSaves
 from finetune.training.split_checkpoints import SplitModelCheckpoints
 
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
-class ReferenceCachedDPOTrainer(SplitModelCheckpoints, DPOTrainer):
+class ReferenceCachedDPOTrainer(SplitModelCheckpoints, CheckpointLayoutSaves, DPOTrainer):
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
         key = reference_key(dataset, self.data_collator, self.ld_alpha, self.args.bf16, self.args.fp16)
         # A contiguous select is a view of the same files: only the fingerprint TRL names the cache by changes.

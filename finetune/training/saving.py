@@ -7,9 +7,21 @@ import shutil
 from pathlib import Path
 
 from finetune.core import distributed
+from finetune.modeling import flat_experts
 from finetune.training.checkpoints import checkpoints
 from finetune.core.rundir import Stage
 from finetune.training.trainer_config import global_batch
+
+
+class CheckpointLayoutSaves:
+    """Trainer mixin: the weights Trainer writes (the stage's output and every checkpoint) in the checkpoint's own
+    layout. Under DeepSpeed ZeRO-3, Trainer saves a state dict that DeepSpeed gathered parameter by parameter, past
+    the modules' state-dict hooks, so DBRX's experts would be written 3-D as moetune views them: flattened here."""
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if state_dict is not None:
+            flat_experts.flatten_state_dict(self.model, state_dict)
+        super()._save(output_dir, state_dict=state_dict)
 
 
 def remove_checkpoints(stage: Stage) -> None:
