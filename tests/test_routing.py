@@ -293,7 +293,7 @@ def losses_and_grad_norms(run, stage):
 @needs_deepspeed
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.timeout(5400)  # three 2-stage runs, two of them on 2 processes: 10 minutes on a quiet machine
+@pytest.mark.timeout(5400)  # three 2-stage runs, two of them on 2 processes: about 1 minute on a quiet 2-core CPU
 def test_zero3_probes_sharded_weights_like_one_process_and_training_is_unchanged(tmp_path):
     """ZeRO-3 on 2 gloo processes: SFT trains every weight (the router too) in shards, DPO trains LoRA on a sharded
     base. Every process runs the probe's forwards (ZeRO-3 gathers each layer collectively), the sums are reduced,
