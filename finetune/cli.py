@@ -264,7 +264,10 @@ def main(argv: list[str] | None = None) -> int:
                      f"its keys: `moetune {args.command} --help`.")
     if args.command == "plan":
         return report_errors(lambda: run_plan(args))
-    return report_errors(lambda: run_stages(args))
+    code = report_errors(lambda: run_stages(args))
+    if code == 0:  # a failed process is stopped by its launcher, which stops the others: no one to wait for
+        distributed.leave()
+    return code
 
 
 def run_stages(args) -> None:

@@ -50,6 +50,19 @@ def barrier() -> None:
         process_state().wait_for_everyone()
 
 
+def leave() -> None:
+    """Leave the process group once this process's work is done and saved: wait for the others, then destroy the
+    group. Left to the interpreter's exit, gloo's threads are torn down in no set order, and a process could abort
+    ("terminate called without an active exception") after everything was written, failing the launch."""
+    if world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 @contextmanager
 def main_process_first():
     """The main process runs the block first; the others run it once it is done (and see what it wrote)."""
