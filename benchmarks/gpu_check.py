@@ -386,8 +386,8 @@ def run_split_and_one(raw: dict, folder: Path, port: int) -> tuple[str | None, s
             command = [sys.executable, "-m", "finetune", "run", str(recipe), "--stages", stages]
             result = subprocess.run(command + (launch if stages != "prep" else []), cwd=ROOT, capture_output=True,
                                     text=True)
-            if result.returncode != 0:
-                return f"{name} run: {(result.stderr or result.stdout).strip()[-300:]}", printed
+            if result.returncode != 0:  # the launcher's last line only says a process failed: keep what it printed
+                return f"{name} run: {(result.stderr or result.stdout).strip()[-3000:]}", printed
             printed += result.stdout if name == "split" else ""
     return None, printed
 
