@@ -30,7 +30,7 @@ from peft.tuners.lora.layer import ParamWrapper
 from torch import nn
 
 from finetune.core import families
-from finetune.modeling import expert_quant, moe
+from finetune.modeling import adapters, expert_quant, moe
 
 
 def stack_flat_experts(model: nn.Module) -> None:
@@ -47,7 +47,7 @@ def stack_flat_experts(model: nn.Module) -> None:
                 if reads_child_weights(parent, child_name, names) and not hasattr(parent, "flat_experts_child"):
                     parent.flat_experts_child = child_name
                     parent.register_forward_pre_hook(activate_child_lora)
-                    parent.register_forward_hook(deactivate_child_lora, always_call=True)
+                    parent.register_forward_hook(adapters.deactivate_child_lora, always_call=True)
 
 
 def holds_flat(module: nn.Module, names: tuple[str, ...], count: int) -> bool:
@@ -150,10 +150,5 @@ def activate_child_lora(parent: nn.Module, args) -> None:
         active.enter_context(expert_quant.reading_dequantized(held))
     parent._modules[name] = held
     active.callback(parent._modules.__setitem__, name, wrapped)
-    parent.flat_experts_active = active
+    parent.lora_reads_active = active  # closed by adapters.deactivate_child_lora, as for routers
 
-
-def deactivate_child_lora(parent: nn.Module, args, output) -> None:
-    active = parent.__dict__.pop("flat_experts_active", None)
-    if active is not None:
-        active.close()

@@ -196,8 +196,7 @@ def per_expert(fmt, factors, experts, base) -> tuple[dict, dict]:
     if fmt == "sglang":
         tensors, modules = layouts.sglang_names(tensors, modules)
     tensors, rank = layouts.pad_ranks(tensors)  # Linears sharing a tensor (Sarvam's query_key_value) sum their ranks
-    return tensors, {"target_modules": sorted({m.rsplit(".", 1)[-1] for m in modules}), "target_parameters": None,
-                     "r": rank}
+    return tensors, {**module_targets(modules), "r": rank}
 
 
 def stacked(fmt, factors, experts, base) -> tuple[dict, dict]:
@@ -205,7 +204,12 @@ def stacked(fmt, factors, experts, base) -> tuple[dict, dict]:
     if fmt == "vllm":
         return layouts.to_vllm_mixed(factors, experts)
     tensors, modules = layouts.to_sglang_stacked(factors, experts, base)
-    return tensors, {"target_modules": sorted({m.rsplit(".", 1)[-1] for m in modules}), "target_parameters": None}
+    return tensors, module_targets(modules)
+
+
+def module_targets(modules: list[str]) -> dict:
+    """adapter_config fields for LoRA on modules by name: the leaf names the servers match, no parameters."""
+    return {"target_modules": sorted({m.rsplit(".", 1)[-1] for m in modules}), "target_parameters": None}
 
 
 # ---------------------------------------------------------------- merged
